@@ -1,0 +1,179 @@
+"""Fixtures: a real cafs mount in a daemon subprocess, started and stopped with the CLI.
+
+Every mount fixture ends with checks that must find nothing: the daemon logged no error and no
+traceback, and `cafs fsck --full` reports no damage. Real-mount tests skip only where FUSE is
+missing, and never when CAFS_REQUIRE_FUSE is set (CI sets it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CAFS = [sys.executable, "-m", "cafs"]
+
+
+def fuse_missing_reason() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed (apt-get install fuse3)"
+    return None
+
+
+def require_fuse() -> None:
+    reason = fuse_missing_reason()
+    if reason is None:
+        return
+    if os.environ.get("CAFS_REQUIRE_FUSE"):
+        pytest.fail(f"FUSE is required here (CAFS_REQUIRE_FUSE is set) but {reason}")
+    print(f"skipping real-mount test: {reason}")
+    pytest.skip(reason)
+
+
+def cafs(*args: str, check: bool = True, env: dict[str, str] | None = None,
+         timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*CAFS, *args], capture_output=True, text=True, env=env,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"cafs {' '.join(args)} exited {result.returncode}:\n"
+                             f"{result.stdout}{result.stderr}")
+    return result
+
+
+def sh(command: str, *, cwd: Path | None = None, check: bool = True,
+       input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    result = subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, input=input,
+                            timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command!r} exited {result.returncode}:\n"
+                             f"{result.stdout.decode(errors='replace')}"
+                             f"{result.stderr.decode(errors='replace')}")
+    return result
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path)
+    with open("/proc/self/mountinfo") as mounts:
+        return any(line.split()[4] == target for line in mounts)
+
+
+class Mount:
+    """One store mounted at one mountpoint by a daemon this test started."""
+
+    def __init__(self, store: Path, mountpoint: Path, options: tuple[str, ...] = ()) -> None:
+        self.store = store
+        self.mountpoint = mountpoint
+        self.options = options
+        self._log_checked_upto = 0
+
+    @property
+    def runs(self) -> Path:
+        return self.mountpoint / "runs"
+
+    def layer(self, execution: str = "e1", layer: str = "train") -> Path:
+        path = self.runs / execution / layer
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def start(self) -> None:
+        args = ["mount", "--store", str(self.store), str(self.mountpoint)]
+        for option in self.options:
+            args += ["-o", option]
+        cafs(*args)
+        assert is_mounted(self.mountpoint)
+
+    def stop(self) -> None:
+        if is_mounted(self.mountpoint):
+            cafs("umount", str(self.mountpoint))
+        assert not is_mounted(self.mountpoint)
+
+    def daemon_pid(self) -> int:
+        text = (self.store / "lock").read_text()
+        return int(text.split()[1])
+
+    def kill9(self) -> None:
+        """Kill the daemon hard and clear the dead mount it leaves, as an operator would."""
+        pid = self.daemon_pid()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.02)
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=True)
+        self.log_problems(accept=True)
+
+    def log(self) -> str:
+        path = self.store / "daemon.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def log_problems(self, accept: bool = False) -> list[str]:
+        """Error lines and tracebacks logged since the last check."""
+        text = self.log()
+        new = text[self._log_checked_upto:]
+        if accept:
+            self._log_checked_upto = len(text)
+            return []
+        return [line for line in new.splitlines()
+                if " ERROR " in line or " CRITICAL " in line or "Traceback" in line]
+
+    def fsck(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        return cafs("fsck", "--store", str(self.store), *extra, check=False)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def mountpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "mnt"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def mount(store: Path, mountpoint: Path) -> Iterator[Mount]:
+    require_fuse()
+    mounted = Mount(store, mountpoint)
+    mounted.start()
+    try:
+        yield mounted
+    finally:
+        if is_mounted(mountpoint):
+            subprocess.run([*CAFS, "umount", str(mountpoint)], capture_output=True)
+            if is_mounted(mountpoint):
+                subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)])
+    problems = mounted.log_problems()
+    assert not problems, "the daemon logged errors:\n" + "\n".join(problems)
+    report = mounted.fsck("--full")
+    assert report.returncode == 0, f"fsck found damage:\n{report.stdout}{report.stderr}"
+
+
+@pytest.fixture
+def source_tree(tmp_path: Path) -> Path:
+    """A small pipeline-like output directory: text, binary, nested, an empty file."""
+    root = tmp_path / "outdir"
+    (root / "metrics" / "per_epoch").mkdir(parents=True)
+    (root / "weights").mkdir()
+    (root / "empty.txt").write_bytes(b"")
+    (root / "metrics" / "summary.json").write_text('{"loss": 0.125, "acc": 0.97}\n' * 50)
+    for epoch in range(5):
+        rows = "".join(f"{epoch},{step},{step * 0.5:.3f}\n" for step in range(2000))
+        (root / "metrics" / "per_epoch" / f"epoch{epoch}.csv").write_text(rows)
+    (root / "weights" / "model.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    (root / "weights" / "small.bin").write_bytes(os.urandom(100))
+    os.utime(root / "metrics" / "summary.json", ns=(1_600_000_000_000_000_000,) * 2)
+    return root
