@@ -19,6 +19,7 @@ Encodings:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import os
 import struct
@@ -297,13 +298,13 @@ class TempBlob:
         return self._hashed != self.size
 
     def discard(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        try:
+        """Close and remove the temp; safe to call twice, and after a failed descriptor."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):  # the file goes anyway; a bad fd must not leak it
+                os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
 
 class BlobStore:

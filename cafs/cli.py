@@ -27,7 +27,14 @@ import click
 from cafs.daemon import MountConfig, MountError, configure_logging, parse_mount_options, serve
 from cafs.errors import CafsError, StoreError
 from cafs.fsck import fsck as check_store
-from cafs.store import LOG_NAME, Store, check_placement, default_store_path, is_locked
+from cafs.store import (
+    LOG_NAME,
+    Store,
+    check_placement,
+    default_store_path,
+    is_locked,
+    prepare_store_dir,
+)
 
 EXIT_DAMAGE = 1
 EXIT_STORE = 3
@@ -85,8 +92,11 @@ def mount(store: Path | None, options: tuple[str, ...], foreground: bool, debug:
     Example: cafs mount --store /srv/cafs /mnt/artifacts
     """
     cfg = MountConfig(store=resolve_store(store), mountpoint=mountpoint.absolute())
-    with errors_as_exit_codes():
+    try:
         parse_mount_options(cfg, list(options))
+    except CafsError as exc:
+        raise click.UsageError(str(exc)) from None
+    with errors_as_exit_codes():
         if foreground:
             run_foreground(cfg, debug, ready_fd)
         else:
@@ -115,9 +125,10 @@ def spawn_daemon(cfg: MountConfig, options: list[str], debug: bool) -> None:
 
     check_mountpoint(cfg.mountpoint)
     check_placement(cfg.store, cfg.mountpoint)
+    prepare_store_dir(cfg.store, create=True)
     try:
-        cfg.store.mkdir(mode=0o700, parents=True, exist_ok=True)
-        log_file = open(cfg.store / LOG_NAME, "ab")
+        log_path = cfg.store / LOG_NAME
+        log_path.touch(mode=0o600)
     except OSError as exc:
         raise StoreError(f"cannot use store {cfg.store}: {exc.strerror}") from None
     read_end, write_end = os.pipe()
@@ -126,7 +137,7 @@ def spawn_daemon(cfg: MountConfig, options: list[str], debug: bool) -> None:
     command += [arg for option in options for arg in ("-o", option)]
     if debug:
         command.append("--debug")
-    with log_file:
+    with open(log_path, "ab") as log_file:
         process = subprocess.Popen(command, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
                                    stdout=log_file, stderr=log_file, start_new_session=True)
     os.close(write_end)

@@ -7,6 +7,7 @@ Must not decide filesystem behaviour (that is cafs.vfs).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -20,7 +21,7 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from cafs.errors import CafsError, StoreError
+from cafs.errors import CafsError, InvalidArgument, StoreError
 from cafs.ops import CafsOperations
 from cafs.store import Store, check_placement
 from cafs.vfs import DEFAULT_MAX_ARTIFACT_SIZE, Vfs
@@ -56,12 +57,16 @@ def parse_mount_options(cfg: MountConfig, option_lists: list[str]) -> None:
             continue
         if option == "allow_other":
             cfg.allow_other = True
-        elif option.startswith("compression="):
-            cfg.compression_level = int(option.split("=", 1)[1])
-        elif option.startswith("max_artifact_size="):
-            cfg.max_artifact_size = int(option.split("=", 1)[1])
+        elif option.startswith(("compression=", "max_artifact_size=")):
+            key, _, value = option.partition("=")
+            if not value.isdigit():
+                raise InvalidArgument(f"mount option {key} needs a whole number: {option}")
+            if key == "compression":
+                cfg.compression_level = int(value)
+            else:
+                cfg.max_artifact_size = int(value)
         else:
-            raise MountError(f"unknown mount option: {option}", errno.EINVAL)
+            raise InvalidArgument(f"unknown mount option: {option}")
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
@@ -129,10 +134,8 @@ class KernelCacheInvalidator:
 
 def _invalidate_inodes(inodes: set[int]) -> None:
     for ino in inodes:
-        try:
+        with contextlib.suppress(OSError):  # ENOENT: the kernel holds nothing for it
             pyfuse3.invalidate_inode(ino, attr_only=True)
-        except OSError:
-            pass  # ENOENT: the kernel holds nothing for it
 
 
 def sd_notify(message: str) -> None:
@@ -215,4 +218,4 @@ def configure_logging(debug: bool) -> None:
     logging.getLogger("pyfuse3").setLevel(logging.INFO if debug else logging.WARNING)
 
 
-__all__ = ["MountConfig", "MountError", "StoreError", "serve", "parse_mount_options"]
+__all__ = ["MountConfig", "MountError", "StoreError", "parse_mount_options", "serve"]

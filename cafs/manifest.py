@@ -249,7 +249,9 @@ class Manifest:
     def _drop_node(self, node: Node, now_ns: int) -> None:
         db = self._db
         if node.version_id is not None:
-            db.execute("UPDATE versions SET replaced_ns = ? WHERE id = ?", (now_ns, node.version_id))
+            db.execute(
+                "UPDATE versions SET replaced_ns = ? WHERE id = ?", (now_ns, node.version_id)
+            )
             db.execute(
                 "UPDATE blobs SET refcount = refcount - 1 WHERE id = "
                 "(SELECT blob_id FROM versions WHERE id = ?)",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import stat
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from cafs.digest import Digest
 
@@ -23,7 +23,7 @@ BLOB_INODE_BASE = 1 << 48
 MAX_NAME_BYTES = 255
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     ROOT = "root"
     RUNS = "runs"
     BLOBS = "blobs"

@@ -40,6 +40,18 @@ def check_placement(store: Path, mountpoint: Path) -> None:
         raise StoreError(f"mountpoint {mountpoint} lies inside the store {store}")
 
 
+def prepare_store_dir(root: Path, *, create: bool) -> None:
+    """Make the store directory if asked and missing, then check it is safe to use."""
+    if not root.exists():
+        if not create:
+            raise StoreError(f"no store at {root}")
+        try:
+            root.mkdir(mode=0o700, parents=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create store {root}: {exc.strerror}") from exc
+    _check_store_dir(root)
+
+
 def _check_store_dir(root: Path) -> None:
     try:
         info = os.stat(root)
@@ -72,14 +84,7 @@ class Store:
     def open(cls, root: Path, *, create: bool = True, lock: bool = False,
              compression_level: int = 3, owner: str = "") -> Store:
         root = root.absolute()
-        if not root.exists():
-            if not create:
-                raise StoreError(f"no store at {root}")
-            try:
-                root.mkdir(mode=0o700, parents=True)
-            except OSError as exc:
-                raise StoreError(f"cannot create store {root}: {exc.strerror}") from exc
-        _check_store_dir(root)
+        prepare_store_dir(root, create=create)
         lock_fd = acquire_lock(root, owner) if lock else None
         try:
             blobs = BlobStore(root, level=compression_level)

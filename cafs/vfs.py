@@ -282,11 +282,11 @@ class Vfs:
             return
         if directory.kind is Kind.BLOBS:
             after = start
-            while page := self.manifest.blobs_page(after, READDIR_PAGE):
-                for blob in page:
+            while blobs := self.manifest.blobs_page(after, READDIR_PAGE):
+                for blob in blobs:
                     node = self.node(BLOB_INODE_BASE + blob.blob_id)
                     yield blob.digest.encode(), self.attr(node), blob.blob_id
-                after = page[-1].blob_id
+                after = blobs[-1].blob_id
             return
         after = start
         while page := self.manifest.children(ino, after, READDIR_PAGE):
@@ -307,7 +307,8 @@ class Vfs:
             raise NotADirectory()
         kind = parent.kind.child_kind(want_dir)
         if kind is None:
-            where = {Kind.ROOT: "the mount root", Kind.RUNS: "runs/"}.get(parent.kind, "an execution")
+            places = {Kind.ROOT: "the mount root", Kind.RUNS: "runs/"}
+            where = places.get(parent.kind, "an execution")
             what = "directories" if want_dir else "files"
             raise NotPermitted(f"no {what} may be made in {where}")
         try:

@@ -7,6 +7,7 @@ missing, and never when CAFS_REQUIRE_FUSE is set (CI sets it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -106,10 +107,8 @@ class Mount:
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
             time.sleep(0.02)
         subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=True)
         self.log_problems(accept=True)

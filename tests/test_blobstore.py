@@ -1,0 +1,137 @@
+"""The blob store without FUSE: hashing while writing, encodings, frames, durability rules."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from cafs.blobstore import RAW, ZSTD, BlobStore
+from cafs.digest import Digest
+from cafs.errors import Corrupt
+
+
+@pytest.fixture
+def blobs(tmp_path: Path) -> BlobStore:
+    store = BlobStore(tmp_path, frame_size=64 * 1024, frame_cache_bytes=256 * 1024)
+    store.create_layout()
+    return store
+
+
+def put(blobs: BlobStore, data: bytes) -> tuple[Digest, str]:
+    temp = blobs.new_temp()
+    temp.write(0, data)
+    digest = temp.digest()
+    stored = blobs.publish(temp, digest)
+    temp.discard()
+    return digest, stored.encoding
+
+
+def text(size: int) -> bytes:
+    rng = random.Random(size)
+    words = [b"alpha", b"beta", b"gamma", b"delta", b"0.125", b"\n"]
+    out = bytearray()
+    while len(out) < size:
+        out += rng.choice(words) + b","
+    return bytes(out[:size])
+
+
+def test_in_order_writes_are_hashed_as_they_arrive(blobs: BlobStore) -> None:
+    temp = blobs.new_temp()
+    data = os.urandom(300_000)
+    for offset in range(0, len(data), 70_000):
+        temp.write(offset, data[offset:offset + 70_000])
+    assert not temp.needs_rehash
+    assert temp.digest() == hashlib.sha256(data).hexdigest()
+    temp.discard()
+
+
+def test_out_of_order_writes_are_hashed_again_at_the_end(blobs: BlobStore) -> None:
+    temp = blobs.new_temp()
+    temp.write(100, b"world")
+    temp.write(0, b"hello")
+    assert temp.needs_rehash
+    expected = b"hello" + b"\0" * 95 + b"world"
+    assert temp.digest() == hashlib.sha256(expected).hexdigest()
+    temp.truncate(0)  # a truncate to zero starts the running hash afresh
+    temp.write(0, b"abc")
+    assert not temp.needs_rehash
+    assert temp.digest() == hashlib.sha256(b"abc").hexdigest()
+    temp.discard()
+    assert list(blobs.tmp_dir.iterdir()) == []
+
+
+def test_random_data_is_stored_raw_and_text_compressed(blobs: BlobStore) -> None:
+    random_digest, random_encoding = put(blobs, os.urandom(200_000))
+    text_digest, text_encoding = put(blobs, text(1_000_000))
+    assert random_encoding == RAW
+    assert text_encoding == ZSTD
+    assert blobs.stored_size(random_digest) == 200_000
+    assert blobs.stored_size(text_digest) < 500_000
+    assert put(blobs, b"tiny")[1] == RAW
+
+
+def test_compressed_blob_is_a_plain_zstd_stream(blobs: BlobStore) -> None:
+    data = text(500_000)
+    digest, encoding = put(blobs, data)
+    assert encoding == ZSTD
+    raw = blobs.path_of(digest).read_bytes()
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw), read_across_frames=True)
+    assert reader.read() == data  # the seek table is a skippable frame
+
+
+def test_reads_at_any_offset_decompress_only_covering_frames(blobs: BlobStore) -> None:
+    data = text(1_000_003)
+    digest, encoding = put(blobs, data)
+    reader = blobs.open(digest, encoding)
+    rng = random.Random(1)
+    for _ in range(200):
+        offset = rng.randrange(len(data))
+        length = rng.choice([1, 10, 65536, 65537, 200_000])
+        assert reader.read(offset, length) == data[offset:offset + length]
+    assert reader.read(len(data), 10) == b""
+    reader.close()
+
+
+def test_a_flipped_byte_in_a_compressed_blob_is_an_error_not_wrong_bytes(
+        blobs: BlobStore) -> None:
+    data = text(300_000)
+    digest, encoding = put(blobs, data)
+    path = blobs.path_of(digest)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 3] ^= 0x01
+    path.write_bytes(bytes(raw))
+    blobs.frame_cache = type(blobs.frame_cache)(1 << 20)  # nothing cached from before
+    reader = blobs.open(digest, encoding)
+    with pytest.raises(Corrupt):
+        reader.read(0, len(data))
+    reader.close()
+    with pytest.raises(Corrupt):
+        blobs.compute_digest(digest, encoding)
+
+
+def test_missing_blob_is_an_io_error(blobs: BlobStore) -> None:
+    with pytest.raises(Corrupt):
+        blobs.open(Digest("0" * 64), RAW)
+
+
+def test_clean_tmp_removes_leftovers_without_following_links(
+        blobs: BlobStore, tmp_path: Path) -> None:
+    outside = tmp_path / "precious"
+    outside.write_text("keep me")
+    blobs.new_temp()
+    os.symlink(outside, blobs.tmp_dir / "planted-link")
+    assert blobs.clean_tmp() == 2
+    assert outside.read_text() == "keep me"
+    assert list(blobs.tmp_dir.iterdir()) == []
+
+
+def test_iter_digests_lists_every_blob(blobs: BlobStore) -> None:
+    digests = {put(blobs, os.urandom(100))[0] for _ in range(5)}
+    (blobs.blob_dir / "00" / "not-a-blob").write_text("x")
+    assert set(blobs.iter_digests()) == digests

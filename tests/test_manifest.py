@@ -1,0 +1,111 @@
+"""The manifest without FUSE: schema, migrations, publish and refcounts."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from cafs.digest import digest_of_bytes
+from cafs.errors import StoreError
+from cafs.manifest import Manifest, NewVersion
+from cafs.model import FIRST_NODE_ID, RUNS_INODE, Kind, StoredBlob
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Manifest:
+    return Manifest(tmp_path / "manifest.sqlite")
+
+
+def stored(data: bytes) -> StoredBlob:
+    return StoredBlob(digest_of_bytes(data), len(data), len(data), "raw")
+
+
+def version(node_id: int, now: int = 1) -> NewVersion:
+    return NewVersion(node_id, 0o644, 1000, 1000, now, now, "text/csv", now)
+
+
+def make_file(manifest: Manifest, name: str = "a.csv") -> int:
+    execution = manifest.child(RUNS_INODE, "e1") or manifest.add_node(
+        RUNS_INODE, "e1", Kind.EXECUTION, 0o755, 0, 0, 1)
+    layer = manifest.child(execution.ino, "train") or manifest.add_node(
+        execution.ino, "train", Kind.LAYER, 0o755, 0, 0, 1)
+    return manifest.add_node(layer.ino, name, Kind.FILE, 0o644, 0, 0, 1).ino
+
+
+def test_schema_is_documented_and_migrations_are_idempotent(tmp_path: Path) -> None:
+    Manifest(tmp_path / "m.sqlite").close()
+    reopened = Manifest(tmp_path / "m.sqlite")
+    sql = {name: text for name, text in reopened.admin().execute(
+        "SELECT name, sql FROM sqlite_master WHERE type IN ('table', 'view')").fetchall()}
+    for table in ("blobs", "nodes", "versions", "tags"):
+        body = sql[table]
+        columns = [line for line in body.splitlines()[1:] if line.strip().split()[0].islower()]
+        assert columns and all("--" in line for line in columns), f"{table} has bare columns"
+    assert {"executions", "layers", "artifacts"} <= set(sql)
+    assert reopened.admin().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_node_ids_start_above_the_fixed_inodes(manifest: Manifest) -> None:
+    node = manifest.add_node(RUNS_INODE, "e1", Kind.EXECUTION, 0o755, 0, 0, 1)
+    assert node.ino >= FIRST_NODE_ID
+    assert manifest.path_of(node.ino) == "runs/e1"
+
+
+def test_publish_counts_references_and_keeps_history(manifest: Manifest) -> None:
+    a = make_file(manifest, "a.csv")
+    b = make_file(manifest, "b.csv")
+    manifest.publish(stored(b"same"), version(a))
+    node = manifest.publish(stored(b"same"), version(b))
+    assert node.blob is not None and node.blob.digest == digest_of_bytes(b"same")
+    assert manifest.refcount(node.blob.blob_id) == 2
+    manifest.publish(stored(b"other"), version(a, now=2))
+    assert manifest.refcount(node.blob.blob_id) == 1
+    totals = manifest.totals()
+    assert (totals.artifacts, totals.blobs, totals.versions) == (2, 2, 3)
+    assert manifest.refcount_drift() == []
+    paths = manifest.admin().execute(
+        "SELECT path, replaced_ns IS NULL FROM versions ORDER BY id").fetchall()
+    assert paths == [("runs/e1/train/a.csv", 0), ("runs/e1/train/b.csv", 1),
+                     ("runs/e1/train/a.csv", 1)]
+    view = manifest.admin().execute("SELECT path, sha256 FROM artifacts ORDER BY path").fetchall()
+    assert view == [("runs/e1/train/a.csv", digest_of_bytes(b"other")),
+                    ("runs/e1/train/b.csv", digest_of_bytes(b"same"))]
+
+
+def test_removing_a_file_drops_its_reference(manifest: Manifest) -> None:
+    a = make_file(manifest)
+    node = manifest.publish(stored(b"data"), version(a))
+    manifest.remove_node(node, 5)
+    assert node.blob is not None
+    assert manifest.refcount(node.blob.blob_id) == 0
+    assert manifest.totals().artifacts == 0
+    assert manifest.totals().versions == 1  # history stays until gc
+
+
+def test_unpublished_files_are_removed_at_start_up(manifest: Manifest) -> None:
+    make_file(manifest, "never-closed.bin")
+    assert manifest.unpublished_count() == 1
+    assert manifest.remove_unpublished() == 1
+    assert manifest.unpublished_count() == 0
+
+
+def test_refcount_drift_is_found(manifest: Manifest) -> None:
+    a = make_file(manifest)
+    manifest.publish(stored(b"data"), version(a))
+    manifest.admin().execute("UPDATE blobs SET refcount = 7")
+    assert [row[1:] for row in manifest.refcount_drift()] == [(7, 1)]
+
+
+def test_a_file_that_is_not_a_manifest_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.sqlite"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="not a usable cafs manifest"):
+        Manifest(path)
+
+
+def test_names_are_unique_per_directory(manifest: Manifest) -> None:
+    make_file(manifest, "x")
+    with pytest.raises(sqlite3.IntegrityError):
+        make_file(manifest, "x")
