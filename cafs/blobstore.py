@@ -21,11 +21,13 @@ from __future__ import annotations
 import bisect
 import contextlib
 import hashlib
+import itertools
 import os
 import struct
 import threading
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import xxhash
@@ -324,6 +326,8 @@ class BlobStore:
         self.frame_size = frame_size
         self.frame_cache = FrameCache(frame_cache_bytes)
         self._temp_serial = 0
+        self._threads = max(1, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -383,28 +387,53 @@ class BlobStore:
                 compressed.discard()
         return StoredBlob(digest, temp.size, stored_size, encoding)
 
+    def _compress_frame(self, temp: TempBlob, start: int) -> tuple[bytes, int, int]:
+        plain = temp.read(start, self.frame_size)
+        return _compressor(self.level).compress(plain), len(plain), _frame_checksum(plain)
+
+    def _compressed_frames(self, temp: TempBlob) -> Generator[tuple[bytes, int, int]]:
+        """Every frame of the temp after the first, compressed, in order.
+
+        In parallel on all cores (frames are independent and zstd releases the GIL), with a
+        bounded number in flight so memory stays a few frames whatever the blob's size."""
+        starts = range(self.frame_size, temp.size, self.frame_size)  # the first is done already
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="cafs-zstd")
+        in_flight: deque[Future[tuple[bytes, int, int]]] = deque()
+        try:
+            for start in starts:
+                in_flight.append(self._pool.submit(self._compress_frame, temp, start))
+                if len(in_flight) >= 2 * self._threads:
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+        finally:
+            for future in in_flight:
+                future.cancel()
+            for future in in_flight:
+                with contextlib.suppress(BaseException):
+                    future.result()  # never close the temp under a running worker
+
     def _compress_if_worthwhile(self, temp: TempBlob) -> TempBlob | None:
         if temp.size < MIN_COMPRESS_SIZE:
             return None
-        compressor = _compressor(self.level)
+        # Judge by the first frame: incompressible data stops here and pays nothing more.
+        first = self._compress_frame(temp, 0)
+        if len(first[0]) > first[1] * WORTHWHILE_RATIO:
+            return None
         budget = int(temp.size * WORTHWHILE_RATIO)
         entries: list[tuple[int, int, int]] = []
         out = self.new_temp()
         out_offset = 0
         try:
-            for start in range(0, temp.size, self.frame_size):
-                plain = temp.read(start, self.frame_size)
-                frame = compressor.compress(plain)
-                # Judge by the first frame: incompressible data stops here and pays nothing more.
-                if not entries and len(frame) > len(plain) * WORTHWHILE_RATIO:
-                    out.discard()
-                    return None
-                _pwrite_all(out.fd, frame, out_offset)
-                out_offset += len(frame)
-                entries.append((len(frame), len(plain), _frame_checksum(plain)))
-                if out_offset > budget:
-                    out.discard()
-                    return None
+            with contextlib.closing(self._compressed_frames(temp)) as rest:
+                for frame, plain_size, checksum in itertools.chain([first], rest):
+                    _pwrite_all(out.fd, frame, out_offset)
+                    out_offset += len(frame)
+                    entries.append((len(frame), plain_size, checksum))
+                    if out_offset > budget:  # compresses too little after all: store raw
+                        out.discard()
+                        return None
             table = b"".join(_ENTRY.pack(*entry) for entry in entries)
             footer = _FOOTER.pack(len(entries), _CHECKSUM_FLAG, _SEEKABLE_MAGIC)
             header = struct.pack("<II", _SKIPPABLE_MAGIC, len(table) + len(footer))

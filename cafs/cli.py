@@ -33,6 +33,7 @@ from cafs.store import (
     check_placement,
     default_store_path,
     is_locked,
+    lock_holder,
     prepare_store_dir,
 )
 
@@ -184,15 +185,26 @@ def umount(lazy: bool, mountpoint: Path) -> None:
     found = find_mount(mountpoint)
     if found is None or found[0] != "fuse.cafs":
         fail(f"{mountpoint} is not a cafs mount", EXIT_MOUNT)
+    store = Path(found[1])
+    daemon = lock_holder(store) if store.is_dir() else None
     command = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint.absolute())]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
         fail(f"cannot unmount {mountpoint}: {reason}", EXIT_MOUNT)
-    store = Path(found[1])
+    # Return only once the daemon is gone: until then it still holds files in the store.
     deadline = time.monotonic() + START_TIMEOUT
-    while store.is_dir() and is_locked(store) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while daemon is not None and process_alive(daemon) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def process_alive(pid: int) -> bool:
+    """True while pid runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            return stat_file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @contextmanager

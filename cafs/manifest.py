@@ -312,7 +312,10 @@ class Manifest:
             db.execute(
                 "INSERT INTO blobs (sha256, size, stored_size, encoding, refcount, created_ns) "
                 "VALUES (?, ?, ?, ?, 1, ?) "
-                "ON CONFLICT (sha256) DO UPDATE SET refcount = refcount + 1",
+                # A known blob gains a reference; if its file had to be written again (it was
+                # missing), the new file's size and encoding are what is on disk now.
+                "ON CONFLICT (sha256) DO UPDATE SET refcount = refcount + 1, "
+                "stored_size = excluded.stored_size, encoding = excluded.encoding",
                 (stored.digest, stored.size, stored.stored_size, stored.encoding, new.now_ns),
             )
             blob_id = db.execute(

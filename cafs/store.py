@@ -129,6 +129,17 @@ def acquire_lock(root: Path, owner: str) -> int:
     return fd
 
 
+def lock_holder(root: Path) -> int | None:
+    """The pid of the daemon holding the store, or None if nobody holds it."""
+    if not is_locked(root):
+        return None
+    try:
+        words = (root / LOCK_NAME).read_text().split()
+        return int(words[1]) if words[:1] == ["pid"] else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def is_locked(root: Path) -> bool:
     """True while a daemon holds the store (it is mounted)."""
     try:

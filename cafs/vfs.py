@@ -18,6 +18,7 @@ bookkeeping here: `forget` has nothing to free.
 from __future__ import annotations
 
 import errno
+import logging
 import mimetypes
 import os
 import stat
@@ -63,6 +64,7 @@ from cafs.model import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Heavy work on more than this many bytes goes to a worker thread; below it, the thread hop
 # costs more than the work (measured: offloading every 128 KiB step halved read throughput).
@@ -626,9 +628,11 @@ class Vfs:
                 else:
                     digest = temp.digest()
                 known = self.manifest.blob(digest)
-                if known is not None:
+                if known is not None and self.blobs.has(digest):
                     stored = StoredBlob(digest, known.size, known.stored_size, known.encoding)
                 else:
+                    if known is not None:  # damage: the bytes just written can restore it
+                        log.warning("blob %s was missing; restored from a new write", digest)
                     stored = await self._maybe_offload(temp.size, self.blobs.publish, temp, digest)
             except OSError as exc:
                 self._fail(inode, None, exc.errno or errno.EIO)
