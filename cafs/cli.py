@@ -24,6 +24,7 @@ from typing import NoReturn
 
 import click
 
+from cafs.config import Settings, load_settings
 from cafs.daemon import MountConfig, MountError, configure_logging, parse_mount_options, serve
 from cafs.errors import CafsError, StoreError
 from cafs.fsck import fsck as check_store
@@ -63,12 +64,34 @@ def errors_as_exit_codes() -> Iterator[None]:
 
 store_option = click.option(
     "--store", "store", type=click.Path(path_type=Path), default=None,
-    help="Store directory (default: $CAFS_STORE, else $XDG_DATA_HOME/cafs).",
+    help="Store directory (default: $CAFS_STORE, else the configuration file's store, "
+         "else $XDG_DATA_HOME/cafs).",
+)
+config_option = click.option(
+    "--config", "config", type=click.Path(path_type=Path), default=None,
+    help="Configuration file (default: $CAFS_CONFIG, else /etc/cafs/cafs.toml if present).",
 )
 
 
-def resolve_store(store: Path | None) -> Path:
+def settings_from(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except CafsError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def resolve_store(store: Path | None, settings: Settings) -> Path:
+    """--store, else $CAFS_STORE, else the configuration file, else the per-user default."""
+    if store is None and not os.environ.get("CAFS_STORE") and settings.store is not None:
+        store = settings.store
     return (store or default_store_path()).absolute()
+
+
+def resolve_mountpoint(mountpoint: Path | None, settings: Settings) -> Path:
+    mountpoint = mountpoint or settings.mountpoint
+    if mountpoint is None:
+        raise click.UsageError("no MOUNTPOINT given and none in the configuration file")
+    return mountpoint.absolute()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,20 +102,31 @@ def cli() -> None:
 
 @cli.command()
 @store_option
+@config_option
 @click.option("-o", "options", multiple=True, metavar="OPTS",
               help="Mount options, comma-separated: allow_other, compression=N, "
                    "max_artifact_size=BYTES; generic fstab options are ignored.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached; log to stderr.")
 @click.option("--debug", is_flag=True, help="Log every request (very verbose).")
 @click.option("--ready-fd", type=int, default=None, hidden=True)
-@click.argument("mountpoint", type=click.Path(path_type=Path))
-def mount(store: Path | None, options: tuple[str, ...], foreground: bool, debug: bool,
-          ready_fd: int | None, mountpoint: Path) -> None:
+@click.argument("mountpoint", type=click.Path(path_type=Path), required=False)
+def mount(store: Path | None, config: Path | None, options: tuple[str, ...], foreground: bool,
+          debug: bool, ready_fd: int | None, mountpoint: Path | None) -> None:
     """Mount the store at MOUNTPOINT; return once the mount serves requests.
+
+    Also runs as a mount(8) helper: `cafs STORE MOUNTPOINT -o OPTS`, which is what
+    `mount -t fuse.cafs STORE MOUNTPOINT` and an fstab line call.
 
     Example: cafs mount --store /srv/cafs /mnt/artifacts
     """
-    cfg = MountConfig(store=resolve_store(store), mountpoint=mountpoint.absolute())
+    settings = settings_from(config)
+    cfg = MountConfig(store=resolve_store(store, settings),
+                      mountpoint=resolve_mountpoint(mountpoint, settings),
+                      allow_other=settings.allow_other)
+    if settings.compression is not None:
+        cfg.compression_level = settings.compression
+    if settings.max_artifact_size is not None:
+        cfg.max_artifact_size = settings.max_artifact_size
     try:
         parse_mount_options(cfg, list(options))
     except CafsError as exc:
@@ -133,14 +167,21 @@ def spawn_daemon(cfg: MountConfig, options: list[str], debug: bool) -> None:
     except OSError as exc:
         raise StoreError(f"cannot use store {cfg.store}: {exc.strerror}") from None
     read_end, write_end = os.pipe()
+    # The child gets every setting explicitly, so it needs no configuration file.
     command = [sys.executable, "-m", "cafs", "mount", "--foreground", "--ready-fd",
-               str(write_end), "--store", str(cfg.store), str(cfg.mountpoint)]
+               str(write_end), "--store", str(cfg.store), str(cfg.mountpoint),
+               "-o", f"compression={cfg.compression_level}",
+               "-o", f"max_artifact_size={cfg.max_artifact_size}"]
+    if cfg.allow_other:
+        command += ["-o", "allow_other"]
     command += [arg for option in options for arg in ("-o", option)]
     if debug:
         command.append("--debug")
+    child_env = dict(os.environ, CAFS_CONFIG="")
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(command, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
-                                   stdout=log_file, stderr=log_file, start_new_session=True)
+                                   stdout=log_file, stderr=log_file, start_new_session=True,
+                                   env=child_env)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as ready:
         message = ready.readline()
@@ -175,15 +216,23 @@ def _unescape(text: str) -> str:
 
 
 @cli.command()
+@config_option
 @click.option("--lazy", "-z", is_flag=True, help="Detach even if busy (or dead).")
-@click.argument("mountpoint", type=click.Path(path_type=Path))
-def umount(lazy: bool, mountpoint: Path) -> None:
-    """Unmount a cafs mount and wait until its daemon has let go of the store.
+@click.option("--if-mounted", is_flag=True,
+              help="Succeed quietly when nothing is mounted there (for ExecStopPost).")
+@click.argument("mountpoint", type=click.Path(path_type=Path), required=False)
+def umount(config: Path | None, lazy: bool, if_mounted: bool, mountpoint: Path | None) -> None:
+    """Unmount a cafs mount and wait until its daemon has exited.
+
+    A dead mount (its daemon was killed) needs --lazy.
 
     Example: cafs umount /mnt/artifacts
     """
+    mountpoint = resolve_mountpoint(mountpoint, settings_from(config))
     found = find_mount(mountpoint)
     if found is None or found[0] != "fuse.cafs":
+        if if_mounted:
+            return
         fail(f"{mountpoint} is not a cafs mount", EXIT_MOUNT)
     store = Path(found[1])
     daemon = lock_holder(store) if store.is_dir() else None
@@ -208,9 +257,10 @@ def process_alive(pid: int) -> bool:
 
 
 @contextmanager
-def open_store(store: Path | None) -> Iterator[Store]:
+def open_store(store: Path | None, config: Path | None) -> Iterator[Store]:
+    settings = settings_from(config)
     with errors_as_exit_codes():
-        opened = Store.open(resolve_store(store), create=False)
+        opened = Store.open(resolve_store(store, settings), create=False)
         try:
             yield opened
         finally:
@@ -219,13 +269,14 @@ def open_store(store: Path | None) -> Iterator[Store]:
 
 @cli.command()
 @store_option
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def stats(store: Path | None, as_json: bool) -> None:
+def stats(store: Path | None, config: Path | None, as_json: bool) -> None:
     """Show how much the store holds and what dedup and compression save.
 
     Example: cafs stats --store /srv/cafs --json
     """
-    with open_store(store) as opened:
+    with open_store(store, config) as opened:
         totals = opened.manifest.totals()
     result = {
         "artifacts": totals.artifacts,
@@ -267,8 +318,9 @@ def _human(size: int) -> str:
 
 @cli.command()
 @store_option
+@config_option
 @click.option("--full", is_flag=True, help="Also re-hash every blob (reads everything).")
-def fsck(store: Path | None, full: bool) -> None:
+def fsck(store: Path | None, config: Path | None, full: bool) -> None:
     """Check the manifest against the blobs; exit 1 if anything is damaged.
 
     Orphan blobs and temp files (what a crash can leave) are listed but are not damage.
@@ -276,7 +328,7 @@ def fsck(store: Path | None, full: bool) -> None:
 
     Example: cafs fsck --store /srv/cafs --full
     """
-    with open_store(store) as opened:
+    with open_store(store, config) as opened:
         report = check_store(opened, full=full, mounted=is_locked(opened.root))
     for line in report.damage:
         click.echo(f"DAMAGE  {line}")
@@ -289,5 +341,13 @@ def fsck(store: Path | None, full: bool) -> None:
         sys.exit(EXIT_DAMAGE)
 
 
+def helper_form(argv: list[str]) -> list[str]:
+    """mount(8) runs `cafs STORE MOUNTPOINT -o OPTS` (via mount.fuse3): make it `cafs mount`."""
+    commands = cli.commands  # type: ignore[attr-defined]
+    if len(argv) >= 2 and argv[0] not in commands and not argv[0].startswith("-"):
+        return ["mount", "--store", argv[0], *argv[1:]]
+    return argv
+
+
 def main() -> None:
-    cli(prog_name="cafs")
+    cli(args=helper_form(sys.argv[1:]), prog_name="cafs")

@@ -160,6 +160,12 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     store = Store.open(cfg.store, lock=True, compression_level=cfg.compression_level,
                        owner=f"mounted at {cfg.mountpoint.absolute()}")
     try:
+        if store.mark_dirty():
+            log.warning("the last daemon did not stop cleanly: checking the newest blobs")
+            problems = store.check_recent()
+            if problems:  # the dirty marker stays: the store needs attention
+                raise StoreError(f"store {cfg.store} needs repair ({problems[0]}; "
+                                 f"{len(problems)} problems): run cafs fsck")
         recovery = store.recover()
         if recovery.temp_files or recovery.unpublished:
             log.info("recovered after an unclean stop: removed %d temp files and %d unfinished "
@@ -178,6 +184,7 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             trio.run(_main_loop, cfg, invalidator, on_ready)
         finally:
             pyfuse3.close(unmount=True)
+        store.mark_clean()
         log.info("unmounted %s", cfg.mountpoint)
     finally:
         store.close()
@@ -189,6 +196,9 @@ async def _main_loop(cfg: MountConfig, invalidator: KernelCacheInvalidator,
         nursery.start_soon(_stop_on_signal)
         nursery.start_soon(invalidator.run)
         nursery.start_soon(_announce_ready, cfg.mountpoint, on_ready)
+        interval = watchdog_interval()
+        if interval is not None:
+            nursery.start_soon(_ping_watchdog, interval)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -199,6 +209,22 @@ async def _announce_ready(mountpoint: Path, on_ready: Callable[[], None]) -> Non
     log.info("serving %s", mountpoint)
     on_ready()
     sd_notify("READY=1")
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec (from WATCHDOG_USEC), if the watchdog is meant for us."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+async def _ping_watchdog(interval: float) -> None:
+    # A task of the event loop: if the loop is stuck, the pings stop and systemd restarts us.
+    while True:
+        sd_notify("WATCHDOG=1")
+        await trio.sleep(interval)
 
 
 async def _stop_on_signal() -> None:

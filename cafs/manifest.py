@@ -398,6 +398,12 @@ class Manifest:
         layers = db.execute("SELECT count(*) FROM nodes WHERE kind = 'layer'").fetchone()[0]
         return Totals(artifacts, blobs, logical, unique, stored, versions, executions, layers)
 
+    def newest_blobs(self, limit: int) -> list[BlobRef]:
+        rows = self._db.execute(
+            f"SELECT {_BLOB_COLUMNS} FROM blobs ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [_blob(row) for row in rows]
+
     def all_blobs(self) -> Iterator[BlobRef]:
         yield from (_blob(row) for row in self._db.execute(
             f"SELECT {_BLOB_COLUMNS} FROM blobs ORDER BY id"))

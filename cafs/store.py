@@ -6,6 +6,7 @@ store and the mountpoint never contain each other, and start-up recovery. Must n
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
@@ -19,6 +20,11 @@ from cafs.manifest import Manifest
 MANIFEST_NAME = "manifest.sqlite"
 LOCK_NAME = "lock"
 LOG_NAME = "daemon.log"
+# Present while a daemon serves the store; found at start-up, it means the last one never
+# stopped cleanly (killed, crashed, power lost).
+DIRTY_NAME = "dirty"
+# After an unclean stop, the blobs written last are the ones a crash could have hurt.
+RECENT_BLOBS_CHECKED = 200
 
 
 def default_store_path() -> Path:
@@ -107,6 +113,36 @@ class Store:
         harmless garbage that `cafs fsck` reports.
         """
         return Recovery(self.blobs.clean_tmp(), self.manifest.remove_unpublished())
+
+    def mark_dirty(self) -> bool:
+        """Record that a daemon serves the store; True if the last one stopped uncleanly."""
+        path = self.root / DIRTY_NAME
+        unclean = path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, f"pid {os.getpid()}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return unclean
+
+    def mark_clean(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.root / DIRTY_NAME)
+
+    def check_recent(self) -> list[str]:
+        """Quick check after an unclean stop: the newest blobs exist with their recorded size.
+        Bounded work, whatever the store's size; `cafs fsck` does the full check."""
+        problems = []
+        for blob in self.manifest.newest_blobs(RECENT_BLOBS_CHECKED):
+            try:
+                size = self.blobs.stored_size(blob.digest)
+            except FileNotFoundError:
+                problems.append(f"blob {blob.digest} is missing")
+                continue
+            if size != blob.stored_size:
+                problems.append(f"blob {blob.digest} has {size} bytes, not {blob.stored_size}")
+        return problems
 
     def close(self) -> None:
         self.manifest.close()

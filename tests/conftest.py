@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 CAFS = [sys.executable, "-m", "cafs"]
+# Tests never read the machine's /etc/cafs/cafs.toml: each passes what it needs.
+os.environ["CAFS_CONFIG"] = ""
 
 
 def fuse_missing_reason() -> str | None:

@@ -1,0 +1,3 @@
+from cafs.cli import main
+
+main()

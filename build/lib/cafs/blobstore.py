@@ -1,0 +1,497 @@
+"""The blob store: immutable files named by the SHA-256 of their uncompressed bytes.
+
+Owns: everything under `<store>/blobs/` and `<store>/tmp/` — temp files of writes in progress,
+hashing while writing, the decision to compress, the durable publish (fsync, rename, fsync of the
+shard directory) and reads at any offset. It is the only module that imports zstandard.
+Must not know about paths in the namespace, the manifest, or FUSE.
+
+Layout: `blobs/ab/<64 hex>`; 256 shard directories are made when the store is created.
+
+Encodings:
+- "raw": the bytes as they are, read with os.pread.
+- "zstd": zstd's seekable format — independent zstd frames of at most `frame_size` uncompressed
+  bytes, followed by a skippable frame holding the seek table (compressed size, decompressed size,
+  and the low 32 bits of XXH64 of each frame's bytes). A read decompresses only the frames it
+  covers and checks each frame's checksum, so a flipped byte gives EIO, never wrong bytes.
+  The file is an ordinary .zst stream: `zstd -d < blob` yields the content.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import itertools
+import os
+import struct
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import xxhash
+import zstandard
+
+from cafs.digest import Digest, is_digest
+from cafs.errors import Corrupt
+from cafs.model import StoredBlob
+
+RAW = "raw"
+ZSTD = "zstd"
+ENCODINGS = (RAW, ZSTD)
+
+DEFAULT_FRAME_SIZE = 1 << 20
+DEFAULT_LEVEL = 3
+# Compress only when it saves at least this share of the bytes; otherwise store raw so that
+# incompressible data (weights, archives) costs neither CPU at read time nor a seek table.
+WORTHWHILE_RATIO = 0.90
+# Below this, compression cannot save a disk block worth the seek table.
+MIN_COMPRESS_SIZE = 512
+
+_COPY_CHUNK = 1 << 20
+_SKIPPABLE_MAGIC = 0x184D2A5E
+_SEEKABLE_MAGIC = 0x8F92EAB1
+_FOOTER = struct.Struct("<IBI")  # number of frames, descriptor, seekable magic
+_ENTRY = struct.Struct("<III")  # compressed size, decompressed size, checksum
+_CHECKSUM_FLAG = 0x80
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # python-zstandard objects are not thread-safe: one per thread (and level).
+    cache: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("compressors", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cache[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_local, "decompressor"):
+        _local.decompressor = zstandard.ZstdDecompressor()
+    return _local.decompressor
+
+
+def _frame_checksum(data: bytes) -> int:
+    return xxhash.xxh64_intdigest(data) & 0xFFFFFFFF
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FrameCache:
+    """A small LRU of decompressed frames, bounded by bytes. Shared by all readers."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._frames: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()  # seeding a copy-on-write temp may run in a worker thread
+
+    def get(self, key: tuple[str, int]) -> bytes | None:
+        with self._lock:
+            data = self._frames.get(key)
+            if data is not None:
+                self._frames.move_to_end(key)
+            return data
+
+    def put(self, key: tuple[str, int], data: bytes) -> None:
+        if len(data) > self._max_bytes:
+            return
+        with self._lock:
+            if key in self._frames:
+                return
+            self._frames[key] = data
+            self._bytes += len(data)
+            while self._bytes > self._max_bytes:
+                _, evicted = self._frames.popitem(last=False)
+                self._bytes -= len(evicted)
+
+
+class BlobReader:
+    """Random access to one blob's uncompressed bytes. Not shared between threads."""
+
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class RawReader(BlobReader):
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self.size = size
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class SeekTable:
+    """The frames of a seekable zstd blob: where each starts, compressed and not."""
+
+    def __init__(self, entries: list[tuple[int, int, int]]) -> None:
+        self.compressed_offsets = [0]
+        self.plain_offsets = [0]
+        self.checksums = []
+        for compressed_size, plain_size, checksum in entries:
+            self.compressed_offsets.append(self.compressed_offsets[-1] + compressed_size)
+            self.plain_offsets.append(self.plain_offsets[-1] + plain_size)
+            self.checksums.append(checksum)
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.checksums)
+
+    @property
+    def plain_size(self) -> int:
+        return self.plain_offsets[-1]
+
+    def frame_at(self, plain_offset: int) -> int:
+        return bisect.bisect_right(self.plain_offsets, plain_offset) - 1
+
+    @classmethod
+    def read_from(cls, fd: int, file_size: int) -> SeekTable:
+        if file_size < _FOOTER.size:
+            raise Corrupt("blob too short for a seek table")
+        frames, descriptor, magic = _FOOTER.unpack(
+            os.pread(fd, _FOOTER.size, file_size - _FOOTER.size)
+        )
+        if magic != _SEEKABLE_MAGIC or not descriptor & _CHECKSUM_FLAG:
+            raise Corrupt("blob has no seek table")
+        table_size = frames * _ENTRY.size
+        start = file_size - _FOOTER.size - table_size
+        if start < 8:
+            raise Corrupt("seek table larger than the blob")
+        raw = os.pread(fd, table_size, start)
+        entries = [_ENTRY.unpack_from(raw, i * _ENTRY.size) for i in range(frames)]
+        table = cls(entries)
+        if table.compressed_offsets[-1] != start - 8:
+            raise Corrupt("seek table does not match the frames")
+        return table
+
+
+class ZstdReader(BlobReader):
+    def __init__(self, fd: int, digest: Digest, cache: FrameCache) -> None:
+        self._fd = fd
+        self._digest = digest
+        self._cache = cache
+        self.table = SeekTable.read_from(fd, os.fstat(fd).st_size)
+        self.size = self.table.plain_size
+
+    def frame(self, index: int) -> bytes:
+        key = (self._digest, index)
+        data = self._cache.get(key)
+        if data is None:
+            table = self.table
+            start = table.compressed_offsets[index]
+            compressed = os.pread(self._fd, table.compressed_offsets[index + 1] - start, start)
+            expected_size = table.plain_offsets[index + 1] - table.plain_offsets[index]
+            try:
+                data = _decompressor().decompress(compressed)
+            except zstandard.ZstdError as exc:
+                raise Corrupt(f"blob {self._digest}: frame {index}: {exc}") from exc
+            if len(data) != expected_size or _frame_checksum(data) != table.checksums[index]:
+                raise Corrupt(f"blob {self._digest}: frame {index} fails its checksum")
+            self._cache.put(key, data)
+        return data
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        table = self.table
+        parts = []
+        index = table.frame_at(offset)
+        while offset < end:
+            frame_start = table.plain_offsets[index]
+            data = self.frame(index)
+            parts.append(data[offset - frame_start : end - frame_start])
+            offset = frame_start + len(data)
+            index += 1
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class TempBlob:
+    """A write in progress: a temp file in `tmp/`, hashed while writes arrive in order.
+
+    SHA-256 is fed by writes that continue exactly where the hashed prefix ends. Any other write
+    or truncate makes the prefix hash invalid; the digest is then computed from the file at the
+    end. Not thread-safe: the owner serialises calls.
+    """
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd = fd
+        self.path = path
+        self.size = 0
+        self._hasher = hashlib.sha256()
+        self._hashed = 0  # bytes fed to _hasher; -1 once out-of-order writes invalidated it
+
+    def write(self, offset: int, data: bytes) -> int:
+        _pwrite_all(self.fd, data, offset)
+        if self._hashed == offset:
+            self._hasher.update(data)
+            self._hashed += len(data)
+        elif data:
+            self._hashed = -1
+        self.size = max(self.size, offset + len(data))
+        return len(data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        if size == 0:
+            self._hasher = hashlib.sha256()
+            self._hashed = 0
+        elif size != self._hashed:
+            self._hashed = -1
+        self.size = size
+
+    def fill_from(self, reader: BlobReader) -> None:
+        """Make this (empty) temp a copy of a blob: the start of a copy-on-write."""
+        offset = 0
+        while offset < reader.size:
+            chunk = reader.read(offset, _COPY_CHUNK)
+            if not chunk:
+                raise Corrupt("blob shorter than recorded")
+            self.write(offset, chunk)
+            offset += len(chunk)
+
+    def digest(self) -> Digest:
+        if self._hashed == self.size:
+            return Digest(self._hasher.hexdigest())
+        hasher = hashlib.sha256()
+        offset = 0
+        while offset < self.size:
+            chunk = os.pread(self.fd, min(_COPY_CHUNK, self.size - offset), offset)
+            if not chunk:
+                raise Corrupt("temp file shorter than written")
+            hasher.update(chunk)
+            offset += len(chunk)
+        return Digest(hasher.hexdigest())
+
+    @property
+    def needs_rehash(self) -> bool:
+        return self._hashed != self.size
+
+    def discard(self) -> None:
+        """Close and remove the temp; safe to call twice, and after a failed descriptor."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):  # the file goes anyway; a bad fd must not leak it
+                os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class BlobStore:
+    """Immutable blobs by digest, plus the temp files that become them."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        level: int = DEFAULT_LEVEL,
+        frame_size: int = DEFAULT_FRAME_SIZE,
+        frame_cache_bytes: int = 64 << 20,
+    ) -> None:
+        self.blob_dir = root / "blobs"
+        self.tmp_dir = root / "tmp"
+        self.level = level
+        self.frame_size = frame_size
+        self.frame_cache = FrameCache(frame_cache_bytes)
+        self._temp_serial = 0
+        self._threads = max(1, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def create_layout(self) -> None:
+        for directory in (self.blob_dir, self.tmp_dir):
+            directory.mkdir(mode=0o700, exist_ok=True)
+        for shard in range(256):
+            (self.blob_dir / f"{shard:02x}").mkdir(mode=0o700, exist_ok=True)
+
+    def clean_tmp(self) -> int:
+        """Remove every temp file: writes that were in progress when the daemon stopped."""
+        removed = 0
+        with os.scandir(self.tmp_dir) as entries:
+            for entry in entries:
+                # Never follow a planted symlink; remove the link itself.
+                if entry.is_dir(follow_symlinks=False):
+                    continue
+                os.unlink(entry.path)
+                removed += 1
+        return removed
+
+    # -- writing --------------------------------------------------------------------------
+
+    def new_temp(self) -> TempBlob:
+        self._temp_serial += 1
+        name = f"w-{os.getpid()}-{self._temp_serial}-{os.urandom(4).hex()}"
+        path = self.tmp_dir / name
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return TempBlob(os.open(path, flags, 0o600), path)
+
+    def path_of(self, digest: Digest) -> Path:
+        return self.blob_dir / digest[:2] / digest
+
+    def has(self, digest: Digest) -> bool:
+        return os.path.lexists(self.path_of(digest))
+
+    def publish(self, temp: TempBlob, digest: Digest) -> StoredBlob:
+        """Turn a finished temp into the blob `digest`, durably.
+
+        Compresses when worthwhile, fsyncs, renames into place and fsyncs the shard directory,
+        so that a manifest row written afterwards never points at a partial blob. The temp's
+        file descriptor stays open (readers may still use it); the caller discards the temp.
+        """
+        final = self.path_of(digest)
+        chosen = temp
+        encoding = RAW
+        compressed = self._compress_if_worthwhile(temp)
+        if compressed is not None:
+            chosen, encoding = compressed, ZSTD
+        try:
+            os.fsync(chosen.fd)
+            stored_size = os.fstat(chosen.fd).st_size
+            os.rename(chosen.path, final)
+            _fsync_dir(final.parent)
+        finally:
+            if compressed is not None:
+                compressed.discard()
+        return StoredBlob(digest, temp.size, stored_size, encoding)
+
+    def _compress_frame(self, temp: TempBlob, start: int) -> tuple[bytes, int, int]:
+        plain = temp.read(start, self.frame_size)
+        return _compressor(self.level).compress(plain), len(plain), _frame_checksum(plain)
+
+    def _compressed_frames(self, temp: TempBlob) -> Generator[tuple[bytes, int, int]]:
+        """Every frame of the temp after the first, compressed, in order.
+
+        In parallel on all cores (frames are independent and zstd releases the GIL), with a
+        bounded number in flight so memory stays a few frames whatever the blob's size."""
+        starts = range(self.frame_size, temp.size, self.frame_size)  # the first is done already
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="cafs-zstd")
+        in_flight: deque[Future[tuple[bytes, int, int]]] = deque()
+        try:
+            for start in starts:
+                in_flight.append(self._pool.submit(self._compress_frame, temp, start))
+                if len(in_flight) >= 2 * self._threads:
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+        finally:
+            for future in in_flight:
+                future.cancel()
+            for future in in_flight:
+                with contextlib.suppress(BaseException):
+                    future.result()  # never close the temp under a running worker
+
+    def _compress_if_worthwhile(self, temp: TempBlob) -> TempBlob | None:
+        if temp.size < MIN_COMPRESS_SIZE:
+            return None
+        # Judge by the first frame: incompressible data stops here and pays nothing more.
+        first = self._compress_frame(temp, 0)
+        if len(first[0]) > first[1] * WORTHWHILE_RATIO:
+            return None
+        budget = int(temp.size * WORTHWHILE_RATIO)
+        entries: list[tuple[int, int, int]] = []
+        out = self.new_temp()
+        out_offset = 0
+        try:
+            with contextlib.closing(self._compressed_frames(temp)) as rest:
+                for frame, plain_size, checksum in itertools.chain([first], rest):
+                    _pwrite_all(out.fd, frame, out_offset)
+                    out_offset += len(frame)
+                    entries.append((len(frame), plain_size, checksum))
+                    if out_offset > budget:  # compresses too little after all: store raw
+                        out.discard()
+                        return None
+            table = b"".join(_ENTRY.pack(*entry) for entry in entries)
+            footer = _FOOTER.pack(len(entries), _CHECKSUM_FLAG, _SEEKABLE_MAGIC)
+            header = struct.pack("<II", _SKIPPABLE_MAGIC, len(table) + len(footer))
+            _pwrite_all(out.fd, header + table + footer, out_offset)
+        except BaseException:
+            out.discard()
+            raise
+        return out
+
+    # -- reading --------------------------------------------------------------------------
+
+    def open(self, digest: Digest, encoding: str) -> BlobReader:
+        try:
+            fd = os.open(self.path_of(digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise Corrupt(f"blob {digest} is missing") from exc
+        except OSError as exc:
+            raise Corrupt(f"blob {digest}: {exc.strerror}") from exc
+        try:
+            if encoding == RAW:
+                return RawReader(fd, os.fstat(fd).st_size)
+            if encoding == ZSTD:
+                return ZstdReader(fd, digest, self.frame_cache)
+            raise Corrupt(f"blob {digest}: unknown encoding {encoding!r}")
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # -- administration -------------------------------------------------------------------
+
+    def iter_digests(self) -> Iterator[Digest]:
+        """Every blob file's digest, shard by shard. Files not named like a digest are skipped."""
+        for shard in sorted(os.listdir(self.blob_dir)):
+            shard_dir = self.blob_dir / shard
+            if not shard_dir.is_dir():
+                continue
+            for name in os.listdir(shard_dir):
+                if is_digest(name) and name.startswith(shard):
+                    yield Digest(name)
+
+    def stored_size(self, digest: Digest) -> int:
+        return os.lstat(self.path_of(digest)).st_size
+
+    def compute_digest(self, digest: Digest, encoding: str) -> tuple[Digest, int]:
+        """Re-hash a blob's uncompressed bytes (checks frame checksums on the way)."""
+        reader = self.open(digest, encoding)
+        try:
+            hasher = hashlib.sha256()
+            offset = 0
+            while offset < reader.size:
+                chunk = reader.read(offset, _COPY_CHUNK)
+                if not chunk:
+                    break
+                hasher.update(chunk)
+                offset += len(chunk)
+            return Digest(hasher.hexdigest()), offset
+        finally:
+            reader.close()
+
+    def delete(self, digest: Digest) -> None:
+        os.unlink(self.path_of(digest))

@@ -1,0 +1,353 @@
+"""The `cafs` command line: thin click commands over the store and the daemon.
+
+Owns: arguments, messages and exit codes. Every failure is one line on stderr and a documented
+exit code, never a traceback:
+
+    0  success
+    1  fsck found damage
+    2  usage error (bad arguments or options)
+    3  store error: missing, in use by another daemon, unreadable, or placed inside the mountpoint
+    4  mount error: mountpoint missing or busy, FUSE unavailable, daemon failed to start
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from cafs.config import Settings, load_settings
+from cafs.daemon import MountConfig, MountError, configure_logging, parse_mount_options, serve
+from cafs.errors import CafsError, StoreError
+from cafs.fsck import fsck as check_store
+from cafs.store import (
+    LOG_NAME,
+    Store,
+    check_placement,
+    default_store_path,
+    is_locked,
+    lock_holder,
+    prepare_store_dir,
+)
+
+EXIT_DAMAGE = 1
+EXIT_STORE = 3
+EXIT_MOUNT = 4
+READY = b"READY\n"
+START_TIMEOUT = 60.0
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"cafs: {message}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def errors_as_exit_codes() -> Iterator[None]:
+    try:
+        yield
+    except MountError as exc:
+        fail(str(exc), EXIT_MOUNT)
+    except StoreError as exc:
+        fail(str(exc), EXIT_STORE)
+    except CafsError as exc:
+        fail(str(exc), EXIT_STORE)
+
+
+store_option = click.option(
+    "--store", "store", type=click.Path(path_type=Path), default=None,
+    help="Store directory (default: $CAFS_STORE, else the configuration file's store, "
+         "else $XDG_DATA_HOME/cafs).",
+)
+config_option = click.option(
+    "--config", "config", type=click.Path(path_type=Path), default=None,
+    help="Configuration file (default: $CAFS_CONFIG, else /etc/cafs/cafs.toml if present).",
+)
+
+
+def settings_from(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except CafsError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def resolve_store(store: Path | None, settings: Settings) -> Path:
+    """--store, else $CAFS_STORE, else the configuration file, else the per-user default."""
+    if store is None and not os.environ.get("CAFS_STORE") and settings.store is not None:
+        store = settings.store
+    return (store or default_store_path()).absolute()
+
+
+def resolve_mountpoint(mountpoint: Path | None, settings: Settings) -> Path:
+    mountpoint = mountpoint or settings.mountpoint
+    if mountpoint is None:
+        raise click.UsageError("no MOUNTPOINT given and none in the configuration file")
+    return mountpoint.absolute()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cafs")
+def cli() -> None:
+    """cafs: a mountable, content-addressed store for pipeline artifacts."""
+
+
+@cli.command()
+@store_option
+@config_option
+@click.option("-o", "options", multiple=True, metavar="OPTS",
+              help="Mount options, comma-separated: allow_other, compression=N, "
+                   "max_artifact_size=BYTES; generic fstab options are ignored.")
+@click.option("--foreground", "-f", is_flag=True, help="Stay attached; log to stderr.")
+@click.option("--debug", is_flag=True, help="Log every request (very verbose).")
+@click.option("--ready-fd", type=int, default=None, hidden=True)
+@click.argument("mountpoint", type=click.Path(path_type=Path), required=False)
+def mount(store: Path | None, config: Path | None, options: tuple[str, ...], foreground: bool,
+          debug: bool, ready_fd: int | None, mountpoint: Path | None) -> None:
+    """Mount the store at MOUNTPOINT; return once the mount serves requests.
+
+    Also runs as a mount(8) helper: `cafs STORE MOUNTPOINT -o OPTS`, which is what
+    `mount -t fuse.cafs STORE MOUNTPOINT` and an fstab line call.
+
+    Example: cafs mount --store /srv/cafs /mnt/artifacts
+    """
+    settings = settings_from(config)
+    cfg = MountConfig(store=resolve_store(store, settings),
+                      mountpoint=resolve_mountpoint(mountpoint, settings),
+                      allow_other=settings.allow_other)
+    if settings.compression is not None:
+        cfg.compression_level = settings.compression
+    if settings.max_artifact_size is not None:
+        cfg.max_artifact_size = settings.max_artifact_size
+    try:
+        parse_mount_options(cfg, list(options))
+    except CafsError as exc:
+        raise click.UsageError(str(exc)) from None
+    with errors_as_exit_codes():
+        if foreground:
+            run_foreground(cfg, debug, ready_fd)
+        else:
+            spawn_daemon(cfg, list(options), debug)
+
+
+def run_foreground(cfg: MountConfig, debug: bool, ready_fd: int | None) -> None:
+    configure_logging(debug)
+
+    def on_ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, READY)
+            os.close(ready_fd)
+
+    try:
+        serve(cfg, on_ready)
+    except CafsError as exc:
+        if ready_fd is not None:  # tell the waiting parent why, in one line
+            os.write(ready_fd, f"{type(exc).__name__}:{exc}\n".encode())
+        raise
+
+
+def spawn_daemon(cfg: MountConfig, options: list[str], debug: bool) -> None:
+    """Start the daemon in its own session and wait until it serves (or says why not)."""
+    from cafs.daemon import check_mountpoint
+
+    check_mountpoint(cfg.mountpoint)
+    check_placement(cfg.store, cfg.mountpoint)
+    prepare_store_dir(cfg.store, create=True)
+    try:
+        log_path = cfg.store / LOG_NAME
+        log_path.touch(mode=0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot use store {cfg.store}: {exc.strerror}") from None
+    read_end, write_end = os.pipe()
+    # The child gets every setting explicitly, so it needs no configuration file.
+    command = [sys.executable, "-m", "cafs", "mount", "--foreground", "--ready-fd",
+               str(write_end), "--store", str(cfg.store), str(cfg.mountpoint),
+               "-o", f"compression={cfg.compression_level}",
+               "-o", f"max_artifact_size={cfg.max_artifact_size}"]
+    if cfg.allow_other:
+        command += ["-o", "allow_other"]
+    command += [arg for option in options for arg in ("-o", option)]
+    if debug:
+        command.append("--debug")
+    child_env = dict(os.environ, CAFS_CONFIG="")
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(command, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
+                                   stdout=log_file, stderr=log_file, start_new_session=True,
+                                   env=child_env)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as ready:
+        message = ready.readline()
+    if message == READY:
+        return
+    try:
+        code = process.wait(timeout=START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        code = None
+    kind, _, text = message.decode(errors="replace").strip().partition(":")
+    if text:
+        raise (MountError if kind == "MountError" else StoreError)(text)
+    raise MountError(f"the daemon exited (status {code}) before serving; "
+                     f"see {cfg.store / LOG_NAME}")
+
+
+def find_mount(mountpoint: Path) -> tuple[str, str] | None:
+    """(fstype, source) of the mount at mountpoint, from /proc/self/mountinfo."""
+    target = str(mountpoint.absolute())
+    found = None
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:  # the last match is the mount on top
+            fields = line.split()
+            separator = fields.index("-")
+            if _unescape(fields[4]) == target:
+                found = (fields[separator + 1], _unescape(fields[separator + 2]))
+    return found
+
+
+def _unescape(text: str) -> str:
+    return text.encode().decode("unicode_escape").encode("latin-1").decode()
+
+
+@cli.command()
+@config_option
+@click.option("--lazy", "-z", is_flag=True, help="Detach even if busy (or dead).")
+@click.option("--if-mounted", is_flag=True,
+              help="Succeed quietly when nothing is mounted there (for ExecStopPost).")
+@click.argument("mountpoint", type=click.Path(path_type=Path), required=False)
+def umount(config: Path | None, lazy: bool, if_mounted: bool, mountpoint: Path | None) -> None:
+    """Unmount a cafs mount and wait until its daemon has exited.
+
+    A dead mount (its daemon was killed) needs --lazy.
+
+    Example: cafs umount /mnt/artifacts
+    """
+    mountpoint = resolve_mountpoint(mountpoint, settings_from(config))
+    found = find_mount(mountpoint)
+    if found is None or found[0] != "fuse.cafs":
+        if if_mounted:
+            return
+        fail(f"{mountpoint} is not a cafs mount", EXIT_MOUNT)
+    store = Path(found[1])
+    daemon = lock_holder(store) if store.is_dir() else None
+    command = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint.absolute())]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        fail(f"cannot unmount {mountpoint}: {reason}", EXIT_MOUNT)
+    # Return only once the daemon is gone: until then it still holds files in the store.
+    deadline = time.monotonic() + START_TIMEOUT
+    while daemon is not None and process_alive(daemon) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def process_alive(pid: int) -> bool:
+    """True while pid runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            return stat_file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@contextmanager
+def open_store(store: Path | None, config: Path | None) -> Iterator[Store]:
+    settings = settings_from(config)
+    with errors_as_exit_codes():
+        opened = Store.open(resolve_store(store, settings), create=False)
+        try:
+            yield opened
+        finally:
+            opened.close()
+
+
+@cli.command()
+@store_option
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def stats(store: Path | None, config: Path | None, as_json: bool) -> None:
+    """Show how much the store holds and what dedup and compression save.
+
+    Example: cafs stats --store /srv/cafs --json
+    """
+    with open_store(store, config) as opened:
+        totals = opened.manifest.totals()
+    result = {
+        "artifacts": totals.artifacts,
+        "blobs": totals.blobs,
+        "versions": totals.versions,
+        "executions": totals.executions,
+        "layers": totals.layers,
+        "logical_bytes": totals.logical_bytes,
+        "unique_bytes": totals.unique_bytes,
+        "stored_bytes": totals.stored_bytes,
+        "dedup_ratio": _ratio(totals.logical_bytes, totals.unique_bytes),
+        "compression_ratio": _ratio(totals.unique_bytes, totals.stored_bytes),
+    }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"artifacts       {totals.artifacts} in {totals.executions} executions, "
+               f"{totals.layers} layers ({totals.versions} versions)")
+    click.echo(f"blobs           {totals.blobs}")
+    click.echo(f"logical bytes   {_human(totals.logical_bytes)}")
+    click.echo(f"unique bytes    {_human(totals.unique_bytes)}  "
+               f"(dedup ratio {result['dedup_ratio']:.2f})")
+    click.echo(f"stored bytes    {_human(totals.stored_bytes)}  "
+               f"(compression ratio {result['compression_ratio']:.2f})")
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    return round(numerator / denominator, 3) if denominator else 1.0
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
+        value /= 1024
+    return f"{size} B"
+
+
+@cli.command()
+@store_option
+@config_option
+@click.option("--full", is_flag=True, help="Also re-hash every blob (reads everything).")
+def fsck(store: Path | None, config: Path | None, full: bool) -> None:
+    """Check the manifest against the blobs; exit 1 if anything is damaged.
+
+    Orphan blobs and temp files (what a crash can leave) are listed but are not damage.
+    Safe while the store is mounted.
+
+    Example: cafs fsck --store /srv/cafs --full
+    """
+    with open_store(store, config) as opened:
+        report = check_store(opened, full=full, mounted=is_locked(opened.root))
+    for line in report.damage:
+        click.echo(f"DAMAGE  {line}")
+    for line in report.garbage:
+        click.echo(f"garbage {line}")
+    rehashed = f", {report.blobs_rehashed} re-hashed" if full else ""
+    verdict = "clean" if report.clean else f"{len(report.damage)} problems"
+    click.echo(f"{report.blobs_checked} blobs checked{rehashed}: {verdict}")
+    if not report.clean:
+        sys.exit(EXIT_DAMAGE)
+
+
+def helper_form(argv: list[str]) -> list[str]:
+    """mount(8) runs `cafs STORE MOUNTPOINT -o OPTS` (via mount.fuse3): make it `cafs mount`."""
+    commands = cli.commands  # type: ignore[attr-defined]
+    if len(argv) >= 2 and argv[0] not in commands and not argv[0].startswith("-"):
+        return ["mount", "--store", argv[0], *argv[1:]]
+    return argv
+
+
+def main() -> None:
+    cli(args=helper_form(sys.argv[1:]), prog_name="cafs")

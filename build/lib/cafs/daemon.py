@@ -1,0 +1,247 @@
+"""The mount daemon: start-up, recovery, the trio main loop, signals and readiness.
+
+Owns: the life of one mount — lock the store, clean up after any earlier crash, mount, announce
+readiness only once the mount answers a request, serve, and on SIGTERM/SIGINT unmount cleanly.
+Must not decide filesystem behaviour (that is cafs.vfs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import pyfuse3
+import trio
+
+from cafs.errors import CafsError, InvalidArgument, StoreError
+from cafs.ops import CafsOperations
+from cafs.store import Store, check_placement
+from cafs.vfs import DEFAULT_MAX_ARTIFACT_SIZE, Vfs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Generic mount(8)/fstab options that say nothing to cafs: accepted and ignored.
+IGNORED_OPTIONS = {"defaults", "rw", "auto", "noauto", "user", "nouser", "users", "nofail",
+                   "_netdev", "dev", "suid", "exec", "noexec", "async", "atime", "noatime",
+                   "relatime", "nodev", "nosuid", "default_permissions"}
+
+
+class MountError(CafsError):
+    """The mount itself failed (mountpoint missing, busy, FUSE unavailable)."""
+
+
+@dataclass
+class MountConfig:
+    store: Path
+    mountpoint: Path
+    allow_other: bool = False
+    compression_level: int = 3
+    max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE
+    extra_options: list[str] = field(default_factory=list)
+
+
+def parse_mount_options(cfg: MountConfig, option_lists: list[str]) -> None:
+    """Apply `-o a,b,c` lists to the config; unknown options are an error."""
+    for option in ",".join(option_lists).split(","):
+        option = option.strip()
+        if not option or option in IGNORED_OPTIONS or option.startswith("x-systemd."):
+            continue
+        if option == "allow_other":
+            cfg.allow_other = True
+        elif option.startswith(("compression=", "max_artifact_size=")):
+            key, _, value = option.partition("=")
+            if not value.isdigit():
+                raise InvalidArgument(f"mount option {key} needs a whole number: {option}")
+            if key == "compression":
+                cfg.compression_level = int(value)
+            else:
+                cfg.max_artifact_size = int(value)
+        else:
+            raise InvalidArgument(f"unknown mount option: {option}")
+
+
+def fuse_options(cfg: MountConfig) -> set[str]:
+    # nodev and nosuid always: artifacts are data, never devices or setuid programs.
+    # The store's path as fsname lets `cafs umount` find the store in /proc/mounts.
+    fsname = str(cfg.store.absolute()).replace("\\", "\\\\").replace(",", "\\,")
+    options = {"default_permissions", "nodev", "nosuid", "noatime", "subtype=cafs",
+               f"fsname={fsname}"}
+    if cfg.allow_other:
+        options.add("allow_other")
+    return options
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    try:
+        if not mountpoint.is_dir():
+            raise MountError(f"mountpoint {mountpoint} does not exist or is not a directory",
+                             errno.ENOENT)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(f"mountpoint {mountpoint} is a dead mount (transport endpoint not "
+                             f"connected): run 'cafs umount {mountpoint}' first",
+                             errno.ENOTCONN) from None
+        raise MountError(f"mountpoint {mountpoint}: {exc.strerror}", exc.errno) from None
+
+
+class TrioRuntime:
+    """The Vfs's view of the event loop."""
+
+    def new_lock(self) -> trio.Lock:
+        return trio.Lock()
+
+    async def run_in_thread(self, fn: Callable[..., T], *args: object) -> T:
+        return await trio.to_thread.run_sync(fn, *args)
+
+
+class KernelCacheInvalidator:
+    """Tells the kernel to drop cached attributes/entries that changed behind its back.
+
+    Called from inside handlers, it only records; a task sends the notifications outside any
+    handler (sending them from a handler for the same inode can deadlock).
+    """
+
+    def __init__(self) -> None:
+        self._inodes: set[int] = set()
+        self._wakeup = trio.Event()
+
+    def inode_changed(self, ino: int) -> None:
+        self._inodes.add(ino)
+        self._wakeup.set()
+
+    def entry_removed(self, parent: int, name: str) -> None:
+        try:
+            pyfuse3.invalidate_entry_async(parent, name.encode(), ignore_enoent=True)
+        except Exception:  # the kernel may never have seen the entry
+            log.debug("invalidate_entry(%s, %r) failed", parent, name, exc_info=True)
+
+    async def run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            batch, self._inodes = self._inodes, set()
+            await trio.to_thread.run_sync(_invalidate_inodes, batch)
+
+
+def _invalidate_inodes(inodes: set[int]) -> None:
+    for ino in inodes:
+        with contextlib.suppress(OSError):  # ENOENT: the kernel holds nothing for it
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+
+
+def sd_notify(message: str) -> None:
+    """Speak systemd's notify protocol if we run under it (no dependency needed)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        except OSError as exc:
+            log.warning("cannot notify systemd: %s", exc)
+
+
+def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
+    """Mount and serve until unmounted or signalled. Raises CafsError if it cannot start."""
+    check_mountpoint(cfg.mountpoint)
+    check_placement(cfg.store, cfg.mountpoint)
+    store = Store.open(cfg.store, lock=True, compression_level=cfg.compression_level,
+                       owner=f"mounted at {cfg.mountpoint.absolute()}")
+    try:
+        if store.mark_dirty():
+            log.warning("the last daemon did not stop cleanly: checking the newest blobs")
+            problems = store.check_recent()
+            if problems:  # the dirty marker stays: the store needs attention
+                raise StoreError(f"store {cfg.store} needs repair ({problems[0]}; "
+                                 f"{len(problems)} problems): run cafs fsck")
+        recovery = store.recover()
+        if recovery.temp_files or recovery.unpublished:
+            log.info("recovered after an unclean stop: removed %d temp files and %d unfinished "
+                     "files", recovery.temp_files, recovery.unpublished)
+        invalidator = KernelCacheInvalidator()
+        vfs = Vfs(store.manifest, store.blobs, TrioRuntime(),
+                  max_artifact_size=cfg.max_artifact_size,
+                  on_inode_changed=invalidator.inode_changed,
+                  on_entry_removed=invalidator.entry_removed,
+                  statfs_path=str(store.root))
+        try:
+            pyfuse3.init(CafsOperations(vfs), str(cfg.mountpoint), fuse_options(cfg))
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount {cfg.mountpoint}: {exc}") from None
+        try:
+            trio.run(_main_loop, cfg, invalidator, on_ready)
+        finally:
+            pyfuse3.close(unmount=True)
+        store.mark_clean()
+        log.info("unmounted %s", cfg.mountpoint)
+    finally:
+        store.close()
+
+
+async def _main_loop(cfg: MountConfig, invalidator: KernelCacheInvalidator,
+                     on_ready: Callable[[], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(invalidator.run)
+        nursery.start_soon(_announce_ready, cfg.mountpoint, on_ready)
+        interval = watchdog_interval()
+        if interval is not None:
+            nursery.start_soon(_ping_watchdog, interval)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _announce_ready(mountpoint: Path, on_ready: Callable[[], None]) -> None:
+    # A stat through the mount is answered by our own loop: once it returns, we serve.
+    await trio.to_thread.run_sync(os.stat, mountpoint / "runs")
+    log.info("serving %s", mountpoint)
+    on_ready()
+    sd_notify("READY=1")
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec (from WATCHDOG_USEC), if the watchdog is meant for us."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+async def _ping_watchdog(interval: float) -> None:
+    # A task of the event loop: if the loop is stuck, the pings stop and systemd restarts us.
+    while True:
+        sd_notify("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            sd_notify("STOPPING=1")
+            pyfuse3.terminate()
+            return
+
+
+def configure_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("pyfuse3").setLevel(logging.INFO if debug else logging.WARNING)
+
+
+__all__ = ["MountConfig", "MountError", "StoreError", "parse_mount_options", "serve"]

@@ -1,0 +1,95 @@
+"""Error classes of the core. Each carries the errno a filesystem caller should see.
+
+Owns: the mapping from "what went wrong" to an errno. Must not import anything from cafs.
+The FUSE adapter turns a CafsError into FUSEError(err.errno) in one place; the CLI turns a
+StoreError into one line and an exit code.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class CafsError(Exception):
+    """A failure with a meaning for the caller: it carries the errno to answer with."""
+
+    errno: int = _errno.EIO
+
+    def __init__(self, message: str = "", errno: int | None = None) -> None:
+        super().__init__(message or self.__class__.__name__)
+        if errno is not None:
+            self.errno = errno
+
+
+class NotFound(CafsError):
+    errno = _errno.ENOENT
+
+
+class AlreadyExists(CafsError):
+    errno = _errno.EEXIST
+
+
+class NotPermitted(CafsError):
+    errno = _errno.EPERM
+
+
+class ReadOnly(CafsError):
+    errno = _errno.EROFS
+
+
+class NameTooLong(CafsError):
+    errno = _errno.ENAMETOOLONG
+
+
+class BadName(CafsError):
+    """A name that is not valid UTF-8: the manifest stores names as text."""
+
+    errno = _errno.EILSEQ
+
+
+class InvalidArgument(CafsError):
+    errno = _errno.EINVAL
+
+
+class NotEmpty(CafsError):
+    errno = _errno.ENOTEMPTY
+
+
+class IsADirectory(CafsError):
+    errno = _errno.EISDIR
+
+
+class NotADirectory(CafsError):
+    errno = _errno.ENOTDIR
+
+
+class NoAttribute(CafsError):
+    errno = _errno.ENODATA
+
+
+class NotSupported(CafsError):
+    errno = _errno.EOPNOTSUPP
+
+
+class FileTooBig(CafsError):
+    errno = _errno.EFBIG
+
+
+class BadHandle(CafsError):
+    errno = _errno.EBADF
+
+
+class Corrupt(CafsError):
+    """Stored bytes do not match what the manifest or the seek table promises."""
+
+    errno = _errno.EIO
+
+
+class StoreError(CafsError):
+    """The store as a whole cannot be used (missing, locked, unreadable, misplaced)."""
+
+
+class StoreBusy(StoreError):
+    """Another daemon holds the store's lock."""
+
+    errno = _errno.EBUSY

@@ -1,0 +1,70 @@
+"""Consistency check of a store: the manifest against the blob files.
+
+Owns: deciding what is damage (an artifact could return wrong bytes or none) and what is only
+garbage (left by a crash, harmless, reclaimable). Read-only: it never changes the store, so it is
+safe while the store is mounted. Must not know FUSE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cafs.errors import CafsError
+from cafs.store import Store
+
+
+@dataclass
+class FsckReport:
+    damage: list[str] = field(default_factory=list)  # makes the exit status non-zero
+    garbage: list[str] = field(default_factory=list)  # orphans a crash can leave; harmless
+    blobs_checked: int = 0
+    blobs_rehashed: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.damage
+
+
+def fsck(store: Store, *, full: bool, mounted: bool) -> FsckReport:
+    report = FsckReport()
+    manifest, blobs = store.manifest, store.blobs
+    report.damage += [f"manifest: {line}" for line in manifest.check_integrity()]
+    report.damage += manifest.dangling()
+    for digest, recorded, actual in manifest.refcount_drift():
+        report.damage.append(f"blob {digest}: refcount {recorded}, but {actual} artifacts use it")
+
+    known = set()
+    for blob in manifest.all_blobs():
+        report.blobs_checked += 1
+        known.add(blob.digest)
+        try:
+            stored_size = blobs.stored_size(blob.digest)
+        except FileNotFoundError:
+            report.damage.append(f"blob {blob.digest}: missing")
+            continue
+        if stored_size != blob.stored_size:
+            report.damage.append(
+                f"blob {blob.digest}: {stored_size} bytes on disk, manifest says {blob.stored_size}"
+            )
+            continue
+        if full:
+            report.blobs_rehashed += 1
+            try:
+                digest, size = blobs.compute_digest(blob.digest, blob.encoding)
+            except CafsError as exc:
+                report.damage.append(f"blob {blob.digest}: unreadable: {exc}")
+                continue
+            if digest != blob.digest or size != blob.size:
+                report.damage.append(f"blob {blob.digest}: content hashes to {digest}")
+
+    for digest in blobs.iter_digests():
+        if digest not in known:
+            report.garbage.append(f"blob {digest}: not in the manifest (orphan)")
+    if not mounted:
+        # While mounted these are writes in progress, not garbage.
+        for entry in sorted(blobs.tmp_dir.iterdir()):
+            report.garbage.append(f"temp file {entry.name}: left by an unclean stop")
+        unpublished = manifest.unpublished_count()
+        if unpublished:
+            report.garbage.append(f"{unpublished} files whose first write never completed")
+    return report

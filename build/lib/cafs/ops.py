@@ -1,0 +1,238 @@
+"""The pyfuse3 adapter: translate requests to Vfs calls and results back. Decides nothing.
+
+Owns: the conversion of pyfuse3 types (EntryAttributes, FileInfo, SetattrFields, ...) and the one
+place where errors become FUSEError. Only FUSEError may leave a handler: anything else would end
+pyfuse3.main() and leave a dead mount, so an unexpected exception is logged with its traceback and
+answered with EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from cafs.errors import CafsError
+from cafs.model import MAX_NAME_BYTES, Attr, AttrChanges, Caller
+from cafs.vfs import Vfs
+
+log = logging.getLogger(__name__)
+
+# Content behind an inode changes only through this daemon, which invalidates the kernel's
+# caches when it does: so the kernel may keep entries and attributes for a long time.
+ENTRY_TIMEOUT = 300.0
+ATTR_TIMEOUT = 300.0
+BLOCK_SIZE = 128 * 1024  # st_blksize: what cp and friends use as their I/O size
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def translated(handler: F) -> F:
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%s", handler.__name__, _brief(args[1:]))
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except CafsError as exc:
+            if exc.errno == errno.EIO:
+                log.error("%s: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc):
+                raise pyfuse3.FUSEError(errno.ENOSPC) from None
+            log.exception("%s: manifest error", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s: unexpected error", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _brief(args: tuple[Any, ...]) -> str:
+    """Request arguments for the debug log, without megabytes of write data."""
+    shown = [f"<{len(a)} bytes>" if isinstance(a, bytes) and len(a) > 64 else repr(a)
+             for a in args if not isinstance(a, pyfuse3.RequestContext)]
+    return "(" + ", ".join(shown) + ")"
+
+
+def entry(attr: Attr) -> pyfuse3.EntryAttributes:
+    out = pyfuse3.EntryAttributes()
+    out.st_ino = attr.ino
+    out.generation = 0
+    out.entry_timeout = ENTRY_TIMEOUT
+    out.attr_timeout = ATTR_TIMEOUT
+    out.st_mode = attr.mode
+    out.st_nlink = attr.nlink
+    out.st_uid = attr.uid
+    out.st_gid = attr.gid
+    out.st_rdev = 0
+    out.st_size = attr.size
+    out.st_blksize = BLOCK_SIZE
+    out.st_blocks = attr.blocks
+    out.st_atime_ns = attr.mtime_ns
+    out.st_mtime_ns = attr.mtime_ns
+    out.st_ctime_ns = attr.ctime_ns
+    return out
+
+
+def caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid, umask=ctx.umask)
+
+
+class CafsOperations(pyfuse3.Operations):
+    enable_writeback_cache = False  # publish-on-close needs every write to reach us first
+
+    def __init__(self, vfs: Vfs) -> None:
+        super().__init__()
+        self.vfs = vfs
+
+    @translated
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+                     ) -> pyfuse3.EntryAttributes:
+        return entry(self.vfs.lookup(parent_inode, name))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        return None  # nothing to free: see the module docstring of cafs.vfs
+
+    @translated
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return entry(self.vfs.getattr(inode))
+
+    @translated
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        changes = AttrChanges(
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return entry(await self.vfs.setattr(inode, changes, fh, caller(ctx)))
+
+    @translated
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return entry(self.vfs.mkdir(parent_inode, name, mode, caller(ctx)))
+
+    @translated
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
+                                                           pyfuse3.EntryAttributes]:
+        fh, attr = self.vfs.create(parent_inode, name, mode, flags, caller(ctx))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry(attr)
+
+    @translated
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)  # artifacts are regular files only
+
+    @translated
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @translated
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @translated
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.vfs.unlink(parent_inode, name)
+
+    @translated
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.vfs.rmdir(parent_inode, name)
+
+    @translated
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self.vfs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @translated
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        # keep_cache: the kernel sees every change of content (writes go through it, and
+        # publishing invalidates the inode), so cached pages stay right across opens.
+        fh = await self.vfs.open(inode, flags, caller(ctx))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @translated
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.vfs.read(fh, off, size)
+
+    @translated
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.vfs.write(fh, off, buf)
+
+    @translated
+    async def flush(self, fh: int) -> None:
+        await self.vfs.flush(fh)
+
+    @translated
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.vfs.fsync(fh)
+
+    @translated
+    async def release(self, fh: int) -> None:
+        self.vfs.release(fh)
+
+    @translated
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self.vfs.getattr(inode)  # ENOENT for a vanished directory
+        return inode
+
+    @translated
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, attr, next_id in self.vfs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, entry(attr), next_id):
+                break
+
+    @translated
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @translated
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        fs = self.vfs.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = fs.f_bsize
+        out.f_frsize = fs.f_frsize
+        out.f_blocks = fs.f_blocks
+        out.f_bfree = fs.f_bfree
+        out.f_bavail = fs.f_bavail
+        out.f_files = fs.f_files
+        out.f_ffree = fs.f_ffree
+        out.f_favail = fs.f_favail
+        out.f_namemax = MAX_NAME_BYTES
+        return out
+
+    @translated
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.vfs.getxattr(inode, name)
+
+    @translated
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self.vfs.listxattr(inode)
+
+    @translated
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        self.vfs.setxattr(inode, name, value)
+
+    @translated
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.vfs.removexattr(inode, name)

@@ -1,0 +1,117 @@
+"""The manifest schema and its migrations (sqlite-utils Migrations).
+
+Owns: table definitions. Every column has a comment saying what it means and what must hold;
+SQLite keeps those comments in sqlite_master, so `sqlite-utils schema manifest.sqlite` shows
+them. Never edit an applied migration: add a new one.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("cafs")
+
+_BLOBS = """
+CREATE TABLE blobs (                       -- one row per distinct content in blobs/
+    id          INTEGER PRIMARY KEY,       -- stable id; blobs/<sha256> in the mount is inode 2^48 + id
+    sha256      TEXT    NOT NULL UNIQUE,   -- 64 lowercase hex: SHA-256 of the UNCOMPRESSED bytes; the file is blobs/<sha256[0:2]>/<sha256>
+    size        INTEGER NOT NULL,          -- uncompressed bytes
+    stored_size INTEGER NOT NULL,          -- bytes of the blob file on disk
+    encoding    TEXT    NOT NULL CHECK (encoding IN ('raw', 'zstd')), -- raw bytes, or zstd seekable format (independent frames of <= 1 MiB + seek table)
+    refcount    INTEGER NOT NULL DEFAULT 0 CHECK (refcount >= 0), -- live artifacts whose current version is this content; 0 = only history (or nothing) holds it
+    created_ns  INTEGER NOT NULL           -- when this content was first stored (ns since the epoch)
+)
+"""
+
+_NODES = """
+CREATE TABLE nodes (                       -- the live namespace under runs/: one row per directory or artifact
+    id          INTEGER PRIMARY KEY AUTOINCREMENT, -- the inode number; AUTOINCREMENT so a number is never reused
+    parent_id   INTEGER NOT NULL,          -- nodes.id of the parent directory; 2 (runs/) for executions
+    name        TEXT    NOT NULL,          -- one path component: UTF-8, 1..255 bytes, no '/' or NUL
+    kind        TEXT    NOT NULL CHECK (kind IN ('execution', 'layer', 'dir', 'file')), -- execution = runs/<exec>, layer = runs/<exec>/<layer>, dir = sub-directory inside a layer, file = artifact
+    mode        INTEGER NOT NULL,          -- permission bits (no file type bits; no setuid/setgid)
+    uid         INTEGER NOT NULL,          -- owner: the creator, or as set by chown
+    gid         INTEGER NOT NULL,          -- group owner
+    mtime_ns    INTEGER NOT NULL,          -- modification time (ns), settable with touch
+    ctime_ns    INTEGER NOT NULL,          -- status change time (ns)
+    nlink       INTEGER NOT NULL DEFAULT 1, -- files: 1; directories: 2 + number of sub-directories
+    version_id  INTEGER,                   -- files: versions.id of the current content; NULL for directories, and for a file whose first write is still open (such rows are removed at start-up)
+    UNIQUE (parent_id, name)
+)
+"""
+
+_VERSIONS = """
+CREATE TABLE versions (                    -- one row per publish of an artifact's content; history stays until gc
+    id           INTEGER PRIMARY KEY,      -- version id; increases with every publish
+    node_id      INTEGER NOT NULL,         -- nodes.id of the artifact it was published to (that node may since be deleted)
+    path         TEXT    NOT NULL,         -- the artifact's path at publish time, relative to the mount: runs/<exec>/<layer>/...
+    blob_id      INTEGER NOT NULL REFERENCES blobs(id), -- the content
+    size         INTEGER NOT NULL,         -- uncompressed bytes (= blobs.size)
+    mode         INTEGER NOT NULL,         -- permission bits at publish
+    uid          INTEGER NOT NULL,         -- the writer's uid
+    gid          INTEGER NOT NULL,         -- the writer's gid
+    mtime_ns     INTEGER NOT NULL,         -- modification time at publish (ns)
+    ctime_ns     INTEGER NOT NULL,         -- status change time at publish (ns)
+    content_type TEXT,                     -- MIME type guessed from the name, NULL if unknown
+    created_ns   INTEGER NOT NULL,         -- when this version was published (ns)
+    replaced_ns  INTEGER                   -- when a newer version, an unlink or a rename over it replaced it; NULL while current
+)
+"""
+
+_TAGS = """
+CREATE TABLE tags (                        -- user xattrs (user.* other than user.cafs.*) on artifacts and directories
+    node_id INTEGER NOT NULL,              -- nodes.id the tag is on
+    name    TEXT    NOT NULL,              -- full xattr name, e.g. 'user.stage'
+    value   BLOB    NOT NULL,              -- the xattr value, bytes as given (at most 64 KiB, enforced by the kernel)
+    PRIMARY KEY (node_id, name)
+) WITHOUT ROWID
+"""
+
+_VIEWS = [
+    """
+CREATE VIEW executions AS                  -- executions: the directories runs/<exec>
+SELECT id, name, uid, gid, mode, mtime_ns, ctime_ns FROM nodes WHERE kind = 'execution'
+""",
+    """
+CREATE VIEW layers AS                      -- layers: the directories runs/<exec>/<layer>
+SELECT l.id, e.name AS execution, l.name, l.uid, l.gid, l.mode, l.mtime_ns, l.ctime_ns
+FROM nodes l JOIN nodes e ON e.id = l.parent_id WHERE l.kind = 'layer'
+""",
+    """
+CREATE VIEW artifacts AS                   -- every live artifact with its path and current content
+WITH RECURSIVE paths(id, path, execution, layer) AS (
+    SELECT id, 'runs/' || name, name, NULL FROM nodes WHERE parent_id = 2
+    UNION ALL
+    SELECT n.id, p.path || '/' || n.name, p.execution, coalesce(p.layer, n.name)
+    FROM nodes n JOIN paths p ON n.parent_id = p.id
+)
+SELECT p.path, p.execution, p.layer, n.id AS node_id, v.id AS version_id, b.sha256, v.size,
+       b.stored_size, b.encoding, n.mode, n.uid, n.gid, n.mtime_ns, n.ctime_ns, v.content_type,
+       v.created_ns AS published_ns
+FROM paths p
+JOIN nodes n ON n.id = p.id
+JOIN versions v ON v.id = n.version_id
+JOIN blobs b ON b.id = v.blob_id
+WHERE n.kind = 'file'
+""",
+]
+
+_INDEXES = [
+    "CREATE INDEX versions_node ON versions(node_id)",
+    "CREATE INDEX versions_blob ON versions(blob_id)",
+    # Start-up finds files whose first write never completed without scanning every node.
+    "CREATE INDEX nodes_unpublished ON nodes(id) WHERE kind = 'file' AND version_id IS NULL",
+]
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    for statement in [_BLOBS, _NODES, _VERSIONS, _TAGS, *_INDEXES, *_VIEWS]:
+        db.execute(statement)
+    # Node ids are inode numbers: keep them above the fixed inodes (root, runs, blobs).
+    db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('nodes', 15)")
+
+
+def migrate(db: Database) -> None:
+    migrations.apply(db)

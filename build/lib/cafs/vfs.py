@@ -1,0 +1,804 @@
+"""POSIX semantics of the cafs namespace, over the manifest and the blob store.
+
+Owns: what every filesystem operation means — which names may exist where, the write path
+(temp file, hash while writing, publish on flush), copy-on-write, unlink of open files, the
+in-memory node cache, xattrs and tags. Must not import pyfuse3 or trio: the event-loop primitives
+it needs (a lock, running heavy work in a thread) come in through `Runtime`.
+
+Concurrency rule: every method runs on the event loop's thread. Synchronous methods are atomic.
+Async methods await only under the open inode's lock, and only for work that does not touch the
+manifest (hashing, compressing, fsync); the manifest change that follows happens without an
+await, so each operation is one transaction that no other handler interleaves with.
+
+Inodes are node ids, never reused, and every piece of per-inode memory is either a bounded cache
+(refillable from the manifest) or tied to an open handle; so the kernel's lookup counts need no
+bookkeeping here: `forget` has nothing to free.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mimetypes
+import os
+import stat
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field, replace
+from typing import Protocol, TypeVar
+
+from cafs.blobstore import BlobReader, BlobStore, TempBlob
+from cafs.digest import Digest, is_digest
+from cafs.errors import (
+    AlreadyExists,
+    BadHandle,
+    BadName,
+    CafsError,
+    FileTooBig,
+    InvalidArgument,
+    IsADirectory,
+    NameTooLong,
+    NoAttribute,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    NotSupported,
+    ReadOnly,
+)
+from cafs.manifest import Manifest, NewVersion
+from cafs.model import (
+    BLOB_INODE_BASE,
+    BLOBS_INODE,
+    MAX_NAME_BYTES,
+    ROOT_INODE,
+    RUNS_INODE,
+    Attr,
+    AttrChanges,
+    Caller,
+    Kind,
+    Node,
+    StoredBlob,
+)
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Heavy work on more than this many bytes goes to a worker thread; below it, the thread hop
+# costs more than the work (measured: offloading every 128 KiB step halved read throughput).
+OFFLOAD_BYTES = 1 << 20
+DEFAULT_MAX_ARTIFACT_SIZE = 1 << 40
+READDIR_PAGE = 512
+XATTR_PREFIX = "user.cafs."
+# Read-only xattrs every artifact (and blob) carries.
+VIRTUAL_XATTRS = ("sha256", "size", "stored_size", "encoding", "refcount")
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+class Runtime(Protocol):
+    """What the core needs from the event loop."""
+
+    def new_lock(self) -> AbstractAsyncContextManager[object]: ...
+
+    async def run_in_thread(self, fn: Callable[..., T], *args: object) -> T: ...
+
+
+class NodeCache:
+    """Bounded LRU of nodes by inode and of directory entries by (parent, name)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max = max_entries
+        self._nodes: OrderedDict[int, Node] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, str], int] = OrderedDict()
+
+    def node(self, ino: int) -> Node | None:
+        node = self._nodes.get(ino)
+        if node is not None:
+            self._nodes.move_to_end(ino)
+        return node
+
+    def entry(self, parent: int, name: str) -> int | None:
+        ino = self._entries.get((parent, name))
+        if ino is not None:
+            self._entries.move_to_end((parent, name))
+        return ino
+
+    def put(self, node: Node) -> None:
+        self._nodes[node.ino] = node
+        self._nodes.move_to_end(node.ino)
+        self._entries[(node.parent, node.name)] = node.ino
+        self._entries.move_to_end((node.parent, node.name))
+        while len(self._nodes) > self._max:
+            self._nodes.popitem(last=False)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def drop(self, ino: int) -> None:
+        node = self._nodes.pop(ino, None)
+        if node is not None:
+            self._entries.pop((node.parent, node.name), None)
+
+    def drop_entry(self, parent: int, name: str) -> None:
+        self._entries.pop((parent, name), None)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+
+@dataclass(eq=False)
+class OpenInode:
+    """An inode with open handles: its readable content and the write in progress, if any."""
+
+    node: Node
+    lock: AbstractAsyncContextManager[object]
+    handles: list[Handle] = field(default_factory=list)
+    reader: BlobReader | None = None
+    temp: TempBlob | None = None
+    # Bumped for every new temp; a handle that wrote into the current temp carries its serial.
+    temp_serial: int = 0
+    mtime_ns: int | None = None  # set by writes, recorded at publish
+    unlinked: bool = False
+
+
+@dataclass(eq=False)
+class Handle:
+    fh: int
+    inode: OpenInode
+    writable: bool
+    caller: Caller
+    wrote_serial: int = -1  # temp_serial of the temp this handle last wrote into
+    error: int | None = None  # sticky errno: once a write/publish failed, every later call fails
+
+
+def _fixed(ino: int, name: str, kind: Kind, mode: int, parent: int, nlink: int, now: int) -> Node:
+    return Node(ino, parent, name, kind, mode, 0, 0, now, now, nlink)
+
+
+class Vfs:
+    def __init__(
+        self,
+        manifest: Manifest,
+        blobs: BlobStore,
+        runtime: Runtime,
+        *,
+        max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE,
+        cache_entries: int = 100_000,
+        on_inode_changed: Callable[[int], None] = lambda ino: None,
+        on_entry_removed: Callable[[int, str], None] = lambda parent, name: None,
+        statfs_path: str | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.blobs = blobs
+        self.runtime = runtime
+        self.max_artifact_size = max_artifact_size
+        self.cache = NodeCache(cache_entries)
+        self._open: dict[int, OpenInode] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._on_inode_changed = on_inode_changed
+        self._on_entry_removed = on_entry_removed
+        self._statfs_path = statfs_path or str(blobs.blob_dir)
+        self._runs_nlink: int | None = None
+        now = time.time_ns()
+        self._root = _fixed(ROOT_INODE, "", Kind.ROOT, 0o755, ROOT_INODE, 4, now)
+        # runs/ is like /tmp: anyone may make an execution; only its owner may remove it.
+        self._runs = _fixed(RUNS_INODE, "runs", Kind.RUNS, 0o1777, ROOT_INODE, 2, now)
+        self._blobs = _fixed(BLOBS_INODE, "blobs", Kind.BLOBS, 0o555, ROOT_INODE, 2, now)
+
+    # -- finding nodes --------------------------------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        if ino == ROOT_INODE:
+            return self._root
+        if ino == RUNS_INODE:
+            if self._runs_nlink is None:
+                self._runs_nlink = 2 + self.manifest.count_executions()
+            return replace(self._runs, nlink=self._runs_nlink)
+        if ino == BLOBS_INODE:
+            return self._blobs
+        node = self.cache.node(ino)
+        if node is not None:
+            return node
+        node = self._blob_node(ino) if ino >= BLOB_INODE_BASE else self.manifest.node(ino)
+        if node is not None:
+            self.cache.put(node)
+            return node
+        opened = self._open.get(ino)
+        if opened is not None:  # unlinked while open: it lives on until the last release
+            return opened.node
+        raise NotFound(f"inode {ino}")
+
+    def _blob_node(self, ino: int) -> Node | None:
+        blob = self.manifest.blob_by_id(ino - BLOB_INODE_BASE)
+        if blob is None:
+            return None
+        created = self.manifest.blob_created_ns(blob.blob_id)
+        return Node(ino, BLOBS_INODE, blob.digest, Kind.BLOB, 0o444, 0, 0, created, created, 1,
+                    blob=blob)
+
+    def lookup(self, parent: int, raw_name: bytes) -> Attr:
+        name = _lookup_name(raw_name)
+        return self.attr(self._child(self.node(parent), name))
+
+    def _child(self, parent: Node, name: str) -> Node:
+        if not parent.kind.is_dir:
+            raise NotADirectory()
+        if parent.kind is Kind.ROOT:
+            if name == "runs":
+                return self.node(RUNS_INODE)
+            if name == "blobs":
+                return self._blobs
+            raise NotFound(name)
+        if parent.kind is Kind.BLOBS:
+            blob = self.manifest.blob(Digest(name)) if is_digest(name) else None
+            if blob is None:
+                raise NotFound(name)
+            return self.node(BLOB_INODE_BASE + blob.blob_id)
+        ino = self.cache.entry(parent.ino, name)
+        if ino is not None:
+            cached = self.cache.node(ino)
+            if cached is not None:
+                return cached
+        node = self.manifest.child(parent.ino, name)
+        if node is None:
+            raise NotFound(name)
+        self.cache.put(node)
+        return node
+
+    def getattr(self, ino: int) -> Attr:
+        return self.attr(self.node(ino))
+
+    def attr(self, node: Node) -> Attr:
+        size, stored, mtime = node.size, node.blob.stored_size if node.blob else 0, node.mtime_ns
+        opened = self._open.get(node.ino)
+        if opened is not None:
+            node = opened.node if opened.unlinked else node
+            if opened.temp is not None:
+                size = stored = opened.temp.size
+            if opened.mtime_ns is not None:
+                mtime = opened.mtime_ns
+        return Attr(
+            ino=node.ino,
+            mode=node.st_mode,
+            nlink=node.nlink,
+            uid=node.uid,
+            gid=node.gid,
+            size=size,
+            blocks=(stored + 511) // 512,
+            mtime_ns=mtime,
+            ctime_ns=node.ctime_ns,
+        )
+
+    def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
+        """Entries after the position `start` (0 = beginning), each with its next position."""
+        directory = self.node(ino)
+        if not directory.kind.is_dir:
+            raise NotADirectory()
+        if directory.kind is Kind.ROOT:
+            fixed = [self.node(RUNS_INODE), self._blobs]
+            for position, node in enumerate(fixed[start:], start + 1):
+                yield node.name.encode(), self.attr(node), position
+            return
+        if directory.kind is Kind.BLOBS:
+            after = start
+            while blobs := self.manifest.blobs_page(after, READDIR_PAGE):
+                for blob in blobs:
+                    node = self.node(BLOB_INODE_BASE + blob.blob_id)
+                    yield blob.digest.encode(), self.attr(node), blob.blob_id
+                after = blobs[-1].blob_id
+            return
+        after = start
+        while page := self.manifest.children(ino, after, READDIR_PAGE):
+            for node in page:
+                self.cache.put(node)
+                yield node.name.encode(), self.attr(node), node.ino
+            after = page[-1].ino
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self._statfs_path)
+
+    # -- making and removing names --------------------------------------------------------
+
+    def _new_child_kind(self, parent: Node, name: str, want_dir: bool) -> Kind:
+        if parent.kind is Kind.BLOBS:
+            raise ReadOnly("blobs/ is read-only")
+        if not parent.kind.is_dir:
+            raise NotADirectory()
+        kind = parent.kind.child_kind(want_dir)
+        if kind is None:
+            places = {Kind.ROOT: "the mount root", Kind.RUNS: "runs/"}
+            where = places.get(parent.kind, "an execution")
+            what = "directories" if want_dir else "files"
+            raise NotPermitted(f"no {what} may be made in {where}")
+        try:
+            self._child(parent, name)
+        except NotFound:
+            return kind
+        raise AlreadyExists(name)
+
+    def mkdir(self, parent_ino: int, raw_name: bytes, mode: int, caller: Caller) -> Attr:
+        parent = self.node(parent_ino)
+        name = _new_name(raw_name)
+        kind = self._new_child_kind(parent, name, want_dir=True)
+        node = self.manifest.add_node(parent.ino, name, kind, mode & 0o7777, caller.uid,
+                                      caller.gid, time.time_ns())
+        self._directory_changed(parent.ino)
+        self.cache.put(node)
+        return self.attr(node)
+
+    def create(self, parent_ino: int, raw_name: bytes, mode: int, flags: int,
+               caller: Caller) -> tuple[int, Attr]:
+        parent = self.node(parent_ino)
+        name = _new_name(raw_name)
+        kind = self._new_child_kind(parent, name, want_dir=False)
+        # The row exists from now on (it gives the inode its number) but has no version until
+        # the first publish; start-up removes such rows if the daemon died before that.
+        node = self.manifest.add_node(parent.ino, name, kind, _file_mode(mode), caller.uid,
+                                      caller.gid, time.time_ns())
+        self._directory_changed(parent.ino)
+        self.cache.put(node)
+        inode = self._open_inode(node)
+        handle = self._new_handle(inode, writable=True, caller=caller)
+        try:
+            inode.temp = self.blobs.new_temp()
+        except OSError:
+            self.release(handle.fh)
+            raise
+        inode.temp_serial += 1
+        # A new file is published at close even if nothing is written to it (touch).
+        handle.wrote_serial = inode.temp_serial
+        return handle.fh, self.attr(node)
+
+    def unlink(self, parent_ino: int, raw_name: bytes) -> None:
+        parent = self.node(parent_ino)
+        node = self._child(parent, _lookup_name(raw_name))
+        self._check_removable(parent, node)
+        if node.kind.is_dir:
+            raise IsADirectory()
+        self._remove(node)
+
+    def rmdir(self, parent_ino: int, raw_name: bytes) -> None:
+        parent = self.node(parent_ino)
+        node = self._child(parent, _lookup_name(raw_name))
+        self._check_removable(parent, node)
+        if not node.kind.is_dir:
+            raise NotADirectory()
+        if self.manifest.has_children(node.ino):
+            raise NotEmpty()
+        self._remove(node)
+
+    def _check_removable(self, parent: Node, node: Node) -> None:
+        if parent.kind is Kind.BLOBS:
+            raise ReadOnly("blobs/ is read-only")
+        if parent.kind is Kind.ROOT:
+            raise NotPermitted(f"{node.name} is part of the mount's fixed layout")
+
+    def _remove(self, node: Node) -> None:
+        self.manifest.remove_node(node, time.time_ns())
+        self.cache.drop(node.ino)
+        self._directory_changed(node.parent)
+        opened = self._open.get(node.ino)
+        if opened is not None:
+            opened.unlinked = True
+            opened.node = replace(node, nlink=0)
+
+    def rename(self, old_parent_ino: int, raw_old: bytes, new_parent_ino: int, raw_new: bytes,
+               flags: int) -> None:
+        if flags & RENAME_EXCHANGE:
+            raise InvalidArgument("RENAME_EXCHANGE is not supported")
+        old_parent = self.node(old_parent_ino)
+        new_parent = self.node(new_parent_ino)
+        node = self._child(old_parent, _lookup_name(raw_old))
+        new_name = _new_name(raw_new)
+        for directory in (old_parent, new_parent):
+            if directory.kind is Kind.BLOBS:
+                raise ReadOnly("blobs/ is read-only")
+        self._check_removable(old_parent, node)
+        if new_parent.kind.child_kind(node.kind.is_dir) is not node.kind:
+            raise NotPermitted(f"a {node.kind.value} cannot move into a {new_parent.kind.value}")
+        if node.kind.is_dir:
+            self._refuse_move_into_itself(node, new_parent)
+        try:
+            replaced: Node | None = self._child(new_parent, new_name)
+        except NotFound:
+            replaced = None
+        if replaced is not None:
+            if replaced.ino == node.ino:
+                return
+            if flags & RENAME_NOREPLACE:
+                raise AlreadyExists(new_name)
+            if replaced.kind.is_dir and not node.kind.is_dir:
+                raise IsADirectory()
+            if node.kind.is_dir and not replaced.kind.is_dir:
+                raise NotADirectory()
+            if replaced.kind.is_dir and self.manifest.has_children(replaced.ino):
+                raise NotEmpty()
+        self.manifest.rename(node, new_parent.ino, new_name, replaced, time.time_ns())
+        self.cache.drop(node.ino)
+        self.cache.drop_entry(old_parent.ino, node.name)
+        self._directory_changed(old_parent.ino)
+        self._directory_changed(new_parent.ino)
+        if replaced is not None:
+            self.cache.drop(replaced.ino)
+            opened = self._open.get(replaced.ino)
+            if opened is not None:
+                opened.unlinked = True
+                opened.node = replace(replaced, nlink=0)
+        moved = self.manifest.node(node.ino)
+        if moved is not None:
+            self.cache.put(moved)
+            if node.ino in self._open:
+                self._open[node.ino].node = moved
+
+    def _refuse_move_into_itself(self, node: Node, new_parent: Node) -> None:
+        ancestor = new_parent
+        while ancestor.kind not in (Kind.RUNS, Kind.ROOT):
+            if ancestor.ino == node.ino:
+                raise InvalidArgument("cannot move a directory into itself")
+            ancestor = self.node(ancestor.parent)
+
+    def _directory_changed(self, ino: int) -> None:
+        if ino == RUNS_INODE:
+            self._runs_nlink = None
+        else:
+            self.cache.drop(ino)
+
+    # -- attributes -----------------------------------------------------------------------
+
+    async def setattr(self, ino: int, changes: AttrChanges, fh: int | None,
+                      caller: Caller) -> Attr:
+        node = self.node(ino)
+        _refuse_fixed_change(node)
+        handle = self._handle(fh) if fh is not None else None
+        if changes.size is not None:
+            if node.kind.is_dir:
+                raise IsADirectory()
+            await self._truncate(node, changes.size, handle, caller)
+            node = self.node(ino)
+        if (changes.mode, changes.uid, changes.gid, changes.mtime_ns) != (None,) * 4:
+            now = time.time_ns()
+            mode = node.mode if changes.mode is None else changes.mode & 0o7777
+            if node.kind is Kind.FILE:
+                mode = _file_mode(mode)
+            opened = self._open.get(ino)
+            mtime = node.mtime_ns
+            if changes.mtime_ns is not None:
+                mtime = changes.mtime_ns
+                if opened is not None and opened.mtime_ns is not None:
+                    opened.mtime_ns = mtime
+            elif opened is not None and opened.mtime_ns is not None:
+                mtime = opened.mtime_ns
+            uid = node.uid if changes.uid is None else changes.uid
+            gid = node.gid if changes.gid is None else changes.gid
+            if not (opened is not None and opened.unlinked):
+                self.manifest.set_attrs(ino, mode=mode, uid=uid, gid=gid, mtime_ns=mtime,
+                                        ctime_ns=now)
+            node = replace(node, mode=mode, uid=uid, gid=gid, mtime_ns=mtime, ctime_ns=now)
+            self.cache.drop(ino)
+            if opened is not None:
+                opened.node = replace(opened.node, mode=mode, uid=uid, gid=gid, mtime_ns=mtime,
+                                      ctime_ns=now)
+        return self.attr(node) if node.kind is Kind.FILE else self.getattr(ino)
+
+    async def _truncate(self, node: Node, size: int, handle: Handle | None,
+                        caller: Caller) -> None:
+        if size > self.max_artifact_size:
+            raise FileTooBig(f"{size} bytes is over the maximum artifact size")
+        if handle is not None:
+            self._check_writable(handle)
+        transient = node.ino not in self._open
+        inode = self._open_inode(node)
+        try:
+            async with inode.lock:
+                had_temp = inode.temp is not None
+                try:
+                    await self._ensure_temp(inode, keep_content=size > 0)
+                    assert inode.temp is not None
+                    inode.temp.truncate(size)
+                except OSError as exc:
+                    self._fail(inode, handle, exc.errno or errno.EIO)
+                    raise
+                inode.mtime_ns = time.time_ns()
+                if handle is not None:
+                    handle.wrote_serial = inode.temp_serial
+            # truncate(2) on a path, with no write in progress: the new content is complete now.
+            if handle is None and not had_temp:
+                await self._publish(inode, caller)
+        finally:
+            if transient:
+                self._close_inode(inode)
+
+    # -- open, read, write, publish -------------------------------------------------------
+
+    async def open(self, ino: int, flags: int, caller: Caller) -> int:
+        node = self.node(ino)
+        if node.kind.is_dir:
+            raise IsADirectory()
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable and node.kind is Kind.BLOB:
+            raise ReadOnly("blobs/ is read-only")
+        inode = self._open_inode(node)
+        handle = self._new_handle(inode, writable, caller)
+        # libfuse negotiates atomic O_TRUNC: truncation arrives here, not as setattr(size=0).
+        if writable and flags & os.O_TRUNC:
+            try:
+                await self._truncate(node, 0, handle, caller)
+            except BaseException:
+                self.release(handle.fh)
+                raise
+        return handle.fh
+
+    def _open_inode(self, node: Node) -> OpenInode:
+        inode = self._open.get(node.ino)
+        if inode is None:
+            inode = OpenInode(node=node, lock=self.runtime.new_lock())
+            if node.blob is not None:
+                inode.reader = self.blobs.open(node.blob.digest, node.blob.encoding)
+            self._open[node.ino] = inode
+        return inode
+
+    def _new_handle(self, inode: OpenInode, writable: bool, caller: Caller) -> Handle:
+        handle = Handle(self._next_fh, inode, writable, caller)
+        self._next_fh += 1
+        self._handles[handle.fh] = handle
+        inode.handles.append(handle)
+        return handle
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise BadHandle(f"no open file {fh}") from None
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        inode = self._handle(fh).inode
+        # Reads see the bytes written so far. A temp being published keeps its descriptor open
+        # until the new blob replaces it, so this never reads a closed file.
+        if inode.temp is not None:
+            return inode.temp.read(offset, size)
+        if inode.reader is not None:
+            return inode.reader.read(offset, size)
+        return b""
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self._handle(fh)
+        self._check_writable(handle)
+        if offset + len(data) > self.max_artifact_size:
+            raise FileTooBig("write beyond the maximum artifact size")
+        inode = handle.inode
+        async with inode.lock:
+            self._check_writable(handle)
+            try:
+                await self._ensure_temp(inode, keep_content=True)
+                assert inode.temp is not None
+                written = inode.temp.write(offset, data)
+            except OSError as exc:
+                self._fail(inode, handle, exc.errno or errno.EIO)
+                raise
+            inode.mtime_ns = time.time_ns()
+            handle.wrote_serial = inode.temp_serial
+        return written
+
+    def _check_writable(self, handle: Handle) -> None:
+        if not handle.writable:
+            raise BadHandle("file not open for writing")
+        if handle.error is not None:
+            raise CafsError("an earlier write to this file failed", handle.error)
+
+    async def _ensure_temp(self, inode: OpenInode, *, keep_content: bool) -> None:
+        """Give the inode a temp to write into; copy-on-write of the current content."""
+        if inode.temp is not None:
+            return
+        temp = self.blobs.new_temp()
+        try:
+            reader = inode.reader
+            if keep_content and reader is not None and reader.size:
+                await self._maybe_offload(reader.size, temp.fill_from, reader)
+        except BaseException:
+            temp.discard()
+            raise
+        inode.temp = temp
+        inode.temp_serial += 1
+
+    async def flush(self, fh: int) -> None:
+        """close(2) waits for this: publish what this handle wrote, or report why not."""
+        handle = self._handle(fh)
+        if handle.error is not None:
+            raise CafsError("an earlier write to this file failed", handle.error)
+        inode = handle.inode
+        if handle.writable and inode.temp is not None and handle.wrote_serial == inode.temp_serial:
+            await self._publish(inode, handle.caller)
+
+    async def fsync(self, fh: int) -> None:
+        """Publish, then make the manifest durable: the artifact survives power loss."""
+        await self.flush(fh)
+        self.manifest.sync()
+
+    async def _publish(self, inode: OpenInode, writer: Caller) -> None:
+        async with inode.lock:
+            temp = inode.temp
+            if temp is None or inode.unlinked:
+                return
+            try:
+                if temp.needs_rehash:
+                    digest = await self._maybe_offload(temp.size, temp.digest)
+                else:
+                    digest = temp.digest()
+                known = self.manifest.blob(digest)
+                if known is not None and self.blobs.has(digest):
+                    stored = StoredBlob(digest, known.size, known.stored_size, known.encoding)
+                else:
+                    if known is not None:  # damage: the bytes just written can restore it
+                        log.warning("blob %s was missing; restored from a new write", digest)
+                    stored = await self._maybe_offload(temp.size, self.blobs.publish, temp, digest)
+            except OSError as exc:
+                self._fail(inode, None, exc.errno or errno.EIO)
+                raise
+            if inode.unlinked:  # unlinked while the blob was being written: nothing to record
+                return
+            # From here on no await: the manifest change and the swap of readers are atomic.
+            now = time.time_ns()
+            node = inode.node
+            new_node = self.manifest.publish(stored, NewVersion(
+                node_id=node.ino, mode=node.mode, uid=writer.uid, gid=writer.gid,
+                mtime_ns=inode.mtime_ns or now, ctime_ns=now,
+                content_type=mimetypes.guess_type(node.name)[0], now_ns=now,
+            ))
+            old_reader = inode.reader
+            inode.reader = self.blobs.open(digest, stored.encoding)
+            if old_reader is not None:
+                old_reader.close()
+            temp.discard()
+            inode.temp = None
+            inode.mtime_ns = None
+            inode.node = new_node
+            self.cache.put(new_node)
+        self._on_inode_changed(new_node.ino)
+
+    def _fail(self, inode: OpenInode, handle: Handle | None, errno_: int) -> None:
+        """A write or publish failed: every handle that wrote into this temp gets the error
+        from now on, and the temp is dropped so nothing partial is ever published."""
+        for other in inode.handles:
+            if other.wrote_serial == inode.temp_serial and other.writable:
+                other.error = errno_
+        if handle is not None:
+            handle.error = errno_
+        if inode.temp is not None:
+            inode.temp.discard()
+            inode.temp = None
+            inode.mtime_ns = None
+
+    def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        inode = handle.inode
+        inode.handles.remove(handle)
+        if not inode.handles:
+            self._close_inode(inode)
+
+    def _close_inode(self, inode: OpenInode) -> None:
+        if inode.handles:
+            return
+        self._open.pop(inode.node.ino, None)
+        if inode.temp is not None:
+            inode.temp.discard()
+            inode.temp = None
+        if inode.reader is not None:
+            inode.reader.close()
+            inode.reader = None
+        node = inode.node
+        if node.kind is Kind.FILE and node.version_id is None and not inode.unlinked:
+            # Created but never published (its writer failed): it must not stay visible.
+            self.manifest.remove_node(node, time.time_ns())
+            self.cache.drop(node.ino)
+            self._directory_changed(node.parent)
+            self._on_entry_removed(node.parent, node.name)
+
+    async def _maybe_offload(self, size: int, fn: Callable[..., T], *args: object) -> T:
+        if size >= OFFLOAD_BYTES:
+            return await self.runtime.run_in_thread(fn, *args)
+        return fn(*args)
+
+    def open_handles(self) -> int:
+        return len(self._handles)
+
+    # -- extended attributes --------------------------------------------------------------
+
+    def getxattr(self, ino: int, raw_name: bytes) -> bytes:
+        node = self.node(ino)
+        name = _xattr_name(raw_name)
+        if name.startswith(XATTR_PREFIX):
+            return self._virtual_xattr(node, name[len(XATTR_PREFIX):])
+        if name.startswith("user.") and _has_tags(node):
+            value = self.manifest.tag(ino, name)
+            if value is not None:
+                return value
+        raise NoAttribute(name)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        node = self.node(ino)
+        names = []
+        if node.blob is not None:
+            names = [f"{XATTR_PREFIX}{key}" for key in VIRTUAL_XATTRS]
+        if _has_tags(node):
+            names += self.manifest.tag_names(ino)
+        return [name.encode() for name in names]
+
+    def setxattr(self, ino: int, raw_name: bytes, value: bytes) -> None:
+        node = self.node(ino)
+        name = _xattr_name(raw_name)
+        _refuse_fixed_change(node)
+        if not name.startswith("user."):
+            raise NotSupported("only user.* attributes are kept")
+        if name.startswith(XATTR_PREFIX):
+            raise NotPermitted(f"{name} is read-only")
+        self.manifest.set_tag(ino, name, bytes(value), time.time_ns())
+        self.cache.drop(ino)
+
+    def removexattr(self, ino: int, raw_name: bytes) -> None:
+        node = self.node(ino)
+        name = _xattr_name(raw_name)
+        _refuse_fixed_change(node)
+        if name.startswith(XATTR_PREFIX):
+            raise NotPermitted(f"{name} is read-only")
+        if not name.startswith("user.") or not self.manifest.remove_tag(ino, name, time.time_ns()):
+            raise NoAttribute(name)
+        self.cache.drop(ino)
+
+    def _virtual_xattr(self, node: Node, key: str) -> bytes:
+        blob = node.blob
+        if blob is None or key not in VIRTUAL_XATTRS:
+            raise NoAttribute(f"{XATTR_PREFIX}{key}")
+        if key == "refcount":
+            return str(self.manifest.refcount(blob.blob_id)).encode()
+        value = {"sha256": blob.digest, "size": blob.size, "stored_size": blob.stored_size,
+                 "encoding": blob.encoding}[key]
+        return str(value).encode()
+
+
+def _has_tags(node: Node) -> bool:
+    return node.kind in (Kind.EXECUTION, Kind.LAYER, Kind.DIR, Kind.FILE)
+
+
+def _refuse_fixed_change(node: Node) -> None:
+    if node.kind is Kind.BLOB or node.kind is Kind.BLOBS:
+        raise ReadOnly("blobs/ is read-only")
+    if node.kind in (Kind.ROOT, Kind.RUNS):
+        raise NotPermitted("the mount's fixed layout cannot change")
+
+
+def _file_mode(mode: int) -> int:
+    # Artifacts are data: no setuid/setgid bits, whoever asks (the mount is nosuid as well).
+    return mode & 0o7777 & ~(stat.S_ISUID | stat.S_ISGID)
+
+
+def _lookup_name(raw: bytes) -> str:
+    if len(raw) > MAX_NAME_BYTES:
+        raise NameTooLong()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NotFound("no such name") from None  # only UTF-8 names can exist
+
+
+def _new_name(raw: bytes) -> str:
+    if len(raw) > MAX_NAME_BYTES:
+        raise NameTooLong(f"names are at most {MAX_NAME_BYTES} bytes")
+    if not raw or b"/" in raw or b"\0" in raw or raw in (b".", b".."):
+        raise InvalidArgument("invalid name")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadName("names must be valid UTF-8") from None
+
+
+def _xattr_name(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NoAttribute("attribute names must be UTF-8") from None
+
