@@ -1,3 +1,0 @@
-"""cafs: a FUSE-mounted, content-addressed store for pipeline artifacts."""
-
-__version__ = "0.1.0"

@@ -1,3 +1,0 @@
-from cafs.cli import main
-
-main()
