@@ -97,6 +97,8 @@ class Manifest:
             else:
                 self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
             self._db.execute("PRAGMA busy_timeout = 5000")
+            # A bounded page cache (32 MiB) for the B-tree pages lookups keep touching.
+            self._db.execute("PRAGMA cache_size = -32768")
             if not readonly:
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.execute("PRAGMA synchronous = NORMAL")
