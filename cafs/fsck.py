@@ -37,15 +37,9 @@ def fsck(store: Store, *, full: bool, mounted: bool) -> FsckReport:
     for blob in manifest.all_blobs():
         report.blobs_checked += 1
         known.add(blob.digest)
-        try:
-            stored_size = blobs.stored_size(blob.digest)
-        except FileNotFoundError:
-            report.damage.append(f"blob {blob.digest}: missing")
-            continue
-        if stored_size != blob.stored_size:
-            report.damage.append(
-                f"blob {blob.digest}: {stored_size} bytes on disk, manifest says {blob.stored_size}"
-            )
+        problem = store.blob_file_problem(blob)
+        if problem is not None:
+            report.damage.append(problem)
             continue
         if full:
             report.blobs_rehashed += 1

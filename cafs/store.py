@@ -16,6 +16,7 @@ from pathlib import Path
 from cafs.blobstore import BlobStore
 from cafs.errors import StoreBusy, StoreError
 from cafs.manifest import Manifest
+from cafs.model import BlobRef
 
 MANIFEST_NAME = "manifest.sqlite"
 LOCK_NAME = "lock"
@@ -133,16 +134,18 @@ class Store:
     def check_recent(self) -> list[str]:
         """Quick check after an unclean stop: the newest blobs exist with their recorded size.
         Bounded work, whatever the store's size; `cafs fsck` does the full check."""
-        problems = []
-        for blob in self.manifest.newest_blobs(RECENT_BLOBS_CHECKED):
-            try:
-                size = self.blobs.stored_size(blob.digest)
-            except FileNotFoundError:
-                problems.append(f"blob {blob.digest} is missing")
-                continue
-            if size != blob.stored_size:
-                problems.append(f"blob {blob.digest} has {size} bytes, not {blob.stored_size}")
-        return problems
+        newest = self.manifest.newest_blobs(RECENT_BLOBS_CHECKED)
+        return [problem for blob in newest if (problem := self.blob_file_problem(blob))]
+
+    def blob_file_problem(self, blob: BlobRef) -> str | None:
+        """What is wrong with a blob's file against its manifest row (missing, wrong size)."""
+        try:
+            size = self.blobs.stored_size(blob.digest)
+        except FileNotFoundError:
+            return f"blob {blob.digest}: missing"
+        if size != blob.stored_size:
+            return f"blob {blob.digest}: {size} bytes on disk, manifest says {blob.stored_size}"
+        return None
 
     def close(self) -> None:
         self.manifest.close()
