@@ -135,7 +135,7 @@ def mount(store: Path | None, config: Path | None, options: tuple[str, ...], for
         if foreground:
             run_foreground(cfg, debug, ready_fd)
         else:
-            spawn_daemon(cfg, list(options), debug)
+            spawn_daemon(cfg, debug)
 
 
 def run_foreground(cfg: MountConfig, debug: bool, ready_fd: int | None) -> None:
@@ -154,7 +154,7 @@ def run_foreground(cfg: MountConfig, debug: bool, ready_fd: int | None) -> None:
         raise
 
 
-def spawn_daemon(cfg: MountConfig, options: list[str], debug: bool) -> None:
+def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
     """Start the daemon in its own session and wait until it serves (or says why not)."""
     from cafs.daemon import check_mountpoint
 
@@ -174,7 +174,6 @@ def spawn_daemon(cfg: MountConfig, options: list[str], debug: bool) -> None:
                "-o", f"max_artifact_size={cfg.max_artifact_size}"]
     if cfg.allow_other:
         command += ["-o", "allow_other"]
-    command += [arg for option in options for arg in ("-o", option)]
     if debug:
         command.append("--debug")
     child_env = dict(os.environ, CAFS_CONFIG="")

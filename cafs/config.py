@@ -31,7 +31,6 @@ class Settings:
     allow_other: bool = False
     compression: int | None = None
     max_artifact_size: int | None = None
-    source: Path | None = None  # the file these came from
 
 
 def config_path(explicit: Path | None) -> Path | None:
@@ -67,5 +66,4 @@ def load_settings(explicit: Path | None = None) -> Settings:
         allow_other=data.get("allow_other", False),
         compression=data.get("compression"),
         max_artifact_size=data.get("max_artifact_size"),
-        source=path,
     )

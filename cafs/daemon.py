@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -45,7 +45,6 @@ class MountConfig:
     allow_other: bool = False
     compression_level: int = 3
     max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE
-    extra_options: list[str] = field(default_factory=list)
 
 
 def parse_mount_options(cfg: MountConfig, option_lists: list[str]) -> None:
