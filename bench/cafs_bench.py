@@ -10,6 +10,7 @@ read; without root, the "cold" figures are warm and marked so.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -69,6 +70,18 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def time_each(targets: dict[str, Path], work: Callable[[Path], object], *,
+              cold: bool = False) -> dict[str, float]:
+    """Seconds `work(target)` takes on each target (plain, cafs); `cold` drops the page cache
+    before each one."""
+    times = {}
+    for name, target in targets.items():
+        if cold:
+            drop_caches()
+        times[name] = timed(functools.partial(work, target))
+    return times
 
 
 def drop_caches() -> bool:
@@ -204,8 +217,7 @@ def throughput_rows(report: Report, work: Path, corpus: Path, scale: float) -> N
     with Mounted(work / "store", work / "mnt") as mount:
         targets = {"plain": plain / "runs", "cafs": mount.mountpoint / "runs"}
         sources = sorted(str(p) for p in corpus.iterdir())
-        ingest = {k: timed(lambda t=t: run("cp", "-r", *sources, str(t)))  # type: ignore[misc]
-                  for k, t in targets.items()}
+        ingest = time_each(targets, lambda target: run("cp", "-r", *sources, str(target)))
         report.add(Row("ingest: cp -r corpus (MB/s)", "MB/s", total / MB / ingest["plain"],
                        total / MB / ingest["cafs"]))
         report.add(Row("ingest: time", "s", ingest["plain"], ingest["cafs"], "<= 2.5x",
@@ -214,12 +226,12 @@ def throughput_rows(report: Report, work: Path, corpus: Path, scale: float) -> N
                        files / ingest["cafs"]))
 
         cold_ok = drop_caches()
-        cold = {k: timed(lambda t=t: read_tree(t)) for k, t in targets.items()}  # type: ignore[misc]
+        cold = time_each(targets, read_tree)
         if not cold_ok:
             report.notes.append("not root: the page cache was not dropped; 'cold' is warm")
         report.add(Row("cold sequential read of everything", "s", cold["plain"], cold["cafs"],
                        "<= 2x", cold["cafs"] <= 2 * cold["plain"]))
-        warm = {k: timed(lambda t=t: read_tree(t)) for k, t in targets.items()}  # type: ignore[misc]
+        warm = time_each(targets, read_tree)
         report.add(Row("warm re-read of everything", "s", warm["plain"], warm["cafs"], "<= 1.5x",
                        warm["cafs"] <= 1.5 * warm["plain"]))
         report.add(Row("warm re-read (MB/s)", "MB/s", total / MB / warm["plain"],
@@ -227,30 +239,26 @@ def throughput_rows(report: Report, work: Path, corpus: Path, scale: float) -> N
 
         count = max(500, int(5000 * min(scale, 1)))
         dataset = "exec000/prepare/dataset.csv"
-        rr = {}
-        for k, t in targets.items():
-            drop_caches()  # the daemon (or the disk) serves them, not the page cache
-            rr[k] = timed(lambda t=t: random_reads(t / dataset, count))  # type: ignore[misc]
+        # cold: the daemon (or the disk) serves them, not the page cache
+        rr = time_each(targets, lambda target: random_reads(target / dataset, count), cold=True)
         encoding = os.getxattr(targets["cafs"] / dataset, "user.cafs.encoding").decode()
         report.add(Row(f"random 4 KiB reads in a {encoding} artifact", "reads/s",
                        count / rr["plain"], count / rr["cafs"], ">= 2,000/s",
                        count / rr["cafs"] >= 2000))
 
-        walk = {k: timed(lambda t=t: stat_walk(t)) for k, t in targets.items()}  # type: ignore[misc]
+        walk = time_each(targets, stat_walk)
         report.add(Row("find/stat walk of everything", "s", walk["plain"], walk["cafs"],
                        "<= 3x", walk["cafs"] <= 3 * walk["plain"]))
 
         small = max(200, int(10_000 * min(scale, 1))) if scale < 1 else 10_000
-        created = {}
-        for k, t in targets.items():
-            layer = t / "smallfiles" / "layer"
-            layer.parent.mkdir()
-            created[k] = timed(lambda layer=layer: create_small_files(layer, small))  # type: ignore[misc]
+        for target in targets.values():
+            (target / "smallfiles").mkdir()
+        created = time_each(
+            targets, lambda target: create_small_files(target / "smallfiles" / "layer", small))
         report.add(Row(f"create {small:,} files of 4 KiB", "files/s", small / created["plain"],
                        small / created["cafs"], ">= 2,000/s", small / created["cafs"] >= 2000))
         drop_caches()
-        ls = {k: timed(lambda t=t: run("ls", "-l", str(t / "smallfiles" / "layer")))  # type: ignore[misc]
-              for k, t in targets.items()}
+        ls = time_each(targets, lambda target: run("ls", "-l", str(target / "smallfiles/layer")))
         report.add(Row(f"ls -l of a {small:,}-entry layer", "s", ls["plain"], ls["cafs"]))
 
         stats = mount.stats()
@@ -372,7 +380,7 @@ def scale_rows(report: Report, work: Path, artifacts: int) -> None:
                     pass
             per_lookup_warm = lookup_seconds(mnt, count, samples, seed=11)
             layer = mnt / "runs" / "exec00000" / "layer0"
-            ls_time = timed(lambda layer=layer: run("ls", "-l", str(layer)))  # type: ignore[misc]
+            ls_time = timed(functools.partial(run, "ls", "-l", str(layer)))
             rss = mount.daemon_rss_mb()
         results[label] = (serve_time, per_lookup, ls_time, rss, per_lookup_warm)
     small, large = results["small"], results["large"]
