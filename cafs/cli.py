@@ -1,13 +1,8 @@
 """The `cafs` command line: thin click commands over the store and the daemon.
 
-Owns: arguments, messages and exit codes. Every failure is one line on stderr and a documented
-exit code, never a traceback:
-
-    0  success
-    1  fsck found damage
-    2  usage error (bad arguments or options)
-    3  store error: missing, in use by another daemon, unreadable, or placed inside the mountpoint
-    4  mount error: mountpoint missing or busy, FUSE unavailable, daemon failed to start
+Owns: mounting, unmounting and stats. The life-cycle commands (log, cat, seal, find, gc, fsck,
+export, import) are in cafs.cli_admin; exit codes and shared options in cafs.cli_common.
+Every failure is one line on stderr and a documented exit code, never a traceback.
 """
 
 from __future__ import annotations
@@ -17,81 +12,35 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
-from cafs.config import Settings, load_settings
+from cafs import cli_admin
+from cafs.cli_common import (
+    EXIT_MOUNT,
+    config_option,
+    errors_as_exit_codes,
+    fail,
+    find_mount,
+    human_size,
+    open_store,
+    resolve_mountpoint,
+    resolve_store,
+    settings_from,
+    store_option,
+)
 from cafs.daemon import MountConfig, MountError, configure_logging, parse_mount_options, serve
 from cafs.errors import CafsError, StoreError
-from cafs.fsck import fsck as check_store
 from cafs.store import (
     LOG_NAME,
-    Store,
     check_placement,
-    default_store_path,
-    is_locked,
     lock_holder,
     prepare_store_dir,
 )
 
-EXIT_DAMAGE = 1
-EXIT_STORE = 3
-EXIT_MOUNT = 4
 READY = b"READY\n"
 START_TIMEOUT = 60.0
-
-
-def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"cafs: {message}", err=True)
-    sys.exit(code)
-
-
-@contextmanager
-def errors_as_exit_codes() -> Iterator[None]:
-    try:
-        yield
-    except MountError as exc:
-        fail(str(exc), EXIT_MOUNT)
-    except StoreError as exc:
-        fail(str(exc), EXIT_STORE)
-    except CafsError as exc:
-        fail(str(exc), EXIT_STORE)
-
-
-store_option = click.option(
-    "--store", "store", type=click.Path(path_type=Path), default=None,
-    help="Store directory (default: $CAFS_STORE, else the configuration file's store, "
-         "else $XDG_DATA_HOME/cafs).",
-)
-config_option = click.option(
-    "--config", "config", type=click.Path(path_type=Path), default=None,
-    help="Configuration file (default: $CAFS_CONFIG, else /etc/cafs/cafs.toml if present).",
-)
-
-
-def settings_from(config: Path | None) -> Settings:
-    try:
-        return load_settings(config)
-    except CafsError as exc:
-        raise click.UsageError(str(exc)) from None
-
-
-def resolve_store(store: Path | None, settings: Settings) -> Path:
-    """--store, else $CAFS_STORE, else the configuration file, else the per-user default."""
-    if store is None and not os.environ.get("CAFS_STORE") and settings.store is not None:
-        store = settings.store
-    return (store or default_store_path()).absolute()
-
-
-def resolve_mountpoint(mountpoint: Path | None, settings: Settings) -> Path:
-    mountpoint = mountpoint or settings.mountpoint
-    if mountpoint is None:
-        raise click.UsageError("no MOUNTPOINT given and none in the configuration file")
-    return mountpoint.absolute()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -197,23 +146,6 @@ def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
                      f"see {cfg.store / LOG_NAME}")
 
 
-def find_mount(mountpoint: Path) -> tuple[str, str] | None:
-    """(fstype, source) of the mount at mountpoint, from /proc/self/mountinfo."""
-    target = str(mountpoint.absolute())
-    found = None
-    with open("/proc/self/mountinfo") as mounts:
-        for line in mounts:  # the last match is the mount on top
-            fields = line.split()
-            separator = fields.index("-")
-            if _unescape(fields[4]) == target:
-                found = (fields[separator + 1], _unescape(fields[separator + 2]))
-    return found
-
-
-def _unescape(text: str) -> str:
-    return text.encode().decode("unicode_escape").encode("latin-1").decode()
-
-
 @cli.command()
 @config_option
 @click.option("--lazy", "-z", is_flag=True, help="Detach even if busy (or dead).")
@@ -255,17 +187,6 @@ def process_alive(pid: int) -> bool:
         return False
 
 
-@contextmanager
-def open_store(store: Path | None, config: Path | None) -> Iterator[Store]:
-    settings = settings_from(config)
-    with errors_as_exit_codes():
-        opened = Store.open(resolve_store(store, settings), create=False)
-        try:
-            yield opened
-        finally:
-            opened.close()
-
-
 @cli.command()
 @store_option
 @config_option
@@ -295,10 +216,10 @@ def stats(store: Path | None, config: Path | None, as_json: bool) -> None:
     click.echo(f"artifacts       {totals.artifacts} in {totals.executions} executions, "
                f"{totals.layers} layers ({totals.versions} versions)")
     click.echo(f"blobs           {totals.blobs}")
-    click.echo(f"logical bytes   {_human(totals.logical_bytes)}")
-    click.echo(f"unique bytes    {_human(totals.unique_bytes)}  "
+    click.echo(f"logical bytes   {human_size(totals.logical_bytes)}")
+    click.echo(f"unique bytes    {human_size(totals.unique_bytes)}  "
                f"(dedup ratio {result['dedup_ratio']:.2f})")
-    click.echo(f"stored bytes    {_human(totals.stored_bytes)}  "
+    click.echo(f"stored bytes    {human_size(totals.stored_bytes)}  "
                f"(compression ratio {result['compression_ratio']:.2f})")
 
 
@@ -306,38 +227,8 @@ def _ratio(numerator: int, denominator: int) -> float:
     return round(numerator / denominator, 3) if denominator else 1.0
 
 
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
-        value /= 1024
-    return f"{size} B"
-
-
-@cli.command()
-@store_option
-@config_option
-@click.option("--full", is_flag=True, help="Also re-hash every blob (reads everything).")
-def fsck(store: Path | None, config: Path | None, full: bool) -> None:
-    """Check the manifest against the blobs; exit 1 if anything is damaged.
-
-    Orphan blobs and temp files (what a crash can leave) are listed but are not damage.
-    Safe while the store is mounted.
-
-    Example: cafs fsck --store /srv/cafs --full
-    """
-    with open_store(store, config) as opened:
-        report = check_store(opened, full=full, mounted=is_locked(opened.root))
-    for line in report.damage:
-        click.echo(f"DAMAGE  {line}")
-    for line in report.garbage:
-        click.echo(f"garbage {line}")
-    rehashed = f", {report.blobs_rehashed} re-hashed" if full else ""
-    verdict = "clean" if report.clean else f"{len(report.damage)} problems"
-    click.echo(f"{report.blobs_checked} blobs checked{rehashed}: {verdict}")
-    if not report.clean:
-        sys.exit(EXIT_DAMAGE)
+for _command in cli_admin.COMMANDS:
+    cli.add_command(_command)
 
 
 def helper_form(argv: list[str]) -> list[str]:

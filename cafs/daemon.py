@@ -7,6 +7,7 @@ Must not decide filesystem behaviour (that is cafs.vfs).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -15,11 +16,13 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, Any, TypeVar
 
 import pyfuse3
 import trio
 
+from cafs.admin import Admin
+from cafs.control import serve_control
 from cafs.errors import CafsError, InvalidArgument, StoreError
 from cafs.ops import CafsOperations
 from cafs.store import Store, check_placement
@@ -100,16 +103,36 @@ class TrioRuntime:
     async def run_in_thread(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args)
 
+    async def checkpoint(self) -> None:
+        await trio.sleep(0)
 
-def forget_entry(parent: int, name: str) -> None:
-    """Tell the kernel an entry it may have cached is gone (a file whose first write failed).
 
-    The async variant queues the notification: sending it from inside a handler can deadlock.
+class PyfuseKernel:
+    """The Vfs's way to tell the kernel to forget cached entries and inodes.
+
+    Notifications are queued, never sent from inside a request handler: the kernel may wait
+    for the daemon while it processes one, and the daemon would be waiting for the kernel.
     """
-    try:
-        pyfuse3.invalidate_entry_async(parent, name.encode(), ignore_enoent=True)
-    except Exception:  # the kernel may never have seen the entry
-        log.debug("invalidate_entry(%s, %r) failed", parent, name, exc_info=True)
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[int](10_000)
+
+    def entry_gone(self, parent: int, name: str) -> None:
+        try:
+            pyfuse3.invalidate_entry_async(parent, name.encode(), ignore_enoent=True)
+        except Exception:  # the kernel may never have seen the entry
+            log.debug("invalidate_entry(%s, %r) failed", parent, name, exc_info=True)
+
+    def inode_changed(self, ino: int) -> None:
+        try:
+            self._send.send_nowait(ino)
+        except trio.WouldBlock:  # only ever after a huge admin change; attributes time out
+            log.warning("too many kernel invalidations queued; inode %d left to time out", ino)
+
+    async def run(self) -> None:
+        async for ino in self._receive:
+            with contextlib.suppress(OSError):  # ENOENT: the kernel holds nothing for it
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
 
 
 def sd_notify(message: str) -> None:
@@ -144,15 +167,16 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         if recovery.temp_files or recovery.unpublished:
             log.info("recovered after an unclean stop: removed %d temp files and %d unfinished "
                      "files", recovery.temp_files, recovery.unpublished)
+        kernel = PyfuseKernel()
         vfs = Vfs(store.manifest, store.blobs, TrioRuntime(),
-                  max_artifact_size=cfg.max_artifact_size, on_entry_removed=forget_entry,
+                  max_artifact_size=cfg.max_artifact_size, kernel=kernel,
                   statfs_path=str(store.root))
         try:
             pyfuse3.init(CafsOperations(vfs), str(cfg.mountpoint), fuse_options(cfg))
         except RuntimeError as exc:
             raise MountError(f"cannot mount {cfg.mountpoint}: {exc}") from None
         try:
-            trio.run(_main_loop, cfg, on_ready)
+            trio.run(_main_loop, cfg, on_ready, store, vfs, kernel)
         finally:
             pyfuse3.close(unmount=True)
         store.mark_clean()
@@ -161,9 +185,17 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         store.close()
 
 
-async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
+async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Store, vfs: Vfs,
+                     kernel: PyfuseKernel) -> None:
+    async def run_admin(command: str, args: dict[str, Any], files: list[IO[bytes]],
+                        progress: Callable[[str, int, int], None]) -> dict[str, Any]:
+        admin = Admin(store, TrioRuntime(), vfs, mounted=True, progress=progress)
+        return await admin.run(command, args, files)
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(kernel.run)
+        nursery.start_soon(serve_control, store.root, run_admin)
         nursery.start_soon(_announce_ready, cfg.mountpoint, on_ready)
         interval = watchdog_interval()
         if interval is not None:

@@ -85,6 +85,16 @@ class Corrupt(CafsError):
     errno = _errno.EIO
 
 
+class Damaged(Corrupt):
+    """The content is known to be lost (fsck --repair marked it): an expected EIO."""
+
+
+class Busy(CafsError):
+    """The thing is in use (e.g. a run with writes in progress cannot be sealed)."""
+
+    errno = _errno.EBUSY
+
+
 class StoreError(CafsError):
     """The store as a whole cannot be used (missing, locked, unreadable, misplaced)."""
 

@@ -17,6 +17,8 @@ from cafs.store import Store
 class FsckReport:
     damage: list[str] = field(default_factory=list)  # makes the exit status non-zero
     garbage: list[str] = field(default_factory=list)  # orphans a crash can leave; harmless
+    # Content an earlier --repair marked damaged: known, reads give EIO; not new damage.
+    lost: list[str] = field(default_factory=list)
     blobs_checked: int = 0
     blobs_rehashed: int = 0
 
@@ -37,6 +39,10 @@ def fsck(store: Store, *, full: bool, mounted: bool) -> FsckReport:
     for blob in manifest.all_blobs():
         report.blobs_checked += 1
         known.add(blob.digest)
+        if blob.damaged:
+            report.lost.append(f"blob {blob.digest}: marked damaged ({blob.size} bytes lost; "
+                               "write or import the same content to heal it)")
+            continue
         problem = store.blob_file_problem(blob)
         if problem is not None:
             report.damage.append(problem)

@@ -20,26 +20,42 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from sqlite_utils import Database
 
 from cafs import schema
 from cafs.digest import Digest
-from cafs.errors import Corrupt, StoreError
-from cafs.model import RUNS_INODE, BlobRef, Kind, Node, StoredBlob
+from cafs.errors import AlreadyExists, Corrupt, StoreError
+from cafs.model import RUNS_INODE, BlobRef, Kind, Node, StoredBlob, TreeEntry, Version
+
+T = TypeVar("T")
 
 _NODE_COLUMNS = """
     n.id, n.parent_id, n.name, n.kind, n.mode, n.uid, n.gid, n.mtime_ns, n.ctime_ns, n.nlink,
-    n.version_id, b.id, b.sha256, b.size, b.stored_size, b.encoding
+    n.version_id, b.id, b.sha256, b.size, b.stored_size, b.encoding, b.damaged_ns, n.sealed_ns
 """
 _NODE_FROM = """
     FROM nodes n LEFT JOIN versions v ON v.id = n.version_id LEFT JOIN blobs b ON b.id = v.blob_id
 """
-_BLOB_COLUMNS = "id, sha256, size, stored_size, encoding"
+_BLOB_COLUMNS = "id, sha256, size, stored_size, encoding, damaged_ns"
+_VERSION_COLUMNS = """
+    v.id, v.node_id, v.path, b.sha256, v.size, v.mode, v.uid, v.gid, v.mtime_ns, v.ctime_ns,
+    v.content_type, v.created_ns, v.replaced_ns, b.damaged_ns
+"""
+# Every node below a directory (not the directory itself), with its path below it.
+_SUBTREE = """
+    WITH RECURSIVE sub(id, rel) AS (
+        SELECT id, name FROM nodes WHERE parent_id = :top
+        UNION ALL
+        SELECT n.id, sub.rel || '/' || n.name FROM nodes n JOIN sub ON n.parent_id = sub.id
+    )
+"""
 
 
 def _node(row: tuple) -> Node:
-    blob = BlobRef(row[11], Digest(row[12]), row[13], row[14], row[15]) if row[11] else None
+    blob = (BlobRef(row[11], Digest(row[12]), row[13], row[14], row[15], row[16] is not None)
+            if row[11] else None)
     return Node(
         ino=row[0],
         parent=row[1],
@@ -53,11 +69,27 @@ def _node(row: tuple) -> Node:
         nlink=row[9],
         version_id=row[10],
         blob=blob,
+        sealed_ns=row[17],
     )
 
 
 def _blob(row: tuple) -> BlobRef:
-    return BlobRef(row[0], Digest(row[1]), row[2], row[3], row[4])
+    return BlobRef(row[0], Digest(row[1]), row[2], row[3], row[4], row[5] is not None)
+
+
+def _version(row: tuple) -> Version:
+    return Version(row[0], row[1], row[2], Digest(row[3]), row[4], row[5], row[6], row[7], row[8],
+                   row[9], row[10], row[11], row[12], row[13] is not None)
+
+
+def _marks(chunk: list) -> str:
+    """The placeholders of an IN (...) list."""
+    return ",".join("?" * len(chunk))
+
+
+def _chunks(items: list[T], size: int = 500) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
 
 
 @dataclass(frozen=True)
@@ -70,6 +102,32 @@ class Totals:
     versions: int
     executions: int
     layers: int
+
+
+@dataclass(frozen=True)
+class DirStats:
+    """What a layer's or execution's record says about the artifacts below it."""
+
+    artifacts: int
+    logical_bytes: int  # sum of their sizes
+    unique_bytes: int  # sizes of contents no artifact outside this directory holds
+    unique_stored_bytes: int  # what deleting the directory and running gc would reclaim
+    first_write_ns: int | None  # the oldest version of anything below it
+    last_write_ns: int | None  # the newest
+
+
+@dataclass(frozen=True)
+class GcPlan:
+    versions: int  # version rows removed
+    blobs: list[BlobRef]  # blob rows removed: their files can go
+
+
+@dataclass(frozen=True)
+class RepairPlan:
+    damaged: list[int]  # blob ids whose file is missing or wrong: mark damaged
+    sound: list[int]  # blob ids checked sound: clear an earlier damaged mark
+    drift: bool  # recompute refcounts that differ from the live artifacts
+    remove_unpublished: bool  # drop files whose first write never completed (not mounted)
 
 
 @dataclass(frozen=True)
@@ -108,6 +166,15 @@ class Manifest:
             self._db.execute("SELECT count(*) FROM nodes WHERE id = 0").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{path}: not a usable cafs manifest ({exc})") from exc
+        if readonly and not self._has_column("blobs", "damaged_ns"):
+            raise StoreError(f"{path} was written by an older cafs: mount the store once (or run "
+                             "cafs fsck --repair) to upgrade it")
+        # Bumped by every committed change: lets computed views (records) know they are stale.
+        self.changes = 0
+
+    def _has_column(self, table: str, column: str) -> bool:
+        rows = self._db.execute(f"PRAGMA table_info({table})").fetchall()
+        return any(row[1] == column for row in rows)
 
     def close(self) -> None:
         self._db.close()
@@ -125,6 +192,7 @@ class Manifest:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+        self.changes += 1
 
     def sync(self) -> None:
         """Make every committed transaction durable against power loss."""
@@ -317,8 +385,11 @@ class Manifest:
                 # A known blob gains a reference; if its file had to be written again (it was
                 # missing), the new file's size and encoding are what is on disk now.
                 "ON CONFLICT (sha256) DO UPDATE SET refcount = refcount + 1, "
-                "stored_size = excluded.stored_size, encoding = excluded.encoding",
-                (stored.digest, stored.size, stored.stored_size, stored.encoding, new.now_ns),
+                "stored_size = excluded.stored_size, encoding = excluded.encoding, "
+                # A damaged blob whose file was just written again is sound again.
+                "damaged_ns = CASE WHEN ? THEN NULL ELSE damaged_ns END",
+                (stored.digest, stored.size, stored.stored_size, stored.encoding, new.now_ns,
+                 stored.fresh),
             )
             blob_id = db.execute(
                 "SELECT id FROM blobs WHERE sha256 = ?", (stored.digest,)
@@ -449,3 +520,285 @@ class Manifest:
         return self._db.execute(
             "SELECT count(*) FROM nodes WHERE kind = 'file' AND version_id IS NULL"
         ).fetchone()[0]
+
+    # -- life cycle: lookups by path, history, queries -------------------------------------
+
+    def resolve(self, path: str) -> Node | None:
+        """The node at a path relative to the mount (runs/<exec>/...), or None."""
+        parts = path.strip("/").split("/")
+        if parts[0] != "runs" or len(parts) < 2:
+            return None
+        node: Node | None = None
+        parent = RUNS_INODE
+        for name in parts[1:]:
+            node = self.child(parent, name)
+            if node is None:
+                return None
+            parent = node.ino
+        return node
+
+    def subtree(self, top: int) -> Iterator[tuple[str, Node]]:
+        """Every node below a directory, parents before children, with its path below it."""
+        rows = self._db.execute(
+            f"{_SUBTREE} SELECT sub.rel, {_NODE_COLUMNS} FROM sub JOIN nodes n ON n.id = sub.id "
+            "LEFT JOIN versions v ON v.id = n.version_id LEFT JOIN blobs b ON b.id = v.blob_id "
+            "ORDER BY sub.rel",
+            {"top": top},
+        )
+        for row in rows:
+            yield row[0], _node(row[1:])
+
+    def history(self, node_id: int | None, path: str) -> list[Version]:
+        """The versions of the artifact at `path`: every version of the node there now, and
+        versions published at that path by nodes since replaced (an rsync or `mv` over it)."""
+        rows = self._db.execute(
+            f"SELECT {_VERSION_COLUMNS} FROM versions v JOIN blobs b ON b.id = v.blob_id "
+            "WHERE v.node_id = ? OR v.path = ? ORDER BY v.id",
+            (node_id if node_id is not None else -1, path),
+        ).fetchall()
+        return [_version(row) for row in rows]
+
+    def version(self, version_id: int) -> Version | None:
+        row = self._db.execute(
+            f"SELECT {_VERSION_COLUMNS} FROM versions v JOIN blobs b ON b.id = v.blob_id "
+            "WHERE v.id = ?",
+            (version_id,),
+        ).fetchone()
+        return _version(row) if row else None
+
+    def tags_of(self, node_id: int) -> dict[str, bytes]:
+        rows = self._db.execute(
+            "SELECT name, value FROM tags WHERE node_id = ? ORDER BY name", (node_id,)
+        ).fetchall()
+        return {row[0]: bytes(row[1]) for row in rows}
+
+    def nodes_tagged(self, name: str, value: bytes | None) -> set[int]:
+        if value is None:
+            rows = self._db.execute("SELECT node_id FROM tags WHERE name = ?", (name,))
+        else:
+            rows = self._db.execute(
+                "SELECT node_id FROM tags WHERE name = ? AND value = ?", (name, value)
+            )
+        return {row[0] for row in rows}
+
+    def nodes_holding(self, digest: str) -> set[int]:
+        """Live artifacts whose current content is this digest."""
+        rows = self._db.execute(
+            "SELECT n.id FROM blobs b JOIN versions v ON v.blob_id = b.id "
+            "JOIN nodes n ON n.version_id = v.id WHERE b.sha256 = ?",
+            (digest,),
+        )
+        return {row[0] for row in rows}
+
+    def nodes_holding_blobs(self, blob_ids: list[int]) -> list[int]:
+        found: list[int] = []
+        for chunk in _chunks(blob_ids):
+            marks = ",".join("?" * len(chunk))
+            found += [row[0] for row in self._db.execute(
+                f"SELECT n.id FROM versions v JOIN nodes n ON n.version_id = v.id "
+                f"WHERE v.blob_id IN ({marks})", chunk)]
+        return found
+
+    def dir_stats(self, top: int) -> DirStats:
+        """Aggregates over the artifacts below a directory: one query, no rows to Python."""
+        row = self._db.execute(
+            f"""{_SUBTREE},
+            cur AS (
+                SELECT v.blob_id, v.size FROM sub JOIN nodes n ON n.id = sub.id
+                JOIN versions v ON v.id = n.version_id WHERE n.kind = 'file'
+            ),
+            held AS (SELECT blob_id, count(*) AS uses FROM cur GROUP BY blob_id)
+            SELECT * FROM
+                (SELECT count(*), coalesce(sum(size), 0) FROM cur),
+                (SELECT coalesce(sum(b.size), 0), coalesce(sum(b.stored_size), 0)
+                 FROM held JOIN blobs b ON b.id = held.blob_id WHERE b.refcount <= held.uses),
+                (SELECT min(v.created_ns), max(v.created_ns)
+                 FROM sub JOIN versions v ON v.node_id = sub.id)
+            """,
+            {"top": top},
+        ).fetchone()
+        return DirStats(*row)
+
+    # -- sealing --------------------------------------------------------------------------
+
+    def seal(self, execution_id: int, root: str, now_ns: int) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE nodes SET sealed_ns = ?, root_sha256 = ?, ctime_ns = ? "
+                "WHERE id = ? AND kind = 'execution'",
+                (now_ns, root, now_ns, execution_id),
+            )
+
+    def unseal(self, execution_id: int, now_ns: int) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE nodes SET sealed_ns = NULL, root_sha256 = NULL, ctime_ns = ? "
+                "WHERE id = ? AND kind = 'execution'",
+                (now_ns, execution_id),
+            )
+
+    def root_of(self, execution_id: int) -> str | None:
+        row = self._db.execute(
+            "SELECT root_sha256 FROM nodes WHERE id = ?", (execution_id,)
+        ).fetchone()
+        return row[0] if row else None
+
+    # -- garbage collection ---------------------------------------------------------------
+
+    def superseded_versions(self) -> list[tuple[int, int | None, str]]:
+        """(version id, live node id or None, path) of every version that is not current,
+        newest first."""
+        rows = self._db.execute(
+            "SELECT v.id, n.id, v.path FROM versions v LEFT JOIN nodes n ON n.id = v.node_id "
+            "WHERE v.replaced_ns IS NOT NULL ORDER BY v.id DESC"
+        )
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    def collect(self, version_ids: list[int], *, keep_blobs: set[str], dry_run: bool) -> GcPlan:
+        """Remove versions, then every blob row nothing references any more: one transaction.
+        Blobs in `keep_blobs` (writes in flight are about to use them) are left alone."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for chunk in _chunks(version_ids):
+                self._db.execute(
+                    f"DELETE FROM versions WHERE id IN ({_marks(chunk)})", chunk
+                )
+            rows = self._db.execute(
+                f"SELECT {_BLOB_COLUMNS} FROM blobs b WHERE refcount = 0 AND NOT EXISTS "
+                "(SELECT 1 FROM versions v WHERE v.blob_id = b.id) ORDER BY id"
+            ).fetchall()
+            freed = [blob for blob in map(_blob, rows) if blob.digest not in keep_blobs]
+            for chunk in _chunks([blob.blob_id for blob in freed]):
+                self._db.execute(
+                    f"DELETE FROM blobs WHERE id IN ({_marks(chunk)})", chunk
+                )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        if dry_run:
+            self._db.execute("ROLLBACK")
+        else:
+            self._db.execute("COMMIT")
+            self.changes += 1
+        return GcPlan(len(version_ids), freed)
+
+    def known_digests(self, digests: list[str]) -> set[str]:
+        known: set[str] = set()
+        for chunk in _chunks(digests):
+            known |= {row[0] for row in self._db.execute(
+                f"SELECT sha256 FROM blobs WHERE sha256 IN ({_marks(chunk)})",
+                chunk)}
+        return known
+
+    # -- repair ---------------------------------------------------------------------------
+
+    def repair(self, plan: RepairPlan, now_ns: int) -> int:
+        """Apply what fsck --repair decided, in one transaction. Returns refcounts fixed."""
+        fixed = 0
+        with self._transaction() as db:
+            for chunk in _chunks(plan.damaged):
+                db.execute(
+                    f"UPDATE blobs SET damaged_ns = ? WHERE id IN ({_marks(chunk)}) "
+                    "AND damaged_ns IS NULL",
+                    (now_ns, *chunk),
+                )
+            for chunk in _chunks(plan.sound):
+                db.execute(
+                    f"UPDATE blobs SET damaged_ns = NULL WHERE id IN ({_marks(chunk)})",
+                    chunk,
+                )
+            if plan.drift:
+                fixed = db.execute(
+                    """
+                    WITH live AS (
+                        SELECT v.blob_id, count(*) AS n FROM nodes n
+                        JOIN versions v ON v.id = n.version_id WHERE n.kind = 'file'
+                        GROUP BY v.blob_id
+                    )
+                    UPDATE blobs SET refcount = coalesce(
+                        (SELECT n FROM live WHERE live.blob_id = blobs.id), 0)
+                    WHERE refcount !=
+                        coalesce((SELECT n FROM live WHERE live.blob_id = blobs.id), 0)
+                    """
+                ).rowcount
+            if plan.remove_unpublished:
+                db.execute("DELETE FROM nodes WHERE kind = 'file' AND version_id IS NULL")
+        return fixed
+
+    def blob_ids_damaged(self) -> set[int]:
+        return {row[0] for row in self._db.execute(
+            "SELECT id FROM blobs WHERE damaged_ns IS NOT NULL")}
+
+    # -- import ---------------------------------------------------------------------------
+
+    def add_tree(self, name: str, top: TreeEntry, entries: list[TreeEntry],
+                 blobs: dict[str, StoredBlob], sealed: tuple[int, str] | None,
+                 now_ns: int) -> int:
+        """Create runs/<name> with everything below it, histories and tags: one transaction.
+        `blobs` holds every digest the versions use (already in the blob store)."""
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM nodes WHERE parent_id = ? AND name = ?",
+                          (RUNS_INODE, name)).fetchone():
+                raise AlreadyExists(f"runs/{name} already exists")
+            blob_ids = {digest: self._upsert_blob(stored, now_ns)
+                        for digest, stored in blobs.items()}
+            ids = {"": self._insert_node(RUNS_INODE, name, Kind.EXECUTION, top)}
+            if sealed is not None:
+                db.execute("UPDATE nodes SET sealed_ns = ?, root_sha256 = ? WHERE id = ?",
+                           (*sealed, ids[""]))
+            self._set_tags(ids[""], top.tags)
+            for entry in sorted(entries, key=lambda e: e.rel.count("/")):
+                parent_rel, _, leaf = entry.rel.rpartition("/")
+                node_id = self._insert_node(ids[parent_rel], leaf, entry.kind, entry)
+                ids[entry.rel] = node_id
+                self._set_tags(node_id, entry.tags)
+                if entry.kind is Kind.FILE:
+                    self._insert_history(node_id, f"runs/{name}/{entry.rel}", entry, blob_ids)
+        return ids[""]
+
+    def _upsert_blob(self, stored: StoredBlob, now_ns: int) -> int:
+        self._db.execute(
+            "INSERT INTO blobs (sha256, size, stored_size, encoding, refcount, created_ns) "
+            "VALUES (?, ?, ?, ?, 0, ?) ON CONFLICT (sha256) DO UPDATE SET "
+            "stored_size = excluded.stored_size, encoding = excluded.encoding, "
+            "damaged_ns = CASE WHEN ? THEN NULL ELSE damaged_ns END",
+            (stored.digest, stored.size, stored.stored_size, stored.encoding, now_ns,
+             stored.fresh),
+        )
+        return self._db.execute(
+            "SELECT id FROM blobs WHERE sha256 = ?", (stored.digest,)
+        ).fetchone()[0]
+
+    def _insert_node(self, parent_id: int, name: str, kind: Kind, entry: TreeEntry) -> int:
+        node_id = self._db.execute(
+            "INSERT INTO nodes (parent_id, name, kind, mode, uid, gid, mtime_ns, ctime_ns, "
+            "nlink) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (parent_id, name, kind.value, entry.mode, entry.uid, entry.gid, entry.mtime_ns,
+             entry.ctime_ns, 2 if kind.is_dir else 1),
+        ).lastrowid or 0
+        if kind.is_dir:
+            self._adjust_nlink(parent_id, +1)
+        return node_id
+
+    def _set_tags(self, node_id: int, tags: dict[str, bytes]) -> None:
+        self._db.executemany(
+            "INSERT INTO tags (node_id, name, value) VALUES (?, ?, ?)",
+            [(node_id, name, value) for name, value in tags.items()],
+        )
+
+    def _insert_history(self, node_id: int, path: str, entry: TreeEntry,
+                        blob_ids: dict[str, int]) -> None:
+        version_id = None
+        for version in entry.versions:
+            version_id = self._db.execute(
+                "INSERT INTO versions (node_id, path, blob_id, size, mode, uid, gid, mtime_ns, "
+                "ctime_ns, content_type, created_ns, replaced_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (node_id, version.path or path, blob_ids[version.digest], version.size,
+                 version.mode, version.uid, version.gid, version.mtime_ns, version.ctime_ns,
+                 version.content_type, version.created_ns, version.replaced_ns),
+            ).lastrowid
+        current = entry.versions[-1]
+        self._db.execute("UPDATE nodes SET version_id = ? WHERE id = ?", (version_id, node_id))
+        self._db.execute("UPDATE blobs SET refcount = refcount + 1 WHERE id = ?",
+                         (blob_ids[current.digest],))

@@ -19,6 +19,9 @@ BLOBS_INODE = 3  # <mount>/blobs
 FIRST_NODE_ID = 16
 # /blobs/<sha256> entries get inode BLOB_INODE_BASE + blobs.id, far above any node id.
 BLOB_INODE_BASE = 1 << 48
+# <dir>/.record.json (layers and executions) gets inode RECORD_INODE_BASE + the directory's id.
+RECORD_INODE_BASE = 1 << 47
+RECORD_NAME = ".record.json"
 
 MAX_NAME_BYTES = 255
 
@@ -32,10 +35,15 @@ class Kind(StrEnum):
     LAYER = "layer"
     DIR = "dir"  # a sub-directory inside a layer
     FILE = "file"  # an artifact
+    RECORD = "record"  # the virtual read-only .record.json of a layer or execution
 
     @property
     def is_dir(self) -> bool:
-        return self not in (Kind.FILE, Kind.BLOB)
+        return self not in (Kind.FILE, Kind.BLOB, Kind.RECORD)
+
+    @property
+    def has_record(self) -> bool:
+        return self in (Kind.EXECUTION, Kind.LAYER)
 
     def child_kind(self, want_dir: bool) -> Kind | None:
         """The kind a new child of this directory gets, or None if none may be made here."""
@@ -57,6 +65,7 @@ class BlobRef:
     size: int
     stored_size: int
     encoding: str
+    damaged: bool = False  # fsck --repair found its file missing or wrong: reads give EIO
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +76,42 @@ class StoredBlob:
     size: int
     stored_size: int
     encoding: str
+    fresh: bool = True  # its file was (re)written just now, so it is sound even if once damaged
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One publish of an artifact's content (a row of `versions`, with its blob's digest)."""
+
+    version_id: int
+    node_id: int
+    path: str  # where it was published: runs/<exec>/<layer>/...
+    digest: Digest
+    size: int
+    mode: int
+    uid: int  # the writer
+    gid: int
+    mtime_ns: int
+    ctime_ns: int
+    content_type: str | None
+    created_ns: int  # when it was published
+    replaced_ns: int | None  # when something replaced it; None while current
+    damaged: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TreeEntry:
+    """A directory or artifact of one execution, as export writes it and import reads it."""
+
+    rel: str  # path below the execution, e.g. "train/model.bin"
+    kind: Kind  # LAYER, DIR or FILE
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    ctime_ns: int
+    tags: dict[str, bytes]
+    versions: tuple[Version, ...] = ()  # files: oldest first; the last one is current
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +130,7 @@ class Node:
     nlink: int
     version_id: int | None = None  # files: the current version; None until first published
     blob: BlobRef | None = None  # files and blobs: the current content
+    sealed_ns: int | None = None  # executions: when the run was sealed (immutable)
 
     @property
     def size(self) -> int:
@@ -108,6 +154,7 @@ class Attr:
     blocks: int  # 512-byte units actually stored (compressed size for blobs)
     mtime_ns: int
     ctime_ns: int
+    volatile: bool = False  # computed on demand (records): the kernel must not cache it
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from cafs.errors import CafsError
+from cafs.errors import CafsError, Damaged
 from cafs.model import MAX_NAME_BYTES, Attr, AttrChanges, Caller
 from cafs.vfs import Vfs
 
@@ -41,6 +41,9 @@ def translated(handler: F) -> F:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
+        except Damaged as exc:  # known and already reported by fsck --repair
+            log.warning("%s: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
         except CafsError as exc:
             if exc.errno == errno.EIO:
                 log.error("%s: %s", handler.__name__, exc)

@@ -113,5 +113,28 @@ def m001_initial(db: Database) -> None:
     db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('nodes', 15)")
 
 
+# Life cycle (fsck repair, sealing, tag queries, history by path). ALTER keeps /* */ comments
+# (a -- comment would swallow the closing parenthesis SQLite appends).
+_M002 = [
+    "ALTER TABLE blobs ADD COLUMN damaged_ns INTEGER /* set by fsck --repair when the file is "
+    "missing or its bytes do not hash to sha256: reads of artifacts holding it fail with EIO "
+    "until the same content is written or imported again; NULL = sound */",
+    "ALTER TABLE nodes ADD COLUMN sealed_ns INTEGER /* executions: when cafs seal made the run "
+    "immutable (every change inside it is EROFS); NULL = open */",
+    "ALTER TABLE nodes ADD COLUMN root_sha256 TEXT /* executions, once sealed: SHA-256 over the "
+    "sorted lines '<path below the execution>\\0<sha256>\\n' of its artifacts */",
+    # find --tag name=value without a scan of every tag.
+    "CREATE INDEX tags_value ON tags(name, value)",
+    # cafs log PATH: versions published at a path (the node there may since have been replaced).
+    "CREATE INDEX versions_path ON versions(path)",
+]
+
+
+@migrations()
+def m002_life_cycle(db: Database) -> None:
+    for statement in _M002:
+        db.execute(statement)
+
+
 def migrate(db: Database) -> None:
     migrations.apply(db)

@@ -179,6 +179,14 @@ def lock_holder(root: Path) -> int | None:
         return None
 
 
+def lock_holder_text(root: Path) -> str:
+    """What the lock file says of its holder ("pid N mounted at M", "pid N running cafs gc")."""
+    try:
+        return (root / LOCK_NAME).read_text().strip() or "by another process"
+    except OSError:
+        return "by another process"
+
+
 def is_locked(root: Path) -> bool:
     """True while a daemon holds the store (it is mounted)."""
     try:

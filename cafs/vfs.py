@@ -23,8 +23,8 @@ import mimetypes
 import os
 import stat
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
@@ -36,6 +36,7 @@ from cafs.errors import (
     BadHandle,
     BadName,
     CafsError,
+    Damaged,
     FileTooBig,
     InvalidArgument,
     IsADirectory,
@@ -53,15 +54,19 @@ from cafs.model import (
     BLOB_INODE_BASE,
     BLOBS_INODE,
     MAX_NAME_BYTES,
+    RECORD_INODE_BASE,
+    RECORD_NAME,
     ROOT_INODE,
     RUNS_INODE,
     Attr,
     AttrChanges,
+    BlobRef,
     Caller,
     Kind,
     Node,
     StoredBlob,
 )
+from cafs.records import build_record
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -72,8 +77,9 @@ OFFLOAD_BYTES = 1 << 20
 DEFAULT_MAX_ARTIFACT_SIZE = 1 << 40
 READDIR_PAGE = 512
 XATTR_PREFIX = "user.cafs."
-# Read-only xattrs every artifact (and blob) carries.
+# Read-only xattrs every artifact (and blob) carries; artifacts also carry user.cafs.version.
 VIRTUAL_XATTRS = ("sha256", "size", "stored_size", "encoding", "refcount")
+RECORDS_CACHED = 256
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -84,6 +90,36 @@ class Runtime(Protocol):
     def new_lock(self) -> AbstractAsyncContextManager[object]: ...
 
     async def run_in_thread(self, fn: Callable[..., T], *args: object) -> T: ...
+
+
+class KernelNotifier(Protocol):
+    """Tells the kernel to drop what it cached about a node or a name (changed behind it)."""
+
+    def inode_changed(self, ino: int) -> None: ...
+
+    def entry_gone(self, parent: int, name: str) -> None: ...
+
+
+class NoKernel:
+    def inode_changed(self, ino: int) -> None:
+        return None
+
+    def entry_gone(self, parent: int, name: str) -> None:
+        return None
+
+
+class MemoryReader(BlobReader):
+    """A computed file (a record): bytes fixed when it was opened."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.size = len(data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._data[offset:offset + length]
+
+    def close(self) -> None:
+        return None
 
 
 class NodeCache:
@@ -141,6 +177,7 @@ class OpenInode:
     temp_serial: int = 0
     mtime_ns: int | None = None  # set by writes, recorded at publish
     unlinked: bool = False
+    damaged: bool = False  # its content is marked damaged: reads give EIO
 
 
 @dataclass(eq=False)
@@ -166,7 +203,7 @@ class Vfs:
         *,
         max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE,
         cache_entries: int = 100_000,
-        on_entry_removed: Callable[[int, str], None] = lambda parent, name: None,
+        kernel: KernelNotifier | None = None,
         statfs_path: str | None = None,
     ) -> None:
         self.manifest = manifest
@@ -177,7 +214,11 @@ class Vfs:
         self._open: dict[int, OpenInode] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
-        self._on_entry_removed = on_entry_removed
+        self.kernel = kernel or NoKernel()
+        # Digests whose blob files a publish in flight is writing or about to reference: gc
+        # must leave those files alone (see Vfs._publish and cafs.admin.gc).
+        self._pinned: Counter[str] = Counter()
+        self._records: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
         self._statfs_path = statfs_path or str(blobs.blob_dir)
         self._runs_nlink: int | None = None
         now = time.time_ns()
@@ -200,7 +241,12 @@ class Vfs:
         node = self.cache.node(ino)
         if node is not None:
             return node
-        node = self._blob_node(ino) if ino >= BLOB_INODE_BASE else self.manifest.node(ino)
+        if ino >= BLOB_INODE_BASE:
+            node = self._blob_node(ino)
+        elif ino >= RECORD_INODE_BASE:
+            node = self._record_node(ino - RECORD_INODE_BASE)
+        else:
+            node = self.manifest.node(ino)
         if node is not None:
             self.cache.put(node)
             return node
@@ -216,6 +262,27 @@ class Vfs:
         created = self.manifest.blob_created_ns(blob.blob_id)
         return Node(ino, BLOBS_INODE, blob.digest, Kind.BLOB, 0o444, 0, 0, created, created, 1,
                     blob=blob)
+
+    def _record_node(self, dir_ino: int) -> Node | None:
+        directory = self.manifest.node(dir_ino)
+        if directory is None or not directory.kind.has_record:
+            return None
+        return Node(RECORD_INODE_BASE + dir_ino, dir_ino, RECORD_NAME, Kind.RECORD, 0o444,
+                    directory.uid, directory.gid, directory.mtime_ns, directory.ctime_ns, 1)
+
+    def record_bytes(self, record: Node) -> bytes:
+        """A directory's record, recomputed only when the manifest changed since."""
+        cached = self._records.get(record.parent)
+        if cached is not None and cached[0] == self.manifest.changes:
+            return cached[1]
+        directory = self.node(record.parent)
+        execution = self._execution_of(directory)
+        assert execution is not None
+        data = build_record(self.manifest, directory, execution)
+        self._records[record.parent] = (self.manifest.changes, data)
+        while len(self._records) > RECORDS_CACHED:
+            self._records.popitem(last=False)
+        return data
 
     def lookup(self, parent: int, raw_name: bytes) -> Attr:
         name = _lookup_name(raw_name)
@@ -235,6 +302,8 @@ class Vfs:
             if blob is None:
                 raise NotFound(name)
             return self.node(BLOB_INODE_BASE + blob.blob_id)
+        if name == RECORD_NAME and parent.kind.has_record:
+            return self.node(RECORD_INODE_BASE + parent.ino)
         ino = self.cache.entry(parent.ino, name)
         if ino is not None:
             cached = self.cache.node(ino)
@@ -246,11 +315,31 @@ class Vfs:
         self.cache.put(node)
         return node
 
+    def _execution_of(self, node: Node) -> Node | None:
+        """The execution a node lives in (itself for an execution); None outside runs/<exec>."""
+        try:
+            while node.kind is not Kind.EXECUTION:
+                if node.kind in (Kind.ROOT, Kind.RUNS, Kind.BLOBS, Kind.BLOB):
+                    return None
+                node = self.node(node.parent)
+        except NotFound:  # an unlinked file's directory may be gone too
+            return None
+        return node
+
+    def _check_unsealed(self, *nodes: Node) -> None:
+        """Sealed runs are immutable, for root too: EROFS for any change inside them."""
+        for node in nodes:
+            run = self._execution_of(node)
+            if run is not None and run.sealed_ns is not None:
+                raise ReadOnly(f"runs/{run.name} is sealed")
+
     def getattr(self, ino: int) -> Attr:
         return self.attr(self.node(ino))
 
     def attr(self, node: Node) -> Attr:
         size, stored, mtime = node.size, node.blob.stored_size if node.blob else 0, node.mtime_ns
+        if node.kind is Kind.RECORD:
+            size = stored = len(self.record_bytes(node))
         opened = self._open.get(node.ino)
         if opened is not None:
             node = opened.node if opened.unlinked else node
@@ -268,6 +357,7 @@ class Vfs:
             blocks=(stored + 511) // 512,
             mtime_ns=mtime,
             ctime_ns=node.ctime_ns,
+            volatile=node.kind is Kind.RECORD,
         )
 
     def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
@@ -288,6 +378,8 @@ class Vfs:
                     yield blob.digest.encode(), self.attr(node), blob.blob_id
                 after = blobs[-1].blob_id
             return
+        # .record.json is not listed: cp -r, rsync, tar, du and rm -rf must see only what users
+        # stored (a listed record would be copied into the next run, or block rm -rf).
         after = start
         while page := self.manifest.children(ino, after, READDIR_PAGE):
             for node in page:
@@ -320,6 +412,7 @@ class Vfs:
     def mkdir(self, parent_ino: int, raw_name: bytes, mode: int, caller: Caller) -> Attr:
         parent = self.node(parent_ino)
         name = _new_name(raw_name)
+        self._check_unsealed(parent)
         kind = self._new_child_kind(parent, name, want_dir=True)
         node = self.manifest.add_node(parent.ino, name, kind, mode & 0o7777, caller.uid,
                                       caller.gid, time.time_ns())
@@ -331,6 +424,7 @@ class Vfs:
                caller: Caller) -> tuple[int, Attr]:
         parent = self.node(parent_ino)
         name = _new_name(raw_name)
+        self._check_unsealed(parent)
         kind = self._new_child_kind(parent, name, want_dir=False)
         # The row exists from now on (it gives the inode its number) but has no version until
         # the first publish; start-up removes such rows if the daemon died before that.
@@ -354,6 +448,7 @@ class Vfs:
         parent = self.node(parent_ino)
         node = self._child(parent, _lookup_name(raw_name))
         self._check_removable(parent, node)
+        self._check_unsealed(node)
         if node.kind.is_dir:
             raise IsADirectory()
         self._remove(node)
@@ -362,6 +457,7 @@ class Vfs:
         parent = self.node(parent_ino)
         node = self._child(parent, _lookup_name(raw_name))
         self._check_removable(parent, node)
+        self._check_unsealed(node)
         if not node.kind.is_dir:
             raise NotADirectory()
         if self.manifest.has_children(node.ino):
@@ -373,6 +469,8 @@ class Vfs:
             raise ReadOnly("blobs/ is read-only")
         if parent.kind is Kind.ROOT:
             raise NotPermitted(f"{node.name} is part of the mount's fixed layout")
+        if node.kind is Kind.RECORD:
+            raise NotPermitted(f"{RECORD_NAME} is computed by cafs")
 
     def _remove(self, node: Node) -> None:
         self.manifest.remove_node(node, time.time_ns())
@@ -395,6 +493,7 @@ class Vfs:
             if directory.kind is Kind.BLOBS:
                 raise ReadOnly("blobs/ is read-only")
         self._check_removable(old_parent, node)
+        self._check_unsealed(node, new_parent)
         if new_parent.kind.child_kind(node.kind.is_dir) is not node.kind:
             raise NotPermitted(f"a {node.kind.value} cannot move into a {new_parent.kind.value}")
         if node.kind.is_dir:
@@ -406,6 +505,8 @@ class Vfs:
         if replaced is not None:
             if replaced.ino == node.ino:
                 return
+            if replaced.kind is Kind.RECORD:
+                raise NotPermitted(f"{RECORD_NAME} is computed by cafs")
             if flags & RENAME_NOREPLACE:
                 raise AlreadyExists(new_name)
             if replaced.kind.is_dir and not node.kind.is_dir:
@@ -450,6 +551,7 @@ class Vfs:
                       caller: Caller) -> Attr:
         node = self.node(ino)
         _refuse_fixed_change(node)
+        self._check_unsealed(node)
         handle = self._handle(fh) if fh is not None else None
         if changes.size is not None:
             if node.kind.is_dir:
@@ -516,8 +618,9 @@ class Vfs:
         if node.kind.is_dir:
             raise IsADirectory()
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if writable and node.kind is Kind.BLOB:
-            raise ReadOnly("blobs/ is read-only")
+        if writable:
+            _refuse_fixed_change(node)
+            self._check_unsealed(node)
         inode = self._open_inode(node)
         handle = self._new_handle(inode, writable, caller)
         # libfuse negotiates atomic O_TRUNC: truncation arrives here, not as setattr(size=0).
@@ -533,7 +636,11 @@ class Vfs:
         inode = self._open.get(node.ino)
         if inode is None:
             inode = OpenInode(node=node, lock=self.runtime.new_lock())
-            if node.blob is not None:
+            if node.kind is Kind.RECORD:
+                inode.reader = MemoryReader(self.record_bytes(node))
+            elif node.blob is not None and node.blob.damaged:
+                inode.damaged = True  # opening works (rewriting it heals it); reading fails
+            elif node.blob is not None:
                 inode.reader = self.blobs.open(node.blob.digest, node.blob.encoding)
             self._open[node.ino] = inode
         return inode
@@ -557,6 +664,8 @@ class Vfs:
         # until the new blob replaces it, so this never reads a closed file.
         if inode.temp is not None:
             return inode.temp.read(offset, size)
+        if inode.damaged:
+            raise _damaged(inode.node)
         if inode.reader is not None:
             return inode.reader.read(offset, size)
         return b""
@@ -564,6 +673,7 @@ class Vfs:
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._handle(fh)
         self._check_writable(handle)
+        self._check_unsealed(handle.inode.node)
         if offset + len(data) > self.max_artifact_size:
             raise FileTooBig("write beyond the maximum artifact size")
         inode = handle.inode
@@ -590,6 +700,8 @@ class Vfs:
         """Give the inode a temp to write into; copy-on-write of the current content."""
         if inode.temp is not None:
             return
+        if keep_content and inode.damaged:
+            raise _damaged(inode.node)
         temp = self.blobs.new_temp()
         try:
             reader = inode.reader
@@ -621,39 +733,63 @@ class Vfs:
             if temp is None or inode.unlinked:
                 return
             try:
+                self._check_unsealed(inode.node)
+            except ReadOnly:
+                self._fail(inode, None, errno.EROFS)
+                raise
+            try:
                 if temp.needs_rehash:
                     digest = await self._maybe_offload(temp.size, temp.digest)
                 else:
                     digest = temp.digest()
-                known = self.manifest.blob(digest)
-                if known is not None and self.blobs.has(digest):
-                    stored = StoredBlob(digest, known.size, known.stored_size, known.encoding)
-                else:
-                    if known is not None:  # damage: the bytes just written can restore it
-                        log.warning("blob %s was missing; restored from a new write", digest)
-                    stored = await self._maybe_offload(temp.size, self.blobs.publish, temp, digest)
             except OSError as exc:
                 self._fail(inode, None, exc.errno or errno.EIO)
                 raise
-            if inode.unlinked:  # unlinked while the blob was being written: nothing to record
-                return
-            # From here on no await: the manifest change and the swap of readers are atomic.
-            now = time.time_ns()
-            node = inode.node
-            new_node = self.manifest.publish(stored, NewVersion(
-                node_id=node.ino, mode=node.mode, uid=writer.uid, gid=writer.gid,
-                mtime_ns=inode.mtime_ns or now, ctime_ns=now,
-                content_type=mimetypes.guess_type(node.name)[0], now_ns=now,
-            ))
-            old_reader = inode.reader
-            inode.reader = self.blobs.open(digest, stored.encoding)
-            if old_reader is not None:
-                old_reader.close()
-            temp.discard()
-            inode.temp = None
-            inode.mtime_ns = None
-            inode.node = new_node
-            self.cache.put(new_node)
+            self._pinned[digest] += 1
+            try:
+                await self._publish_pinned(inode, temp, digest, writer)
+            finally:
+                self._pinned[digest] -= 1
+                if not self._pinned[digest]:
+                    del self._pinned[digest]
+
+    async def _publish_pinned(self, inode: OpenInode, temp: TempBlob, digest: Digest,
+                              writer: Caller) -> None:
+        """Store the blob (unless the store has it) and record the version. The digest is
+        pinned throughout, so gc leaves its blob file alone."""
+        try:
+            known = self.manifest.blob(digest)
+            if known is not None and not known.damaged and self.blobs.has(digest):
+                stored = StoredBlob(digest, known.size, known.stored_size, known.encoding,
+                                    fresh=False)
+            else:
+                if known is not None:  # damage: the bytes just written can restore it
+                    log.warning("blob %s was missing or damaged; restored from a new write",
+                                digest)
+                stored = await self._maybe_offload(temp.size, self.blobs.publish, temp, digest)
+        except OSError as exc:
+            self._fail(inode, None, exc.errno or errno.EIO)
+            raise
+        if inode.unlinked:  # unlinked while the blob was being written: nothing to record
+            return
+        # From here on no await: the manifest change and the swap of readers are atomic.
+        now = time.time_ns()
+        node = inode.node
+        new_node = self.manifest.publish(stored, NewVersion(
+            node_id=node.ino, mode=node.mode, uid=writer.uid, gid=writer.gid,
+            mtime_ns=inode.mtime_ns or now, ctime_ns=now,
+            content_type=mimetypes.guess_type(node.name)[0], now_ns=now,
+        ))
+        old_reader = inode.reader
+        inode.reader = self.blobs.open(digest, stored.encoding)
+        inode.damaged = False
+        if old_reader is not None:
+            old_reader.close()
+        temp.discard()
+        inode.temp = None
+        inode.mtime_ns = None
+        inode.node = new_node
+        self.cache.put(new_node)
         # No kernel cache invalidation here: the content changed through this kernel (its page
         # cache saw every write, atomic O_TRUNC truncated it, writes invalidated attributes).
         # Measured: invalidating each published inode cost ~1.1 ms per small file.
@@ -696,7 +832,7 @@ class Vfs:
             self.manifest.remove_node(node, time.time_ns())
             self.cache.drop(node.ino)
             self._directory_changed(node.parent)
-            self._on_entry_removed(node.parent, node.name)
+            self.kernel.entry_gone(node.parent, node.name)
 
     async def _maybe_offload(self, size: int, fn: Callable[..., T], *args: object) -> T:
         if size >= OFFLOAD_BYTES:
@@ -705,6 +841,32 @@ class Vfs:
 
     def open_handles(self) -> int:
         return len(self._handles)
+
+    # -- what admin commands ask of a running mount (cafs.admin.Live) ---------------------
+
+    def pinned_digests(self) -> set[str]:
+        return set(self._pinned)
+
+    def writers_in(self, execution_ino: int) -> int:
+        """Handles open for writing inside a run (sealing waits for none)."""
+        count = 0
+        for handle in self._handles.values():
+            if handle.writable:
+                run = self._execution_of(handle.inode.node)
+                count += run is not None and run.ino == execution_ino
+        return count
+
+    def nodes_changed(self, inos: Iterable[int]) -> None:
+        """Nodes changed behind the kernel's back: forget them here and in the kernel."""
+        for ino in inos:
+            self._directory_changed(ino)
+            self.cache.drop(ino)
+            self.kernel.inode_changed(ino)
+
+    def blobs_removed(self, blobs: Iterable[BlobRef]) -> None:
+        for blob in blobs:
+            self.cache.drop(BLOB_INODE_BASE + blob.blob_id)
+            self.kernel.entry_gone(BLOBS_INODE, blob.digest)
 
     # -- extended attributes --------------------------------------------------------------
 
@@ -729,6 +891,10 @@ class Vfs:
         names = []
         if node.blob is not None:
             names = [f"{XATTR_PREFIX}{key}" for key in VIRTUAL_XATTRS]
+        if node.kind is Kind.FILE and node.version_id is not None:
+            names.append(f"{XATTR_PREFIX}version")
+        if node.kind is Kind.EXECUTION and node.sealed_ns is not None:
+            names.append(f"{XATTR_PREFIX}root")
         if _has_tags(node):
             names += self.manifest.tag_names(ino)
         return [name.encode() for name in names]
@@ -737,6 +903,7 @@ class Vfs:
         node = self.node(ino)
         name = _xattr_name(raw_name)
         _refuse_fixed_change(node)
+        self._check_unsealed(node)
         if not name.startswith("user."):
             raise NotSupported("only user.* attributes are kept")
         if name.startswith(XATTR_PREFIX):
@@ -748,6 +915,7 @@ class Vfs:
         node = self.node(ino)
         name = _xattr_name(raw_name)
         _refuse_fixed_change(node)
+        self._check_unsealed(node)
         if name.startswith(XATTR_PREFIX):
             raise NotPermitted(f"{name} is read-only")
         if not name.startswith("user.") or not self.manifest.remove_tag(ino, name, time.time_ns()):
@@ -755,6 +923,12 @@ class Vfs:
         self.cache.drop(ino)
 
     def _virtual_xattr(self, node: Node, key: str) -> bytes:
+        if key == "version" and node.kind is Kind.FILE and node.version_id is not None:
+            return str(node.version_id).encode()
+        if key == "root" and node.kind is Kind.EXECUTION:
+            root = self.manifest.root_of(node.ino)
+            if root is not None:
+                return root.encode()
         blob = node.blob
         if blob is None or key not in VIRTUAL_XATTRS:
             raise NoAttribute(f"{XATTR_PREFIX}{key}")
@@ -769,9 +943,16 @@ def _has_tags(node: Node) -> bool:
     return node.kind in (Kind.EXECUTION, Kind.LAYER, Kind.DIR, Kind.FILE)
 
 
+def _damaged(node: Node) -> Damaged:
+    digest = node.blob.digest if node.blob else "?"
+    return Damaged(f"{node.name}: its content {digest} is damaged (see cafs fsck)")
+
+
 def _refuse_fixed_change(node: Node) -> None:
     if node.kind is Kind.BLOB or node.kind is Kind.BLOBS:
         raise ReadOnly("blobs/ is read-only")
+    if node.kind is Kind.RECORD:
+        raise ReadOnly(f"{RECORD_NAME} is read-only")
     if node.kind in (Kind.ROOT, Kind.RUNS):
         raise NotPermitted("the mount's fixed layout cannot change")
 

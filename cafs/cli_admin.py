@@ -1,0 +1,425 @@
+"""The life-cycle commands of `cafs`: log, cat, seal, unseal, find, gc, fsck, export, import.
+
+Owns: their arguments and output. Each command is one request to cafs.admin, run by the daemon
+over the control socket when the store is mounted (so the mount stays right), or here, holding
+the store's lock, when it is not. Paths are given either inside a mount (/mnt/cafs/runs/e1) or
+relative to the store's namespace (runs/e1, with --store).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import click
+import trio
+
+from cafs.admin import Admin, NotMounted
+from cafs.blobstore import BlobStore
+from cafs.cli_common import (
+    EXIT_FAILED,
+    config_option,
+    errors_as_exit_codes,
+    fail,
+    human_size,
+    mounts_of_type,
+    open_store,
+    resolve_store,
+    settings_from,
+    store_option,
+)
+from cafs.control import call
+from cafs.daemon import TrioRuntime
+from cafs.digest import Digest
+from cafs.errors import CafsError, StoreBusy, StoreError
+from cafs.fsck import fsck as check_store
+from cafs.store import MANIFEST_NAME, Store, is_locked, lock_holder_text
+
+# -- where a PATH argument lives ----------------------------------------------------------
+
+
+def locate(path_arg: str, store: Path | None, config: Path | None) -> tuple[Path, str]:
+    """(store, path in the namespace) for PATH: a path inside a cafs mount, or runs/... of the
+    store given by --store (or the default one)."""
+    absolute = Path(os.path.abspath(path_arg))
+    for mountpoint, source in sorted(mounts_of_type("fuse.cafs"), key=lambda m: -len(m[0].parts)):
+        if absolute == mountpoint or mountpoint in absolute.parents:
+            found = Path(source)
+            if store is not None and store.absolute() != found:
+                raise click.UsageError(f"{path_arg} is in the mount of {found}, not of {store}")
+            return found, absolute.relative_to(mountpoint).as_posix()
+    rel = "/".join(part for part in path_arg.split("/") if part not in ("", "."))
+    if rel.split("/")[0] != "runs":
+        raise click.UsageError(f"{path_arg}: give a path inside a cafs mount, or runs/... "
+                               "of the store (with --store)")
+    return resolve_store(store, settings_from(config)), rel
+
+
+def store_root(store: Path | None, config: Path | None) -> Path:
+    return resolve_store(store, settings_from(config))
+
+
+# -- running a command --------------------------------------------------------------------
+
+
+class TerminalProgress:
+    """A one-line progress bar on stderr, only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self._shown = 0.0
+        self._dirty = False
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._shown < 0.2 and done < total):
+            return
+        self._shown = now
+        share = done / total if total else 1.0
+        bar = "#" * int(share * 30)
+        sys.stderr.write(f"\r{what} [{bar:<30}] {share:4.0%} ({done}/{total})")
+        sys.stderr.flush()
+        self._dirty = True
+
+    def finish(self) -> None:
+        if self._dirty:
+            sys.stderr.write("\n")
+
+
+def run_admin(root: Path, command: str, args: dict[str, Any],
+              files: list[IO[bytes]] | None = None) -> dict[str, Any]:
+    """Run an admin command where it must run: in the daemon if one serves the store, else
+    here under the store's lock. Failures exit with a message (1; 3 for the store)."""
+    files = files or []
+    progress = TerminalProgress()
+    try:
+        with errors_as_exit_codes(command_failure=EXIT_FAILED):
+            if not (root / MANIFEST_NAME).exists():
+                raise StoreError(f"no store at {root}")
+            for _ in range(3):
+                if is_locked(root):
+                    holder = lock_holder_text(root)
+                    if "mounted at" not in holder:
+                        raise StoreBusy(f"store {root} is in use ({holder})")
+                    return call(root, command, args, [f.fileno() for f in files], progress)
+                try:
+                    return _run_here(root, command, args, files, progress)
+                except StoreBusy:  # a daemon started meanwhile: ask it instead
+                    continue
+            raise StoreBusy(f"store {root} is in use")
+    finally:
+        progress.finish()
+
+
+def _run_here(root: Path, command: str, args: dict[str, Any], files: list[IO[bytes]],
+              progress: TerminalProgress) -> dict[str, Any]:
+    opened = Store.open(root, lock=True, owner=f"running cafs {command}")
+    try:
+        admin = Admin(opened, TrioRuntime(), NotMounted(), mounted=False, progress=progress)
+        return trio.run(admin.run, command, args, files)
+    finally:
+        opened.close()
+
+
+def emit_json(result: dict[str, Any]) -> None:
+    click.echo(json.dumps(result, indent=2))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+
+
+# -- history ------------------------------------------------------------------------------
+
+
+@click.command()
+@store_option
+@config_option
+@json_option
+@click.argument("path")
+def log(store: Path | None, config: Path | None, as_json: bool, path: str) -> None:
+    """List every version of the artifact at PATH, oldest first.
+
+    Each publish (a close after writing) is a version. Read an old one with
+    `cafs cat PATH@VERSION`, or through the mount as blobs/<sha256>.
+
+    Example: cafs log /mnt/cafs/runs/e1/train/model.bin
+    """
+    root, rel = locate(path, store, config)
+    result = run_admin(root, "log", {"path": rel})
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"{'VERSION':>8}  {'PUBLISHED':<24}  {'SIZE':>10}  {'UID':>6}  SHA256")
+    for version in result["versions"]:
+        marks = " (current)" if version["current"] else ""
+        marks += " DAMAGED" if version["damaged"] else ""
+        click.echo(f"{version['version']:>8}  {version['published']:<24}  "
+                   f"{human_size(version['size']):>10}  {version['uid']:>6}  "
+                   f"{version['sha256']}{marks}")
+
+
+@click.command()
+@store_option
+@config_option
+@click.argument("path")
+def cat(store: Path | None, config: Path | None, path: str) -> None:
+    """Write an artifact's content to stdout: PATH for the current version, PATH@VERSION for
+    an older one (see cafs log). The bytes are checked against their SHA-256.
+
+    Example: cafs cat /mnt/cafs/runs/e1/train/model.bin@3 > model-v3.bin
+    """
+    base, _, suffix = path.rpartition("@")
+    version = None
+    if base and suffix.isdigit():
+        path, version = base, int(suffix)
+    root, rel = locate(path, store, config)
+    found = run_admin(root, "version", {"path": rel, "version": version})
+    with errors_as_exit_codes(command_failure=EXIT_FAILED):
+        _copy_blob(root, found, sys.stdout.buffer)
+
+
+def _copy_blob(root: Path, found: dict[str, Any], out: IO[bytes]) -> None:
+    """Stream one blob straight from the store (blob files never change once written)."""
+    reader = BlobStore(root).open(Digest(found["sha256"]), found["encoding"])
+    hasher = hashlib.sha256()
+    try:
+        offset = 0
+        while chunk := reader.read(offset, 1 << 20):
+            hasher.update(chunk)
+            out.write(chunk)
+            offset += len(chunk)
+    finally:
+        reader.close()
+    out.flush()
+    if hasher.hexdigest() != found["sha256"] or offset != found["size"]:
+        raise CafsError(f"{found['path']}@{found['version']}: the stored bytes do not match "
+                        "their SHA-256; run cafs fsck --repair")
+
+
+# -- sealing ------------------------------------------------------------------------------
+
+
+@click.command()
+@store_option
+@config_option
+@click.argument("path")
+def seal(store: Path | None, config: Path | None, path: str) -> None:
+    """Make the run at PATH (runs/<execution>) immutable and record its root hash.
+
+    Afterwards every change inside it fails with EROFS (read-only file system), for root too.
+    The root hash (xattr user.cafs.root, and in .record.json) covers the sorted
+    (path, sha256) list of its artifacts: equal outputs give equal roots.
+
+    Example: cafs seal /mnt/cafs/runs/e1
+    """
+    root, rel = locate(path, store, config)
+    result = run_admin(root, "seal", {"path": rel})
+    state = "was already sealed" if result["already"] else "sealed"
+    click.echo(f"{rel} {state}: root {result['root_sha256']}")
+
+
+@click.command()
+@store_option
+@config_option
+@click.argument("path")
+def unseal(store: Path | None, config: Path | None, path: str) -> None:
+    """Open a sealed run for changes again (it loses its root hash).
+
+    Example: cafs unseal /mnt/cafs/runs/e1
+    """
+    root, rel = locate(path, store, config)
+    run_admin(root, "unseal", {"path": rel})
+    click.echo(f"{rel} is open for changes")
+
+
+# -- queries ------------------------------------------------------------------------------
+
+
+@click.command()
+@store_option
+@config_option
+@click.option("--run", "run", metavar="EXEC", help="Only artifacts of this execution.")
+@click.option("--layer", metavar="LAYER", help="Only this layer (needs --run).")
+@click.option("--tag", "tags", multiple=True, metavar="KEY[=VALUE]",
+              help="Has this user tag (user. may be left out); repeat to require several.")
+@click.option("--sha256", metavar="HEX", help="Holds exactly this content.")
+@click.option("-0", "--print0", is_flag=True, help="End each path with NUL (for xargs -0).")
+@json_option
+def find(store: Path | None, config: Path | None, run: str | None, layer: str | None,
+         tags: tuple[str, ...], sha256: str | None, print0: bool, as_json: bool) -> None:
+    """List the paths (runs/...) of artifacts and directories that match every condition.
+
+    Tags are the user.* xattrs set with setfattr.
+
+    Example: cafs find --run e1 --tag stage=prod
+    """
+    tag_pairs = []
+    for tag in tags:
+        key, has_value, value = tag.partition("=")
+        if not key:
+            raise click.UsageError(f"--tag {tag!r}: the key is missing")
+        tag_pairs.append([key if key.startswith("user.") else f"user.{key}",
+                          value if has_value else None])
+    args = {"run": run, "layer": layer, "tags": tag_pairs,
+            "sha256": sha256.lower() if sha256 else None}
+    result = run_admin(store_root(store, config), "find", args)
+    if as_json:
+        emit_json(result)
+        return
+    for path in result["paths"]:
+        click.echo(path, nl=not print0)
+        if print0:
+            click.echo("\0", nl=False)
+
+
+# -- collecting and repairing -------------------------------------------------------------
+
+
+@click.command()
+@store_option
+@config_option
+@click.option("--dry-run", "-n", is_flag=True, help="Report what would go; remove nothing.")
+@click.option("--keep-versions", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Keep at most N superseded versions per artifact (default: all).")
+@json_option
+def gc(store: Path | None, config: Path | None, dry_run: bool, keep_versions: int | None,
+       as_json: bool) -> None:
+    """Remove superseded versions beyond the retention, the history of deleted artifacts,
+    and every blob nothing references any more. Safe while mounted.
+
+    Example: cafs gc --keep-versions 3 --dry-run
+    """
+    result = run_admin(store_root(store, config), "gc",
+                       {"keep_versions": keep_versions, "dry_run": dry_run})
+    if as_json:
+        emit_json(result)
+        return
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {result['versions_removed']} versions, {result['blobs_removed']} blobs "
+               f"and {result['orphan_files_removed']} orphan blob files; "
+               f"{'would reclaim' if dry_run else 'reclaimed'} "
+               f"{human_size(result['bytes_reclaimed'])} ({result['bytes_reclaimed']} bytes)")
+
+
+@click.command()
+@store_option
+@config_option
+@click.option("--full", is_flag=True, help="Also re-hash every blob (reads everything).")
+@click.option("--repair", is_flag=True,
+              help="Fix what can be fixed (re-hashes every blob; safe while mounted).")
+@json_option
+def fsck(store: Path | None, config: Path | None, full: bool, repair: bool,
+         as_json: bool) -> None:
+    """Check the manifest against the blobs; exit 1 if anything is damaged.
+
+    Orphan blobs and temp files (what a crash can leave) are listed but are not damage.
+    With --repair: fix refcounts, remove orphan blobs and stray temp files, mark artifacts
+    whose content is missing or wrong as damaged (reading them gives EIO, never wrong bytes)
+    and move wrong blob files to quarantine/ — one manifest transaction.
+
+    Example: cafs fsck --store /srv/cafs --full
+    """
+    if repair:
+        _repair(store_root(store, config), as_json)
+        return
+    with open_store(store, config) as opened:
+        report = check_store(opened, full=full, mounted=is_locked(opened.root))
+    if as_json:
+        emit_json({"damage": report.damage, "garbage": report.garbage, "lost": report.lost,
+                   "blobs_checked": report.blobs_checked, "clean": report.clean})
+    else:
+        for line in report.damage:
+            click.echo(f"DAMAGE  {line}")
+        for line in report.lost:
+            click.echo(f"lost    {line}")
+        for line in report.garbage:
+            click.echo(f"garbage {line}")
+        rehashed = f", {report.blobs_rehashed} re-hashed" if full else ""
+        verdict = "clean" if report.clean else f"{len(report.damage)} problems"
+        click.echo(f"{report.blobs_checked} blobs checked{rehashed}: {verdict}")
+    if not report.clean:
+        sys.exit(EXIT_FAILED)
+
+
+def _repair(root: Path, as_json: bool) -> None:
+    result = run_admin(root, "repair", {})
+    if as_json:
+        emit_json(result)
+        return
+    for line in result["damaged"]:
+        click.echo(f"marked damaged  {line}")
+    for name in result["quarantined"]:
+        click.echo(f"quarantined     quarantine/{name}")
+    for path in result["damaged_artifacts"]:
+        click.echo(f"DAMAGED         {path} (reads give EIO until it is written again)")
+    click.echo(f"{result['blobs_checked']} blobs re-hashed; fixed {result['refcounts_fixed']} "
+               f"refcounts; removed {result['orphan_files_removed']} orphan blobs, "
+               f"{result['temp_files_removed']} temp files and "
+               f"{result['unfinished_files_removed']} unfinished files; "
+               f"{result['healed']} blobs healed")
+
+
+# -- bundles ------------------------------------------------------------------------------
+
+
+@click.command()
+@store_option
+@config_option
+@click.option("-o", "--output", required=True, metavar="FILE",
+              help="The bundle to write (a tar file), or - for stdout.")
+@click.argument("path")
+def export(store: Path | None, config: Path | None, output: str, path: str) -> None:
+    """Write the run at PATH, with its versions and tags, as a bundle that tar can unpack.
+
+    Example: cafs export /mnt/cafs/runs/e1 -o e1.cafs.tar
+    """
+    root, rel = locate(path, store, config)
+    if output == "-":
+        if sys.stdout.isatty():
+            raise click.UsageError("refusing to write a bundle to a terminal; use -o FILE")
+        result = run_admin(root, "export", {"path": rel}, [sys.stdout.buffer])
+    else:
+        # Written under a temporary name, renamed when complete: never a partial bundle.
+        partial = Path(f"{output}.partial-{os.getpid()}")
+        try:
+            with open(partial, "wb") as out:
+                result = run_admin(root, "export", {"path": rel}, [out])
+            partial.rename(output)
+        except OSError as exc:
+            fail(f"cannot write {output}: {exc.strerror}", EXIT_FAILED)
+        finally:
+            partial.unlink(missing_ok=True)
+    click.echo(f"exported {rel}: {result['artifacts']} artifacts, {result['blobs']} blobs, "
+               f"{human_size(result['content_bytes'])}", err=output == "-")
+
+
+@click.command(name="import")
+@store_option
+@config_option
+@click.option("--as", "name", metavar="NAME", help="Import as runs/NAME (default: its name).")
+@click.argument("bundle")
+def import_(store: Path | None, config: Path | None, name: str | None, bundle: str) -> None:
+    """Add the run in BUNDLE (from cafs export; - for stdin) to the store, storing only the
+    content the store does not have yet.
+
+    Example: cafs import e1.cafs.tar --as e1-copy
+    """
+    root = store_root(store, config)
+    if name is not None and ("/" in name or name in ("", ".", "..")):
+        raise click.UsageError(f"--as {name!r}: not a valid execution name")
+    try:
+        source = sys.stdin.buffer if bundle == "-" else open(bundle, "rb")  # noqa: SIM115
+    except OSError as exc:
+        fail(f"cannot read {bundle}: {exc.strerror}", EXIT_FAILED)
+    with source:
+        result = run_admin(root, "import", {"name": name}, [source])
+    click.echo(f"imported {result['path']}: {result['artifacts']} artifacts; "
+               f"{result['blobs_added']} new blobs, {result['blobs_present']} already stored")
+
+
+COMMANDS = [log, cat, seal, unseal, find, gc, fsck, export, import_]

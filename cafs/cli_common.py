@@ -1,0 +1,133 @@
+"""What every `cafs` command shares: exit codes, error messages, store and config options.
+
+Exit codes (documented in the README):
+
+    0  success
+    1  the command failed (fsck: damage found); the message says why
+    2  usage error (bad arguments or options)
+    3  store error: missing, in use by another daemon, unreadable, or placed inside the mountpoint
+    4  mount error: mountpoint missing or busy, FUSE unavailable, daemon failed to start
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from cafs.config import Settings, load_settings
+from cafs.daemon import MountError
+from cafs.errors import CafsError, StoreError
+from cafs.store import Store, default_store_path
+
+EXIT_FAILED = 1
+EXIT_STORE = 3
+EXIT_MOUNT = 4
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"cafs: {message}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def errors_as_exit_codes(command_failure: int = EXIT_STORE) -> Iterator[None]:
+    """One line on stderr and an exit code for every failure: never a traceback."""
+    try:
+        yield
+    except MountError as exc:
+        fail(str(exc), EXIT_MOUNT)
+    except StoreError as exc:
+        fail(str(exc), EXIT_STORE)
+    except CafsError as exc:
+        fail(str(exc), command_failure)
+
+
+store_option = click.option(
+    "--store", "store", type=click.Path(path_type=Path), default=None,
+    help="Store directory (default: $CAFS_STORE, else the configuration file's store, "
+         "else $XDG_DATA_HOME/cafs).",
+)
+config_option = click.option(
+    "--config", "config", type=click.Path(path_type=Path), default=None,
+    help="Configuration file (default: $CAFS_CONFIG, else /etc/cafs/cafs.toml if present).",
+)
+
+
+def settings_from(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except CafsError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def resolve_store(store: Path | None, settings: Settings) -> Path:
+    """--store, else $CAFS_STORE, else the configuration file, else the per-user default."""
+    if store is None and not os.environ.get("CAFS_STORE") and settings.store is not None:
+        store = settings.store
+    return (store or default_store_path()).absolute()
+
+
+def resolve_mountpoint(mountpoint: Path | None, settings: Settings) -> Path:
+    mountpoint = mountpoint or settings.mountpoint
+    if mountpoint is None:
+        raise click.UsageError("no MOUNTPOINT given and none in the configuration file")
+    return mountpoint.absolute()
+
+
+
+def _mounts() -> list[tuple[Path, str, str]]:
+    """(mountpoint, fstype, source) of every mount, bottom to top, from /proc/self/mountinfo."""
+    found = []
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            separator = fields.index("-")
+            found.append((Path(_unescape(fields[4])), fields[separator + 1],
+                          _unescape(fields[separator + 2])))
+    return found
+
+
+def find_mount(mountpoint: Path) -> tuple[str, str] | None:
+    """(fstype, source) of the mount at mountpoint (the one on top)."""
+    target = mountpoint.absolute()
+    found = None
+    for point, fstype, source in _mounts():
+        if point == target:
+            found = (fstype, source)
+    return found
+
+
+def mounts_of_type(fstype: str) -> list[tuple[Path, str]]:
+    """(mountpoint, source) of every mount of one type."""
+    return [(point, source) for point, kind, source in _mounts() if kind == fstype]
+
+
+def _unescape(text: str) -> str:
+    return text.encode().decode("unicode_escape").encode("latin-1").decode()
+
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
+        value /= 1024
+    return f"{size} B"
+
+
+@contextmanager
+def open_store(store: Path | None, config: Path | None) -> Iterator[Store]:
+    settings = settings_from(config)
+    with errors_as_exit_codes():
+        opened = Store.open(resolve_store(store, settings), create=False)
+        try:
+            yield opened
+        finally:
+            opened.close()

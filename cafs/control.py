@@ -1,0 +1,227 @@
+"""The control socket: how `cafs` admin commands reach the daemon serving a store.
+
+Owns: `<store>/control.sock` and its protocol. A client sends one JSON line
+`{"command": ..., "args": {...}}`, with open file descriptors (an export's output, an import's
+input) passed alongside by SCM_RIGHTS, so the daemon reads and writes exactly the files the
+caller could open itself. The daemon answers with JSON lines: any number of
+`{"progress": [what, done, total]}`, then one `{"result": {...}}` or
+`{"error": message, "errno": N}`.
+
+Who may connect: the socket lives in the store directory (0700), and the daemon also checks the
+peer's uid (root or the daemon's own user). Commands run one at a time.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import IO, Any
+
+import trio
+
+from cafs.errors import CafsError, StoreError
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "control.sock"
+MAX_FDS = 2
+MAX_REQUEST = 1 << 20
+PROGRESS_INTERVAL = 0.25
+# sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+Handler = Callable[[str, dict[str, Any], list[IO[bytes]], Callable[[str, int, int], None]],
+                   Awaitable[dict[str, Any]]]
+
+
+class AdminError(CafsError):
+    """The daemon ran the command and it failed; carries the daemon's errno and message."""
+
+
+def socket_path(store: Path) -> Path:
+    return store / SOCKET_NAME
+
+
+# -- daemon side --------------------------------------------------------------------------
+
+
+async def serve_control(store: Path, handler: Handler) -> None:
+    """Accept admin connections until cancelled. Runs inside the daemon's nursery."""
+    path = socket_path(store)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        log.warning("store path too long for a control socket (%s): admin commands cannot "
+                    "reach this daemon while it runs", path)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a stale socket of a daemon that was killed
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with listener:
+        await listener.bind(str(path))
+        os.chmod(path, 0o600)
+        listener.listen(16)
+        one_at_a_time = trio.Lock()
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    conn, _ = await listener.accept()
+                    nursery.start_soon(_serve_connection, conn, handler, one_at_a_time)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def _peer_uid(conn: trio.socket.SocketType) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+async def _receive_request(conn: trio.socket.SocketType) -> tuple[dict[str, Any], list[int]]:
+    data, fds = b"", []
+    while not data.endswith(b"\n"):
+        chunk, ancillary, _, _ = await conn.recvmsg(
+            65536, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(payload[:len(payload) - len(payload) % received.itemsize])
+                fds += list(received)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_REQUEST:
+            break
+    request = json.loads(data)
+    if not isinstance(request, dict) or not isinstance(request.get("command"), str) \
+            or not isinstance(request.get("args", {}), dict):
+        raise ValueError("malformed request")
+    return request, fds
+
+
+async def _send(conn: trio.socket.SocketType, message: dict[str, Any]) -> None:
+    data = (json.dumps(message) + "\n").encode()
+    while data:
+        sent = await conn.send(data)
+        data = data[sent:]
+
+
+async def _serve_connection(conn: trio.socket.SocketType, handler: Handler,
+                            one_at_a_time: trio.Lock) -> None:
+    files: list[IO[bytes]] = []
+    with conn:
+        try:
+            uid = _peer_uid(conn)
+            if uid not in (0, os.getuid()):
+                await _send(conn, {"error": "only root or the store's owner may run admin "
+                                   "commands", "errno": errno.EACCES})
+                return
+            request, fds = await _receive_request(conn)
+            files = [os.fdopen(fd, "r+b" if _writable(fd) else "rb", buffering=0)
+                     for fd in fds]
+            await _run_request(conn, handler, one_at_a_time, request, files)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("admin client went away: %s", exc)
+        except ValueError as exc:
+            with contextlib.suppress(OSError):
+                await _send(conn, {"error": f"bad request: {exc}", "errno": errno.EINVAL})
+        finally:
+            for file in files:
+                with contextlib.suppress(OSError):
+                    file.close()
+
+
+async def _run_request(conn: trio.socket.SocketType, handler: Handler,
+                       one_at_a_time: trio.Lock, request: dict[str, Any],
+                       files: list[IO[bytes]]) -> None:
+    command = request["command"]
+    latest: list[Any] = []
+
+    def progress(what: str, done: int, total: int) -> None:  # any thread
+        latest[:] = [what, done, total]
+
+    async def send_progress() -> None:
+        sent: list[Any] = []
+        while True:
+            await trio.sleep(PROGRESS_INTERVAL)
+            if latest and latest != sent:
+                sent = list(latest)
+                await _send(conn, {"progress": sent})
+
+    async with one_at_a_time:
+        log.info("admin command %s %s", command, json.dumps(request.get("args", {})))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_progress)
+            try:
+                result = await handler(command, request.get("args", {}), files, progress)
+                reply: dict[str, Any] = {"result": result}
+            except CafsError as exc:
+                log.info("admin command %s failed: %s", command, exc)
+                reply = {"error": str(exc), "errno": exc.errno,
+                         "store": isinstance(exc, StoreError)}
+            except TypeError as exc:  # arguments that do not fit the command
+                reply = {"error": f"bad request: {exc}", "errno": errno.EINVAL}
+            nursery.cancel_scope.cancel()
+        for file in files:  # flush an export before the client is told it is done
+            file.close()
+        await _send(conn, reply)
+
+
+def _writable(fd: int) -> bool:
+    return (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE) != os.O_RDONLY
+
+
+# -- client side --------------------------------------------------------------------------
+
+
+def call(store: Path, command: str, args: dict[str, Any], files: list[int],
+         progress: Callable[[str, int, int], None]) -> dict[str, Any]:
+    """Run an admin command in the daemon serving `store`. Raises StoreError if no daemon
+    answers, AdminError if the command failed."""
+    path = socket_path(store)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with sock:
+        _connect(sock, path)
+        data = (json.dumps({"command": command, "args": args}) + "\n").encode()
+        if files:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", files))]
+            sent = sock.sendmsg([data], ancillary)
+            sock.sendall(data[sent:])
+        else:
+            sock.sendall(data)
+        with sock.makefile("rb") as replies:
+            for line in replies:
+                message = json.loads(line)
+                if "progress" in message:
+                    progress(*message["progress"])
+                elif "result" in message:
+                    return message["result"]
+                elif "error" in message:
+                    kind = StoreError if message.get("store") else AdminError
+                    raise kind(message["error"], message.get("errno", errno.EIO))
+    raise StoreError("the daemon closed the connection without an answer (see its log)")
+
+
+def _connect(sock: socket.socket, path: Path) -> None:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise StoreError(f"the store path is too long for its control socket ({path}); "
+                         "unmount it to run admin commands")
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            sock.connect(str(path))
+            return
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            # A daemon that has just started may not listen yet.
+            if time.monotonic() > deadline:
+                raise StoreError(f"the daemon serving {path.parent} does not answer on "
+                                 f"{path} ({exc.strerror})") from None
+            time.sleep(0.05)
