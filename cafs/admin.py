@@ -420,8 +420,11 @@ class Admin:
                     raise InvalidArgument("bundle is inconsistent: its artifacts do not give "
                                           "its recorded root hash")
             present: dict[str, StoredBlob] = {}
+            healed: list[int] = []
             for digest in header.blobs:
                 blob = manifest.blob(Digest(digest))
+                if blob is not None and blob.damaged:
+                    healed.append(blob.blob_id)
                 if blob is not None and not blob.damaged and self.blobs.has(blob.digest):
                     present[digest] = StoredBlob(blob.digest, blob.size, blob.stored_size,
                                                  blob.encoding, fresh=False)
@@ -443,7 +446,7 @@ class Admin:
         except BaseException:
             await self._delete_unreferenced(list(added))
             raise
-        self.live.nodes_changed([RUNS_INODE])
+        self.live.nodes_changed([RUNS_INODE, *manifest.nodes_holding_blobs(healed)])
         return {"path": f"runs/{name}", "artifacts": sum(e.kind is Kind.FILE for e in entries),
                 "blobs_added": len(added), "blobs_present": len(present),
                 "root_sha256": header.sealed[1] if header.sealed else None}

@@ -13,6 +13,7 @@ content is in the bundle, and each blob's bytes against its name. Must not know 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import tarfile
 from collections.abc import Callable, Iterator
@@ -160,28 +161,47 @@ class BundleReader:
 
     def store_blobs(self, wanted: set[str], store: BlobStore,
                     progress: Progress) -> dict[str, StoredBlob]:
-        """Store the wanted blobs as they stream past (each verified against its name)."""
+        """Store the wanted blobs as they stream past; check every other blob's bytes too, so
+        a damaged bundle is refused even where the store already has the content."""
         stored: dict[str, StoredBlob] = {}
-        total = sum(self.header.blobs[digest] for digest in wanted)
+        seen: set[str] = set()
+        total = sum(self.header.blobs.values())
         done = 0
         try:
             for member in self._members():
                 digest = member.name.removeprefix("blobs/")
-                if digest not in wanted or digest in stored:
+                if digest not in self.header.blobs or digest in seen:
                     continue
-                stored[digest] = self._store_one(member, Digest(digest), store)
+                seen.add(digest)
+                if digest in wanted:
+                    stored[digest] = self._store_one(member, Digest(digest), store)
+                else:
+                    self._check_one(member, Digest(digest))
                 done += member.size
                 progress(done, total)
+            missing = self.header.blobs.keys() - seen
+            if missing:
+                raise BadBundle(f"bundle is incomplete: blob {sorted(missing)[0]} is missing")
         except BaseException:
             for digest in stored:  # nothing records them: do not leave orphans behind
                 store.delete(Digest(digest))
             raise
-        missing = wanted - stored.keys()
-        if missing:
-            for digest in stored:
-                store.delete(Digest(digest))
-            raise BadBundle(f"bundle is incomplete: blob {sorted(missing)[0]} is missing")
         return stored
+
+    def _check_one(self, member: tarfile.TarInfo, digest: Digest) -> None:
+        self._check_size(member, digest)
+        data = self._tar.extractfile(member)
+        assert data is not None
+        hasher = hashlib.sha256()
+        while chunk := data.read(CHUNK):
+            hasher.update(chunk)
+        if hasher.hexdigest() != digest:
+            raise BadBundle(f"blob {digest}: its bytes hash to {hasher.hexdigest()}")
+
+    def _check_size(self, member: tarfile.TarInfo, digest: Digest) -> None:
+        if member.size != self.header.blobs[digest]:
+            raise BadBundle(f"blob {digest}: {member.size} bytes, the header says "
+                            f"{self.header.blobs[digest]}")
 
     def _members(self) -> Iterator[tarfile.TarInfo]:
         try:
@@ -193,9 +213,7 @@ class BundleReader:
 
     def _store_one(self, member: tarfile.TarInfo, digest: Digest,
                    store: BlobStore) -> StoredBlob:
-        if member.size != self.header.blobs[digest]:
-            raise BadBundle(f"blob {digest}: {member.size} bytes, the header says "
-                            f"{self.header.blobs[digest]}")
+        self._check_size(member, digest)
         data = self._tar.extractfile(member)
         assert data is not None
         temp: TempBlob = store.new_temp()

@@ -142,6 +142,8 @@ class NewVersion:
     ctime_ns: int
     content_type: str | None
     now_ns: int
+    # An earlier version published through the same open file: it leaves history.
+    collapses: int | None = None
 
 
 class Manifest:
@@ -418,6 +420,9 @@ class Manifest:
                 "UPDATE nodes SET version_id = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
                 (version_id, new.mtime_ns, new.ctime_ns, new.node_id),
             )
+            if new.collapses is not None:
+                db.execute("DELETE FROM versions WHERE id = ? AND node_id = ? AND "
+                           "replaced_ns IS NOT NULL", (new.collapses, new.node_id))
         node = self.node(new.node_id)
         assert node is not None
         return node
@@ -708,7 +713,8 @@ class Manifest:
                     chunk,
                 )
             if plan.drift:
-                fixed = db.execute(
+                before = db.total_changes
+                db.execute(
                     """
                     WITH live AS (
                         SELECT v.blob_id, count(*) AS n FROM nodes n
@@ -720,7 +726,8 @@ class Manifest:
                     WHERE refcount !=
                         coalesce((SELECT n FROM live WHERE live.blob_id = blobs.id), 0)
                     """
-                ).rowcount
+                )
+                fixed = db.total_changes - before
             if plan.remove_unpublished:
                 db.execute("DELETE FROM nodes WHERE kind = 'file' AND version_id IS NULL")
         return fixed

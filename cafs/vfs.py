@@ -188,6 +188,10 @@ class Handle:
     caller: Caller
     wrote_serial: int = -1  # temp_serial of the temp this handle last wrote into
     error: int | None = None  # sticky errno: once a write/publish failed, every later call fails
+    # The version this handle published last. Publishing again through the same open file
+    # replaces it in history: one version per open-for-write, not one per close of a dup'ed
+    # descriptor (a shell redirect) or per fsync.
+    published_version: int | None = None
 
 
 def _fixed(ino: int, name: str, kind: Kind, mode: int, parent: int, nlink: int, now: int) -> Node:
@@ -720,14 +724,15 @@ class Vfs:
             raise CafsError("an earlier write to this file failed", handle.error)
         inode = handle.inode
         if handle.writable and inode.temp is not None and handle.wrote_serial == inode.temp_serial:
-            await self._publish(inode, handle.caller)
+            await self._publish(inode, handle.caller, handle)
 
     async def fsync(self, fh: int) -> None:
         """Publish, then make the manifest durable: the artifact survives power loss."""
         await self.flush(fh)
         self.manifest.sync()
 
-    async def _publish(self, inode: OpenInode, writer: Caller) -> None:
+    async def _publish(self, inode: OpenInode, writer: Caller, handle: Handle | None = None
+                       ) -> None:
         async with inode.lock:
             temp = inode.temp
             if temp is None or inode.unlinked:
@@ -747,14 +752,14 @@ class Vfs:
                 raise
             self._pinned[digest] += 1
             try:
-                await self._publish_pinned(inode, temp, digest, writer)
+                await self._publish_pinned(inode, temp, digest, writer, handle)
             finally:
                 self._pinned[digest] -= 1
                 if not self._pinned[digest]:
                     del self._pinned[digest]
 
     async def _publish_pinned(self, inode: OpenInode, temp: TempBlob, digest: Digest,
-                              writer: Caller) -> None:
+                              writer: Caller, handle: Handle | None) -> None:
         """Store the blob (unless the store has it) and record the version. The digest is
         pinned throughout, so gc leaves its blob file alone."""
         try:
@@ -779,7 +784,12 @@ class Vfs:
             node_id=node.ino, mode=node.mode, uid=writer.uid, gid=writer.gid,
             mtime_ns=inode.mtime_ns or now, ctime_ns=now,
             content_type=mimetypes.guess_type(node.name)[0], now_ns=now,
+            collapses=handle.published_version if handle else None,
         ))
+        if handle is not None:
+            handle.published_version = new_node.version_id
+        if known is not None and known.damaged:  # healed: other artifacts hold it too
+            self.nodes_changed(self.manifest.nodes_holding_blobs([known.blob_id]))
         old_reader = inode.reader
         inode.reader = self.blobs.open(digest, stored.encoding)
         inode.damaged = False

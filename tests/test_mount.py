@@ -95,9 +95,10 @@ def test_overwrite_and_append_make_new_versions(mount: Mount) -> None:
     assert xattr(path, "user.cafs.sha256") == hashlib.sha256(b"third\n").hexdigest()
     # The first version stays reachable by its hash.
     assert (mount.mountpoint / "blobs" / first).read_text() == "first\n"
-    # History holds each content in order. (A shell redirect also publishes the empty file it
-    # truncated: bash closes a dup of the descriptor before writing, and that close flushes.)
-    history = [c for c in version_contents(mount, "runs/e1/train/log.txt") if c]
+    # History holds each content in order, one version per open-for-write: bash closes a dup
+    # of the descriptor before writing, and the empty file that close publishes is replaced
+    # in history by what the same open file publishes next.
+    history = version_contents(mount, "runs/e1/train/log.txt")
     assert history == [b"first\n", b"first\nsecond\n", b"third\n"]
     # cp over an existing artifact.
     sh(f"printf 'fourth' > {layer}/other && cp {layer}/other {path}")
