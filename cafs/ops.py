@@ -73,8 +73,9 @@ def entry(attr: Attr) -> pyfuse3.EntryAttributes:
     out = pyfuse3.EntryAttributes()
     out.st_ino = attr.ino
     out.generation = 0
-    out.entry_timeout = ENTRY_TIMEOUT
-    out.attr_timeout = ATTR_TIMEOUT
+    # A computed file (a record) changes with the manifest: the kernel must ask every time.
+    out.entry_timeout = 0 if attr.volatile else ENTRY_TIMEOUT
+    out.attr_timeout = 0 if attr.volatile else ATTR_TIMEOUT
     out.st_mode = attr.mode
     out.st_nlink = attr.nlink
     out.st_uid = attr.uid
@@ -168,9 +169,12 @@ class CafsOperations(pyfuse3.Operations):
     @translated
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
-        # keep_cache: the kernel sees every change of content (writes go through it, and
-        # publishing invalidates the inode), so cached pages stay right across opens.
+        # keep_cache: the kernel sees every change of content (writes go through it; admin
+        # commands that change things behind it invalidate the inode), so cached pages stay
+        # right across opens.
         fh = await self.vfs.open(inode, flags, caller(ctx))
+        if self.vfs.is_computed(inode):  # its bytes are fixed per open: no page cache at all
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @translated

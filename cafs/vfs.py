@@ -849,6 +849,10 @@ class Vfs:
             return await self.runtime.run_in_thread(fn, *args)
         return fn(*args)
 
+    def is_computed(self, ino: int) -> bool:
+        """Records: generated from the manifest at open, so never cached by the kernel."""
+        return RECORD_INODE_BASE <= ino < BLOB_INODE_BASE
+
     def open_handles(self) -> int:
         return len(self._handles)
 

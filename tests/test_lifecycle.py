@@ -107,6 +107,9 @@ def test_records_of_layers_and_executions(mount: Mount) -> None:
     (mount.layer("e2", "train") / "copy.bin").write_bytes(shared)
     record = json.loads((layer / ".record.json").read_text())
     assert record["unique_bytes"] == 500 and record["logical_bytes"] == 10_500
+    (layer / "late.txt").write_text("late")  # a record is never served stale
+    assert json.loads((layer / ".record.json").read_text())["artifacts"] == 3
+    os.unlink(layer / "late.txt")
     run = json.loads((mount.runs / "e1" / ".record.json").read_text())
     assert run["kind"] == "execution" and run["artifacts"] == 3
     assert [entry["name"] for entry in run["layers"]] == ["eval", "train"]
