@@ -258,8 +258,9 @@ def _entries(raw_entries: list[dict[str, Any]], blobs: dict[str, int]) -> list[T
     entries = []
     for raw in sorted(raw_entries, key=lambda e: str(e["path"]).count("/")):
         rel = str(raw["path"])
+        for part in rel.split("/"):  # no "..", no absolute paths, no empty components
+            _check_name(part)
         parent, _, leaf = rel.rpartition("/")
-        _check_name(leaf)
         parent_kind = seen.get(parent)
         if parent_kind is None:
             raise BadBundle(f"{rel}: its directory is not in the bundle")
