@@ -111,6 +111,8 @@ def run_admin(root: Path, command: str, args: dict[str, Any],
                     return _run_here(root, command, args, files, progress)
                 except StoreBusy:  # a daemon started meanwhile: ask it instead
                     continue
+                except OSError as exc:
+                    fail(f"{command} failed: {exc}", EXIT_FAILED)
             raise StoreBusy(f"store {root} is in use")
     finally:
         progress.finish()

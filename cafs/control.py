@@ -169,6 +169,13 @@ async def _run_request(conn: trio.socket.SocketType, handler: Handler,
                          "store": isinstance(exc, StoreError)}
             except TypeError as exc:  # arguments that do not fit the command
                 reply = {"error": f"bad request: {exc}", "errno": errno.EINVAL}
+            except OSError as exc:  # the store's filesystem failed under the command
+                log.warning("admin command %s failed: %s", command, exc)
+                reply = {"error": f"{command} failed: {exc}", "errno": exc.errno or errno.EIO}
+            except Exception as exc:  # a bug: answer, log it whole, keep serving
+                log.exception("admin command %s failed", command)
+                reply = {"error": f"{command} failed unexpectedly ({exc}); see the daemon log",
+                         "errno": errno.EIO}
             nursery.cancel_scope.cancel()
         for file in files:  # flush an export before the client is told it is done
             file.close()
