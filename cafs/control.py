@@ -66,9 +66,13 @@ async def serve_control(store: Path, handler: Handler) -> None:
         path.unlink()  # a stale socket of a daemon that was killed
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with listener:
-        await listener.bind(str(path))
-        os.chmod(path, 0o600)
-        listener.listen(16)
+        try:
+            await listener.bind(str(path))
+            os.chmod(path, 0o600)
+            listener.listen(16)
+        except OSError as exc:  # the mount works without it; only admin commands cannot reach us
+            log.warning("cannot open the control socket %s: %s", path, exc)
+            return
         one_at_a_time = trio.Lock()
         try:
             async with trio.open_nursery() as nursery:
