@@ -241,19 +241,21 @@ class Admin:
         manifest = self.manifest
         drop: list[int] = []
         kept: Counter[int] = Counter()
-        live_at: dict[str, int | None] = {}
-        for version_id, node_id, path in manifest.superseded_versions():  # newest first
+        resolver = _PathResolver(manifest)
+        superseded = manifest.superseded_versions()  # newest first
+        for index, (version_id, node_id, path) in enumerate(superseded):
             if node_id is None:  # its node is gone: is there a live artifact at that path?
-                if path not in live_at:
-                    node = manifest.resolve(path)
-                    live_at[path] = node.ino if node and node.kind is Kind.FILE else None
-                node_id = live_at[path]
+                node_id = resolver.live_file(path)
             if node_id is None:  # the artifact was deleted: its history goes too
                 drop.append(version_id)
-                continue
-            kept[node_id] += 1
-            if keep_versions is not None and kept[node_id] > keep_versions:
-                drop.append(version_id)
+            else:
+                kept[node_id] += 1
+                if keep_versions is not None and kept[node_id] > keep_versions:
+                    drop.append(version_id)
+            if index % 2000 == 1999:
+                # Let filesystem requests in. What changes meanwhile only shifts which history
+                # is kept: blob rows and files are re-checked when they are removed.
+                await self.runtime.checkpoint()
         plan = manifest.collect(drop, keep_blobs=self.live.pinned_digests(), dry_run=dry_run)
         orphans = await self._orphan_blob_files()
         reclaimed = sum(blob.stored_size for blob in plan.blobs)
@@ -450,6 +452,33 @@ class Admin:
         return {"path": f"runs/{name}", "artifacts": sum(e.kind is Kind.FILE for e in entries),
                 "blobs_added": len(added), "blobs_present": len(present),
                 "root_sha256": header.sealed[1] if header.sealed else None}
+
+
+class _PathResolver:
+    """Which live artifact is at a path, remembering every directory on the way, so the
+    history of a deleted run with 100,000 artifacts costs one lookup per directory."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self._manifest = manifest
+        self._dirs: dict[str, int | None] = {"runs": RUNS_INODE}
+
+    def live_file(self, path: str) -> int | None:
+        parent_path, _, name = path.rpartition("/")
+        parent = self._dir(parent_path)
+        if parent is None:
+            return None
+        node = self._manifest.child(parent, name)
+        return node.ino if node is not None and node.kind is Kind.FILE else None
+
+    def _dir(self, path: str) -> int | None:
+        if path in self._dirs:
+            return self._dirs[path]
+        parent_path, _, name = path.rpartition("/")
+        parent = self._dir(parent_path) if parent_path else None
+        node = self._manifest.child(parent, name) if parent is not None else None
+        found = node.ino if node is not None and node.kind.is_dir else None
+        self._dirs[path] = found
+        return found
 
 
 def _list_blob_files(blobs: BlobStore) -> list[tuple[str, int]]:
