@@ -43,6 +43,15 @@ _VERSION_COLUMNS = """
     v.id, v.node_id, v.path, b.sha256, v.size, v.mode, v.uid, v.gid, v.mtime_ns, v.ctime_ns,
     v.content_type, v.created_ns, v.replaced_ns, b.damaged_ns
 """
+# What a blob's refcount must be: the live artifacts whose current version holds it.
+_LIVE_REFS = """
+    live(blob_id, n) AS (
+        SELECT v.blob_id, count(*) FROM nodes n
+        JOIN versions v ON v.id = n.version_id WHERE n.kind = 'file' GROUP BY v.blob_id
+    )
+"""
+# Files whose first write never completed (the daemon died before their first publish).
+_DELETE_UNPUBLISHED = "DELETE FROM nodes WHERE kind = 'file' AND version_id IS NULL"
 # Every node below a directory (not the directory itself), with its path below it.
 _SUBTREE = """
     WITH RECURSIVE sub(id, rel) AS (
@@ -186,13 +195,17 @@ class Manifest:
         return Database(self._db)
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, commit: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction; `commit=False` rolls it back at the end (a dry run)."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        if not commit:
+            self._db.execute("ROLLBACK")
+            return
         self._db.execute("COMMIT")
         self.changes += 1
 
@@ -315,7 +328,7 @@ class Manifest:
     def remove_unpublished(self) -> int:
         """Drop files whose first write never completed (start-up after a crash)."""
         with self._transaction() as db:
-            cursor = db.execute("DELETE FROM nodes WHERE kind = 'file' AND version_id IS NULL")
+            cursor = db.execute(_DELETE_UNPUBLISHED)
         return cursor.rowcount
 
     def _drop_node(self, node: Node, now_ns: int) -> None:
@@ -381,21 +394,7 @@ class Manifest:
         """
         path = self.path_of(new.node_id)
         with self._transaction() as db:
-            db.execute(
-                "INSERT INTO blobs (sha256, size, stored_size, encoding, refcount, created_ns) "
-                "VALUES (?, ?, ?, ?, 1, ?) "
-                # A known blob gains a reference; if its file had to be written again (it was
-                # missing), the new file's size and encoding are what is on disk now.
-                "ON CONFLICT (sha256) DO UPDATE SET refcount = refcount + 1, "
-                "stored_size = excluded.stored_size, encoding = excluded.encoding, "
-                # A damaged blob whose file was just written again is sound again.
-                "damaged_ns = CASE WHEN ? THEN NULL ELSE damaged_ns END",
-                (stored.digest, stored.size, stored.stored_size, stored.encoding, new.now_ns,
-                 stored.fresh),
-            )
-            blob_id = db.execute(
-                "SELECT id FROM blobs WHERE sha256 = ?", (stored.digest,)
-            ).fetchone()[0]
+            blob_id = self._upsert_blob(stored, new.now_ns, references=1)
             old = db.execute(
                 "SELECT version_id FROM nodes WHERE id = ?", (new.node_id,)
             ).fetchone()
@@ -489,12 +488,10 @@ class Manifest:
     def refcount_drift(self) -> list[tuple[str, int, int]]:
         """Blobs whose recorded refcount differs from the live artifacts using them."""
         rows = self._db.execute(
-            """
+            f"""
+            WITH {_LIVE_REFS}
             SELECT b.sha256, b.refcount, coalesce(live.n, 0) FROM blobs b
-            LEFT JOIN (
-                SELECT v.blob_id, count(*) AS n FROM nodes n
-                JOIN versions v ON v.id = n.version_id WHERE n.kind = 'file' GROUP BY v.blob_id
-            ) live ON live.blob_id = b.id
+            LEFT JOIN live ON live.blob_id = b.id
             WHERE b.refcount != coalesce(live.n, 0)
             """
         ).fetchall()
@@ -563,14 +560,6 @@ class Manifest:
         ).fetchall()
         return [_version(row) for row in rows]
 
-    def version(self, version_id: int) -> Version | None:
-        row = self._db.execute(
-            f"SELECT {_VERSION_COLUMNS} FROM versions v JOIN blobs b ON b.id = v.blob_id "
-            "WHERE v.id = ?",
-            (version_id,),
-        ).fetchone()
-        return _version(row) if row else None
-
     def tags_of(self, node_id: int) -> dict[str, bytes]:
         rows = self._db.execute(
             "SELECT name, value FROM tags WHERE node_id = ? ORDER BY name", (node_id,)
@@ -598,10 +587,9 @@ class Manifest:
     def nodes_holding_blobs(self, blob_ids: list[int]) -> list[int]:
         found: list[int] = []
         for chunk in _chunks(blob_ids):
-            marks = ",".join("?" * len(chunk))
             found += [row[0] for row in self._db.execute(
                 f"SELECT n.id FROM versions v JOIN nodes n ON n.version_id = v.id "
-                f"WHERE v.blob_id IN ({marks})", chunk)]
+                f"WHERE v.blob_id IN ({_marks(chunk)})", chunk)]
         return found
 
     def dir_stats(self, top: int) -> DirStats:
@@ -662,29 +650,16 @@ class Manifest:
     def collect(self, version_ids: list[int], *, keep_blobs: set[str], dry_run: bool) -> GcPlan:
         """Remove versions, then every blob row nothing references any more: one transaction.
         Blobs in `keep_blobs` (writes in flight are about to use them) are left alone."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction(commit=not dry_run) as db:
             for chunk in _chunks(version_ids):
-                self._db.execute(
-                    f"DELETE FROM versions WHERE id IN ({_marks(chunk)})", chunk
-                )
-            rows = self._db.execute(
+                db.execute(f"DELETE FROM versions WHERE id IN ({_marks(chunk)})", chunk)
+            rows = db.execute(
                 f"SELECT {_BLOB_COLUMNS} FROM blobs b WHERE refcount = 0 AND NOT EXISTS "
                 "(SELECT 1 FROM versions v WHERE v.blob_id = b.id) ORDER BY id"
             ).fetchall()
             freed = [blob for blob in map(_blob, rows) if blob.digest not in keep_blobs]
             for chunk in _chunks([blob.blob_id for blob in freed]):
-                self._db.execute(
-                    f"DELETE FROM blobs WHERE id IN ({_marks(chunk)})", chunk
-                )
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        if dry_run:
-            self._db.execute("ROLLBACK")
-        else:
-            self._db.execute("COMMIT")
-            self.changes += 1
+                db.execute(f"DELETE FROM blobs WHERE id IN ({_marks(chunk)})", chunk)
         return GcPlan(len(version_ids), freed)
 
     def known_digests(self, digests: list[str]) -> set[str]:
@@ -715,12 +690,8 @@ class Manifest:
             if plan.drift:
                 before = db.total_changes
                 db.execute(
-                    """
-                    WITH live AS (
-                        SELECT v.blob_id, count(*) AS n FROM nodes n
-                        JOIN versions v ON v.id = n.version_id WHERE n.kind = 'file'
-                        GROUP BY v.blob_id
-                    )
+                    f"""
+                    WITH {_LIVE_REFS}
                     UPDATE blobs SET refcount = coalesce(
                         (SELECT n FROM live WHERE live.blob_id = blobs.id), 0)
                     WHERE refcount !=
@@ -729,7 +700,7 @@ class Manifest:
                 )
                 fixed = db.total_changes - before
             if plan.remove_unpublished:
-                db.execute("DELETE FROM nodes WHERE kind = 'file' AND version_id IS NULL")
+                db.execute(_DELETE_UNPUBLISHED)
         return fixed
 
     def blob_ids_damaged(self) -> set[int]:
@@ -747,7 +718,7 @@ class Manifest:
             if db.execute("SELECT 1 FROM nodes WHERE parent_id = ? AND name = ?",
                           (RUNS_INODE, name)).fetchone():
                 raise AlreadyExists(f"runs/{name} already exists")
-            blob_ids = {digest: self._upsert_blob(stored, now_ns)
+            blob_ids = {digest: self._upsert_blob(stored, now_ns, references=0)
                         for digest, stored in blobs.items()}
             ids = {"": self._insert_node(RUNS_INODE, name, Kind.EXECUTION, top)}
             if sealed is not None:
@@ -763,14 +734,19 @@ class Manifest:
                     self._insert_history(node_id, f"runs/{name}/{entry.rel}", entry, blob_ids)
         return ids[""]
 
-    def _upsert_blob(self, stored: StoredBlob, now_ns: int) -> int:
+    def _upsert_blob(self, stored: StoredBlob, now_ns: int, *, references: int) -> int:
+        """The blob's row, made if new; it gains `references` live artifacts. Returns its id."""
         self._db.execute(
             "INSERT INTO blobs (sha256, size, stored_size, encoding, refcount, created_ns) "
-            "VALUES (?, ?, ?, ?, 0, ?) ON CONFLICT (sha256) DO UPDATE SET "
+            "VALUES (?, ?, ?, ?, ?, ?) "
+            # If its file had to be written again (it was missing), the new file's size and
+            # encoding are what is on disk now.
+            "ON CONFLICT (sha256) DO UPDATE SET refcount = refcount + excluded.refcount, "
             "stored_size = excluded.stored_size, encoding = excluded.encoding, "
+            # A damaged blob whose file was just written again is sound again.
             "damaged_ns = CASE WHEN ? THEN NULL ELSE damaged_ns END",
-            (stored.digest, stored.size, stored.stored_size, stored.encoding, now_ns,
-             stored.fresh),
+            (stored.digest, stored.size, stored.stored_size, stored.encoding, references,
+             now_ns, stored.fresh),
         )
         return self._db.execute(
             "SELECT id FROM blobs WHERE sha256 = ?", (stored.digest,)
