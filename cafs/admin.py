@@ -15,7 +15,6 @@ file, so gc never removes content a live artifact or a write about to publish us
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import time
@@ -30,7 +29,6 @@ from cafs.digest import Digest, is_digest
 from cafs.errors import (
     AlreadyExists,
     Busy,
-    CafsError,
     Damaged,
     InvalidArgument,
     NotFound,
@@ -181,8 +179,8 @@ class Admin:
         if layer is not None and run is None:
             raise InvalidArgument("--layer needs --run")
         scope = "runs/" + "/".join(part for part in (run, layer) if part is not None)
-        if run is not None:
-            self._node(scope)  # a clear "no such run" rather than an empty answer
+        # A clear "no such run" rather than an empty answer.
+        top = self._node(scope).ino if run is not None else RUNS_INODE
         if sha256 is not None and not is_digest(sha256):
             raise InvalidArgument(f"not a sha256: {sha256!r} (64 lowercase hex digits)")
         chosen: set[int] | None = None
@@ -194,7 +192,6 @@ class Admin:
             found = manifest.nodes_holding(sha256)
             chosen = found if chosen is None else chosen & found
         if chosen is None:  # only a scope: every artifact in it
-            top = RUNS_INODE if run is None else self._node(scope).ino
             prefix = scope.rstrip("/") + "/"
             paths = [prefix + rel for rel, node in manifest.subtree(top)
                      if node.kind is Kind.FILE and node.version_id is not None]
@@ -324,9 +321,9 @@ class Admin:
                           drift=bool(drift), remove_unpublished=not self.mounted)
         unpublished = 0 if self.mounted else manifest.unpublished_count()
         fixed = manifest.repair(plan, time.time_ns())
-        # Right after the commit, with no await in between: move wrong bytes out of the way.
-        quarantined = [self._quarantine(blob) for blob, why in bad.values()
-                       if why != "missing"]
+        # Right after the commit, with no await in between: move wrong bytes out of the way
+        # (a missing file has nothing to move).
+        quarantined = [self._quarantine(blob) for blob, _ in bad.values()]
         newly = [blob_id for blob_id in bad if blob_id not in was_damaged]
         self.live.nodes_changed(manifest.nodes_holding_blobs(newly))
         orphans = await self._orphan_blob_files()
@@ -336,7 +333,7 @@ class Admin:
                                manifest.nodes_holding_blobs(sorted(manifest.blob_ids_damaged())))
         return {
             "blobs_checked": checked,
-            "damaged": [f"blob {blob.digest}: {why}" for blob, why in bad.values()],
+            "damaged": [problem for _, problem in bad.values()],
             "quarantined": [name for name in quarantined if name],
             "healed": len(plan.sound),
             "refcounts_fixed": fixed,
@@ -491,20 +488,6 @@ def _list_blob_files(blobs: BlobStore) -> list[tuple[str, int]]:
 
 def _check_blobs(store: Store, page: list[BlobRef]) -> list[tuple[BlobRef, str]]:
     """Runs in a worker thread: what is wrong with each blob's file, re-hashing its bytes."""
-    bad = []
-    for blob in page:
-        problem = store.blob_file_problem(blob)
-        if problem is not None:
-            bad.append((blob, "missing" if problem.endswith("missing") else "wrong size"))
-            continue
-        try:
-            digest, size = store.blobs.compute_digest(blob.digest, blob.encoding)
-        except CafsError as exc:
-            bad.append((blob, f"unreadable ({exc})"))
-            continue
-        except OSError as exc:
-            bad.append((blob, f"unreadable ({os.strerror(exc.errno or errno.EIO)})"))
-            continue
-        if digest != blob.digest or size != blob.size:
-            bad.append((blob, f"content hashes to {digest}"))
-    return bad
+    found = ((blob, store.blob_file_problem(blob) or store.content_problem(blob))
+             for blob in page)
+    return [(blob, problem) for blob, problem in found if problem is not None]

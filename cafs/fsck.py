@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cafs.errors import CafsError
 from cafs.store import Store
 
 
@@ -49,13 +48,9 @@ def fsck(store: Store, *, full: bool, mounted: bool) -> FsckReport:
             continue
         if full:
             report.blobs_rehashed += 1
-            try:
-                digest, size = blobs.compute_digest(blob.digest, blob.encoding)
-            except CafsError as exc:
-                report.damage.append(f"blob {blob.digest}: unreadable: {exc}")
-                continue
-            if digest != blob.digest or size != blob.size:
-                report.damage.append(f"blob {blob.digest}: content hashes to {digest}")
+            problem = store.content_problem(blob)
+            if problem is not None:
+                report.damage.append(problem)
 
     for digest in blobs.iter_digests():
         if digest not in known:

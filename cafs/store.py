@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cafs.blobstore import BlobStore
-from cafs.errors import StoreBusy, StoreError
+from cafs.errors import CafsError, StoreBusy, StoreError
 from cafs.manifest import Manifest
 from cafs.model import BlobRef
 
@@ -145,6 +145,18 @@ class Store:
             return f"blob {blob.digest}: missing"
         if size != blob.stored_size:
             return f"blob {blob.digest}: {size} bytes on disk, manifest says {blob.stored_size}"
+        return None
+
+    def content_problem(self, blob: BlobRef) -> str | None:
+        """What is wrong with a blob's bytes: re-hashes them (frame checksums on the way)."""
+        try:
+            digest, size = self.blobs.compute_digest(blob.digest, blob.encoding)
+        except CafsError as exc:
+            return f"blob {blob.digest}: unreadable: {exc}"
+        except OSError as exc:
+            return f"blob {blob.digest}: unreadable: {exc.strerror}"
+        if digest != blob.digest or size != blob.size:
+            return f"blob {blob.digest}: content hashes to {digest}"
         return None
 
     def close(self) -> None:
