@@ -677,7 +677,9 @@ class Vfs:
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._handle(fh)
         self._check_writable(handle)
-        self._check_unsealed(handle.inode.node)
+        # No sealed-run check per write: a writable handle cannot exist inside a sealed run
+        # (open refuses it, sealing waits for none, nothing moves into a sealed run), and
+        # publishing checks again.
         if offset + len(data) > self.max_artifact_size:
             raise FileTooBig("write beyond the maximum artifact size")
         inode = handle.inode
@@ -873,8 +875,7 @@ class Vfs:
     def nodes_changed(self, inos: Iterable[int]) -> None:
         """Nodes changed behind the kernel's back: forget them here and in the kernel."""
         for ino in inos:
-            self._directory_changed(ino)
-            self.cache.drop(ino)
+            self._directory_changed(ino)  # drops the cached node (or runs/' link count)
             self.kernel.inode_changed(ino)
 
     def blobs_removed(self, blobs: Iterable[BlobRef]) -> None:
