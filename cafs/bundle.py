@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import tarfile
 from collections.abc import Callable, Iterator
@@ -115,7 +116,7 @@ def write_bundle(out: IO[bytes], header: bytes, blobs: list[BlobRef], store: Blo
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo(HEADER_NAME)
         info.size, info.mode, info.mtime = len(header), 0o444, exported_ns // 10**9
-        tar.addfile(info, _BytesStream(header))
+        tar.addfile(info, io.BytesIO(header))
         for blob in blobs:
             reader = store.open(blob.digest, blob.encoding)
             try:
@@ -127,17 +128,6 @@ def write_bundle(out: IO[bytes], header: bytes, blobs: list[BlobRef], store: Blo
             written += blob.size
             progress(written, total)
     return written
-
-
-class _BytesStream:
-    def __init__(self, data: bytes) -> None:
-        self._data, self._offset = data, 0
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self._data) if size < 0 else self._offset + size
-        chunk = self._data[self._offset:end]
-        self._offset += len(chunk)
-        return chunk
 
 
 # -- reading ------------------------------------------------------------------------------
