@@ -301,6 +301,16 @@ def test_admin_commands_work_unmounted_and_refuse_a_busy_store(mount: Mount,
     result = cafs("gc", "--store", str(mount.store))
     assert "removed 1 versions, 1 blobs" in result.stdout
     assert cafs("gc", "--store", str(tmp_path / "nostore"), check=False).returncode == 3
+    # Another admin command holds the unmounted store: the next one is refused, not queued.
+    from cafs.store import Store
+
+    holder = Store.open(mount.store, lock=True, owner="running cafs gc")
+    try:
+        busy = cafs("gc", "--store", str(mount.store), check=False)
+        assert busy.returncode == 3 and "in use (pid" in busy.stderr, busy.stderr
+        assert "running cafs gc" in busy.stderr
+    finally:
+        holder.close()
     mount.start()
     assert is_mounted(mount.mountpoint)
 
