@@ -57,7 +57,7 @@ def locate(path_arg: str, store: Path | None, config: Path | None) -> tuple[Path
     if rel.split("/")[0] != "runs":
         raise click.UsageError(f"{path_arg}: give a path inside a cafs mount, or runs/... "
                                "of the store (with --store)")
-    return resolve_store(store, settings_from(config)), rel
+    return store_root(store, config), rel
 
 
 def store_root(store: Path | None, config: Path | None) -> Path:

@@ -184,11 +184,8 @@ def lock_holder(root: Path) -> int | None:
     """The pid of the daemon holding the store, or None if nobody holds it."""
     if not is_locked(root):
         return None
-    try:
-        words = (root / LOCK_NAME).read_text().split()
-        return int(words[1]) if words[:1] == ["pid"] else None
-    except (OSError, ValueError, IndexError):
-        return None
+    words = lock_holder_text(root).split()
+    return int(words[1]) if words[:1] == ["pid"] and words[1:2] and words[1].isdigit() else None
 
 
 def lock_holder_text(root: Path) -> str:
