@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import IO, Any, Protocol, TypeVar
 
+from cafs import crashpoints
 from cafs.blobstore import BlobStore
 from cafs.bundle import BundleReader, encode_header, write_bundle
 from cafs.digest import Digest, is_digest
@@ -261,6 +262,7 @@ class Admin:
             removed_orphans = len(orphans)
         else:
             self.live.blobs_removed(plan.blobs)
+            crashpoints.reached("inside-gc")  # rows gone, files not yet: they become orphans
             await self._delete_unreferenced([blob.digest for blob in plan.blobs])
             removed = await self._delete_unreferenced([digest for digest, _ in orphans])
             removed_orphans = len(removed)

@@ -8,7 +8,11 @@ Must not know about paths in the namespace, the manifest, or FUSE.
 Layout: `blobs/ab/<64 hex>`; 256 shard directories are made when the store is created.
 
 Encodings:
-- "raw": the bytes as they are, read with os.pread.
+- "raw+xxh64": the bytes as they are, then the XXH64 of every 64 KiB block (8 bytes each) and a
+  16-byte footer (content size, block size, magic). A read checks the blocks it covers, so a
+  flipped byte gives EIO, never wrong bytes. `head -c SIZE blob` yields the content.
+- "raw": the bytes as they are, with no checksums (blobs stored before raw+xxh64 existed; still
+  read, and checked by `cafs fsck --full`).
 - "zstd": zstd's seekable format — independent zstd frames of at most `frame_size` uncompressed
   bytes, followed by a skippable frame holding the seek table (compressed size, decompressed size,
   and the low 32 bits of XXH64 of each frame's bytes). A read decompresses only the frames it
@@ -33,13 +37,15 @@ from pathlib import Path
 import xxhash
 import zstandard
 
+from cafs import crashpoints
 from cafs.digest import Digest, is_digest
 from cafs.errors import Corrupt
 from cafs.model import StoredBlob
 
 RAW = "raw"
+RAW_CHECKED = "raw+xxh64"
 ZSTD = "zstd"
-ENCODINGS = (RAW, ZSTD)
+ENCODINGS = (RAW, RAW_CHECKED, ZSTD)
 
 DEFAULT_FRAME_SIZE = 1 << 20
 DEFAULT_LEVEL = 3
@@ -55,6 +61,12 @@ _SEEKABLE_MAGIC = 0x8F92EAB1
 _FOOTER = struct.Struct("<IBI")  # number of frames, descriptor, seekable magic
 _ENTRY = struct.Struct("<III")  # compressed size, decompressed size, checksum
 _CHECKSUM_FLAG = 0x80
+# raw+xxh64: a block is what one checksum covers. 64 KiB: FUSE reads (128 KiB, aligned) cover
+# whole blocks, and the table costs 128 KiB per GiB.
+CHECK_BLOCK_SIZE = 1 << 16
+_BLOCK_SUM = struct.Struct("<Q")
+_RAW_FOOTER = struct.Struct("<QII")  # content size, block size, magic
+_RAW_MAGIC = 0xCAF5B10C
 
 
 _local = threading.local()
@@ -145,6 +157,80 @@ class RawReader(BlobReader):
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+class CheckedRawReader(BlobReader):
+    """A raw+xxh64 blob: reads fetch whole blocks and check each against its XXH64."""
+
+    def __init__(self, fd: int, digest: Digest) -> None:
+        self._fd = fd
+        self._digest = digest
+        file_size = os.fstat(fd).st_size
+        if file_size < _RAW_FOOTER.size:
+            raise Corrupt(f"blob {digest}: too short for its checksum footer")
+        size, block_size, magic = _RAW_FOOTER.unpack(
+            os.pread(fd, _RAW_FOOTER.size, file_size - _RAW_FOOTER.size))
+        if magic != _RAW_MAGIC or block_size != CHECK_BLOCK_SIZE \
+                or file_size != checked_raw_size(size):
+            raise Corrupt(f"blob {digest}: checksum footer does not match the file")
+        self.size = size
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        first, last = offset // CHECK_BLOCK_SIZE, (end - 1) // CHECK_BLOCK_SIZE
+        start = first * CHECK_BLOCK_SIZE
+        stop = min((last + 1) * CHECK_BLOCK_SIZE, self.size)
+        data = os.pread(self._fd, stop - start, start)
+        sums = os.pread(self._fd, (last - first + 1) * _BLOCK_SUM.size,
+                        self.size + first * _BLOCK_SUM.size)
+        if len(data) != stop - start or len(sums) != (last - first + 1) * _BLOCK_SUM.size:
+            raise Corrupt(f"blob {self._digest}: shorter than its footer says")
+        view = memoryview(data)
+        for index, (expected,) in enumerate(_BLOCK_SUM.iter_unpack(sums)):
+            block = view[index * CHECK_BLOCK_SIZE:(index + 1) * CHECK_BLOCK_SIZE]
+            if xxhash.xxh64_intdigest(block) != expected:
+                raise Corrupt(f"blob {self._digest}: block {first + index} fails its checksum")
+        if offset == start and end == stop:
+            return data
+        return data[offset - start:end - start]
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def checked_raw_size(size: int) -> int:
+    """Bytes on disk of a raw+xxh64 blob of `size` content bytes."""
+    blocks = -(-size // CHECK_BLOCK_SIZE)
+    return size + blocks * _BLOCK_SUM.size + _RAW_FOOTER.size
+
+
+class BlockSums:
+    """XXH64 of each CHECK_BLOCK_SIZE block of bytes fed in order."""
+
+    def __init__(self) -> None:
+        self.sums: list[int] = []
+        self._hasher = xxhash.xxh64()
+        self._filled = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            take = min(len(view), CHECK_BLOCK_SIZE - self._filled)
+            self._hasher.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == CHECK_BLOCK_SIZE:
+                self.sums.append(self._hasher.intdigest())
+                self._hasher.reset()
+                self._filled = 0
+
+    def trailer(self, size: int) -> bytes:
+        """The table and footer that follow `size` content bytes on disk."""
+        sums = self.sums + ([self._hasher.intdigest()] if self._filled else [])
+        table = b"".join(_BLOCK_SUM.pack(value) for value in sums)
+        return table + _RAW_FOOTER.pack(size, CHECK_BLOCK_SIZE, _RAW_MAGIC)
 
 
 class SeekTable:
@@ -248,12 +334,15 @@ class TempBlob:
         self.path = path
         self.size = 0
         self._hasher = hashlib.sha256()
+        self._block_sums = BlockSums()  # fed alongside _hasher
         self._hashed = 0  # bytes fed to _hasher; -1 once out-of-order writes invalidated it
 
     def write(self, offset: int, data: bytes) -> int:
         _pwrite_all(self.fd, data, offset)
+        crashpoints.reached("after-temp-write")
         if self._hashed == offset:
             self._hasher.update(data)
+            self._block_sums.update(data)
             self._hashed += len(data)
         elif data:
             self._hashed = -1
@@ -261,12 +350,14 @@ class TempBlob:
         return len(data)
 
     def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
+        # Never past the content: publishing appends a checksum trailer to the same file.
+        return os.pread(self.fd, max(0, min(length, self.size - offset)), offset)
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
         if size == 0:
             self._hasher = hashlib.sha256()
+            self._block_sums = BlockSums()
             self._hashed = 0
         elif size != self._hashed:
             self._hashed = -1
@@ -283,17 +374,25 @@ class TempBlob:
             offset += len(chunk)
 
     def digest(self) -> Digest:
-        if self._hashed == self.size:
-            return Digest(self._hasher.hexdigest())
-        hasher = hashlib.sha256()
-        offset = 0
-        while offset < self.size:
-            chunk = os.pread(self.fd, min(_COPY_CHUNK, self.size - offset), offset)
-            if not chunk:
-                raise Corrupt("temp file shorter than written")
-            hasher.update(chunk)
-            offset += len(chunk)
-        return Digest(hasher.hexdigest())
+        """SHA-256 of the content; after out-of-order writes, read back (block sums too)."""
+        if self._hashed != self.size:
+            self._hasher = hashlib.sha256()
+            self._block_sums = BlockSums()
+            offset = 0
+            while offset < self.size:
+                chunk = os.pread(self.fd, min(_COPY_CHUNK, self.size - offset), offset)
+                if not chunk:
+                    raise Corrupt("temp file shorter than written")
+                self._hasher.update(chunk)
+                self._block_sums.update(chunk)
+                offset += len(chunk)
+            self._hashed = self.size
+        return Digest(self._hasher.hexdigest())
+
+    def append_block_sums(self) -> None:
+        """Write the raw+xxh64 trailer after the content."""
+        self.digest()  # makes the block sums whole, reading the file back if need be
+        _pwrite_all(self.fd, self._block_sums.trailer(self.size), self.size)
 
     @property
     def needs_rehash(self) -> bool:
@@ -373,15 +472,19 @@ class BlobStore:
         """
         final = self.path_of(digest)
         chosen = temp
-        encoding = RAW
         compressed = self._compress_if_worthwhile(temp)
         if compressed is not None:
             chosen, encoding = compressed, ZSTD
+        else:
+            temp.append_block_sums()
+            encoding = RAW_CHECKED
         try:
             os.fsync(chosen.fd)
+            crashpoints.reached("after-temp-fsync")
             stored_size = os.fstat(chosen.fd).st_size
             os.rename(chosen.path, final)
             _fsync_dir(final.parent)
+            crashpoints.reached("after-blob-rename")
         finally:
             if compressed is not None:
                 compressed.discard()
@@ -453,6 +556,8 @@ class BlobStore:
         except OSError as exc:
             raise Corrupt(f"blob {digest}: {exc.strerror}") from exc
         try:
+            if encoding == RAW_CHECKED:
+                return CheckedRawReader(fd, digest)
             if encoding == RAW:
                 return RawReader(fd, os.fstat(fd).st_size)
             if encoding == ZSTD:

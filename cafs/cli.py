@@ -16,9 +16,10 @@ from pathlib import Path
 
 import click
 
-from cafs import cli_admin
+from cafs import cli_admin, crashpoints
 from cafs.cli_common import (
     EXIT_MOUNT,
+    EXIT_USAGE,
     config_option,
     errors_as_exit_codes,
     fail,
@@ -47,6 +48,8 @@ START_TIMEOUT = 60.0
 @click.version_option(package_name="cafs")
 def cli() -> None:
     """cafs: a mountable, content-addressed store for pipeline artifacts."""
+    with errors_as_exit_codes(EXIT_USAGE):
+        crashpoints.check_setting()
 
 
 @cli.command()

@@ -26,6 +26,7 @@ from cafs.errors import CafsError, StoreError
 from cafs.store import Store, default_store_path
 
 EXIT_FAILED = 1
+EXIT_USAGE = 2  # as click answers a bad option
 EXIT_STORE = 3
 EXIT_MOUNT = 4
 

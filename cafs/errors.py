@@ -89,6 +89,20 @@ class Damaged(Corrupt):
     """The content is known to be lost (fsck --repair marked it): an expected EIO."""
 
 
+class ManifestError(CafsError):
+    """The manifest database failed a read or a commit (disk full, I/O error)."""
+
+    errno = _errno.EIO
+
+
+class OutOfSpace(CafsError):
+    errno = _errno.ENOSPC
+
+
+class TooManyOpenFiles(CafsError):
+    errno = _errno.EMFILE
+
+
 class Busy(CafsError):
     """The thing is in use (e.g. a run with writes in progress cannot be sealed)."""
 

@@ -14,19 +14,20 @@ fsyncs the WAL so that everything committed so far also survives power loss.
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from sqlite_utils import Database
 
-from cafs import schema
+from cafs import crashpoints, schema
 from cafs.digest import Digest
-from cafs.errors import AlreadyExists, Corrupt, StoreError
+from cafs.errors import AlreadyExists, Corrupt, ManifestError, StoreError
 from cafs.model import RUNS_INODE, BlobRef, Kind, Node, StoredBlob, TreeEntry, Version
 
 T = TypeVar("T")
@@ -155,6 +156,12 @@ class NewVersion:
     collapses: int | None = None
 
 
+def manifest_error(exc: sqlite3.Error) -> ManifestError:
+    """A failed SQLite call as an error with an errno: ENOSPC when the disk is full."""
+    full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return ManifestError(f"manifest: {exc}", errno.ENOSPC if full else errno.EIO)
+
+
 class Manifest:
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
@@ -197,16 +204,21 @@ class Manifest:
     @contextmanager
     def _transaction(self, *, commit: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction; `commit=False` rolls it back at the end (a dry run)."""
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        if not commit:
-            self._db.execute("ROLLBACK")
-            return
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                if not commit:
+                    self._db.execute("ROLLBACK")
+                    return
+                self._db.execute("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back (I/O error, disk full): then this fails.
+                with suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise manifest_error(exc) from exc
         self.changes += 1
 
     def sync(self) -> None:
@@ -392,8 +404,8 @@ class Manifest:
         The artifact's previous version, if any, is marked replaced and its blob loses a
         reference; the new blob gains one.
         """
-        path = self.path_of(new.node_id)
         with self._transaction() as db:
+            path = self.path_of(new.node_id)
             blob_id = self._upsert_blob(stored, new.now_ns, references=1)
             old = db.execute(
                 "SELECT version_id FROM nodes WHERE id = ?", (new.node_id,)
@@ -422,6 +434,8 @@ class Manifest:
             if new.collapses is not None:
                 db.execute("DELETE FROM versions WHERE id = ? AND node_id = ? AND "
                            "replaced_ns IS NOT NULL", (new.collapses, new.node_id))
+            crashpoints.reached("before-manifest-commit")
+        crashpoints.reached("after-manifest-commit")
         node = self.node(new.node_id)
         assert node is not None
         return node

@@ -136,5 +136,31 @@ def m002_life_cycle(db: Database) -> None:
         db.execute(statement)
 
 
+# Raw blobs carry block checksums (raw+xxh64), so a flipped byte is found at read time. SQLite
+# cannot ALTER a CHECK constraint; widening one is the documented case where editing the stored
+# CREATE text is safe (no row can violate the wider check, and the file format is unchanged).
+_ENCODING_CHECK_BEFORE = (
+    "CHECK (encoding IN ('raw', 'zstd')), -- raw bytes, or zstd seekable format "
+    "(independent frames of <= 1 MiB + seek table)")
+_ENCODING_CHECK_AFTER = (
+    "CHECK (encoding IN ('raw', 'raw+xxh64', 'zstd')), -- raw+xxh64: the bytes, then XXH64 per "
+    "64 KiB block and a footer; zstd: seekable format (independent frames of <= 1 MiB, each "
+    "with a checksum, + seek table); raw: the bytes alone (blobs stored before raw+xxh64)")
+
+
+@migrations()
+def m003_checked_raw(db: Database) -> None:
+    sql = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'blobs'"
+                     ).fetchone()[0]
+    if _ENCODING_CHECK_BEFORE not in sql:
+        raise RuntimeError("manifest: the blobs table is not the one migration m003 expects")
+    version = db.execute("PRAGMA schema_version").fetchone()[0]
+    db.execute("PRAGMA writable_schema = ON")
+    db.execute("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'blobs'",
+               [sql.replace(_ENCODING_CHECK_BEFORE, _ENCODING_CHECK_AFTER)])
+    db.execute(f"PRAGMA schema_version = {version + 1}")
+    db.execute("PRAGMA writable_schema = OFF")
+
+
 def migrate(db: Database) -> None:
     migrations.apply(db)

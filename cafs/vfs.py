@@ -782,12 +782,18 @@ class Vfs:
         # From here on no await: the manifest change and the swap of readers are atomic.
         now = time.time_ns()
         node = inode.node
-        new_node = self.manifest.publish(stored, NewVersion(
-            node_id=node.ino, mode=node.mode, uid=writer.uid, gid=writer.gid,
-            mtime_ns=inode.mtime_ns or now, ctime_ns=now,
-            content_type=mimetypes.guess_type(node.name)[0], now_ns=now,
-            collapses=handle.published_version if handle else None,
-        ))
+        try:
+            new_node = self.manifest.publish(stored, NewVersion(
+                node_id=node.ino, mode=node.mode, uid=writer.uid, gid=writer.gid,
+                mtime_ns=inode.mtime_ns or now, ctime_ns=now,
+                content_type=mimetypes.guess_type(node.name)[0], now_ns=now,
+                collapses=handle.published_version if handle else None,
+            ))
+        except CafsError as exc:
+            # The temp may already be the blob file (renamed): it must take no more writes.
+            # The blob stays as an orphan that gc or fsck --repair removes.
+            self._fail(inode, None, exc.errno)
+            raise
         if handle is not None:
             handle.published_version = new_node.version_id
         if known is not None and known.damaged:  # healed: other artifacts hold it too

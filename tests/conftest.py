@@ -69,6 +69,26 @@ def is_mounted(path: Path) -> bool:
         return any(line.split()[4] == target for line in mounts)
 
 
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting to be reaped counts as dead)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_dead(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 class Mount:
     """One store mounted at one mountpoint by a daemon this test started."""
 
@@ -87,11 +107,12 @@ class Mount:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """Mount; `env` adds to the daemon's environment (e.g. a crash point)."""
         args = ["mount", "--store", str(self.store), str(self.mountpoint)]
         for option in self.options:
             args += ["-o", option]
-        cafs(*args)
+        cafs(*args, env={**os.environ, **env} if env else None)
         assert is_mounted(self.mountpoint)
 
     def stop(self) -> None:
@@ -107,13 +128,13 @@ class Mount:
         """Kill the daemon hard and clear the dead mount it leaves, as an operator would."""
         pid = self.daemon_pid()
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-            time.sleep(0.02)
-        subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=True)
+        assert wait_dead(pid, timeout=10)
+        self.clear_dead_mount()
         self.log_problems(accept=True)
+
+    def clear_dead_mount(self) -> None:
+        """What an operator (or the unit's ExecStopPost) does after the daemon died."""
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=True)
 
     def log(self) -> str:
         path = self.store / "daemon.log"
@@ -145,6 +166,24 @@ def mountpoint(tmp_path: Path) -> Path:
     return path
 
 
+def unmount_whatever_state(mountpoint: Path) -> None:
+    """Test clean-up: unmount cleanly if possible, else detach a dead or busy mount."""
+    if is_mounted(mountpoint):
+        subprocess.run([*CAFS, "umount", str(mountpoint)], capture_output=True)
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)])
+
+
+@pytest.fixture
+def unstarted_mount(store: Path, mountpoint: Path) -> Iterator[Mount]:
+    """A Mount the test starts, stops (and crashes) itself; unmounted whatever happens."""
+    require_fuse()
+    try:
+        yield Mount(store, mountpoint)
+    finally:
+        unmount_whatever_state(mountpoint)
+
+
 @pytest.fixture
 def mount(store: Path, mountpoint: Path) -> Iterator[Mount]:
     require_fuse()
@@ -153,10 +192,7 @@ def mount(store: Path, mountpoint: Path) -> Iterator[Mount]:
     try:
         yield mounted
     finally:
-        if is_mounted(mountpoint):
-            subprocess.run([*CAFS, "umount", str(mountpoint)], capture_output=True)
-            if is_mounted(mountpoint):
-                subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)])
+        unmount_whatever_state(mountpoint)
     problems = mounted.log_problems()
     assert not problems, "the daemon logged errors:\n" + "\n".join(problems)
     report = mounted.fsck("--full")

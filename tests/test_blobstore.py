@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from cafs.blobstore import RAW, ZSTD, BlobStore
+from cafs.blobstore import CHECK_BLOCK_SIZE, RAW, RAW_CHECKED, ZSTD, BlobStore, checked_raw_size
 from cafs.digest import Digest
 from cafs.errors import Corrupt
 
@@ -69,11 +69,44 @@ def test_out_of_order_writes_are_hashed_again_at_the_end(blobs: BlobStore) -> No
 def test_random_data_is_stored_raw_and_text_compressed(blobs: BlobStore) -> None:
     random_digest, random_encoding = put(blobs, os.urandom(200_000))
     text_digest, text_encoding = put(blobs, text(1_000_000))
-    assert random_encoding == RAW
+    assert random_encoding == RAW_CHECKED
     assert text_encoding == ZSTD
-    assert blobs.stored_size(random_digest) == 200_000
+    # 4 blocks of checksums and the footer: 48 bytes over the content.
+    assert blobs.stored_size(random_digest) == checked_raw_size(200_000) == 200_048
     assert blobs.stored_size(text_digest) < 500_000
-    assert put(blobs, b"tiny")[1] == RAW
+    assert put(blobs, b"tiny")[1] == RAW_CHECKED
+    assert put(blobs, b"")[1] == RAW_CHECKED
+
+
+def test_raw_blob_is_the_content_then_its_checksums(blobs: BlobStore) -> None:
+    data = os.urandom(3 * CHECK_BLOCK_SIZE + 5)
+    digest, encoding = put(blobs, data)
+    assert blobs.path_of(digest).read_bytes()[:len(data)] == data
+    reader = blobs.open(digest, encoding)
+    rng = random.Random(2)
+    for _ in range(200):
+        offset = rng.randrange(len(data) + 10)
+        length = rng.choice([1, 4096, CHECK_BLOCK_SIZE, CHECK_BLOCK_SIZE + 1, 1 << 20])
+        assert reader.read(offset, length) == data[offset:offset + length]
+    reader.close()
+
+
+def test_out_of_order_writes_get_correct_block_checksums(blobs: BlobStore) -> None:
+    data = os.urandom(2 * CHECK_BLOCK_SIZE + 100)
+    temp = blobs.new_temp()
+    temp.write(CHECK_BLOCK_SIZE, data[CHECK_BLOCK_SIZE:])
+    temp.write(0, data[:CHECK_BLOCK_SIZE])
+    digest = temp.digest()
+    blobs.publish(temp, digest)
+    temp.discard()
+    assert blobs.compute_digest(digest, RAW_CHECKED) == (digest, len(data))
+
+
+def test_legacy_raw_blobs_without_checksums_are_still_read(blobs: BlobStore) -> None:
+    data = os.urandom(1000)
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    blobs.path_of(digest).write_bytes(data)
+    assert blobs.open(digest, RAW).read(0, 2000) == data
 
 
 def test_compressed_blob_is_a_plain_zstd_stream(blobs: BlobStore) -> None:
@@ -98,10 +131,12 @@ def test_reads_at_any_offset_decompress_only_covering_frames(blobs: BlobStore) -
     reader.close()
 
 
-def test_a_flipped_byte_in_a_compressed_blob_is_an_error_not_wrong_bytes(
-        blobs: BlobStore) -> None:
-    data = text(300_000)
+@pytest.mark.parametrize("compressible", [True, False])
+def test_a_flipped_byte_in_a_blob_is_an_error_not_wrong_bytes(blobs: BlobStore,
+                                                             compressible: bool) -> None:
+    data = text(300_000) if compressible else os.urandom(300_000)
     digest, encoding = put(blobs, data)
+    assert encoding == (ZSTD if compressible else RAW_CHECKED)
     path = blobs.path_of(digest)
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 3] ^= 0x01

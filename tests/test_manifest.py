@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from cafs.digest import digest_of_bytes
-from cafs.errors import StoreError
+from cafs.errors import ManifestError, StoreError
 from cafs.manifest import Manifest, NewVersion
 from cafs.model import FIRST_NODE_ID, RUNS_INODE, Kind, StoredBlob
 
@@ -107,5 +106,5 @@ def test_a_file_that_is_not_a_manifest_is_refused(tmp_path: Path) -> None:
 
 def test_names_are_unique_per_directory(manifest: Manifest) -> None:
     make_file(manifest, "x")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(ManifestError, match="UNIQUE"):
         make_file(manifest, "x")
