@@ -67,10 +67,10 @@ def check_invariants(mount: Mount, acked: dict[str, str], allowed: dict[str, set
         for name in files:
             path = Path(directory, name)
             seen[str(path.relative_to(mount.runs))] = sha(path.read_bytes())
-    for path, digest in acked.items():
-        assert seen.get(path) == digest, f"{path}: close() succeeded, yet it is {seen.get(path)}"
-    for path, digest in seen.items():
-        assert digest in allowed.get(path, set()), f"{path}: holds bytes nobody wrote there"
+    for rel, digest in acked.items():
+        assert seen.get(rel) == digest, f"{rel}: close() succeeded, yet it is {seen.get(rel)}"
+    for rel, digest in seen.items():
+        assert digest in allowed.get(rel, set()), f"{rel}: holds bytes nobody wrote there"
 
 
 def restart_after_crash(mount: Mount, pid: int) -> None:
