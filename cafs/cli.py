@@ -57,7 +57,8 @@ def cli() -> None:
 @config_option
 @click.option("-o", "options", multiple=True, metavar="OPTS",
               help="Mount options, comma-separated: allow_other, compression=N, "
-                   "max_artifact_size=BYTES; generic fstab options are ignored.")
+                   "max_artifact_size=BYTES, max_open_files=N; generic fstab options are "
+                   "ignored.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached; log to stderr.")
 @click.option("--debug", is_flag=True, help="Log every request (very verbose).")
 @click.option("--ready-fd", type=int, default=None, hidden=True)
@@ -79,6 +80,8 @@ def mount(store: Path | None, config: Path | None, options: tuple[str, ...], for
         cfg.compression_level = settings.compression
     if settings.max_artifact_size is not None:
         cfg.max_artifact_size = settings.max_artifact_size
+    if settings.max_open_files is not None:
+        cfg.max_open_files = settings.max_open_files
     try:
         parse_mount_options(cfg, list(options))
     except CafsError as exc:
@@ -126,6 +129,8 @@ def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
                "-o", f"max_artifact_size={cfg.max_artifact_size}"]
     if cfg.allow_other:
         command += ["-o", "allow_other"]
+    if cfg.max_open_files is not None:
+        command += ["-o", f"max_open_files={cfg.max_open_files}"]
     if debug:
         command.append("--debug")
     child_env = dict(os.environ, CAFS_CONFIG="")

@@ -7,7 +7,8 @@ CAFS_CONFIG means "no configuration file". Stdlib only (tomllib).
     mountpoint = "/mnt/cafs"         # where `cafs mount` mounts without an argument
     allow_other = true               # let other users see the mount (permissions still apply)
     compression = 3                  # zstd level for compressible content
-    max_artifact_size = 1099511627776
+    max_artifact_size = 274877906944  # 256 GiB
+    max_open_files = 10000           # open files in the mount (default: the fd limit less 256)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cafs.errors import InvalidArgument
 
 DEFAULT_CONFIG = Path("/etc/cafs/cafs.toml")
 _KEYS = {"store": str, "mountpoint": str, "allow_other": bool, "compression": int,
-         "max_artifact_size": int}
+         "max_artifact_size": int, "max_open_files": int}
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Settings:
     allow_other: bool = False
     compression: int | None = None
     max_artifact_size: int | None = None
+    max_open_files: int | None = None
 
 
 def config_path(explicit: Path | None) -> Path | None:
@@ -66,4 +68,5 @@ def load_settings(explicit: Path | None = None) -> Settings:
         allow_other=data.get("allow_other", False),
         compression=data.get("compression"),
         max_artifact_size=data.get("max_artifact_size"),
+        max_open_files=data.get("max_open_files"),
     )

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from cafs.vfs import DEFAULT_MAX_ARTIFACT_SIZE, Vfs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+FD_RESERVE = 256
 
 # Generic mount(8)/fstab options that say nothing to cafs: accepted and ignored.
 IGNORED_OPTIONS = {"defaults", "rw", "auto", "noauto", "user", "nouser", "users", "nofail",
@@ -48,6 +50,7 @@ class MountConfig:
     allow_other: bool = False
     compression_level: int = 3
     max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE
+    max_open_files: int | None = None  # None: what the descriptor limit allows
 
 
 def parse_mount_options(cfg: MountConfig, option_lists: list[str]) -> None:
@@ -58,12 +61,14 @@ def parse_mount_options(cfg: MountConfig, option_lists: list[str]) -> None:
             continue
         if option == "allow_other":
             cfg.allow_other = True
-        elif option.startswith(("compression=", "max_artifact_size=")):
+        elif option.startswith(("compression=", "max_artifact_size=", "max_open_files=")):
             key, _, value = option.partition("=")
             if not value.isdigit():
                 raise InvalidArgument(f"mount option {key} needs a whole number: {option}")
             if key == "compression":
                 cfg.compression_level = int(value)
+            elif key == "max_open_files":
+                cfg.max_open_files = int(value)
             else:
                 cfg.max_artifact_size = int(value)
         else:
@@ -79,6 +84,23 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     if cfg.allow_other:
         options.add("allow_other")
     return options
+
+
+def open_files_cap(asked: int | None) -> int:
+    """How many files may be open in the mount at once. Raises the descriptor limit to its
+    hard maximum first; the cap leaves FD_RESERVE descriptors for the daemon itself (manifest,
+    /dev/fuse, control socket, blob files read by gc or export), so a client opening thousands
+    of files gets EMFILE from the cap, not a daemon that cannot open its own files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    room = max(1, soft - FD_RESERVE)
+    if asked is not None and asked > room:
+        log.warning("max_open_files=%d is more than the descriptor limit allows; using %d",
+                    asked, room)
+    return room if asked is None else max(1, min(asked, room))
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -170,6 +192,7 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         kernel = PyfuseKernel()
         vfs = Vfs(store.manifest, store.blobs, TrioRuntime(),
                   max_artifact_size=cfg.max_artifact_size, kernel=kernel,
+                  max_open_files=open_files_cap(cfg.max_open_files),
                   statfs_path=str(store.root))
         try:
             pyfuse3.init(CafsOperations(vfs), str(cfg.mountpoint), fuse_options(cfg))

@@ -442,6 +442,16 @@ class Manifest:
 
     # -- tags -----------------------------------------------------------------------------
 
+    def tag_usage(self, node_id: int, *, excluding: str) -> tuple[int, int]:
+        """Bytes of a node's tag names (each with its NUL, as listxattr returns them) and
+        values, leaving out the tag `excluding` (about to be replaced)."""
+        row = self._db.execute(
+            "SELECT coalesce(sum(length(CAST(name AS BLOB)) + 1), 0), "
+            "coalesce(sum(length(value)), 0) FROM tags WHERE node_id = ? AND name != ?",
+            (node_id, excluding),
+        ).fetchone()
+        return row[0], row[1]
+
     def tag(self, node_id: int, name: str) -> bytes | None:
         row = self._db.execute(
             "SELECT value FROM tags WHERE node_id = ? AND name = ?", (node_id, name)

@@ -25,7 +25,7 @@ import stat
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
@@ -47,7 +47,9 @@ from cafs.errors import (
     NotFound,
     NotPermitted,
     NotSupported,
+    OutOfSpace,
     ReadOnly,
+    TooManyOpenFiles,
 )
 from cafs.manifest import Manifest, NewVersion
 from cafs.model import (
@@ -74,7 +76,14 @@ log = logging.getLogger(__name__)
 # Heavy work on more than this many bytes goes to a worker thread; below it, the thread hop
 # costs more than the work (measured: offloading every 128 KiB step halved read throughput).
 OFFLOAD_BYTES = 1 << 20
-DEFAULT_MAX_ARTIFACT_SIZE = 1 << 40
+# Refuses what is surely a mistake (truncate -s 1T would make the daemon hash a terabyte of
+# zeros); raise it with max_artifact_size for larger artifacts.
+DEFAULT_MAX_ARTIFACT_SIZE = 256 << 30
+DEFAULT_MAX_OPEN_FILES = 10_000
+# User tags per artifact or directory, like ext4's per-inode xattr space (ENOSPC beyond): the
+# names must fit listxattr's 64 KiB buffer with the user.cafs.* names, the values 1 MiB.
+TAG_NAMES_BYTES = 60 * 1024
+TAG_VALUES_BYTES = 1 << 20
 READDIR_PAGE = 512
 XATTR_PREFIX = "user.cafs."
 # Read-only xattrs every artifact (and blob) carries; artifacts also carry user.cafs.version.
@@ -206,6 +215,7 @@ class Vfs:
         runtime: Runtime,
         *,
         max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE,
+        max_open_files: int = DEFAULT_MAX_OPEN_FILES,
         cache_entries: int = 100_000,
         kernel: KernelNotifier | None = None,
         statfs_path: str | None = None,
@@ -214,6 +224,7 @@ class Vfs:
         self.blobs = blobs
         self.runtime = runtime
         self.max_artifact_size = max_artifact_size
+        self.max_open_files = max_open_files
         self.cache = NodeCache(cache_entries)
         self._open: dict[int, OpenInode] = {}
         self._handles: dict[int, Handle] = {}
@@ -229,7 +240,10 @@ class Vfs:
         self._root = _fixed(ROOT_INODE, "", Kind.ROOT, 0o755, ROOT_INODE, 4, now)
         # runs/ is like /tmp: anyone may make an execution; only its owner may remove it.
         self._runs = _fixed(RUNS_INODE, "runs", Kind.RUNS, 0o1777, ROOT_INODE, 2, now)
-        self._blobs = _fixed(BLOBS_INODE, "blobs", Kind.BLOBS, 0o555, ROOT_INODE, 2, now)
+        # blobs/ reads any content by its hash, bypassing the permissions of the artifacts
+        # holding it: only the user who mounted the store may enter it.
+        self._blobs = replace(_fixed(BLOBS_INODE, "blobs", Kind.BLOBS, 0o500, ROOT_INODE, 2, now),
+                              uid=os.geteuid(), gid=os.getegid())
 
     # -- finding nodes --------------------------------------------------------------------
 
@@ -271,8 +285,10 @@ class Vfs:
         directory = self.manifest.node(dir_ino)
         if directory is None or not directory.kind.has_record:
             return None
-        return Node(RECORD_INODE_BASE + dir_ino, dir_ino, RECORD_NAME, Kind.RECORD, 0o444,
-                    directory.uid, directory.gid, directory.mtime_ns, directory.ctime_ns, 1)
+        # Readable by whoever may list the directory: it tells no more than ls -l and xattrs.
+        return Node(RECORD_INODE_BASE + dir_ino, dir_ino, RECORD_NAME, Kind.RECORD,
+                    directory.mode & 0o444, directory.uid, directory.gid, directory.mtime_ns,
+                    directory.ctime_ns, 1)
 
     def record_bytes(self, record: Node) -> bytes:
         """A directory's record, recomputed only when the manifest changed since."""
@@ -426,6 +442,7 @@ class Vfs:
 
     def create(self, parent_ino: int, raw_name: bytes, mode: int, flags: int,
                caller: Caller) -> tuple[int, Attr]:
+        self._check_handle_room()
         parent = self.node(parent_ino)
         name = _new_name(raw_name)
         self._check_unsealed(parent)
@@ -621,6 +638,7 @@ class Vfs:
         node = self.node(ino)
         if node.kind.is_dir:
             raise IsADirectory()
+        self._check_handle_room()
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable:
             _refuse_fixed_change(node)
@@ -648,6 +666,11 @@ class Vfs:
                 inode.reader = self.blobs.open(node.blob.digest, node.blob.encoding)
             self._open[node.ino] = inode
         return inode
+
+    def _check_handle_room(self) -> None:
+        if len(self._handles) >= self.max_open_files:
+            raise TooManyOpenFiles(f"{len(self._handles)} files are open in this mount "
+                                   "(max_open_files)")
 
     def _new_handle(self, inode: OpenInode, writable: bool, caller: Caller) -> Handle:
         handle = Handle(self._next_fh, inode, writable, caller)
@@ -680,9 +703,11 @@ class Vfs:
         # No sealed-run check per write: a writable handle cannot exist inside a sealed run
         # (open refuses it, sealing waits for none, nothing moves into a sealed run), and
         # publishing checks again.
-        if offset + len(data) > self.max_artifact_size:
-            raise FileTooBig("write beyond the maximum artifact size")
         inode = handle.inode
+        if offset + len(data) > self.max_artifact_size:
+            # Sticky like any failed write: what was written must not be published as whole.
+            self._fail(inode, handle, errno.EFBIG)
+            raise FileTooBig("write beyond the maximum artifact size")
         async with inode.lock:
             self._check_writable(handle)
             try:
@@ -824,6 +849,10 @@ class Vfs:
             inode.temp.discard()
             inode.temp = None
             inode.mtime_ns = None
+        # A new file whose first write failed goes now, not at the last release (which the
+        # kernel sends after close() has returned): `cp` fails and the name is gone.
+        with suppress(CafsError):  # if the manifest cannot say so now, release tries again
+            self._drop_if_unpublished(inode)
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
@@ -844,12 +873,13 @@ class Vfs:
         if inode.reader is not None:
             inode.reader.close()
             inode.reader = None
+        self._drop_if_unpublished(inode)
+
+    def _drop_if_unpublished(self, inode: OpenInode) -> None:
+        """A file created but never published (its writer failed) must not stay visible."""
         node = inode.node
         if node.kind is Kind.FILE and node.version_id is None and not inode.unlinked:
-            # Created but never published (its writer failed): it must not stay visible.
-            self.manifest.remove_node(node, time.time_ns())
-            self.cache.drop(node.ino)
-            self._directory_changed(node.parent)
+            self._remove(node)
             self.kernel.entry_gone(node.parent, node.name)
 
     async def _maybe_offload(self, size: int, fn: Callable[..., T], *args: object) -> T:
@@ -929,6 +959,10 @@ class Vfs:
             raise NotSupported("only user.* attributes are kept")
         if name.startswith(XATTR_PREFIX):
             raise NotPermitted(f"{name} is read-only")
+        names_bytes, values_bytes = self.manifest.tag_usage(ino, excluding=name)
+        if (names_bytes + len(raw_name) + 1 > TAG_NAMES_BYTES
+                or values_bytes + len(value) > TAG_VALUES_BYTES):
+            raise OutOfSpace(f"no room for more tags on {node.name}")
         self.manifest.set_tag(ino, name, bytes(value), time.time_ns())
         self.cache.drop(ino)
 
