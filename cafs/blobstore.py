@@ -29,6 +29,7 @@ import itertools
 import os
 import struct
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +40,7 @@ import zstandard
 
 from cafs import crashpoints
 from cafs.digest import Digest, is_digest
-from cafs.errors import Corrupt
+from cafs.errors import Corrupt, OutOfSpace
 from cafs.model import StoredBlob
 
 RAW = "raw"
@@ -104,6 +105,58 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class SpaceGuard:
+    """Keeps a reserve free on the store's filesystem, so that the manifest can still commit
+    (and a failed write can still be cleaned up) when writers have filled the disk.
+
+    Writers get ENOSPC once writing would eat into the reserve; statfs (df) reports the space
+    above the reserve as available. The reserve is 2% of the filesystem, at least 2 MiB and at
+    most 256 MiB. Free space is re-read at most every REFRESH_SECONDS, or when it runs low.
+    """
+
+    REFRESH_SECONDS = 0.25
+    MIN_RESERVE = 2 << 20
+    MAX_RESERVE = 256 << 20
+
+    def __init__(self, path: Path, reserve: int | None = None) -> None:
+        self._path = path
+        self._fixed_reserve = reserve
+        self.reserve = 0
+        self._free = 0
+        self._read_at = -1.0
+        self._lock = threading.Lock()  # copy-on-write and imports write from worker threads
+
+    def statvfs(self) -> os.statvfs_result:
+        """The filesystem's statvfs, with the reserve taken out of the available blocks."""
+        fs = os.statvfs(self._path)
+        self._update(fs)
+        reserve_blocks = -(-self.reserve // fs.f_frsize)
+        fields = list(fs)
+        fields[3] = max(0, fs.f_bfree - reserve_blocks)  # f_bfree
+        fields[4] = max(0, fs.f_bavail - reserve_blocks)  # f_bavail
+        return os.statvfs_result(fields)
+
+    def take(self, size: int) -> None:
+        """Account for `size` bytes about to be written; OutOfSpace if they do not fit."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._read_at > self.REFRESH_SECONDS or self._free - size < self.reserve:
+                self._update(os.statvfs(self._path))
+                self._read_at = now
+            if self._free - size < self.reserve:
+                raise OutOfSpace(f"the store's filesystem is full (keeping {self.reserve} bytes "
+                                 "for the manifest)")
+            self._free -= size
+
+    def _update(self, fs: os.statvfs_result) -> None:
+        self._free = fs.f_bavail * fs.f_frsize
+        if self._fixed_reserve is not None:
+            self.reserve = self._fixed_reserve
+        else:
+            total = fs.f_blocks * fs.f_frsize
+            self.reserve = min(self.MAX_RESERVE, max(self.MIN_RESERVE, total // 50))
 
 
 class FrameCache:
@@ -329,15 +382,18 @@ class TempBlob:
     end. Not thread-safe: the owner serialises calls.
     """
 
-    def __init__(self, fd: int, path: Path) -> None:
+    def __init__(self, fd: int, path: Path, space: SpaceGuard | None = None) -> None:
         self.fd = fd
         self.path = path
+        self._space = space
         self.size = 0
         self._hasher = hashlib.sha256()
         self._block_sums = BlockSums()  # fed alongside _hasher
         self._hashed = 0  # bytes fed to _hasher; -1 once out-of-order writes invalidated it
 
     def write(self, offset: int, data: bytes) -> int:
+        if self._space is not None:
+            self._space.take(max(0, offset + len(data) - self.size))
         _pwrite_all(self.fd, data, offset)
         crashpoints.reached("after-temp-write")
         if self._hashed == offset:
@@ -418,12 +474,14 @@ class BlobStore:
         level: int = DEFAULT_LEVEL,
         frame_size: int = DEFAULT_FRAME_SIZE,
         frame_cache_bytes: int = 64 << 20,
+        space_reserve: int | None = None,
     ) -> None:
         self.blob_dir = root / "blobs"
         self.tmp_dir = root / "tmp"
         self.level = level
         self.frame_size = frame_size
         self.frame_cache = FrameCache(frame_cache_bytes)
+        self.space = SpaceGuard(root, space_reserve)
         self._temp_serial = 0
         self._threads = max(1, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
@@ -455,7 +513,7 @@ class BlobStore:
         name = f"w-{os.getpid()}-{self._temp_serial}-{os.urandom(4).hex()}"
         path = self.tmp_dir / name
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        return TempBlob(os.open(path, flags, 0o600), path)
+        return TempBlob(os.open(path, flags, 0o600), path, self.space)
 
     def path_of(self, digest: Digest) -> Path:
         return self.blob_dir / digest[:2] / digest

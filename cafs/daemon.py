@@ -192,8 +192,7 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         kernel = PyfuseKernel()
         vfs = Vfs(store.manifest, store.blobs, TrioRuntime(),
                   max_artifact_size=cfg.max_artifact_size, kernel=kernel,
-                  max_open_files=open_files_cap(cfg.max_open_files),
-                  statfs_path=str(store.root))
+                  max_open_files=open_files_cap(cfg.max_open_files))
         try:
             pyfuse3.init(CafsOperations(vfs), str(cfg.mountpoint), fuse_options(cfg))
         except RuntimeError as exc:

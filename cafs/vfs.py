@@ -218,7 +218,6 @@ class Vfs:
         max_open_files: int = DEFAULT_MAX_OPEN_FILES,
         cache_entries: int = 100_000,
         kernel: KernelNotifier | None = None,
-        statfs_path: str | None = None,
     ) -> None:
         self.manifest = manifest
         self.blobs = blobs
@@ -234,7 +233,6 @@ class Vfs:
         # must leave those files alone (see Vfs._publish and cafs.admin.gc).
         self._pinned: Counter[str] = Counter()
         self._records: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
-        self._statfs_path = statfs_path or str(blobs.blob_dir)
         self._runs_nlink: int | None = None
         now = time.time_ns()
         self._root = _fixed(ROOT_INODE, "", Kind.ROOT, 0o755, ROOT_INODE, 4, now)
@@ -408,7 +406,7 @@ class Vfs:
             after = page[-1].ino
 
     def statfs(self) -> os.statvfs_result:
-        return os.statvfs(self._statfs_path)
+        return self.blobs.space.statvfs()
 
     # -- making and removing names --------------------------------------------------------
 
@@ -619,7 +617,7 @@ class Vfs:
                     await self._ensure_temp(inode, keep_content=size > 0)
                     assert inode.temp is not None
                     inode.temp.truncate(size)
-                except OSError as exc:
+                except (OSError, CafsError) as exc:  # I/O, disk full, bad blob
                     self._fail(inode, handle, exc.errno or errno.EIO)
                     raise
                 inode.mtime_ns = time.time_ns()
@@ -714,7 +712,7 @@ class Vfs:
                 await self._ensure_temp(inode, keep_content=True)
                 assert inode.temp is not None
                 written = inode.temp.write(offset, data)
-            except OSError as exc:
+            except (OSError, CafsError) as exc:  # I/O, disk full, bad blob
                 self._fail(inode, handle, exc.errno or errno.EIO)
                 raise
             inode.mtime_ns = time.time_ns()
@@ -774,7 +772,7 @@ class Vfs:
                     digest = await self._maybe_offload(temp.size, temp.digest)
                 else:
                     digest = temp.digest()
-            except OSError as exc:
+            except (OSError, CafsError) as exc:  # I/O, disk full, bad blob
                 self._fail(inode, None, exc.errno or errno.EIO)
                 raise
             self._pinned[digest] += 1
@@ -799,7 +797,7 @@ class Vfs:
                     log.warning("blob %s was missing or damaged; restored from a new write",
                                 digest)
                 stored = await self._maybe_offload(temp.size, self.blobs.publish, temp, digest)
-        except OSError as exc:
+        except (OSError, CafsError) as exc:  # I/O, disk full, bad blob
             self._fail(inode, None, exc.errno or errno.EIO)
             raise
         if inode.unlinked:  # unlinked while the blob was being written: nothing to record

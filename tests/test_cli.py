@@ -142,9 +142,12 @@ def test_fsck_finds_each_kind_of_damage(mount: Mount) -> None:
 
 
 def test_enospc_reaches_the_writer_and_publishes_nothing(tmp_path: Path) -> None:
+    """A real full disk: the store on a 12 MiB tmpfs. Writers get ENOSPC while a reserve
+    (2 MiB here) stays free for the manifest, so renames, tags and deletes still commit; df
+    reports the space above the reserve; after rm and gc everything works again."""
     require_fuse()
     if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
+        pytest.fail("needs root to mount a small tmpfs")
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=700", "tmpfs", str(small)],
@@ -155,15 +158,40 @@ def test_enospc_reaches_the_writer_and_publishes_nothing(tmp_path: Path) -> None
     try:
         mount.start()
         layer = mount.layer()
+        reserve = 2 << 20
+
+        def available(path: Path) -> int:
+            info = os.statvfs(path)
+            return info.f_bavail * info.f_frsize
+
+        assert abs(available(mnt) - (available(small) - reserve)) <= 8192
         big = tmp_path / "big.bin"
         big.write_bytes(os.urandom(20 << 20))
         result = sh(f"cp {big} {layer}/big.bin", check=False)
         assert result.returncode != 0 and b"No space left" in result.stderr
         assert not (layer / "big.bin").exists()
         assert list((mount.store / "tmp").iterdir()) == []
-        # The daemon is still up and, with the space back, everything works.
-        (layer / "after.txt").write_text("still here\n")
-        assert (layer / "after.txt").read_text() == "still here\n"
+        # Fill it with closed artifacts until the next one does not fit.
+        stored = 0
+        for index in range(20):
+            result = sh(f"head -c 1000000 /dev/urandom > {layer}/part{index}", check=False)
+            if result.returncode != 0:
+                assert b"No space left" in result.stderr
+                break
+            stored += 1
+        assert 5 <= stored < 12 and available(mnt) < 1 << 20
+        assert 0 < available(small) <= reserve + (1 << 20)  # the reserve is still there
+        # Manifest changes still commit on the full disk.
+        os.rename(layer / "part0", layer / "renamed")
+        os.setxattr(layer / "renamed", "user.note", b"written on a full disk")
+        (mount.runs / "e1" / "notes").mkdir()
+        for index in range(1, stored):
+            (layer / f"part{index}").unlink()
+        cafs("gc", "--store", str(mount.store))  # the blobs' space comes back
+        assert available(mnt) > 6 << 20
+        (layer / "after.bin").write_bytes(b"x" * (3 << 20))
+        assert (layer / "after.bin").read_bytes() == b"x" * (3 << 20)
+        assert os.getxattr(layer / "renamed", "user.note") == b"written on a full disk"
         assert cafs("fsck", "--full", "--store", str(mount.store)).returncode == 0
         assert not mount.log_problems()
     finally:
