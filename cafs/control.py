@@ -202,12 +202,16 @@ def call(store: Path, command: str, args: dict[str, Any], files: list[int],
     with sock:
         _connect(sock, path)
         data = (json.dumps({"command": command, "args": args}) + "\n").encode()
-        if files:
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", files))]
-            sent = sock.sendmsg([data], ancillary)
-            sock.sendall(data[sent:])
-        else:
-            sock.sendall(data)
+        # The daemon may answer (a refused bundle) and close before this side is done
+        # sending: the answer is then waiting to be read, so a broken pipe is no failure.
+        with contextlib.suppress(BrokenPipeError):
+            if files:
+                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", files))]
+                sent = sock.sendmsg([data], ancillary)
+                if sent < len(data):
+                    sock.sendall(data[sent:])
+            else:
+                sock.sendall(data)
         with sock.makefile("rb") as replies:
             for line in replies:
                 message = json.loads(line)
