@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import hashlib
 import itertools
 import os
@@ -612,6 +613,8 @@ class BlobStore:
         except FileNotFoundError as exc:
             raise Corrupt(f"blob {digest} is missing") from exc
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise  # the daemon is short of resources; the blob is fine
             raise Corrupt(f"blob {digest}: {exc.strerror}") from exc
         try:
             if encoding == RAW_CHECKED:

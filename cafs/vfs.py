@@ -802,7 +802,13 @@ class Vfs:
             raise
         if inode.unlinked:  # unlinked while the blob was being written: nothing to record
             return
-        # From here on no await: the manifest change and the swap of readers are atomic.
+        # From here on no await: the manifest change and the swap of readers are atomic. The
+        # new reader is opened first: once the version is committed nothing may fail.
+        try:
+            new_reader = self.blobs.open(digest, stored.encoding)
+        except (OSError, CafsError) as exc:  # out of descriptors, or the blob is bad
+            self._fail(inode, None, exc.errno or errno.EIO)
+            raise
         now = time.time_ns()
         node = inode.node
         try:
@@ -815,6 +821,7 @@ class Vfs:
         except CafsError as exc:
             # The temp may already be the blob file (renamed): it must take no more writes.
             # The blob stays as an orphan that gc or fsck --repair removes.
+            new_reader.close()
             self._fail(inode, None, exc.errno)
             raise
         if handle is not None:
@@ -822,7 +829,7 @@ class Vfs:
         if known is not None and known.damaged:  # healed: other artifacts hold it too
             self.nodes_changed(self.manifest.nodes_holding_blobs([known.blob_id]))
         old_reader = inode.reader
-        inode.reader = self.blobs.open(digest, stored.encoding)
+        inode.reader = new_reader
         inode.damaged = False
         if old_reader is not None:
             old_reader.close()

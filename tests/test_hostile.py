@@ -191,3 +191,38 @@ def test_symlinks_planted_in_the_store_are_never_followed(mount: Mount, tmp_path
     blob.unlink()
     shutil.copyfile(outside, blob)
     assert (layer / "artifact").read_bytes() == b"genuine\n" * 10
+
+
+def test_a_daemon_out_of_descriptors_fails_writes_cleanly(mount: Mount) -> None:
+    """Below the cap, the daemon itself may run out (its limit lowered under it): writers get
+    an errno, every close() that succeeded is published, nothing else is, fsck stays clean."""
+    layer = mount.layer()
+    pid = mount.daemon_pid()
+    limits = sh(f"prlimit --pid {pid} --nofile --noheadings --output SOFT,HARD").stdout.split()
+    sh(f"prlimit --pid {pid} --nofile=64:{limits[1].decode()}")  # only the soft limit
+    shared = b"the same bytes everywhere\n"
+    (layer / "first").write_bytes(shared)
+    published, failed = {"first": shared}, []
+    try:
+        opened = []  # until the daemon has no descriptor left
+        for index in range(100):
+            try:
+                opened.append(os.open(layer / f"f{index}", os.O_WRONLY | os.O_CREAT))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE, exc
+                break
+        for index, fd in enumerate(opened):
+            # Content the store has: publishing needs no new file, only a reader for it.
+            os.write(fd, shared)
+            try:
+                os.close(fd)
+                published[f"f{index}"] = shared
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE, exc
+                failed.append(index)
+    finally:
+        sh(f"prlimit --pid {pid} --nofile={limits[0].decode()}:{limits[1].decode()}")
+    assert failed and len(published) > len(opened) // 2
+    assert {name: (layer / name).read_bytes() for name in os.listdir(layer)} == published
+    assert mount.fsck("--full").returncode == 0
+    mount.log_problems(accept=True)  # "Too many open files" is logged as a warning or error
