@@ -461,7 +461,9 @@ class TempBlob:
         if fd >= 0:
             with contextlib.suppress(OSError):  # the file goes anyway; a bad fd must not leak it
                 os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
+        # Never raises: it runs after a publish has committed. A temp that cannot be removed
+        # now is removed at the next start.
+        with contextlib.suppress(OSError):
             os.unlink(self.path)
 
 

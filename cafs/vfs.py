@@ -325,13 +325,18 @@ class Vfs:
         ino = self.cache.entry(parent.ino, name)
         if ino is not None:
             cached = self.cache.node(ino)
-            if cached is not None:
+            if cached is not None and not self._abandoned(cached):
                 return cached
         node = self.manifest.child(parent.ino, name)
-        if node is None:
+        if node is None or self._abandoned(node):
             raise NotFound(name)
         self.cache.put(node)
         return node
+
+    def _abandoned(self, node: Node) -> bool:
+        """A file row with no version that nobody has open: its first write failed and the
+        manifest could not even drop the row (start-up will). Never visible."""
+        return node.kind is Kind.FILE and node.version_id is None and node.ino not in self._open
 
     def _execution_of(self, node: Node) -> Node | None:
         """The execution a node lives in (itself for an execution); None outside runs/<exec>."""
@@ -401,6 +406,8 @@ class Vfs:
         after = start
         while page := self.manifest.children(ino, after, READDIR_PAGE):
             for node in page:
+                if self._abandoned(node):
+                    continue
                 self.cache.put(node)
                 yield node.name.encode(), self.attr(node), node.ino
             after = page[-1].ino
@@ -445,6 +452,9 @@ class Vfs:
         name = _new_name(raw_name)
         self._check_unsealed(parent)
         kind = self._new_child_kind(parent, name, want_dir=False)
+        stale = self.manifest.child(parent.ino, name)
+        if stale is not None:  # an abandoned row holds the name: drop it now
+            self._remove(stale)
         # The row exists from now on (it gives the inode its number) but has no version until
         # the first publish; start-up removes such rows if the daemon died before that.
         node = self.manifest.add_node(parent.ino, name, kind, _file_mode(mode), caller.uid,
@@ -884,8 +894,12 @@ class Vfs:
         """A file created but never published (its writer failed) must not stay visible."""
         node = inode.node
         if node.kind is Kind.FILE and node.version_id is None and not inode.unlinked:
-            self._remove(node)
+            current = self.manifest.node(node.ino)
+            if current is not None and current.version_id is not None:
+                inode.node = current  # published after all (a failure came after the commit)
+                return
             self.kernel.entry_gone(node.parent, node.name)
+            self._remove(node)
 
     async def _maybe_offload(self, size: int, fn: Callable[..., T], *args: object) -> T:
         if size >= OFFLOAD_BYTES:
