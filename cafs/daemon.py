@@ -201,6 +201,9 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             trio.run(_main_loop, cfg, on_ready, store, vfs, kernel)
         finally:
             pyfuse3.close(unmount=True)
+        # Unmounted, no write is in progress: a temp still here is one whose removal failed.
+        with contextlib.suppress(OSError):
+            store.blobs.clean_tmp()
         store.mark_clean()
         log.info("unmounted %s", cfg.mountpoint)
     finally:
