@@ -328,7 +328,13 @@ class Vfs:
             if cached is not None and not self._abandoned(cached):
                 return cached
         node = self.manifest.child(parent.ino, name)
-        if node is None or self._abandoned(node):
+        if node is None:
+            raise NotFound(name)
+        if self._abandoned(node):
+            # Seen again, so try again to drop it: create, mkdir and rename may then reuse
+            # the name. If the manifest still cannot, start-up will.
+            with suppress(CafsError):
+                self._remove(node)
             raise NotFound(name)
         self.cache.put(node)
         return node
@@ -452,9 +458,6 @@ class Vfs:
         name = _new_name(raw_name)
         self._check_unsealed(parent)
         kind = self._new_child_kind(parent, name, want_dir=False)
-        stale = self.manifest.child(parent.ino, name)
-        if stale is not None:  # an abandoned row holds the name: drop it now
-            self._remove(stale)
         # The row exists from now on (it gives the inode its number) but has no version until
         # the first publish; start-up removes such rows if the daemon died before that.
         node = self.manifest.add_node(parent.ino, name, kind, _file_mode(mode), caller.uid,
@@ -712,13 +715,13 @@ class Vfs:
         # (open refuses it, sealing waits for none, nothing moves into a sealed run), and
         # publishing checks again.
         inode = handle.inode
-        if offset + len(data) > self.max_artifact_size:
-            # Sticky like any failed write: what was written must not be published as whole.
-            self._fail(inode, handle, errno.EFBIG)
-            raise FileTooBig("write beyond the maximum artifact size")
         async with inode.lock:
             self._check_writable(handle)
             try:
+                # Failing like any other write (sticky, nothing published), and under the lock:
+                # a publish in flight may be reading the temp that failing discards.
+                if offset + len(data) > self.max_artifact_size:
+                    raise FileTooBig("write beyond the maximum artifact size")
                 await self._ensure_temp(inode, keep_content=True)
                 assert inode.temp is not None
                 written = inode.temp.write(offset, data)
