@@ -63,6 +63,23 @@ def sh(command: str, *, cwd: Path | None = None, check: bool = True,
     return result
 
 
+def write_artifact(path: Path, data: bytes, *, fsync: bool = False) -> None:
+    """open, write (1 MiB at a time), optionally fsync, close. The descriptor is always closed;
+    the first failure is the one raised."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[:1 << 20]):]
+        if fsync:
+            os.fsync(fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    os.close(fd)
+
+
 def is_mounted(path: Path) -> bool:
     target = str(path)
     with open("/proc/self/mountinfo") as mounts:

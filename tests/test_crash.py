@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount, cafs, is_mounted, process_alive, wait_dead
+from conftest import Mount, cafs, is_mounted, process_alive, wait_dead, write_artifact
 
 from cafs.crashpoints import POINTS
 
@@ -45,18 +45,6 @@ def content(name: str) -> bytes:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def write(path: Path, data: bytes, fsync: bool = False) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view[:1 << 20]):]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_invariants(mount: Mount, acked: dict[str, str], allowed: dict[str, set[str]]) -> None:
@@ -90,7 +78,7 @@ def test_a_crash_at_each_step_of_a_write_loses_nothing_acknowledged(
         data = content(Path(rel).name)
         allowed.setdefault(rel, set()).add(sha(data))
         try:
-            write(mount.runs / rel, data)
+            write_artifact(mount.runs / rel, data)
         except OSError as exc:
             assert exc.errno in DAEMON_GONE, exc
             return False
@@ -135,7 +123,7 @@ def test_a_crash_inside_gc_leaves_only_orphans_that_the_next_gc_removes(
     mount.start(env=crash if mounted else None)  # gc runs in the daemon while mounted
     layer = mount.layer("e1", "l")
     for index in range(6):
-        write(layer / f"small-{index}", content(f"small-{index}"))
+        write_artifact(layer / f"small-{index}", content(f"small-{index}"))
     for index in range(3):
         (layer / f"small-{index}").unlink()
     kept = {f"e1/l/small-{index}": sha(content(f"small-{index}")) for index in range(3, 6)}
@@ -197,7 +185,7 @@ def test_kill9_soak_under_concurrent_writers(unstarted_mount: Mount) -> None:
             try:
                 with state:
                     allowed.setdefault(rel, set()).add(sha(data))
-                write(mount.runs / rel, data, fsync=sequence % 7 == 0)
+                write_artifact(mount.runs / rel, data, fsync=sequence % 7 == 0)
                 with state:
                     acked[rel] = sha(data)
                     if name.startswith("latest"):  # older bytes may no longer be there

@@ -19,7 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CAFS, Mount, cafs, is_mounted, require_fuse, unmount_whatever_state
+from conftest import (
+    CAFS,
+    Mount,
+    cafs,
+    is_mounted,
+    require_fuse,
+    unmount_whatever_state,
+    write_artifact,
+)
 
 
 class FaultyDaemon:
@@ -72,23 +80,10 @@ def attempt(path: Path, data: bytes, fsync: bool) -> int | None:
     """Write a whole artifact: None if every call succeeded, else the errno of the first
     failure (from open, write, fsync or close)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        write_artifact(path, data, fsync=fsync)
     except OSError as exc:
         return exc.errno
-    failure = None
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view[:1 << 17]):]
-        if fsync:
-            os.fsync(fd)
-    except OSError as exc:
-        failure = exc.errno
-    try:
-        os.close(fd)
-    except OSError as exc:
-        failure = failure or exc.errno
-    return failure
+    return None
 
 
 def payloads() -> dict[str, bytes]:
