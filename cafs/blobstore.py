@@ -121,9 +121,8 @@ class SpaceGuard:
     MIN_RESERVE = 2 << 20
     MAX_RESERVE = 256 << 20
 
-    def __init__(self, path: Path, reserve: int | None = None) -> None:
+    def __init__(self, path: Path) -> None:
         self._path = path
-        self._fixed_reserve = reserve
         self.reserve = 0
         self._free = 0
         self._read_at = -1.0
@@ -153,11 +152,8 @@ class SpaceGuard:
 
     def _update(self, fs: os.statvfs_result) -> None:
         self._free = fs.f_bavail * fs.f_frsize
-        if self._fixed_reserve is not None:
-            self.reserve = self._fixed_reserve
-        else:
-            total = fs.f_blocks * fs.f_frsize
-            self.reserve = min(self.MAX_RESERVE, max(self.MIN_RESERVE, total // 50))
+        total = fs.f_blocks * fs.f_frsize
+        self.reserve = min(self.MAX_RESERVE, max(self.MIN_RESERVE, total // 50))
 
 
 class FrameCache:
@@ -477,14 +473,13 @@ class BlobStore:
         level: int = DEFAULT_LEVEL,
         frame_size: int = DEFAULT_FRAME_SIZE,
         frame_cache_bytes: int = 64 << 20,
-        space_reserve: int | None = None,
     ) -> None:
         self.blob_dir = root / "blobs"
         self.tmp_dir = root / "tmp"
         self.level = level
         self.frame_size = frame_size
         self.frame_cache = FrameCache(frame_cache_bytes)
-        self.space = SpaceGuard(root, space_reserve)
+        self.space = SpaceGuard(root)
         self._temp_serial = 0
         self._threads = max(1, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
