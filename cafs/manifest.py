@@ -345,19 +345,13 @@ class Manifest:
 
     def _drop_node(self, node: Node, now_ns: int) -> None:
         db = self._db
-        # The row's version, not the caller's copy of it: a copy can be stale, and a reference
-        # must never be left behind (nor dropped twice).
-        row = db.execute("SELECT version_id FROM nodes WHERE id = ?", (node.ino,)).fetchone()
-        version_id = row[0] if row else None
-        if version_id is not None:
-            db.execute(
-                "UPDATE versions SET replaced_ns = ? WHERE id = ?", (now_ns, version_id)
-            )
-            db.execute(
-                "UPDATE blobs SET refcount = refcount - 1 WHERE id = "
-                "(SELECT blob_id FROM versions WHERE id = ?)",
-                (version_id,),
-            )
+        # The row's own version, not the caller's copy of it: a copy can be stale, and a
+        # reference must never be left behind (nor dropped twice). No version: no-ops.
+        current = "(SELECT version_id FROM nodes WHERE id = ?)"
+        db.execute(f"UPDATE versions SET replaced_ns = ? WHERE id = {current}",
+                   (now_ns, node.ino))
+        db.execute("UPDATE blobs SET refcount = refcount - 1 WHERE id = "
+                   f"(SELECT blob_id FROM versions WHERE id = {current})", (node.ino,))
         db.execute("DELETE FROM tags WHERE node_id = ?", (node.ino,))
         db.execute("DELETE FROM nodes WHERE id = ?", (node.ino,))
         if node.kind.is_dir:
