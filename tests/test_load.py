@@ -31,14 +31,16 @@ def daemon_usage(pid: int) -> tuple[int, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def fio(directory: Path, name: str, *options: str) -> None:
-    """One fio job; a failed job or a verify error fails the test with fio's output."""
+def fio(directory: Path, name: str, scratch: Path, *options: str) -> None:
+    """One fio job; a failed job or a verify error fails the test with fio's output. fio's own
+    verify-state files go to `scratch` (by default it writes them into the current directory)."""
     directory.mkdir(parents=True, exist_ok=True)
-    sh(f"fio --name={name} --directory={directory} --ioengine=psync --verify=crc32c "
-       f"--output-format=terse {' '.join(options)}")
+    scratch.mkdir(parents=True, exist_ok=True)
+    sh(f"fio --name={name} --directory={directory} --aux-path={scratch} --ioengine=psync "
+       f"--verify=crc32c --output-format=terse {' '.join(options)}")
 
 
-def fio_round(execution: Path) -> None:
+def fio_round(execution: Path, scratch: Path) -> None:
     # Written with create_on_open (fio would otherwise lay files out and reopen them), then
     # verified by a separate read-only job: what was published is what fio wrote.
     write = "--do_verify=0 --create_on_open=1"
@@ -51,8 +53,9 @@ def fio_round(execution: Path) -> None:
     ]
     for name, shape, writing, reading in jobs:
         directory = execution / "fio" / name  # layer fio, one sub-directory per job
-        fio(directory, name, shape, f"--rw={writing}", write)
-        fio(directory, name, shape.replace(" --fsync=32", ""), f"--rw={reading}", "--direct=1")
+        fio(directory, name, scratch, shape, f"--rw={writing}", write)
+        fio(directory, name, scratch, shape.replace(" --fsync=32", ""), f"--rw={reading}",
+            "--direct=1")
 
 
 def stress_round(layer: Path) -> None:
@@ -118,7 +121,7 @@ def test_fio_stress_ng_and_concurrent_readers_and_writers(mount: Mount) -> None:
     usage = []
     for round_number in range(ROUNDS):
         execution = mount.runs / f"load{round_number}"
-        fio_round(mount.layer(f"load{round_number}", "fio").parent)
+        fio_round(mount.layer(f"load{round_number}", "fio").parent, mount.store.parent / "fio")
         stress_round(mount.layer(f"load{round_number}", "sng"))
         writes = readers_and_writers(mount.layer(f"load{round_number}", "mixed"), SECONDS)
         assert writes > 20
