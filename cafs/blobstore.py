@@ -627,6 +627,21 @@ class BlobStore:
 
     # -- administration -------------------------------------------------------------------
 
+    def has_blob_files(self) -> bool:
+        """True if any blob file exists (stops at the first one found)."""
+        try:
+            shards = sorted(os.listdir(self.blob_dir))
+        except FileNotFoundError:
+            return False
+        for shard in shards:
+            try:
+                with os.scandir(self.blob_dir / shard) as entries:
+                    if any(is_digest(entry.name) for entry in entries):
+                        return True
+            except NotADirectoryError:
+                continue
+        return False
+
     def iter_digests(self) -> Iterator[Digest]:
         """Every blob file's digest, shard by shard. Files not named like a digest are skipped."""
         for shard in sorted(os.listdir(self.blob_dir)):

@@ -38,7 +38,13 @@ from cafs.daemon import TrioRuntime
 from cafs.digest import Digest
 from cafs.errors import CafsError, StoreBusy, StoreError
 from cafs.fsck import fsck as check_store
-from cafs.store import MANIFEST_NAME, Store, is_locked, lock_holder_text
+from cafs.store import (
+    MANIFEST_NAME,
+    Store,
+    check_manifest_files,
+    is_locked,
+    lock_holder_text,
+)
 
 # -- where a PATH argument lives ----------------------------------------------------------
 
@@ -100,6 +106,8 @@ def run_admin(root: Path, command: str, args: dict[str, Any],
     try:
         with errors_as_exit_codes(command_failure=EXIT_FAILED):
             if not (root / MANIFEST_NAME).exists():
+                # A store whose manifest went missing beside its blobs needs repair, not gc.
+                check_manifest_files(root, BlobStore(root), wal=False)
                 raise StoreError(f"no store at {root}")
             for _ in range(3):
                 if is_locked(root):

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cafs.blobstore import BlobStore
-from cafs.errors import CafsError, StoreBusy, StoreError
+from cafs.errors import CafsError, NeedsRepair, StoreBusy, StoreError
 from cafs.manifest import Manifest
 from cafs.model import BlobRef
+from cafs.wal import check_wal, wal_path
 
 MANIFEST_NAME = "manifest.sqlite"
 LOCK_NAME = "lock"
@@ -72,6 +73,32 @@ def _check_store_dir(root: Path) -> None:
         raise StoreError(f"store {root} is not readable and writable by this user")
 
 
+def check_manifest_files(root: Path, blobs: BlobStore, *, wal: bool) -> None:
+    """Refuse to open a manifest that would silently lose committed artifacts: a missing or
+    empty one beside existing blob files (SQLite would start a new, empty manifest and gc would
+    then delete the blobs, the only copy left), or a WAL damaged in its middle (SQLite's
+    recovery would drop every commit after the damage). Nothing is changed: the files stay as
+    they are for recovery. Runs before SQLite opens anything (see cafs.wal)."""
+    manifest = root / MANIFEST_NAME
+    try:
+        size: int | None = os.lstat(manifest).st_size
+    except FileNotFoundError:
+        size = None
+    if not size and blobs.has_blob_files():
+        state = "missing" if size is None else "empty (0 bytes)"
+        raise NeedsRepair(
+            f"store {root} needs repair: its manifest {MANIFEST_NAME} is {state}, yet blob files "
+            "exist; refusing to start a new manifest over them (restore a backup with "
+            f"'cafs restore --store {root}', see README: Recovery)")
+    if wal:
+        damage = check_wal(wal_path(manifest))
+        if damage is not None:
+            raise NeedsRepair(
+                f"store {root} needs repair: the manifest's WAL {MANIFEST_NAME}-wal is damaged "
+                f"({damage.describe()}); it is left untouched. Copy the store aside first, then "
+                "see README: Recovery")
+
+
 @dataclass
 class Recovery:
     temp_files: int
@@ -95,6 +122,9 @@ class Store:
         lock_fd = acquire_lock(root, owner) if lock else None
         try:
             blobs = BlobStore(root, level=compression_level)
+            # Only while no daemon writes the WAL (we hold the lock, or nobody does): a WAL being
+            # appended to can show a frame half written.
+            check_manifest_files(root, blobs, wal=lock or not is_locked(root))
             if create:
                 blobs.create_layout()
             elif not (root / MANIFEST_NAME).exists():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,96 @@ def test_an_sqlite_tool_opening_the_manifest_after_an_fsync_loses_nothing(
     mount.stop()
     report = mount.fsck("--full")
     assert report.returncode == 0 and "orphan" not in report.stdout, report.stdout
+
+
+# -- finding 4: a damaged WAL, a missing or empty manifest -------------------------------------
+
+WAL_MAGIC = (0x377F0682, 0x377F0683)
+
+
+def wal_frames(wal: Path) -> tuple[int, int]:
+    """(page size, number of whole frames) of a WAL file."""
+    header = wal.read_bytes()[:32]
+    assert int.from_bytes(header[:4], "big") in WAL_MAGIC
+    page_size = int.from_bytes(header[8:12], "big")
+    return page_size, (wal.stat().st_size - 32) // (24 + page_size)
+
+
+def refused(result: subprocess.CompletedProcess[str], *words: str) -> bool:
+    text = result.stdout + result.stderr
+    return (result.returncode == 3 and "Traceback" not in text
+            and all(word in text for word in words))
+
+
+def test_a_damaged_wal_after_a_crash_refuses_to_mount_and_is_kept(unstarted_mount: Mount) -> None:
+    """kill -9 leaves commits in the WAL; 64 flipped bytes in the middle of it would make
+    SQLite silently drop every commit after them. The mount refuses (exit 3), fsck says why,
+    and the WAL is left as it was."""
+    mount = unstarted_mount
+    mount.start()
+    layer = mount.layer()
+    write_files(layer, [f"a{index}" for index in range(70)])
+    wal = mount.store / "manifest.sqlite-wal"
+    mount.kill9()
+    page_size, frames = wal_frames(wal)
+    assert frames > 20
+    # Inside the page of a frame in the middle, not its header: the frame's checksum fails,
+    # the frames after it are intact.
+    offset = 32 + (frames // 2) * (24 + page_size) + 24 + page_size // 3
+    data = bytearray(wal.read_bytes())
+    data[offset:offset + 64] = bytes(b ^ 0xFF for b in data[offset:offset + 64])
+    wal.write_bytes(bytes(data))
+    result = cafs("mount", "--store", str(mount.store), str(mount.mountpoint), check=False)
+    assert refused(result, "WAL", "damaged"), result.stdout + result.stderr
+    assert wal.read_bytes() == bytes(data)
+    for command in (["fsck"], ["gc"], ["fsck", "--repair"]):
+        result = cafs(*command, "--store", str(mount.store), check=False)
+        assert refused(result, "WAL"), (command, result.stdout + result.stderr)
+    assert wal.read_bytes() == bytes(data)
+
+
+def test_a_torn_wal_tail_is_no_damage(unstarted_mount: Mount) -> None:
+    """What a crash can really leave — a WAL cut in the middle of its last frame — mounts."""
+    mount = unstarted_mount
+    mount.start()
+    layer = mount.layer()
+    written = write_files(layer, [f"a{index}" for index in range(10)])
+    wal = mount.store / "manifest.sqlite-wal"
+    mount.kill9()
+    page_size, _ = wal_frames(wal)
+    with open(wal, "ab") as tail:
+        tail.write(os.urandom(24 + page_size // 2))
+    mount.start()
+    assert present(layer, written) == written
+    mount.stop()
+
+
+def test_an_empty_or_missing_manifest_beside_blobs_is_refused(unstarted_mount: Mount) -> None:
+    """A manifest truncated to 0 bytes, or deleted, must not become a new empty store whose
+    gc deletes the blobs: mount, fsck, gc and every admin command refuse (exit 3)."""
+    mount = unstarted_mount
+    mount.start()
+    layer = mount.layer()
+    write_files(layer, [f"a{index}" for index in range(5)])
+    mount.stop()
+    manifest = mount.store / "manifest.sqlite"
+    blobs_before = sorted(p.name for p in (mount.store / "blobs").rglob("*") if p.is_file())
+    assert len(blobs_before) == 5
+    for damage in ("empty", "missing"):
+        if damage == "empty":
+            saved = manifest.read_bytes()
+            manifest.write_bytes(b"")
+        else:
+            manifest.unlink()
+        result = cafs("mount", "--store", str(mount.store), str(mount.mountpoint), check=False)
+        assert refused(result, "manifest", "blob"), result.stdout + result.stderr
+        for command in (["fsck"], ["gc"], ["fsck", "--repair"], ["stats"]):
+            result = cafs(*command, "--store", str(mount.store), check=False)
+            assert refused(result, "manifest"), (command, result.stdout + result.stderr)
+        blobs_after = sorted(p.name for p in (mount.store / "blobs").rglob("*") if p.is_file())
+        assert blobs_after == blobs_before
+        if damage == "empty":
+            assert manifest.read_bytes() == b""
+            manifest.write_bytes(saved)
+            mount.start()
+            mount.stop()
