@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,10 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         if recovery.temp_files or recovery.unpublished:
             log.info("recovered after an unclean stop: removed %d temp files and %d unfinished "
                      "files", recovery.temp_files, recovery.unpublished)
+        try:  # orphan blob files older than this are crash leftovers, not lost metadata
+            store.manifest.mark_checked(time.time_ns())
+        except CafsError as exc:
+            log.warning("cannot record the start-up check in the manifest: %s", exc)
         kernel = PyfuseKernel()
         vfs = Vfs(store.manifest, store.blobs, TrioRuntime(),
                   max_artifact_size=cfg.max_artifact_size, kernel=kernel,

@@ -244,6 +244,31 @@ class Manifest:
         except sqlite3.Error as exc:
             raise manifest_error(exc) from exc
 
+    def mark_checked(self, now_ns: int) -> None:
+        """A daemon starts on this manifest, checked intact: orphan blob files older than now
+        are what a crash left (see last_commit_ns)."""
+        with self._transaction() as db:
+            db.execute("UPDATE store_state SET checked_ns = ?", (now_ns,))
+
+    def last_commit_ns(self) -> int:
+        """When the manifest last recorded something: the newest blob or version row, durable
+        point (fsync), or daemon start-up check. A blob file no row names that is newer than
+        this was stored after everything the manifest knows: its row may have been lost."""
+        row = self._db.execute(
+            "SELECT max(coalesce((SELECT max(created_ns) FROM blobs), 0), "
+            "coalesce((SELECT max(created_ns) FROM versions), 0))").fetchone()
+        newest = row[0] or 0
+        if self._has_table("store_state"):
+            state = self._db.execute(
+                "SELECT coalesce(max(synced_ns), 0), coalesce(max(checked_ns), 0) "
+                "FROM store_state").fetchone()
+            newest = max(newest, *state)
+        return int(newest)
+
+    def _has_table(self, table: str) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                (table,)).fetchone() is not None
+
     def check_integrity(self) -> list[str]:
         rows = self._db.execute("PRAGMA quick_check").fetchall()
         return [] if rows == [("ok",)] else [row[0] for row in rows]

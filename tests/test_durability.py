@@ -168,3 +168,39 @@ def test_an_empty_or_missing_manifest_beside_blobs_is_refused(unstarted_mount: M
             manifest.write_bytes(saved)
             mount.start()
             mount.stop()
+
+
+def damaged_wal_store(mount: Mount, count: int = 40) -> tuple[Path, dict[str, str]]:
+    """A store killed with `count` artifacts committed only in its WAL, then the WAL dropped as
+    an operator accepting its loss would: the blobs stay, their rows are gone."""
+    mount.start()
+    layer = mount.layer()
+    base = write_files(layer, ["base"])
+    mount.stop()  # a clean stop: the base is in manifest.sqlite itself
+    mount.start()
+    written = write_files(layer, [f"a{index}" for index in range(count)])
+    mount.kill9()
+    for suffix in ("-wal", "-shm"):
+        os.rename(mount.store / f"manifest.sqlite{suffix}", mount.store / f"aside{suffix}")
+    assert base
+    return layer, written
+
+
+def test_orphans_newer_than_the_last_commit_are_possible_lost_metadata_and_gc_keeps_them(
+        unstarted_mount: Mount) -> None:
+    mount = unstarted_mount
+    _, written = damaged_wal_store(mount)
+    report = mount.fsck()
+    assert report.returncode == 1, report.stdout
+    assert report.stdout.count("LOST?") == len(written), report.stdout
+    assert "possible lost metadata" in report.stdout
+    gc = cafs("gc", "--store", str(mount.store))
+    assert f"kept {len(written)} orphan blob files" in gc.stdout, gc.stdout
+    repair = cafs("fsck", "--repair", "--store", str(mount.store))
+    assert f"kept            {len(written)} orphan" in repair.stdout, repair.stdout
+    for digest in written.values():
+        assert (mount.store / "blobs" / digest[:2] / digest).exists()
+    # Past the grace period they are garbage like any other.
+    gc = cafs("gc", "--store", str(mount.store), "--orphan-grace", "0")
+    assert f"{len(written)} orphan blob files" in gc.stdout, gc.stdout
+    assert mount.fsck().returncode == 0
