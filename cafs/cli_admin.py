@@ -43,7 +43,9 @@ from cafs.store import (
     Store,
     check_manifest_files,
     is_locked,
+    list_backups,
     lock_holder_text,
+    restore_manifest,
 )
 
 # -- where a PATH argument lives ----------------------------------------------------------
@@ -460,4 +462,38 @@ def import_(store: Path | None, config: Path | None, name: str | None, bundle: s
                f"{result['blobs_added']} new blobs, {result['blobs_present']} already stored")
 
 
-COMMANDS = [log, cat, seal, unseal, find, gc, fsck, export, import_]
+@click.command()
+@store_option
+@config_option
+@click.option("--list", "list_only", is_flag=True, help="List the backups, oldest first.")
+@click.argument("backup", required=False, type=click.Path(path_type=Path))
+def restore(store: Path | None, config: Path | None, list_only: bool,
+            backup: Path | None) -> None:
+    """Put a manifest backup back in place of the store's manifest (the store must be
+    unmounted). BACKUP is a file in <store>/backups/ (default: the newest). The manifest files
+    it replaces are moved to backups/replaced-<time>/, never deleted.
+
+    Afterwards `cafs fsck` lists blob files stored after the backup as possible lost metadata;
+    gc keeps them for its grace period.
+
+    Example: cafs restore --store /srv/cafs manifest-20250101T000000Z.sqlite
+    """
+    root = store_root(store, config)
+    with errors_as_exit_codes():
+        if list_only:
+            for path in list_backups(root):
+                click.echo(path.name)
+            return
+        used, aside = restore_manifest(root, backup)
+        opened = Store.open(root, create=False)
+        try:
+            report = check_store(opened, full=False, mounted=False)
+        finally:
+            opened.close()
+    click.echo(f"restored the manifest from {used}; the replaced files are in {aside}")
+    if report.lost_metadata:
+        click.echo(f"{len(report.lost_metadata)} blob files are newer than this backup: content "
+                   "stored after it, whose artifacts it does not know (cafs fsck lists them)")
+
+
+COMMANDS = [log, cat, seal, unseal, find, gc, fsck, export, import_, restore]

@@ -18,6 +18,7 @@ next opener of the manifest would then believe it is alone and delete the WAL.
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -157,6 +158,44 @@ class NewVersion:
     now_ns: int
     # An earlier version published through the same open file: it leaves history.
     collapses: int | None = None
+
+
+def copy_manifest(source: Path, target: Path, *, readonly_source: bool = True) -> None:
+    """Copy a manifest with SQLite's online backup API into `target` (a new file, mode 0600):
+    a consistent snapshot, taken through its own connection while the owner keeps committing
+    (a reader in WAL mode blocks no writer). Safe from a worker thread. `target` is written
+    under a temporary name, fsynced and renamed, so it is whole or absent."""
+    partial = target.with_name(f".{target.name}.partial")
+    partial.unlink(missing_ok=True)
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    try:
+        uri = f"file:{source}?mode=ro" if readonly_source else f"file:{source}"
+        src = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        try:
+            dst = sqlite3.connect(partial, check_same_thread=False)
+            try:
+                src.backup(dst)
+                # A copy is one self-contained file (no WAL beside it) until it is used again.
+                dst.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        # The copy is our own file, no connection holds it: opening it to fsync is safe.
+        fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def manifest_error(exc: sqlite3.Error) -> ManifestError:

@@ -10,12 +10,13 @@ import contextlib
 import fcntl
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cafs.blobstore import BlobStore
 from cafs.errors import CafsError, NeedsRepair, StoreBusy, StoreError
-from cafs.manifest import Manifest
+from cafs.manifest import Manifest, copy_manifest
 from cafs.model import BlobRef
 from cafs.wal import check_wal, wal_path
 
@@ -25,6 +26,9 @@ LOG_NAME = "daemon.log"
 # Present while a daemon serves the store; found at start-up, it means the last one never
 # stopped cleanly (killed, crashed, power lost).
 DIRTY_NAME = "dirty"
+# Rotating copies of the manifest (SQLite online backup): backups/manifest-<UTC time>.sqlite.
+BACKUP_DIR = "backups"
+BACKUPS_KEPT = 5
 # After an unclean stop, the blobs written last are the ones a crash could have hurt.
 RECENT_BLOBS_CHECKED = 200
 
@@ -189,11 +193,76 @@ class Store:
             return f"blob {blob.digest}: content hashes to {digest}"
         return None
 
+    def backup(self, keep: int = BACKUPS_KEPT) -> Path | None:
+        """Copy the manifest to backups/ and drop all but the newest `keep` copies. Safe from a
+        worker thread (its own connection). None if the reserve would not stay free: a backup
+        never takes the space deletes and gc need."""
+        directory = self.root / BACKUP_DIR
+        directory.mkdir(mode=0o700, exist_ok=True)
+        try:
+            self.blobs.space.take(os.stat(self.root / MANIFEST_NAME).st_size)
+        except CafsError:
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = directory / f"manifest-{stamp}.sqlite"
+        copy_manifest(self.root / MANIFEST_NAME, target)
+        for old in list_backups(self.root)[:-keep]:
+            old.unlink(missing_ok=True)
+        return target
+
     def close(self) -> None:
         self.manifest.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def list_backups(root: Path) -> list[Path]:
+    """The manifest's backups, oldest first (their names sort by time)."""
+    directory = root / BACKUP_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(path for path in directory.glob("manifest-*.sqlite") if path.is_file())
+
+
+def restore_manifest(root: Path, backup: Path | None) -> tuple[Path, Path]:
+    """Put a backup back as the manifest of an unmounted store (holding its lock). The
+    manifest files it replaces are moved to backups/replaced-<time>/, never deleted. Returns
+    (the backup used, where the replaced files went)."""
+    root = root.absolute()
+    _check_store_dir(root)
+    if backup is None:
+        found = list_backups(root)
+        if not found:
+            raise StoreError(f"store {root} has no manifest backups ({root / BACKUP_DIR})")
+        backup = found[-1]
+    elif not backup.is_file() and (root / BACKUP_DIR / backup.name).is_file():
+        backup = root / BACKUP_DIR / backup.name
+    if not backup.is_file():
+        raise StoreError(f"no backup {backup}")
+    lock_fd = acquire_lock(root, "running cafs restore")
+    try:
+        try:
+            check = Manifest(backup, readonly=True)
+        except StoreError as exc:
+            raise StoreError(f"backup {backup} is not usable: {exc}") from None
+        try:
+            problems = check.check_integrity()
+        finally:
+            check.close()
+        if problems:
+            raise StoreError(f"backup {backup} is damaged ({problems[0]})")
+        aside = root / BACKUP_DIR / f"replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        aside.mkdir(mode=0o700, parents=True, exist_ok=True)
+        partial = root / f"{MANIFEST_NAME}.restoring"
+        copy_manifest(backup, partial)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(root / f"{MANIFEST_NAME}{suffix}", aside / f"{MANIFEST_NAME}{suffix}")
+        os.rename(partial, root / MANIFEST_NAME)
+        return backup, aside
+    finally:
+        os.close(lock_fd)
 
 
 def acquire_lock(root: Path, owner: str) -> int:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import Mount, cafs, write_artifact
@@ -204,3 +205,62 @@ def test_orphans_newer_than_the_last_commit_are_possible_lost_metadata_and_gc_ke
     gc = cafs("gc", "--store", str(mount.store), "--orphan-grace", "0")
     assert f"{len(written)} orphan blob files" in gc.stdout, gc.stdout
     assert mount.fsck().returncode == 0
+
+
+def backups_of(store: Path) -> list[Path]:
+    return sorted((store / "backups").glob("manifest-*.sqlite"))
+
+
+def test_backups_rotate_and_a_restore_brings_the_artifacts_back(
+        store: Path, mountpoint: Path) -> None:
+    """A backup at every clean unmount and every backup_interval while mounted (files 0600, a
+    few kept); after the manifest is emptied, cafs restore puts the newest back."""
+    from conftest import require_fuse, unmount_whatever_state
+    require_fuse()
+    mount = Mount(store, mountpoint, options=("backup_interval=1",))
+    try:
+        mount.start()
+        layer = mount.layer()
+        first = write_files(layer, [f"a{index}" for index in range(5)])
+        deadline = time.monotonic() + 20
+        while not backups_of(store) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert backups_of(store), "no backup while mounted"
+        mount.stop()
+        for _ in range(6):
+            mount.start()
+            mount.stop()
+            time.sleep(1.05)  # backups are named by the second
+        found = backups_of(store)
+        assert len(found) == 5, found
+        assert all(path.stat().st_mode & 0o777 == 0o600 for path in found)
+        assert (store / "backups").stat().st_mode & 0o777 == 0o700
+        listed = cafs("restore", "--store", str(store), "--list").stdout.split()
+        assert listed == [path.name for path in found]
+        manifest = store / "manifest.sqlite"
+        manifest.write_bytes(b"")
+        result = cafs("mount", "--store", str(store), str(mountpoint), check=False)
+        assert refused(result, "manifest"), result.stderr
+        restored = cafs("restore", "--store", str(store))
+        assert found[-1].name in restored.stdout, restored.stdout
+        replaced = list((store / "backups").glob("replaced-*/manifest.sqlite"))
+        assert [path.stat().st_size for path in replaced] == [0]
+        assert manifest.stat().st_mode & 0o777 == 0o600
+        mount.start()
+        assert present(layer, first) == first
+        mount.stop()
+        assert mount.fsck("--full").returncode == 0
+    finally:
+        unmount_whatever_state(mountpoint)
+
+
+def test_a_restore_after_wal_damage_reports_what_the_backup_does_not_know(
+        unstarted_mount: Mount) -> None:
+    mount = unstarted_mount
+    layer, _ = damaged_wal_store(mount, count=8)
+    restored = cafs("restore", "--store", str(mount.store))
+    assert "8 blob files are newer than this backup" in restored.stdout, restored.stdout
+    assert mount.fsck().stdout.count("LOST?") == 8
+    mount.start()
+    assert (layer / "base").read_bytes() == payload("base")
+    mount.stop()
