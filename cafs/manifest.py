@@ -21,7 +21,7 @@ import errno
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,9 +205,14 @@ def manifest_error(exc: sqlite3.Error) -> ManifestError:
 
 
 class Manifest:
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False,
+                 low_on_space: Callable[[], bool] | None = None) -> None:
         self.path = path
         self.readonly = readonly
+        # On a nearly full disk every commit first checkpoints, so the WAL restarts from its
+        # beginning and reuses its space instead of growing: deletes and gc commit in the
+        # space the reserve keeps for them.
+        self._low_on_space = low_on_space
         try:
             if readonly:
                 uri = f"file:{path}?mode=ro"
@@ -220,17 +225,34 @@ class Manifest:
             if not readonly:
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.execute("PRAGMA synchronous = NORMAL")
+                # Some builds zero every freed page (SQLITE_SECURE_DELETE): deleting a file with
+                # 1 MiB of tags would then write 1 MiB into the WAL, and a delete on a full disk
+                # would fail. FAST zeroes only what costs no extra I/O.
+                self._db.execute("PRAGMA secure_delete = FAST")
                 self._db.execute("PRAGMA foreign_keys = ON")
                 schema.migrate(Database(self._db))
             # Fail now, with a clear message, if the file is not a manifest at all.
             self._db.execute("SELECT count(*) FROM nodes WHERE id = 0").fetchone()
         except sqlite3.DatabaseError as exc:
+            with suppress(OSError):
+                fs = os.statvfs(path.parent)
+                if fs.f_bavail * fs.f_frsize < 1 << 20:  # SQLite cannot even make its -shm
+                    raise StoreError(f"{path}: cannot open the manifest: the store's filesystem "
+                                     "is full; free space outside cafs first") from exc
             raise StoreError(f"{path}: not a usable cafs manifest ({exc})") from exc
         if readonly and not self._has_column("blobs", "damaged_ns"):
             raise StoreError(f"{path} was written by an older cafs: mount the store once (or run "
                              "cafs fsck --repair) to upgrade it")
         # Bumped by every committed change: lets computed views (records) know they are stale.
         self.changes = 0
+
+    def limit_wal(self, size: int) -> None:
+        """Checkpoint once the WAL holds about `size` bytes (SQLite's default is 1000 pages):
+        what a checkpoint then adds to the database file is bounded by a share of the reserve
+        on a small filesystem."""
+        page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        pages = max(32, min(1000, size // page_size))
+        self._db.execute(f"PRAGMA wal_autocheckpoint = {pages}")
 
     def _has_column(self, table: str, column: str) -> bool:
         rows = self._db.execute(f"PRAGMA table_info({table})").fetchall()
@@ -247,6 +269,8 @@ class Manifest:
     def _transaction(self, *, commit: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction; `commit=False` rolls it back at the end (a dry run)."""
         try:
+            if self._low_on_space is not None and self._low_on_space():
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db

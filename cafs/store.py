@@ -133,7 +133,13 @@ class Store:
                 blobs.create_layout()
             elif not (root / MANIFEST_NAME).exists():
                 raise StoreError(f"no store at {root} (no {MANIFEST_NAME})")
-            manifest = Manifest(root / MANIFEST_NAME, readonly=not create)
+            manifest = Manifest(root / MANIFEST_NAME, readonly=not create,
+                                low_on_space=blobs.space.low)
+            if create:
+                # A quarter of the reserve: the WAL pages a checkpoint moves into the database
+                # file never take the half of the reserve kept for deletes and gc.
+                blobs.space.statvfs()
+                manifest.limit_wal(blobs.space.reserve // 4)
         except BaseException:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -150,13 +156,21 @@ class Store:
         return Recovery(self.blobs.clean_tmp(), self.manifest.remove_unpublished())
 
     def mark_dirty(self) -> bool:
-        """Record that a daemon serves the store; True if the last one stopped uncleanly."""
+        """Record that a daemon serves the store; True if the last one stopped uncleanly.
+        The marker's presence is what counts: on a full disk its text may not fit, and that
+        must not stop the mount."""
         path = self.root / DIRTY_NAME
         unclean = path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, f"pid {os.getpid()}\n".encode())
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot create {path}: {exc.strerror}") from None
+        try:
+            with contextlib.suppress(OSError):  # ENOSPC: an empty marker says the same
+                os.write(fd, f"pid {os.getpid()}\n".encode())
             os.fsync(fd)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror}") from None
         finally:
             os.close(fd)
         return unclean
@@ -274,8 +288,11 @@ def acquire_lock(root: Path, owner: str) -> int:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         os.close(fd)
         raise StoreBusy(f"store {root} is in use ({holder or 'by another process'})") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} {owner}".strip().encode() + b"\n", 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} {owner}".strip().encode() + b"\n", 0)
+    except OSError:  # a full disk: the lock holds all the same, only its note is missing
+        pass
     return fd
 
 

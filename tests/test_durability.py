@@ -264,3 +264,100 @@ def test_a_restore_after_wal_damage_reports_what_the_backup_does_not_know(
     mount.start()
     assert (layer / "base").read_bytes() == payload("base")
     mount.stop()
+
+
+# -- finding 6: the reserve covers manifest growth ---------------------------------------------
+
+FILL_AS_NOBODY = r"""
+import errno, json, os, sys
+layer = sys.argv[1]
+os.makedirs(layer)
+result = {"files": 0, "tags": 0, "errno": None}
+try:
+    for index in range(100000):
+        path = f"{layer}/f{index}"
+        open(path, "w").close()
+        result["files"] += 1
+        for tag in range(16):
+            os.setxattr(path, f"user.t{tag}", os.urandom(60000))
+            result["tags"] += 1
+except OSError as exc:
+    result["errno"] = exc.errno
+result["empty"] = 0
+try:  # then empty files, which write no byte of content
+    for index in range(100000):
+        open(f"{layer}/empty{index}", "w").close()
+        result["empty"] += 1
+except OSError as exc:
+    result["create"] = exc.errno
+for attempt, action in (("mkdir", lambda: os.mkdir(f"{layer}/dir")),
+                        ("tag", lambda: os.setxattr(f"{layer}/f0", "user.more", b"x"))):
+    try:
+        action()
+        result[attempt] = 0
+    except OSError as exc:
+        result[attempt] = exc.errno
+print(json.dumps(result))
+"""
+
+
+def test_another_user_filling_the_disk_with_tags_and_names_leaves_room_to_delete(
+        tmp_path: Path) -> None:
+    """The store on a 16 MiB tmpfs; `nobody` fills it with files and 60 KB tags through an
+    allow_other mount until ENOSPC. Then root's rm -rf, cafs gc, unmount and mount work."""
+    import errno
+    import shutil
+    import tempfile
+
+    from conftest import require_fuse, sh, unmount_whatever_state
+    require_fuse()
+    assert os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv"
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=700", "tmpfs", str(small)],
+                   check=True)
+    parent = Path(tempfile.mkdtemp(prefix="cafs-full-"))
+    parent.chmod(0o755)
+    mountpoint = parent / "mnt"
+    mountpoint.mkdir()
+    mount = Mount(small / "store", mountpoint, options=("allow_other",))
+    try:
+        mount.start()
+        fill = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+             "-c", FILL_AS_NOBODY, str(mount.runs / "hog" / "l")],
+            capture_output=True, text=True, timeout=300)
+        assert fill.returncode == 0, fill.stderr
+        result = json.loads(fill.stdout)
+        assert result["errno"] == errno.ENOSPC and result["tags"] > 100, result
+        assert result["create"] == result["mkdir"] == result["tag"] == errno.ENOSPC, result
+        free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
+        # Most of the half of the 2 MiB reserve that growth may not use (estimates and the last
+        # commits before the check may take a little of it).
+        assert free >= 512 << 10, free
+        sh(f"rm -rf {mount.runs / 'hog'}")
+        assert not (mount.runs / "hog").exists()
+        cafs("gc", "--store", str(mount.store))
+        mount.stop()
+        mount.start()
+        # The deleted rows' pages are free pages inside manifest.sqlite (SQLite does not shrink
+        # it): new names and tags reuse them.
+        layer = mount.layer()
+        write_artifact(layer / "after", b"")
+        os.setxattr(layer / "after", "user.note", b"x" * 60000)
+        assert os.getxattr(layer / "after", "user.note") == b"x" * 60000
+        mount.stop()
+        # A disk filled to the last byte from outside the mount: a clear refusal, no traceback.
+        sh(f"dd if=/dev/zero of={small}/filler bs=64k 2>/dev/null || true")
+        assert os.statvfs(small).f_bavail == 0
+        result = cafs("mount", "--store", str(mount.store), str(mountpoint), check=False)
+        assert refused(result, "filesystem is full"), result.stderr
+        (small / "filler").unlink()
+        problems = mount.log_problems()
+        assert not problems, problems
+        report = mount.fsck("--full")
+        assert report.returncode == 0, report.stdout + report.stderr
+    finally:
+        unmount_whatever_state(mountpoint)
+        subprocess.run(["umount", "-l", str(small)], check=False)
+        shutil.rmtree(parent, ignore_errors=True)
