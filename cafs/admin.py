@@ -43,6 +43,10 @@ from cafs.store import Store
 T = TypeVar("T")
 QUARANTINE_DIR = "quarantine"
 DELETE_BATCH = 256
+# Orphan blob files (no manifest row names them) are removed only once this old: a young one
+# may be the only copy of an artifact whose manifest row was lost (a damaged WAL, a restored
+# backup), and fsck lists those until then.
+DEFAULT_ORPHAN_GRACE = 7 * 24 * 3600
 CHECK_PAGE = 256
 
 
@@ -230,8 +234,8 @@ class Admin:
 
     # -- garbage collection ---------------------------------------------------------------
 
-    async def gc(self, keep_versions: int | None = None, dry_run: bool = False
-                 ) -> dict[str, Any]:
+    async def gc(self, keep_versions: int | None = None, dry_run: bool = False,
+                 orphan_grace: int = DEFAULT_ORPHAN_GRACE) -> dict[str, Any]:
         """Drop superseded versions beyond the retention and the history of deleted artifacts,
         then every blob nothing references (rows, then files), and orphan blob files."""
         if keep_versions is not None and keep_versions < 0:
@@ -255,7 +259,7 @@ class Admin:
                 # is kept: blob rows and files are re-checked when they are removed.
                 await self.runtime.checkpoint()
         plan = manifest.collect(drop, keep_blobs=self.live.pinned_digests(), dry_run=dry_run)
-        orphans = await self._orphan_blob_files()
+        orphans, young = await self._orphan_blob_files(orphan_grace)
         reclaimed = sum(blob.stored_size for blob in plan.blobs)
         if dry_run:
             reclaimed += sum(size for _, size in orphans)
@@ -270,14 +274,20 @@ class Admin:
         return {
             "dry_run": dry_run, "versions_removed": plan.versions,
             "blobs_removed": len(plan.blobs), "orphan_files_removed": removed_orphans,
+            "orphan_files_kept": young,
             "bytes_reclaimed": reclaimed, "blobs": [blob.digest for blob in plan.blobs],
         }
 
-    async def _orphan_blob_files(self) -> list[tuple[str, int]]:
-        """Blob files no manifest row names (a crash between the rename and the commit)."""
+    async def _orphan_blob_files(self, grace: int) -> tuple[list[tuple[str, int]], int]:
+        """Blob files no manifest row names (a crash between the rename and the commit) and
+        older than `grace` seconds (by mtime), and how many younger ones are kept."""
         on_disk = await self.runtime.run_in_thread(_list_blob_files, self.blobs)
-        known = self.manifest.known_digests([digest for digest, _ in on_disk])
-        return [(digest, size) for digest, size in on_disk if digest not in known]
+        known = self.manifest.known_digests([digest for digest, _, _ in on_disk])
+        cutoff = time.time_ns() - grace * 1_000_000_000
+        orphans = [(digest, size, mtime) for digest, size, mtime in on_disk
+                   if digest not in known]
+        old = [(digest, size) for digest, size, mtime in orphans if mtime <= cutoff]
+        return old, len(orphans) - len(old)
 
     async def _delete_unreferenced(self, digests: list[str]) -> set[str]:
         """Delete blob files, in batches on the event loop: each batch checks, in the same
@@ -298,7 +308,7 @@ class Admin:
 
     # -- repair ---------------------------------------------------------------------------
 
-    async def repair(self) -> dict[str, Any]:
+    async def repair(self, orphan_grace: int = DEFAULT_ORPHAN_GRACE) -> dict[str, Any]:
         """fsck --repair: check every blob file (re-hashing it), then fix what can be fixed in
         one manifest transaction; move files whose bytes are wrong to quarantine/."""
         manifest = self.manifest
@@ -328,7 +338,7 @@ class Admin:
         quarantined = [self._quarantine(blob) for blob, _ in bad.values()]
         newly = [blob_id for blob_id in bad if blob_id not in was_damaged]
         self.live.nodes_changed(manifest.nodes_holding_blobs(newly))
-        orphans = await self._orphan_blob_files()
+        orphans, young = await self._orphan_blob_files(orphan_grace)
         removed = await self._delete_unreferenced([digest for digest, _ in orphans])
         temps = self._remove_stray_temps()
         damaged_paths = sorted(manifest.path_of(node_id) for node_id in
@@ -340,6 +350,7 @@ class Admin:
             "healed": len(plan.sound),
             "refcounts_fixed": fixed,
             "orphan_files_removed": len(removed),
+            "orphan_files_kept": young,
             "temp_files_removed": temps,
             "unfinished_files_removed": unpublished,
             "damaged_artifacts": damaged_paths,
@@ -480,11 +491,13 @@ class _PathResolver:
         return found
 
 
-def _list_blob_files(blobs: BlobStore) -> list[tuple[str, int]]:
+def _list_blob_files(blobs: BlobStore) -> list[tuple[str, int, int]]:
+    """(digest, size, mtime_ns) of every blob file."""
     found = []
     for digest in blobs.iter_digests():
         with contextlib.suppress(FileNotFoundError):
-            found.append((str(digest), blobs.stored_size(digest)))
+            info = os.lstat(blobs.path_of(digest))
+            found.append((str(digest), info.st_size, info.st_mtime_ns))
     return found
 
 

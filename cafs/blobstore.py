@@ -115,6 +115,10 @@ class SpaceGuard:
     Writers get ENOSPC once writing would eat into the reserve; statfs (df) reports the space
     above the reserve as available. The reserve is 2% of the filesystem, at least 2 MiB and at
     most 256 MiB. Free space is re-read at most every REFRESH_SECONDS, or when it runs low.
+
+    Manifest changes that grow the store (new names, tags, versions) may use the upper half of
+    the reserve (`take_metadata`), never the lower half: that is kept for what frees space —
+    deletes, gc, and the daemon's own start and stop — so they always commit.
     """
 
     REFRESH_SECONDS = 0.25
@@ -140,15 +144,35 @@ class SpaceGuard:
 
     def take(self, size: int) -> None:
         """Account for `size` bytes about to be written; OutOfSpace if they do not fit."""
+        self._take(size, 1)
+
+    def take_metadata(self, size: int) -> None:
+        """Account for a manifest change that grows the store by about `size` bytes;
+        OutOfSpace once it would eat into the half of the reserve kept for deletes and gc."""
+        self._take(size, 2)
+
+    def low(self) -> bool:
+        """True once writers have reached the reserve (free space re-read if stale)."""
         with self._lock:
-            now = time.monotonic()
-            if now - self._read_at > self.REFRESH_SECONDS or self._free - size < self.reserve:
-                self._update(os.statvfs(self._path))
-                self._read_at = now
-            if self._free - size < self.reserve:
-                raise OutOfSpace(f"the store's filesystem is full (keeping {self.reserve} bytes "
+            self._refresh(0)
+            return self._free < self.reserve
+
+    def _take(self, size: int, divisor: int) -> None:
+        with self._lock:
+            self._refresh(size)
+            floor = self.reserve // divisor
+            if self._free - size < floor:
+                raise OutOfSpace(f"the store's filesystem is full (keeping {floor} bytes "
                                  "for the manifest)")
             self._free -= size
+
+    def _refresh(self, size: int) -> None:
+        # Inside the reserve every decision reads the real free space: what the manifest
+        # writes is only estimated.
+        now = time.monotonic()
+        if now - self._read_at > self.REFRESH_SECONDS or self._free - size < self.reserve:
+            self._update(os.statvfs(self._path))
+            self._read_at = now
 
     def _update(self, fs: os.statvfs_result) -> None:
         self._free = fs.f_bavail * fs.f_frsize
@@ -626,6 +650,21 @@ class BlobStore:
             raise
 
     # -- administration -------------------------------------------------------------------
+
+    def has_blob_files(self) -> bool:
+        """True if any blob file exists (stops at the first one found)."""
+        try:
+            shards = sorted(os.listdir(self.blob_dir))
+        except FileNotFoundError:
+            return False
+        for shard in shards:
+            try:
+                with os.scandir(self.blob_dir / shard) as entries:
+                    if any(is_digest(entry.name) for entry in entries):
+                        return True
+            except NotADirectoryError:
+                continue
+        return False
 
     def iter_digests(self) -> Iterator[Digest]:
         """Every blob file's digest, shard by shard. Files not named like a digest are skipped."""

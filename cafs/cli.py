@@ -57,7 +57,8 @@ def cli() -> None:
 @config_option
 @click.option("-o", "options", multiple=True, metavar="OPTS",
               help="Mount options, comma-separated: allow_other, compression=N, "
-                   "max_artifact_size=BYTES, max_open_files=N; generic fstab options are "
+                   "max_artifact_size=BYTES, max_open_files=N, backup_interval=SECONDS (manifest "
+                   "backups, default 3600; 0: only at unmount); generic fstab options are "
                    "ignored.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached; log to stderr.")
 @click.option("--debug", is_flag=True, help="Log every request (very verbose).")
@@ -126,7 +127,8 @@ def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
     command = [sys.executable, "-m", "cafs", "mount", "--foreground", "--ready-fd",
                str(write_end), "--store", str(cfg.store), str(cfg.mountpoint),
                "-o", f"compression={cfg.compression_level}",
-               "-o", f"max_artifact_size={cfg.max_artifact_size}"]
+               "-o", f"max_artifact_size={cfg.max_artifact_size}",
+               "-o", f"backup_interval={cfg.backup_interval}"]
     if cfg.allow_other:
         command += ["-o", "allow_other"]
     if cfg.max_open_files is not None:

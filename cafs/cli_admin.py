@@ -19,7 +19,7 @@ from typing import IO, Any
 import click
 import trio
 
-from cafs.admin import Admin, NotMounted
+from cafs.admin import DEFAULT_ORPHAN_GRACE, Admin, NotMounted
 from cafs.blobstore import BlobStore
 from cafs.cli_common import (
     EXIT_FAILED,
@@ -38,7 +38,15 @@ from cafs.daemon import TrioRuntime
 from cafs.digest import Digest
 from cafs.errors import CafsError, StoreBusy, StoreError
 from cafs.fsck import fsck as check_store
-from cafs.store import MANIFEST_NAME, Store, is_locked, lock_holder_text
+from cafs.store import (
+    MANIFEST_NAME,
+    Store,
+    check_manifest_files,
+    is_locked,
+    list_backups,
+    lock_holder_text,
+    restore_manifest,
+)
 
 # -- where a PATH argument lives ----------------------------------------------------------
 
@@ -100,6 +108,8 @@ def run_admin(root: Path, command: str, args: dict[str, Any],
     try:
         with errors_as_exit_codes(command_failure=EXIT_FAILED):
             if not (root / MANIFEST_NAME).exists():
+                # A store whose manifest went missing beside its blobs needs repair, not gc.
+                check_manifest_files(root, BlobStore(root), wal=False)
                 raise StoreError(f"no store at {root}")
             for _ in range(3):
                 if is_locked(root):
@@ -133,6 +143,17 @@ def emit_json(result: dict[str, Any]) -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+orphan_grace_option = click.option(
+    "--orphan-grace", type=click.IntRange(min=0), default=None, metavar="SECONDS",
+    help="Remove orphan blob files only once older than this (default: the configuration "
+         f"file's orphan_grace, else {DEFAULT_ORPHAN_GRACE} = 7 days).")
+
+
+def grace_seconds(asked: int | None, config: Path | None) -> int:
+    if asked is not None:
+        return asked
+    configured = settings_from(config).orphan_grace
+    return DEFAULT_ORPHAN_GRACE if configured is None else configured
 
 
 # -- history ------------------------------------------------------------------------------
@@ -288,20 +309,29 @@ def find(store: Path | None, config: Path | None, run: str | None, layer: str | 
 @click.option("--dry-run", "-n", is_flag=True, help="Report what would go; remove nothing.")
 @click.option("--keep-versions", type=click.IntRange(min=0), default=None, metavar="N",
               help="Keep at most N superseded versions per artifact (default: all).")
+@orphan_grace_option
 @json_option
 def gc(store: Path | None, config: Path | None, dry_run: bool, keep_versions: int | None,
-       as_json: bool) -> None:
+       orphan_grace: int | None, as_json: bool) -> None:
     """Remove superseded versions beyond the retention, the history of deleted artifacts,
     and every blob nothing references any more. Safe while mounted.
+
+    Blob files no manifest row names (orphans) are removed only once older than the grace
+    period: a young orphan may be an artifact whose manifest row was lost (restore a backup).
 
     Example: cafs gc --keep-versions 3 --dry-run
     """
     result = run_admin(store_root(store, config), "gc",
-                       {"keep_versions": keep_versions, "dry_run": dry_run})
+                       {"keep_versions": keep_versions, "dry_run": dry_run,
+                        "orphan_grace": grace_seconds(orphan_grace, config)})
     if as_json:
         emit_json(result)
         return
     verb = "would remove" if dry_run else "removed"
+    kept = result["orphan_files_kept"]
+    if kept:
+        click.echo(f"kept {kept} orphan blob files younger than the grace period "
+                   "(cafs fsck lists them)")
     click.echo(f"{verb} {result['versions_removed']} versions, {result['blobs_removed']} blobs "
                f"and {result['orphan_files_removed']} orphan blob files; "
                f"{'would reclaim' if dry_run else 'reclaimed'} "
@@ -314,9 +344,10 @@ def gc(store: Path | None, config: Path | None, dry_run: bool, keep_versions: in
 @click.option("--full", is_flag=True, help="Also re-hash every blob (reads everything).")
 @click.option("--repair", is_flag=True,
               help="Fix what can be fixed (re-hashes every blob; safe while mounted).")
+@orphan_grace_option
 @json_option
 def fsck(store: Path | None, config: Path | None, full: bool, repair: bool,
-         as_json: bool) -> None:
+         orphan_grace: int | None, as_json: bool) -> None:
     """Check the manifest against the blobs; exit 1 if anything is damaged.
 
     Orphan blobs and temp files (what a crash can leave) are listed but are not damage.
@@ -327,29 +358,33 @@ def fsck(store: Path | None, config: Path | None, full: bool, repair: bool,
     Example: cafs fsck --store /srv/cafs --full
     """
     if repair:
-        _repair(store_root(store, config), as_json)
+        _repair(store_root(store, config), as_json, grace_seconds(orphan_grace, config))
         return
     with open_store(store, config) as opened:
         report = check_store(opened, full=full, mounted=is_locked(opened.root))
     if as_json:
         emit_json({"damage": report.damage, "garbage": report.garbage, "lost": report.lost,
+                   "possible_lost_metadata": report.lost_metadata,
                    "blobs_checked": report.blobs_checked, "clean": report.clean})
     else:
         for line in report.damage:
             click.echo(f"DAMAGE  {line}")
         for line in report.lost:
             click.echo(f"lost    {line}")
+        for line in report.lost_metadata:
+            click.echo(f"LOST?   {line}")
         for line in report.garbage:
             click.echo(f"garbage {line}")
         rehashed = f", {report.blobs_rehashed} re-hashed" if full else ""
-        verdict = "clean" if report.clean else f"{len(report.damage)} problems"
+        verdict = "clean" if report.clean else (
+            f"{len(report.damage) + len(report.lost_metadata)} problems")
         click.echo(f"{report.blobs_checked} blobs checked{rehashed}: {verdict}")
     if not report.clean:
         sys.exit(EXIT_FAILED)
 
 
-def _repair(root: Path, as_json: bool) -> None:
-    result = run_admin(root, "repair", {})
+def _repair(root: Path, as_json: bool, orphan_grace: int) -> None:
+    result = run_admin(root, "repair", {"orphan_grace": orphan_grace})
     if as_json:
         emit_json(result)
         return
@@ -359,6 +394,9 @@ def _repair(root: Path, as_json: bool) -> None:
         click.echo(f"quarantined     quarantine/{name}")
     for path in result["damaged_artifacts"]:
         click.echo(f"DAMAGED         {path} (reads give EIO until it is written again)")
+    if result["orphan_files_kept"]:
+        click.echo(f"kept            {result['orphan_files_kept']} orphan blob files younger "
+                   "than the grace period")
     click.echo(f"{result['blobs_checked']} blobs re-hashed; fixed {result['refcounts_fixed']} "
                f"refcounts; removed {result['orphan_files_removed']} orphan blobs, "
                f"{result['temp_files_removed']} temp files and "
@@ -424,4 +462,38 @@ def import_(store: Path | None, config: Path | None, name: str | None, bundle: s
                f"{result['blobs_added']} new blobs, {result['blobs_present']} already stored")
 
 
-COMMANDS = [log, cat, seal, unseal, find, gc, fsck, export, import_]
+@click.command()
+@store_option
+@config_option
+@click.option("--list", "list_only", is_flag=True, help="List the backups, oldest first.")
+@click.argument("backup", required=False, type=click.Path(path_type=Path))
+def restore(store: Path | None, config: Path | None, list_only: bool,
+            backup: Path | None) -> None:
+    """Put a manifest backup back in place of the store's manifest (the store must be
+    unmounted). BACKUP is a file in <store>/backups/ (default: the newest). The manifest files
+    it replaces are moved to backups/replaced-<time>/, never deleted.
+
+    Afterwards `cafs fsck` lists blob files stored after the backup as possible lost metadata;
+    gc keeps them for its grace period.
+
+    Example: cafs restore --store /srv/cafs manifest-20250101T000000Z.sqlite
+    """
+    root = store_root(store, config)
+    with errors_as_exit_codes():
+        if list_only:
+            for path in list_backups(root):
+                click.echo(path.name)
+            return
+        used, aside = restore_manifest(root, backup)
+        opened = Store.open(root, create=False)
+        try:
+            report = check_store(opened, full=False, mounted=False)
+        finally:
+            opened.close()
+    click.echo(f"restored the manifest from {used}; the replaced files are in {aside}")
+    if report.lost_metadata:
+        click.echo(f"{len(report.lost_metadata)} blob files are newer than this backup: content "
+                   "stored after it, whose artifacts it does not know (cafs fsck lists them)")
+
+
+COMMANDS = [log, cat, seal, unseal, find, gc, fsck, export, import_, restore]

@@ -9,6 +9,7 @@ CAFS_CONFIG means "no configuration file". Stdlib only (tomllib).
     compression = 3                  # zstd level for compressible content
     max_artifact_size = 274877906944  # 256 GiB
     max_open_files = 10000           # open files in the mount (default: the fd limit less 256)
+    orphan_grace = 604800            # gc and fsck --repair keep orphan blob files this many seconds
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from cafs.errors import InvalidArgument
 
 DEFAULT_CONFIG = Path("/etc/cafs/cafs.toml")
 _KEYS = {"store": str, "mountpoint": str, "allow_other": bool, "compression": int,
-         "max_artifact_size": int, "max_open_files": int}
+         "max_artifact_size": int, "max_open_files": int, "orphan_grace": int}
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Settings:
     compression: int | None = None
     max_artifact_size: int | None = None
     max_open_files: int | None = None
+    orphan_grace: int | None = None
 
 
 def config_path(explicit: Path | None) -> Path | None:
@@ -69,4 +71,5 @@ def load_settings(explicit: Path | None = None) -> Settings:
         compression=data.get("compression"),
         max_artifact_size=data.get("max_artifact_size"),
         max_open_files=data.get("max_open_files"),
+        orphan_grace=data.get("orphan_grace"),
     )

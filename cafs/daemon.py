@@ -14,6 +14,8 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from cafs.vfs import DEFAULT_MAX_ARTIFACT_SIZE, Vfs
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 FD_RESERVE = 256
+DEFAULT_BACKUP_INTERVAL = 3600
 
 # Generic mount(8)/fstab options that say nothing to cafs: accepted and ignored.
 IGNORED_OPTIONS = {"defaults", "rw", "auto", "noauto", "user", "nouser", "users", "nofail",
@@ -51,6 +54,8 @@ class MountConfig:
     compression_level: int = 3
     max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE
     max_open_files: int | None = None  # None: what the descriptor limit allows
+    # Seconds between manifest backups while mounted (if it changed); 0: only at unmount.
+    backup_interval: int = DEFAULT_BACKUP_INTERVAL
 
 
 def parse_mount_options(cfg: MountConfig, option_lists: list[str]) -> None:
@@ -61,7 +66,8 @@ def parse_mount_options(cfg: MountConfig, option_lists: list[str]) -> None:
             continue
         if option == "allow_other":
             cfg.allow_other = True
-        elif option.startswith(("compression=", "max_artifact_size=", "max_open_files=")):
+        elif option.startswith(("compression=", "max_artifact_size=", "max_open_files=",
+                                "backup_interval=")):
             key, _, value = option.partition("=")
             if not value.isdigit():
                 raise InvalidArgument(f"mount option {key} needs a whole number: {option}")
@@ -69,6 +75,8 @@ def parse_mount_options(cfg: MountConfig, option_lists: list[str]) -> None:
                 cfg.compression_level = int(value)
             elif key == "max_open_files":
                 cfg.max_open_files = int(value)
+            elif key == "backup_interval":
+                cfg.backup_interval = int(value)
             else:
                 cfg.max_artifact_size = int(value)
         else:
@@ -189,6 +197,10 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         if recovery.temp_files or recovery.unpublished:
             log.info("recovered after an unclean stop: removed %d temp files and %d unfinished "
                      "files", recovery.temp_files, recovery.unpublished)
+        try:  # orphan blob files older than this are crash leftovers, not lost metadata
+            store.manifest.mark_checked(time.time_ns())
+        except CafsError as exc:
+            log.warning("cannot record the start-up check in the manifest: %s", exc)
         kernel = PyfuseKernel()
         vfs = Vfs(store.manifest, store.blobs, TrioRuntime(),
                   max_artifact_size=cfg.max_artifact_size, kernel=kernel,
@@ -204,6 +216,7 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         # Unmounted, no write is in progress: a temp still here is one whose removal failed.
         with contextlib.suppress(OSError):
             store.blobs.clean_tmp()
+        _backup(store)
         store.mark_clean()
         log.info("unmounted %s", cfg.mountpoint)
     finally:
@@ -225,8 +238,35 @@ async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Stor
         interval = watchdog_interval()
         if interval is not None:
             nursery.start_soon(_ping_watchdog, interval)
+        if cfg.backup_interval > 0:
+            nursery.start_soon(_backup_periodically, store, cfg.backup_interval)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+def _backup(store: Store) -> bool:
+    """One rotating manifest backup; a failure is logged, never fatal."""
+    try:
+        made = store.backup()
+    except (OSError, sqlite3.Error, CafsError) as exc:
+        log.warning("manifest backup failed: %s", exc)
+        return False
+    if made is None:
+        log.warning("manifest backup skipped: the store's filesystem is nearly full")
+        return False
+    log.debug("manifest backed up to %s", made)
+    return True
+
+
+async def _backup_periodically(store: Store, interval: float) -> None:
+    """Back the manifest up every `interval` seconds if it changed. The copy runs in a worker
+    thread through its own read connection: the event loop keeps serving meanwhile."""
+    backed_up_at = store.manifest.changes
+    while True:
+        await trio.sleep(interval)
+        changes = store.manifest.changes
+        if changes != backed_up_at and await trio.to_thread.run_sync(_backup, store):
+            backed_up_at = changes
 
 
 async def _announce_ready(mountpoint: Path, on_ready: Callable[[], None]) -> None:

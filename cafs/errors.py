@@ -117,3 +117,8 @@ class StoreBusy(StoreError):
     """Another daemon holds the store's lock."""
 
     errno = _errno.EBUSY
+
+
+class NeedsRepair(StoreError):
+    """The store holds data its manifest does not account for (a missing or empty manifest
+    beside blob files, a damaged WAL): starting would lose it, so nothing starts."""

@@ -7,6 +7,7 @@ safe while the store is mounted. Must not know FUSE.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from cafs.store import Store
@@ -18,12 +19,16 @@ class FsckReport:
     garbage: list[str] = field(default_factory=list)  # orphans a crash can leave; harmless
     # Content an earlier --repair marked damaged: known, reads give EIO; not new damage.
     lost: list[str] = field(default_factory=list)
+    # Orphan blob files newer than the manifest's last commit: stored after everything the
+    # manifest knows, so their rows may have been lost (a damaged WAL, a restored backup).
+    # Not clean: gc keeps them for its grace period; look before that runs out.
+    lost_metadata: list[str] = field(default_factory=list)
     blobs_checked: int = 0
     blobs_rehashed: int = 0
 
     @property
     def clean(self) -> bool:
-        return not self.damage
+        return not self.damage and not self.lost_metadata
 
 
 def fsck(store: Store, *, full: bool, mounted: bool) -> FsckReport:
@@ -52,8 +57,22 @@ def fsck(store: Store, *, full: bool, mounted: bool) -> FsckReport:
             if problem is not None:
                 report.damage.append(problem)
 
+    # While mounted, a blob file renamed into place whose commit is about to follow is no
+    # loss; the daemon stamped the manifest when it started, after checking it.
+    last_commit = 0 if mounted else manifest.last_commit_ns()
     for digest in blobs.iter_digests():
-        if digest not in known:
+        if digest in known:
+            continue
+        try:
+            mtime = os.lstat(blobs.path_of(digest)).st_mtime_ns
+        except FileNotFoundError:
+            continue
+        if not mounted and mtime > last_commit:
+            report.lost_metadata.append(
+                f"blob {digest}: not in the manifest and written after its last commit: "
+                "possible lost metadata (an artifact whose row was lost; gc keeps it for its "
+                "grace period)")
+        else:
             report.garbage.append(f"blob {digest}: not in the manifest (orphan)")
     if not mounted:
         # While mounted these are writes in progress, not garbage.

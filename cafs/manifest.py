@@ -9,7 +9,10 @@ transaction (`with self._transaction():`) and never yields to an event loop in b
 changes of one filesystem operation are atomic without locks.
 
 Durability: WAL with synchronous=NORMAL — a commit survives a crash of the process; `sync()`
-fsyncs the WAL so that everything committed so far also survives power loss.
+makes everything committed so far survive power loss too, through SQLite itself (one small
+commit with synchronous=FULL, which fsyncs the WAL). cafs never opens the manifest's files
+itself: closing any descriptor of a file drops every POSIX lock the process holds on it, and the
+next opener of the manifest would then believe it is alone and delete the WAL.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +160,44 @@ class NewVersion:
     collapses: int | None = None
 
 
+def copy_manifest(source: Path, target: Path, *, readonly_source: bool = True) -> None:
+    """Copy a manifest with SQLite's online backup API into `target` (a new file, mode 0600):
+    a consistent snapshot, taken through its own connection while the owner keeps committing
+    (a reader in WAL mode blocks no writer). Safe from a worker thread. `target` is written
+    under a temporary name, fsynced and renamed, so it is whole or absent."""
+    partial = target.with_name(f".{target.name}.partial")
+    partial.unlink(missing_ok=True)
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    try:
+        uri = f"file:{source}?mode=ro" if readonly_source else f"file:{source}"
+        src = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        try:
+            dst = sqlite3.connect(partial, check_same_thread=False)
+            try:
+                src.backup(dst)
+                # A copy is one self-contained file (no WAL beside it) until it is used again.
+                dst.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        # The copy is our own file, no connection holds it: opening it to fsync is safe.
+        fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def manifest_error(exc: sqlite3.Error) -> ManifestError:
     """A failed SQLite call as an error with an errno: ENOSPC when the disk is full."""
     full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
@@ -163,9 +205,14 @@ def manifest_error(exc: sqlite3.Error) -> ManifestError:
 
 
 class Manifest:
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False,
+                 low_on_space: Callable[[], bool] | None = None) -> None:
         self.path = path
         self.readonly = readonly
+        # On a nearly full disk every commit first checkpoints, so the WAL restarts from its
+        # beginning and reuses its space instead of growing: deletes and gc commit in the
+        # space the reserve keeps for them.
+        self._low_on_space = low_on_space
         try:
             if readonly:
                 uri = f"file:{path}?mode=ro"
@@ -178,17 +225,34 @@ class Manifest:
             if not readonly:
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.execute("PRAGMA synchronous = NORMAL")
+                # Some builds zero every freed page (SQLITE_SECURE_DELETE): deleting a file with
+                # 1 MiB of tags would then write 1 MiB into the WAL, and a delete on a full disk
+                # would fail. FAST zeroes only what costs no extra I/O.
+                self._db.execute("PRAGMA secure_delete = FAST")
                 self._db.execute("PRAGMA foreign_keys = ON")
                 schema.migrate(Database(self._db))
             # Fail now, with a clear message, if the file is not a manifest at all.
             self._db.execute("SELECT count(*) FROM nodes WHERE id = 0").fetchone()
         except sqlite3.DatabaseError as exc:
+            with suppress(OSError):
+                fs = os.statvfs(path.parent)
+                if fs.f_bavail * fs.f_frsize < 1 << 20:  # SQLite cannot even make its -shm
+                    raise StoreError(f"{path}: cannot open the manifest: the store's filesystem "
+                                     "is full; free space outside cafs first") from exc
             raise StoreError(f"{path}: not a usable cafs manifest ({exc})") from exc
         if readonly and not self._has_column("blobs", "damaged_ns"):
             raise StoreError(f"{path} was written by an older cafs: mount the store once (or run "
                              "cafs fsck --repair) to upgrade it")
         # Bumped by every committed change: lets computed views (records) know they are stale.
         self.changes = 0
+
+    def limit_wal(self, size: int) -> None:
+        """Checkpoint once the WAL holds about `size` bytes (SQLite's default is 1000 pages):
+        what a checkpoint then adds to the database file is bounded by a share of the reserve
+        on a small filesystem."""
+        page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        pages = max(32, min(1000, size // page_size))
+        self._db.execute(f"PRAGMA wal_autocheckpoint = {pages}")
 
     def _has_column(self, table: str, column: str) -> bool:
         rows = self._db.execute(f"PRAGMA table_info({table})").fetchall()
@@ -205,6 +269,8 @@ class Manifest:
     def _transaction(self, *, commit: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction; `commit=False` rolls it back at the end (a dry run)."""
         try:
+            if self._low_on_space is not None and self._low_on_space():
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -222,16 +288,49 @@ class Manifest:
         self.changes += 1
 
     def sync(self) -> None:
-        """Make every committed transaction durable against power loss."""
-        for suffix in ("-wal", ""):
+        """Make every committed transaction durable against power loss: one commit with
+        synchronous=FULL fsyncs the WAL, and with it every frame committed before it."""
+        db = self._db
+        try:
+            db.execute("PRAGMA synchronous = FULL")
             try:
-                fd = os.open(f"{self.path}{suffix}", os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.execute("UPDATE store_state SET synced_ns = ?", (time.time_ns(),))
+                    db.execute("COMMIT")
+                except BaseException:
+                    with suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                    raise
             finally:
-                os.close(fd)
+                db.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error as exc:
+            raise manifest_error(exc) from exc
+
+    def mark_checked(self, now_ns: int) -> None:
+        """A daemon starts on this manifest, checked intact: orphan blob files older than now
+        are what a crash left (see last_commit_ns)."""
+        with self._transaction() as db:
+            db.execute("UPDATE store_state SET checked_ns = ?", (now_ns,))
+
+    def last_commit_ns(self) -> int:
+        """When the manifest last recorded something: the newest blob or version row, durable
+        point (fsync), or daemon start-up check. A blob file no row names that is newer than
+        this was stored after everything the manifest knows: its row may have been lost."""
+        row = self._db.execute(
+            "SELECT max(coalesce((SELECT max(created_ns) FROM blobs), 0), "
+            "coalesce((SELECT max(created_ns) FROM versions), 0))").fetchone()
+        newest = row[0] or 0
+        if self._has_table("store_state"):
+            state = self._db.execute(
+                "SELECT coalesce(max(synced_ns), 0), coalesce(max(checked_ns), 0) "
+                "FROM store_state").fetchone()
+            newest = max(newest, *state)
+        return int(newest)
+
+    def _has_table(self, table: str) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                (table,)).fetchone() is not None
 
     def check_integrity(self) -> list[str]:
         rows = self._db.execute("PRAGMA quick_check").fetchall()

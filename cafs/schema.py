@@ -162,5 +162,24 @@ def m003_checked_raw(db: Database) -> None:
     db.execute("PRAGMA writable_schema = OFF")
 
 
+# Facts about the manifest as a whole, one row. The durable commit behind fsync writes here:
+# the manifest's files are only ever touched through SQLite (a descriptor of them opened and
+# closed by cafs itself would drop SQLite's POSIX locks, and another opener would then delete the
+# WAL under the daemon).
+_STORE_STATE = """
+CREATE TABLE store_state (                 -- one row: the manifest as a whole
+    id          INTEGER PRIMARY KEY CHECK (id = 1), -- always 1
+    synced_ns   INTEGER,                   -- when a commit with synchronous=FULL last made every earlier commit durable against power loss (an fsync through the mount)
+    checked_ns  INTEGER                    -- when a daemon last started on this manifest after checking it (and its WAL) intact: orphan blob files older than this are what a crash left; newer ones, with no commit after them, may hold artifacts whose rows were lost
+)
+"""
+
+
+@migrations()
+def m005_store_state(db: Database) -> None:
+    db.execute(_STORE_STATE)
+    db.execute("INSERT INTO store_state (id) VALUES (1)")
+
+
 def migrate(db: Database) -> None:
     migrations.apply(db)

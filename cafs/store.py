@@ -10,13 +10,15 @@ import contextlib
 import fcntl
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cafs.blobstore import BlobStore
-from cafs.errors import CafsError, StoreBusy, StoreError
-from cafs.manifest import Manifest
+from cafs.errors import CafsError, NeedsRepair, StoreBusy, StoreError
+from cafs.manifest import Manifest, copy_manifest
 from cafs.model import BlobRef
+from cafs.wal import check_wal, wal_path
 
 MANIFEST_NAME = "manifest.sqlite"
 LOCK_NAME = "lock"
@@ -24,6 +26,9 @@ LOG_NAME = "daemon.log"
 # Present while a daemon serves the store; found at start-up, it means the last one never
 # stopped cleanly (killed, crashed, power lost).
 DIRTY_NAME = "dirty"
+# Rotating copies of the manifest (SQLite online backup): backups/manifest-<UTC time>.sqlite.
+BACKUP_DIR = "backups"
+BACKUPS_KEPT = 5
 # After an unclean stop, the blobs written last are the ones a crash could have hurt.
 RECENT_BLOBS_CHECKED = 200
 
@@ -72,6 +77,32 @@ def _check_store_dir(root: Path) -> None:
         raise StoreError(f"store {root} is not readable and writable by this user")
 
 
+def check_manifest_files(root: Path, blobs: BlobStore, *, wal: bool) -> None:
+    """Refuse to open a manifest that would silently lose committed artifacts: a missing or
+    empty one beside existing blob files (SQLite would start a new, empty manifest and gc would
+    then delete the blobs, the only copy left), or a WAL damaged in its middle (SQLite's
+    recovery would drop every commit after the damage). Nothing is changed: the files stay as
+    they are for recovery. Runs before SQLite opens anything (see cafs.wal)."""
+    manifest = root / MANIFEST_NAME
+    try:
+        size: int | None = os.lstat(manifest).st_size
+    except FileNotFoundError:
+        size = None
+    if not size and blobs.has_blob_files():
+        state = "missing" if size is None else "empty (0 bytes)"
+        raise NeedsRepair(
+            f"store {root} needs repair: its manifest {MANIFEST_NAME} is {state}, yet blob files "
+            "exist; refusing to start a new manifest over them (restore a backup with "
+            f"'cafs restore --store {root}', see README: Recovery)")
+    if wal:
+        damage = check_wal(wal_path(manifest))
+        if damage is not None:
+            raise NeedsRepair(
+                f"store {root} needs repair: the manifest's WAL {MANIFEST_NAME}-wal is damaged "
+                f"({damage.describe()}); it is left untouched. Copy the store aside first, then "
+                "see README: Recovery")
+
+
 @dataclass
 class Recovery:
     temp_files: int
@@ -95,11 +126,20 @@ class Store:
         lock_fd = acquire_lock(root, owner) if lock else None
         try:
             blobs = BlobStore(root, level=compression_level)
+            # Only while no daemon writes the WAL (we hold the lock, or nobody does): a WAL being
+            # appended to can show a frame half written.
+            check_manifest_files(root, blobs, wal=lock or not is_locked(root))
             if create:
                 blobs.create_layout()
             elif not (root / MANIFEST_NAME).exists():
                 raise StoreError(f"no store at {root} (no {MANIFEST_NAME})")
-            manifest = Manifest(root / MANIFEST_NAME, readonly=not create)
+            manifest = Manifest(root / MANIFEST_NAME, readonly=not create,
+                                low_on_space=blobs.space.low)
+            if create:
+                # A quarter of the reserve: the WAL pages a checkpoint moves into the database
+                # file never take the half of the reserve kept for deletes and gc.
+                blobs.space.statvfs()
+                manifest.limit_wal(blobs.space.reserve // 4)
         except BaseException:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -116,13 +156,21 @@ class Store:
         return Recovery(self.blobs.clean_tmp(), self.manifest.remove_unpublished())
 
     def mark_dirty(self) -> bool:
-        """Record that a daemon serves the store; True if the last one stopped uncleanly."""
+        """Record that a daemon serves the store; True if the last one stopped uncleanly.
+        The marker's presence is what counts: on a full disk its text may not fit, and that
+        must not stop the mount."""
         path = self.root / DIRTY_NAME
         unclean = path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, f"pid {os.getpid()}\n".encode())
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot create {path}: {exc.strerror}") from None
+        try:
+            with contextlib.suppress(OSError):  # ENOSPC: an empty marker says the same
+                os.write(fd, f"pid {os.getpid()}\n".encode())
             os.fsync(fd)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror}") from None
         finally:
             os.close(fd)
         return unclean
@@ -159,11 +207,76 @@ class Store:
             return f"blob {blob.digest}: content hashes to {digest}"
         return None
 
+    def backup(self, keep: int = BACKUPS_KEPT) -> Path | None:
+        """Copy the manifest to backups/ and drop all but the newest `keep` copies. Safe from a
+        worker thread (its own connection). None if the reserve would not stay free: a backup
+        never takes the space deletes and gc need."""
+        directory = self.root / BACKUP_DIR
+        directory.mkdir(mode=0o700, exist_ok=True)
+        try:
+            self.blobs.space.take(os.stat(self.root / MANIFEST_NAME).st_size)
+        except CafsError:
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = directory / f"manifest-{stamp}.sqlite"
+        copy_manifest(self.root / MANIFEST_NAME, target)
+        for old in list_backups(self.root)[:-keep]:
+            old.unlink(missing_ok=True)
+        return target
+
     def close(self) -> None:
         self.manifest.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def list_backups(root: Path) -> list[Path]:
+    """The manifest's backups, oldest first (their names sort by time)."""
+    directory = root / BACKUP_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(path for path in directory.glob("manifest-*.sqlite") if path.is_file())
+
+
+def restore_manifest(root: Path, backup: Path | None) -> tuple[Path, Path]:
+    """Put a backup back as the manifest of an unmounted store (holding its lock). The
+    manifest files it replaces are moved to backups/replaced-<time>/, never deleted. Returns
+    (the backup used, where the replaced files went)."""
+    root = root.absolute()
+    _check_store_dir(root)
+    if backup is None:
+        found = list_backups(root)
+        if not found:
+            raise StoreError(f"store {root} has no manifest backups ({root / BACKUP_DIR})")
+        backup = found[-1]
+    elif not backup.is_file() and (root / BACKUP_DIR / backup.name).is_file():
+        backup = root / BACKUP_DIR / backup.name
+    if not backup.is_file():
+        raise StoreError(f"no backup {backup}")
+    lock_fd = acquire_lock(root, "running cafs restore")
+    try:
+        try:
+            check = Manifest(backup, readonly=True)
+        except StoreError as exc:
+            raise StoreError(f"backup {backup} is not usable: {exc}") from None
+        try:
+            problems = check.check_integrity()
+        finally:
+            check.close()
+        if problems:
+            raise StoreError(f"backup {backup} is damaged ({problems[0]})")
+        aside = root / BACKUP_DIR / f"replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        aside.mkdir(mode=0o700, parents=True, exist_ok=True)
+        partial = root / f"{MANIFEST_NAME}.restoring"
+        copy_manifest(backup, partial)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(root / f"{MANIFEST_NAME}{suffix}", aside / f"{MANIFEST_NAME}{suffix}")
+        os.rename(partial, root / MANIFEST_NAME)
+        return backup, aside
+    finally:
+        os.close(lock_fd)
 
 
 def acquire_lock(root: Path, owner: str) -> int:
@@ -175,8 +288,11 @@ def acquire_lock(root: Path, owner: str) -> int:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         os.close(fd)
         raise StoreBusy(f"store {root} is in use ({holder or 'by another process'})") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} {owner}".strip().encode() + b"\n", 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} {owner}".strip().encode() + b"\n", 0)
+    except OSError:  # a full disk: the lock holds all the same, only its note is missing
+        pass
     return fd
 
 

@@ -84,6 +84,11 @@ DEFAULT_MAX_OPEN_FILES = 10_000
 # names must fit listxattr's 64 KiB buffer with the user.cafs.* names, the values 1 MiB.
 TAG_NAMES_BYTES = 60 * 1024
 TAG_VALUES_BYTES = 1 << 20
+# About what one new row (a name, a version, a tag without its bytes) adds to the manifest's
+# files: WAL frames of the pages it touches. Charged to the part of the reserve that growth of
+# the manifest may use (SpaceGuard.take_metadata), so a user filling the disk with empty files,
+# tags or versions stops while deletes and gc still commit.
+ROW_COST = 16 << 10
 READDIR_PAGE = 512
 XATTR_PREFIX = "user.cafs."
 # Read-only xattrs every artifact (and blob) carries; artifacts also carry user.cafs.version.
@@ -445,6 +450,7 @@ class Vfs:
         name = _new_name(raw_name)
         self._check_unsealed(parent)
         kind = self._new_child_kind(parent, name, want_dir=True)
+        self.blobs.space.take_metadata(ROW_COST)
         node = self.manifest.add_node(parent.ino, name, kind, mode & 0o7777, caller.uid,
                                       caller.gid, time.time_ns())
         self._directory_changed(parent.ino)
@@ -458,6 +464,7 @@ class Vfs:
         name = _new_name(raw_name)
         self._check_unsealed(parent)
         kind = self._new_child_kind(parent, name, want_dir=False)
+        self.blobs.space.take_metadata(ROW_COST)
         # The row exists from now on (it gives the inode its number) but has no version until
         # the first publish; start-up removes such rows if the daemon died before that.
         node = self.manifest.add_node(parent.ino, name, kind, _file_mode(mode), caller.uid,
@@ -547,6 +554,8 @@ class Vfs:
                 raise NotADirectory()
             if replaced.kind.is_dir and self.manifest.has_children(replaced.ino):
                 raise NotEmpty()
+        if len(new_name) > len(node.name):  # a longer name grows the manifest; others do not
+            self.blobs.space.take_metadata(ROW_COST)
         self.manifest.rename(node, new_parent.ino, new_name, replaced, time.time_ns())
         self.cache.drop(node.ino)
         self.cache.drop_entry(old_parent.ino, node.name)
@@ -801,6 +810,8 @@ class Vfs:
         """Store the blob (unless the store has it) and record the version. The digest is
         pinned throughout, so gc leaves its blob file alone."""
         try:
+            # A version row (a dedup hit or an empty file writes no blob bytes to charge).
+            self.blobs.space.take_metadata(ROW_COST)
             known = self.manifest.blob(digest)
             if known is not None and not known.damaged and self.blobs.has(digest):
                 stored = StoredBlob(digest, known.size, known.stored_size, known.encoding,
@@ -985,6 +996,8 @@ class Vfs:
         if (names_bytes + len(raw_name) + 1 > TAG_NAMES_BYTES
                 or values_bytes + len(value) > TAG_VALUES_BYTES):
             raise OutOfSpace(f"no room for more tags on {node.name}")
+        # The value is stored twice: in the row and in the (name, value) index of find --tag.
+        self.blobs.space.take_metadata(ROW_COST + 2 * (len(raw_name) + len(value)))
         self.manifest.set_tag(ino, name, bytes(value), time.time_ns())
         self.cache.drop(ino)
 

@@ -51,7 +51,7 @@ def test_gc_leaves_blob_files_alone_while_a_write_is_publishing_them(opened: Sto
     assert result["versions_removed"] == 1 and result["blobs_removed"] == 0
     assert opened.blobs.has(Digest(digest)) and opened.blobs.has(Digest(sha(b"in flight")))
     vfs._pinned.clear()  # the writes finished (or failed): now both can go
-    result = trio.run(admin.run, "gc", {}, [])
+    result = trio.run(admin.run, "gc", {"orphan_grace": 0}, [])
     assert result["blobs_removed"] == 1 and result["orphan_files_removed"] == 1
     assert not opened.blobs.has(Digest(digest))
 

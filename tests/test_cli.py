@@ -103,6 +103,7 @@ def test_fsck_finds_each_kind_of_damage(mount: Mount) -> None:
     (mount.store / "tmp" / "w-stray").write_bytes(b"x")
     orphan = mount.store / "blobs" / "ab" / ("ab" + "0" * 62)
     orphan.write_bytes(b"orphan")
+    os.utime(orphan, (1_600_000_000, 1_600_000_000))  # older than the manifest's last commit
     report = mount.fsck()
     assert report.returncode == 0
     assert "temp file w-stray" in report.stdout and "orphan" in report.stdout

@@ -333,6 +333,8 @@ def damage_store(store: Path, good: dict[str, bytes]) -> dict[str, str]:
     orphan = os.urandom(100)
     orphan_path = blob_file(store, sha(orphan))
     orphan_path.write_bytes(orphan)
+    # A crash leftover from long ago: older than the manifest's last commit and than gc's grace.
+    os.utime(orphan_path, (1_600_000_000, 1_600_000_000))
     return {"orphan": str(orphan_path), **digests}
 
 
