@@ -867,12 +867,40 @@ class Vfs:
             inode.temp.discard()
             inode.temp = None
             inode.mtime_ns = None
+        # The kernel cached the pages of the writes that succeeded before this failure, and
+        # their size: without this, readers would see bytes never published until the
+        # attribute timeout. (Queued by the notifier: the failing request still holds pages.)
+        self.kernel.inode_changed(inode.node.ino)
         # A new file whose first write failed goes now, not at the last release (which the
         # kernel sends after close() has returned): `cp` fails and the name is gone.
         with suppress(CafsError):  # if the manifest cannot say so now, release tries again
             self._drop_if_unpublished(inode)
 
+    async def publish_and_release(self, fh: int) -> None:
+        """The kernel's RELEASE of an open file. Writes that came after its last FLUSH are
+        published now: a shared mapping written after close(fd) sends its WRITEs at munmap,
+        msync or exit, then RELEASE and no FLUSH. The kernel discards errors of RELEASE and
+        close() returned long ago, so a failure here can only be logged."""
+        handle = self._handles.get(fh)
+        try:
+            if handle is not None and self._unflushed(handle):
+                await self._publish(handle.inode, handle.caller, handle)
+        except (OSError, CafsError) as exc:
+            assert handle is not None
+            log.error("%s (inode %d): writes made after its last close (through a shared "
+                      "mapping) are lost, they could not be published: %s",
+                      handle.inode.node.name, handle.inode.node.ino, exc)
+        finally:
+            self.release(fh)
+
+    def _unflushed(self, handle: Handle) -> bool:
+        """This handle wrote into the current temp and no FLUSH or fsync has published it."""
+        inode = handle.inode
+        return (handle.writable and handle.error is None and inode.temp is not None
+                and handle.wrote_serial == inode.temp_serial and not inode.unlinked)
+
     def release(self, fh: int) -> None:
+        """Forget an open file; publishes nothing (see publish_and_release)."""
         handle = self._handles.pop(fh, None)
         if handle is None:
             return
