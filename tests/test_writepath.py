@@ -168,7 +168,9 @@ def test_failed_rewrite_leaves_no_unpublished_bytes_in_the_cache(capped: Mount,
 
 
 def test_failed_rewrite_on_a_full_disk_leaves_no_unpublished_bytes(tmp_path: Path) -> None:
-    """ENOSPC instead of EFBIG: the store on a 12 MiB tmpfs."""
+    """ENOSPC instead of EFBIG: the store on a 12 MiB tmpfs. (Here the failed writes grew the
+    file, and the kernel drops its pages when it sees the size change back; the test above
+    keeps the size.)"""
     require_fuse()
     small = tmp_path / "small"
     small.mkdir()
