@@ -762,6 +762,12 @@ class Vfs:
             raise CafsError("an earlier write to this file failed", handle.error)
         inode = handle.inode
         if handle.writable and inode.temp is not None and handle.wrote_serial == inode.temp_serial:
+            if killed_by_signal(handle.caller.pid):  # its exit closes the file: cut short
+                log.info("%s: its writer (pid %d) was killed by a signal: nothing published",
+                         inode.node.name, handle.caller.pid)
+                async with inode.lock:
+                    self._fail(inode, handle, errno.EINTR)
+                return
             await self._publish(inode, handle.caller, handle)
 
     async def fsync(self, fh: int) -> None:
@@ -1042,6 +1048,24 @@ class Vfs:
         value = {"sha256": blob.digest, "size": blob.size, "stored_size": blob.stored_size,
                  "encoding": blob.encoding}[key]
         return str(value).encode()
+
+
+# Flags of a task in /proc/<pid>/stat (field 9): exiting, and because a signal killed it.
+PF_EXITING = 0x4
+PF_SIGNALED = 0x400
+
+
+def killed_by_signal(pid: int) -> bool:
+    """True while `pid` exits because a signal killed it. Its exit closes (FLUSH) every file
+    it held, and a write cut short must publish nothing. FLUSH carries no pid, so this asks
+    about the process that opened the file: if that one is gone, or ends otherwise, the close
+    publishes as usual."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            flags = int(stat_file.read().rsplit(b")", 1)[1].split()[6])
+    except (OSError, IndexError, ValueError):
+        return False
+    return bool(flags & PF_EXITING and flags & PF_SIGNALED)
 
 
 def _has_tags(node: Node) -> bool:

@@ -261,3 +261,30 @@ def test_fallocate(mount: Mount) -> None:
     assert (layer / "posix").read_bytes() == bytes(1 << 20)
     assert (layer / "py").read_bytes() == bytes(100_000)
     assert (layer / "old").read_bytes() == b"old content"
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, b"partial" * 1000)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(0)  # exits normally without closing: the exit closes it, and it publishes
+""")
+
+
+def test_a_writer_killed_by_a_signal_publishes_nothing(mount: Mount) -> None:
+    layer = mount.layer()
+    write_artifact(layer / "old", b"old content")
+    for name in ("new", "old"):
+        result = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(layer / name), "kill"],
+                                timeout=60)
+        assert result.returncode == -9
+    assert not (layer / "new").exists()
+    assert (layer / "old").read_bytes() == b"old content"
+    subprocess.run([sys.executable, "-c", KILLED_WRITER, str(layer / "exited"), "exit"],
+                   check=True, timeout=60)
+    assert (layer / "exited").read_bytes() == b"partial" * 1000
+    remount(mount)
+    assert sorted(os.listdir(layer)) == ["exited", "old"]
+    assert (layer / "old").read_bytes() == b"old content"
