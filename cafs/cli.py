@@ -165,7 +165,7 @@ def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
 def umount(config: Path | None, lazy: bool, if_mounted: bool, mountpoint: Path | None) -> None:
     """Unmount a cafs mount and wait until its daemon has exited.
 
-    A dead mount (its daemon was killed) needs --lazy.
+    A dead mount (its daemon died) unmounts the same way; one still in use needs --lazy.
 
     Example: cafs umount /mnt/artifacts
     """

@@ -3,6 +3,8 @@
 `CAFS_CRASH_AT=<point>` (or `<point>:<n>` for the n-th time the point is passed) makes the
 process kill itself with SIGKILL there: no clean-up, no unmount, exactly as a crash would leave
 the store. The crash tests use it to prove what survives each step of the write path and of gc.
+A `raise-*` point raises an unexpected exception instead (as a bug would), to test what the
+code's own error handling does with one.
 Unset (always, outside tests), `reached` is one dictionary lookup.
 
 Owns: the names of the points and the setting. Must not know FUSE.
@@ -23,6 +25,7 @@ POINTS = (
     "before-manifest-commit",  # the version's rows are written, the transaction is still open
     "after-manifest-commit",   # committed; the writer's close() has not returned yet
     "inside-gc",               # gc removed blob rows and has not yet removed their files
+    "raise-in-main-loop",      # the daemon's main loop fails, once it serves (raises, no kill)
 )
 ENVIRONMENT = "CAFS_CRASH_AT"
 
@@ -51,11 +54,17 @@ except InvalidArgument:
 _passed: dict[str, int] = {}
 
 
+class InjectedFailure(RuntimeError):
+    """What a raise-* point raises: deliberately no CafsError, as unexpected as a bug."""
+
+
 def reached(point: str) -> None:
     if _armed is None or _armed[0] != point:
         return
     _passed[point] = _passed.get(point, 0) + 1
     if _passed[point] == _armed[1]:
+        if point.startswith("raise-"):
+            raise InjectedFailure(f"crash point {point} reached: raising")
         log.warning("crash point %s reached: killing this process", point)
         for handler in logging.getLogger().handlers:
             handler.flush()

@@ -24,6 +24,7 @@ from typing import IO, Any, TypeVar
 import pyfuse3
 import trio
 
+from cafs import crashpoints
 from cafs.admin import Admin
 from cafs.control import serve_control
 from cafs.errors import CafsError, InvalidArgument, StoreError
@@ -116,6 +117,10 @@ def check_mountpoint(mountpoint: Path) -> None:
         if not mountpoint.is_dir():
             raise MountError(f"mountpoint {mountpoint} does not exist or is not a directory",
                              errno.ENOENT)
+        # stat alone can be answered from the attributes a dead FUSE mount still caches (and
+        # a new mount would then be stacked on the dead one): opening the directory must ask.
+        with contextlib.suppress(PermissionError), os.scandir(mountpoint):
+            pass
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             raise MountError(f"mountpoint {mountpoint} is a dead mount (transport endpoint not "
@@ -211,8 +216,13 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             raise MountError(f"cannot mount {cfg.mountpoint}: {exc}") from None
         try:
             trio.run(_main_loop, cfg, on_ready, store, vfs, kernel)
-        finally:
-            pyfuse3.close(unmount=True)
+        except BaseException:
+            # Unmount only after a clean stop. After a failure the mount must stay a dead mount
+            # (ENOTCONN) until an operator or the unit's ExecStopPost clears it: unmounted,
+            # writers would silently write into the directory underneath.
+            pyfuse3.close(unmount=False)
+            raise
+        pyfuse3.close(unmount=True)
         # Unmounted, no write is in progress: a temp still here is one whose removal failed.
         with contextlib.suppress(OSError):
             store.blobs.clean_tmp()
@@ -276,6 +286,7 @@ async def _announce_ready(mountpoint: Path, on_ready: Callable[[], None]) -> Non
     log.info("serving %s", mountpoint)
     on_ready()
     sd_notify("READY=1")
+    crashpoints.reached("raise-in-main-loop")
 
 
 READ_AHEAD_KB = 1024

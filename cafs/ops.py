@@ -197,7 +197,7 @@ class CafsOperations(pyfuse3.Operations):
 
     @translated
     async def release(self, fh: int) -> None:
-        self.vfs.release(fh)
+        await self.vfs.publish_and_release(fh)
 
     @translated
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:

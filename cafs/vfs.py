@@ -771,6 +771,12 @@ class Vfs:
             raise CafsError("an earlier write to this file failed", handle.error)
         inode = handle.inode
         if handle.writable and inode.temp is not None and handle.wrote_serial == inode.temp_serial:
+            if killed_by_signal(handle.caller.pid):  # its exit closes the file: cut short
+                log.info("%s: its writer (pid %d) was killed by a signal: nothing published",
+                         inode.node.name, handle.caller.pid)
+                async with inode.lock:
+                    self._fail(inode, handle, errno.EINTR)
+                return
             await self._publish(inode, handle.caller, handle)
 
     async def fsync(self, fh: int) -> None:
@@ -878,12 +884,40 @@ class Vfs:
             inode.temp.discard()
             inode.temp = None
             inode.mtime_ns = None
+        # The kernel cached the pages of the writes that succeeded before this failure, and
+        # their size: without this, readers would see bytes never published until the
+        # attribute timeout. (Queued by the notifier: the failing request still holds pages.)
+        self.kernel.inode_changed(inode.node.ino)
         # A new file whose first write failed goes now, not at the last release (which the
         # kernel sends after close() has returned): `cp` fails and the name is gone.
         with suppress(CafsError):  # if the manifest cannot say so now, release tries again
             self._drop_if_unpublished(inode)
 
+    async def publish_and_release(self, fh: int) -> None:
+        """The kernel's RELEASE of an open file. Writes that came after its last FLUSH are
+        published now: a shared mapping written after close(fd) sends its WRITEs at munmap,
+        msync or exit, then RELEASE and no FLUSH. The kernel discards errors of RELEASE and
+        close() returned long ago, so a failure here can only be logged."""
+        handle = self._handles.get(fh)
+        try:
+            if handle is not None and self._unflushed(handle):
+                await self._publish(handle.inode, handle.caller, handle)
+        except (OSError, CafsError) as exc:
+            assert handle is not None
+            log.error("%s (inode %d): writes made after its last close (through a shared "
+                      "mapping) are lost, they could not be published: %s",
+                      handle.inode.node.name, handle.inode.node.ino, exc)
+        finally:
+            self.release(fh)
+
+    def _unflushed(self, handle: Handle) -> bool:
+        """This handle wrote into the current temp and no FLUSH or fsync has published it."""
+        inode = handle.inode
+        return (handle.writable and handle.error is None and inode.temp is not None
+                and handle.wrote_serial == inode.temp_serial and not inode.unlinked)
+
     def release(self, fh: int) -> None:
+        """Forget an open file; publishes nothing (see publish_and_release)."""
         handle = self._handles.pop(fh, None)
         if handle is None:
             return
@@ -1027,6 +1061,24 @@ class Vfs:
         value = {"sha256": blob.digest, "size": blob.size, "stored_size": blob.stored_size,
                  "encoding": blob.encoding}[key]
         return str(value).encode()
+
+
+# Flags of a task in /proc/<pid>/stat (field 9): exiting, and because a signal killed it.
+PF_EXITING = 0x4
+PF_SIGNALED = 0x400
+
+
+def killed_by_signal(pid: int) -> bool:
+    """True while `pid` exits because a signal killed it. Its exit closes (FLUSH) every file
+    it held, and a write cut short must publish nothing. FLUSH carries no pid, so this asks
+    about the process that opened the file: if that one is gone, or ends otherwise, the close
+    publishes as usual."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            flags = int(stat_file.read().rsplit(b")", 1)[1].split()[6])
+    except (OSError, IndexError, ValueError):
+        return False
+    return bool(flags & PF_EXITING and flags & PF_SIGNALED)
 
 
 def _has_tags(node: Node) -> bool:
