@@ -331,3 +331,18 @@ def test_admin_commands_answer_only_the_store_owner(shared: Mount) -> None:
         assert result.returncode != 0, command
         assert "Traceback" not in result.stderr, (command, result.stderr)
         assert "4821" not in result.stdout and "runs/e1" not in result.stdout, command
+
+
+def test_emptying_tmp_never_follows_a_symlinked_tmp(tmp_path: Path) -> None:
+    """Below the store's checks too: the blob store empties tmp/ only through tmp/ itself."""
+    from cafs.blobstore import BlobStore
+
+    store = tmp_path / "store"
+    store.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me\n")
+    (store / "tmp").symlink_to(victim)
+    with pytest.raises(OSError):
+        BlobStore(store).clean_tmp()
+    assert (victim / "precious").read_text() == "keep me\n"
