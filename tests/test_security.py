@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import Mount, cafs, is_mounted, require_fuse, unmount_whatever_state
 
+from cafs.model import Kind
 from cafs.store import Store
 
 NOBODY = 65534
@@ -346,3 +347,30 @@ def test_emptying_tmp_never_follows_a_symlinked_tmp(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         BlobStore(store).clean_tmp()
     assert (victim / "precious").read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize(("mode", "uid", "gid", "readable"), [
+    (0o644, 1, 1, True),  # other may read
+    (0o640, 7, 1, True),  # their primary group may read
+    (0o640, 7, 7, False),  # neither: they might still be in group 7, which may read; not them
+    (0o604, 7, 7, False),  # other may, group may not: they may be in group 7, so not shown
+    (0o400, 1000, 1, True),  # their own file
+    (0o040, 1000, 1000, False),  # their own, owner bits closed: the kernel refuses them too
+])
+def test_readable_by_follows_the_mode_bits(tmp_path: Path, mode: int, uid: int, gid: int,
+                                           readable: bool) -> None:
+    """Who may see a sealed run's root: every file readable, every directory listable."""
+    store = Store.open(tmp_path / "store", create=True)
+    try:
+        manifest = store.manifest
+        db = manifest.admin()
+        now = 1
+        run = manifest.add_node(2, "e1", Kind.EXECUTION, 0o755, 0, 0, now).ino
+        layer = manifest.add_node(run, "l", Kind.LAYER, 0o755, 0, 0, now).ino
+        node = manifest.add_node(layer, "f", Kind.FILE, mode, uid, gid, now).ino
+        assert db.execute("SELECT kind FROM nodes WHERE id = ?", [node]).fetchone()[0] == "file"
+        assert manifest.readable_by(run, 1000, 1) is readable
+        db.execute("UPDATE nodes SET mode = 448 WHERE id = ?", [layer])  # 0700, root's
+        assert manifest.readable_by(run, 1000, 1) is False
+    finally:
+        store.close()
