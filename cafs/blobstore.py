@@ -519,13 +519,20 @@ class BlobStore:
     def clean_tmp(self) -> int:
         """Remove every temp file: writes that were in progress when the daemon stopped."""
         removed = 0
-        with os.scandir(self.tmp_dir) as entries:
-            for entry in entries:
-                # Never follow a planted symlink; remove the link itself.
-                if entry.is_dir(follow_symlinks=False):
-                    continue
-                os.unlink(entry.path)
-                removed += 1
+        # tmp/ itself is opened without following a symlink (cafs.store refuses a store where
+        # it is one; this holds even if the check was skipped), and emptied through that
+        # descriptor: start-up must never empty a directory a symlink points at.
+        fd = os.open(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    # Never follow a planted symlink; remove the link itself.
+                    if entry.is_dir(follow_symlinks=False):
+                        continue
+                    os.unlink(entry.name, dir_fd=fd)
+                    removed += 1
+        finally:
+            os.close(fd)
         return removed
 
     # -- writing --------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from cafs.store import (
     LOG_NAME,
     check_placement,
     lock_holder,
+    open_log,
     prepare_store_dir,
 )
 
@@ -117,11 +118,7 @@ def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
     check_mountpoint(cfg.mountpoint)
     check_placement(cfg.store, cfg.mountpoint)
     prepare_store_dir(cfg.store, create=True)
-    try:
-        log_path = cfg.store / LOG_NAME
-        log_path.touch(mode=0o600)
-    except OSError as exc:
-        raise StoreError(f"cannot use store {cfg.store}: {exc.strerror}") from None
+    log_fd = open_log(cfg.store)  # never through a symlink planted in the store
     read_end, write_end = os.pipe()
     # The child gets every setting explicitly, so it needs no configuration file.
     command = [sys.executable, "-m", "cafs", "mount", "--foreground", "--ready-fd",
@@ -136,10 +133,12 @@ def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
     if debug:
         command.append("--debug")
     child_env = dict(os.environ, CAFS_CONFIG="")
-    with open(log_path, "ab") as log_file:
+    try:
         process = subprocess.Popen(command, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
-                                   stdout=log_file, stderr=log_file, start_new_session=True,
+                                   stdout=log_fd, stderr=log_fd, start_new_session=True,
                                    env=child_env)
+    finally:
+        os.close(log_fd)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as ready:
         message = ready.readline()

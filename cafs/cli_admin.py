@@ -107,10 +107,14 @@ def run_admin(root: Path, command: str, args: dict[str, Any],
     progress = TerminalProgress()
     try:
         with errors_as_exit_codes(command_failure=EXIT_FAILED):
-            if not (root / MANIFEST_NAME).exists():
-                # A store whose manifest went missing beside its blobs needs repair, not gc.
-                check_manifest_files(root, BlobStore(root), wal=False)
-                raise StoreError(f"no store at {root}")
+            try:
+                if not (root / MANIFEST_NAME).exists():
+                    # A store whose manifest went missing beside its blobs needs repair, not gc.
+                    check_manifest_files(root, BlobStore(root), wal=False)
+                    raise StoreError(f"no store at {root}")
+            except PermissionError:  # another user's store: 0700, theirs and root's
+                raise StoreError(f"store {root} is not accessible to this user: only its owner "
+                                 "and root may run admin commands") from None
             for _ in range(3):
                 if is_locked(root):
                     holder = lock_holder_text(root)

@@ -33,6 +33,10 @@ class NotPermitted(CafsError):
     errno = _errno.EPERM
 
 
+class AccessDenied(CafsError):
+    errno = _errno.EACCES
+
+
 class ReadOnly(CafsError):
     errno = _errno.EROFS
 

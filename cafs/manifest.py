@@ -751,6 +751,27 @@ class Manifest:
                 (now_ns, execution_id),
             )
 
+    def readable_by(self, top: int, uid: int, gid: int) -> bool:
+        """Whether the modes let a user list and read everything at and below a directory:
+        read on every file, read and search on every directory. Only the primary group is
+        known, so where it is not a node's group both its group and other bits must allow
+        (the user may be in that group, whose bits then apply)."""
+        row = self._db.execute(
+            f"""{_SUBTREE},
+            checked AS (
+                SELECT mode, uid, gid, CASE kind WHEN 'file' THEN 4 ELSE 5 END AS need
+                FROM nodes WHERE id = :top OR id IN (SELECT id FROM sub)
+            )
+            SELECT 1 FROM checked WHERE NOT CASE
+                WHEN uid = :uid THEN (mode >> 6) & need = need
+                WHEN gid = :gid THEN (mode >> 3) & need = need
+                ELSE mode & need = need AND (mode >> 3) & need = need END
+            LIMIT 1
+            """,
+            {"top": top, "uid": uid, "gid": gid},
+        ).fetchone()
+        return row is None
+
     def root_of(self, execution_id: int) -> str | None:
         row = self._db.execute(
             "SELECT root_sha256 FROM nodes WHERE id = ?", (execution_id,)

@@ -106,14 +106,14 @@ class CafsOperations(pyfuse3.Operations):
     @translated
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
-        return entry(self.vfs.lookup(parent_inode, name))
+        return entry(self.vfs.lookup(parent_inode, name, caller(ctx)))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None  # nothing to free: see the module docstring of cafs.vfs
 
     @translated
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return entry(self.vfs.getattr(inode))
+        return entry(self.vfs.getattr(inode, caller(ctx)))
 
     @translated
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
@@ -231,11 +231,11 @@ class CafsOperations(pyfuse3.Operations):
 
     @translated
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.vfs.getxattr(inode, name)
+        return self.vfs.getxattr(inode, name, caller(ctx))
 
     @translated
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return self.vfs.listxattr(inode)
+        return self.vfs.listxattr(inode, caller(ctx))
 
     @translated
     async def setxattr(self, inode: int, name: bytes, value: bytes,

@@ -1,7 +1,8 @@
 """A store directory as a whole: where it is, its layout, its lock, and opening its parts.
 
-Owns: `<store>/lock` (one daemon per store), the store directory's permissions, the rule that the
-store and the mountpoint never contain each other, and start-up recovery. Must not know FUSE.
+Owns: `<store>/lock` (one daemon per store), the store directory's permissions and the rules that
+keep other users out of it (see `check_store_dir`), the rule that the store and the mountpoint
+never contain each other, and start-up recovery. Must not know FUSE.
 """
 
 from __future__ import annotations
@@ -32,6 +33,25 @@ BACKUPS_KEPT = 5
 # After an unclean stop, the blobs written last are the ones a crash could have hurt.
 RECENT_BLOBS_CHECKED = 200
 
+# Every entry cafs keeps directly in a store, with the only file type it may have. Root (or any
+# user) mounting a store must never follow a symlink or write into a file another user planted
+# there (tmp -> a directory start-up would empty, daemon.log -> a file the log would append to).
+LAYOUT = {
+    MANIFEST_NAME: stat.S_IFREG,
+    MANIFEST_NAME + "-wal": stat.S_IFREG,  # SQLite's WAL and its shared-memory index
+    MANIFEST_NAME + "-shm": stat.S_IFREG,
+    LOCK_NAME: stat.S_IFREG,
+    LOG_NAME: stat.S_IFREG,
+    DIRTY_NAME: stat.S_IFREG,
+    "control.sock": stat.S_IFSOCK,  # cafs.control
+    "blobs": stat.S_IFDIR,  # cafs.blobstore; its 256 shard directories are checked too
+    "tmp": stat.S_IFDIR,
+    "quarantine": stat.S_IFDIR,  # cafs.admin: damaged blobs kept for forensics
+    "backups": stat.S_IFDIR,  # manifest backups
+}
+_TYPE_NAMES = {stat.S_IFREG: "regular file", stat.S_IFDIR: "directory",
+               stat.S_IFSOCK: "socket"}
+
 
 def default_store_path() -> Path:
     """$CAFS_STORE, else $XDG_DATA_HOME/cafs, else ~/.local/share/cafs."""
@@ -54,27 +74,133 @@ def check_placement(store: Path, mountpoint: Path) -> None:
 
 def prepare_store_dir(root: Path, *, create: bool) -> None:
     """Make the store directory if asked and missing, then check it is safe to use."""
-    if not root.exists():
+    if not os.path.lexists(root):
         if not create:
             raise StoreError(f"no store at {root}")
         try:
             root.mkdir(mode=0o700, parents=True)
         except OSError as exc:
             raise StoreError(f"cannot create store {root}: {exc.strerror}") from exc
-    _check_store_dir(root)
+    check_store_dir(root)
 
 
-def _check_store_dir(root: Path) -> None:
+def check_store_dir(root: Path) -> None:
+    """Refuse a store another user could read, change or swap, or in which another user could
+    have planted something (StoreError, with what to do about it).
+
+    The store holds every user's bytes and the daemon (often root) creates, truncates, appends
+    to and deletes files in it: it must be a directory owned by the user running cafs, that
+    nobody else may enter (0700); every entry of its layout must be what cafs made (no
+    symlink, no other owner, no other type, no extra hard link); and no other user may rename
+    it or a directory above it away and put their own in its place while the daemon runs.
+    There is no override: a store owned by another user is mounted as that user.
+    """
+    me = os.geteuid()
     try:
+        link = os.lstat(root)
+        if stat.S_ISLNK(link.st_mode) and link.st_uid not in (0, me):
+            raise StoreError(f"store {root} is a symlink made by uid {link.st_uid}; refusing "
+                             "to follow it")
         info = os.stat(root)
     except PermissionError as exc:
         raise StoreError(f"store {root} is not readable: {exc.strerror}") from exc
+    except FileNotFoundError:
+        raise StoreError(f"no store at {root}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise StoreError(f"store {root} is not a directory")
-    if info.st_mode & stat.S_IWOTH:
-        raise StoreError(f"store {root} is world-writable; refusing to use it (chmod 700 it)")
+    if info.st_uid != me:
+        raise StoreError(f"store {root} is owned by uid {info.st_uid}, not by this user "
+                         f"(uid {me}); refusing to use it: run cafs as its owner")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        what = "world-writable" if mode & stat.S_IWOTH else "open to other users"
+        raise StoreError(f"store {root} is {what} (mode {mode:04o}); refusing to use it: "
+                         f"chmod 700 {root}")
     if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
         raise StoreError(f"store {root} is not readable and writable by this user")
+    _check_ancestors(root.resolve(), me)
+    check_layout(root)
+
+
+def _check_ancestors(real: Path, me: int) -> None:
+    # A user who may write a directory above the store may rename the store (or a directory
+    # on its way) and put their own in its place, between this check and any later open. A
+    # sticky directory (like /tmp) lets them rename only what they own.
+    for directory in real.parents:
+        info = os.stat(directory)
+        if info.st_uid not in (0, me):
+            raise StoreError(f"directory {directory} above the store is owned by uid "
+                             f"{info.st_uid}, who could replace the store; use a store in a "
+                             "directory only you and root control")
+        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            raise StoreError(f"directory {directory} above the store is writable by other "
+                             "users, who could replace the store; use a directory only you "
+                             f"can write (chmod go-w) or a sticky one (chmod +t)")
+
+
+def check_layout(root: Path) -> None:
+    """Refuse a store whose layout entries are not what cafs itself would have made."""
+    for name, kind in LAYOUT.items():
+        _check_entry(root / name, kind)
+    blobs = root / "blobs"
+    if os.path.isdir(blobs):
+        for shard in range(256):
+            _check_entry(blobs / f"{shard:02x}", stat.S_IFDIR)
+
+
+def _check_entry(path: Path, kind: int) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    refuse = "; refusing to use the store (remove it if you did not make it)"
+    if stat.S_ISLNK(info.st_mode):
+        raise StoreError(f"{path} is a symlink{refuse}")
+    if stat.S_IFMT(info.st_mode) != kind:
+        raise StoreError(f"{path} is not a {_TYPE_NAMES[kind]}{refuse}")
+    if info.st_uid != os.geteuid():
+        raise StoreError(f"{path} is owned by uid {info.st_uid}, not by this user{refuse}")
+    if kind == stat.S_IFREG and info.st_nlink != 1:
+        # A hard link to a file elsewhere: writing the store's file would write that one.
+        raise StoreError(f"{path} has {info.st_nlink} hard links{refuse}")
+
+
+def open_store_file(path: Path, flags: int) -> int:
+    """Open (creating it 0600 if asked) a regular file of the store's layout: never through a
+    symlink, never a file another user owns or that is linked elsewhere."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() \
+                or info.st_nlink != 1:
+            raise StoreError(f"{path} is not a regular file of this user's store; refusing to "
+                             "use it")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_log(root: Path) -> int:
+    """The daemon's log file, for appending (the daemon's stdout and stderr)."""
+    try:
+        return open_store_file(root / LOG_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except OSError as exc:
+        raise StoreError(f"cannot use store {root}: {root / LOG_NAME}: {exc.strerror}") from None
+
+
+def create_manifest_file(path: Path) -> None:
+    """Make the manifest 0600 before SQLite opens it (SQLite would make it 0644 less the umask,
+    and gives its -wal and -shm files the mode of the database file); tighten one made looser
+    by an older cafs."""
+    try:
+        os.close(open_store_file(path, os.O_RDONLY | os.O_CREAT))
+    except OSError as exc:
+        raise StoreError(f"cannot create {path}: {exc.strerror}") from None
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
 
 
 def check_manifest_files(root: Path, blobs: BlobStore, *, wal: bool) -> None:
@@ -131,6 +257,7 @@ class Store:
             check_manifest_files(root, blobs, wal=lock or not is_locked(root))
             if create:
                 blobs.create_layout()
+                create_manifest_file(root / MANIFEST_NAME)
             elif not (root / MANIFEST_NAME).exists():
                 raise StoreError(f"no store at {root} (no {MANIFEST_NAME})")
             manifest = Manifest(root / MANIFEST_NAME, readonly=not create,
@@ -162,7 +289,7 @@ class Store:
         path = self.root / DIRTY_NAME
         unclean = path.exists()
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            fd = open_store_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         except OSError as exc:
             raise StoreError(f"cannot create {path}: {exc.strerror}") from None
         try:
@@ -244,7 +371,7 @@ def restore_manifest(root: Path, backup: Path | None) -> tuple[Path, Path]:
     manifest files it replaces are moved to backups/replaced-<time>/, never deleted. Returns
     (the backup used, where the replaced files went)."""
     root = root.absolute()
-    _check_store_dir(root)
+    prepare_store_dir(root, create=False)
     if backup is None:
         found = list_backups(root)
         if not found:
@@ -281,7 +408,7 @@ def restore_manifest(root: Path, backup: Path | None) -> tuple[Path, Path]:
 
 def acquire_lock(root: Path, owner: str) -> int:
     path = root / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = open_store_file(path, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -307,9 +434,14 @@ def lock_holder(root: Path) -> int | None:
 def lock_holder_text(root: Path) -> str:
     """What the lock file says of its holder ("pid N mounted at M", "pid N running cafs gc")."""
     try:
-        return (root / LOCK_NAME).read_text().strip() or "by another process"
+        fd = os.open(root / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            text = os.read(fd, 4096).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
     except OSError:
         return "by another process"
+    return text or "by another process"
 
 
 def is_locked(root: Path) -> bool:

@@ -32,6 +32,7 @@ from typing import Protocol, TypeVar
 from cafs.blobstore import BlobReader, BlobStore, TempBlob
 from cafs.digest import Digest, is_digest
 from cafs.errors import (
+    AccessDenied,
     AlreadyExists,
     BadHandle,
     BadName,
@@ -93,7 +94,12 @@ READDIR_PAGE = 512
 XATTR_PREFIX = "user.cafs."
 # Read-only xattrs every artifact (and blob) carries; artifacts also carry user.cafs.version.
 VIRTUAL_XATTRS = ("sha256", "size", "stored_size", "encoding", "refcount")
+# Facts about which contents other artifacts hold as well: only for callers who see sharing
+# (see Vfs.sees_sharing).
+SHARING_XATTRS = ("refcount",)
 RECORDS_CACHED = 256
+# Whether a user may read every file of a sealed run (so may see its root hash), per run.
+ROOT_READERS_CACHED = 1024
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -237,7 +243,11 @@ class Vfs:
         # Digests whose blob files a publish in flight is writing or about to reference: gc
         # must leave those files alone (see Vfs._publish and cafs.admin.gc).
         self._pinned: Counter[str] = Counter()
-        self._records: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
+        # Records by (directory, sees sharing, shows the root): each view is built apart.
+        self._records: OrderedDict[tuple[int, bool, bool], tuple[int, bytes]] = OrderedDict()
+        self._root_readers: OrderedDict[tuple[int, int, int, int], bool] = OrderedDict()
+        # The user who mounted: blobs/ is theirs, so they may read every content anyway.
+        self.owner_uid = os.geteuid()
         self._runs_nlink: int | None = None
         now = time.time_ns()
         self._root = _fixed(ROOT_INODE, "", Kind.ROOT, 0o755, ROOT_INODE, 4, now)
@@ -246,7 +256,7 @@ class Vfs:
         # blobs/ reads any content by its hash, bypassing the permissions of the artifacts
         # holding it: only the user who mounted the store may enter it.
         self._blobs = replace(_fixed(BLOBS_INODE, "blobs", Kind.BLOBS, 0o500, ROOT_INODE, 2, now),
-                              uid=os.geteuid(), gid=os.getegid())
+                              uid=self.owner_uid, gid=os.getegid())
 
     # -- finding nodes --------------------------------------------------------------------
 
@@ -293,23 +303,54 @@ class Vfs:
                     directory.mode & 0o444, directory.uid, directory.gid, directory.mtime_ns,
                     directory.ctime_ns, 1)
 
-    def record_bytes(self, record: Node) -> bytes:
-        """A directory's record, recomputed only when the manifest changed since."""
-        cached = self._records.get(record.parent)
-        if cached is not None and cached[0] == self.manifest.changes:
-            return cached[1]
+    def record_bytes(self, record: Node, caller: Caller | None = None) -> bytes:
+        """A directory's record as `caller` may see it, recomputed only when the manifest
+        changed since."""
         directory = self.node(record.parent)
         execution = self._execution_of(directory)
         assert execution is not None
-        data = build_record(self.manifest, directory, execution)
-        self._records[record.parent] = (self.manifest.changes, data)
+        sharing = self.sees_sharing(caller)
+        key = (record.parent, sharing, self._shows_root(execution, caller))
+        cached = self._records.get(key)
+        if cached is not None and cached[0] == self.manifest.changes:
+            return cached[1]
+        data = build_record(self.manifest, directory, execution, sharing=key[1], root=key[2])
+        self._records[key] = (self.manifest.changes, data)
         while len(self._records) > RECORDS_CACHED:
             self._records.popitem(last=False)
         return data
 
-    def lookup(self, parent: int, raw_name: bytes) -> Attr:
+    def sees_sharing(self, caller: Caller | None) -> bool:
+        """Whether `caller` may learn which contents other artifacts hold as well: refcounts,
+        the unique bytes of records. Those answer "does anyone store this?" about content the
+        caller may be unable to read (write a guess, ask whether it is shared), so only root
+        and the user who mounted — who read every content through blobs/ anyway — get them.
+        None is the daemon itself (and core tests)."""
+        return caller is None or caller.uid in (0, self.owner_uid)
+
+    def _shows_root(self, execution: Node, caller: Caller | None) -> bool:
+        """Whether `caller` may see a sealed run's root hash: a hash over every file's hash,
+        so with the hashes of the files they can read it tests guesses of those they cannot.
+        Shown to whoever may list and read the whole run (they could compute it) and to those
+        who see sharing."""
+        if execution.sealed_ns is None:
+            return False
+        if caller is None or self.sees_sharing(caller):
+            return True
+        # A sealed run does not change (no chmod, no chown, no new file) until it is unsealed,
+        # which changes sealed_ns: the answer holds for as long as the key does.
+        key = (execution.ino, execution.sealed_ns, caller.uid, caller.gid)
+        shown = self._root_readers.get(key)
+        if shown is None:
+            shown = self.manifest.readable_by(execution.ino, caller.uid, caller.gid)
+            self._root_readers[key] = shown
+            while len(self._root_readers) > ROOT_READERS_CACHED:
+                self._root_readers.popitem(last=False)
+        return shown
+
+    def lookup(self, parent: int, raw_name: bytes, caller: Caller | None = None) -> Attr:
         name = _lookup_name(raw_name)
-        return self.attr(self._child(self.node(parent), name))
+        return self.attr(self._child(self.node(parent), name), caller)
 
     def _child(self, parent: Node, name: str) -> Node:
         if not parent.kind.is_dir:
@@ -367,13 +408,13 @@ class Vfs:
             if run is not None and run.sealed_ns is not None:
                 raise ReadOnly(f"runs/{run.name} is sealed")
 
-    def getattr(self, ino: int) -> Attr:
-        return self.attr(self.node(ino))
+    def getattr(self, ino: int, caller: Caller | None = None) -> Attr:
+        return self.attr(self.node(ino), caller)
 
-    def attr(self, node: Node) -> Attr:
+    def attr(self, node: Node, caller: Caller | None = None) -> Attr:
         size, stored, mtime = node.size, node.blob.stored_size if node.blob else 0, node.mtime_ns
-        if node.kind is Kind.RECORD:
-            size = stored = len(self.record_bytes(node))
+        if node.kind is Kind.RECORD:  # the size of the record the caller would read
+            size = stored = len(self.record_bytes(node, caller))
         opened = self._open.get(node.ino)
         if opened is not None:
             node = opened.node if opened.unlinked else node
@@ -663,7 +704,7 @@ class Vfs:
         if writable:
             _refuse_fixed_change(node)
             self._check_unsealed(node)
-        inode = self._open_inode(node)
+        inode = self._open_inode(node, caller)
         handle = self._new_handle(inode, writable, caller)
         # libfuse negotiates atomic O_TRUNC: truncation arrives here, not as setattr(size=0).
         if writable and flags & os.O_TRUNC:
@@ -674,13 +715,16 @@ class Vfs:
                 raise
         return handle.fh
 
-    def _open_inode(self, node: Node) -> OpenInode:
+    def _open_inode(self, node: Node, caller: Caller | None = None) -> OpenInode:
+        if node.kind is Kind.RECORD:
+            # Not shared between opens: each caller reads the record as they may see it.
+            record = OpenInode(node=node, lock=self.runtime.new_lock())
+            record.reader = MemoryReader(self.record_bytes(node, caller))
+            return record
         inode = self._open.get(node.ino)
         if inode is None:
             inode = OpenInode(node=node, lock=self.runtime.new_lock())
-            if node.kind is Kind.RECORD:
-                inode.reader = MemoryReader(self.record_bytes(node))
-            elif node.blob is not None and node.blob.damaged:
+            if node.blob is not None and node.blob.damaged:
                 inode.damaged = True  # opening works (rewriting it heals it); reading fails
             elif node.blob is not None:
                 inode.reader = self.blobs.open(node.blob.digest, node.blob.encoding)
@@ -988,7 +1032,7 @@ class Vfs:
 
     # -- extended attributes --------------------------------------------------------------
 
-    def getxattr(self, ino: int, raw_name: bytes) -> bytes:
+    def getxattr(self, ino: int, raw_name: bytes, caller: Caller | None = None) -> bytes:
         if not raw_name.startswith(b"user."):
             # cafs keeps only user.* attributes. EOPNOTSUPP (not ENODATA) lets tools such as
             # ls remember that for the whole mount instead of asking for security.selinux and
@@ -997,21 +1041,23 @@ class Vfs:
         node = self.node(ino)
         name = _xattr_name(raw_name)
         if name.startswith(XATTR_PREFIX):
-            return self._virtual_xattr(node, name[len(XATTR_PREFIX):])
+            return self._virtual_xattr(node, name[len(XATTR_PREFIX):], caller)
         if _has_tags(node):
             value = self.manifest.tag(ino, name)
             if value is not None:
                 return value
         raise NoAttribute(name)
 
-    def listxattr(self, ino: int) -> list[bytes]:
+    def listxattr(self, ino: int, caller: Caller | None = None) -> list[bytes]:
         node = self.node(ino)
         names = []
         if node.blob is not None:
-            names = [f"{XATTR_PREFIX}{key}" for key in VIRTUAL_XATTRS]
+            sharing = self.sees_sharing(caller)
+            names = [f"{XATTR_PREFIX}{key}" for key in VIRTUAL_XATTRS
+                     if sharing or key not in SHARING_XATTRS]
         if node.kind is Kind.FILE and node.version_id is not None:
             names.append(f"{XATTR_PREFIX}version")
-        if node.kind is Kind.EXECUTION and node.sealed_ns is not None:
+        if node.kind is Kind.EXECUTION and self._shows_root(node, caller):
             names.append(f"{XATTR_PREFIX}root")
         if _has_tags(node):
             names += self.manifest.tag_names(ino)
@@ -1046,16 +1092,22 @@ class Vfs:
             raise NoAttribute(name)
         self.cache.drop(ino)
 
-    def _virtual_xattr(self, node: Node, key: str) -> bytes:
+    def _virtual_xattr(self, node: Node, key: str, caller: Caller | None) -> bytes:
         if key == "version" and node.kind is Kind.FILE and node.version_id is not None:
             return str(node.version_id).encode()
-        if key == "root" and node.kind is Kind.EXECUTION:
+        if key == "root" and node.kind is Kind.EXECUTION and node.sealed_ns is not None:
+            if not self._shows_root(node, caller):
+                raise AccessDenied(f"{XATTR_PREFIX}root is shown only to who may read every "
+                                   "file of the run")
             root = self.manifest.root_of(node.ino)
             if root is not None:
                 return root.encode()
         blob = node.blob
         if blob is None or key not in VIRTUAL_XATTRS:
             raise NoAttribute(f"{XATTR_PREFIX}{key}")
+        if key in SHARING_XATTRS and not self.sees_sharing(caller):
+            raise AccessDenied(f"{XATTR_PREFIX}{key} is shown only to root and the user who "
+                               "mounted the store")
         if key == "refcount":
             return str(self.manifest.refcount(blob.blob_id)).encode()
         value = {"sha256": blob.digest, "size": blob.size, "stored_size": blob.stored_size,
