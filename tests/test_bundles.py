@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from conftest import CAFS, Mount, cafs, require_fuse, unmount_whatever_state
+
+from cafs.errors import CafsError
 
 T0 = 1_700_000_000_000_000_000
 
@@ -494,3 +497,25 @@ def test_a_hostile_bundle_cannot_grow_the_daemon(mount: Mount, case: str) -> Non
     grown = vm_peak_kib(pid) - before
     print(f"{case}: {len(data)} bytes; daemon VmHWM {before} KiB, grew by {grown} KiB")
     assert grown < 64 << 10
+
+
+def test_a_failed_import_spares_content_a_write_in_flight_pins(tmp_path: Path) -> None:
+    """The core, without a mount: a write is publishing content the failing import stored (its
+    digest pinned, no row yet): the clean-up leaves that blob and removes the other."""
+    from test_vfs import Runtime
+
+    from cafs.admin import Admin
+    from cafs.daemon import TrioRuntime
+    from cafs.store import Store
+    from cafs.vfs import Vfs
+
+    opened = Store.open(tmp_path / "store")
+    vfs = Vfs(opened.manifest, opened.blobs, Runtime())
+    pinned, other = b"being published\n" * 100, b"nobody's\n" * 100
+    data = bundle(good_header({"a": pinned, "b": other, "c": OTHER}), [pinned, other, OTHER])
+    vfs._pinned[sha(pinned)] += 1
+    admin = Admin(opened, TrioRuntime(), vfs, mounted=True)
+    with pytest.raises(CafsError, match="truncated"):
+        trio.run(admin.run, "import", {}, [io.BytesIO(data[:data.index(OTHER) + 10])])
+    assert blob_files(opened.root) == {sha(pinned)}
+    opened.close()
