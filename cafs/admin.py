@@ -30,6 +30,7 @@ from cafs.digest import Digest, is_digest
 from cafs.errors import (
     AlreadyExists,
     Busy,
+    CafsError,
     Damaged,
     InvalidArgument,
     NotFound,
@@ -38,6 +39,7 @@ from cafs.errors import (
 from cafs.manifest import Manifest, RepairPlan
 from cafs.model import RUNS_INODE, BlobRef, Kind, Node, StoredBlob, TreeEntry, Version
 from cafs.records import iso_time
+from cafs.rules import DEFAULT_MAX_ARTIFACT_SIZE, new_name
 from cafs.store import Store
 
 T = TypeVar("T")
@@ -114,6 +116,8 @@ class Admin:
     live: Live
     mounted: bool
     progress: Progress = lambda what, done, total: None
+    # What the mount would let one artifact grow to; an import holds its bundle to it too.
+    max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE
 
     @property
     def manifest(self) -> Manifest:
@@ -295,15 +299,27 @@ class Admin:
         about to (a publish may have brought the content back since it was chosen)."""
         removed: set[str] = set()
         for start in range(0, len(digests), DELETE_BATCH):
-            batch = digests[start:start + DELETE_BATCH]
-            needed = self.manifest.known_digests(batch) | self.live.pinned_digests()
-            for digest in batch:
-                if digest in needed:
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    self.blobs.delete(Digest(digest))
-                    removed.add(digest)
+            removed |= self._delete_batch(digests[start:start + DELETE_BATCH])
             await self.runtime.checkpoint()
+        return removed
+
+    def _delete_unreferenced_now(self, digests: list[str]) -> set[str]:
+        """The same in one step, for clean-up after a failure (which may be a cancellation:
+        no await)."""
+        removed: set[str] = set()
+        for start in range(0, len(digests), DELETE_BATCH):
+            removed |= self._delete_batch(digests[start:start + DELETE_BATCH])
+        return removed
+
+    def _delete_batch(self, batch: list[str]) -> set[str]:
+        removed: set[str] = set()
+        needed = self.manifest.known_digests(batch) | self.live.pinned_digests()
+        for digest in batch:
+            if digest in needed:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                self.blobs.delete(Digest(digest))
+                removed.add(digest)
         return removed
 
     # -- repair ---------------------------------------------------------------------------
@@ -388,7 +404,11 @@ class Admin:
                 continue  # its first write is still in progress
             history: tuple[Version, ...] = ()
             if node.kind is Kind.FILE:
-                history = tuple(manifest.history(node.ino, f"{path}/{rel}"))
+                # The current version last (import takes the last as current): a version
+                # published here by an artifact since replaced by a rename can be newer.
+                found = manifest.history(node.ino, f"{path}/{rel}")
+                history = (*(v for v in found if v.version_id != node.version_id),
+                           *(v for v in found if v.version_id == node.version_id))
                 damaged = [v for v in history if v.damaged]
                 if damaged:
                     raise Damaged(f"{path}/{rel}: content {damaged[0].digest} is damaged; "
@@ -419,44 +439,50 @@ class Admin:
     async def import_bundle(self, source: IO[bytes], name: str | None = None
                             ) -> dict[str, Any]:
         manifest = self.manifest
-        reader = await self.runtime.run_in_thread(BundleReader, source)
+        reader = await self.runtime.run_in_thread(BundleReader, source, self.max_artifact_size)
+        header = reader.header
+        name = header.name if name is None else name
         try:
-            header = reader.header
-            name = name or header.name
-            if manifest.resolve(f"runs/{name}") is not None:
-                raise AlreadyExists(f"runs/{name} already exists (choose another with --as)")
-            if header.sealed is not None:
-                artifacts = [(e.rel, e.versions[-1].digest) for e in header.entries
-                             if e.kind is Kind.FILE]
-                if root_hash(artifacts) != header.sealed[1]:
-                    raise InvalidArgument("bundle is inconsistent: its artifacts do not give "
-                                          "its recorded root hash")
-            present: dict[str, StoredBlob] = {}
-            healed: list[int] = []
-            for digest in header.blobs:
-                blob = manifest.blob(Digest(digest))
-                if blob is not None and blob.damaged:
-                    healed.append(blob.blob_id)
-                if blob is not None and not blob.damaged and self.blobs.has(blob.digest):
-                    present[digest] = StoredBlob(blob.digest, blob.size, blob.stored_size,
-                                                 blob.encoding, fresh=False)
+            new_name(name.encode())
+        except (UnicodeEncodeError, CafsError):
+            raise InvalidArgument(f"{name!r} is not a valid execution name") from None
+        if manifest.resolve(f"runs/{name}") is not None:
+            raise AlreadyExists(f"runs/{name} already exists (choose another with --as)")
+        if header.sealed is not None:
+            artifacts = [(e.rel, e.versions[-1].digest) for e in header.entries
+                         if e.kind is Kind.FILE]
+            if root_hash(artifacts) != header.sealed[1]:
+                raise InvalidArgument("bundle is inconsistent: its artifacts do not give "
+                                      "its recorded root hash")
+        present: dict[str, StoredBlob] = {}
+        healed: list[int] = []
+        for digest in header.blobs:
+            blob = manifest.blob(Digest(digest))
+            if blob is not None and blob.damaged:
+                healed.append(blob.blob_id)
+            if blob is not None and not blob.damaged and self.blobs.has(blob.digest):
+                present[digest] = StoredBlob(blob.digest, blob.size, blob.stored_size,
+                                             blob.encoding, fresh=False)
 
-            def progress(done: int, total: int) -> None:
-                self.progress("importing", done, total)
+        def progress(done: int, total: int) -> None:
+            self.progress("importing", done, total)
 
-            wanted = set(header.blobs) - present.keys()
-            added = await self.runtime.run_in_thread(reader.store_blobs, wanted, self.blobs,
-                                                     progress)
-        finally:
-            reader.close()
+        wanted = set(header.blobs) - present.keys()
+        added: dict[str, StoredBlob] = {}
         entries = [replace(entry, versions=tuple(
             replace(v, path=f"runs/{name}/{v.path or entry.rel}") for v in entry.versions))
             for entry in header.entries]
         try:
+            await self.runtime.run_in_thread(reader.store_blobs, wanted, self.blobs, progress,
+                                             added)
             manifest.add_tree(name, header.top, entries, {**present, **added}, header.sealed,
                               time.time_ns())
         except BaseException:
-            await self._delete_unreferenced(list(added))
+            # Only what nothing uses: while the blobs streamed in, artifacts written through
+            # the mount may have come to hold the same content (a row names it now), or be
+            # publishing it (pinned); and a blob the store had lost, written again here,
+            # stays for the rows that name it.
+            self._delete_unreferenced_now(list(added))
             raise
         self.live.nodes_changed([RUNS_INODE, *manifest.nodes_holding_blobs(healed)])
         return {"path": f"runs/{name}", "artifacts": sum(e.kind is Kind.FILE for e in entries),

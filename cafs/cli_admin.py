@@ -33,11 +33,13 @@ from cafs.cli_common import (
     settings_from,
     store_option,
 )
+from cafs.config import Settings
 from cafs.control import call
 from cafs.daemon import TrioRuntime
 from cafs.digest import Digest
 from cafs.errors import CafsError, StoreBusy, StoreError
 from cafs.fsck import fsck as check_store
+from cafs.rules import DEFAULT_MAX_ARTIFACT_SIZE
 from cafs.store import (
     MANIFEST_NAME,
     Store,
@@ -100,9 +102,11 @@ class TerminalProgress:
 
 
 def run_admin(root: Path, command: str, args: dict[str, Any],
-              files: list[IO[bytes]] | None = None) -> dict[str, Any]:
-    """Run an admin command where it must run: in the daemon if one serves the store, else
-    here under the store's lock. Failures exit with a message (1; 3 for the store)."""
+              files: list[IO[bytes]] | None = None, settings: Settings | None = None
+              ) -> dict[str, Any]:
+    """Run an admin command where it must run: in the daemon if one serves the store (with
+    the daemon's settings), else here under the store's lock (with `settings`). Failures exit
+    with a message (1; 3 for the store)."""
     files = files or []
     progress = TerminalProgress()
     try:
@@ -122,7 +126,8 @@ def run_admin(root: Path, command: str, args: dict[str, Any],
                         raise StoreBusy(f"store {root} is in use ({holder})")
                     return call(root, command, args, [f.fileno() for f in files], progress)
                 try:
-                    return _run_here(root, command, args, files, progress)
+                    return _run_here(root, command, args, files, progress,
+                                     settings or Settings())
                 except StoreBusy:  # a daemon started meanwhile: ask it instead
                     continue
                 except OSError as exc:
@@ -133,10 +138,11 @@ def run_admin(root: Path, command: str, args: dict[str, Any],
 
 
 def _run_here(root: Path, command: str, args: dict[str, Any], files: list[IO[bytes]],
-              progress: TerminalProgress) -> dict[str, Any]:
+              progress: TerminalProgress, settings: Settings) -> dict[str, Any]:
     opened = Store.open(root, lock=True, owner=f"running cafs {command}")
     try:
-        admin = Admin(opened, TrioRuntime(), NotMounted(), mounted=False, progress=progress)
+        admin = Admin(opened, TrioRuntime(), NotMounted(), mounted=False, progress=progress,
+                      max_artifact_size=settings.max_artifact_size or DEFAULT_MAX_ARTIFACT_SIZE)
         return trio.run(admin.run, command, args, files)
     finally:
         opened.close()
@@ -453,7 +459,8 @@ def import_(store: Path | None, config: Path | None, name: str | None, bundle: s
 
     Example: cafs import e1.cafs.tar --as e1-copy
     """
-    root = store_root(store, config)
+    settings = settings_from(config)
+    root = resolve_store(store, settings)
     if name is not None and ("/" in name or name in ("", ".", "..")):
         raise click.UsageError(f"--as {name!r}: not a valid execution name")
     try:
@@ -461,7 +468,7 @@ def import_(store: Path | None, config: Path | None, name: str | None, bundle: s
     except OSError as exc:
         fail(f"cannot read {bundle}: {exc.strerror}", EXIT_FAILED)
     with source:
-        result = run_admin(root, "import", {"name": name}, [source])
+        result = run_admin(root, "import", {"name": name}, [source], settings)
     click.echo(f"imported {result['path']}: {result['artifacts']} artifacts; "
                f"{result['blobs_added']} new blobs, {result['blobs_present']} already stored")
 

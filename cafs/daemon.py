@@ -237,7 +237,8 @@ async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Stor
                      kernel: PyfuseKernel) -> None:
     async def run_admin(command: str, args: dict[str, Any], files: list[IO[bytes]],
                         progress: Callable[[str, int, int], None]) -> dict[str, Any]:
-        admin = Admin(store, TrioRuntime(), vfs, mounted=True, progress=progress)
+        admin = Admin(store, TrioRuntime(), vfs, mounted=True, progress=progress,
+                      max_artifact_size=vfs.max_artifact_size)
         return await admin.run(command, args, files)
 
     async with trio.open_nursery() as nursery:

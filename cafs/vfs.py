@@ -21,7 +21,6 @@ import errno
 import logging
 import mimetypes
 import os
-import stat
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -35,7 +34,6 @@ from cafs.errors import (
     AccessDenied,
     AlreadyExists,
     BadHandle,
-    BadName,
     CafsError,
     Damaged,
     FileTooBig,
@@ -70,6 +68,12 @@ from cafs.model import (
     StoredBlob,
 )
 from cafs.records import build_record
+from cafs.rules import (  # shared with bundle imports: they must accept no more than we do
+    DEFAULT_MAX_ARTIFACT_SIZE,
+    tag_space_left,
+)
+from cafs.rules import file_mode as _file_mode
+from cafs.rules import new_name as _new_name
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -77,14 +81,7 @@ log = logging.getLogger(__name__)
 # Heavy work on more than this many bytes goes to a worker thread; below it, the thread hop
 # costs more than the work (measured: offloading every 128 KiB step halved read throughput).
 OFFLOAD_BYTES = 1 << 20
-# Refuses what is surely a mistake (truncate -s 1T would make the daemon hash a terabyte of
-# zeros); raise it with max_artifact_size for larger artifacts.
-DEFAULT_MAX_ARTIFACT_SIZE = 256 << 30
 DEFAULT_MAX_OPEN_FILES = 10_000
-# User tags per artifact or directory, like ext4's per-inode xattr space (ENOSPC beyond): the
-# names must fit listxattr's 64 KiB buffer with the user.cafs.* names, the values 1 MiB.
-TAG_NAMES_BYTES = 60 * 1024
-TAG_VALUES_BYTES = 1 << 20
 # About what one new row (a name, a version, a tag without its bytes) adds to the manifest's
 # files: WAL frames of the pages it touches. Charged to the part of the reserve that growth of
 # the manifest may use (SpaceGuard.take_metadata), so a user filling the disk with empty files,
@@ -1073,8 +1070,7 @@ class Vfs:
         if name.startswith(XATTR_PREFIX):
             raise NotPermitted(f"{name} is read-only")
         names_bytes, values_bytes = self.manifest.tag_usage(ino, excluding=name)
-        if (names_bytes + len(raw_name) + 1 > TAG_NAMES_BYTES
-                or values_bytes + len(value) > TAG_VALUES_BYTES):
+        if not tag_space_left(names_bytes + len(raw_name) + 1, values_bytes + len(value)):
             raise OutOfSpace(f"no room for more tags on {node.name}")
         # The value is stored twice: in the row and in the (name, value) index of find --tag.
         self.blobs.space.take_metadata(ROW_COST + 2 * (len(raw_name) + len(value)))
@@ -1151,11 +1147,6 @@ def _refuse_fixed_change(node: Node) -> None:
         raise NotPermitted("the mount's fixed layout cannot change")
 
 
-def _file_mode(mode: int) -> int:
-    # Artifacts are data: no setuid/setgid bits, whoever asks (the mount is nosuid as well).
-    return mode & 0o7777 & ~(stat.S_ISUID | stat.S_ISGID)
-
-
 def _lookup_name(raw: bytes) -> str:
     if len(raw) > MAX_NAME_BYTES:
         raise NameTooLong()
@@ -1163,17 +1154,6 @@ def _lookup_name(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise NotFound("no such name") from None  # only UTF-8 names can exist
-
-
-def _new_name(raw: bytes) -> str:
-    if len(raw) > MAX_NAME_BYTES:
-        raise NameTooLong(f"names are at most {MAX_NAME_BYTES} bytes")
-    if not raw or b"/" in raw or b"\0" in raw or raw in (b".", b".."):
-        raise InvalidArgument("invalid name")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadName("names must be valid UTF-8") from None
 
 
 def _xattr_name(raw: bytes) -> str:

@@ -134,6 +134,6 @@ def test_a_bundle_missing_a_blob_stores_nothing(opened: Store) -> None:
     buffer.seek(0)
     reader = BundleReader(buffer)
     with pytest.raises(BadBundle, match="incomplete"):
-        reader.store_blobs({sha(data)}, opened.blobs, lambda done, total: None)
+        reader.store_blobs({sha(data)}, opened.blobs, lambda done, total: None, {})
     assert list(opened.blobs.iter_digests()) == []
     assert os.listdir(opened.blobs.tmp_dir) == []

@@ -1,0 +1,521 @@
+"""Bundles from strangers: a failed import never costs content anyone uses, and a hostile
+bundle is refused whole — one clear line, exit code 1, no traceback, nothing imported, the
+store fsck-clean — through the daemon (mounted) and under the store's lock (unmounted).
+
+Every hostile bundle here is built in Python, byte for byte, next to the good one it spoils."""
+
+from __future__ import annotations
+
+import base64
+import bz2
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import stat
+import subprocess
+import tarfile
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from conftest import CAFS, Mount, cafs, require_fuse, unmount_whatever_state
+
+from cafs.errors import CafsError
+
+T0 = 1_700_000_000_000_000_000
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- building bundles ---------------------------------------------------------------------
+
+
+def version(content: bytes, **extra: Any) -> dict[str, Any]:
+    return {"sha256": sha(content), "size": len(content), "mode": 0o644, "uid": 0, "gid": 0,
+            "mtime_ns": T0, "ctime_ns": T0, "content_type": None, "created_ns": T0,
+            "replaced_ns": None, "published_at": "", **extra}
+
+
+def entry(path: str, kind: str, **extra: Any) -> dict[str, Any]:
+    return {"path": path, "kind": kind, "mode": 0o755 if kind != "file" else 0o644,
+            "uid": 0, "gid": 0, "mtime_ns": T0, "ctime_ns": T0, "tags": {}, **extra}
+
+
+def tags(**values: bytes) -> dict[str, str]:
+    return {f"user.{name}": base64.b64encode(value).decode() for name, value in values.items()}
+
+
+def good_header(contents: dict[str, bytes], name: str = "e1") -> dict[str, Any]:
+    """A header as export writes it: runs/<name>/train/<file> for each content."""
+    entries = [entry("train", "layer")]
+    for leaf, data in contents.items():
+        entries.append(entry(f"train/{leaf}", "file", versions=[version(data)]))
+    blobs = {sha(data): len(data) for data in contents.values()}
+    return {"format": "cafs-bundle", "format_version": 1, "exported_ns": T0,
+            "execution": {**entry("", "execution"), "name": name, "sealed_ns": None,
+                          "root_sha256": None},
+            "entries": entries,
+            "blobs": [{"sha256": digest, "size": size} for digest, size in sorted(blobs.items())]}
+
+
+def member(name: str, data: bytes, **fields: Any) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o444, T0 // 10**9
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info, data
+
+
+def tar_bytes(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    return out.getvalue()
+
+
+def bundle_members(header: dict[str, Any] | bytes, blobs: list[bytes]
+                   ) -> list[tuple[tarfile.TarInfo, bytes]]:
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return [member("cafs-bundle.json", text),
+            *[member(f"blobs/{sha(data)}", data) for data in blobs]]
+
+
+def bundle(header: dict[str, Any] | bytes, blobs: list[bytes]) -> bytes:
+    return tar_bytes(bundle_members(header, blobs))
+
+
+# -- running imports ----------------------------------------------------------------------
+
+
+def run_import(store: Path, data: bytes, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*CAFS, "import", "--store", str(store), "-", *args], input=data,
+                          capture_output=True, timeout=300)
+
+
+def blob_files(store: Path) -> set[str]:
+    return {path.name for path in (store / "blobs").glob("??/*")}
+
+
+def refused(store: Path, data: bytes, message: str, *args: str) -> str:
+    """Import `data`; it must be refused with `message` and leave the store as it was."""
+    before = blob_files(store)
+    runs_before = set(os.listdir(store.parent / "mnt" / "runs")) if mounted(store) else None
+    result = run_import(store, data, *args)
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 1, (result.returncode, stderr)
+    assert "Traceback" not in stderr and stderr.startswith("cafs: "), stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert message in stderr, stderr
+    assert blob_files(store) == before  # not one blob of it stays
+    if runs_before is not None:
+        assert set(os.listdir(store.parent / "mnt" / "runs")) == runs_before
+    return stderr  # (the fixture's fsck --full at the end finds nothing, orphans included)
+
+
+def mounted(store: Path) -> bool:
+    return (store.parent / "mnt" / "runs").exists()
+
+
+@pytest.fixture(scope="module", params=["mounted", "unmounted"])
+def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Mount]:
+    """A store with one artifact, imported into through the daemon or under the lock. One per
+    module: every refused import must leave it exactly as it was, so the cases share it."""
+    require_fuse()
+    root = tmp_path_factory.mktemp(f"target-{request.param}")
+    (root / "mnt").mkdir()
+    store = Mount(root / "store", root / "mnt")
+    try:
+        store.start()
+        (store.layer("e0") / "kept.bin").write_bytes(b"already here\n")
+        if request.param == "unmounted":
+            store.stop()
+        yield store
+    finally:
+        unmount_whatever_state(store.mountpoint)
+    assert not store.log_problems()
+    check = store.fsck("--full")
+    assert check.returncode == 0 and "orphan" not in check.stdout, check.stdout
+
+
+# -- finding 2: a failed import deletes only what nothing uses ----------------------------
+
+
+def test_a_failed_import_leaves_content_written_meanwhile(mount: Mount) -> None:
+    """A bundle cut short, imported (through the daemon) while someone writes, through the
+    mount, content the bundle also holds: the writer's artifact stays readable."""
+    shared = os.urandom(300_000)
+    rest = os.urandom(2_000_000)
+    data = bundle(good_header({"shared.bin": shared, "rest.bin": rest}), [shared, rest])
+    cut = data.index(rest[:64]) + 500_000  # inside the second blob
+    layer = mount.layer("e5")
+    proc = subprocess.Popen([*CAFS, "import", "--store", str(mount.store), "-"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(data[:cut])
+    proc.stdin.flush()
+    blob = mount.store / "blobs" / sha(shared)[:2] / sha(shared)
+    deadline = time.monotonic() + 30
+    while not blob.exists():  # the import stored the shared content and waits for the rest
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    (layer / "victim").write_bytes(shared)  # close() succeeds: published, by dedup
+    proc.stdin.close()  # the bundle ends here: the import fails
+    assert proc.wait(timeout=60) is not None and proc.stderr is not None
+    err = proc.stderr.read()
+    assert (layer / "victim").read_bytes() == shared
+    assert proc.returncode == 1 and b"Traceback" not in err, err
+    assert b"truncated" in err, err
+    assert not (mount.runs / "e1").exists()
+    check = mount.fsck("--full")
+    assert check.returncode == 0 and "orphan" not in check.stdout, check.stdout
+
+
+def test_a_failed_unmounted_import_keeps_content_the_manifest_names(unstarted_mount: Mount
+                                                                      ) -> None:
+    """Unmounted: an artifact whose blob file went missing, and a truncated bundle holding
+    that content. The import writes the blob again and then fails; the blob stays (a row
+    names it), every other blob it stored goes."""
+    mount = unstarted_mount
+    mount.start()
+    shared, other = os.urandom(100_000), os.urandom(400_000)
+    (mount.layer("e0") / "victim").write_bytes(shared)
+    mount.stop()
+    os.unlink(mount.store / "blobs" / sha(shared)[:2] / sha(shared))
+    assert f"blob {sha(shared)}: missing" in mount.fsck().stdout
+    data = bundle(good_header({"a": shared, "b": other, "c": b"x" * 300_000}),
+                  [shared, other, b"x" * 300_000])
+    cut = data.index(b"x" * 1000) + 1000  # inside the last blob
+    result = run_import(mount.store, data[:cut])
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in stderr, stderr
+    assert "truncated" in stderr, stderr
+    assert blob_files(mount.store) == {sha(shared)}  # healed; `other` is gone again
+    check = mount.fsck("--full")
+    assert check.returncode == 0 and "orphan" not in check.stdout, check.stdout
+    mount.start()
+    assert (mount.runs / "e0" / "train" / "victim").read_bytes() == shared
+    mount.stop()
+    assert not mount.log_problems()
+
+
+# -- finding 10 and the rest: hostile bundles are refused whole ---------------------------
+
+GOOD = b"good content\n" * 100
+OTHER = b"other content\n" * 50
+
+
+def good() -> dict[str, Any]:
+    return good_header({"a.txt": GOOD, "b.txt": OTHER})
+
+
+def with_header(change: Callable[[dict[str, Any]], object]) -> bytes:
+    header = good()
+    change(header)
+    return bundle(header, [GOOD, OTHER])
+
+
+def file_entry(header: dict[str, Any]) -> dict[str, Any]:
+    return header["entries"][1]
+
+
+def special(name: str, kind: bytes, **fields: Any) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type, info.mtime = kind, T0 // 10**9
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info, b""
+
+
+def raw_header_block(name: str, kind: bytes, size: int) -> bytes:
+    """One ustar header block claiming `size` bytes, with nothing after it."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, size
+    return info.tobuf(tarfile.USTAR_FORMAT)
+
+
+def after_header(*extra: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    members = bundle_members(good(), [GOOD, OTHER])
+    return tar_bytes([members[0], *extra, *members[1:]])
+
+
+def many_junk_members() -> bytes:
+    members = bundle_members(good(), [GOOD, OTHER])
+    junk = [member(f"junk/{i}", b"") for i in range(5000)]
+    return tar_bytes([members[0], *junk, *members[1:]])
+
+
+def nested(depth: int) -> bytes:
+    text = json.dumps(good())[:-1] + ', "x": ' + "[" * depth + "]" * depth + "}"
+    return bundle(text.encode(), [GOOD, OTHER])
+
+
+def many_values(count: int) -> bytes:
+    text = json.dumps(good())[:-1] + ', "x": [' + "{}," * count + "{}]}"
+    return bundle(text.encode(), [GOOD, OTHER])
+
+
+def duplicate_keys() -> bytes:
+    text = json.dumps(good())
+    return bundle(text.replace('"format": "cafs-bundle"',
+                               '"format": "cafs-bundle", "format": "cafs-bundle"').encode(),
+                  [GOOD, OTHER])
+
+
+def damaged_blob() -> bytes:
+    members = bundle_members(good(), [GOOD])
+    return tar_bytes([*members, member(f"blobs/{sha(OTHER)}", OTHER[:-1] + b"?")])
+
+
+def truncated() -> bytes:
+    data = bundle(good(), [GOOD, OTHER])
+    return data[:data.index(OTHER) + 100]
+
+
+def swap_size() -> bytes:
+    """A blob member larger than the header declares."""
+    members = bundle_members(good(), [GOOD])
+    return tar_bytes([*members, member(f"blobs/{sha(OTHER)}", OTHER + b"more")])
+
+
+def set_tags(**values: bytes) -> Callable[[dict[str, Any]], object]:
+    return lambda h: file_entry(h).update(tags=tags(**values))
+
+
+def set_version(**fields: Any) -> Callable[[dict[str, Any]], object]:
+    return lambda h: file_entry(h)["versions"][0].update(fields)
+
+
+HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
+    # what export never writes
+    "gzip": (lambda: gzip.compress(bundle(good(), [GOOD, OTHER])), "gzip-compressed"),
+    "bzip2": (lambda: bz2.compress(bundle(good(), [GOOD, OTHER])), "bzip2-compressed"),
+    "xz": (lambda: lzma.compress(bundle(good(), [GOOD, OTHER])), "xz-compressed"),
+    "huge header": (lambda: raw_header_block("cafs-bundle.json", tarfile.REGTYPE, 1 << 30),
+                    "bundle header is 1073741824 bytes"),
+    "huge pax header": (lambda: raw_header_block("pax", tarfile.XHDTYPE, 1 << 30),
+                        "extended header"),
+    "too many JSON values": (lambda: many_values(2_100_000), "JSON values"),
+    "JSON nested deeply": (lambda: nested(200_000), "nested too deeply"),
+    "duplicate JSON keys": (duplicate_keys, "appears twice"),
+    "symlink member": (lambda: after_header(special("blobs/x", tarfile.SYMTYPE,
+                                                    linkname="/etc/passwd")), "symbolic link"),
+    "hard link member": (lambda: after_header(special("blobs/x", tarfile.LNKTYPE,
+                                                      linkname="cafs-bundle.json")),
+                         "hard link"),
+    "device member": (lambda: after_header(special("blobs/x", tarfile.CHRTYPE, devmajor=1,
+                                                   devminor=3)), "character device"),
+    "directory member": (lambda: after_header(special("blobs", tarfile.DIRTYPE)),
+                         "directory"),
+    "GNU long name": (lambda: after_header(special("././@LongLink", tarfile.GNUTYPE_LONGNAME)),
+                      "GNU long name"),
+    "path trick": (lambda: after_header(member("blobs/../../etc/cron.d/x", b"* * * * *")),
+                   "is not one of the blobs"),
+    "absolute member": (lambda: after_header(member("/etc/passwd", b"root")),
+                        "is not one of the blobs"),
+    "5000 junk members": (many_junk_members, "is not one of the blobs"),
+    "header not first": (lambda: tar_bytes(bundle_members(good(), [GOOD, OTHER])[::-1]),
+                         "first member"),
+    "blob twice": (lambda: bundle(good(), [GOOD, GOOD, OTHER]), "twice"),
+    "member after the blobs": (lambda: tar_bytes([*bundle_members(good(), [GOOD, OTHER]),
+                                                  member("extra", b"x")]),
+                               "follows the last blob"),
+    "member larger than declared": (swap_size, "the header says"),
+    "digest mismatch": (damaged_blob, "hash to"),
+    "truncated": (truncated, "truncated"),
+    "missing blob": (lambda: bundle(good(), [GOOD]), "incomplete"),
+    "blob listed twice": (lambda: with_header(lambda h: h["blobs"].append(h["blobs"][0])),
+                          "twice"),
+    "blob nothing uses": (lambda: bundle({**good(), "blobs": [
+        *good()["blobs"], {"sha256": sha(b"z"), "size": 1}]}, [GOOD, OTHER, b"z"]),
+        "no version uses"),
+    # tags beyond what setxattr through the mount takes
+    "tag value over 64 KiB": (lambda: with_header(set_tags(big=b"v" * (2 << 20))),
+                              "values are at most 65536"),
+    "tag values over 1 MiB": (lambda: with_header(set_tags(
+        **{f"t{i}": b"v" * 65536 for i in range(17)})), "1048576"),
+    "tag names over 60 KiB": (lambda: with_header(set_tags(
+        **{f"{i:03}" + "n" * 240: b"" for i in range(260)})), "61440"),
+    "tag name over 255 bytes": (lambda: with_header(set_tags(**{"n" * 300: b"v"})),
+                                "at most 255"),
+    "read-only tag": (lambda: with_header(lambda h: file_entry(h).update(
+        tags={"user.cafs.sha256": base64.b64encode(b"0" * 64).decode()})), "read-only"),
+    "trusted tag": (lambda: with_header(lambda h: file_entry(h).update(
+        tags={"trusted.x": base64.b64encode(b"v").decode()})), "not a user tag"),
+    # names, placement, modes, ids and times as the mount takes them
+    "name over 255 bytes": (lambda: with_header(
+        lambda h: file_entry(h).update(path="train/" + "n" * 256)), "at most 255 bytes"),
+    "name not UTF-8": (lambda: with_header(
+        lambda h: file_entry(h).update(path="train/\udcff")), "not UTF-8"),
+    "execution name with /": (lambda: with_header(
+        lambda h: h["execution"].update(name="a/b")), "bad name"),
+    "dot-dot": (lambda: with_header(lambda h: file_entry(h).update(path="train/..")),
+                "bad name"),
+    "empty component": (lambda: with_header(lambda h: file_entry(h).update(path="train//x")),
+                        "bad name"),
+    "file in an execution": (lambda: with_header(
+        lambda h: file_entry(h).update(path="a.txt")), "cannot be in"),
+    "reserved name": (lambda: with_header(
+        lambda h: file_entry(h).update(path="train/.record.json")), "reserved"),
+    "mode with a file type": (lambda: with_header(
+        lambda h: file_entry(h).update(mode=0o100644)), "mode"),
+    "uid -1": (lambda: with_header(lambda h: file_entry(h).update(uid=-1)), "uid"),
+    "uid over 32 bits": (lambda: with_header(set_version(gid=1 << 40)), "gid"),
+    "time over 64 bits": (lambda: with_header(set_version(mtime_ns=1 << 64)), "mtime_ns"),
+    "time as a float": (lambda: with_header(lambda h: file_entry(h).update(ctime_ns=1.5)),
+                        "ctime_ns"),
+    "time as a boolean": (lambda: with_header(set_version(created_ns=True)), "created_ns"),
+    "size that lies": (lambda: with_header(set_version(size=5)), "not in the bundle"),
+    # history that would turn gc against the current version
+    "current version says replaced": (lambda: with_header(set_version(replaced_ns=T0)),
+                                      "says it was replaced"),
+    "published outside a layer": (lambda: with_header(set_version(published_at="x")),
+                                  "not in a layer"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_bundles_are_refused_whole(target: Mount, case: str) -> None:
+    build, message = HOSTILE[case]
+    refused(target.store, build(), message)
+
+
+def test_the_good_bundle_these_are_made_from_imports(target: Mount) -> None:
+    """(Last: it changes the shared store.)"""
+    result = run_import(target.store, bundle(good(), [GOOD, OTHER]), "--as", "good")
+    assert result.returncode == 0, result.stderr
+    assert b"imported runs/good: 2 artifacts" in result.stdout
+    was_mounted = mounted(target.store)
+    if not was_mounted:
+        target.start()
+    assert (target.runs / "good" / "train" / "a.txt").read_bytes() == GOOD
+    assert (target.runs / "good" / "train" / "b.txt").read_bytes() == OTHER
+    if not was_mounted:
+        target.stop()
+
+
+def test_sizes_are_held_to_the_stores_maximum(unstarted_mount: Mount, tmp_path: Path) -> None:
+    """A 1 MiB maximum (mount option, or the configuration file when unmounted) refuses a
+    bundle holding a 2 MiB content, through the daemon and under the lock alike."""
+    big = b"b" * (2 << 20)
+    data = bundle(good_header({"big.bin": big}), [big])
+    unstarted_mount.options = ("max_artifact_size=1048576",)
+    unstarted_mount.start()
+    refused(unstarted_mount.store, data, "over this store's maximum artifact size (1048576)")
+    unstarted_mount.stop()
+    config = tmp_path / "cafs.toml"
+    config.write_text("max_artifact_size = 1048576\n")
+    refused(unstarted_mount.store, data, "maximum artifact size", "--config", str(config))
+    assert run_import(unstarted_mount.store, data).returncode == 0  # the default: 256 GiB
+    assert not unstarted_mount.log_problems()
+
+
+def test_imported_history_cannot_turn_gc_against_the_current_version(mount: Mount) -> None:
+    """History as export writes it for a path an artifact was renamed onto (earlier versions
+    without replaced_ns); modes with setuid. What gc trusts is derived: `gc --keep-versions 0`
+    drops the old versions and keeps every current one; setuid is dropped as chmod drops it."""
+    old, new = b"old\n", b"new\n"
+    header = good_header({"model.bin": new, "run.sh": b"#!/bin/sh\n"})
+    model = file_entry(header)
+    model["versions"] = [version(old, created_ns=T0 - 10), version(old, created_ns=T0 - 5),
+                         version(new, mode=0o6755)]
+    model["mode"] = 0o4755
+    header["blobs"].append({"sha256": sha(old), "size": len(old)})
+    result = run_import(mount.store, bundle(header, [new, b"#!/bin/sh\n", old]))
+    assert result.returncode == 0, result.stderr
+    path = mount.runs / "e1" / "train" / "model.bin"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    log = json.loads(cafs("log", "--json", str(path)).stdout)["versions"]
+    assert [v["sha256"] for v in log] == [sha(old), sha(old), sha(new)]
+    assert [v["current"] for v in log] == [False, False, True] and log[-1]["mode"] == "755"
+    assert [v["replaced"] is not None for v in log] == [True, True, False]
+    gc = json.loads(cafs("gc", "--store", str(mount.store), "--keep-versions", "0",
+                         "--json").stdout)
+    assert gc["versions_removed"] == 2 and gc["blobs"] == [sha(old)]
+    assert path.read_bytes() == new
+    assert (mount.runs / "e1" / "train" / "run.sh").read_bytes() == b"#!/bin/sh\n"
+
+
+def test_export_puts_the_current_version_last(mount: Mount, tmp_path: Path) -> None:
+    """A file renamed over one that was published later: the path's history is ordered by
+    publish, so the current version is not the newest; the imported run must hold the same
+    current content."""
+    layer = mount.layer()
+    (layer / "p").write_bytes(b"p1\n")
+    (layer / "q").write_bytes(b"q1\n")
+    (layer / "p").write_bytes(b"p2\n")
+    os.rename(layer / "q", layer / "p")
+    bundle_path = tmp_path / "e1.tar"
+    cafs("export", str(mount.runs / "e1"), "-o", str(bundle_path))
+    cafs("import", "--store", str(mount.store), str(bundle_path), "--as", "copy")
+    assert (mount.runs / "copy" / "train" / "p").read_bytes() == b"q1\n"
+    assert json.loads(cafs("log", "--json", str(mount.runs / "copy" / "train" / "p")).stdout
+                      )["versions"][-1]["sha256"] == sha(b"q1\n")
+
+
+def vm_peak_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+def gzip_bomb(header_bytes: int) -> bytes:
+    """A gzip bundle whose first member, a header of `header_bytes` spaces, unpacks from a
+    few hundred KB: tar's transparent decompression would read it all into the daemon."""
+    info = tarfile.TarInfo("cafs-bundle.json")
+    info.size = header_bytes
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    parts = [compressor.compress(info.tobuf(tarfile.PAX_FORMAT))]
+    spaces = b" " * (1 << 20)
+    for _ in range(header_bytes >> 20):
+        parts.append(compressor.compress(spaces))
+    return b"".join(parts) + compressor.flush()
+
+
+@pytest.mark.parametrize("case", ["gzip bomb", "32 MiB header of empty objects"])
+def test_a_hostile_bundle_cannot_grow_the_daemon(mount: Mount, case: str) -> None:
+    """The daemon's peak RSS (VmHWM) grows by less than 64 MiB importing either: a 256 MiB
+    header gzipped to 250 KB (refused at its first bytes), or the largest header accepted
+    for reading, 32 MiB, made of empty JSON objects (refused before it is parsed)."""
+    if case == "gzip bomb":
+        data, message = gzip_bomb(256 << 20), "gzip-compressed"
+    else:
+        text = b'{"x":[' + b"{}," * ((32 << 20) // 3 - 4) + b"{}]}"
+        data, message = bundle(text, []), "JSON values"
+    pid = mount.daemon_pid()
+    before = vm_peak_kib(pid)
+    refused(mount.store, data, message)
+    grown = vm_peak_kib(pid) - before
+    print(f"{case}: {len(data)} bytes; daemon VmHWM {before} KiB, grew by {grown} KiB")
+    assert grown < 64 << 10
+
+
+def test_a_failed_import_spares_content_a_write_in_flight_pins(tmp_path: Path) -> None:
+    """The core, without a mount: a write is publishing content the failing import stored (its
+    digest pinned, no row yet): the clean-up leaves that blob and removes the other."""
+    from test_vfs import Runtime
+
+    from cafs.admin import Admin
+    from cafs.daemon import TrioRuntime
+    from cafs.store import Store
+    from cafs.vfs import Vfs
+
+    opened = Store.open(tmp_path / "store")
+    vfs = Vfs(opened.manifest, opened.blobs, Runtime())
+    pinned, other = b"being published\n" * 100, b"nobody's\n" * 100
+    data = bundle(good_header({"a": pinned, "b": other, "c": OTHER}), [pinned, other, OTHER])
+    vfs._pinned[sha(pinned)] += 1
+    admin = Admin(opened, TrioRuntime(), vfs, mounted=True)
+    with pytest.raises(CafsError, match="truncated"):
+        trio.run(admin.run, "import", {}, [io.BytesIO(data[:data.index(OTHER) + 10])])
+    assert blob_files(opened.root) == {sha(pinned)}
+    opened.close()
