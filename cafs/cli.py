@@ -57,8 +57,8 @@ def cli() -> None:
 @config_option
 @click.option("-o", "options", multiple=True, metavar="OPTS",
               help="Mount options, comma-separated: allow_other, compression=N, "
-                   "max_artifact_size=BYTES, max_open_files=N; generic fstab options are "
-                   "ignored.")
+                   "max_artifact_size=BYTES, max_open_files=N (descriptors: 2 per file open "
+                   "for writing); generic fstab options are ignored.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached; log to stderr.")
 @click.option("--debug", is_flag=True, help="Log every request (very verbose).")
 @click.option("--ready-fd", type=int, default=None, hidden=True)
