@@ -18,6 +18,7 @@ import click
 
 from cafs import cli_admin, crashpoints
 from cafs.cli_common import (
+    EXIT_FAILED,
     EXIT_MOUNT,
     EXIT_USAGE,
     config_option,
@@ -248,4 +249,7 @@ def helper_form(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    cli(args=helper_form(sys.argv[1:]), prog_name="cafs")
+    # The one place where any failure, of a command or of click's own output (--help into a
+    # full disk), becomes one line and an exit code.
+    with errors_as_exit_codes(EXIT_FAILED):
+        cli(args=helper_form(sys.argv[1:]), prog_name="cafs")

@@ -31,6 +31,7 @@ from cafs.cli_common import (
     open_store,
     resolve_store,
     settings_from,
+    stdout_bytes,
     store_option,
 )
 from cafs.control import call
@@ -38,7 +39,7 @@ from cafs.daemon import TrioRuntime
 from cafs.digest import Digest
 from cafs.errors import CafsError, StoreBusy, StoreError
 from cafs.fsck import fsck as check_store
-from cafs.store import MANIFEST_NAME, Store, is_locked, lock_holder_text
+from cafs.store import MANIFEST_NAME, Store, is_locked, lock_holder_text, prepare_store_dir
 
 # -- where a PATH argument lives ----------------------------------------------------------
 
@@ -99,6 +100,7 @@ def run_admin(root: Path, command: str, args: dict[str, Any],
     progress = TerminalProgress()
     try:
         with errors_as_exit_codes(command_failure=EXIT_FAILED):
+            prepare_store_dir(root, create=False)  # missing, not ours, not a directory
             if not (root / MANIFEST_NAME).exists():
                 raise StoreError(f"no store at {root}")
             for _ in range(3):
@@ -182,7 +184,7 @@ def cat(store: Path | None, config: Path | None, path: str) -> None:
     root, rel = locate(path, store, config)
     found = run_admin(root, "version", {"path": rel, "version": version})
     with errors_as_exit_codes(command_failure=EXIT_FAILED):
-        _copy_blob(root, found, sys.stdout.buffer)
+        _copy_blob(root, found, stdout_bytes())
 
 
 def _copy_blob(root: Path, found: dict[str, Any], out: IO[bytes]) -> None:
@@ -382,9 +384,10 @@ def export(store: Path | None, config: Path | None, output: str, path: str) -> N
     """
     root, rel = locate(path, store, config)
     if output == "-":
-        if sys.stdout.isatty():
+        out = stdout_bytes()
+        if out.isatty():
             raise click.UsageError("refusing to write a bundle to a terminal; use -o FILE")
-        result = run_admin(root, "export", {"path": rel}, [sys.stdout.buffer])
+        result = run_admin(root, "export", {"path": rel}, [out])
     else:
         # Written under a temporary name, renamed when complete: never a partial bundle.
         partial = Path(f"{output}.partial-{os.getpid()}")

@@ -82,10 +82,12 @@ async def serve_control(store: Path, handler: Handler) -> None:
                 while True:
                     try:
                         conn, _ = await listener.accept()
-                    except OSError as exc:
-                        if exc.errno not in OUT_OF_DESCRIPTORS:
-                            raise
-                        await _refuse_for_want_of_descriptors(listener, spare)
+                    except OSError as exc:  # never the end of the daemon
+                        if exc.errno in OUT_OF_DESCRIPTORS:
+                            await _refuse_for_want_of_descriptors(listener, spare)
+                        else:
+                            log.warning("control socket: accept failed: %s", exc)
+                            await trio.sleep(REFUSE_INTERVAL)
                         continue
                     nursery.start_soon(_serve_connection, conn, handler, one_at_a_time)
         finally:
@@ -100,6 +102,8 @@ OUT_OF_DESCRIPTORS_MESSAGE = ("the daemon is out of file descriptors (too many f
 # How long the listener waits between refusals while out of descriptors: the waiting client
 # stays queued rather than spinning the loop.
 REFUSE_INTERVAL = 0.1
+# How long a refused client may take to send its request and read the answer.
+REFUSE_ANSWER_TIMEOUT = 5.0
 
 
 class _Spare:
@@ -126,9 +130,16 @@ async def _refuse_for_want_of_descriptors(listener: trio.socket.SocketType,
     log.warning("admin connection refused: %s", OUT_OF_DESCRIPTORS_MESSAGE)
     spare.close()
     try:
+        conn = None
         with trio.move_on_after(REFUSE_INTERVAL):
             conn, _ = await listener.accept()  # the client waiting: the spare made room
-            with conn:
+        if conn is not None:
+            with conn, trio.move_on_after(REFUSE_ANSWER_TIMEOUT):
+                # Read the request first: closing with it unread would reset the connection
+                # before the client reads the answer. Passed files find no room: dropped.
+                with contextlib.suppress(CafsError, ValueError):
+                    for fd in (await _receive_request(conn))[1]:
+                        os.close(fd)
                 await _send(conn, {"error": OUT_OF_DESCRIPTORS_MESSAGE, "errno": errno.EMFILE})
     except OSError:  # the room was taken meanwhile, or the client went away
         pass
@@ -277,7 +288,7 @@ def call(store: Path, command: str, args: dict[str, Any], files: list[int],
                     sock.sendall(data[sent:])
             else:
                 sock.sendall(data)
-        with sock.makefile("rb") as replies:
+        with sock.makefile("rb") as replies, contextlib.suppress(ConnectionResetError):
             for line in replies:
                 message = json.loads(line)
                 if "progress" in message:

@@ -49,7 +49,11 @@ def check_placement(store: Path, mountpoint: Path) -> None:
 
 def prepare_store_dir(root: Path, *, create: bool) -> None:
     """Make the store directory if asked and missing, then check it is safe to use."""
-    if not root.exists():
+    try:
+        missing = not root.exists()
+    except OSError as exc:  # a parent this user may not enter
+        raise StoreError(f"store {root} is not reachable: {exc.strerror}") from exc
+    if missing:
         if not create:
             raise StoreError(f"no store at {root}")
         try:
