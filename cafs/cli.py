@@ -18,6 +18,7 @@ import click
 
 from cafs import cli_admin, crashpoints
 from cafs.cli_common import (
+    EXIT_FAILED,
     EXIT_MOUNT,
     EXIT_USAGE,
     config_option,
@@ -58,9 +59,9 @@ def cli() -> None:
 @config_option
 @click.option("-o", "options", multiple=True, metavar="OPTS",
               help="Mount options, comma-separated: allow_other, compression=N, "
-                   "max_artifact_size=BYTES, max_open_files=N, backup_interval=SECONDS (manifest "
-                   "backups, default 3600; 0: only at unmount); generic fstab options are "
-                   "ignored.")
+                   "max_artifact_size=BYTES, max_open_files=N (descriptors: 2 per file open "
+                   "for writing), backup_interval=SECONDS (manifest backups, default 3600; 0: "
+                   "only at unmount); generic fstab options are ignored.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached; log to stderr.")
 @click.option("--debug", is_flag=True, help="Log every request (very verbose).")
 @click.option("--ready-fd", type=int, default=None, hidden=True)
@@ -249,4 +250,7 @@ def helper_form(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    cli(args=helper_form(sys.argv[1:]), prog_name="cafs")
+    # The one place where any failure, of a command or of click's own output (--help into a
+    # full disk), becomes one line and an exit code.
+    with errors_as_exit_codes(EXIT_FAILED):
+        cli(args=helper_form(sys.argv[1:]), prog_name="cafs")

@@ -31,6 +31,7 @@ from cafs.cli_common import (
     open_store,
     resolve_store,
     settings_from,
+    stdout_bytes,
     store_option,
 )
 from cafs.config import Settings
@@ -47,6 +48,7 @@ from cafs.store import (
     is_locked,
     list_backups,
     lock_holder_text,
+    prepare_store_dir,
     restore_manifest,
 )
 
@@ -111,14 +113,11 @@ def run_admin(root: Path, command: str, args: dict[str, Any],
     progress = TerminalProgress()
     try:
         with errors_as_exit_codes(command_failure=EXIT_FAILED):
-            try:
-                if not (root / MANIFEST_NAME).exists():
-                    # A store whose manifest went missing beside its blobs needs repair, not gc.
-                    check_manifest_files(root, BlobStore(root), wal=False)
-                    raise StoreError(f"no store at {root}")
-            except PermissionError:  # another user's store: 0700, theirs and root's
-                raise StoreError(f"store {root} is not accessible to this user: only its owner "
-                                 "and root may run admin commands") from None
+            prepare_store_dir(root, create=False)  # missing, not ours, not a directory
+            if not (root / MANIFEST_NAME).exists():
+                # A store whose manifest went missing beside its blobs needs repair, not gc.
+                check_manifest_files(root, BlobStore(root), wal=False)
+                raise StoreError(f"no store at {root}")
             for _ in range(3):
                 if is_locked(root):
                     holder = lock_holder_text(root)
@@ -213,7 +212,7 @@ def cat(store: Path | None, config: Path | None, path: str) -> None:
     root, rel = locate(path, store, config)
     found = run_admin(root, "version", {"path": rel, "version": version})
     with errors_as_exit_codes(command_failure=EXIT_FAILED):
-        _copy_blob(root, found, sys.stdout.buffer)
+        _copy_blob(root, found, stdout_bytes())
 
 
 def _copy_blob(root: Path, found: dict[str, Any], out: IO[bytes]) -> None:
@@ -430,9 +429,10 @@ def export(store: Path | None, config: Path | None, output: str, path: str) -> N
     """
     root, rel = locate(path, store, config)
     if output == "-":
-        if sys.stdout.isatty():
+        out = stdout_bytes()
+        if out.isatty():
             raise click.UsageError("refusing to write a bundle to a terminal; use -o FILE")
-        result = run_admin(root, "export", {"path": rel}, [sys.stdout.buffer])
+        result = run_admin(root, "export", {"path": rel}, [out])
     else:
         # Written under a temporary name, renamed when complete: never a partial bundle.
         partial = Path(f"{output}.partial-{os.getpid()}")

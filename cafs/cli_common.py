@@ -11,12 +11,15 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import BinaryIO, NoReturn
 
 import click
 
@@ -38,19 +41,49 @@ def fail(message: str, code: int) -> NoReturn:
 
 @contextmanager
 def errors_as_exit_codes(command_failure: int = EXIT_STORE) -> Iterator[None]:
-    """One line on stderr and an exit code for every failure: never a traceback."""
+    """One line on stderr and an exit code for every failure: never a traceback. The whole
+    command line runs inside this (cafs.cli.main); a command wraps a part of itself to give
+    that part's failures another code."""
     try:
         yield
+    except (click.ClickException, click.exceptions.Exit, click.Abort):
+        raise  # usage errors, --help and ^C: click reports them
     except MountError as exc:
         fail(str(exc), EXIT_MOUNT)
     except StoreError as exc:
         fail(str(exc), EXIT_STORE)
     except CafsError as exc:
         fail(str(exc), command_failure)
+    except sqlite3.Error as exc:  # the manifest could not be read or written
+        fail(f"the store's manifest failed: {exc}", EXIT_STORE)
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:  # stdout closed early (| head): click ends quietly
+            raise
+        fail(describe_os_error(exc), command_failure)
+    except Exception as exc:  # a bug: one line here, the whole traceback in a daemon's log
+        if logging.getLogger().handlers:
+            logging.getLogger(__name__).exception("unexpected error")
+        fail(f"unexpected error ({type(exc).__name__}: {exc}); please report it",
+             EXIT_FAILED)
+
+
+def describe_os_error(exc: OSError) -> str:
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        reason = "too many open files (raise the descriptor limit, ulimit -n)"
+    else:
+        reason = exc.strerror or str(exc)
+    return f"{exc.filename}: {reason}" if exc.filename else reason
+
+
+def stdout_bytes() -> BinaryIO:
+    """Standard output for bytes (cat, export -o -); a clear error if it is closed."""
+    if sys.stdout is None:
+        raise CafsError("standard output is closed", errno.EBADF)
+    return sys.stdout.buffer
 
 
 store_option = click.option(
-    "--store", "store", type=click.Path(path_type=Path), default=None,
+    "--store", "store", type=click.Path(path_type=Path, readable=False), default=None,
     help="Store directory (default: $CAFS_STORE, else the configuration file's store, "
          "else $XDG_DATA_HOME/cafs).",
 )

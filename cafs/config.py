@@ -8,7 +8,7 @@ CAFS_CONFIG means "no configuration file". Stdlib only (tomllib).
     allow_other = true               # let other users see the mount (permissions still apply)
     compression = 3                  # zstd level for compressible content
     max_artifact_size = 274877906944  # 256 GiB
-    max_open_files = 10000           # open files in the mount (default: the fd limit less 256)
+    max_open_files = 10000           # descriptors of open files (default: the fd limit less 256)
     orphan_grace = 604800            # gc and fsck --repair keep orphan blob files this many seconds
 """
 

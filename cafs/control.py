@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -29,7 +30,8 @@ from typing import IO, Any
 
 import trio
 
-from cafs.errors import CafsError, StoreError
+from cafs.errors import CafsError, StoreError, TooManyOpenFiles
+from cafs.manifest import manifest_error
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +76,76 @@ async def serve_control(store: Path, handler: Handler) -> None:
             log.warning("cannot open the control socket %s: %s", path, exc)
             return
         one_at_a_time = trio.Lock()
+        spare = _Spare()
         try:
             async with trio.open_nursery() as nursery:
                 while True:
-                    conn, _ = await listener.accept()
+                    try:
+                        conn, _ = await listener.accept()
+                    except OSError as exc:  # never the end of the daemon
+                        if exc.errno in OUT_OF_DESCRIPTORS:
+                            await _refuse_for_want_of_descriptors(listener, spare)
+                        else:
+                            log.warning("control socket: accept failed: %s", exc)
+                            await trio.sleep(REFUSE_INTERVAL)
+                        continue
                     nursery.start_soon(_serve_connection, conn, handler, one_at_a_time)
         finally:
+            spare.close()
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+OUT_OF_DESCRIPTORS_MESSAGE = ("the daemon is out of file descriptors (too many files open in "
+                              "the mount): close some, or raise its descriptor limit")
+# How long the listener waits between refusals while out of descriptors: the waiting client
+# stays queued rather than spinning the loop.
+REFUSE_INTERVAL = 0.1
+# How long a refused client may take to send its request and read the answer.
+REFUSE_ANSWER_TIMEOUT = 5.0
+
+
+class _Spare:
+    """One descriptor held in reserve: when accept() fails for want of descriptors, freeing it
+    lets the daemon accept the waiting client and tell it why, instead of leaving it hanging."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.take()
+
+    def take(self) -> None:
+        if self.fd is None:
+            with contextlib.suppress(OSError):
+                self.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+async def _refuse_for_want_of_descriptors(listener: trio.socket.SocketType,
+                                          spare: _Spare) -> None:
+    log.warning("admin connection refused: %s", OUT_OF_DESCRIPTORS_MESSAGE)
+    spare.close()
+    try:
+        conn = None
+        with trio.move_on_after(REFUSE_INTERVAL):
+            conn, _ = await listener.accept()  # the client waiting: the spare made room
+        if conn is not None:
+            with conn, trio.move_on_after(REFUSE_ANSWER_TIMEOUT):
+                # Read the request first: closing with it unread would reset the connection
+                # before the client reads the answer. Passed files find no room: dropped.
+                with contextlib.suppress(CafsError, ValueError):
+                    for fd in (await _receive_request(conn))[1]:
+                        os.close(fd)
+                await _send(conn, {"error": OUT_OF_DESCRIPTORS_MESSAGE, "errno": errno.EMFILE})
+    except OSError:  # the room was taken meanwhile, or the client went away
+        pass
+    finally:
+        spare.take()
+    await trio.sleep(REFUSE_INTERVAL)
 
 
 def _peer_uid(conn: trio.socket.SocketType) -> int:
@@ -92,13 +156,17 @@ def _peer_uid(conn: trio.socket.SocketType) -> int:
 async def _receive_request(conn: trio.socket.SocketType) -> tuple[dict[str, Any], list[int]]:
     data, fds = b"", []
     while not data.endswith(b"\n"):
-        chunk, ancillary, _, _ = await conn.recvmsg(
+        chunk, ancillary, flags, _ = await conn.recvmsg(
             65536, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize))
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 received = array.array("i")
                 received.frombytes(payload[:len(payload) - len(payload) % received.itemsize])
                 fds += list(received)
+        if flags & socket.MSG_CTRUNC:  # the kernel dropped passed files: no room for them
+            for fd in fds:
+                os.close(fd)
+            raise TooManyOpenFiles(OUT_OF_DESCRIPTORS_MESSAGE)
         if not chunk:
             break
         data += chunk
@@ -132,6 +200,9 @@ async def _serve_connection(conn: trio.socket.SocketType, handler: Handler,
             files = [os.fdopen(fd, "r+b" if _writable(fd) else "rb", buffering=0)
                      for fd in fds]
             await _run_request(conn, handler, one_at_a_time, request, files)
+        except TooManyOpenFiles as exc:
+            with contextlib.suppress(OSError):
+                await _send(conn, {"error": str(exc), "errno": exc.errno})
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("admin client went away: %s", exc)
         except ValueError as exc:
@@ -175,7 +246,12 @@ async def _run_request(conn: trio.socket.SocketType, handler: Handler,
                 reply = {"error": f"bad request: {exc}", "errno": errno.EINVAL}
             except OSError as exc:  # the store's filesystem failed under the command
                 log.warning("admin command %s failed: %s", command, exc)
-                reply = {"error": f"{command} failed: {exc}", "errno": exc.errno or errno.EIO}
+                reason = OUT_OF_DESCRIPTORS_MESSAGE if exc.errno in OUT_OF_DESCRIPTORS else exc
+                reply = {"error": f"{command} failed: {reason}", "errno": exc.errno or errno.EIO}
+            except sqlite3.Error as exc:  # a read outside a transaction (commits raise CafsError)
+                error = manifest_error(exc)
+                log.warning("admin command %s failed: %s", command, error)
+                reply = {"error": f"{command} failed: {error}", "errno": error.errno}
             except Exception as exc:  # a bug: answer, log it whole, keep serving
                 log.exception("admin command %s failed", command)
                 reply = {"error": f"{command} failed unexpectedly ({exc}); see the daemon log",
@@ -212,7 +288,7 @@ def call(store: Path, command: str, args: dict[str, Any], files: list[int],
                     sock.sendall(data[sent:])
             else:
                 sock.sendall(data)
-        with sock.makefile("rb") as replies:
+        with sock.makefile("rb") as replies, contextlib.suppress(ConnectionResetError):
             for line in replies:
                 message = json.loads(line)
                 if "progress" in message:

@@ -96,10 +96,12 @@ def fuse_options(cfg: MountConfig) -> set[str]:
 
 
 def open_files_cap(asked: int | None) -> int:
-    """How many files may be open in the mount at once. Raises the descriptor limit to its
-    hard maximum first; the cap leaves FD_RESERVE descriptors for the daemon itself (manifest,
-    /dev/fuse, control socket, blob files read by gc or export), so a client opening thousands
-    of files gets EMFILE from the cap, not a daemon that cannot open its own files."""
+    """How many descriptors the files open in the mount may hold (an open file holds one, two
+    while it is written: see Vfs._open_inode). Raises the descriptor limit to its hard maximum
+    first; the cap leaves FD_RESERVE descriptors for the daemon itself (manifest, /dev/fuse,
+    control socket and its connections, blob files read by gc or export, a publish's transient
+    files), so a client opening thousands of files gets EMFILE from the cap, not a daemon that
+    cannot open its own files."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):
@@ -170,25 +172,57 @@ class PyfuseKernel:
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
 
 
-def sd_notify(message: str) -> None:
-    """Speak systemd's notify protocol if we run under it (no dependency needed)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+class SystemdNotifier:
+    """systemd's notify protocol (no dependency needed), over one socket opened at start-up:
+    a daemon whose descriptors are all in use still pings the watchdog. Sends never block (a
+    notify queue nobody reads must not stall the event loop) and never raise."""
+
+    def __init__(self) -> None:
+        address = os.environ.get("NOTIFY_SOCKET", "")
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+        self._sock: socket.socket | None = None
+        self._failing: int | None = None  # the errno last reported, so it is logged once
+
+    def open(self) -> None:
+        if self._address and self._sock is None:
+            try:
+                self._sock = socket.socket(socket.AF_UNIX,
+                                           socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            except OSError as exc:  # tried again at the next message
+                self._report(exc)
+
+    def notify(self, message: str) -> None:
+        if not self._address:
+            return
+        self.open()
+        if self._sock is None:
+            return
         try:
-            sock.connect(address)
-            sock.sendall(message.encode())
+            self._sock.sendto(message.encode(), socket.MSG_DONTWAIT, self._address)
         except OSError as exc:
+            self._report(exc)
+        else:
+            self._failing = None
+
+    def _report(self, exc: OSError) -> None:
+        if exc.errno != self._failing:
             log.warning("cannot notify systemd: %s", exc)
+            self._failing = exc.errno
+
+
+_systemd = SystemdNotifier()
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd `message` if we run under it (READY=1, WATCHDOG=1, STOPPING=1)."""
+    _systemd.notify(message)
 
 
 def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled. Raises CafsError if it cannot start."""
     check_mountpoint(cfg.mountpoint)
     check_placement(cfg.store, cfg.mountpoint)
+    _systemd.open()  # now, while descriptors are plenty
     store = Store.open(cfg.store, lock=True, compression_level=cfg.compression_level,
                        owner=f"mounted at {cfg.mountpoint.absolute()}")
     try:

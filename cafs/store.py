@@ -74,7 +74,14 @@ def check_placement(store: Path, mountpoint: Path) -> None:
 
 def prepare_store_dir(root: Path, *, create: bool) -> None:
     """Make the store directory if asked and missing, then check it is safe to use."""
-    if not os.path.lexists(root):
+    try:
+        os.lstat(root)
+        missing = False
+    except FileNotFoundError:
+        missing = True
+    except OSError as exc:  # a parent this user may not enter
+        raise StoreError(f"store {root} is not reachable: {exc.strerror}") from exc
+    if missing:
         if not create:
             raise StoreError(f"no store at {root}")
         try:

@@ -195,6 +195,9 @@ class OpenInode:
     mtime_ns: int | None = None  # set by writes, recorded at publish
     unlinked: bool = False
     damaged: bool = False  # its content is marked damaged: reads give EIO
+    # Descriptors counted against max_open_files for it: the most its reader and temp may
+    # hold at once (see Vfs._open_inode), so a write or publish never meets the cap.
+    descriptors: int = 0
 
 
 @dataclass(eq=False)
@@ -235,6 +238,7 @@ class Vfs:
         self.cache = NodeCache(cache_entries)
         self._open: dict[int, OpenInode] = {}
         self._handles: dict[int, Handle] = {}
+        self._descriptors = 0  # the sum of OpenInode.descriptors
         self._next_fh = 1
         self.kernel = kernel or NoKernel()
         # Digests whose blob files a publish in flight is writing or about to reference: gc
@@ -497,7 +501,8 @@ class Vfs:
 
     def create(self, parent_ino: int, raw_name: bytes, mode: int, flags: int,
                caller: Caller) -> tuple[int, Attr]:
-        self._check_handle_room()
+        # Checked before the row exists: a refused create leaves nothing behind.
+        self._descriptor_room(None, _descriptors_wanted(Kind.FILE, writable=True))
         parent = self.node(parent_ino)
         name = _new_name(raw_name)
         self._check_unsealed(parent)
@@ -509,7 +514,7 @@ class Vfs:
                                       caller.gid, time.time_ns())
         self._directory_changed(parent.ino)
         self.cache.put(node)
-        inode = self._open_inode(node)
+        inode = self._open_inode(node, writable=True)
         handle = self._new_handle(inode, writable=True, caller=caller)
         try:
             inode.temp = self.blobs.new_temp()
@@ -669,7 +674,7 @@ class Vfs:
         if handle is not None:
             self._check_writable(handle)
         transient = node.ino not in self._open
-        inode = self._open_inode(node)
+        inode = self._open_inode(node, writable=True)
         try:
             async with inode.lock:
                 had_temp = inode.temp is not None
@@ -696,12 +701,11 @@ class Vfs:
         node = self.node(ino)
         if node.kind.is_dir:
             raise IsADirectory()
-        self._check_handle_room()
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable:
             _refuse_fixed_change(node)
             self._check_unsealed(node)
-        inode = self._open_inode(node, caller)
+        inode = self._open_inode(node, writable, caller)
         handle = self._new_handle(inode, writable, caller)
         # libfuse negotiates atomic O_TRUNC: truncation arrives here, not as setattr(size=0).
         if writable and flags & os.O_TRUNC:
@@ -712,12 +716,17 @@ class Vfs:
                 raise
         return handle.fh
 
-    def _open_inode(self, node: Node, caller: Caller | None = None) -> OpenInode:
+    def _open_inode(self, node: Node, writable: bool, caller: Caller | None = None
+                    ) -> OpenInode:
+        """The inode's open state, counting the descriptors it may need against the cap
+        (EMFILE if there is no room) before opening anything."""
         if node.kind is Kind.RECORD:
-            # Not shared between opens: each caller reads the record as they may see it.
+            # Not shared between opens: each caller reads the record as they may see it. Built
+            # in memory, it holds no descriptor.
             record = OpenInode(node=node, lock=self.runtime.new_lock())
             record.reader = MemoryReader(self.record_bytes(node, caller))
             return record
+        extra = self._descriptor_room(node.ino, _descriptors_wanted(node.kind, writable))
         inode = self._open.get(node.ino)
         if inode is None:
             inode = OpenInode(node=node, lock=self.runtime.new_lock())
@@ -726,12 +735,21 @@ class Vfs:
             elif node.blob is not None:
                 inode.reader = self.blobs.open(node.blob.digest, node.blob.encoding)
             self._open[node.ino] = inode
+        inode.descriptors += extra
+        self._descriptors += extra
         return inode
 
-    def _check_handle_room(self) -> None:
-        if len(self._handles) >= self.max_open_files:
-            raise TooManyOpenFiles(f"{len(self._handles)} files are open in this mount "
-                                   "(max_open_files)")
+    def _descriptor_room(self, ino: int | None, wanted: int) -> int:
+        """How many descriptors the inode needs beyond those counted for it already; EMFILE
+        if the cap leaves no room for them. The cap counts descriptors, not handles: a file
+        being rewritten holds two (its reader and its temp), and the daemon's own descriptors
+        (manifest, control socket, /dev/fuse) live in the reserve the cap leaves."""
+        inode = self._open.get(ino) if ino is not None else None
+        extra = max(0, wanted - (inode.descriptors if inode is not None else 0))
+        if extra and self._descriptors + extra > self.max_open_files:
+            raise TooManyOpenFiles(f"open files in this mount hold {self._descriptors} "
+                                   f"descriptors (max_open_files={self.max_open_files})")
+        return extra
 
     def _new_handle(self, inode: OpenInode, writable: bool, caller: Caller) -> Handle:
         handle = Handle(self._next_fh, inode, writable, caller)
@@ -971,6 +989,8 @@ class Vfs:
         if inode.handles:
             return
         self._open.pop(inode.node.ino, None)
+        self._descriptors -= inode.descriptors
+        inode.descriptors = 0
         if inode.temp is not None:
             inode.temp.discard()
             inode.temp = None
@@ -1001,6 +1021,10 @@ class Vfs:
 
     def open_handles(self) -> int:
         return len(self._handles)
+
+    def open_descriptors(self) -> int:
+        """Descriptors counted against max_open_files."""
+        return self._descriptors
 
     # -- what admin commands ask of a running mount (cafs.admin.Live) ---------------------
 
@@ -1127,6 +1151,13 @@ def killed_by_signal(pid: int) -> bool:
     except (OSError, IndexError, ValueError):
         return False
     return bool(flags & PF_EXITING and flags & PF_SIGNALED)
+
+
+def _descriptors_wanted(kind: Kind, writable: bool) -> int:
+    """The most descriptors an open inode holds at once: the reader of its blob (a record is
+    built in memory: none) and, once open for writing, a temp beside it (a new file gets its
+    reader at the first publish, while writes may follow into a new temp)."""
+    return (kind is not Kind.RECORD) + writable
 
 
 def _has_tags(node: Node) -> bool:
