@@ -436,6 +436,23 @@ def test_writing_and_truncating_update_mtime_and_ctime(here: Path) -> None:
     assert times(here) == parent  # writing a file does not change its directory
 
 
+def test_ftruncate_and_write_update_ctime_before_the_close(here: Path) -> None:
+    """pjdfstest ftruncate/00.t: a successful ftruncate marks ctime and mtime for update. cafs
+    publishes at close, but stat must not wait for that, nor keep the ctime from before."""
+    make(here / "f", b"0123456789")
+    for step in (lambda fd: os.ftruncate(fd, 123), lambda fd: os.pwrite(fd, b"x", 3)):
+        before = times(here / "f")
+        tick()
+        fd = os.open(here / "f", os.O_RDWR)
+        try:
+            step(fd)
+            during = os.fstat(fd)
+        finally:
+            os.close(fd)
+        later(before, (during.st_mtime_ns, during.st_ctime_ns), mtime=True, ctime=True)
+        later(before, times(here / "f"), mtime=True, ctime=True)
+
+
 def test_chmod_chown_and_utimensat_change_ctime(here: Path) -> None:
     make(here / "f")
     for step in (
