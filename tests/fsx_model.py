@@ -2,8 +2,9 @@
 
 One file is driven through a seeded random sequence of operations — write, mapped write, read,
 mapped read, truncate up and down, the fallocate family (allocate, punch hole, zero, collapse and
-insert range), copy_file_range within the file, fsync, close and reopen, open with O_TRUNC, and a
-read through a second descriptor — while an in-memory model (a bytearray) says what the file must
+insert range), copy_file_range within the file, fsync, close and reopen, open with O_TRUNC, a
+read through a second descriptor, and a write through a shared mapping after its descriptor was
+closed — while an in-memory model (a bytearray) says what the file must
 hold. Every read is checked against the model, the size after every operation, the zero fill
 past end-of-file in the last mapped page, and the whole file at the end. On a target that can
 restart (a cafs mount), it also unmounts and mounts again (the file must equal the model), kills
@@ -27,6 +28,7 @@ import hashlib
 import mmap
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +125,7 @@ WEIGHTS: dict[str, int] = {
     "read": 14, "write": 16, "mapread": 8, "mapwrite": 8, "truncate": 6,
     "falloc": 2, "punch_hole": 3, "zero_range": 3, "collapse_range": 2, "insert_range": 2,
     "copy_range": 4, "read2": 3, "fsync": 2, "reopen": 2, "reopen_trunc": 1,
+    "mapwrite_after_close": 1,
 }
 
 
@@ -352,6 +355,42 @@ class Exerciser:
             mapping[offset - start:end - start] = data
             mapping.flush()  # msync(MS_SYNC)
         self._set(offset, data)
+
+    def op_mapwrite_after_close(self) -> None:
+        """open, mmap, close(fd), write through the mapping, munmap: the kernel sends those
+        writes after the last FLUSH (at munmap), then RELEASE; they must not be lost."""
+        offset, length = self._range()
+        if length == 0:
+            return
+        data = self._data(offset, length)
+        self._note(f"mapwrite_after_close {offset:#x} +{length:#x} (size {len(self.model):#x})")
+        self._close()
+        fd = os.open(self.target.path, os.O_RDWR)
+        end = offset + length
+        try:
+            if end > len(self.model):
+                os.ftruncate(fd, end)
+                self._resize(end)
+            start = offset - offset % PAGE
+            mapping = mmap.mmap(fd, end - start, mmap.MAP_SHARED,
+                                mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        finally:
+            os.close(fd)
+        mapping[offset - start:end - start] = data
+        mapping.close()  # munmap: the dirty pages are written back now
+        self._set(offset, data)
+        if self.target.cafs:  # cafs publishes them at RELEASE, which the kernel sends async
+            self._wait_published("writes through a mapping after close()")
+        self.durable = bytes(self.model)
+        self.fd = os.open(self.target.path, os.O_RDWR)
+
+    def _wait_published(self, what: str, timeout: float = 10.0) -> None:
+        want = hashlib.sha256(self.model).hexdigest()
+        deadline = time.monotonic() + timeout
+        while os.getxattr(self.target.path, "user.cafs.sha256").decode() != want:
+            if time.monotonic() > deadline:
+                raise FsxFailure(f"{what} were not published within {timeout:.0f} s")
+            time.sleep(0.01)
 
     def op_truncate(self) -> None:
         size = self.rng.randrange(0, self.config.max_len + 1)
