@@ -193,6 +193,7 @@ class OpenInode:
     # Bumped for every new temp; a handle that wrote into the current temp carries its serial.
     temp_serial: int = 0
     mtime_ns: int | None = None  # set by writes, recorded at publish
+    changed_ns: int | None = None  # when a write or truncate in progress last changed the content
     unlinked: bool = False
     damaged: bool = False  # its content is marked damaged: reads give EIO
     # Descriptors counted against max_open_files for it: the most its reader and temp may
@@ -414,15 +415,21 @@ class Vfs:
 
     def attr(self, node: Node, caller: Caller | None = None) -> Attr:
         size, stored, mtime = node.size, node.blob.stored_size if node.blob else 0, node.mtime_ns
+        ctime = node.ctime_ns
         if node.kind is Kind.RECORD:  # the size of the record the caller would read
             size = stored = len(self.record_bytes(node, caller))
         opened = self._open.get(node.ino)
         if opened is not None:
             node = opened.node if opened.unlinked else node
+            ctime = node.ctime_ns
             if opened.temp is not None:
                 size = stored = opened.temp.size
             if opened.mtime_ns is not None:
                 mtime = opened.mtime_ns
+            if opened.changed_ns is not None:
+                # POSIX marks ctime whenever the content changes; the kernel caches what stat
+                # (or ftruncate's reply) shows now, long after the publish at close.
+                ctime = max(ctime, opened.changed_ns)
         return Attr(
             ino=node.ino,
             mode=node.st_mode,
@@ -432,7 +439,7 @@ class Vfs:
             size=size,
             blocks=(stored + 511) // 512,
             mtime_ns=mtime,
-            ctime_ns=node.ctime_ns,
+            ctime_ns=ctime,
             volatile=node.kind is Kind.RECORD,
         )
 
@@ -685,7 +692,7 @@ class Vfs:
                 except (OSError, CafsError) as exc:  # I/O, disk full, bad blob
                     self._fail(inode, handle, exc.errno or errno.EIO)
                     raise
-                inode.mtime_ns = time.time_ns()
+                inode.mtime_ns = inode.changed_ns = time.time_ns()
                 if handle is not None:
                     handle.wrote_serial = inode.temp_serial
             # truncate(2) on a path, with no write in progress: the new content is complete now.
@@ -796,7 +803,7 @@ class Vfs:
             except (OSError, CafsError) as exc:  # I/O, disk full, bad blob
                 self._fail(inode, handle, exc.errno or errno.EIO)
                 raise
-            inode.mtime_ns = time.time_ns()
+            inode.mtime_ns = inode.changed_ns = time.time_ns()
             handle.wrote_serial = inode.temp_serial
         return written
 
@@ -924,7 +931,7 @@ class Vfs:
             old_reader.close()
         temp.discard()
         inode.temp = None
-        inode.mtime_ns = None
+        inode.mtime_ns = inode.changed_ns = None
         inode.node = new_node
         self.cache.put(new_node)
         # No kernel cache invalidation here: the content changed through this kernel (its page
@@ -942,7 +949,7 @@ class Vfs:
         if inode.temp is not None:
             inode.temp.discard()
             inode.temp = None
-            inode.mtime_ns = None
+            inode.mtime_ns = inode.changed_ns = None
         # The kernel cached the pages of the writes that succeeded before this failure, and
         # their size: without this, readers would see bytes never published until the
         # attribute timeout. (Queued by the notifier: the failing request still holds pages.)
