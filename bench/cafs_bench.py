@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cafs import schema
 from cafs.blobstore import BlobStore
 from cafs.model import RUNS_INODE
 from cafs.store import Store
@@ -284,15 +285,15 @@ def generate_store(store_root: Path, artifacts: int, per_layer: int = 10_000) ->
         temp = blobs.new_temp()
         temp.write(0, f"artifact content {i}\n".encode())
         digest = temp.digest()
-        blobs.publish(temp, digest)
+        written = blobs.publish(temp, digest)
         temp.discard()
-        digests.append((digest, len(f"artifact content {i}\n")))
+        digests.append((digest, written.size, written.stored_size, written.encoding))
     store.close()
     db = sqlite3.connect(store_root / "manifest.sqlite", isolation_level=None)
     now = time.time_ns()
     db.execute("BEGIN")
     db.executemany("INSERT INTO blobs (sha256, size, stored_size, encoding, refcount, created_ns)"
-                   " VALUES (?, ?, ?, 'raw', 0, ?)", [(d, s, s, now) for d, s in digests])
+                   " VALUES (?, ?, ?, ?, 0, ?)", [(*blob, now) for blob in digests])
     blob_ids = [row[0] for row in db.execute("SELECT id FROM blobs ORDER BY id")]
     db.execute("COMMIT")
     layers_needed = (artifacts + per_layer - 1) // per_layer
@@ -329,6 +330,10 @@ def generate_store(store_root: Path, artifacts: int, per_layer: int = 10_000) ->
     db.execute("UPDATE blobs SET refcount = (SELECT count(*) FROM versions v WHERE v.blob_id ="
                " blobs.id)")
     db.execute("UPDATE sqlite_sequence SET seq = (SELECT max(id) FROM nodes) WHERE name = 'nodes'")
+    # The rows went in behind the manifest's back: set the directory aggregates it keeps.
+    db.execute("BEGIN")
+    schema.recompute_aggregates(db)
+    db.execute("COMMIT")
     db.close()
 
 

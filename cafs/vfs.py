@@ -88,7 +88,10 @@ READDIR_PAGE = 512
 XATTR_PREFIX = "user.cafs."
 # Read-only xattrs every artifact (and blob) carries; artifacts also carry user.cafs.version.
 VIRTUAL_XATTRS = ("sha256", "size", "stored_size", "encoding", "refcount")
-RECORDS_CACHED = 256
+# Records are cached until the manifest changes, within a budget of bytes (not entries: a record
+# with many layers is large); a record larger than RECORD_CACHE_MAX is rebuilt when read.
+RECORD_CACHE_BYTES = 4 << 20
+RECORD_CACHE_MAX = 256 << 10
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -233,6 +236,7 @@ class Vfs:
         # must leave those files alone (see Vfs._publish and cafs.admin.gc).
         self._pinned: Counter[str] = Counter()
         self._records: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
+        self._records_bytes = 0
         self._runs_nlink: int | None = None
         now = time.time_ns()
         self._root = _fixed(ROOT_INODE, "", Kind.ROOT, 0o755, ROOT_INODE, 4, now)
@@ -290,17 +294,26 @@ class Vfs:
 
     def record_bytes(self, record: Node) -> bytes:
         """A directory's record, recomputed only when the manifest changed since."""
-        cached = self._records.get(record.parent)
-        if cached is not None and cached[0] == self.manifest.changes:
-            return cached[1]
+        cached = self._records.pop(record.parent, None)
+        if cached is not None:
+            self._records_bytes -= len(cached[1])
+            if cached[0] == self.manifest.changes:
+                self._cache_record(record.parent, cached)
+                return cached[1]
         directory = self.node(record.parent)
         execution = self._execution_of(directory)
         assert execution is not None
         data = build_record(self.manifest, directory, execution)
-        self._records[record.parent] = (self.manifest.changes, data)
-        while len(self._records) > RECORDS_CACHED:
-            self._records.popitem(last=False)
+        if len(data) <= RECORD_CACHE_MAX:
+            self._cache_record(record.parent, (self.manifest.changes, data))
         return data
+
+    def _cache_record(self, dir_ino: int, entry: tuple[int, bytes]) -> None:
+        self._records[dir_ino] = entry
+        self._records_bytes += len(entry[1])
+        while self._records_bytes > RECORD_CACHE_BYTES:
+            _, evicted = self._records.popitem(last=False)
+            self._records_bytes -= len(evicted[1])
 
     def lookup(self, parent: int, raw_name: bytes) -> Attr:
         name = _lookup_name(raw_name)
