@@ -4,10 +4,12 @@ and records stay small in memory."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -21,12 +23,15 @@ from test_vfs import ALICE, Runtime, write_file
 
 from cafs import schema
 from cafs.admin import Admin
+from cafs.blobstore import BlobStore
 from cafs.daemon import TrioRuntime
 from cafs.manifest import Manifest
 from cafs.model import RUNS_INODE, AttrChanges
 from cafs.records import RECORD_TAG_BYTES
 from cafs.store import Store
 from cafs.vfs import RECORD_CACHE_BYTES, Vfs
+
+MIB = 1 << 20
 
 # -- aggregates against a recomputation ---------------------------------------------------
 
@@ -271,3 +276,65 @@ def test_reading_records_of_a_huge_run_does_not_stall_other_users(
     mount.stop()
     assert not mount.log_problems()
     assert mount.fsck().returncode == 0
+
+
+# -- sparse content: holes are neither read nor compressed again -----------------------------
+
+
+@pytest.mark.parametrize("first_frame", ["random", "hole"])
+def test_sparse_temps_hash_and_store_their_holes_exactly(tmp_path: Path, first_frame: str
+                                                         ) -> None:
+    (tmp_path / "store").mkdir()
+    blobs = BlobStore(tmp_path / "store")
+    blobs.create_layout()
+    temp = blobs.new_temp()
+    island = os.urandom(200_000)
+    expected = bytearray(5 * MIB + 123)
+    if first_frame == "random":  # incompressible: stored raw+xxh64, block sums over holes
+        head = os.urandom(MIB + 10)
+        temp.write(0, head)
+        expected[: len(head)] = head
+    temp.truncate(len(expected))
+    temp.write(3 * MIB - 7, island)  # data between holes, not block-aligned
+    expected[3 * MIB - 7: 3 * MIB - 7 + len(island)] = island
+    assert temp.needs_rehash
+    digest = temp.digest()
+    assert digest == hashlib.sha256(expected).hexdigest()
+    stored = blobs.publish(temp, digest)
+    temp.discard()
+    assert stored.encoding == ("raw+xxh64" if first_frame == "random" else "zstd")
+    reader = blobs.open(digest, stored.encoding)
+    try:
+        assert reader.read(0, len(expected)) == bytes(expected)
+    finally:
+        reader.close()
+    assert blobs.compute_digest(digest, stored.encoding) == (digest, len(expected))
+
+
+def daemon_bytes_read(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/PID/io")
+
+
+def test_truncate_to_gigabytes_neither_reads_holes_nor_stalls_others(mount: Mount) -> None:
+    layer = mount.layer("e1", "big")
+    small = mount.layer("e1", "small")
+    (small / "small").write_bytes(b"hello\n")
+    prober = Prober(small)
+    read_before = daemon_bytes_read(mount.daemon_pid())
+    prober.start()
+    size = 4 << 30
+    subprocess.run(["truncate", "-s", str(size), str(layer / "sparse")], check=True, timeout=300)
+    latencies = prober.finish()
+    read = daemon_bytes_read(mount.daemon_pid()) - read_before
+    # Before: the daemon read the 4 GiB hole twice (to hash it, then to compress it).
+    assert read < 64 * MIB, f"the daemon read {read:,} bytes to publish a hole"
+    assert latencies[len(latencies) // 2] < 0.25 and latencies[-1] < 2.0, latencies[-5:]
+    assert (layer / "sparse").stat().st_size == size
+    with open(layer / "sparse", "rb") as f:
+        f.seek(size - 4096)
+        assert f.read() == bytes(4096)
+    assert os.getxattr(layer / "sparse", "user.cafs.encoding") == b"zstd"
+    assert int(os.getxattr(layer / "sparse", "user.cafs.stored_size")) < 1 * MIB
