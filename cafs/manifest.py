@@ -195,7 +195,8 @@ class Manifest:
             self._db.execute("SELECT count(*) FROM nodes WHERE id = 0").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{path}: not a usable cafs manifest ({exc})") from exc
-        if readonly and not self._has_column("blobs", "damaged_ns"):
+        if readonly and not (self._has_column("blobs", "damaged_ns")
+                             and self._has_column("nodes", "last_write_ns")):
             raise StoreError(f"{path} was written by an older cafs: mount the store once (or run "
                              "cafs fsck --repair) to upgrade it")
         # Bumped by every committed change: lets computed views (records) know they are stale.
