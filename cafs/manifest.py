@@ -366,10 +366,10 @@ class Manifest:
         db.execute("UPDATE blobs SET refcount = refcount - 1 WHERE id = "
                    f"(SELECT blob_id FROM versions WHERE id = {current})", (node.ino,))
         db.execute("DELETE FROM tags WHERE node_id = ?", (node.ino,))
-        gone = db.execute("DELETE FROM nodes WHERE id = ? "
-                          "RETURNING parent_id, artifacts, logical_bytes", (node.ino,)).fetchall()
-        for parent, artifacts, logical_bytes in gone:
-            self._aggregate_up(parent, -artifacts, -logical_bytes)
+        gone = db.execute("DELETE FROM nodes WHERE id = ? RETURNING parent_id, artifacts, "
+                          "logical_bytes, first_write_ns, last_write_ns", (node.ino,)).fetchall()
+        for parent, artifacts, logical_bytes, first, last in gone:
+            self._aggregate_up(parent, -artifacts, -logical_bytes, (first, last), (None, None))
         if node.kind.is_dir:
             self._adjust_nlink(node.parent, -1)
 
@@ -672,7 +672,8 @@ class Manifest:
     def _aggregate_file(self, node_id: int) -> None:
         """Re-read a file's aggregate columns from its versions and carry the change up."""
         before = self._db.execute(
-            "SELECT parent_id, artifacts, logical_bytes FROM nodes WHERE id = ?", (node_id,)
+            "SELECT parent_id, artifacts, logical_bytes, first_write_ns, last_write_ns "
+            "FROM nodes WHERE id = ?", (node_id,)
         ).fetchone()
         if before is None:
             return
@@ -684,16 +685,43 @@ class Manifest:
                     (SELECT size FROM versions v WHERE v.id = nodes.version_id), 0),
                 first_write_ns = (SELECT min(created_ns) FROM versions v WHERE v.node_id = ?1),
                 last_write_ns = (SELECT max(created_ns) FROM versions v WHERE v.node_id = ?1)
-            WHERE id = ?1 RETURNING artifacts, logical_bytes
+            WHERE id = ?1 RETURNING artifacts, logical_bytes, first_write_ns, last_write_ns
             """,
             (node_id,),
         ).fetchall()[0]
-        self._aggregate_up(before[0], after[0] - before[1], after[1] - before[2])
+        self._aggregate_up(before[0], after[0] - before[1], after[1] - before[2],
+                           (before[3], before[4]), (after[2], after[3]))
 
-    def _aggregate_up(self, dir_id: int, artifacts: int, logical_bytes: int) -> None:
-        """A child of `dir_id` changed by these deltas: update it and every ancestor up to
-        runs/. Times are re-read from the children (one index seek each): a minimum cannot be
-        undone by a subtraction."""
+    def _aggregate_up(self, dir_id: int, artifacts: int, logical_bytes: int,
+                      old: tuple[int | None, int | None] = (None, None),
+                      new: tuple[int | None, int | None] = (None, None)) -> None:
+        """A child of `dir_id` changed by these deltas, its times from `old` to `new`: update
+        `dir_id` and every ancestor up to runs/."""
+        (old_first, old_last), (new_first, new_last) = old, new
+        if ((old_first is None or (new_first is not None and new_first <= old_first))
+                and (old_last is None or (new_last is not None and new_last >= old_last))):
+            # The child's times only widened (a publish, a move in): every ancestor's min and
+            # max can only widen too. One statement for the whole chain.
+            self._db.execute(
+                """
+                WITH RECURSIVE up(id) AS (
+                    SELECT ?1 WHERE ?1 != ?6
+                    UNION ALL
+                    SELECT n.parent_id FROM nodes n JOIN up ON n.id = up.id
+                    WHERE n.parent_id != ?6
+                )
+                UPDATE nodes SET
+                    artifacts = artifacts + ?2, logical_bytes = logical_bytes + ?3,
+                    first_write_ns = coalesce(min(first_write_ns, ?4), first_write_ns, ?4),
+                    last_write_ns = coalesce(max(last_write_ns, ?5), last_write_ns, ?5)
+                WHERE id IN (SELECT id FROM up)
+                """,
+                (dir_id, artifacts, logical_bytes, new_first, new_last, RUNS_INODE),
+            )
+            return
+        # Times shrank (an unlink, a move out, gc): a minimum cannot be undone by a
+        # subtraction, so each ancestor's times are re-read from its children (one index seek
+        # each).
         while dir_id != RUNS_INODE:
             rows = self._db.execute(
                 """
@@ -715,10 +743,11 @@ class Manifest:
         """A node (and its subtree) moved from one directory to another."""
         if old_parent == new_parent:
             return
-        artifacts, logical_bytes = self._db.execute(
-            "SELECT artifacts, logical_bytes FROM nodes WHERE id = ?", (node_id,)).fetchone()
-        self._aggregate_up(old_parent, -artifacts, -logical_bytes)
-        self._aggregate_up(new_parent, artifacts, logical_bytes)
+        artifacts, logical_bytes, first, last = self._db.execute(
+            "SELECT artifacts, logical_bytes, first_write_ns, last_write_ns FROM nodes "
+            "WHERE id = ?", (node_id,)).fetchone()
+        self._aggregate_up(old_parent, -artifacts, -logical_bytes, (first, last), (None, None))
+        self._aggregate_up(new_parent, artifacts, logical_bytes, (None, None), (first, last))
 
     def _delete_versions(self, version_ids: list[int]) -> None:
         """Remove versions (gc): the live artifacts whose oldest or newest version goes get

@@ -105,12 +105,23 @@ def test_aggregates_equal_a_recomputation_through_every_change(opened: Store) ->
     trio.run(vfs.setattr, vfs.lookup(d["e1/train/sub"], b"b").ino, AttrChanges(size=5), None,
              ALICE)
     assert_aggregates_exact(manifest)
+    # fsync then close: the close's version replaces the fsync's (history collapses), so the
+    # file's oldest version goes and the times of every directory above it move.
+    async def fsync_then_close() -> None:
+        fh, _ = vfs.create(d["e1/train/sub/deep"], b"fs", 0o644, os.O_WRONLY, ALICE)
+        await vfs.write(fh, 0, b"first")
+        await vfs.fsync(fh)
+        await vfs.write(fh, 5, b" and more")
+        await vfs.flush(fh)
+        vfs.release(fh)
+    trio.run(fsync_then_close)
+    assert_aggregates_exact(manifest)
     # Renames: a file across layers, a directory across executions, a file over another.
     vfs.rename(d["e1/train"], b"a", d["e1/eval"], b"a", 0)
     assert_aggregates_exact(manifest)
     vfs.rename(d["e1/train"], b"sub", d["e2/l"], b"sub", 0)
     assert_aggregates_exact(manifest)
-    assert manifest.dir_stats(d["e2"]).artifacts == 3
+    assert manifest.dir_stats(d["e2"]).artifacts == 4  # y, and sub with b, c and fs
     vfs.rename(d["e1/eval"], b"x", d["e1/eval"], b"a", 0)  # x replaces a
     assert_aggregates_exact(manifest)
     # Unlinks, down to an empty layer.
