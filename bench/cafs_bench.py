@@ -1,6 +1,9 @@
 """cafs benchmark: the same work on a cafs mount and on a plain directory on the same disk.
 
 Usage: scripts/bench [--scale X] [--workdir DIR] [--json FILE] [--scale-artifacts N]
+                     [--fair-run-artifacts N] [--fair-truncate-gib N] [--fair-tag-layers N]
+
+--scale 0 skips the corpus figures (e.g. to run only the fairness figures).
 
 Prints one table (figure, plain, cafs, ratio, target) and writes the same as JSON. Timings are
 noisy (±30% on a 2-core VM): read the ratios. Needs root to drop the page cache for the cold
@@ -18,11 +21,13 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cafs import schema
 from cafs.blobstore import BlobStore
 from cafs.model import RUNS_INODE
 from cafs.store import Store
@@ -284,15 +289,15 @@ def generate_store(store_root: Path, artifacts: int, per_layer: int = 10_000) ->
         temp = blobs.new_temp()
         temp.write(0, f"artifact content {i}\n".encode())
         digest = temp.digest()
-        blobs.publish(temp, digest)
+        written = blobs.publish(temp, digest)
         temp.discard()
-        digests.append((digest, len(f"artifact content {i}\n")))
+        digests.append((digest, written.size, written.stored_size, written.encoding))
     store.close()
     db = sqlite3.connect(store_root / "manifest.sqlite", isolation_level=None)
     now = time.time_ns()
     db.execute("BEGIN")
     db.executemany("INSERT INTO blobs (sha256, size, stored_size, encoding, refcount, created_ns)"
-                   " VALUES (?, ?, ?, 'raw', 0, ?)", [(d, s, s, now) for d, s in digests])
+                   " VALUES (?, ?, ?, ?, 0, ?)", [(*blob, now) for blob in digests])
     blob_ids = [row[0] for row in db.execute("SELECT id FROM blobs ORDER BY id")]
     db.execute("COMMIT")
     layers_needed = (artifacts + per_layer - 1) // per_layer
@@ -329,6 +334,12 @@ def generate_store(store_root: Path, artifacts: int, per_layer: int = 10_000) ->
     db.execute("UPDATE blobs SET refcount = (SELECT count(*) FROM versions v WHERE v.blob_id ="
                " blobs.id)")
     db.execute("UPDATE sqlite_sequence SET seq = (SELECT max(id) FROM nodes) WHERE name = 'nodes'")
+    # The rows went in behind the manifest's back: set the directory aggregates it keeps
+    # (a cafs from before schema m004, measured for comparison, has none).
+    if hasattr(schema, "recompute_aggregates"):
+        db.execute("BEGIN")
+        schema.recompute_aggregates(db)
+        db.execute("COMMIT")
     db.close()
 
 
@@ -420,6 +431,96 @@ def scale_rows(report: Report, work: Path, artifacts: int) -> None:
                    large[4] <= 1.3 * small[4]))
 
 
+# -- fairness: what one user's heavy request costs everyone else ---------------------------
+
+class Prober:
+    """Another user's `ls` and `cat` of a small layer, timed, in a thread."""
+
+    def __init__(self, layer: Path) -> None:
+        self.layer = layer
+        self.latencies: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            os.listdir(self.layer)
+            (self.layer / "small").read_bytes()
+            self.latencies.append(time.perf_counter() - start)
+            time.sleep(0.01)
+
+    def __enter__(self) -> Prober:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def worst(self) -> float:
+        return max(self.latencies, default=0.0)
+
+
+def daemon_cpu_seconds(mount: Mounted) -> float:
+    pid = int((mount.store / "lock").read_text().split()[1])
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fairness_rows(report: Report, work: Path, run_artifacts: int, truncate_gib: int,
+                  tag_layers: int) -> None:
+    """A run's record over many artifacts, truncate -s of a big size, and records of
+    tag-heavy layers: the first two timed with another user's ls/cat probing meanwhile."""
+    store, mnt = work / "fair-store", work / "fair-mnt"
+    if run_artifacts:
+        generate_store(store, run_artifacts, per_layer=max(1, run_artifacts // 10))
+    with Mounted(store, mnt) as mount:
+        small = mnt / "runs" / "probe" / "l"
+        small.mkdir(parents=True)
+        (small / "small").write_bytes(b"hello\n")
+        if run_artifacts:
+            run_dir = mnt / "runs" / "exec00000"
+            reads = []
+            with Prober(small) as prober:
+                for n in range(5):
+                    (run_dir / "layer0" / f"new{n}").write_bytes(b"x")  # no cached record
+                    reads.append(timed((run_dir / ".record.json").read_bytes))
+            report.add(Row(f"fair: .record.json of a {run_artifacts:,}-artifact run", "s", None,
+                           sorted(reads)[2], "< 0.1 s", sorted(reads)[2] < 0.1))
+            report.add(Row("fair: worst ls/cat meanwhile", "s", None, prober.worst, "< 0.5 s",
+                           prober.worst < 0.5))
+        if truncate_gib:
+            big = mnt / "runs" / "probe" / "big"
+            big.mkdir()
+            cpu = daemon_cpu_seconds(mount)
+            with Prober(small) as prober:
+                took = timed(functools.partial(
+                    run, "truncate", "-s", f"{truncate_gib}G", str(big / "sparse")))
+            cpu = daemon_cpu_seconds(mount) - cpu
+            report.add(Row(f"fair: truncate -s {truncate_gib}G, wall", "s", None, took))
+            report.add(Row(f"fair: truncate -s {truncate_gib}G, daemon CPU", "s", None, cpu))
+            report.add(Row("fair: worst ls/cat meanwhile", "s", None, prober.worst, "< 0.5 s",
+                           prober.worst < 0.5))
+        if tag_layers:
+            # As many tags as setxattr allows per layer (16 x 64 KiB), of bytes that JSON
+            # escapes 6-fold; every layer's record read once.
+            value = bytes(range(32)) * 2048
+            run_dir = mnt / "runs" / "tagged"
+            for i in range(tag_layers):
+                layer = run_dir / f"layer{i:03d}"
+                layer.mkdir(parents=True)
+                for t in range(15):
+                    os.setxattr(layer, f"user.t{t:02d}", value)
+            rss = mount.daemon_rss_mb()
+            for i in range(tag_layers):
+                (run_dir / f"layer{i:03d}" / ".record.json").read_bytes()
+            report.add(Row(f"fair: daemon RSS growth, records of {tag_layers} layers with "
+                           "1 MB of tags each", "MB", None, mount.daemon_rss_mb() - rss,
+                           "< 50 MB", mount.daemon_rss_mb() - rss < 50))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -431,19 +532,39 @@ def main() -> None:
                         help="where corpus, plain directory and store go (one disk)")
     parser.add_argument("--json", type=Path, default=Path("bench-results/latest.json"))
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--fair-run-artifacts", type=int, default=None,
+                        help="artifacts of the run whose record is read (default: "
+                             "--scale-artifacts / 5; 0: skip)")
+    parser.add_argument("--fair-truncate-gib", type=int, default=None,
+                        help="size of the truncate -s figure, GiB (default: 50 x --scale, "
+                             "at least 1, at most 50; 0: skip)")
+    parser.add_argument("--fair-tag-layers", type=int, default=None,
+                        help="layers with 1 MB of tags whose records are read (default: "
+                             "72 x --scale, at least 2, at most 72; 0: skip)")
     args = parser.parse_args()
+    if args.fair_run_artifacts is None:
+        args.fair_run_artifacts = args.scale_artifacts // 5
+    if args.fair_truncate_gib is None:
+        args.fair_truncate_gib = max(1, round(50 * min(args.scale, 1)))
+    if args.fair_tag_layers is None:
+        args.fair_tag_layers = max(2, round(72 * min(args.scale, 1)))
 
     work = args.workdir / f"run-{os.getpid()}"
     work.mkdir(parents=True)
     report = Report(scale=args.scale)
     try:
-        corpus = work / "corpus"
-        files, total = make_corpus(corpus, args.scale)
-        print(f"corpus: {files} files, {total / MB:.1f} MB in {work}")
+        if args.scale:
+            corpus = work / "corpus"
+            files, total = make_corpus(corpus, args.scale)
+            print(f"corpus: {files} files, {total / MB:.1f} MB in {work}")
         print(f"  {'figure':<44} {'plain':>12} {'cafs':>12} {'unit':<8} {'ratio':>7}  target")
-        throughput_rows(report, work, corpus, args.scale)
+        if args.scale:
+            throughput_rows(report, work, corpus, args.scale)
         if args.scale_artifacts:
             scale_rows(report, work, args.scale_artifacts)
+        if args.fair_run_artifacts or args.fair_truncate_gib or args.fair_tag_layers:
+            fairness_rows(report, work, args.fair_run_artifacts, args.fair_truncate_gib,
+                          args.fair_tag_layers)
     finally:
         for mnt in work.glob("*mnt"):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)

@@ -349,6 +349,9 @@ class Admin:
                           drift=bool(drift), remove_unpublished=not self.mounted)
         unpublished = 0 if self.mounted else manifest.unpublished_count()
         fixed = manifest.repair(plan, time.time_ns())
+        aggregates, _ = manifest.aggregate_drift(limit=0)
+        if aggregates:
+            manifest.recompute_aggregates()
         # Right after the commit, with no await in between: move wrong bytes out of the way
         # (a missing file has nothing to move).
         quarantined = [self._quarantine(blob) for blob, _ in bad.values()]
@@ -365,6 +368,7 @@ class Admin:
             "quarantined": [name for name in quarantined if name],
             "healed": len(plan.sound),
             "refcounts_fixed": fixed,
+            "aggregates_fixed": aggregates,
             "orphan_files_removed": len(removed),
             "orphan_files_kept": young,
             "temp_files_removed": temps,

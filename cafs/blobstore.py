@@ -58,6 +58,9 @@ WORTHWHILE_RATIO = 0.90
 MIN_COMPRESS_SIZE = 512
 
 _COPY_CHUNK = 1 << 20
+# Holes of a sparse temp (truncate -s 50G) are hashed from this instead of being read: the
+# kernel would only copy zeros out, 50 GB of them.
+_ZEROS = bytes(_COPY_CHUNK)
 _SKIPPABLE_MAGIC = 0x184D2A5E
 _SEEKABLE_MAGIC = 0x8F92EAB1
 _FOOTER = struct.Struct("<IBI")  # number of frames, descriptor, seekable magic
@@ -280,6 +283,9 @@ def checked_raw_size(size: int) -> int:
     return size + blocks * _BLOCK_SUM.size + _RAW_FOOTER.size
 
 
+_ZERO_BLOCK_SUM = xxhash.xxh64_intdigest(bytes(CHECK_BLOCK_SIZE))
+
+
 class BlockSums:
     """XXH64 of each CHECK_BLOCK_SIZE block of bytes fed in order."""
 
@@ -289,6 +295,10 @@ class BlockSums:
         self._filled = 0
 
     def update(self, data: bytes | memoryview) -> None:
+        if data is _ZEROS and self._filled == 0:
+            # A hole's zeros, block-aligned: their sums are a constant.
+            self.sums += [_ZERO_BLOCK_SUM] * (len(data) // CHECK_BLOCK_SIZE)
+            return
         view = memoryview(data)
         while view:
             take = min(len(view), CHECK_BLOCK_SIZE - self._filled)
@@ -441,28 +451,72 @@ class TempBlob:
         self.size = size
 
     def fill_from(self, reader: BlobReader) -> None:
-        """Make this (empty) temp a copy of a blob: the start of a copy-on-write."""
+        """Make this (empty) temp a copy of a blob: the start of a copy-on-write. Runs of
+        zeros stay holes (a copy of a 50 GB sparse file takes no disk)."""
         offset = 0
         while offset < reader.size:
             chunk = reader.read(offset, _COPY_CHUNK)
             if not chunk:
                 raise Corrupt("blob shorter than recorded")
-            self.write(offset, chunk)
+            if len(chunk) == len(_ZEROS) and chunk == _ZEROS:  # memcmp: fast
+                self._extend_with_zeros(offset, _ZEROS)
+            else:
+                self.write(offset, chunk)
             offset += len(chunk)
+
+    def _extend_with_zeros(self, offset: int, zeros: bytes) -> None:
+        """As write(offset, zeros) at the end of the content, leaving a hole."""
+        assert offset == self.size
+        os.ftruncate(self.fd, offset + len(zeros))
+        if self._hashed == offset:
+            self._hasher.update(zeros)
+            self._block_sums.update(zeros)
+            self._hashed += len(zeros)
+        self.size = offset + len(zeros)
+
+    def chunks(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """The content from `start` to `end` in pieces of at most 1 MiB; holes come from a
+        constant buffer of zeros without a read."""
+        end = self.size if end is None else min(end, self.size)
+        offset = start
+        data_at = offset
+        while offset < end:
+            if data_at <= offset:
+                data_at = self._next_data(offset, end)
+            if offset < data_at:  # in a hole: zeros up to the next data
+                length = min(_COPY_CHUNK - offset % _COPY_CHUNK, data_at - offset)
+                chunk = _ZEROS if length == len(_ZEROS) else bytes(length)
+            else:
+                length = min(_COPY_CHUNK - offset % _COPY_CHUNK, end - offset)
+                chunk = os.pread(self.fd, length, offset)
+                if len(chunk) != length:
+                    raise Corrupt("temp file shorter than written")
+            yield chunk
+            offset += length
+
+    def _next_data(self, offset: int, end: int) -> int:
+        """Where data starts at or after `offset` (`end` if only a hole is left)."""
+        try:
+            return min(end, os.lseek(self.fd, offset, os.SEEK_DATA))
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # a hole up to the end of the file
+                return end
+            if exc.errno == errno.EINVAL:  # a filesystem without SEEK_DATA: read it all
+                return offset
+            raise
+
+    def is_hole(self, start: int, length: int) -> bool:
+        """True if [start, start+length) is surely zeros without data (a hole)."""
+        return self._next_data(start, start + length) >= start + length
 
     def digest(self) -> Digest:
         """SHA-256 of the content; after out-of-order writes, read back (block sums too)."""
         if self._hashed != self.size:
             self._hasher = hashlib.sha256()
             self._block_sums = BlockSums()
-            offset = 0
-            while offset < self.size:
-                chunk = os.pread(self.fd, min(_COPY_CHUNK, self.size - offset), offset)
-                if not chunk:
-                    raise Corrupt("temp file shorter than written")
+            for chunk in self.chunks():
                 self._hasher.update(chunk)
                 self._block_sums.update(chunk)
-                offset += len(chunk)
             self._hashed = self.size
         return Digest(self._hasher.hexdigest())
 
@@ -507,6 +561,7 @@ class BlobStore:
         self._temp_serial = 0
         self._threads = max(1, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
+        self._zero_frames: dict[tuple[int, int], tuple[bytes, int, int]] = {}
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -581,6 +636,20 @@ class BlobStore:
         plain = temp.read(start, self.frame_size)
         return _compressor(self.level).compress(plain), len(plain), _frame_checksum(plain)
 
+    def _zero_frame(self, temp: TempBlob, start: int) -> tuple[bytes, int, int] | None:
+        """The frame at `start` if it lies in a hole: zeros compress to the same frame every
+        time, so it is compressed once (per size) and reused."""
+        length = min(self.frame_size, temp.size - start)
+        if not temp.is_hole(start, length):
+            return None
+        key = (self.level, length)
+        frame = self._zero_frames.get(key)
+        if frame is None:
+            plain = bytes(length)
+            frame = (_compressor(self.level).compress(plain), length, _frame_checksum(plain))
+            self._zero_frames[key] = frame
+        return frame
+
     def _compressed_frames(self, temp: TempBlob) -> Generator[tuple[bytes, int, int]]:
         """Every frame of the temp after the first, compressed, in order.
 
@@ -592,7 +661,13 @@ class BlobStore:
         in_flight: deque[Future[tuple[bytes, int, int]]] = deque()
         try:
             for start in starts:
-                in_flight.append(self._pool.submit(self._compress_frame, temp, start))
+                zeros = self._zero_frame(temp, start)
+                if zeros is not None:
+                    done: Future[tuple[bytes, int, int]] = Future()
+                    done.set_result(zeros)
+                    in_flight.append(done)
+                else:
+                    in_flight.append(self._pool.submit(self._compress_frame, temp, start))
                 if len(in_flight) >= 2 * self._threads:
                     yield in_flight.popleft().result()
             while in_flight:
@@ -608,7 +683,7 @@ class BlobStore:
         if temp.size < MIN_COMPRESS_SIZE:
             return None
         # Judge by the first frame: incompressible data stops here and pays nothing more.
-        first = self._compress_frame(temp, 0)
+        first = self._zero_frame(temp, 0) or self._compress_frame(temp, 0)
         if len(first[0]) > first[1] * WORTHWHILE_RATIO:
             return None
         budget = int(temp.size * WORTHWHILE_RATIO)

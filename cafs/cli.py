@@ -201,11 +201,20 @@ def process_alive(pid: int) -> bool:
 @store_option
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def stats(store: Path | None, config: Path | None, as_json: bool) -> None:
+@click.argument("path", required=False)
+def stats(store: Path | None, config: Path | None, as_json: bool, path: str | None) -> None:
     """Show how much the store holds and what dedup and compression save.
 
+    With PATH (an execution, layer or directory): its artifacts, and the bytes only it holds
+    (what deleting it and running gc would reclaim). That reads every artifact below PATH, so it
+    runs here, on a read-only view of the manifest, never in the daemon.
+
     Example: cafs stats --store /srv/cafs --json
+    Example: cafs stats /mnt/cafs/runs/exec42/train
     """
+    if path is not None:
+        _dir_stats(path, store, config, as_json)
+        return
     with open_store(store, config) as opened:
         totals = opened.manifest.totals()
     result = {
@@ -231,6 +240,25 @@ def stats(store: Path | None, config: Path | None, as_json: bool) -> None:
                f"(dedup ratio {result['dedup_ratio']:.2f})")
     click.echo(f"stored bytes    {human_size(totals.stored_bytes)}  "
                f"(compression ratio {result['compression_ratio']:.2f})")
+
+
+def _dir_stats(path: str, store: Path | None, config: Path | None, as_json: bool) -> None:
+    root, rel = cli_admin.locate(path, store, config)
+    with open_store(root, config) as opened:
+        node = opened.manifest.resolve(rel)
+        if node is None or not node.kind.is_dir:
+            fail(f"{path}: no such execution, layer or directory", EXIT_FAILED)
+        found = opened.manifest.sharing_stats(node.ino)
+    result = {"path": rel, "artifacts": found.artifacts, "logical_bytes": found.logical_bytes,
+              "unique_bytes": found.unique_bytes,
+              "unique_stored_bytes": found.unique_stored_bytes}
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{rel}: {found.artifacts} artifacts, {human_size(found.logical_bytes)}")
+    click.echo(f"held only here   {human_size(found.unique_bytes)}  "
+               f"({human_size(found.unique_stored_bytes)} stored: what deleting it and gc "
+               "would reclaim)")
 
 
 def _ratio(numerator: int, denominator: int) -> float:

@@ -360,9 +360,9 @@ def fsck(store: Path | None, config: Path | None, full: bool, repair: bool,
     """Check the manifest against the blobs; exit 1 if anything is damaged.
 
     Orphan blobs and temp files (what a crash can leave) are listed but are not damage.
-    With --repair: fix refcounts, remove orphan blobs and stray temp files, mark artifacts
-    whose content is missing or wrong as damaged (reading them gives EIO, never wrong bytes)
-    and move wrong blob files to quarantine/ — one manifest transaction.
+    With --repair: fix refcounts and the directory aggregates records read, remove orphan
+    blobs and stray temp files, mark artifacts whose content is missing or wrong as damaged
+    (reading them gives EIO, never wrong bytes) and move wrong blob files to quarantine/.
 
     Example: cafs fsck --store /srv/cafs --full
     """
@@ -407,7 +407,8 @@ def _repair(root: Path, as_json: bool, orphan_grace: int) -> None:
         click.echo(f"kept            {result['orphan_files_kept']} orphan blob files younger "
                    "than the grace period")
     click.echo(f"{result['blobs_checked']} blobs re-hashed; fixed {result['refcounts_fixed']} "
-               f"refcounts; removed {result['orphan_files_removed']} orphan blobs, "
+               f"refcounts and the aggregates of {result['aggregates_fixed']} nodes; removed "
+               f"{result['orphan_files_removed']} orphan blobs, "
                f"{result['temp_files_removed']} temp files and "
                f"{result['unfinished_files_removed']} unfinished files; "
                f"{result['healed']} blobs healed")

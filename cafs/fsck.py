@@ -38,6 +38,12 @@ def fsck(store: Store, *, full: bool, mounted: bool) -> FsckReport:
     report.damage += manifest.dangling()
     for digest, recorded, actual in manifest.refcount_drift():
         report.damage.append(f"blob {digest}: refcount {recorded}, but {actual} artifacts use it")
+    # Wrong aggregates make records lie (no content is at risk): --repair recomputes them.
+    drifted, described = manifest.aggregate_drift()
+    report.damage += described
+    if drifted > len(described):
+        report.damage.append(f"... and {drifted - len(described)} more nodes whose aggregates "
+                             "drift")
 
     known = set()
     for blob in manifest.all_blobs():

@@ -120,14 +120,25 @@ class Totals:
 
 @dataclass(frozen=True)
 class DirStats:
-    """What a layer's or execution's record says about the artifacts below it."""
+    """What a layer's or execution's record says about the artifacts below it: the aggregate
+    columns of its row (schema m004), kept up to date by every change."""
 
     artifacts: int
     logical_bytes: int  # sum of their sizes
-    unique_bytes: int  # sizes of contents no artifact outside this directory holds
-    unique_stored_bytes: int  # what deleting the directory and running gc would reclaim
     first_write_ns: int | None  # the oldest version of anything below it
     last_write_ns: int | None  # the newest
+
+
+@dataclass(frozen=True)
+class SharingStats:
+    """What deleting a directory would reclaim: needs every content below it grouped and
+    compared with its refcount, O(artifacts below it). Computed on demand by `cafs stats PATH`
+    (never by records, never on the daemon's event loop)."""
+
+    artifacts: int
+    logical_bytes: int
+    unique_bytes: int  # sizes of contents no artifact outside this directory holds
+    unique_stored_bytes: int  # what deleting the directory and running gc would reclaim
 
 
 @dataclass(frozen=True)
@@ -240,7 +251,8 @@ class Manifest:
                     raise StoreError(f"{path}: cannot open the manifest: the store's filesystem "
                                      "is full; free space outside cafs first") from exc
             raise StoreError(f"{path}: not a usable cafs manifest ({exc})") from exc
-        if readonly and not self._has_column("blobs", "damaged_ns"):
+        if readonly and not (self._has_column("blobs", "damaged_ns")
+                             and self._has_column("nodes", "last_write_ns")):
             raise StoreError(f"{path} was written by an older cafs: mount the store once (or run "
                              "cafs fsck --repair) to upgrade it")
         # Bumped by every committed change: lets computed views (records) know they are stale.
@@ -432,6 +444,7 @@ class Manifest:
             if node.kind.is_dir and new_parent != node.parent:
                 self._adjust_nlink(node.parent, -1)
                 self._adjust_nlink(new_parent, +1)
+            self._aggregate_moved(node.ino, node.parent, new_parent)
             self._touch(node.parent, now_ns)
             if new_parent != node.parent:
                 self._touch(new_parent, now_ns)
@@ -452,7 +465,10 @@ class Manifest:
         db.execute("UPDATE blobs SET refcount = refcount - 1 WHERE id = "
                    f"(SELECT blob_id FROM versions WHERE id = {current})", (node.ino,))
         db.execute("DELETE FROM tags WHERE node_id = ?", (node.ino,))
-        db.execute("DELETE FROM nodes WHERE id = ?", (node.ino,))
+        gone = db.execute("DELETE FROM nodes WHERE id = ? RETURNING parent_id, artifacts, "
+                          "logical_bytes, first_write_ns, last_write_ns", (node.ino,)).fetchall()
+        for parent, artifacts, logical_bytes, first, last in gone:
+            self._aggregate_up(parent, -artifacts, -logical_bytes, (first, last), (None, None))
         if node.kind.is_dir:
             self._adjust_nlink(node.parent, -1)
 
@@ -531,6 +547,7 @@ class Manifest:
             if new.collapses is not None:
                 db.execute("DELETE FROM versions WHERE id = ? AND node_id = ? AND "
                            "replaced_ns IS NOT NULL", (new.collapses, new.node_id))
+            self._aggregate_file(new.node_id)
             crashpoints.reached("before-manifest-commit")
         crashpoints.reached("after-manifest-commit")
         node = self.node(new.node_id)
@@ -687,6 +704,15 @@ class Manifest:
         ).fetchall()
         return {row[0]: bytes(row[1]) for row in rows}
 
+    def tags_up_to(self, node_id: int, largest: int) -> Iterator[tuple[str, bytes | None]]:
+        """A node's tags in name order, one row at a time; a value longer than `largest`
+        bytes comes as None (not read into memory)."""
+        rows = self._db.execute(
+            "SELECT name, CASE WHEN length(value) <= ? THEN value END FROM tags "
+            "WHERE node_id = ? ORDER BY name", (largest, node_id))
+        for name, value in rows:
+            yield name, None if value is None else bytes(value)
+
     def nodes_tagged(self, name: str, value: bytes | None) -> set[int]:
         if value is None:
             rows = self._db.execute("SELECT node_id FROM tags WHERE name = ?", (name,))
@@ -714,7 +740,16 @@ class Manifest:
         return found
 
     def dir_stats(self, top: int) -> DirStats:
-        """Aggregates over the artifacts below a directory: one query, no rows to Python."""
+        """Aggregates over the artifacts below a directory: its row's aggregate columns."""
+        row = self._db.execute(
+            "SELECT artifacts, logical_bytes, first_write_ns, last_write_ns FROM nodes "
+            "WHERE id = ?", (top,)
+        ).fetchone()
+        return DirStats(*row) if row else DirStats(0, 0, None, None)
+
+    def sharing_stats(self, top: int) -> SharingStats:
+        """Artifacts below a directory and the contents only they hold: one query over the
+        whole subtree (no rows to Python), O(artifacts below it)."""
         row = self._db.execute(
             f"""{_SUBTREE},
             cur AS (
@@ -725,13 +760,141 @@ class Manifest:
             SELECT * FROM
                 (SELECT count(*), coalesce(sum(size), 0) FROM cur),
                 (SELECT coalesce(sum(b.size), 0), coalesce(sum(b.stored_size), 0)
-                 FROM held JOIN blobs b ON b.id = held.blob_id WHERE b.refcount <= held.uses),
-                (SELECT min(v.created_ns), max(v.created_ns)
-                 FROM sub JOIN versions v ON v.node_id = sub.id)
+                 FROM held JOIN blobs b ON b.id = held.blob_id WHERE b.refcount <= held.uses)
             """,
             {"top": top},
         ).fetchone()
-        return DirStats(*row)
+        return SharingStats(*row)
+
+    # -- aggregates (schema m004): kept inside the transaction of every change -------------
+
+    def _aggregate_file(self, node_id: int) -> None:
+        """Re-read a file's aggregate columns from its versions and carry the change up."""
+        before = self._db.execute(
+            "SELECT parent_id, artifacts, logical_bytes, first_write_ns, last_write_ns "
+            "FROM nodes WHERE id = ?", (node_id,)
+        ).fetchone()
+        if before is None:
+            return
+        after = self._db.execute(
+            """
+            UPDATE nodes SET
+                artifacts = (version_id IS NOT NULL),
+                logical_bytes = coalesce(
+                    (SELECT size FROM versions v WHERE v.id = nodes.version_id), 0),
+                first_write_ns = (SELECT min(created_ns) FROM versions v WHERE v.node_id = ?1),
+                last_write_ns = (SELECT max(created_ns) FROM versions v WHERE v.node_id = ?1)
+            WHERE id = ?1 RETURNING artifacts, logical_bytes, first_write_ns, last_write_ns
+            """,
+            (node_id,),
+        ).fetchall()[0]
+        self._aggregate_up(before[0], after[0] - before[1], after[1] - before[2],
+                           (before[3], before[4]), (after[2], after[3]))
+
+    def _aggregate_up(self, dir_id: int, artifacts: int, logical_bytes: int,
+                      old: tuple[int | None, int | None] = (None, None),
+                      new: tuple[int | None, int | None] = (None, None)) -> None:
+        """A child of `dir_id` changed by these deltas, its times from `old` to `new`: update
+        `dir_id` and every ancestor up to runs/."""
+        (old_first, old_last), (new_first, new_last) = old, new
+        if ((old_first is None or (new_first is not None and new_first <= old_first))
+                and (old_last is None or (new_last is not None and new_last >= old_last))):
+            # The child's times only widened (a publish, a move in): every ancestor's min and
+            # max can only widen too. One statement for the whole chain.
+            self._db.execute(
+                """
+                WITH RECURSIVE up(id) AS (
+                    SELECT ?1 WHERE ?1 != ?6
+                    UNION ALL
+                    SELECT n.parent_id FROM nodes n JOIN up ON n.id = up.id
+                    WHERE n.parent_id != ?6
+                )
+                UPDATE nodes SET
+                    artifacts = artifacts + ?2, logical_bytes = logical_bytes + ?3,
+                    first_write_ns = coalesce(min(first_write_ns, ?4), first_write_ns, ?4),
+                    last_write_ns = coalesce(max(last_write_ns, ?5), last_write_ns, ?5)
+                WHERE id IN (SELECT id FROM up)
+                """,
+                (dir_id, artifacts, logical_bytes, new_first, new_last, RUNS_INODE),
+            )
+            return
+        # Times shrank (an unlink, a move out, gc): a minimum cannot be undone by a
+        # subtraction, so each ancestor's times are re-read from its children (one index seek
+        # each).
+        while dir_id != RUNS_INODE:
+            rows = self._db.execute(
+                """
+                UPDATE nodes SET
+                    artifacts = artifacts + ?2, logical_bytes = logical_bytes + ?3,
+                    first_write_ns = (SELECT min(c.first_write_ns) FROM nodes c
+                                      WHERE c.parent_id = ?1),
+                    last_write_ns = (SELECT max(c.last_write_ns) FROM nodes c
+                                     WHERE c.parent_id = ?1)
+                WHERE id = ?1 RETURNING parent_id
+                """,
+                (dir_id, artifacts, logical_bytes),
+            ).fetchall()
+            if not rows:
+                return
+            dir_id = rows[0][0]
+
+    def _aggregate_moved(self, node_id: int, old_parent: int, new_parent: int) -> None:
+        """A node (and its subtree) moved from one directory to another."""
+        if old_parent == new_parent:
+            return
+        artifacts, logical_bytes, first, last = self._db.execute(
+            "SELECT artifacts, logical_bytes, first_write_ns, last_write_ns FROM nodes "
+            "WHERE id = ?", (node_id,)).fetchone()
+        self._aggregate_up(old_parent, -artifacts, -logical_bytes, (first, last), (None, None))
+        self._aggregate_up(new_parent, artifacts, logical_bytes, (None, None), (first, last))
+
+    def _delete_versions(self, version_ids: list[int]) -> None:
+        """Remove versions (gc): the live artifacts whose oldest or newest version goes get
+        their times re-read (a current version is never removed, so sizes do not change)."""
+        marks = _marks(version_ids)
+        touched = [row[0] for row in self._db.execute(
+            f"SELECT DISTINCT n.id FROM versions v JOIN nodes n ON n.id = v.node_id "
+            f"WHERE v.id IN ({marks}) "
+            "AND (v.created_ns = n.first_write_ns OR v.created_ns = n.last_write_ns)",
+            version_ids)]
+        self._db.execute(f"DELETE FROM versions WHERE id IN ({marks})", version_ids)
+        for node_id in touched:
+            self._aggregate_file(node_id)
+
+    def aggregate_drift(self, limit: int = 20) -> tuple[int, list[str]]:
+        """Nodes whose aggregate columns differ from a recomputation from their versions
+        (files) or children (directories): (how many, the first `limit` described)."""
+        rows = self._db.execute(
+            """
+            WITH fresh AS (
+                SELECT n.id, (n.version_id IS NOT NULL) AS a, coalesce(cv.size, 0) AS b,
+                       (SELECT min(created_ns) FROM versions v WHERE v.node_id = n.id) AS f,
+                       (SELECT max(created_ns) FROM versions v WHERE v.node_id = n.id) AS l
+                FROM nodes n LEFT JOIN versions cv ON cv.id = n.version_id
+                WHERE n.kind = 'file'
+                UNION ALL
+                SELECT d.id, coalesce(sum(c.artifacts), 0), coalesce(sum(c.logical_bytes), 0),
+                       min(c.first_write_ns), max(c.last_write_ns)
+                FROM nodes d LEFT JOIN nodes c ON c.parent_id = d.id
+                WHERE d.kind != 'file' GROUP BY d.id
+            )
+            SELECT n.id, n.artifacts, n.logical_bytes, n.first_write_ns, n.last_write_ns,
+                   fresh.a, fresh.b, fresh.f, fresh.l
+            FROM fresh JOIN nodes n ON n.id = fresh.id
+            WHERE (n.artifacts, n.logical_bytes) != (fresh.a, fresh.b)
+               OR n.first_write_ns IS NOT fresh.f OR n.last_write_ns IS NOT fresh.l
+            ORDER BY n.id
+            """
+        ).fetchall()
+        return len(rows), [
+            f"{self.path_of(row[0])}: aggregates (artifacts, logical_bytes, first_write_ns, "
+            f"last_write_ns) are {tuple(row[1:5])}, recomputed {tuple(row[5:9])}"
+            for row in rows[:limit]]
+
+    def recompute_aggregates(self) -> None:
+        """fsck --repair: every node's aggregate columns from scratch, in one transaction."""
+        with self._transaction() as db:
+            schema.recompute_aggregates(db)
 
     # -- sealing --------------------------------------------------------------------------
 
@@ -794,7 +957,7 @@ class Manifest:
         Blobs in `keep_blobs` (writes in flight are about to use them) are left alone."""
         with self._transaction(commit=not dry_run) as db:
             for chunk in _chunks(version_ids):
-                db.execute(f"DELETE FROM versions WHERE id IN ({_marks(chunk)})", chunk)
+                self._delete_versions(chunk)
             rows = db.execute(
                 f"SELECT {_BLOB_COLUMNS} FROM blobs b WHERE refcount = 0 AND NOT EXISTS "
                 "(SELECT 1 FROM versions v WHERE v.blob_id = b.id) ORDER BY id"
@@ -874,6 +1037,7 @@ class Manifest:
                 self._set_tags(node_id, entry.tags)
                 if entry.kind is Kind.FILE:
                     self._insert_history(node_id, f"runs/{name}/{entry.rel}", entry, blob_ids)
+            schema.recompute_aggregates(db, ids[""])
         return ids[""]
 
     def _upsert_blob(self, stored: StoredBlob, now_ns: int, *, references: int) -> int:

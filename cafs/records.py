@@ -1,7 +1,16 @@
 """The `.record.json` of layers and executions: what the manifest knows about a directory.
 
-Owns: the record's fields and their JSON form. Computed from aggregate queries (no per-artifact
-rows reach Python), so a layer of 100,000 artifacts costs one query. Must not know FUSE.
+Owns: the record's fields and their JSON form. Built from the aggregate columns the manifest
+keeps on every directory (schema m004): a layer's record is a few indexed reads whatever it holds,
+an execution's one more per layer. Its size is bounded apart from the list of layers: tags beyond
+RECORD_TAG_BYTES are left out (getfattr reads them), never multiplied in memory. Must not know
+FUSE.
+
+What a record must not carry: anything that needs every artifact below the directory, like the
+bytes only this directory holds ("unique bytes"): they depend on every other directory holding
+the same contents, so no aggregate keeps them exactly, and they tell the reader whether content
+elsewhere, perhaps unreadable to them, equals theirs. `cafs stats PATH` computes them for the
+store's owner, outside the daemon.
 """
 
 from __future__ import annotations
@@ -13,7 +22,12 @@ from typing import Any
 from cafs.manifest import DirStats, Manifest
 from cafs.model import Kind, Node
 
-RECORD_FORMAT = 1
+# 2: unique_bytes and unique_stored_bytes left records for `cafs stats PATH`; tags_omitted.
+RECORD_FORMAT = 2
+# JSON bytes of tags a record carries at most; a tag that does not fit is counted in
+# "tags_omitted". Bounds the record whatever the tags (a binary value escapes to up to 6 bytes
+# per byte in JSON).
+RECORD_TAG_BYTES = 64 * 1024
 
 
 def iso_time(ns: int | None) -> str | None:
@@ -23,45 +37,56 @@ def iso_time(ns: int | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _stats_fields(stats: DirStats, sharing: bool) -> dict[str, Any]:
+def _stats_fields(stats: DirStats) -> dict[str, Any]:
     return {
         "artifacts": stats.artifacts,
         "logical_bytes": stats.logical_bytes,
-        "unique_bytes": stats.unique_bytes if sharing else None,
-        "unique_stored_bytes": stats.unique_stored_bytes if sharing else None,
         "first_write": iso_time(stats.first_write_ns),
         "last_write": iso_time(stats.last_write_ns),
     }
 
 
-def _tags(manifest: Manifest, node: Node) -> dict[str, str]:
-    return {name: value.decode("utf-8", "replace")
-            for name, value in manifest.tags_of(node.ino).items()}
+def _tags(manifest: Manifest, node: Node, budget: int) -> tuple[dict[str, str], int]:
+    """The node's tags as text, in name order, while their JSON fits `budget` bytes; and how
+    many were left out. Values larger than what is left are not even fetched."""
+    tags: dict[str, str] = {}
+    omitted = 0
+    for name, value in manifest.tags_up_to(node.ino, budget):
+        if value is None:
+            omitted += 1
+            continue
+        text = value.decode("utf-8", "replace")
+        cost = len(json.dumps({name: text}, ensure_ascii=False).encode())
+        if cost > budget:
+            omitted += 1
+            continue
+        tags[name] = text
+        budget -= cost
+    return tags, omitted
 
 
-def build_record(manifest: Manifest, directory: Node, execution: Node, *, sharing: bool = True,
+def build_record(manifest: Manifest, directory: Node, execution: Node, *,
                  root: bool = True) -> bytes:
     """The record of a layer or an execution directory, as UTF-8 JSON ending in a newline.
 
-    Who reads it decides two parts (see Vfs.sees_sharing): without `sharing`, the unique bytes
-    (which tell whether content is held elsewhere) are null; without `root`, so is the root
-    hash of a sealed run."""
+    Who reads it decides one part (see Vfs._shows_root): without `root`, the root hash of a
+    sealed run is null (with the hashes of the files a reader can read, it would test guesses
+    of those they cannot)."""
     record: dict[str, Any] = {"format": RECORD_FORMAT, "kind": directory.kind.value,
                               "execution": execution.name}
     if directory.kind is Kind.LAYER:
         record["layer"] = directory.name
     record["path"] = manifest.path_of(directory.ino)
-    record.update(_stats_fields(manifest.dir_stats(directory.ino), sharing))
+    record.update(_stats_fields(manifest.dir_stats(directory.ino)))
     record["sealed"] = execution.sealed_ns is not None
     record["sealed_at"] = iso_time(execution.sealed_ns)
     record["root_sha256"] = manifest.root_of(execution.ino) if root else None
     if directory.kind is Kind.EXECUTION:
         layers, after = [], 0
         while page := manifest.children(directory.ino, after, 512):
-            layers += [{"name": layer.name,
-                        **_stats_fields(manifest.dir_stats(layer.ino), sharing)}
+            layers += [{"name": layer.name, **_stats_fields(manifest.dir_stats(layer.ino))}
                        for layer in page]
             after = page[-1].ino
         record["layers"] = sorted(layers, key=lambda layer: layer["name"])
-    record["tags"] = _tags(manifest, directory)
+    record["tags"], record["tags_omitted"] = _tags(manifest, directory, RECORD_TAG_BYTES)
     return (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode()

@@ -7,6 +7,8 @@ them. Never edit an applied migration: add a new one.
 
 from __future__ import annotations
 
+import sqlite3
+
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
@@ -160,6 +162,87 @@ def m003_checked_raw(db: Database) -> None:
                [sql.replace(_ENCODING_CHECK_BEFORE, _ENCODING_CHECK_AFTER)])
     db.execute(f"PRAGMA schema_version = {version + 1}")
     db.execute("PRAGMA writable_schema = OFF")
+
+
+# Aggregates, so that a .record.json costs a few indexed reads whatever the layer holds: every
+# node carries the totals of its subtree (a file: itself). The manifest keeps them in the same
+# transaction as every change (publish, unlink, rename, gc, import) by walking up the parents;
+# min/max cannot be undone by a subtraction, so a directory's times are re-read from its children
+# through the two indexes (parent_id, time), one seek each.
+_M004 = [
+    "ALTER TABLE nodes ADD COLUMN artifacts INTEGER NOT NULL DEFAULT 0 /* files: 1 once "
+    "published (version_id set), else 0; directories: the published artifacts below them, at "
+    "any depth (= sum over the children) */",
+    "ALTER TABLE nodes ADD COLUMN logical_bytes INTEGER NOT NULL DEFAULT 0 /* files: the size "
+    "of the current version (0 before the first publish); directories: the sum over the "
+    "children */",
+    "ALTER TABLE nodes ADD COLUMN first_write_ns INTEGER /* files: the oldest created_ns of "
+    "the versions whose node_id is this node (history included, until gc drops it); "
+    "directories: the minimum over the children; NULL when there is none */",
+    "ALTER TABLE nodes ADD COLUMN last_write_ns INTEGER /* as first_write_ns, the newest */",
+    # A directory's times after a child left: one index seek instead of a scan of its children.
+    "CREATE INDEX nodes_first_write ON nodes(parent_id, first_write_ns)",
+    "CREATE INDEX nodes_last_write ON nodes(parent_id, last_write_ns)",
+]
+
+
+def recompute_aggregates(db: sqlite3.Connection, top: int | None = None) -> None:
+    """Set the aggregate columns (m004) from the versions: of every node, or of `top` and the
+    nodes below it (its ancestors are the caller's). Files from their own versions, then
+    directories level by level from the deepest up. O(nodes), inside the caller's transaction."""
+    db.execute("DROP TABLE IF EXISTS temp.aggregate_dirs")
+    db.execute("CREATE TEMP TABLE aggregate_dirs (id INTEGER PRIMARY KEY, depth INTEGER)")
+    start = "SELECT id, 1 FROM nodes WHERE " + ("parent_id = 2" if top is None else "id = :top")
+    db.execute(
+        f"""
+        WITH RECURSIVE d(id, depth) AS (
+            {start} AND kind != 'file'
+            UNION ALL
+            SELECT n.id, d.depth + 1 FROM nodes n JOIN d ON n.parent_id = d.id
+            WHERE n.kind != 'file'
+        )
+        INSERT INTO aggregate_dirs SELECT id, depth FROM d
+        """,
+        {"top": top},
+    )
+    files = "kind = 'file'" + ("" if top is None else
+                               " AND parent_id IN (SELECT id FROM aggregate_dirs)")
+    db.execute(
+        f"""
+        UPDATE nodes SET
+            artifacts = (version_id IS NOT NULL),
+            logical_bytes = coalesce((SELECT size FROM versions v WHERE v.id = nodes.version_id), 0),
+            first_write_ns = (SELECT min(created_ns) FROM versions v WHERE v.node_id = nodes.id),
+            last_write_ns = (SELECT max(created_ns) FROM versions v WHERE v.node_id = nodes.id)
+        WHERE {files}
+        """
+    )
+    db.execute("UPDATE nodes SET artifacts = 0, logical_bytes = 0, first_write_ns = NULL, "
+               "last_write_ns = NULL WHERE id IN (SELECT id FROM aggregate_dirs)")
+    deepest = db.execute("SELECT max(depth) FROM aggregate_dirs").fetchone()[0] or 0
+    for depth in range(deepest, 0, -1):
+        db.execute(
+            """
+            WITH level AS (SELECT id FROM aggregate_dirs WHERE depth = ?),
+            agg AS (
+                SELECT c.parent_id AS id, sum(c.artifacts) AS a, sum(c.logical_bytes) AS b,
+                       min(c.first_write_ns) AS f, max(c.last_write_ns) AS l
+                FROM nodes c WHERE c.parent_id IN level GROUP BY c.parent_id
+            )
+            UPDATE nodes SET artifacts = agg.a, logical_bytes = agg.b, first_write_ns = agg.f,
+                             last_write_ns = agg.l
+            FROM agg WHERE agg.id = nodes.id
+            """,
+            (depth,),
+        )
+    db.execute("DROP TABLE temp.aggregate_dirs")
+
+
+@migrations()
+def m004_aggregates(db: Database) -> None:
+    for statement in _M004:
+        db.execute(statement)
+    recompute_aggregates(db.conn)
 
 
 # Facts about the manifest as a whole, one row. The durable commit behind fsync writes here:

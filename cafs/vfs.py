@@ -91,10 +91,13 @@ READDIR_PAGE = 512
 XATTR_PREFIX = "user.cafs."
 # Read-only xattrs every artifact (and blob) carries; artifacts also carry user.cafs.version.
 VIRTUAL_XATTRS = ("sha256", "size", "stored_size", "encoding", "refcount")
+# Records are cached until the manifest changes, within a budget of bytes (not entries: a record
+# with many layers is large); a record larger than RECORD_CACHE_MAX is rebuilt when read.
+RECORD_CACHE_BYTES = 4 << 20
+RECORD_CACHE_MAX = 256 << 10
 # Facts about which contents other artifacts hold as well: only for callers who see sharing
 # (see Vfs.sees_sharing).
 SHARING_XATTRS = ("refcount",)
-RECORDS_CACHED = 256
 # Whether a user may read every file of a sealed run (so may see its root hash), per run.
 ROOT_READERS_CACHED = 1024
 RENAME_NOREPLACE = 1
@@ -245,8 +248,9 @@ class Vfs:
         # Digests whose blob files a publish in flight is writing or about to reference: gc
         # must leave those files alone (see Vfs._publish and cafs.admin.gc).
         self._pinned: Counter[str] = Counter()
-        # Records by (directory, sees sharing, shows the root): each view is built apart.
-        self._records: OrderedDict[tuple[int, bool, bool], tuple[int, bytes]] = OrderedDict()
+        # Records by (directory, shows the root hash): each view is built apart.
+        self._records: OrderedDict[tuple[int, bool], tuple[int, bytes]] = OrderedDict()
+        self._records_bytes = 0
         self._root_readers: OrderedDict[tuple[int, int, int, int], bool] = OrderedDict()
         # The user who mounted: blobs/ is theirs, so they may read every content anyway.
         self.owner_uid = os.geteuid()
@@ -311,16 +315,24 @@ class Vfs:
         directory = self.node(record.parent)
         execution = self._execution_of(directory)
         assert execution is not None
-        sharing = self.sees_sharing(caller)
-        key = (record.parent, sharing, self._shows_root(execution, caller))
-        cached = self._records.get(key)
-        if cached is not None and cached[0] == self.manifest.changes:
-            return cached[1]
-        data = build_record(self.manifest, directory, execution, sharing=key[1], root=key[2])
-        self._records[key] = (self.manifest.changes, data)
-        while len(self._records) > RECORDS_CACHED:
-            self._records.popitem(last=False)
+        key = (record.parent, self._shows_root(execution, caller))
+        cached = self._records.pop(key, None)
+        if cached is not None:
+            self._records_bytes -= len(cached[1])
+            if cached[0] == self.manifest.changes:
+                self._cache_record(key, cached)
+                return cached[1]
+        data = build_record(self.manifest, directory, execution, root=key[1])
+        if len(data) <= RECORD_CACHE_MAX:
+            self._cache_record(key, (self.manifest.changes, data))
         return data
+
+    def _cache_record(self, key: tuple[int, bool], entry: tuple[int, bytes]) -> None:
+        self._records[key] = entry
+        self._records_bytes += len(entry[1])
+        while self._records_bytes > RECORD_CACHE_BYTES:
+            _, evicted = self._records.popitem(last=False)
+            self._records_bytes -= len(evicted[1])
 
     def sees_sharing(self, caller: Caller | None) -> bool:
         """Whether `caller` may learn which contents other artifacts hold as well: refcounts,

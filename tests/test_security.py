@@ -282,12 +282,15 @@ def test_records_tell_another_user_nothing_about_sharing(shared: Mount) -> None:
         parsed = json.loads(text + "}")
         assert int(size) == len((text + "}\n").encode())  # stat tells the size they read
         assert parsed["artifacts"] == 2 and parsed["logical_bytes"] == 10
-        assert parsed["unique_bytes"] is None and parsed["unique_stored_bytes"] is None
-        for layer in parsed.get("layers", []):
-            assert layer["unique_bytes"] is None and layer["unique_stored_bytes"] is None
-    # root sees that only "0000" is held by nothing else.
-    mine = json.loads((shared.runs / "n1" / "l" / ".record.json").read_text())
-    assert mine["unique_bytes"] == 5
+        # Records carry no sharing facts for anyone (cafs stats PATH computes them).
+        for fields in (parsed, *parsed.get("layers", [])):
+            assert not {"unique_bytes", "unique_stored_bytes", "refcount"} & set(fields)
+    # The store's owner (root here) learns that only "0000" is held by nothing else.
+    stats = cafs("stats", "--store", str(shared.store), "--json", "runs/n1/l")
+    assert json.loads(stats.stdout)["unique_bytes"] == 5
+    # Another user cannot ask: the store is its owner's alone.
+    denied = as_nobody(f"{cafs_for_nobody()} stats --store {shared.store} runs/n1/l", here)
+    assert denied.returncode == 3 and denied.stderr.startswith("cafs: "), denied.stderr
 
 
 def test_a_root_hash_is_shown_only_to_who_can_read_every_file(shared: Mount) -> None:
