@@ -84,11 +84,18 @@ WAL_MAGIC = (0x377F0682, 0x377F0683)
 
 
 def wal_frames(wal: Path) -> tuple[int, int]:
-    """(page size, number of whole frames) of a WAL file."""
-    header = wal.read_bytes()[:32]
-    assert int.from_bytes(header[:4], "big") in WAL_MAGIC
-    page_size = int.from_bytes(header[8:12], "big")
-    return page_size, (wal.stat().st_size - 32) // (24 + page_size)
+    """(page size, number of frames of the current log) of a WAL file. After a checkpoint SQLite
+    starts the log again at the file's beginning with new salts: frames past the current log's
+    end are stale, and damage there loses nothing."""
+    data = wal.read_bytes()
+    assert int.from_bytes(data[:4], "big") in WAL_MAGIC
+    page_size = int.from_bytes(data[8:12], "big")
+    salts = data[16:24]
+    frames = 0
+    while (32 + (frames + 1) * (24 + page_size) <= len(data)
+           and data[32 + frames * (24 + page_size) + 8:][:8] == salts):
+        frames += 1
+    return page_size, frames
 
 
 def refused(result: subprocess.CompletedProcess[str], *words: str) -> bool:
