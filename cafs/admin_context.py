@@ -44,7 +44,15 @@ class LocalRuntime:
     command never loads trio (nothing else runs meanwhile; checkpoints only yield)."""
 
     async def run_in_thread(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.to_thread(fn, *args)
+        # As trio's to_thread.run_sync does, a cancelled caller (^C) still waits for the thread:
+        # the clean-up that follows (a failed import removing what it stored) must not race
+        # the work it cleans up after.
+        work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await asyncio.wait([work])
+            raise
 
     async def checkpoint(self) -> None:
         await asyncio.sleep(0)
