@@ -24,8 +24,7 @@ from typing import BinaryIO, NoReturn
 import click
 
 from cafs.config import Settings, load_settings
-from cafs.daemon import MountError
-from cafs.errors import CafsError, StoreError
+from cafs.errors import CafsError, MountError, StoreError
 from cafs.store import Store, default_store_path
 
 EXIT_FAILED = 1

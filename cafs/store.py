@@ -1,8 +1,11 @@
 """A store directory as a whole: where it is, its layout, its lock, and opening its parts.
 
-Owns: `<store>/lock` (one daemon per store), the store directory's permissions and the rules that
-keep other users out of it (see `check_store_dir`), the rule that the store and the mountpoint
-never contain each other, and start-up recovery. Must not know FUSE.
+Owns: every name in the store's layout (the constants below: other modules use them, never a
+literal), `<store>/lock` (one daemon per store) and the one answer to "who holds this store, and
+does a daemon serve it" (`store_holder`, `serving_daemon`: the lock file's text is written and
+parsed only here), the store directory's permissions and the rules that keep other users out of
+it (see `check_store_dir`), the rule that the store and the mountpoint never contain each other,
+and start-up recovery. Must not know FUSE, trio or the daemon.
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ from cafs.wal import check_wal, wal_path
 MANIFEST_NAME = "manifest.sqlite"
 LOCK_NAME = "lock"
 LOG_NAME = "daemon.log"
+# The blob store's directories. cafs.blobstore sits below this module and makes them under the
+# same names (it cannot import them from here).
+BLOBS_DIR = "blobs"
+TMP_DIR = "tmp"
+# Blob files whose bytes fsck --repair found wrong, kept for forensics (cafs.maintenance).
+QUARANTINE_DIR = "quarantine"
+# The daemon's control socket (cafs.control).
+SOCKET_NAME = "control.sock"
 # Present while a daemon serves the store; found at start-up, it means the last one never
 # stopped cleanly (killed, crashed, power lost).
 DIRTY_NAME = "dirty"
@@ -43,11 +54,11 @@ LAYOUT = {
     LOCK_NAME: stat.S_IFREG,
     LOG_NAME: stat.S_IFREG,
     DIRTY_NAME: stat.S_IFREG,
-    "control.sock": stat.S_IFSOCK,  # cafs.control
-    "blobs": stat.S_IFDIR,  # cafs.blobstore; its 256 shard directories are checked too
-    "tmp": stat.S_IFDIR,
-    "quarantine": stat.S_IFDIR,  # cafs.admin: damaged blobs kept for forensics
-    "backups": stat.S_IFDIR,  # manifest backups
+    SOCKET_NAME: stat.S_IFSOCK,  # cafs.control
+    BLOBS_DIR: stat.S_IFDIR,  # cafs.blobstore; its 256 shard directories are checked too
+    TMP_DIR: stat.S_IFDIR,
+    QUARANTINE_DIR: stat.S_IFDIR,  # cafs.maintenance: damaged blobs kept for forensics
+    BACKUP_DIR: stat.S_IFDIR,  # manifest backups
 }
 _TYPE_NAMES = {stat.S_IFREG: "regular file", stat.S_IFDIR: "directory",
                stat.S_IFSOCK: "socket"}
@@ -149,7 +160,7 @@ def check_layout(root: Path) -> None:
     """Refuse a store whose layout entries are not what cafs itself would have made."""
     for name, kind in LAYOUT.items():
         _check_entry(root / name, kind)
-    blobs = root / "blobs"
+    blobs = root / BLOBS_DIR
     if os.path.isdir(blobs):
         for shard in range(256):
             _check_entry(blobs / f"{shard:02x}", stat.S_IFDIR)
@@ -261,7 +272,7 @@ class Store:
             blobs = BlobStore(root, level=compression_level)
             # Only while no daemon writes the WAL (we hold the lock, or nobody does): a WAL being
             # appended to can show a frame half written.
-            check_manifest_files(root, blobs, wal=lock or not is_locked(root))
+            check_manifest_files(root, blobs, wal=lock or store_holder(root) is None)
             if create:
                 blobs.create_layout()
                 create_manifest_file(root / MANIFEST_NAME)
@@ -388,7 +399,7 @@ def restore_manifest(root: Path, backup: Path | None) -> tuple[Path, Path]:
         backup = root / BACKUP_DIR / backup.name
     if not backup.is_file():
         raise StoreError(f"no backup {backup}")
-    lock_fd = acquire_lock(root, "running cafs restore")
+    lock_fd = acquire_lock(root, command_owner("restore"))
     try:
         try:
             check = Manifest(backup, readonly=True)
@@ -413,15 +424,46 @@ def restore_manifest(root: Path, backup: Path | None) -> tuple[Path, Path]:
         os.close(lock_fd)
 
 
+# -- the lock: who holds the store ----------------------------------------------------------
+#
+# The lock file holds one line, "pid <pid> <owner>", where owner is what `mount_owner` or
+# `command_owner` made: written by `acquire_lock`, parsed by `store_holder`, nowhere else.
+_MOUNTED_AT = "mounted at "
+
+
+def mount_owner(mountpoint: Path) -> str:
+    """The lock's owner text of a daemon serving a mount at `mountpoint`."""
+    return f"{_MOUNTED_AT}{mountpoint.absolute()}"
+
+
+def command_owner(command: str) -> str:
+    """The lock's owner text of a `cafs` command working on an unmounted store."""
+    return f"running cafs {command}"
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a store's lock, as its lock file tells."""
+
+    pid: int | None  # None if the lock file's text was lost (a full disk) or unreadable
+    # Where the holder serves the store; None for a `cafs` command (gc, import, restore).
+    mountpoint: Path | None
+    description: str  # for messages: "pid N mounted at M", "pid N running cafs gc"
+
+    @property
+    def serves_mount(self) -> bool:
+        return self.mountpoint is not None
+
+
 def acquire_lock(root: Path, owner: str) -> int:
     path = root / LOCK_NAME
     fd = open_store_file(path, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        holder = _parse_holder(os.pread(fd, 4096, 0))
         os.close(fd)
-        raise StoreBusy(f"store {root} is in use ({holder or 'by another process'})") from None
+        raise StoreBusy(f"store {root} is in use ({holder.description})") from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} {owner}".strip().encode() + b"\n", 0)
@@ -430,29 +472,40 @@ def acquire_lock(root: Path, owner: str) -> int:
     return fd
 
 
-def lock_holder(root: Path) -> int | None:
-    """The pid of the daemon holding the store, or None if nobody holds it."""
+def store_holder(root: Path) -> LockHolder | None:
+    """Who holds the store's lock (a daemon serving a mount, or a `cafs` command working on
+    the unmounted store), or None if nobody does."""
     if not is_locked(root):
         return None
-    words = lock_holder_text(root).split()
-    return int(words[1]) if words[:1] == ["pid"] and words[1:2] and words[1].isdigit() else None
-
-
-def lock_holder_text(root: Path) -> str:
-    """What the lock file says of its holder ("pid N mounted at M", "pid N running cafs gc")."""
     try:
         fd = os.open(root / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            text = os.read(fd, 4096).decode(errors="replace").strip()
+            text = os.read(fd, 4096)
         finally:
             os.close(fd)
     except OSError:
-        return "by another process"
-    return text or "by another process"
+        text = b""
+    return _parse_holder(text)
+
+
+def serving_daemon(root: Path) -> LockHolder | None:
+    """The daemon serving the store through a mount, or None if it is not mounted (nobody
+    holds it, or a `cafs` command does)."""
+    holder = store_holder(root)
+    return holder if holder is not None and holder.serves_mount else None
+
+
+def _parse_holder(raw: bytes) -> LockHolder:
+    text = raw.decode(errors="replace").strip()
+    words = text.split(maxsplit=2)
+    pid = int(words[1]) if words[:1] == ["pid"] and words[1:2] and words[1].isdigit() else None
+    owner = words[2] if pid is not None and len(words) > 2 else ""
+    mountpoint = Path(owner.removeprefix(_MOUNTED_AT)) if owner.startswith(_MOUNTED_AT) else None
+    return LockHolder(pid, mountpoint, text or "by another process")
 
 
 def is_locked(root: Path) -> bool:
-    """True while a daemon holds the store (it is mounted)."""
+    """True while anyone holds the store's lock (see store_holder for who)."""
     try:
         fd = os.open(root / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
