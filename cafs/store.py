@@ -61,6 +61,23 @@ def default_store_path() -> Path:
     return Path(data_home) / "cafs"
 
 
+def real_store_path(root: Path) -> Path:
+    """The store's real path, resolved once where the store path is decided; everything after
+    (checks, the daemon, admin commands) uses only this path. A symlink on the given path may
+    sit in a directory another user can write: followed again at each later open, it could be
+    swapped for their store after the checks passed. A store path that is itself a symlink is
+    followed only if this user or root made it."""
+    root = root.absolute()
+    try:
+        link = os.lstat(root)
+    except OSError:  # missing or unreachable: prepare_store_dir says which
+        return root.resolve()
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (0, os.geteuid()):
+        raise StoreError(f"store {root} is a symlink made by uid {link.st_uid}; refusing "
+                         "to follow it")
+    return root.resolve()
+
+
 def check_placement(store: Path, mountpoint: Path) -> None:
     """Refuse a store inside the mountpoint (every blob write would re-enter the daemon and
     deadlock) or a mountpoint inside the store."""
@@ -254,7 +271,7 @@ class Store:
     @classmethod
     def open(cls, root: Path, *, create: bool = True, lock: bool = False,
              compression_level: int = 3, owner: str = "") -> Store:
-        root = root.absolute()
+        root = real_store_path(root)
         prepare_store_dir(root, create=create)
         lock_fd = acquire_lock(root, owner) if lock else None
         try:
@@ -377,7 +394,7 @@ def restore_manifest(root: Path, backup: Path | None) -> tuple[Path, Path]:
     """Put a backup back as the manifest of an unmounted store (holding its lock). The
     manifest files it replaces are moved to backups/replaced-<time>/, never deleted. Returns
     (the backup used, where the replaced files went)."""
-    root = root.absolute()
+    root = real_store_path(root)
     prepare_store_dir(root, create=False)
     if backup is None:
         found = list_backups(root)
