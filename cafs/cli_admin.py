@@ -58,6 +58,7 @@ from cafs.store import (
     command_owner,
     list_backups,
     prepare_store_dir,
+    real_store_path,
     restore_manifest,
     store_holder,
 )
@@ -75,7 +76,7 @@ def locate(path_arg: str, store: Path | None, config: Path | None) -> tuple[Path
     for mountpoint, source in sorted(mounts_of_type("fuse.cafs"), key=lambda m: -len(m[0].parts)):
         if absolute == mountpoint or mountpoint in absolute.parents:
             found = Path(source)
-            if store is not None and store.absolute() != found:
+            if store is not None and real_store_path(store) != found:
                 raise click.UsageError(f"{path_arg} is in the mount of {found}, not of {store}")
             return found, absolute.relative_to(mountpoint).as_posix()
     rel = "/".join(part for part in path_arg.split("/") if part not in ("", "."))

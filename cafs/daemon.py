@@ -29,7 +29,7 @@ from cafs.admin import Admin
 from cafs.control_server import serve_control
 from cafs.errors import CafsError, InvalidArgument, MountError, StoreError
 from cafs.ops import CafsOperations
-from cafs.store import Store, check_placement, mount_owner
+from cafs.store import Store, check_placement, mount_owner, real_store_path
 from cafs.vfs import DEFAULT_MAX_ARTIFACT_SIZE, Vfs
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,7 @@ def sd_notify(message: str) -> None:
 
 def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled. Raises CafsError if it cannot start."""
+    cfg.store = real_store_path(cfg.store)  # never the given path again (a swappable link)
     check_mountpoint(cfg.mountpoint)
     check_placement(cfg.store, cfg.mountpoint)
     _systemd.open()  # now, while descriptors are plenty

@@ -36,8 +36,12 @@ QUARANTINE_DIR = "quarantine"
 # The daemon's control socket (cafs.control).
 SOCKET_NAME = "control.sock"
 # Present while a daemon serves the store; found at start-up, it means the last one never
-# stopped cleanly (killed, crashed, power lost).
+# stopped cleanly (killed, crashed, power lost). A daemon writes "pid N" (or nothing, on a full
+# disk): it had the manifest open in WAL mode, so the WAL must still be there. A read-write
+# Store holding the lock rewrites it to WAL_CLOSED when it closes the manifest cleanly, which
+# folds the WAL into the manifest and deletes it (see Store.close).
 DIRTY_NAME = "dirty"
+WAL_CLOSED = b"wal closed"
 # Rotating copies of the manifest (SQLite online backup): backups/manifest-<UTC time>.sqlite.
 BACKUP_DIR = "backups"
 BACKUPS_KEPT = 5
@@ -70,6 +74,23 @@ def default_store_path() -> Path:
         return Path(os.environ["CAFS_STORE"])
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(data_home) / "cafs"
+
+
+def real_store_path(root: Path) -> Path:
+    """The store's real path, resolved once where the store path is decided; everything after
+    (checks, the daemon, admin commands) uses only this path. A symlink on the given path may
+    sit in a directory another user can write: followed again at each later open, it could be
+    swapped for their store after the checks passed. A store path that is itself a symlink is
+    followed only if this user or root made it."""
+    root = root.absolute()
+    try:
+        link = os.lstat(root)
+    except OSError:  # missing or unreachable: prepare_store_dir says which
+        return root.resolve()
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (0, os.geteuid()):
+        raise StoreError(f"store {root} is a symlink made by uid {link.st_uid}; refusing "
+                         "to follow it")
+    return root.resolve()
 
 
 def check_placement(store: Path, mountpoint: Path) -> None:
@@ -221,12 +242,14 @@ def create_manifest_file(path: Path) -> None:
                 os.chmod(name, 0o600)
 
 
-def check_manifest_files(root: Path, blobs: BlobStore, *, wal: bool) -> None:
+def check_manifest_files(root: Path, blobs: BlobStore, *, wal: bool,
+                         writable: bool = False) -> None:
     """Refuse to open a manifest that would silently lose committed artifacts: a missing or
     empty one beside existing blob files (SQLite would start a new, empty manifest and gc would
-    then delete the blobs, the only copy left), or a WAL damaged in its middle (SQLite's
-    recovery would drop every commit after the damage). Nothing is changed: the files stay as
-    they are for recovery. Runs before SQLite opens anything (see cafs.wal)."""
+    then delete the blobs, the only copy left), a WAL damaged in its middle (SQLite's recovery
+    would drop every commit after the damage), or, to open it read-write, a WAL lost after an
+    unclean stop. Nothing is changed: the files stay as they are for recovery. Runs before
+    SQLite opens anything (see cafs.wal)."""
     manifest = root / MANIFEST_NAME
     try:
         size: int | None = os.lstat(manifest).st_size
@@ -245,6 +268,34 @@ def check_manifest_files(root: Path, blobs: BlobStore, *, wal: bool) -> None:
                 f"store {root} needs repair: the manifest's WAL {MANIFEST_NAME}-wal is damaged "
                 f"({damage.describe()}); it is left untouched. Copy the store aside first, then "
                 "see README: Recovery")
+        if writable and size and _wal_expected(root) and not _wal_size(manifest):
+            # Empty counts as lost: a read-only opener (fsck, a query) recreates it empty.
+            # Read-only openers still run: fsck's LOST? list says what went missing.
+            raise NeedsRepair(
+                f"store {root} needs repair: the manifest's WAL {MANIFEST_NAME}-wal is missing "
+                "after an unclean stop (the daemon had it open), so the commits in it are lost; "
+                f"the store is left untouched. 'cafs fsck --store {root}' lists the lost "
+                f"artifacts' blobs as LOST?; restore a backup with 'cafs restore --store {root}', "
+                f"or accept the loss by removing {root / DIRTY_NAME} (see README: Recovery)")
+
+
+def _wal_size(manifest: Path) -> int:
+    try:
+        return os.lstat(wal_path(manifest)).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _wal_expected(root: Path) -> bool:
+    """True if a daemon stopped uncleanly with the manifest open: its WAL must still exist."""
+    try:
+        fd = open_store_file(root / DIRTY_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        return not os.read(fd, 64).startswith(WAL_CLOSED)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -265,14 +316,15 @@ class Store:
     @classmethod
     def open(cls, root: Path, *, create: bool = True, lock: bool = False,
              compression_level: int = 3, owner: str = "") -> Store:
-        root = root.absolute()
+        root = real_store_path(root)
         prepare_store_dir(root, create=create)
         lock_fd = acquire_lock(root, owner) if lock else None
         try:
             blobs = BlobStore(root, level=compression_level)
             # Only while no daemon writes the WAL (we hold the lock, or nobody does): a WAL being
             # appended to can show a frame half written.
-            check_manifest_files(root, blobs, wal=lock or store_holder(root) is None)
+            check_manifest_files(root, blobs, wal=lock or store_holder(root) is None,
+                                 writable=create)
             if create:
                 blobs.create_layout()
                 create_manifest_file(root / MANIFEST_NAME)
@@ -280,6 +332,8 @@ class Store:
                 raise StoreError(f"no store at {root} (no {MANIFEST_NAME})")
             manifest = Manifest(root / MANIFEST_NAME, readonly=not create,
                                 low_on_space=blobs.space.low)
+            if lock and create:  # before a daemon's dirty marker says a WAL must exist
+                manifest.start_wal()
             if create:
                 # A quarter of the reserve: the WAL pages a checkpoint moves into the database
                 # file never take the half of the reserve kept for deletes and gc.
@@ -371,9 +425,30 @@ class Store:
 
     def close(self) -> None:
         self.manifest.close()
+        if self._lock_fd is not None and not self.manifest.readonly:
+            note_wal_closed(self.root)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def note_wal_closed(root: Path) -> None:
+    """After the manifest was closed cleanly (or replaced) under the lock: a dirty marker left
+    by a crash no longer means a WAL must exist (see check_manifest_files)."""
+    path = root / DIRTY_NAME
+    try:
+        fd = open_store_file(path, os.O_WRONLY)
+    except OSError:  # no marker: nothing to note
+        return
+    try:
+        # Longer than any "pid N" it overwrites; no truncate, which could leave it empty.
+        os.pwrite(fd, WAL_CLOSED + f" by pid {os.getpid()}\n".encode(), 0)
+        os.fsync(fd)
+    except OSError:  # a full disk: no marker at all rather than one that expects a WAL
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    finally:
+        os.close(fd)
 
 
 def list_backups(root: Path) -> list[Path]:
@@ -388,7 +463,7 @@ def restore_manifest(root: Path, backup: Path | None) -> tuple[Path, Path]:
     """Put a backup back as the manifest of an unmounted store (holding its lock). The
     manifest files it replaces are moved to backups/replaced-<time>/, never deleted. Returns
     (the backup used, where the replaced files went)."""
-    root = root.absolute()
+    root = real_store_path(root)
     prepare_store_dir(root, create=False)
     if backup is None:
         found = list_backups(root)
@@ -419,6 +494,7 @@ def restore_manifest(root: Path, backup: Path | None) -> tuple[Path, Path]:
             with contextlib.suppress(FileNotFoundError):
                 os.rename(root / f"{MANIFEST_NAME}{suffix}", aside / f"{MANIFEST_NAME}{suffix}")
         os.rename(partial, root / MANIFEST_NAME)
+        note_wal_closed(root)  # the backup has no WAL
         return backup, aside
     finally:
         os.close(lock_fd)

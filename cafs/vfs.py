@@ -689,6 +689,11 @@ class Vfs:
     async def _truncate(self, node: Node, size: int, handle: Handle | None,
                         caller: Caller) -> None:
         if size > self.max_artifact_size:
+            if handle is not None and handle.writable:
+                # ftruncate fails like a write beyond the maximum: the descriptor's writes fail
+                # as a whole (sticky, so close() says EFBIG), and nothing is published.
+                async with handle.inode.lock:
+                    self._fail(handle.inode, handle, errno.EFBIG)
             raise FileTooBig(f"{size} bytes is over the maximum artifact size")
         if handle is not None:
             self._check_writable(handle)
