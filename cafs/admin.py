@@ -15,7 +15,6 @@ file, so gc never removes content a live artifact or a write about to publish us
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 from collections import Counter
@@ -26,7 +25,7 @@ from typing import IO, Any, Protocol, TypeVar
 from cafs import crashpoints
 from cafs.blobstore import BlobStore
 from cafs.bundle import BundleReader, encode_header, write_bundle
-from cafs.digest import Digest, is_digest
+from cafs.digest import Digest, digest_of_chunks, is_digest
 from cafs.errors import (
     AlreadyExists,
     Busy,
@@ -93,10 +92,8 @@ def root_hash(artifacts: Iterable[tuple[str, str]]) -> str:
     """The root of a run: SHA-256 over its sorted '<path>\\0<sha256>\\n' lines (paths below
     the execution, sorted as UTF-8 bytes). Equal outputs give equal roots, whatever the run's
     name or when it ran."""
-    hasher = hashlib.sha256()
-    for rel, digest in sorted((rel.encode(), digest) for rel, digest in artifacts):
-        hasher.update(rel + b"\0" + digest.encode() + b"\n")
-    return hasher.hexdigest()
+    lines = sorted((rel.encode(), digest) for rel, digest in artifacts)
+    return digest_of_chunks(rel + b"\0" + digest.encode() + b"\n" for rel, digest in lines)[0]
 
 
 def _version_json(version: Version, current_id: int | None) -> dict[str, Any]:

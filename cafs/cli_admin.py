@@ -8,11 +8,11 @@ relative to the store's namespace (runs/e1, with --store).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,7 +20,7 @@ import click
 import trio
 
 from cafs.admin import DEFAULT_ORPHAN_GRACE, Admin, NotMounted
-from cafs.blobstore import BlobStore
+from cafs.blobstore import BlobStore, read_chunks
 from cafs.cli_common import (
     EXIT_FAILED,
     config_option,
@@ -37,7 +37,7 @@ from cafs.cli_common import (
 from cafs.config import Settings
 from cafs.control import call
 from cafs.daemon import TrioRuntime
-from cafs.digest import Digest
+from cafs.digest import Digest, digest_of_chunks
 from cafs.errors import CafsError, StoreBusy, StoreError
 from cafs.fsck import fsck as check_store
 from cafs.rules import DEFAULT_MAX_ARTIFACT_SIZE
@@ -218,19 +218,21 @@ def cat(store: Path | None, config: Path | None, path: str) -> None:
 def _copy_blob(root: Path, found: dict[str, Any], out: IO[bytes]) -> None:
     """Stream one blob straight from the store (blob files never change once written)."""
     reader = BlobStore(root).open(Digest(found["sha256"]), found["encoding"])
-    hasher = hashlib.sha256()
     try:
-        offset = 0
-        while chunk := reader.read(offset, 1 << 20):
-            hasher.update(chunk)
-            out.write(chunk)
-            offset += len(chunk)
+        digest, size = digest_of_chunks(_copied(read_chunks(reader), out))
     finally:
         reader.close()
     out.flush()
-    if hasher.hexdigest() != found["sha256"] or offset != found["size"]:
+    if digest != found["sha256"] or size != found["size"]:
         raise CafsError(f"{found['path']}@{found['version']}: the stored bytes do not match "
                         "their SHA-256; run cafs fsck --repair")
+
+
+def _copied(chunks: Iterator[bytes], out: IO[bytes]) -> Iterator[bytes]:
+    """The chunks, each written to `out` on its way to be hashed."""
+    for chunk in chunks:
+        out.write(chunk)
+        yield chunk
 
 
 # -- sealing ------------------------------------------------------------------------------
