@@ -17,7 +17,6 @@ caller's to decide.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import mimetypes
@@ -27,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import IO, Any
 
 from cafs.blobstore import BlobReader, BlobStore, TempBlob
-from cafs.digest import Digest, is_digest
+from cafs.digest import Digest, digest_of_chunks, is_digest
 from cafs.errors import CafsError, InvalidArgument
 from cafs.model import RECORD_NAME, BlobRef, Kind, StoredBlob, TreeEntry, Version
 from cafs.rules import (
@@ -372,11 +371,9 @@ class BundleReader:
         self._tar.drain()
 
     def _check_one(self, digest: Digest) -> None:
-        hasher = hashlib.sha256()
-        for chunk in self._tar.chunks():
-            hasher.update(chunk)
-        if hasher.hexdigest() != digest:
-            raise BadBundle(f"blob {digest}: its bytes hash to {hasher.hexdigest()}")
+        found, _ = digest_of_chunks(self._tar.chunks())
+        if found != digest:
+            raise BadBundle(f"blob {digest}: its bytes hash to {found}")
 
     def _store_one(self, digest: Digest, store: BlobStore) -> StoredBlob:
         temp: TempBlob = store.new_temp()

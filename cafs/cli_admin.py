@@ -9,11 +9,11 @@ the store's namespace (runs/e1, with --store). Must not import trio, pyfuse3 or 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -28,7 +28,7 @@ from cafs.admin import (
     run_locally,
 )
 from cafs.admin_context import JsonResult
-from cafs.blobstore import BlobStore
+from cafs.blobstore import BlobStore, read_chunks
 from cafs.cli_common import (
     EXIT_FAILED,
     config_option,
@@ -44,7 +44,7 @@ from cafs.cli_common import (
 )
 from cafs.config import Settings
 from cafs.control import call
-from cafs.digest import Digest
+from cafs.digest import Digest, digest_of_chunks
 from cafs.errors import CafsError, StoreBusy, StoreError
 from cafs.lifecycle import Found, History, Sealed, Unsealed, VersionLocation
 from cafs.maintenance import CheckReport, GcReport, RepairReport
@@ -238,19 +238,21 @@ def cat(store: Path | None, config: Path | None, path: str) -> None:
 def _copy_blob(root: Path, found: VersionLocation, out: IO[bytes]) -> None:
     """Stream one blob straight from the store (blob files never change once written)."""
     reader = BlobStore(root).open(Digest(found.sha256), found.encoding)
-    hasher = hashlib.sha256()
     try:
-        offset = 0
-        while chunk := reader.read(offset, 1 << 20):
-            hasher.update(chunk)
-            out.write(chunk)
-            offset += len(chunk)
+        digest, size = digest_of_chunks(_copied(read_chunks(reader), out))
     finally:
         reader.close()
     out.flush()
-    if hasher.hexdigest() != found.sha256 or offset != found.size:
+    if digest != found.sha256 or size != found.size:
         raise CafsError(f"{found.path}@{found.version}: the stored bytes do not match "
                         "their SHA-256; run cafs fsck --repair")
+
+
+def _copied(chunks: Iterator[bytes], out: IO[bytes]) -> Iterator[bytes]:
+    """The chunks, each written to `out` on its way to be hashed."""
+    for chunk in chunks:
+        out.write(chunk)
+        yield chunk
 
 
 # -- sealing ------------------------------------------------------------------------------

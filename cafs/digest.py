@@ -1,19 +1,19 @@
 """The Digest type: the SHA-256 of an artifact's uncompressed bytes, as 64 lowercase hex.
 
-Owns: parsing/validating digests and hashing files. Stdlib only.
+Owns: parsing/validating digests and the one loop that hashes a stream of bytes. Stdlib only;
+must not read files itself (callers hand it the chunks).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-from typing import NewType
+from collections.abc import Iterable
+from typing import NewType, Protocol
 
 Digest = NewType("Digest", str)
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_CHUNK = 1 << 20
 
 
 def parse_digest(text: str) -> Digest:
@@ -31,13 +31,21 @@ def digest_of_bytes(data: bytes) -> Digest:
     return Digest(hashlib.sha256(data).hexdigest())
 
 
-def digest_of_fd(fd: int) -> tuple[Digest, int]:
-    """Hash a whole open file from offset 0 with pread; returns (digest, size)."""
-    hasher = hashlib.sha256()
-    offset = 0
-    while True:
-        chunk = os.pread(fd, _CHUNK, offset)
-        if not chunk:
-            return Digest(hasher.hexdigest()), offset
+class Hasher(Protocol):
+    """What digest_of_chunks feeds: hashlib's sha256, or something that feeds one."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def digest_of_chunks(chunks: Iterable[bytes], into: Hasher | None = None) -> tuple[Digest, int]:
+    """SHA-256 of the chunks' concatenation, and its length: the one read-and-hash loop of
+    cafs (blob files, temp files, bundle members, copies out). `into` continues a running hash
+    (a temp's hash-while-writing, which must keep its hasher) instead of starting a new one."""
+    hasher: Hasher = hashlib.sha256() if into is None else into
+    size = 0
+    for chunk in chunks:
         hasher.update(chunk)
-        offset += len(chunk)
+        size += len(chunk)
+    return Digest(hasher.hexdigest()), size

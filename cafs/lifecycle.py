@@ -8,13 +8,12 @@ Must not import trio, pyfuse3 or the daemon, nor read blob files (cat streams th
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cafs.admin_context import AdminContext, JsonResult
-from cafs.digest import is_digest
+from cafs.digest import digest_of_chunks, is_digest
 from cafs.errors import Busy, Damaged, InvalidArgument, NotFound
 from cafs.model import RUNS_INODE, Kind, Node, Version
 from cafs.records import iso_time
@@ -24,10 +23,8 @@ def root_hash(artifacts: Iterable[tuple[str, str]]) -> str:
     """The root of a run: SHA-256 over its sorted '<path>\\0<sha256>\\n' lines (paths below
     the execution, sorted as UTF-8 bytes). Equal outputs give equal roots, whatever the run's
     name or when it ran."""
-    hasher = hashlib.sha256()
-    for rel, digest in sorted((rel.encode(), digest) for rel, digest in artifacts):
-        hasher.update(rel + b"\0" + digest.encode() + b"\n")
-    return hasher.hexdigest()
+    lines = sorted((rel.encode(), digest) for rel, digest in artifacts)
+    return digest_of_chunks(rel + b"\0" + digest.encode() + b"\n" for rel, digest in lines)[0]
 
 
 # -- results --------------------------------------------------------------------------------

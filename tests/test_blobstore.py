@@ -11,8 +11,16 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from cafs.blobstore import CHECK_BLOCK_SIZE, RAW, RAW_CHECKED, ZSTD, BlobStore, checked_raw_size
-from cafs.digest import Digest
+from cafs.blobstore import (
+    CHECK_BLOCK_SIZE,
+    RAW,
+    RAW_CHECKED,
+    ZSTD,
+    BlobStore,
+    Encoding,
+    checked_raw_size,
+)
+from cafs.digest import Digest, digest_of_chunks
 from cafs.errors import Corrupt
 
 
@@ -170,3 +178,19 @@ def test_iter_digests_lists_every_blob(blobs: BlobStore) -> None:
     digests = {put(blobs, os.urandom(100))[0] for _ in range(5)}
     (blobs.blob_dir / "00" / "not-a-blob").write_text("x")
     assert set(blobs.iter_digests()) == digests
+
+
+def test_an_unknown_encoding_is_an_io_error_and_known_ones_keep_their_text(
+        blobs: BlobStore) -> None:
+    digest, encoding = put(blobs, b"some bytes")
+    with pytest.raises(Corrupt):
+        blobs.open(digest, "lz4")
+    assert encoding == "raw+xxh64" and Encoding(encoding) is RAW_CHECKED
+    assert [str(member) for member in Encoding] == ["raw", "raw+xxh64", "zstd"]
+
+
+def test_digest_of_chunks_is_sha256_and_continues_a_running_hash() -> None:
+    chunks = [b"abc", b"", b"x" * 100_000]
+    assert digest_of_chunks(chunks) == (hashlib.sha256(b"".join(chunks)).hexdigest(), 100_003)
+    running = hashlib.sha256(b"head")
+    assert digest_of_chunks([b"tail"], into=running)[0] == hashlib.sha256(b"headtail").hexdigest()

@@ -1,0 +1,105 @@
+"""The blob store's interface: what the layers above (vfs, store, admin, fsck, bundle) may ask
+of any blob store, whatever holds the blobs.
+
+Owns: the `Blobs` and `BlobReader` protocols, the `Encoding` names the manifest records, and
+`read_chunks`, the one way to stream a reader's bytes. Must not name files, directories or any
+other detail of one implementation: a second implementation (S3 with a local verified cache)
+sits behind the same protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol
+
+from cafs.blobstore.fileio import CHUNK
+from cafs.digest import Digest
+from cafs.model import StoredBlob
+
+if TYPE_CHECKING:
+    from cafs.blobstore.space import SpaceGuard
+    from cafs.blobstore.temp import TempBlob
+
+
+class Encoding(StrEnum):
+    """How a blob's bytes are stored. The value is the text the manifest's `blobs.encoding`
+    column holds (its CHECK lists the same three), so a member compares and stores as that
+    text. Each has its module, holding its writer, its reader and its format."""
+
+    RAW = "raw"  # cafs.blobstore.raw: legacy, read-only
+    RAW_CHECKED = "raw+xxh64"  # cafs.blobstore.raw_xxh64
+    ZSTD = "zstd"  # cafs.blobstore.zstd_seekable
+
+
+class BlobReader(Protocol):
+    """Random access to one blob's uncompressed bytes. Not shared between threads."""
+
+    size: int  # uncompressed bytes
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset` (fewer only at the end); Corrupt if they fail
+        their checksum."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def read_chunks(reader: BlobReader, start: int = 0) -> Iterator[bytes]:
+    """The reader's bytes from `start` in pieces of at most CHUNK; stops early only if the
+    blob is shorter than its size says (the caller compares what it got)."""
+    offset = start
+    while offset < reader.size:
+        chunk = reader.read(offset, CHUNK)
+        if not chunk:
+            return
+        yield chunk
+        offset += len(chunk)
+
+
+class Blobs(Protocol):
+    """Immutable blobs named by the SHA-256 of their uncompressed bytes, and the temps that
+    become them. A blob is written once (publish) and never changed; reads check checksums,
+    so damage gives Corrupt (EIO), never wrong bytes."""
+
+    # Space accounting on the filesystem that temps (and the manifest) are written to.
+    space: SpaceGuard
+
+    def new_temp(self) -> TempBlob:
+        """An empty temp for a write in progress; the caller discards it."""
+        ...
+
+    def publish(self, temp: TempBlob, digest: Digest) -> StoredBlob:
+        """Store a finished temp as the blob `digest`, durably, before it returns (a manifest
+        row written afterwards never points at a partial blob). The temp stays open."""
+        ...
+
+    def open(self, digest: Digest, encoding: str) -> BlobReader:
+        """A reader of the blob; Corrupt if it is missing or unreadable."""
+        ...
+
+    def has(self, digest: Digest) -> bool: ...
+
+    def delete(self, digest: Digest) -> None:
+        """Remove the blob; FileNotFoundError if there is none."""
+        ...
+
+    def stored_size(self, digest: Digest) -> int:
+        """Bytes the blob takes as stored (encoded); FileNotFoundError if missing."""
+        ...
+
+    def compute_digest(self, digest: Digest, encoding: str) -> tuple[Digest, int]:
+        """Re-hash the blob's uncompressed bytes: (their SHA-256, their length)."""
+        ...
+
+    def iter_digests(self) -> Iterator[Digest]:
+        """Every stored blob's digest, whether the manifest knows it or not."""
+        ...
+
+    def has_blob_files(self) -> bool:
+        """True if any blob is stored (stops at the first one found)."""
+        ...
+
+    def clean_tmp(self) -> int:
+        """Remove every temp: writes in progress when the daemon stopped. Returns how many."""
+        ...

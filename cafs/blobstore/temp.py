@@ -1,0 +1,171 @@
+"""A write in progress: the temp file a blob is written into before it is published.
+
+Owns: writing, reading, truncating and copying into one temp file; hashing while writes arrive
+in order (SHA-256 and the raw+xxh64 block sums at once); holes — runs of zeros stay holes and
+are hashed from a constant buffer, never read. Must not name the temp, choose an encoding,
+rename or fsync (the store does those).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cafs import crashpoints
+from cafs.blobstore.api import BlobReader, read_chunks
+from cafs.blobstore.fileio import CHUNK, ZEROS, pwrite_all
+from cafs.blobstore.raw_xxh64 import BlockSums
+from cafs.digest import Digest, digest_of_chunks
+from cafs.errors import Corrupt
+
+if TYPE_CHECKING:
+    from cafs.blobstore.space import SpaceGuard
+
+
+class _ContentSums:
+    """SHA-256 and the block sums of the same bytes, fed together."""
+
+    def __init__(self) -> None:
+        self.sha256 = hashlib.sha256()
+        self.blocks = BlockSums()
+
+    def update(self, data: bytes) -> None:
+        self.sha256.update(data)
+        self.blocks.update(data)
+
+    def hexdigest(self) -> str:
+        return self.sha256.hexdigest()
+
+
+class TempBlob:
+    """A write in progress: a temp file in `tmp/`, hashed while writes arrive in order.
+
+    SHA-256 is fed by writes that continue exactly where the hashed prefix ends. Any other write
+    or truncate makes the prefix hash invalid; the digest is then computed from the file at the
+    end. Not thread-safe: the owner serialises calls.
+    """
+
+    def __init__(self, fd: int, path: Path, space: SpaceGuard | None = None) -> None:
+        self.fd = fd
+        self.path = path
+        self._space = space
+        self.size = 0
+        self._sums = _ContentSums()
+        self._hashed = 0  # bytes fed to _sums; -1 once out-of-order writes invalidated it
+
+    def write(self, offset: int, data: bytes) -> int:
+        if self._space is not None:
+            self._space.take(max(0, offset + len(data) - self.size))
+        pwrite_all(self.fd, data, offset)
+        crashpoints.reached("after-temp-write")
+        if self._hashed == offset:
+            self._sums.update(data)
+            self._hashed += len(data)
+        elif data:
+            self._hashed = -1
+        self.size = max(self.size, offset + len(data))
+        return len(data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        # Never past the content: publishing appends a checksum trailer to the same file.
+        return os.pread(self.fd, max(0, min(length, self.size - offset)), offset)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        if size == 0:
+            self._sums = _ContentSums()
+            self._hashed = 0
+        elif size != self._hashed:
+            self._hashed = -1
+        self.size = size
+
+    def fill_from(self, reader: BlobReader) -> None:
+        """Make this (empty) temp a copy of a blob: the start of a copy-on-write. Runs of
+        zeros stay holes (a copy of a 50 GB sparse file takes no disk)."""
+        offset = 0
+        for chunk in read_chunks(reader):
+            if len(chunk) == len(ZEROS) and chunk == ZEROS:  # memcmp: fast
+                self._extend_with_zeros(offset, ZEROS)
+            else:
+                self.write(offset, chunk)
+            offset += len(chunk)
+        if offset < reader.size:
+            raise Corrupt("blob shorter than recorded")
+
+    def _extend_with_zeros(self, offset: int, zeros: bytes) -> None:
+        """As write(offset, zeros) at the end of the content, leaving a hole."""
+        assert offset == self.size
+        os.ftruncate(self.fd, offset + len(zeros))
+        if self._hashed == offset:
+            self._sums.update(zeros)
+            self._hashed += len(zeros)
+        self.size = offset + len(zeros)
+
+    def chunks(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """The content from `start` to `end` in pieces of at most 1 MiB; holes come from a
+        constant buffer of zeros without a read."""
+        end = self.size if end is None else min(end, self.size)
+        offset = start
+        data_at = offset
+        while offset < end:
+            if data_at <= offset:
+                data_at = self._next_data(offset, end)
+            if offset < data_at:  # in a hole: zeros up to the next data
+                length = min(CHUNK - offset % CHUNK, data_at - offset)
+                chunk = ZEROS if length == len(ZEROS) else bytes(length)
+            else:
+                length = min(CHUNK - offset % CHUNK, end - offset)
+                chunk = os.pread(self.fd, length, offset)
+                if len(chunk) != length:
+                    raise Corrupt("temp file shorter than written")
+            yield chunk
+            offset += length
+
+    def _next_data(self, offset: int, end: int) -> int:
+        """Where data starts at or after `offset` (`end` if only a hole is left)."""
+        try:
+            return min(end, os.lseek(self.fd, offset, os.SEEK_DATA))
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # a hole up to the end of the file
+                return end
+            if exc.errno == errno.EINVAL:  # a filesystem without SEEK_DATA: read it all
+                return offset
+            raise
+
+    def is_hole(self, start: int, length: int) -> bool:
+        """True if [start, start+length) is surely zeros without data (a hole)."""
+        return self._next_data(start, start + length) >= start + length
+
+    def digest(self) -> Digest:
+        """SHA-256 of the content; after out-of-order writes, read back (block sums too)."""
+        if self._hashed != self.size:
+            self._sums = _ContentSums()
+            # The sums keep running afterwards: writes that append continue this hash.
+            digest_of_chunks(self.chunks(), into=self._sums)
+            self._hashed = self.size
+        return Digest(self._sums.hexdigest())
+
+    def append_block_sums(self) -> None:
+        """Write the raw+xxh64 trailer after the content."""
+        self.digest()  # makes the block sums whole, reading the file back if need be
+        pwrite_all(self.fd, self._sums.blocks.trailer(self.size), self.size)
+
+    @property
+    def needs_rehash(self) -> bool:
+        return self._hashed != self.size
+
+    def discard(self) -> None:
+        """Close and remove the temp; safe to call twice, and after a failed descriptor."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):  # the file goes anyway; a bad fd must not leak it
+                os.close(fd)
+        # Never raises: it runs after a publish has committed. A temp that cannot be removed
+        # now is removed at the next start.
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)

@@ -1,0 +1,270 @@
+"""The "zstd" encoding: zstd's seekable format, with a checksum per frame. Writer and reader.
+
+Format (zstd's seekable format, integers little-endian):
+    frames         independent zstd frames of at most `frame_size` uncompressed bytes each
+    seek table     a skippable frame (magic 0x184D2A5E, u32 length) holding, per frame,
+                   u32 compressed size, u32 decompressed size, u32 low 32 bits of the XXH64 of
+                   the frame's uncompressed bytes; then u32 frame count, u8 descriptor (0x80:
+                   checksums present), u32 seekable magic 0x8F92EAB1
+A read decompresses only the frames it covers and checks each frame's checksum, so a flipped
+byte gives EIO, never wrong bytes. The file is an ordinary .zst stream: `zstd -d < blob` yields
+the content.
+
+Owns: the format, the decision whether compressing is worthwhile, the compression thread pool
+and the cache of decompressed frames readers share. It is the only module that imports
+zstandard. Must not know about the layout, or rename or fsync anything (publish does that).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import itertools
+import os
+import struct
+import threading
+from collections import deque
+from collections.abc import Callable, Generator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import xxhash
+import zstandard
+
+from cafs.blobstore.fileio import pwrite_all
+from cafs.blobstore.temp import TempBlob
+from cafs.digest import Digest
+from cafs.errors import Corrupt
+from cafs.lru import Lru
+
+DEFAULT_FRAME_SIZE = 1 << 20
+DEFAULT_LEVEL = 3
+# Compress only when it saves at least this share of the bytes; otherwise store raw so that
+# incompressible data (weights, archives) costs neither CPU at read time nor a seek table.
+WORTHWHILE_RATIO = 0.90
+# Below this, compression cannot save a disk block worth the seek table.
+MIN_COMPRESS_SIZE = 512
+
+_SKIPPABLE_MAGIC = 0x184D2A5E
+_SEEKABLE_MAGIC = 0x8F92EAB1
+_FOOTER = struct.Struct("<IBI")  # number of frames, descriptor, seekable magic
+_ENTRY = struct.Struct("<III")  # compressed size, decompressed size, checksum
+_CHECKSUM_FLAG = 0x80
+# Zero frames kept compressed, one per distinct length (full frames share one; only a hole
+# at a blob's end gives another length).
+_ZERO_FRAMES_KEPT = 16
+
+# Decompressed frames by (digest, frame index), bounded by bytes; shared by every reader.
+FrameCache = Lru[tuple[str, int], bytes]
+# A compressed frame: its bytes, its uncompressed size, its checksum.
+Frame = tuple[bytes, int, int]
+
+
+def new_frame_cache(max_bytes: int) -> FrameCache:
+    # Threadsafe: seeding a copy-on-write temp may read frames in a worker thread.
+    return Lru(max_bytes, size=len, threadsafe=True)
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # python-zstandard objects are not thread-safe: one per thread (and level).
+    cache: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("compressors", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cache[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_local, "decompressor"):
+        _local.decompressor = zstandard.ZstdDecompressor()
+    return _local.decompressor
+
+
+def _frame_checksum(data: bytes) -> int:
+    return xxhash.xxh64_intdigest(data) & 0xFFFFFFFF
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+class SeekableWriter:
+    """Compresses a finished temp into a new temp in the seekable format, when worthwhile."""
+
+    def __init__(self, level: int = DEFAULT_LEVEL, frame_size: int = DEFAULT_FRAME_SIZE) -> None:
+        self.level = level
+        self.frame_size = frame_size
+        self._threads = max(1, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
+        self._zero_frames: Lru[int, Frame] = Lru(_ZERO_FRAMES_KEPT, threadsafe=True)
+
+    def compress_if_worthwhile(self, temp: TempBlob,
+                               new_temp: Callable[[], TempBlob]) -> TempBlob | None:
+        """A temp (from `new_temp`) holding the compressed blob, or None if compressing saves
+        too little: then the caller stores the content raw."""
+        if temp.size < MIN_COMPRESS_SIZE:
+            return None
+        # Judge by the first frame: incompressible data stops here and pays nothing more.
+        first = self._zero_frame(temp, 0) or self._compress_frame(temp, 0)
+        if len(first[0]) > first[1] * WORTHWHILE_RATIO:
+            return None
+        budget = int(temp.size * WORTHWHILE_RATIO)
+        entries: list[tuple[int, int, int]] = []
+        out = new_temp()
+        out_offset = 0
+        try:
+            with contextlib.closing(self._compressed_frames(temp)) as rest:
+                for frame, plain_size, checksum in itertools.chain([first], rest):
+                    pwrite_all(out.fd, frame, out_offset)
+                    out_offset += len(frame)
+                    entries.append((len(frame), plain_size, checksum))
+                    if out_offset > budget:  # compresses too little after all: store raw
+                        out.discard()
+                        return None
+            table = b"".join(_ENTRY.pack(*entry) for entry in entries)
+            footer = _FOOTER.pack(len(entries), _CHECKSUM_FLAG, _SEEKABLE_MAGIC)
+            header = struct.pack("<II", _SKIPPABLE_MAGIC, len(table) + len(footer))
+            pwrite_all(out.fd, header + table + footer, out_offset)
+        except BaseException:
+            out.discard()
+            raise
+        return out
+
+    def _compress_frame(self, temp: TempBlob, start: int) -> Frame:
+        plain = temp.read(start, self.frame_size)
+        return _compressor(self.level).compress(plain), len(plain), _frame_checksum(plain)
+
+    def _zero_frame(self, temp: TempBlob, start: int) -> Frame | None:
+        """The frame at `start` if it lies in a hole: zeros compress to the same frame every
+        time, so it is compressed once (per size) and reused."""
+        length = min(self.frame_size, temp.size - start)
+        if not temp.is_hole(start, length):
+            return None
+        frame = self._zero_frames.get(length)
+        if frame is None:
+            plain = bytes(length)
+            frame = (_compressor(self.level).compress(plain), length, _frame_checksum(plain))
+            self._zero_frames.put(length, frame)
+        return frame
+
+    def _compressed_frames(self, temp: TempBlob) -> Generator[Frame]:
+        """Every frame of the temp after the first, compressed, in order.
+
+        In parallel on all cores (frames are independent and zstd releases the GIL), with a
+        bounded number in flight so memory stays a few frames whatever the blob's size."""
+        starts = range(self.frame_size, temp.size, self.frame_size)  # the first is done already
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="cafs-zstd")
+        in_flight: deque[Future[Frame]] = deque()
+        try:
+            for start in starts:
+                zeros = self._zero_frame(temp, start)
+                if zeros is not None:
+                    done: Future[Frame] = Future()
+                    done.set_result(zeros)
+                    in_flight.append(done)
+                else:
+                    in_flight.append(self._pool.submit(self._compress_frame, temp, start))
+                if len(in_flight) >= 2 * self._threads:
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+        finally:
+            for future in in_flight:
+                future.cancel()
+            for future in in_flight:
+                with contextlib.suppress(BaseException):
+                    future.result()  # never close the temp under a running worker
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+class SeekTable:
+    """The frames of a seekable zstd blob: where each starts, compressed and not."""
+
+    def __init__(self, entries: list[tuple[int, int, int]]) -> None:
+        self.compressed_offsets = [0]
+        self.plain_offsets = [0]
+        self.checksums = []
+        for compressed_size, plain_size, checksum in entries:
+            self.compressed_offsets.append(self.compressed_offsets[-1] + compressed_size)
+            self.plain_offsets.append(self.plain_offsets[-1] + plain_size)
+            self.checksums.append(checksum)
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.checksums)
+
+    @property
+    def plain_size(self) -> int:
+        return self.plain_offsets[-1]
+
+    def frame_at(self, plain_offset: int) -> int:
+        return bisect.bisect_right(self.plain_offsets, plain_offset) - 1
+
+    @classmethod
+    def read_from(cls, fd: int, file_size: int) -> SeekTable:
+        if file_size < _FOOTER.size:
+            raise Corrupt("blob too short for a seek table")
+        frames, descriptor, magic = _FOOTER.unpack(
+            os.pread(fd, _FOOTER.size, file_size - _FOOTER.size)
+        )
+        if magic != _SEEKABLE_MAGIC or not descriptor & _CHECKSUM_FLAG:
+            raise Corrupt("blob has no seek table")
+        table_size = frames * _ENTRY.size
+        start = file_size - _FOOTER.size - table_size
+        if start < 8:
+            raise Corrupt("seek table larger than the blob")
+        raw = os.pread(fd, table_size, start)
+        entries = [_ENTRY.unpack_from(raw, i * _ENTRY.size) for i in range(frames)]
+        table = cls(entries)
+        if table.compressed_offsets[-1] != start - 8:
+            raise Corrupt("seek table does not match the frames")
+        return table
+
+
+class ZstdReader:
+    """The reader, a BlobReader: decompresses (and checks) only the frames a read covers."""
+
+    def __init__(self, fd: int, digest: Digest, cache: FrameCache) -> None:
+        self._fd = fd
+        self._digest = digest
+        self._cache = cache
+        self.table = SeekTable.read_from(fd, os.fstat(fd).st_size)
+        self.size = self.table.plain_size
+
+    def frame(self, index: int) -> bytes:
+        key = (self._digest, index)
+        data = self._cache.get(key)
+        if data is None:
+            table = self.table
+            start = table.compressed_offsets[index]
+            compressed = os.pread(self._fd, table.compressed_offsets[index + 1] - start, start)
+            expected_size = table.plain_offsets[index + 1] - table.plain_offsets[index]
+            try:
+                data = _decompressor().decompress(compressed)
+            except zstandard.ZstdError as exc:
+                raise Corrupt(f"blob {self._digest}: frame {index}: {exc}") from exc
+            if len(data) != expected_size or _frame_checksum(data) != table.checksums[index]:
+                raise Corrupt(f"blob {self._digest}: frame {index} fails its checksum")
+            self._cache.put(key, data)
+        return data
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        table = self.table
+        parts = []
+        index = table.frame_at(offset)
+        while offset < end:
+            frame_start = table.plain_offsets[index]
+            data = self.frame(index)
+            parts.append(data[offset - frame_start : end - frame_start])
+            offset = frame_start + len(data)
+            index += 1
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self) -> None:
+        os.close(self._fd)
