@@ -117,6 +117,10 @@ class StoreError(CafsError):
     """The store as a whole cannot be used (missing, locked, unreadable, misplaced)."""
 
 
+class MountError(CafsError):
+    """The mount itself failed (mountpoint missing, busy, FUSE unavailable)."""
+
+
 class StoreBusy(StoreError):
     """Another daemon holds the store's lock."""
 
