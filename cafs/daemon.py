@@ -24,7 +24,7 @@ import trio
 
 from cafs import crashpoints
 from cafs.admin import Admin
-from cafs.control_server import serve_control
+from cafs.control import serve_control
 from cafs.errors import CafsError, MountError, StoreError
 from cafs.mountpoint import check_mountpoint
 from cafs.ops import CafsOperations
