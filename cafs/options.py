@@ -104,9 +104,8 @@ def _rows() -> tuple[Option, ...]:
 
 
 OPTIONS: tuple[Option, ...] = _rows()
-BY_NAME = {row.name: row for row in OPTIONS}
-FILE_KEYS = {row.name: row for row in OPTIONS if row.in_file}
-MOUNT_OPTIONS = {row.name: row for row in OPTIONS if row.mount}
+FILE_KEYS = {row.config_key: row for row in OPTIONS if row.config_key is not None}
+MOUNT_OPTIONS = {row.mount_name: row for row in OPTIONS if row.mount_name is not None}
 
 # Generic mount(8)/fstab options that say nothing to cafs: accepted and ignored.
 IGNORED_OPTIONS = {"defaults", "rw", "auto", "noauto", "user", "nouser", "users", "nofail",
