@@ -4,7 +4,6 @@ root hashes."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import sha
 from test_vfs import Runtime, layer, read_all, write_file
 
 from cafs.admin import Admin, root_hash
@@ -22,10 +22,6 @@ from cafs.daemon import TrioRuntime
 from cafs.digest import Digest
 from cafs.store import Store
 from cafs.vfs import Vfs
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture
