@@ -73,12 +73,13 @@ def mount(store: Path | None, config: Path | None, options: tuple[str, ...], for
     Example: cafs mount --store /srv/cafs /mnt/artifacts
     """
     settings = settings_from(config)  # the defaults, then the configuration file
+    root = resolve_store(store, settings)
+    where = resolve_mountpoint(mountpoint, settings)
     try:  # then -o
         settings = parse_mount_options(list(options), settings)
     except CafsError as exc:
         raise click.UsageError(str(exc)) from None
-    cfg = MountConfig(store=resolve_store(store, settings),
-                      mountpoint=resolve_mountpoint(mountpoint, settings), settings=settings)
+    cfg = MountConfig(store=root, mountpoint=where, settings=settings)
     with errors_as_exit_codes():
         if foreground:
             run_foreground(cfg, debug, ready_fd)
