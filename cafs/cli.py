@@ -34,6 +34,8 @@ from cafs.cli_common import (
     store_option,
 )
 from cafs.errors import CafsError, MountError, StoreError
+from cafs.mountpoint import check_mountpoint
+from cafs.options import MountConfig, mount_option_args, mount_options_help, parse_mount_options
 from cafs.store import (
     LOG_NAME,
     check_placement,
@@ -60,11 +62,7 @@ def cli() -> None:
 @cli.command()
 @store_option
 @config_option
-@click.option("-o", "options", multiple=True, metavar="OPTS",
-              help="Mount options, comma-separated: allow_other, compression=N, "
-                   "max_artifact_size=BYTES, max_open_files=N (descriptors: 2 per file open "
-                   "for writing), backup_interval=SECONDS (manifest backups, default 3600; 0: "
-                   "only at unmount); generic fstab options are ignored.")
+@click.option("-o", "options", multiple=True, metavar="OPTS", help=mount_options_help())
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached; log to stderr.")
 @click.option("--debug", is_flag=True, help="Log every request (very verbose).")
 @click.option("--ready-fd", type=int, default=None, hidden=True)
@@ -78,22 +76,14 @@ def mount(store: Path | None, config: Path | None, options: tuple[str, ...], for
 
     Example: cafs mount --store /srv/cafs /mnt/artifacts
     """
-    from cafs.daemon import MountConfig, parse_mount_options
-
-    settings = settings_from(config)
-    cfg = MountConfig(store=resolve_store(store, settings),
-                      mountpoint=resolve_mountpoint(mountpoint, settings),
-                      allow_other=settings.allow_other)
-    if settings.compression is not None:
-        cfg.compression_level = settings.compression
-    if settings.max_artifact_size is not None:
-        cfg.max_artifact_size = settings.max_artifact_size
-    if settings.max_open_files is not None:
-        cfg.max_open_files = settings.max_open_files
-    try:
-        parse_mount_options(cfg, list(options))
+    settings = settings_from(config)  # the defaults, then the configuration file
+    root = resolve_store(store, settings)
+    where = resolve_mountpoint(mountpoint, settings)
+    try:  # then -o
+        settings = parse_mount_options(list(options), settings)
     except CafsError as exc:
         raise click.UsageError(str(exc)) from None
+    cfg = MountConfig(store=root, mountpoint=where, settings=settings)
     with errors_as_exit_codes():
         if foreground:
             run_foreground(cfg, debug, ready_fd)
@@ -102,6 +92,7 @@ def mount(store: Path | None, config: Path | None, options: tuple[str, ...], for
 
 
 def run_foreground(cfg: MountConfig, debug: bool, ready_fd: int | None) -> None:
+    # The only command that loads the daemon, and with it pyfuse3 and trio.
     from cafs.daemon import configure_logging, serve
 
     configure_logging(debug)
@@ -121,8 +112,6 @@ def run_foreground(cfg: MountConfig, debug: bool, ready_fd: int | None) -> None:
 
 def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
     """Start the daemon in its own session and wait until it serves (or says why not)."""
-    from cafs.daemon import check_mountpoint
-
     check_mountpoint(cfg.mountpoint)
     check_placement(cfg.store, cfg.mountpoint)
     prepare_store_dir(cfg.store, create=True)
@@ -131,13 +120,7 @@ def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
     # The child gets every setting explicitly, so it needs no configuration file.
     command = [sys.executable, "-m", "cafs", "mount", "--foreground", "--ready-fd",
                str(write_end), "--store", str(cfg.store), str(cfg.mountpoint),
-               "-o", f"compression={cfg.compression_level}",
-               "-o", f"max_artifact_size={cfg.max_artifact_size}",
-               "-o", f"backup_interval={cfg.backup_interval}"]
-    if cfg.allow_other:
-        command += ["-o", "allow_other"]
-    if cfg.max_open_files is not None:
-        command += ["-o", f"max_open_files={cfg.max_open_files}"]
+               *mount_option_args(cfg.settings)]
     if debug:
         command.append("--debug")
     child_env = dict(os.environ, CAFS_CONFIG="")

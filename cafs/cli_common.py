@@ -25,6 +25,10 @@ import click
 
 from cafs.config import Settings, load_settings
 from cafs.errors import CafsError, MountError, StoreError
+
+# The mount table is read in cafs.mountpoint; the commands import it from here.
+from cafs.mountpoint import find_mount as find_mount
+from cafs.mountpoint import mounts_of_type as mounts_of_type
 from cafs.store import Store, default_store_path, real_store_path
 
 EXIT_FAILED = 1
@@ -112,39 +116,6 @@ def resolve_mountpoint(mountpoint: Path | None, settings: Settings) -> Path:
     if mountpoint is None:
         raise click.UsageError("no MOUNTPOINT given and none in the configuration file")
     return mountpoint.absolute()
-
-
-
-def _mounts() -> list[tuple[Path, str, str]]:
-    """(mountpoint, fstype, source) of every mount, bottom to top, from /proc/self/mountinfo."""
-    found = []
-    with open("/proc/self/mountinfo") as mounts:
-        for line in mounts:
-            fields = line.split()
-            separator = fields.index("-")
-            found.append((Path(_unescape(fields[4])), fields[separator + 1],
-                          _unescape(fields[separator + 2])))
-    return found
-
-
-def find_mount(mountpoint: Path) -> tuple[str, str] | None:
-    """(fstype, source) of the mount at mountpoint (the one on top)."""
-    target = mountpoint.absolute()
-    found = None
-    for point, fstype, source in _mounts():
-        if point == target:
-            found = (fstype, source)
-    return found
-
-
-def mounts_of_type(fstype: str) -> list[tuple[Path, str]]:
-    """(mountpoint, source) of every mount of one type."""
-    return [(point, source) for point, kind, source in _mounts() if kind == fstype]
-
-
-def _unescape(text: str) -> str:
-    return text.encode().decode("unicode_escape").encode("latin-1").decode()
-
 
 
 def human_size(size: int) -> str:

@@ -1,40 +1,24 @@
 """The configuration file: `/etc/cafs/cafs.toml`, `$CAFS_CONFIG`, or `--config FILE`.
 
-Owns: reading and validating settings. Command-line flags override the file; an empty
-CAFS_CONFIG means "no configuration file". Stdlib only (tomllib).
-
-    store = "/var/lib/cafs"          # the store directory
-    mountpoint = "/mnt/cafs"         # where `cafs mount` mounts without an argument
-    allow_other = true               # let other users see the mount (permissions still apply)
-    compression = 3                  # zstd level for compressible content
-    max_artifact_size = 274877906944  # 256 GiB
-    max_open_files = 10000           # descriptors of open files (default: the fd limit less 256)
-    orphan_grace = 604800            # gc and fsck --repair keep orphan blob files this many seconds
+Owns: finding, reading and validating the file. Which keys it may hold, their types and
+defaults are the table in cafs.options (systemd/cafs.toml is a commented example). Command-line
+flags override the file; an empty CAFS_CONFIG means "no configuration file". Must not know the
+command line or the daemon. Stdlib only (tomllib).
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cafs.errors import InvalidArgument
+from cafs.options import FILE_KEYS, Settings
 
 DEFAULT_CONFIG = Path("/etc/cafs/cafs.toml")
-_KEYS = {"store": str, "mountpoint": str, "allow_other": bool, "compression": int,
-         "max_artifact_size": int, "max_open_files": int, "orphan_grace": int}
 
-
-@dataclass(frozen=True)
-class Settings:
-    store: Path | None = None
-    mountpoint: Path | None = None
-    allow_other: bool = False
-    compression: int | None = None
-    max_artifact_size: int | None = None
-    max_open_files: int | None = None
-    orphan_grace: int | None = None
+__all__ = ["DEFAULT_CONFIG", "Settings", "config_path", "load_settings"]
 
 
 def config_path(explicit: Path | None) -> Path | None:
@@ -57,19 +41,14 @@ def load_settings(explicit: Path | None = None) -> Settings:
         raise InvalidArgument(f"configuration file {path} does not exist") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise InvalidArgument(f"configuration file {path}: {exc}") from None
+    values: dict[str, Any] = {}
     for key, value in data.items():
-        expected = _KEYS.get(key)
-        if expected is None:
+        row = FILE_KEYS.get(key)
+        if row is None:
             raise InvalidArgument(f"configuration file {path}: unknown setting {key!r}")
+        expected = row.file_type
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise InvalidArgument(
                 f"configuration file {path}: {key} must be a {expected.__name__}")
-    return Settings(
-        store=Path(data["store"]) if "store" in data else None,
-        mountpoint=Path(data["mountpoint"]) if "mountpoint" in data else None,
-        allow_other=data.get("allow_other", False),
-        compression=data.get("compression"),
-        max_artifact_size=data.get("max_artifact_size"),
-        max_open_files=data.get("max_open_files"),
-        orphan_grace=data.get("orphan_grace"),
-    )
+        values[key] = row.kind(value)  # a string to a Path; the rest as they are
+    return Settings(**values)

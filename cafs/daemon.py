@@ -8,7 +8,6 @@ Must not decide filesystem behaviour (that is cafs.vfs).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import resource
@@ -17,7 +16,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -27,58 +26,16 @@ import trio
 from cafs import crashpoints
 from cafs.admin import Admin
 from cafs.control_server import serve_control
-from cafs.errors import CafsError, InvalidArgument, MountError, StoreError
+from cafs.errors import CafsError, MountError, StoreError
+from cafs.mountpoint import check_mountpoint
 from cafs.ops import CafsOperations
+from cafs.options import MountConfig
 from cafs.store import Store, check_placement, mount_owner, real_store_path
-from cafs.vfs import DEFAULT_MAX_ARTIFACT_SIZE, Vfs
+from cafs.vfs import Vfs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 FD_RESERVE = 256
-DEFAULT_BACKUP_INTERVAL = 3600
-
-# Generic mount(8)/fstab options that say nothing to cafs: accepted and ignored.
-IGNORED_OPTIONS = {"defaults", "rw", "auto", "noauto", "user", "nouser", "users", "nofail",
-                   "_netdev", "dev", "suid", "exec", "noexec", "async", "atime", "noatime",
-                   "relatime", "nodev", "nosuid", "default_permissions"}
-
-
-@dataclass
-class MountConfig:
-    store: Path
-    mountpoint: Path
-    allow_other: bool = False
-    compression_level: int = 3
-    max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE
-    max_open_files: int | None = None  # None: what the descriptor limit allows
-    # Seconds between manifest backups while mounted (if it changed); 0: only at unmount.
-    backup_interval: int = DEFAULT_BACKUP_INTERVAL
-
-
-def parse_mount_options(cfg: MountConfig, option_lists: list[str]) -> None:
-    """Apply `-o a,b,c` lists to the config; unknown options are an error."""
-    for option in ",".join(option_lists).split(","):
-        option = option.strip()
-        if not option or option in IGNORED_OPTIONS or option.startswith("x-systemd."):
-            continue
-        if option == "allow_other":
-            cfg.allow_other = True
-        elif option.startswith(("compression=", "max_artifact_size=", "max_open_files=",
-                                "backup_interval=")):
-            key, _, value = option.partition("=")
-            if not value.isdigit():
-                raise InvalidArgument(f"mount option {key} needs a whole number: {option}")
-            if key == "compression":
-                cfg.compression_level = int(value)
-            elif key == "max_open_files":
-                cfg.max_open_files = int(value)
-            elif key == "backup_interval":
-                cfg.backup_interval = int(value)
-            else:
-                cfg.max_artifact_size = int(value)
-        else:
-            raise InvalidArgument(f"unknown mount option: {option}")
-
 
 def fuse_options(cfg: MountConfig) -> set[str]:
     # nodev and nosuid always: artifacts are data, never devices or setuid programs.
@@ -86,7 +43,7 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     fsname = str(cfg.store.absolute()).replace("\\", "\\\\").replace(",", "\\,")
     options = {"default_permissions", "nodev", "nosuid", "noatime", "subtype=cafs",
                f"fsname={fsname}"}
-    if cfg.allow_other:
+    if cfg.settings.allow_other:
         options.add("allow_other")
     return options
 
@@ -108,23 +65,6 @@ def open_files_cap(asked: int | None) -> int:
         log.warning("max_open_files=%d is more than the descriptor limit allows; using %d",
                     asked, room)
     return room if asked is None else max(1, min(asked, room))
-
-
-def check_mountpoint(mountpoint: Path) -> None:
-    try:
-        if not mountpoint.is_dir():
-            raise MountError(f"mountpoint {mountpoint} does not exist or is not a directory",
-                             errno.ENOENT)
-        # stat alone can be answered from the attributes a dead FUSE mount still caches (and
-        # a new mount would then be stacked on the dead one): opening the directory must ask.
-        with contextlib.suppress(PermissionError), os.scandir(mountpoint):
-            pass
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            raise MountError(f"mountpoint {mountpoint} is a dead mount (transport endpoint not "
-                             f"connected): run 'cafs umount {mountpoint}' first",
-                             errno.ENOTCONN) from None
-        raise MountError(f"mountpoint {mountpoint}: {exc.strerror}", exc.errno) from None
 
 
 class TrioRuntime:
@@ -216,11 +156,12 @@ def sd_notify(message: str) -> None:
 
 def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled. Raises CafsError if it cannot start."""
-    cfg.store = real_store_path(cfg.store)  # never the given path again (a swappable link)
+    # Never the given path again: a link in it could be swapped while we serve.
+    cfg = replace(cfg, store=real_store_path(cfg.store))
     check_mountpoint(cfg.mountpoint)
     check_placement(cfg.store, cfg.mountpoint)
     _systemd.open()  # now, while descriptors are plenty
-    store = Store.open(cfg.store, lock=True, compression_level=cfg.compression_level,
+    store = Store.open(cfg.store, lock=True, compression_level=cfg.settings.compression,
                        owner=mount_owner(cfg.mountpoint))
     try:
         if store.mark_dirty():
@@ -239,8 +180,8 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             log.warning("cannot record the start-up check in the manifest: %s", exc)
         kernel = PyfuseKernel()
         vfs = Vfs(store.manifest, store.blobs, TrioRuntime(),
-                  max_artifact_size=cfg.max_artifact_size, kernel=kernel,
-                  max_open_files=open_files_cap(cfg.max_open_files))
+                  max_artifact_size=cfg.settings.max_artifact_size, kernel=kernel,
+                  max_open_files=open_files_cap(cfg.settings.max_open_files))
         try:
             pyfuse3.init(CafsOperations(vfs), str(cfg.mountpoint), fuse_options(cfg))
         except RuntimeError as exc:
@@ -280,8 +221,8 @@ async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Stor
         interval = watchdog_interval()
         if interval is not None:
             nursery.start_soon(_ping_watchdog, interval)
-        if cfg.backup_interval > 0:
-            nursery.start_soon(_backup_periodically, store, cfg.backup_interval)
+        if cfg.settings.backup_interval > 0:
+            nursery.start_soon(_backup_periodically, store, cfg.settings.backup_interval)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -367,4 +308,4 @@ def configure_logging(debug: bool) -> None:
     logging.getLogger("pyfuse3").setLevel(logging.INFO if debug else logging.WARNING)
 
 
-__all__ = ["MountConfig", "MountError", "StoreError", "parse_mount_options", "serve"]
+__all__ = ["MountConfig", "MountError", "StoreError", "TrioRuntime", "configure_logging", "serve"]

@@ -8,11 +8,13 @@ missing, and never when CAFS_REQUIRE_FUSE is set (CI sets it).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ import pytest
 CAFS = [sys.executable, "-m", "cafs"]
 # Tests never read the machine's /etc/cafs/cafs.toml: each passes what it needs.
 os.environ["CAFS_CONFIG"] = ""
+NOBODY = 65534  # uid and gid of the tests' other user
 
 
 def fuse_missing_reason() -> str | None:
@@ -61,6 +64,32 @@ def sh(command: str, *, cwd: Path | None = None, check: bool = True,
                              f"{result.stdout.decode(errors='replace')}"
                              f"{result.stderr.decode(errors='replace')}")
     return result
+
+
+def as_nobody(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a shell command as nobody (no groups, nobody's home) in cwd."""
+    return subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         "bash", "-c", command],
+        cwd=cwd, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "HOME": "/nonexistent"})
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def xattr(path: Path, name: str) -> str:
+    return os.getxattr(path, name).decode()
+
+
+def small_tmpfs(path: Path, size: str) -> Path:
+    """Mount a tmpfs of `size` (e.g. "12m") at path, made here: a store that fills up. The
+    caller unmounts it."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=700", "tmpfs", str(path)],
+                   check=True)
+    return path
 
 
 def write_artifact(path: Path, data: bytes, *, fsync: bool = False) -> None:
@@ -170,6 +199,13 @@ class Mount:
     def fsck(self, *extra: str) -> subprocess.CompletedProcess[str]:
         return cafs("fsck", "--store", str(self.store), *extra, check=False)
 
+    def assert_clean(self) -> None:
+        """What every mount ends with: no error logged, and fsck --full finds no damage."""
+        problems = self.log_problems()
+        assert not problems, "the daemon logged errors:\n" + "\n".join(problems)
+        report = self.fsck("--full")
+        assert report.returncode == 0, f"fsck found damage:\n{report.stdout}{report.stderr}"
+
 
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
@@ -210,10 +246,44 @@ def mount(store: Path, mountpoint: Path) -> Iterator[Mount]:
         yield mounted
     finally:
         unmount_whatever_state(mountpoint)
-    problems = mounted.log_problems()
-    assert not problems, "the daemon logged errors:\n" + "\n".join(problems)
-    report = mounted.fsck("--full")
-    assert report.returncode == 0, f"fsck found damage:\n{report.stdout}{report.stderr}"
+    mounted.assert_clean()
+
+
+@contextlib.contextmanager
+def started(mount: Mount, *options: str) -> Iterator[Mount]:
+    """`mount` started with these -o options; stopped and checked clean at the end."""
+    mount.options = options
+    mount.start()
+    yield mount
+    mount.stop()
+    mount.assert_clean()
+
+
+@contextlib.contextmanager
+def reachable_dir(prefix: str) -> Iterator[Path]:
+    """A fresh directory every user can reach (tmp_path is 0700), removed afterwards."""
+    parent = Path(tempfile.mkdtemp(prefix=prefix))
+    parent.chmod(0o755)
+    try:
+        yield parent
+    finally:
+        shutil.rmtree(parent)
+
+
+@contextlib.contextmanager
+def mounted_for_everyone(store: Path, parent: Path) -> Iterator[Mount]:
+    """Mounted by root with allow_other at parent/mnt (parent: one other users can reach);
+    stopped and checked clean at the end."""
+    mountpoint = parent / "mnt"
+    mountpoint.mkdir()
+    mount = Mount(store, mountpoint, options=("allow_other",))
+    mount.start()
+    try:
+        yield mount
+        mount.stop()
+    finally:
+        unmount_whatever_state(mountpoint)
+    mount.assert_clean()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import io
 import json
 import os
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import sha
 from test_vfs import ALICE, Runtime, layer, read_all, write_file
 
 from cafs.admin import Admin, LocalRuntime, NotMounted, decode_result, root_hash, run_locally
@@ -41,10 +41,6 @@ from cafs.store import (
     store_holder,
 )
 from cafs.vfs import Vfs
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import bz2
 import gzip
-import hashlib
 import io
 import json
 import lzma
@@ -25,15 +24,11 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import CAFS, Mount, cafs, require_fuse, unmount_whatever_state
+from conftest import CAFS, Mount, cafs, require_fuse, sha, unmount_whatever_state
 
 from cafs.errors import CafsError
 
 T0 = 1_700_000_000_000_000_000
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # -- building bundles ---------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import Mount, cafs, require_fuse, sh
+from conftest import Mount, cafs, require_fuse, sh, small_tmpfs
 
 from cafs import schema
 from cafs.cli import cli
@@ -151,10 +151,7 @@ def test_enospc_reaches_the_writer_and_publishes_nothing(tmp_path: Path) -> None
     require_fuse()
     if os.geteuid() != 0:
         pytest.fail("needs root to mount a small tmpfs")
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=700", "tmpfs", str(small)],
-                   check=True)
+    small = small_tmpfs(tmp_path / "small", "12m")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     mount = Mount(small / "store", mnt)

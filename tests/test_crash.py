@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import os
 import random
 import threading
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount, cafs, is_mounted, process_alive, wait_dead, write_artifact
+from conftest import Mount, cafs, is_mounted, process_alive, sha, wait_dead, write_artifact
 
 from cafs.crashpoints import POINTS
 
@@ -42,10 +41,6 @@ def content(name: str) -> bytes:
         return b" ".join(rng.choices(words, k=1_300_000))
     size = rng.choice([1, 1000, 70_000, 300_000]) if name.startswith("soak") else 1000
     return rng.randbytes(size)
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def check_invariants(mount: Mount, acked: dict[str, str], allowed: dict[str, set[str]]) -> None:

@@ -12,13 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import Mount, cafs, write_artifact
+from conftest import Mount, cafs, sha, small_tmpfs, write_artifact
 
 SQLITE_UTILS = str(Path(sys.executable).with_name("sqlite-utils"))
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def payload(name: str, size: int = 20_000) -> bytes:
@@ -383,10 +379,7 @@ def test_another_user_filling_the_disk_with_tags_and_names_leaves_room_to_delete
     from conftest import require_fuse, sh, unmount_whatever_state
     require_fuse()
     assert os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv"
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=700", "tmpfs", str(small)],
-                   check=True)
+    small = small_tmpfs(tmp_path / "small", "16m")
     parent = Path(tempfile.mkdtemp(prefix="cafs-full-"))
     parent.chmod(0o755)
     mountpoint = parent / "mnt"

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, sh
+from conftest import Mount, sh, started
 
 
 def expect_errno(code: int, call: object, *args: object) -> None:
@@ -26,12 +26,8 @@ def expect_errno(code: int, call: object, *args: object) -> None:
 @pytest.fixture
 def capped(unstarted_mount: Mount) -> Iterator[Mount]:
     """A mount with small limits: 1 MiB artifacts, 1000 descriptors for open files."""
-    unstarted_mount.options = ("max_artifact_size=1048576", "max_open_files=1000")
-    unstarted_mount.start()
-    yield unstarted_mount
-    unstarted_mount.stop()
-    assert not unstarted_mount.log_problems()
-    assert unstarted_mount.fsck("--full").returncode == 0
+    with started(unstarted_mount, "max_artifact_size=1048576", "max_open_files=1000") as mount:
+        yield mount
 
 
 def test_writes_beyond_the_maximum_artifact_size_get_efbig(capped: Mount) -> None:

@@ -13,15 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import CAFS, Mount, cafs, is_mounted, sh
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def xattr(path: Path, name: str) -> str:
-    return os.getxattr(path, name).decode()
+from conftest import CAFS, Mount, cafs, is_mounted, sh, sha, xattr
 
 
 def cafs_bytes(*args: str) -> bytes:

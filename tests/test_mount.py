@@ -12,15 +12,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Mount, cafs, sh
+from conftest import Mount, cafs, sh, xattr
 
 
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def xattr(path: Path, name: str) -> str:
-    return os.getxattr(path, name).decode()
 
 
 def version_contents(mount: Mount, path: str) -> list[bytes]:

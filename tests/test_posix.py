@@ -13,17 +13,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, require_fuse, unmount_whatever_state
+from conftest import NOBODY, Mount, mounted_for_everyone, reachable_dir, require_fuse
 
-NOBODY = 65534
 NAME_MAX = 255
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -93,23 +90,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     require_fuse()
     if os.geteuid() != 0:
         pytest.fail("the POSIX tests need root (to act as another user and to chown)")
-    parent = Path(tempfile.mkdtemp(prefix="cafs-posix-"))
-    parent.chmod(0o755)
-    mountpoint = parent / "mnt"
-    mountpoint.mkdir()
-    mount = Mount(tmp_path_factory.mktemp("posix") / "store", mountpoint,
-                  options=("allow_other",))
-    mount.start()
-    try:
+    store = tmp_path_factory.mktemp("posix") / "store"
+    with reachable_dir("cafs-posix-") as parent, mounted_for_everyone(store, parent) as mount:
         yield mount
-        mount.stop()
-    finally:
-        unmount_whatever_state(mountpoint)
-        shutil.rmtree(parent)
-    problems = mount.log_problems()
-    assert not problems, "the daemon logged errors:\n" + "\n".join(problems)
-    report = mount.fsck("--full")
-    assert report.returncode == 0, f"fsck found damage:\n{report.stdout}{report.stderr}"
 
 
 @pytest.fixture

@@ -12,15 +12,18 @@ import stat
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import (
+    NOBODY,
     Mount,
+    as_nobody,
     cafs,
     is_mounted,
+    mounted_for_everyone,
+    reachable_dir,
     require_fuse,
     sh,
     unmount_whatever_state,
@@ -29,8 +32,6 @@ from conftest import (
 
 from cafs.model import Kind
 from cafs.store import Store
-
-NOBODY = 65534
 
 
 def cafs_for_nobody() -> str:
@@ -43,25 +44,13 @@ def cafs_for_nobody() -> str:
     return f"env PYTHONPATH={packages}:{repo} /usr/bin/python3 -m cafs"
 
 
-def as_nobody(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         "bash", "-c", command],
-        cwd=cwd, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "CAFS_CONFIG": "", "HOME": "/nonexistent"})
-
-
 @pytest.fixture
 def open_dir() -> Iterator[Path]:
     """A directory anyone can reach (tmp_path is 0700), removed afterwards."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.fail("these tests need root and setpriv (util-linux)")
-    parent = Path(tempfile.mkdtemp(prefix="cafs-sec-"))
-    parent.chmod(0o755)
-    try:
+    with reachable_dir("cafs-sec-") as parent:
         yield parent
-    finally:
-        shutil.rmtree(parent)
 
 
 def refused(result: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -279,17 +268,8 @@ def test_a_store_symlink_swapped_after_mounting_is_never_followed(open_dir: Path
 def shared(tmp_path: Path, open_dir: Path) -> Iterator[Mount]:
     """Mounted by root with allow_other at a mountpoint other users can reach."""
     require_fuse()
-    mountpoint = open_dir / "mnt"
-    mountpoint.mkdir()
-    mount = Mount(tmp_path / "store", mountpoint, options=("allow_other",))
-    mount.start()
-    try:
+    with mounted_for_everyone(tmp_path / "store", open_dir) as mount:
         yield mount
-        mount.stop()
-    finally:
-        unmount_whatever_state(mountpoint)
-    assert not mount.log_problems()
-    assert mount.fsck("--full").returncode == 0
 
 
 def test_refcount_tells_another_user_nothing(shared: Mount) -> None:

@@ -7,21 +7,11 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, require_fuse, unmount_whatever_state
-
-NOBODY = 65534
-
-
-def as_nobody(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         "bash", "-c", command],
-        cwd=cwd, capture_output=True, text=True, timeout=60)
+from conftest import NOBODY, Mount, as_nobody, mounted_for_everyone, reachable_dir, require_fuse
 
 
 def denied(result: subprocess.CompletedProcess[str]) -> bool:
@@ -36,20 +26,8 @@ def shared(store: Path) -> Iterator[Mount]:
     require_fuse()
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.fail("the other-user tests need root and setpriv (util-linux)")
-    parent = Path(tempfile.mkdtemp(prefix="cafs-shared-"))
-    parent.chmod(0o755)
-    mountpoint = parent / "mnt"
-    mountpoint.mkdir()
-    mount = Mount(store, mountpoint, options=("allow_other",))
-    mount.start()
-    try:
+    with reachable_dir("cafs-shared-") as parent, mounted_for_everyone(store, parent) as mount:
         yield mount
-        mount.stop()
-    finally:
-        unmount_whatever_state(mountpoint)
-        shutil.rmtree(parent)
-    assert not mount.log_problems()
-    assert mount.fsck("--full").returncode == 0
 
 
 def test_another_user_cannot_write_in_or_read_past_the_permissions(shared: Mount) -> None:

@@ -4,7 +4,6 @@ failed rewrite left in the kernel's cache, a main loop that fails unexpectedly, 
 from __future__ import annotations
 
 import errno
-import hashlib
 import mmap
 import os
 import subprocess
@@ -20,6 +19,9 @@ from conftest import (
     is_mounted,
     require_fuse,
     sh,
+    sha,
+    small_tmpfs,
+    started,
     unmount_whatever_state,
     wait_dead,
     write_artifact,
@@ -58,10 +60,6 @@ MAP_AFTER_CLOSE = textwrap.dedent("""
 def map_after_close(path: Path, size: int, fill: bytes, how: str) -> None:
     subprocess.run([sys.executable, "-c", MAP_AFTER_CLOSE, str(path), str(size), fill.decode(),
                     how], check=True, timeout=60)
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def remount(mount: Mount) -> None:
@@ -132,12 +130,8 @@ def test_python_mmap_flows(mount: Mount) -> None:
 
 @pytest.fixture
 def capped(unstarted_mount: Mount) -> Iterator[Mount]:
-    unstarted_mount.options = ("max_artifact_size=1048576",)
-    unstarted_mount.start()
-    yield unstarted_mount
-    unstarted_mount.stop()
-    assert not unstarted_mount.log_problems()
-    assert unstarted_mount.fsck("--full").returncode == 0
+    with started(unstarted_mount, "max_artifact_size=1048576") as mount:
+        yield mount
 
 
 def read_elsewhere(path: Path) -> bytes:
@@ -203,10 +197,7 @@ def test_failed_rewrite_on_a_full_disk_leaves_no_unpublished_bytes(tmp_path: Pat
     file, and the kernel drops its pages when it sees the size change back; the test above
     keeps the size.)"""
     require_fuse()
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=700", "tmpfs", str(small)],
-                   check=True)
+    small = small_tmpfs(tmp_path / "small", "12m")
     mount = Mount(small / "store", tmp_path / "mnt")
     mount.mountpoint.mkdir()
     try:
