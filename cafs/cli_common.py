@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import sqlite3
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ import click
 
 from cafs.config import Settings, load_settings
 from cafs.daemon import MountError
-from cafs.errors import CafsError, StoreError
+from cafs.errors import CafsError, ManifestError, StoreError
 from cafs.store import Store, default_store_path
 
 EXIT_FAILED = 1
@@ -52,10 +51,10 @@ def errors_as_exit_codes(command_failure: int = EXIT_STORE) -> Iterator[None]:
         fail(str(exc), EXIT_MOUNT)
     except StoreError as exc:
         fail(str(exc), EXIT_STORE)
+    except ManifestError as exc:  # the manifest could not be read or written
+        fail(f"the store's manifest failed: {exc}", EXIT_STORE)
     except CafsError as exc:
         fail(str(exc), command_failure)
-    except sqlite3.Error as exc:  # the manifest could not be read or written
-        fail(f"the store's manifest failed: {exc}", EXIT_STORE)
     except OSError as exc:
         if exc.errno == errno.EPIPE:  # stdout closed early (| head): click ends quietly
             raise

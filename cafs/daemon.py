@@ -14,7 +14,6 @@ import os
 import resource
 import signal
 import socket
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -293,7 +292,7 @@ def _backup(store: Store) -> bool:
     """One rotating manifest backup; a failure is logged, never fatal."""
     try:
         made = store.backup()
-    except (OSError, sqlite3.Error, CafsError) as exc:
+    except (OSError, CafsError) as exc:
         log.warning("manifest backup failed: %s", exc)
         return False
     if made is None:
