@@ -22,10 +22,10 @@ T = TypeVar("T")
 class Shape(Generic[R]):
     """A record read from a row: its fields, each with the SQL expression that yields it.
 
-    `decode` is compiled once from the same tuple (a keyword per field, converters inline, the
-    row read from `offset` on, `takes` passed through as keywords): a node is decoded on every
-    lookup and every entry of a listing, and a generic loop over the fields costs about half as
-    much again."""
+    `decode(row, *takes)` is compiled once from the same tuple (a keyword per field, converters
+    inline, the row read from `offset` on; `takes` are fields the caller supplies, such as a
+    node's blob): a node is decoded on every lookup and every entry of a listing, and a generic
+    loop over the fields costs about half as much again."""
 
     def __init__(self, make: Callable[..., R], fields: tuple[tuple[str, str], ...],
                  convert: Mapping[str, Callable[[Any], Any]] | None = None, *,
@@ -86,8 +86,6 @@ NODE_SELECT = f"{NODE.select}, {BLOB.select}"
 NODE_JOINS = ("LEFT JOIN versions v ON v.id = n.version_id "
               "LEFT JOIN blobs b ON b.id = v.blob_id")
 NODE_FROM = f"FROM nodes n {NODE_JOINS}"
-
-
 _NODE_BLOB = BLOB.at(NODE.width)
 
 
