@@ -18,7 +18,6 @@ import json
 import os
 import random
 import shutil
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cafs import schema
 from cafs.blobstore import BlobStore
-from cafs.model import RUNS_INODE
+from cafs.digest import digest_of_bytes
+from cafs.manifest_api import BulkArtifact
 from cafs.store import Store, serving_daemon
 
 CAFS = [sys.executable, "-m", "cafs"]
@@ -279,74 +278,41 @@ def throughput_rows(report: Report, work: Path, corpus: Path, scale: float) -> N
 
 # -- scale ----------------------------------------------------------------------------------
 
+def generated_content(i: int) -> bytes:
+    """The i-th of the 1,000 small contents generate_store shares among its artifacts."""
+    return f"artifact content {i}\n".encode()
+
+
 def generate_store(store_root: Path, artifacts: int, per_layer: int = 10_000) -> None:
-    """Fill a store directly with `artifacts` artifacts (executions of layers of per_layer
-    files), sharing 1,000 small blobs, in one transaction per 100,000 rows."""
+    """Fill a store with `artifacts` artifacts (executions of ten layers of per_layer files),
+    sharing 1,000 small blobs, through the manifest's bulk load: one transaction per layer,
+    every row as publishing each file would leave it (the store passes cafs fsck --full)."""
     store = Store.open(store_root)
-    blobs: BlobStore = store.blobs
-    digests = []
-    for i in range(1000):
-        temp = blobs.new_temp()
-        temp.write(0, f"artifact content {i}\n".encode())
-        digest = temp.digest()
-        written = blobs.publish(temp, digest)
-        temp.discard()
-        digests.append((digest, written.size, written.stored_size, written.encoding))
-    store.close()
-    db = sqlite3.connect(store_root / "manifest.sqlite", isolation_level=None)
-    now = time.time_ns()
-    db.execute("BEGIN")
-    db.executemany("INSERT INTO blobs (sha256, size, stored_size, encoding, refcount, created_ns)"
-                   " VALUES (?, ?, ?, ?, 0, ?)", [(*blob, now) for blob in digests])
-    blob_ids = [row[0] for row in db.execute("SELECT id FROM blobs ORDER BY id")]
-    db.execute("COMMIT")
-    layers_needed = (artifacts + per_layer - 1) // per_layer
-    made = 0
-    for layer_no in range(layers_needed):
-        db.execute("BEGIN")
-        if layer_no % 10 == 0:
-            execution = db.execute(
-                "INSERT INTO nodes (parent_id, name, kind, mode, uid, gid, mtime_ns, ctime_ns,"
-                " nlink) VALUES (?, ?, 'execution', 493, 0, 0, ?, ?, 2)",
-                (RUNS_INODE, f"exec{layer_no // 10:05d}", now, now)).lastrowid
-        layer = db.execute(
-            "INSERT INTO nodes (parent_id, name, kind, mode, uid, gid, mtime_ns, ctime_ns, nlink)"
-            " VALUES (?, ?, 'layer', 493, 0, 0, ?, ?, 2)",
-            (execution, f"layer{layer_no % 10}", now, now)).lastrowid
-        db.execute("UPDATE nodes SET nlink = nlink + 1 WHERE id = ?", (execution,))
-        count = min(per_layer, artifacts - made)
-        first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM nodes").fetchone()[0]
-        first_version = db.execute("SELECT coalesce(max(id), 0) + 1 FROM versions").fetchone()[0]
-        db.executemany(
-            "INSERT INTO nodes (id, parent_id, name, kind, mode, uid, gid, mtime_ns, ctime_ns,"
-            " nlink, version_id) VALUES (?, ?, ?, 'file', 420, 0, 0, ?, ?, 1, ?)",
-            [(first + i, layer, f"a{i:05d}.bin", now, now, first_version + i)
-             for i in range(count)])
-        db.executemany(
-            "INSERT INTO versions (id, node_id, path, blob_id, size, mode, uid, gid, mtime_ns,"
-            " ctime_ns, content_type, created_ns) VALUES (?, ?, ?, ?, ?, 420, 0, 0, ?, ?, NULL, ?)",
-            [(first_version + i, first + i,
-              f"runs/exec{layer_no // 10:05d}/layer{layer_no % 10}/a{i:05d}.bin",
-              blob_ids[(made + i) % 1000], digests[(made + i) % 1000][1], now, now, now)
-             for i in range(count)])
-        db.execute("COMMIT")
-        made += count
-    db.execute("UPDATE blobs SET refcount = (SELECT count(*) FROM versions v WHERE v.blob_id ="
-               " blobs.id)")
-    db.execute("UPDATE sqlite_sequence SET seq = (SELECT max(id) FROM nodes) WHERE name = 'nodes'")
-    # The rows went in behind the manifest's back: set the directory aggregates it keeps
-    # (a cafs from before schema m004, measured for comparison, has none).
-    if hasattr(schema, "recompute_aggregates"):
-        db.execute("BEGIN")
-        schema.recompute_aggregates(db)
-        db.execute("COMMIT")
-    db.close()
+    try:
+        blobs: BlobStore = store.blobs
+        stored = []
+        for i in range(1000):
+            temp = blobs.new_temp()
+            temp.write(0, generated_content(i))
+            stored.append(blobs.publish(temp, temp.digest()))
+            temp.discard()
+        now = time.time_ns()
+        made = 0
+        for layer_no in range((artifacts + per_layer - 1) // per_layer):
+            count = min(per_layer, artifacts - made)
+            store.manifest.bulk_load_layer(
+                f"exec{layer_no // 10:05d}", f"layer{layer_no % 10}",
+                [BulkArtifact(f"a{i:05d}.bin", stored[(made + i) % 1000]) for i in range(count)],
+                mode=0o755, uid=0, gid=0, now_ns=now)
+            made += count
+    finally:
+        store.close()
 
 
-def mount_digest(store: Path) -> str:
-    """The content held by the most artifacts (generate_store shares 1,000 blobs)."""
-    with sqlite3.connect(store / "manifest.sqlite") as db:
-        return str(db.execute("SELECT sha256 FROM blobs ORDER BY refcount DESC").fetchone()[0])
+def mount_digest() -> str:
+    """The content held by the most artifacts: generate_store gives artifact k the content
+    k % 1000, so content 0 is held at least as often as any other."""
+    return digest_of_bytes(generated_content(0))
 
 
 def lookup_seconds(mountpoint: Path, artifacts: int, samples: int, seed: int = 3) -> float:
@@ -408,7 +374,7 @@ def scale_rows(report: Report, work: Path, artifacts: int) -> None:
                 run_size = json.loads((execution / ".record.json").read_text())["artifacts"]
                 find_time = timed(functools.partial(
                     run, sys.executable, "-m", "cafs", "find", "--store", str(store),
-                    "--sha256", mount_digest(store)))
+                    "--sha256", mount_digest()))
         results[label] = (serve_time, per_lookup, ls_time, rss, per_lookup_warm)
     small, large = results["small"], results["large"]
     report.add(Row(f"scale {artifacts:,}: mount serves after", "s", None, large[0], "<= 2 s",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import sqlite3
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from typing import BinaryIO, NoReturn
 import click
 
 from cafs.config import Settings, load_settings
-from cafs.errors import CafsError, MountError, StoreError
+from cafs.errors import CafsError, ManifestError, MountError, StoreError
 
 # The mount table is read in cafs.mountpoint; the commands import it from here.
 from cafs.mountpoint import find_mount as find_mount
@@ -55,10 +54,10 @@ def errors_as_exit_codes(command_failure: int = EXIT_STORE) -> Iterator[None]:
         fail(str(exc), EXIT_MOUNT)
     except StoreError as exc:
         fail(str(exc), EXIT_STORE)
+    except ManifestError as exc:  # the manifest could not be read or written
+        fail(f"the store's manifest failed: {exc}", EXIT_STORE)
     except CafsError as exc:
         fail(str(exc), command_failure)
-    except sqlite3.Error as exc:  # the manifest could not be read or written
-        fail(f"the store's manifest failed: {exc}", EXIT_STORE)
     except OSError as exc:
         if exc.errno == errno.EPIPE:  # stdout closed early (| head): click ends quietly
             raise

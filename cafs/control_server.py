@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import socket
-import sqlite3
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,7 +32,6 @@ from cafs.control import (
     socket_path,
 )
 from cafs.errors import CafsError, StoreError, TooManyOpenFiles
-from cafs.manifest import manifest_error
 
 log = logging.getLogger(__name__)
 
@@ -231,10 +229,6 @@ async def _run_request(conn: trio.socket.SocketType, handler: Handler,
                 log.warning("admin command %s failed: %s", command, exc)
                 reason = OUT_OF_DESCRIPTORS_MESSAGE if exc.errno in OUT_OF_DESCRIPTORS else exc
                 reply = {"error": f"{command} failed: {reason}", "errno": exc.errno or errno.EIO}
-            except sqlite3.Error as exc:  # a read outside a transaction (commits raise CafsError)
-                error = manifest_error(exc)
-                log.warning("admin command %s failed: %s", command, error)
-                reply = {"error": f"{command} failed: {error}", "errno": error.errno}
             except Exception as exc:  # a bug: answer, log it whole, keep serving
                 log.exception("admin command %s failed", command)
                 reply = {"error": f"{command} failed unexpectedly ({exc}); see the daemon log",

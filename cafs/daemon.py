@@ -13,7 +13,6 @@ import os
 import resource
 import signal
 import socket
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -231,7 +230,7 @@ def _backup(store: Store) -> bool:
     """One rotating manifest backup; a failure is logged, never fatal."""
     try:
         made = store.backup()
-    except (OSError, sqlite3.Error, CafsError) as exc:
+    except (OSError, CafsError) as exc:
         log.warning("manifest backup failed: %s", exc)
         return False
     if made is None:

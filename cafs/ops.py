@@ -11,14 +11,12 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
 
 from cafs.errors import CafsError, Damaged
-from cafs.manifest import manifest_error
 from cafs.model import MAX_NAME_BYTES, Attr, AttrChanges, Caller
 from cafs.vfs import Vfs
 
@@ -53,10 +51,6 @@ def translated(handler: F) -> F:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 log.warning("%s: %s", handler.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except sqlite3.Error as exc:  # a read outside a transaction (commits raise CafsError)
-            error = manifest_error(exc)
-            log.error("%s: %s", handler.__name__, error)
-            raise pyfuse3.FUSEError(error.errno) from None
         except Exception:
             log.exception("%s: unexpected error", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None

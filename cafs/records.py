@@ -19,7 +19,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from cafs.manifest import DirStats, Manifest
+from cafs.manifest_api import DirStats, Manifest
 from cafs.model import Kind, Node
 
 # 2: unique_bytes and unique_stored_bytes left records for `cafs stats PATH`; tags_omitted.

@@ -418,7 +418,7 @@ class Store:
             return None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = directory / f"manifest-{stamp}.sqlite"
-        copy_manifest(self.root / MANIFEST_NAME, target)
+        self.manifest.copy_to(target)
         for old in list_backups(self.root)[:-keep]:
             old.unlink(missing_ok=True)
         return target

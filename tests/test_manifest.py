@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import re
 from pathlib import Path
 
 import pytest
 
 from cafs.digest import digest_of_bytes
-from cafs.errors import ManifestError, StoreError
-from cafs.manifest import Manifest, NewVersion
+from cafs.errors import AlreadyExists, ManifestError, StoreError
+from cafs.manifest import BulkArtifact, DirStats, Manifest, NewVersion
 from cafs.model import FIRST_NODE_ID, RUNS_INODE, Kind, StoredBlob
 
 
@@ -108,3 +110,52 @@ def test_names_are_unique_per_directory(manifest: Manifest) -> None:
     make_file(manifest, "x")
     with pytest.raises(ManifestError, match="UNIQUE"):
         make_file(manifest, "x")
+
+
+def test_a_bulk_loaded_layer_is_what_publishing_each_file_leaves(manifest: Manifest) -> None:
+    shared, other = stored(b"shared"), StoredBlob(digest_of_bytes(b"z"), 1, 40, "raw+xxh64")
+    files = [BulkArtifact(f"f{i}", shared if i % 3 else other) for i in range(30)]
+    first = manifest.bulk_load_layer("e1", "l0", files, mode=0o755, uid=7, gid=8, now_ns=5)
+    manifest.bulk_load_layer("e1", "l1", files[:10], mode=0o755, uid=7, gid=8, now_ns=9)
+    assert manifest.refcount_drift() == [] and manifest.dangling() == []
+    assert manifest.aggregate_drift() == (0, [])
+    execution = manifest.resolve("runs/e1")
+    assert execution is not None and execution.nlink == 4
+    logical = sum(f.blob.size for f in files) + sum(f.blob.size for f in files[:10])
+    assert manifest.dir_stats(execution.ino) == DirStats(40, logical, 5, 9)
+    node = manifest.resolve("runs/e1/l0/f0")
+    assert node is not None and node.parent == first and node.mode == 0o644
+    assert node.blob == manifest.blob(other.digest)
+    assert node.blob is not None
+    assert (node.blob.encoding, node.blob.stored_size) == ("raw+xxh64", 40)
+    assert [v.path for v in manifest.history(node.ino, "runs/e1/l0/f0")] == ["runs/e1/l0/f0"]
+    with pytest.raises(AlreadyExists):
+        manifest.bulk_load_layer("e1", "l1", files, mode=0o755, uid=7, gid=8, now_ns=9)
+
+
+def test_every_database_error_leaves_the_manifest_as_a_manifest_error(
+        manifest: Manifest) -> None:
+    node = manifest.publish(stored(b"data"), version(make_file(manifest)))
+    manifest.close()  # every call now fails inside sqlite3
+    for call in (lambda: manifest.node(node.ino), lambda: list(manifest.all_blobs()),
+                 lambda: manifest.totals(), lambda: manifest.remove_node(node, 2),
+                 manifest.sync):
+        with pytest.raises(ManifestError) as failed:
+            call()
+        assert failed.value.errno == errno.EIO
+
+
+def test_no_module_outside_the_manifest_speaks_sql() -> None:
+    """SQL, and the sqlite3 errors callers would otherwise have to catch, stay behind the
+    manifest's interface (cafs/sqlite_manifest/, cafs/schema.py)."""
+    root = Path(__file__).resolve().parent.parent
+    allowed = {root / "cafs" / "schema.py"}
+    offenders = []
+    for source in [*(root / "cafs").rglob("*.py"), *(root / "bench").rglob("*.py")]:
+        if source in allowed or (root / "cafs" / "sqlite_manifest") in source.parents:
+            continue
+        text = source.read_text()
+        if re.search(r"^\s*(import sqlite3|from sqlite3|import sqlite_utils|from sqlite_utils)",
+                     text, re.M) or ".execute(" in text:
+            offenders.append(str(source.relative_to(root)))
+    assert offenders == []

@@ -1,0 +1,295 @@
+"""What the rest of cafs may ask of the manifest: typed protocols and the records they return.
+
+Owns: the manifest's interface, split by what its callers need — the namespace (nodes, lookups,
+tree changes, attributes, tags), content and versions (blobs, publish, history, refcounts),
+maintenance (checks, repair, gc, aggregates, integrity, backups) and import (whole trees, bulk
+loads) — and the frozen records that cross it. `Manifest` combines them: what the filesystem
+core, the admin commands and fsck are written against.
+
+Must not: hold SQL, name a database, or import an implementation. A back end implements every
+method here with the same meaning; the SQLite one lives in cafs/sqlite_manifest/. Every failure
+of the database itself reaches callers as a ManifestError carrying an errno (ENOSPC when the
+disk is full, EIO otherwise), never as the driver's own exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cafs.digest import Digest
+from cafs.model import BlobRef, Kind, Node, StoredBlob, TreeEntry, Version
+
+# -- records ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Totals:
+    artifacts: int
+    blobs: int
+    logical_bytes: int  # sum of the sizes of live artifacts (what a plain copy would need)
+    unique_bytes: int  # sum of the sizes of distinct contents (after dedup, before compression)
+    stored_bytes: int  # sum of blob file sizes on disk
+    versions: int
+    executions: int
+    layers: int
+
+
+@dataclass(frozen=True)
+class DirStats:
+    """What a layer's or execution's record says about the artifacts below it: the aggregates
+    the manifest keeps on every directory, up to date after every change."""
+
+    artifacts: int
+    logical_bytes: int  # sum of their sizes
+    first_write_ns: int | None  # the oldest version of anything below it
+    last_write_ns: int | None  # the newest
+
+
+@dataclass(frozen=True)
+class SharingStats:
+    """What deleting a directory would reclaim: needs every content below it grouped and
+    compared with its refcount, O(artifacts below it). Computed on demand by `cafs stats PATH`
+    (never by records, never on the daemon's event loop)."""
+
+    artifacts: int
+    logical_bytes: int
+    unique_bytes: int  # sizes of contents no artifact outside this directory holds
+    unique_stored_bytes: int  # what deleting the directory and running gc would reclaim
+
+
+@dataclass(frozen=True)
+class GcPlan:
+    versions: int  # version rows removed
+    blobs: list[BlobRef]  # blob rows removed: their files can go
+
+
+@dataclass(frozen=True)
+class RepairPlan:
+    damaged: list[int]  # blob ids whose file is missing or wrong: mark damaged
+    sound: list[int]  # blob ids checked sound: clear an earlier damaged mark
+    drift: bool  # recompute refcounts that differ from the live artifacts
+    remove_unpublished: bool  # drop files whose first write never completed (not mounted)
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """Everything a publish records besides the blob."""
+
+    node_id: int
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    ctime_ns: int
+    content_type: str | None
+    now_ns: int
+    # An earlier version published through the same open file: it leaves history.
+    collapses: int | None = None
+
+
+@dataclass(frozen=True)
+class BulkArtifact:
+    """One artifact of a bulk load: a name in the new layer and its content (already in the
+    blob store, as the store wrote it)."""
+
+    name: str
+    blob: StoredBlob
+    mode: int = 0o644
+    content_type: str | None = None
+
+
+# -- the interface, by role ------------------------------------------------------------------
+
+
+class Namespace(Protocol):
+    """The live tree under runs/: nodes, lookups, changes, attributes, sealing, tags."""
+
+    def node(self, node_id: int) -> Node | None: ...
+    def child(self, parent_id: int, name: str) -> Node | None: ...
+
+    def children(self, parent_id: int, after_id: int, limit: int) -> list[Node]:
+        """A page of a directory, in id order (stable while entries come and go)."""
+        ...
+
+    def has_children(self, parent_id: int) -> bool: ...
+    def count_executions(self) -> int: ...
+
+    def path_of(self, node_id: int) -> str:
+        """The path relative to the mount, e.g. runs/e1/train/model.bin."""
+        ...
+
+    def resolve(self, path: str) -> Node | None:
+        """The node at a path relative to the mount (runs/<exec>/...), or None."""
+        ...
+
+    def subtree(self, top: int) -> Iterator[tuple[str, Node]]:
+        """Every node below a directory, parents before children, with its path below it."""
+        ...
+
+    def add_node(self, parent_id: int, name: str, kind: Kind, mode: int, uid: int, gid: int,
+                 now_ns: int) -> Node: ...
+    def set_attrs(self, node_id: int, *, mode: int, uid: int, gid: int, mtime_ns: int,
+                  ctime_ns: int) -> None: ...
+
+    def remove_node(self, node: Node, now_ns: int) -> None:
+        """Unlink a file or remove an (empty) directory: the versions stay as history."""
+        ...
+
+    def rename(self, node: Node, new_parent: int, new_name: str, replaced: Node | None,
+               now_ns: int) -> None: ...
+
+    def remove_unpublished(self) -> int:
+        """Drop files whose first write never completed (start-up after a crash)."""
+        ...
+
+    def seal(self, execution_id: int, root: str, now_ns: int) -> None: ...
+    def unseal(self, execution_id: int, now_ns: int) -> None: ...
+    def root_of(self, execution_id: int) -> str | None: ...
+
+    def readable_by(self, top: int, uid: int, gid: int) -> bool:
+        """Whether the modes let a user list and read everything at and below a directory."""
+        ...
+
+    def tag(self, node_id: int, name: str) -> bytes | None: ...
+    def tag_names(self, node_id: int) -> list[str]: ...
+
+    def tag_usage(self, node_id: int, *, excluding: str) -> tuple[int, int]:
+        """Bytes of a node's tag names (each with its NUL) and values, but `excluding`."""
+        ...
+
+    def tags_of(self, node_id: int) -> dict[str, bytes]: ...
+
+    def tags_up_to(self, node_id: int, largest: int) -> Iterator[tuple[str, bytes | None]]:
+        """A node's tags in name order; a value longer than `largest` comes as None."""
+        ...
+
+    def set_tag(self, node_id: int, name: str, value: bytes, now_ns: int) -> None: ...
+    def remove_tag(self, node_id: int, name: str, now_ns: int) -> bool: ...
+    def nodes_tagged(self, name: str, value: bytes | None) -> set[int]: ...
+
+
+class Content(Protocol):
+    """Blobs, the versions of artifacts, and the references between them."""
+
+    def blob(self, digest: Digest) -> BlobRef | None: ...
+    def blob_by_id(self, blob_id: int) -> BlobRef | None: ...
+    def blobs_page(self, after_id: int, limit: int) -> list[BlobRef]: ...
+    def newest_blobs(self, limit: int) -> list[BlobRef]: ...
+    def all_blobs(self) -> Iterator[BlobRef]: ...
+    def blob_created_ns(self, blob_id: int) -> int: ...
+    def blob_ids_damaged(self) -> set[int]: ...
+    def known_digests(self, digests: list[str]) -> set[str]: ...
+
+    def refcount(self, blob_id: int) -> int:
+        """The live artifacts whose current version holds this blob."""
+        ...
+
+    def publish(self, stored: StoredBlob, new: NewVersion) -> Node:
+        """Record a new version of an artifact in one transaction: the previous one is marked
+        replaced and its blob loses a reference; the new blob gains one."""
+        ...
+
+    def history(self, node_id: int | None, path: str) -> list[Version]:
+        """Every version of the node, and those published at `path` by nodes since replaced."""
+        ...
+
+    def nodes_holding(self, digest: str) -> set[int]:
+        """Live artifacts whose current content is this digest."""
+        ...
+
+    def nodes_holding_blobs(self, blob_ids: list[int]) -> list[int]: ...
+
+
+class Maintenance(Protocol):
+    """Statistics, checks, repair, gc, durability and backups of the manifest as a whole."""
+
+    @property
+    def changes(self) -> int:
+        """Bumped by every committed change: lets computed views know they are stale."""
+        ...
+
+    def close(self) -> None: ...
+
+    def sync(self) -> None:
+        """Make every committed change durable against power loss."""
+        ...
+
+    def mark_checked(self, now_ns: int) -> None:
+        """A daemon starts on this manifest, checked intact (see last_commit_ns)."""
+        ...
+
+    def last_commit_ns(self) -> int:
+        """When the manifest last recorded something; a blob file newer than this and named by
+        no row may hold an artifact whose row was lost."""
+        ...
+
+    def copy_to(self, target: Path) -> None:
+        """A consistent snapshot of the whole manifest into a new file (a backup), whole or
+        absent; safe from a worker thread while the owner keeps committing."""
+        ...
+
+    def totals(self) -> Totals: ...
+
+    def dir_stats(self, top: int) -> DirStats:
+        """The aggregates over the artifacts below a directory: a few reads, not a walk."""
+        ...
+
+    def sharing_stats(self, top: int) -> SharingStats: ...
+
+    def check_integrity(self) -> list[str]:
+        """The database's own check: problems found, [] when sound."""
+        ...
+
+    def dangling(self) -> list[str]:
+        """Structural problems: records that point at records that do not exist."""
+        ...
+
+    def refcount_drift(self) -> list[tuple[str, int, int]]:
+        """(digest, recorded, actual) of blobs whose refcount differs from the live artifacts."""
+        ...
+
+    def aggregate_drift(self, limit: int = 20) -> tuple[int, list[str]]:
+        """Nodes whose aggregates differ from a recomputation: (how many, first `limit`)."""
+        ...
+
+    def recompute_aggregates(self) -> None: ...
+    def unpublished_count(self) -> int: ...
+
+    def repair(self, plan: RepairPlan, now_ns: int) -> int:
+        """Apply what fsck --repair decided, in one transaction. Returns refcounts fixed."""
+        ...
+
+    def superseded_versions(self) -> list[tuple[int, int | None, str]]:
+        """(version id, live node id or None, path) of every version not current, newest
+        first."""
+        ...
+
+    def collect(self, version_ids: list[int], *, keep_blobs: set[str], dry_run: bool) -> GcPlan:
+        """Remove versions, then every blob nothing references any more (but `keep_blobs`):
+        one transaction, rolled back if `dry_run`."""
+        ...
+
+
+class Import(Protocol):
+    """Whole trees in one transaction: an imported run, a bulk-loaded layer."""
+
+    def add_tree(self, name: str, top: TreeEntry, entries: list[TreeEntry],
+                 blobs: dict[str, StoredBlob], sealed: tuple[int, str] | None,
+                 now_ns: int) -> int:
+        """Create runs/<name> with everything below it, histories and tags."""
+        ...
+
+    def bulk_load_layer(self, execution: str, layer: str, artifacts: list[BulkArtifact], *,
+                        mode: int, uid: int, gid: int, now_ns: int) -> int:
+        """Create runs/<execution>/<layer> (and the execution if new; `mode` is the
+        directories') holding `artifacts`, each with one version, in one transaction:
+        refcounts, blob records and aggregates as a publish of each would leave them. Returns
+        the layer's node id."""
+        ...
+
+
+class Manifest(Namespace, Content, Maintenance, Import, Protocol):
+    """The whole manifest: what a store hands to the filesystem core and the admin code."""

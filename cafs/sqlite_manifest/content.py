@@ -1,0 +1,136 @@
+"""The content part of the SQLite manifest: blobs, versions and the references between them.
+
+Owns: reading blob rows and the versions of artifacts, which artifacts hold which content, and
+publish — a new version of an artifact in one transaction that moves the references from the
+old content to the new and keeps the aggregates. Must not read or write blob files (the blob
+store does, before publish is called).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from cafs import crashpoints
+from cafs.digest import Digest
+from cafs.errors import Corrupt
+from cafs.manifest_api import NewVersion
+from cafs.model import BlobRef, Node, StoredBlob, Version
+from cafs.sqlite_manifest.columns import (
+    BLOB,
+    INSERT_VERSION,
+    VERSION,
+    chunks,
+    marks,
+    version_values,
+)
+from cafs.sqlite_manifest.rows import Rows
+
+
+class SqliteContent(Rows):
+    # -- blobs ----------------------------------------------------------------------------
+
+    def blob(self, digest: Digest) -> BlobRef | None:
+        row = self._db.execute(
+            f"SELECT {BLOB.select} FROM blobs b WHERE sha256 = ?", (digest,)).fetchone()
+        return BLOB.decode(row) if row else None
+
+    def blob_by_id(self, blob_id: int) -> BlobRef | None:
+        row = self._db.execute(
+            f"SELECT {BLOB.select} FROM blobs b WHERE id = ?", (blob_id,)).fetchone()
+        return BLOB.decode(row) if row else None
+
+    def blobs_page(self, after_id: int, limit: int) -> list[BlobRef]:
+        rows = self._db.execute(
+            f"SELECT {BLOB.select} FROM blobs b WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit),
+        ).fetchall()
+        return [BLOB.decode(row) for row in rows]
+
+    def newest_blobs(self, limit: int) -> list[BlobRef]:
+        rows = self._db.execute(
+            f"SELECT {BLOB.select} FROM blobs b ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [BLOB.decode(row) for row in rows]
+
+    def all_blobs(self) -> Iterator[BlobRef]:
+        for row in self._db.execute(f"SELECT {BLOB.select} FROM blobs b ORDER BY id"):
+            yield BLOB.decode(row)
+
+    def blob_created_ns(self, blob_id: int) -> int:
+        row = self._db.execute("SELECT created_ns FROM blobs WHERE id = ?", (blob_id,)).fetchone()
+        return row[0] if row else 0
+
+    def blob_ids_damaged(self) -> set[int]:
+        return {row[0] for row in self._db.execute(
+            "SELECT id FROM blobs WHERE damaged_ns IS NOT NULL")}
+
+    def known_digests(self, digests: list[str]) -> set[str]:
+        known: set[str] = set()
+        for chunk in chunks(digests):
+            known |= {row[0] for row in self._db.execute(
+                f"SELECT sha256 FROM blobs WHERE sha256 IN ({marks(chunk)})", chunk)}
+        return known
+
+    def refcount(self, blob_id: int) -> int:
+        row = self._db.execute("SELECT refcount FROM blobs WHERE id = ?", (blob_id,)).fetchone()
+        return row[0] if row else 0
+
+    # -- versions -------------------------------------------------------------------------
+
+    def publish(self, stored: StoredBlob, new: NewVersion) -> Node:
+        """Record a new version of an artifact, in one transaction.
+
+        `stored` is either a blob just written, or (dedup) one the manifest already has.
+        The artifact's previous version, if any, is marked replaced and its blob loses a
+        reference; the new blob gains one.
+        """
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM nodes WHERE id = ?", (new.node_id,)).fetchone() is None:
+                raise Corrupt(f"node {new.node_id} vanished while being published")
+            path = self.path_of(new.node_id)
+            blob_id = self._upsert_blob(stored, new.now_ns, references=1)
+            self._retire_current(new.node_id, new.now_ns)
+            version_id = db.execute(INSERT_VERSION, version_values(
+                node_id=new.node_id, path=path, blob_id=blob_id, size=stored.size,
+                mode=new.mode, uid=new.uid, gid=new.gid, mtime_ns=new.mtime_ns,
+                ctime_ns=new.ctime_ns, content_type=new.content_type, created_ns=new.now_ns,
+            )).lastrowid
+            db.execute(
+                "UPDATE nodes SET version_id = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
+                (version_id, new.mtime_ns, new.ctime_ns, new.node_id),
+            )
+            if new.collapses is not None:
+                db.execute("DELETE FROM versions WHERE id = ? AND node_id = ? AND "
+                           "replaced_ns IS NOT NULL", (new.collapses, new.node_id))
+            self._aggregate_file(new.node_id)
+            crashpoints.reached("before-manifest-commit")
+        crashpoints.reached("after-manifest-commit")
+        node = self.node(new.node_id)
+        assert node is not None
+        return node
+
+    def history(self, node_id: int | None, path: str) -> list[Version]:
+        """The versions of the artifact at `path`: every version of the node there now, and
+        versions published at that path by nodes since replaced (an rsync or `mv` over it)."""
+        rows = self._db.execute(
+            f"SELECT {VERSION.select} FROM versions v JOIN blobs b ON b.id = v.blob_id "
+            "WHERE v.node_id = ? OR v.path = ? ORDER BY v.id",
+            (node_id if node_id is not None else -1, path),
+        ).fetchall()
+        return [VERSION.decode(row) for row in rows]
+
+    def nodes_holding(self, digest: str) -> set[int]:
+        """Live artifacts whose current content is this digest."""
+        rows = self._db.execute(
+            "SELECT n.id FROM blobs b JOIN versions v ON v.blob_id = b.id "
+            "JOIN nodes n ON n.version_id = v.id WHERE b.sha256 = ?",
+            (digest,),
+        )
+        return {row[0] for row in rows}
+
+    def nodes_holding_blobs(self, blob_ids: list[int]) -> list[int]:
+        found: list[int] = []
+        for chunk in chunks(blob_ids):
+            found += [row[0] for row in self._db.execute(
+                f"SELECT n.id FROM versions v JOIN nodes n ON n.version_id = v.id "
+                f"WHERE v.blob_id IN ({marks(chunk)})", chunk)]
+        return found

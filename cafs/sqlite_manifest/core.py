@@ -1,0 +1,270 @@
+"""The SQLite manifest's connection: opening, transactions, durability, and errors.
+
+Owns: the one sqlite3 connection of a manifest, its pragmas and migrations, the transaction
+every change runs in, sync to disk, backups through SQLite's online backup API, and the rule
+that no sqlite3.Error leaves the manifest: every public method of this class and of the parts
+built on it (see `__init_subclass__`) turns one into a ManifestError with an errno, in one place
+(`manifest_error`). Must not know the namespace's rules, touch blob files, FUSE or trio.
+
+Concurrency rule: one connection, used from one thread. Every method that changes anything is one
+transaction (`with self._transaction():`) and never yields to an event loop in between, so the
+changes of one filesystem operation are atomic without locks.
+
+Durability: WAL with synchronous=NORMAL — a commit survives a crash of the process; `sync()`
+makes everything committed so far survive power loss too, through SQLite itself (one small
+commit with synchronous=FULL, which fsyncs the WAL). cafs never opens the manifest's files
+itself: closing any descriptor of a file drops every POSIX lock the process holds on it, and the
+next opener of the manifest would then believe it is alone and delete the WAL.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import inspect
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from cafs import schema
+from cafs.errors import ManifestError, StoreError
+
+
+def manifest_error(exc: sqlite3.Error) -> ManifestError:
+    """A failed SQLite call as an error with an errno: ENOSPC when the disk is full."""
+    full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return ManifestError(f"manifest: {exc}", errno.ENOSPC if full else errno.EIO)
+
+
+def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The method with every sqlite3.Error it raises (or its generator raises while being
+    iterated: a cursor reads rows lazily) turned into a ManifestError."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def generator(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from method(*args, **kwargs)
+            except sqlite3.Error as exc:
+                raise manifest_error(exc) from exc
+        return generator
+
+    @functools.wraps(method)
+    def plain(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            raise manifest_error(exc) from exc
+    return plain
+
+
+def _guard_public_methods(cls: type) -> None:
+    for name, value in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(value):
+            setattr(cls, name, _guarded(value))
+
+
+def copy_manifest(source: Path, target: Path, *, readonly_source: bool = True) -> None:
+    """Copy a manifest with SQLite's online backup API into `target` (a new file, mode 0600):
+    a consistent snapshot, taken through its own connection while the owner keeps committing
+    (a reader in WAL mode blocks no writer). Safe from a worker thread. `target` is written
+    under a temporary name, fsynced and renamed, so it is whole or absent."""
+    partial = target.with_name(f".{target.name}.partial")
+    partial.unlink(missing_ok=True)
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    try:
+        uri = f"file:{source}?mode=ro" if readonly_source else f"file:{source}"
+        try:
+            src = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            try:
+                dst = sqlite3.connect(partial, check_same_thread=False)
+                try:
+                    src.backup(dst)
+                    # A copy is one self-contained file (no WAL beside it) until used again.
+                    dst.execute("PRAGMA journal_mode = DELETE")
+                finally:
+                    dst.close()
+            finally:
+                src.close()
+        except sqlite3.Error as exc:
+            raise manifest_error(exc) from exc
+        # The copy is our own file, no connection holds it: opening it to fsync is safe.
+        fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SqliteCore:
+    """The connection and its transactions; the parts of the manifest build on it."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _guard_public_methods(cls)
+
+    def __init__(self, path: Path, *, readonly: bool = False,
+                 low_on_space: Callable[[], bool] | None = None) -> None:
+        self.path = path
+        self.readonly = readonly
+        # On a nearly full disk every commit first checkpoints, so the WAL restarts from its
+        # beginning and reuses its space instead of growing: deletes and gc commit in the
+        # space the reserve keeps for them.
+        self._low_on_space = low_on_space
+        try:
+            if readonly:
+                uri = f"file:{path}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, isolation_level=None)
+            else:
+                self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            # A bounded page cache (32 MiB) for the B-tree pages lookups keep touching.
+            self._db.execute("PRAGMA cache_size = -32768")
+            if not readonly:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = NORMAL")
+                # Some builds zero every freed page (SQLITE_SECURE_DELETE): deleting a file with
+                # 1 MiB of tags would then write 1 MiB into the WAL, and a delete on a full disk
+                # would fail. FAST zeroes only what costs no extra I/O.
+                self._db.execute("PRAGMA secure_delete = FAST")
+                self._db.execute("PRAGMA foreign_keys = ON")
+                schema.migrate(Database(self._db))
+            # Fail now, with a clear message, if the file is not a manifest at all.
+            self._db.execute("SELECT count(*) FROM nodes WHERE id = 0").fetchone()
+        except sqlite3.DatabaseError as exc:
+            with suppress(OSError):
+                fs = os.statvfs(path.parent)
+                if fs.f_bavail * fs.f_frsize < 1 << 20:  # SQLite cannot even make its -shm
+                    raise StoreError(f"{path}: cannot open the manifest: the store's filesystem "
+                                     "is full; free space outside cafs first") from exc
+            raise StoreError(f"{path}: not a usable cafs manifest ({exc})") from exc
+        if readonly and not (self._has_column("blobs", "damaged_ns")
+                             and self._has_column("nodes", "last_write_ns")):
+            raise StoreError(f"{path} was written by an older cafs: mount the store once (or run "
+                             "cafs fsck --repair) to upgrade it")
+        self._changes = 0
+
+    @property
+    def changes(self) -> int:
+        """Bumped by every committed change: lets computed views (records) know they are
+        stale."""
+        return self._changes
+
+    def limit_wal(self, size: int) -> None:
+        """Checkpoint once the WAL holds about `size` bytes (SQLite's default is 1000 pages):
+        what a checkpoint then adds to the database file is bounded by a share of the reserve
+        on a small filesystem."""
+        page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        pages = max(32, min(1000, size // page_size))
+        self._db.execute(f"PRAGMA wal_autocheckpoint = {pages}")
+
+    def start_wal(self) -> None:
+        """Give an empty WAL its header now, by one commit that changes nothing: from here to a
+        clean close the WAL is never empty, so after a crash a missing or empty one was lost
+        (see cafs.store.check_manifest_files). Best effort: on a full disk it stays empty."""
+        with suppress(OSError, sqlite3.Error):
+            if os.stat(f"{self.path}-wal").st_size == 0:
+                value = int(self._db.execute("PRAGMA application_id").fetchone()[0])
+                self._db.execute(f"PRAGMA application_id = {value}")
+
+    def _has_column(self, table: str, column: str) -> bool:
+        rows = self._db.execute(f"PRAGMA table_info({table})").fetchall()
+        return any(row[1] == column for row in rows)
+
+    def _has_table(self, table: str) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                (table,)).fetchone() is not None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def admin(self) -> Database:
+        """A sqlite-utils view of the same connection: for tests and by-hand inspection only;
+        cafs itself asks the manifest's named methods."""
+        return Database(self._db)
+
+    @contextmanager
+    def _transaction(self, *, commit: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction; `commit=False` rolls it back at the end (a dry run)."""
+        try:
+            if self._low_on_space is not None and self._low_on_space():
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                if not commit:
+                    self._db.execute("ROLLBACK")
+                    return
+                self._db.execute("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back (I/O error, disk full): then this fails.
+                with suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise manifest_error(exc) from exc
+        self._changes += 1
+
+    def sync(self) -> None:
+        """Make every committed transaction durable against power loss: one commit with
+        synchronous=FULL fsyncs the WAL, and with it every frame committed before it."""
+        db = self._db
+        db.execute("PRAGMA synchronous = FULL")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("UPDATE store_state SET synced_ns = ?", (time.time_ns(),))
+                db.execute("COMMIT")
+            except BaseException:
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+        finally:
+            db.execute("PRAGMA synchronous = NORMAL")
+
+    def mark_checked(self, now_ns: int) -> None:
+        """A daemon starts on this manifest, checked intact: orphan blob files older than now
+        are what a crash left (see last_commit_ns)."""
+        with self._transaction() as db:
+            db.execute("UPDATE store_state SET checked_ns = ?", (now_ns,))
+
+    def last_commit_ns(self) -> int:
+        """When the manifest last recorded something: the newest blob or version row, durable
+        point (fsync), or daemon start-up check. A blob file no row names that is newer than
+        this was stored after everything the manifest knows: its row may have been lost."""
+        row = self._db.execute(
+            "SELECT max(coalesce((SELECT max(created_ns) FROM blobs), 0), "
+            "coalesce((SELECT max(created_ns) FROM versions), 0))").fetchone()
+        newest = row[0] or 0
+        if self._has_table("store_state"):
+            state = self._db.execute(
+                "SELECT coalesce(max(synced_ns), 0), coalesce(max(checked_ns), 0) "
+                "FROM store_state").fetchone()
+            newest = max(newest, *state)
+        return int(newest)
+
+    def check_integrity(self) -> list[str]:
+        rows = self._db.execute("PRAGMA quick_check").fetchall()
+        return [] if rows == [("ok",)] else [row[0] for row in rows]
+
+    def copy_to(self, target: Path) -> None:
+        """A backup: see copy_manifest. Uses its own connection, never this one, so it is safe
+        from a worker thread."""
+        copy_manifest(self.path, target)
+
+
+_guard_public_methods(SqliteCore)

@@ -1,0 +1,103 @@
+"""Row-level reads and writes every part of the SQLite manifest shares.
+
+Owns: reading a node (by id, by name in a directory) and its path; the writes several
+operations make the same way — a new node, a new version, a blob's row and its references, a
+current version retired — each written once here from the statements in columns.py. Writes
+run inside a transaction the caller opened. Must not open a transaction itself, or decide
+whether a change is allowed (the vfs core does).
+"""
+
+from __future__ import annotations
+
+from cafs.model import Kind, Node, StoredBlob
+from cafs.sqlite_manifest.aggregates import Aggregates
+from cafs.sqlite_manifest.columns import (
+    INSERT_NODE,
+    INSERT_TAG,
+    NODE_FROM,
+    NODE_SELECT,
+    UPSERT_BLOB,
+    decode_node,
+    node_values,
+)
+
+
+class Rows(Aggregates):
+    """Shared node reads and the statements every change is built from."""
+
+    def node(self, node_id: int) -> Node | None:
+        row = self._db.execute(
+            f"SELECT {NODE_SELECT} {NODE_FROM} WHERE n.id = ?", (node_id,)).fetchone()
+        return decode_node(row) if row else None
+
+    def child(self, parent_id: int, name: str) -> Node | None:
+        row = self._db.execute(
+            f"SELECT {NODE_SELECT} {NODE_FROM} WHERE n.parent_id = ? AND n.name = ?",
+            (parent_id, name),
+        ).fetchone()
+        return decode_node(row) if row else None
+
+    def path_of(self, node_id: int) -> str:
+        """The path of a node relative to the mount, e.g. runs/e1/train/model.bin."""
+        rows = self._db.execute(
+            """
+            WITH RECURSIVE up(id, parent_id, name, depth) AS (
+                SELECT id, parent_id, name, 0 FROM nodes WHERE id = ?
+                UNION ALL
+                SELECT n.id, n.parent_id, n.name, up.depth + 1
+                FROM nodes n JOIN up ON n.id = up.parent_id
+            )
+            SELECT name FROM up ORDER BY depth DESC
+            """,
+            (node_id,),
+        ).fetchall()
+        return "/".join(["runs", *(row[0] for row in rows)])
+
+    # -- writes, inside the caller's transaction -------------------------------------------
+
+    def _insert_node(self, parent_id: int, name: str, kind: Kind, *, mode: int, uid: int,
+                     gid: int, mtime_ns: int, ctime_ns: int) -> int:
+        """A new directory or (unpublished) file; a directory adds a link to its parent."""
+        node_id = self._db.execute(INSERT_NODE, node_values(
+            parent_id, name, kind, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns,
+            ctime_ns=ctime_ns)).lastrowid or 0
+        if kind.is_dir:
+            self._adjust_nlink(parent_id, +1)
+        return node_id
+
+    def _upsert_blob(self, stored: StoredBlob, now_ns: int, *, references: int) -> int:
+        """The blob's row, made if new; it gains `references` live artifacts. Returns its id."""
+        self._db.execute(UPSERT_BLOB, {
+            "sha256": stored.digest, "size": stored.size, "stored_size": stored.stored_size,
+            "encoding": stored.encoding, "refcount": references, "created_ns": now_ns,
+            "fresh": stored.fresh,
+        })
+        return int(self._db.execute(
+            "SELECT id FROM blobs WHERE sha256 = ?", (stored.digest,)).fetchone()[0])
+
+    def _retire_current(self, node_id: int, now_ns: int) -> None:
+        """The node's current version (if any) becomes history: marked replaced, and its blob
+        loses the reference. Read from the row, never from a caller's copy of the node: a copy
+        can be stale, and a reference must never be left behind nor dropped twice."""
+        current = "(SELECT version_id FROM nodes WHERE id = ?)"
+        self._db.execute(f"UPDATE versions SET replaced_ns = ? WHERE id = {current}",
+                         (now_ns, node_id))
+        self._db.execute("UPDATE blobs SET refcount = refcount - 1 WHERE id = "
+                         f"(SELECT blob_id FROM versions WHERE id = {current})", (node_id,))
+
+    def _insert_tags(self, node_id: int, tags: dict[str, bytes], *,
+                     replace: bool = False) -> None:
+        """Tags on a node; `replace` overwrites a tag of the same name (setxattr)."""
+        self._db.executemany(
+            INSERT_TAG + (" ON CONFLICT (node_id, name) DO UPDATE SET value = excluded.value"
+                          if replace else ""),
+            [{"node_id": node_id, "name": name, "value": value} for name, value in tags.items()],
+        )
+
+    def _adjust_nlink(self, node_id: int, delta: int) -> None:
+        self._db.execute("UPDATE nodes SET nlink = nlink + ? WHERE id = ?", (delta, node_id))
+
+    def _touch(self, node_id: int, now_ns: int) -> None:
+        """A directory's entries changed: bump its mtime and ctime."""
+        self._db.execute(
+            "UPDATE nodes SET mtime_ns = ?, ctime_ns = ? WHERE id = ?", (now_ns, now_ns, node_id))
