@@ -90,9 +90,6 @@ class NodeCache:
     def drop_entry(self, parent: int, name: str) -> None:
         self._entries.pop((parent, name))
 
-    def __len__(self) -> int:
-        return len(self._nodes)
-
 
 def lookup_name(raw: bytes) -> str:
     """A name to look up: one that cannot exist is simply not found."""
