@@ -30,7 +30,7 @@ from pathlib import Path
 from cafs import schema
 from cafs.blobstore import BlobStore
 from cafs.model import RUNS_INODE
-from cafs.store import Store
+from cafs.store import Store, serving_daemon
 
 CAFS = [sys.executable, "-m", "cafs"]
 MB = 1_000_000
@@ -207,7 +207,7 @@ class Mounted:
         return json.loads(out)
 
     def daemon_rss_mb(self) -> float:
-        pid = int((self.store / "lock").read_text().split()[1])
+        pid = daemon_pid(self.store)
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
@@ -463,8 +463,14 @@ class Prober:
         return max(self.latencies, default=0.0)
 
 
+def daemon_pid(store: Path) -> int:
+    daemon = serving_daemon(store)
+    assert daemon is not None and daemon.pid is not None, f"no daemon serves {store}"
+    return daemon.pid
+
+
 def daemon_cpu_seconds(mount: Mounted) -> float:
-    pid = int((mount.store / "lock").read_text().split()[1])
+    pid = daemon_pid(mount.store)
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -32,15 +33,17 @@ from cafs.cli_common import (
     settings_from,
     store_option,
 )
-from cafs.daemon import MountConfig, MountError, configure_logging, parse_mount_options, serve
-from cafs.errors import CafsError, StoreError
+from cafs.errors import CafsError, MountError, StoreError
 from cafs.store import (
     LOG_NAME,
     check_placement,
-    lock_holder,
     open_log,
     prepare_store_dir,
+    serving_daemon,
 )
+
+if TYPE_CHECKING:  # only `cafs mount` loads the daemon (pyfuse3, trio): see mount()
+    from cafs.daemon import MountConfig
 
 READY = b"READY\n"
 START_TIMEOUT = 60.0
@@ -75,6 +78,8 @@ def mount(store: Path | None, config: Path | None, options: tuple[str, ...], for
 
     Example: cafs mount --store /srv/cafs /mnt/artifacts
     """
+    from cafs.daemon import MountConfig, parse_mount_options
+
     settings = settings_from(config)
     cfg = MountConfig(store=resolve_store(store, settings),
                       mountpoint=resolve_mountpoint(mountpoint, settings),
@@ -97,6 +102,8 @@ def mount(store: Path | None, config: Path | None, options: tuple[str, ...], for
 
 
 def run_foreground(cfg: MountConfig, debug: bool, ready_fd: int | None) -> None:
+    from cafs.daemon import configure_logging, serve
+
     configure_logging(debug)
 
     def on_ready() -> None:
@@ -176,7 +183,8 @@ def umount(config: Path | None, lazy: bool, if_mounted: bool, mountpoint: Path |
             return
         fail(f"{mountpoint} is not a cafs mount", EXIT_MOUNT)
     store = Path(found[1])
-    daemon = lock_holder(store) if store.is_dir() else None
+    holder = serving_daemon(store) if store.is_dir() else None
+    daemon = holder.pid if holder is not None else None
     command = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint.absolute())]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:

@@ -1,9 +1,10 @@
 """The life-cycle commands of `cafs`: log, cat, seal, unseal, find, gc, fsck, export, import.
 
 Owns: their arguments and output. Each command is one request to cafs.admin, run by the daemon
-over the control socket when the store is mounted (so the mount stays right), or here, holding
-the store's lock, when it is not. Paths are given either inside a mount (/mnt/cafs/runs/e1) or
-relative to the store's namespace (runs/e1, with --store).
+over the control socket when the store is mounted (so the mount stays right; its JSON answer is
+decoded back into the command's typed result), or here, holding the store's lock, when it is
+not (under asyncio). Paths are given either inside a mount (/mnt/cafs/runs/e1) or relative to
+the store's namespace (runs/e1, with --store). Must not import trio, pyfuse3 or the daemon.
 """
 
 from __future__ import annotations
@@ -14,12 +15,19 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import click
-import trio
 
-from cafs.admin import DEFAULT_ORPHAN_GRACE, Admin, NotMounted
+from cafs.admin import (
+    DEFAULT_ORPHAN_GRACE,
+    Admin,
+    LocalRuntime,
+    NotMounted,
+    decode_result,
+    run_locally,
+)
+from cafs.admin_context import JsonResult
 from cafs.blobstore import BlobStore
 from cafs.cli_common import (
     EXIT_FAILED,
@@ -36,21 +44,27 @@ from cafs.cli_common import (
 )
 from cafs.config import Settings
 from cafs.control import call
-from cafs.daemon import TrioRuntime
 from cafs.digest import Digest
 from cafs.errors import CafsError, StoreBusy, StoreError
-from cafs.fsck import fsck as check_store
+from cafs.lifecycle import Found, History, Sealed, Unsealed, VersionLocation
+from cafs.maintenance import CheckReport, GcReport, RepairReport
+from cafs.maintenance import check as check_store
 from cafs.rules import DEFAULT_MAX_ARTIFACT_SIZE
 from cafs.store import (
     MANIFEST_NAME,
+    QUARANTINE_DIR,
     Store,
     check_manifest_files,
-    is_locked,
+    command_owner,
     list_backups,
-    lock_holder_text,
     prepare_store_dir,
+    real_store_path,
     restore_manifest,
+    store_holder,
 )
+from cafs.transfer import Exported, Imported
+
+R = TypeVar("R", bound=JsonResult)
 
 # -- where a PATH argument lives ----------------------------------------------------------
 
@@ -62,7 +76,7 @@ def locate(path_arg: str, store: Path | None, config: Path | None) -> tuple[Path
     for mountpoint, source in sorted(mounts_of_type("fuse.cafs"), key=lambda m: -len(m[0].parts)):
         if absolute == mountpoint or mountpoint in absolute.parents:
             found = Path(source)
-            if store is not None and store.absolute() != found:
+            if store is not None and real_store_path(store) != found:
                 raise click.UsageError(f"{path_arg} is in the mount of {found}, not of {store}")
             return found, absolute.relative_to(mountpoint).as_posix()
     rel = "/".join(part for part in path_arg.split("/") if part not in ("", "."))
@@ -103,12 +117,11 @@ class TerminalProgress:
             sys.stderr.write("\n")
 
 
-def run_admin(root: Path, command: str, args: dict[str, Any],
-              files: list[IO[bytes]] | None = None, settings: Settings | None = None
-              ) -> dict[str, Any]:
+def run_admin(root: Path, command: str, args: dict[str, Any], expect: type[R],
+              files: list[IO[bytes]] | None = None, settings: Settings | None = None) -> R:
     """Run an admin command where it must run: in the daemon if one serves the store (with
-    the daemon's settings), else here under the store's lock (with `settings`). Failures exit
-    with a message (1; 3 for the store)."""
+    the daemon's settings), else here under the store's lock (with `settings`). Answers the
+    command's typed result, `expect`. Failures exit with a message (1; 3 for the store)."""
     files = files or []
     progress = TerminalProgress()
     try:
@@ -119,14 +132,15 @@ def run_admin(root: Path, command: str, args: dict[str, Any],
                 check_manifest_files(root, BlobStore(root), wal=False)
                 raise StoreError(f"no store at {root}")
             for _ in range(3):
-                if is_locked(root):
-                    holder = lock_holder_text(root)
-                    if "mounted at" not in holder:
-                        raise StoreBusy(f"store {root} is in use ({holder})")
-                    return call(root, command, args, [f.fileno() for f in files], progress)
+                holder = store_holder(root)
+                if holder is not None:
+                    if not holder.serves_mount:
+                        raise StoreBusy(f"store {root} is in use ({holder.description})")
+                    answer = call(root, command, args, [f.fileno() for f in files], progress)
+                    return _expected(command, decode_result(command, answer), expect)
                 try:
-                    return _run_here(root, command, args, files, progress,
-                                     settings or Settings())
+                    return _expected(command, _run_here(root, command, args, files, progress,
+                                                        settings or Settings()), expect)
                 except StoreBusy:  # a daemon started meanwhile: ask it instead
                     continue
                 except OSError as exc:
@@ -137,18 +151,24 @@ def run_admin(root: Path, command: str, args: dict[str, Any],
 
 
 def _run_here(root: Path, command: str, args: dict[str, Any], files: list[IO[bytes]],
-              progress: TerminalProgress, settings: Settings) -> dict[str, Any]:
-    opened = Store.open(root, lock=True, owner=f"running cafs {command}")
+              progress: TerminalProgress, settings: Settings) -> JsonResult:
+    opened = Store.open(root, lock=True, owner=command_owner(command))
     try:
-        admin = Admin(opened, TrioRuntime(), NotMounted(), mounted=False, progress=progress,
+        admin = Admin(opened, LocalRuntime(), NotMounted(), mounted=False, progress=progress,
                       max_artifact_size=settings.max_artifact_size or DEFAULT_MAX_ARTIFACT_SIZE)
-        return trio.run(admin.run, command, args, files)
+        return run_locally(admin, command, args, files)
     finally:
         opened.close()
 
 
-def emit_json(result: dict[str, Any]) -> None:
-    click.echo(json.dumps(result, indent=2))
+def _expected(command: str, result: JsonResult, expect: type[R]) -> R:
+    if not isinstance(result, expect):  # a bug: the command and the type asked do not match
+        raise TypeError(f"{command} answered {type(result).__name__}, not {expect.__name__}")
+    return result
+
+
+def emit_json(result: JsonResult) -> None:
+    click.echo(json.dumps(result.to_json(), indent=2))
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -182,17 +202,17 @@ def log(store: Path | None, config: Path | None, as_json: bool, path: str) -> No
     Example: cafs log /mnt/cafs/runs/e1/train/model.bin
     """
     root, rel = locate(path, store, config)
-    result = run_admin(root, "log", {"path": rel})
+    result = run_admin(root, "log", {"path": rel}, History)
     if as_json:
         emit_json(result)
         return
     click.echo(f"{'VERSION':>8}  {'PUBLISHED':<24}  {'SIZE':>10}  {'UID':>6}  SHA256")
-    for version in result["versions"]:
-        marks = " (current)" if version["current"] else ""
-        marks += " DAMAGED" if version["damaged"] else ""
-        click.echo(f"{version['version']:>8}  {version['published']:<24}  "
-                   f"{human_size(version['size']):>10}  {version['uid']:>6}  "
-                   f"{version['sha256']}{marks}")
+    for version in result.versions:
+        marks = " (current)" if version.current else ""
+        marks += " DAMAGED" if version.damaged else ""
+        click.echo(f"{version.version:>8}  {version.published or '':<24}  "
+                   f"{human_size(version.size):>10}  {version.uid:>6}  "
+                   f"{version.sha256}{marks}")
 
 
 @click.command()
@@ -210,14 +230,14 @@ def cat(store: Path | None, config: Path | None, path: str) -> None:
     if base and suffix.isdigit():
         path, version = base, int(suffix)
     root, rel = locate(path, store, config)
-    found = run_admin(root, "version", {"path": rel, "version": version})
+    found = run_admin(root, "version", {"path": rel, "version": version}, VersionLocation)
     with errors_as_exit_codes(command_failure=EXIT_FAILED):
         _copy_blob(root, found, stdout_bytes())
 
 
-def _copy_blob(root: Path, found: dict[str, Any], out: IO[bytes]) -> None:
+def _copy_blob(root: Path, found: VersionLocation, out: IO[bytes]) -> None:
     """Stream one blob straight from the store (blob files never change once written)."""
-    reader = BlobStore(root).open(Digest(found["sha256"]), found["encoding"])
+    reader = BlobStore(root).open(Digest(found.sha256), found.encoding)
     hasher = hashlib.sha256()
     try:
         offset = 0
@@ -228,8 +248,8 @@ def _copy_blob(root: Path, found: dict[str, Any], out: IO[bytes]) -> None:
     finally:
         reader.close()
     out.flush()
-    if hasher.hexdigest() != found["sha256"] or offset != found["size"]:
-        raise CafsError(f"{found['path']}@{found['version']}: the stored bytes do not match "
+    if hasher.hexdigest() != found.sha256 or offset != found.size:
+        raise CafsError(f"{found.path}@{found.version}: the stored bytes do not match "
                         "their SHA-256; run cafs fsck --repair")
 
 
@@ -250,9 +270,9 @@ def seal(store: Path | None, config: Path | None, path: str) -> None:
     Example: cafs seal /mnt/cafs/runs/e1
     """
     root, rel = locate(path, store, config)
-    result = run_admin(root, "seal", {"path": rel})
-    state = "was already sealed" if result["already"] else "sealed"
-    click.echo(f"{rel} {state}: root {result['root_sha256']}")
+    result = run_admin(root, "seal", {"path": rel}, Sealed)
+    state = "was already sealed" if result.already else "sealed"
+    click.echo(f"{rel} {state}: root {result.root_sha256}")
 
 
 @click.command()
@@ -265,7 +285,7 @@ def unseal(store: Path | None, config: Path | None, path: str) -> None:
     Example: cafs unseal /mnt/cafs/runs/e1
     """
     root, rel = locate(path, store, config)
-    run_admin(root, "unseal", {"path": rel})
+    run_admin(root, "unseal", {"path": rel}, Unsealed)
     click.echo(f"{rel} is open for changes")
 
 
@@ -299,11 +319,11 @@ def find(store: Path | None, config: Path | None, run: str | None, layer: str | 
                           value if has_value else None])
     args = {"run": run, "layer": layer, "tags": tag_pairs,
             "sha256": sha256.lower() if sha256 else None}
-    result = run_admin(store_root(store, config), "find", args)
+    result = run_admin(store_root(store, config), "find", args, Found)
     if as_json:
         emit_json(result)
         return
-    for path in result["paths"]:
+    for path in result.paths:
         click.echo(path, nl=not print0)
         if print0:
             click.echo("\0", nl=False)
@@ -332,19 +352,19 @@ def gc(store: Path | None, config: Path | None, dry_run: bool, keep_versions: in
     """
     result = run_admin(store_root(store, config), "gc",
                        {"keep_versions": keep_versions, "dry_run": dry_run,
-                        "orphan_grace": grace_seconds(orphan_grace, config)})
+                        "orphan_grace": grace_seconds(orphan_grace, config)}, GcReport)
     if as_json:
         emit_json(result)
         return
     verb = "would remove" if dry_run else "removed"
-    kept = result["orphan_files_kept"]
+    kept = result.orphan_files_kept
     if kept:
         click.echo(f"kept {kept} orphan blob files younger than the grace period "
                    "(cafs fsck lists them)")
-    click.echo(f"{verb} {result['versions_removed']} versions, {result['blobs_removed']} blobs "
-               f"and {result['orphan_files_removed']} orphan blob files; "
+    click.echo(f"{verb} {result.versions_removed} versions, {result.blobs_removed} blobs "
+               f"and {result.orphan_files_removed} orphan blob files; "
                f"{'would reclaim' if dry_run else 'reclaimed'} "
-               f"{human_size(result['bytes_reclaimed'])} ({result['bytes_reclaimed']} bytes)")
+               f"{human_size(result.bytes_reclaimed)} ({result.bytes_reclaimed} bytes)")
 
 
 @click.command()
@@ -370,11 +390,12 @@ def fsck(store: Path | None, config: Path | None, full: bool, repair: bool,
         _repair(store_root(store, config), as_json, grace_seconds(orphan_grace, config))
         return
     with open_store(store, config) as opened:
-        report = check_store(opened, full=full, mounted=is_locked(opened.root))
+        # Someone holding the lock (a daemon, an import) may be writing: temp files and
+        # unpublished rows are then work in progress, not garbage.
+        report: CheckReport = check_store(opened, full=full,
+                                          mounted=store_holder(opened.root) is not None)
     if as_json:
-        emit_json({"damage": report.damage, "garbage": report.garbage, "lost": report.lost,
-                   "possible_lost_metadata": report.lost_metadata,
-                   "blobs_checked": report.blobs_checked, "clean": report.clean})
+        emit_json(report)
     else:
         for line in report.damage:
             click.echo(f"DAMAGE  {line}")
@@ -393,25 +414,25 @@ def fsck(store: Path | None, config: Path | None, full: bool, repair: bool,
 
 
 def _repair(root: Path, as_json: bool, orphan_grace: int) -> None:
-    result = run_admin(root, "repair", {"orphan_grace": orphan_grace})
+    result = run_admin(root, "repair", {"orphan_grace": orphan_grace}, RepairReport)
     if as_json:
         emit_json(result)
         return
-    for line in result["damaged"]:
+    for line in result.damaged:
         click.echo(f"marked damaged  {line}")
-    for name in result["quarantined"]:
-        click.echo(f"quarantined     quarantine/{name}")
-    for path in result["damaged_artifacts"]:
+    for name in result.quarantined:
+        click.echo(f"quarantined     {QUARANTINE_DIR}/{name}")
+    for path in result.damaged_artifacts:
         click.echo(f"DAMAGED         {path} (reads give EIO until it is written again)")
-    if result["orphan_files_kept"]:
-        click.echo(f"kept            {result['orphan_files_kept']} orphan blob files younger "
+    if result.orphan_files_kept:
+        click.echo(f"kept            {result.orphan_files_kept} orphan blob files younger "
                    "than the grace period")
-    click.echo(f"{result['blobs_checked']} blobs re-hashed; fixed {result['refcounts_fixed']} "
-               f"refcounts and the aggregates of {result['aggregates_fixed']} nodes; removed "
-               f"{result['orphan_files_removed']} orphan blobs, "
-               f"{result['temp_files_removed']} temp files and "
-               f"{result['unfinished_files_removed']} unfinished files; "
-               f"{result['healed']} blobs healed")
+    click.echo(f"{result.blobs_checked} blobs re-hashed; fixed {result.refcounts_fixed} "
+               f"refcounts and the aggregates of {result.aggregates_fixed} nodes; removed "
+               f"{result.orphan_files_removed} orphan blobs, "
+               f"{result.temp_files_removed} temp files and "
+               f"{result.unfinished_files_removed} unfinished files; "
+               f"{result.healed} blobs healed")
 
 
 # -- bundles ------------------------------------------------------------------------------
@@ -433,20 +454,20 @@ def export(store: Path | None, config: Path | None, output: str, path: str) -> N
         out = stdout_bytes()
         if out.isatty():
             raise click.UsageError("refusing to write a bundle to a terminal; use -o FILE")
-        result = run_admin(root, "export", {"path": rel}, [out])
+        result = run_admin(root, "export", {"path": rel}, Exported, [out])
     else:
         # Written under a temporary name, renamed when complete: never a partial bundle.
         partial = Path(f"{output}.partial-{os.getpid()}")
         try:
             with open(partial, "wb") as out:
-                result = run_admin(root, "export", {"path": rel}, [out])
+                result = run_admin(root, "export", {"path": rel}, Exported, [out])
             partial.rename(output)
         except OSError as exc:
             fail(f"cannot write {output}: {exc.strerror}", EXIT_FAILED)
         finally:
             partial.unlink(missing_ok=True)
-    click.echo(f"exported {rel}: {result['artifacts']} artifacts, {result['blobs']} blobs, "
-               f"{human_size(result['content_bytes'])}", err=output == "-")
+    click.echo(f"exported {rel}: {result.artifacts} artifacts, {result.blobs} blobs, "
+               f"{human_size(result.content_bytes)}", err=output == "-")
 
 
 @click.command(name="import")
@@ -469,9 +490,9 @@ def import_(store: Path | None, config: Path | None, name: str | None, bundle: s
     except OSError as exc:
         fail(f"cannot read {bundle}: {exc.strerror}", EXIT_FAILED)
     with source:
-        result = run_admin(root, "import", {"name": name}, [source], settings)
-    click.echo(f"imported {result['path']}: {result['artifacts']} artifacts; "
-               f"{result['blobs_added']} new blobs, {result['blobs_present']} already stored")
+        result = run_admin(root, "import", {"name": name}, Imported, [source], settings)
+    click.echo(f"imported {result.path}: {result.artifacts} artifacts; "
+               f"{result.blobs_added} new blobs, {result.blobs_present} already stored")
 
 
 @click.command()

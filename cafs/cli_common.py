@@ -24,9 +24,8 @@ from typing import BinaryIO, NoReturn
 import click
 
 from cafs.config import Settings, load_settings
-from cafs.daemon import MountError
-from cafs.errors import CafsError, StoreError
-from cafs.store import Store, default_store_path
+from cafs.errors import CafsError, MountError, StoreError
+from cafs.store import Store, default_store_path, real_store_path
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2  # as click answers a bad option
@@ -101,10 +100,11 @@ def settings_from(config: Path | None) -> Settings:
 
 
 def resolve_store(store: Path | None, settings: Settings) -> Path:
-    """--store, else $CAFS_STORE, else the configuration file, else the per-user default."""
+    """--store, else $CAFS_STORE, else the configuration file, else the per-user default; its
+    real path, the only one used from here on (see real_store_path)."""
     if store is None and not os.environ.get("CAFS_STORE") and settings.store is not None:
         store = settings.store
-    return (store or default_store_path()).absolute()
+    return real_store_path(store or default_store_path())
 
 
 def resolve_mountpoint(mountpoint: Path | None, settings: Settings) -> Path:

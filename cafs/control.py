@@ -1,14 +1,18 @@
 """The control socket: how `cafs` admin commands reach the daemon serving a store.
 
-Owns: `<store>/control.sock` and its protocol. A client sends one JSON line
+Owns: the protocol on `<store>/control.sock` and its client side. A client sends one JSON line
 `{"command": ..., "args": {...}}`, with open file descriptors (an export's output, an import's
 input) passed alongside by SCM_RIGHTS, so the daemon reads and writes exactly the files the
 caller could open itself. The daemon answers with JSON lines: any number of
 `{"progress": [what, done, total]}`, then one `{"result": {...}}` or
-`{"error": message, "errno": N}`.
+`{"error": message, "errno": N}`. A result is the JSON form of a typed result (cafs.admin
+encodes it, the caller decodes it back): untyped dicts exist only on the wire.
 
 Who may connect: the socket lives in the store directory (0700), and the daemon also checks the
 peer's uid (root or the daemon's own user). Commands run one at a time.
+
+Must not import trio, pyfuse3 or the daemon: every admin command loads this module. The daemon
+side is cafs.control_server.
 """
 
 from __future__ import annotations
@@ -16,34 +20,24 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
-import fcntl
 import json
-import logging
 import os
 import socket
-import sqlite3
-import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import trio
+from cafs.errors import CafsError, StoreError
+from cafs.store import SOCKET_NAME
 
-from cafs.errors import CafsError, StoreError, TooManyOpenFiles
-from cafs.manifest import manifest_error
-
-log = logging.getLogger(__name__)
-
-SOCKET_NAME = "control.sock"
 MAX_FDS = 2
 MAX_REQUEST = 1 << 20
-PROGRESS_INTERVAL = 0.25
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
-
-Handler = Callable[[str, dict[str, Any], list[IO[bytes]], Callable[[str, int, int], None]],
-                   Awaitable[dict[str, Any]]]
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+OUT_OF_DESCRIPTORS_MESSAGE = ("the daemon is out of file descriptors (too many files open in "
+                              "the mount): close some, or raise its descriptor limit")
 
 
 class AdminError(CafsError):
@@ -52,218 +46,6 @@ class AdminError(CafsError):
 
 def socket_path(store: Path) -> Path:
     return store / SOCKET_NAME
-
-
-# -- daemon side --------------------------------------------------------------------------
-
-
-async def serve_control(store: Path, handler: Handler) -> None:
-    """Accept admin connections until cancelled. Runs inside the daemon's nursery."""
-    path = socket_path(store)
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        log.warning("store path too long for a control socket (%s): admin commands cannot "
-                    "reach this daemon while it runs", path)
-        return
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # a stale socket of a daemon that was killed
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with listener:
-        try:
-            await listener.bind(str(path))
-            os.chmod(path, 0o600)
-            listener.listen(16)
-        except OSError as exc:  # the mount works without it; only admin commands cannot reach us
-            log.warning("cannot open the control socket %s: %s", path, exc)
-            return
-        one_at_a_time = trio.Lock()
-        spare = _Spare()
-        try:
-            async with trio.open_nursery() as nursery:
-                while True:
-                    try:
-                        conn, _ = await listener.accept()
-                    except OSError as exc:  # never the end of the daemon
-                        if exc.errno in OUT_OF_DESCRIPTORS:
-                            await _refuse_for_want_of_descriptors(listener, spare)
-                        else:
-                            log.warning("control socket: accept failed: %s", exc)
-                            await trio.sleep(REFUSE_INTERVAL)
-                        continue
-                    nursery.start_soon(_serve_connection, conn, handler, one_at_a_time)
-        finally:
-            spare.close()
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-
-
-OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
-OUT_OF_DESCRIPTORS_MESSAGE = ("the daemon is out of file descriptors (too many files open in "
-                              "the mount): close some, or raise its descriptor limit")
-# How long the listener waits between refusals while out of descriptors: the waiting client
-# stays queued rather than spinning the loop.
-REFUSE_INTERVAL = 0.1
-# How long a refused client may take to send its request and read the answer.
-REFUSE_ANSWER_TIMEOUT = 5.0
-
-
-class _Spare:
-    """One descriptor held in reserve: when accept() fails for want of descriptors, freeing it
-    lets the daemon accept the waiting client and tell it why, instead of leaving it hanging."""
-
-    def __init__(self) -> None:
-        self.fd: int | None = None
-        self.take()
-
-    def take(self) -> None:
-        if self.fd is None:
-            with contextlib.suppress(OSError):
-                self.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-async def _refuse_for_want_of_descriptors(listener: trio.socket.SocketType,
-                                          spare: _Spare) -> None:
-    log.warning("admin connection refused: %s", OUT_OF_DESCRIPTORS_MESSAGE)
-    spare.close()
-    try:
-        conn = None
-        with trio.move_on_after(REFUSE_INTERVAL):
-            conn, _ = await listener.accept()  # the client waiting: the spare made room
-        if conn is not None:
-            with conn, trio.move_on_after(REFUSE_ANSWER_TIMEOUT):
-                # Read the request first: closing with it unread would reset the connection
-                # before the client reads the answer. Passed files find no room: dropped.
-                with contextlib.suppress(CafsError, ValueError):
-                    for fd in (await _receive_request(conn))[1]:
-                        os.close(fd)
-                await _send(conn, {"error": OUT_OF_DESCRIPTORS_MESSAGE, "errno": errno.EMFILE})
-    except OSError:  # the room was taken meanwhile, or the client went away
-        pass
-    finally:
-        spare.take()
-    await trio.sleep(REFUSE_INTERVAL)
-
-
-def _peer_uid(conn: trio.socket.SocketType) -> int:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
-
-
-async def _receive_request(conn: trio.socket.SocketType) -> tuple[dict[str, Any], list[int]]:
-    data, fds = b"", []
-    while not data.endswith(b"\n"):
-        chunk, ancillary, flags, _ = await conn.recvmsg(
-            65536, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize))
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                received = array.array("i")
-                received.frombytes(payload[:len(payload) - len(payload) % received.itemsize])
-                fds += list(received)
-        if flags & socket.MSG_CTRUNC:  # the kernel dropped passed files: no room for them
-            for fd in fds:
-                os.close(fd)
-            raise TooManyOpenFiles(OUT_OF_DESCRIPTORS_MESSAGE)
-        if not chunk:
-            break
-        data += chunk
-        if len(data) > MAX_REQUEST:
-            break
-    request = json.loads(data)
-    if not isinstance(request, dict) or not isinstance(request.get("command"), str) \
-            or not isinstance(request.get("args", {}), dict):
-        raise ValueError("malformed request")
-    return request, fds
-
-
-async def _send(conn: trio.socket.SocketType, message: dict[str, Any]) -> None:
-    data = (json.dumps(message) + "\n").encode()
-    while data:
-        sent = await conn.send(data)
-        data = data[sent:]
-
-
-async def _serve_connection(conn: trio.socket.SocketType, handler: Handler,
-                            one_at_a_time: trio.Lock) -> None:
-    files: list[IO[bytes]] = []
-    with conn:
-        try:
-            uid = _peer_uid(conn)
-            if uid not in (0, os.getuid()):
-                await _send(conn, {"error": "only root or the store's owner may run admin "
-                                   "commands", "errno": errno.EACCES})
-                return
-            request, fds = await _receive_request(conn)
-            files = [os.fdopen(fd, "r+b" if _writable(fd) else "rb", buffering=0)
-                     for fd in fds]
-            await _run_request(conn, handler, one_at_a_time, request, files)
-        except TooManyOpenFiles as exc:
-            with contextlib.suppress(OSError):
-                await _send(conn, {"error": str(exc), "errno": exc.errno})
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("admin client went away: %s", exc)
-        except ValueError as exc:
-            with contextlib.suppress(OSError):
-                await _send(conn, {"error": f"bad request: {exc}", "errno": errno.EINVAL})
-        finally:
-            for file in files:
-                with contextlib.suppress(OSError):
-                    file.close()
-
-
-async def _run_request(conn: trio.socket.SocketType, handler: Handler,
-                       one_at_a_time: trio.Lock, request: dict[str, Any],
-                       files: list[IO[bytes]]) -> None:
-    command = request["command"]
-    latest: list[Any] = []
-
-    def progress(what: str, done: int, total: int) -> None:  # any thread
-        latest[:] = [what, done, total]
-
-    async def send_progress() -> None:
-        sent: list[Any] = []
-        while True:
-            await trio.sleep(PROGRESS_INTERVAL)
-            if latest and latest != sent:
-                sent = list(latest)
-                await _send(conn, {"progress": sent})
-
-    async with one_at_a_time:
-        log.info("admin command %s %s", command, json.dumps(request.get("args", {})))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send_progress)
-            try:
-                result = await handler(command, request.get("args", {}), files, progress)
-                reply: dict[str, Any] = {"result": result}
-            except CafsError as exc:
-                log.info("admin command %s failed: %s", command, exc)
-                reply = {"error": str(exc), "errno": exc.errno,
-                         "store": isinstance(exc, StoreError)}
-            except TypeError as exc:  # arguments that do not fit the command
-                reply = {"error": f"bad request: {exc}", "errno": errno.EINVAL}
-            except OSError as exc:  # the store's filesystem failed under the command
-                log.warning("admin command %s failed: %s", command, exc)
-                reason = OUT_OF_DESCRIPTORS_MESSAGE if exc.errno in OUT_OF_DESCRIPTORS else exc
-                reply = {"error": f"{command} failed: {reason}", "errno": exc.errno or errno.EIO}
-            except sqlite3.Error as exc:  # a read outside a transaction (commits raise CafsError)
-                error = manifest_error(exc)
-                log.warning("admin command %s failed: %s", command, error)
-                reply = {"error": f"{command} failed: {error}", "errno": error.errno}
-            except Exception as exc:  # a bug: answer, log it whole, keep serving
-                log.exception("admin command %s failed", command)
-                reply = {"error": f"{command} failed unexpectedly ({exc}); see the daemon log",
-                         "errno": errno.EIO}
-            nursery.cancel_scope.cancel()
-        for file in files:  # flush an export before the client is told it is done
-            file.close()
-        await _send(conn, reply)
-
-
-def _writable(fd: int) -> bool:
-    return (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE) != os.O_RDONLY
 
 
 # -- client side --------------------------------------------------------------------------

@@ -26,10 +26,10 @@ import trio
 
 from cafs import crashpoints
 from cafs.admin import Admin
-from cafs.control import serve_control
-from cafs.errors import CafsError, InvalidArgument, StoreError
+from cafs.control_server import serve_control
+from cafs.errors import CafsError, InvalidArgument, MountError, StoreError
 from cafs.ops import CafsOperations
-from cafs.store import Store, check_placement
+from cafs.store import Store, check_placement, mount_owner, real_store_path
 from cafs.vfs import DEFAULT_MAX_ARTIFACT_SIZE, Vfs
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,6 @@ DEFAULT_BACKUP_INTERVAL = 3600
 IGNORED_OPTIONS = {"defaults", "rw", "auto", "noauto", "user", "nouser", "users", "nofail",
                    "_netdev", "dev", "suid", "exec", "noexec", "async", "atime", "noatime",
                    "relatime", "nodev", "nosuid", "default_permissions"}
-
-
-class MountError(CafsError):
-    """The mount itself failed (mountpoint missing, busy, FUSE unavailable)."""
 
 
 @dataclass
@@ -220,11 +216,12 @@ def sd_notify(message: str) -> None:
 
 def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled. Raises CafsError if it cannot start."""
+    cfg.store = real_store_path(cfg.store)  # never the given path again (a swappable link)
     check_mountpoint(cfg.mountpoint)
     check_placement(cfg.store, cfg.mountpoint)
     _systemd.open()  # now, while descriptors are plenty
     store = Store.open(cfg.store, lock=True, compression_level=cfg.compression_level,
-                       owner=f"mounted at {cfg.mountpoint.absolute()}")
+                       owner=mount_owner(cfg.mountpoint))
     try:
         if store.mark_dirty():
             log.warning("the last daemon did not stop cleanly: checking the newest blobs")

@@ -126,3 +126,8 @@ class StoreBusy(StoreError):
 class NeedsRepair(StoreError):
     """The store holds data its manifest does not account for (a missing or empty manifest
     beside blob files, a damaged WAL): starting would lose it, so nothing starts."""
+
+
+class MountError(CafsError):
+    """The mount itself failed (mountpoint missing, busy, FUSE unavailable). Here rather than
+    in cafs.daemon so the command line can report it without loading the daemon."""

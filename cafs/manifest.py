@@ -266,6 +266,15 @@ class Manifest:
         pages = max(32, min(1000, size // page_size))
         self._db.execute(f"PRAGMA wal_autocheckpoint = {pages}")
 
+    def start_wal(self) -> None:
+        """Give an empty WAL its header now, by one commit that changes nothing: from here to a
+        clean close the WAL is never empty, so after a crash a missing or empty one was lost
+        (see cafs.store.check_manifest_files). Best effort: on a full disk it stays empty."""
+        with suppress(OSError, sqlite3.Error):
+            if os.stat(f"{self.path}-wal").st_size == 0:
+                value = int(self._db.execute("PRAGMA application_id").fetchone()[0])
+                self._db.execute(f"PRAGMA application_id = {value}")
+
     def _has_column(self, table: str, column: str) -> bool:
         rows = self._db.execute(f"PRAGMA table_info({table})").fetchall()
         return any(row[1] == column for row in rows)

@@ -465,6 +465,11 @@ class OpenFiles:
         if node.kind.is_dir:
             raise IsADirectory()
         if size > self.max_artifact_size:
+            if handle is not None and handle.writable:
+                # ftruncate fails like a write beyond the maximum: the descriptor's writes fail
+                # as a whole (sticky, so close() says EFBIG), and nothing is published.
+                async with handle.inode.lock:
+                    self.publisher.fail(handle.inode, handle, errno.EFBIG)
             raise FileTooBig(f"{size} bytes is over the maximum artifact size")
         if handle is not None:
             _check_writable(handle)

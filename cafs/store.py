@@ -1,8 +1,11 @@
 """A store directory as a whole: where it is, its layout, its lock, and opening its parts.
 
-Owns: `<store>/lock` (one daemon per store), the store directory's permissions and the rules that
-keep other users out of it (see `check_store_dir`), the rule that the store and the mountpoint
-never contain each other, and start-up recovery. Must not know FUSE.
+Owns: every name in the store's layout (the constants below: other modules use them, never a
+literal), `<store>/lock` (one daemon per store) and the one answer to "who holds this store, and
+does a daemon serve it" (`store_holder`, `serving_daemon`: the lock file's text is written and
+parsed only here), the store directory's permissions and the rules that keep other users out of
+it (see `check_store_dir`), the rule that the store and the mountpoint never contain each other,
+and start-up recovery. Must not know FUSE, trio or the daemon.
 """
 
 from __future__ import annotations
@@ -24,9 +27,21 @@ from cafs.wal import check_wal, wal_path
 MANIFEST_NAME = "manifest.sqlite"
 LOCK_NAME = "lock"
 LOG_NAME = "daemon.log"
+# The blob store's directories. cafs.blobstore sits below this module and makes them under the
+# same names (it cannot import them from here).
+BLOBS_DIR = "blobs"
+TMP_DIR = "tmp"
+# Blob files whose bytes fsck --repair found wrong, kept for forensics (cafs.maintenance).
+QUARANTINE_DIR = "quarantine"
+# The daemon's control socket (cafs.control).
+SOCKET_NAME = "control.sock"
 # Present while a daemon serves the store; found at start-up, it means the last one never
-# stopped cleanly (killed, crashed, power lost).
+# stopped cleanly (killed, crashed, power lost). A daemon writes "pid N" (or nothing, on a full
+# disk): it had the manifest open in WAL mode, so the WAL must still be there. A read-write
+# Store holding the lock rewrites it to WAL_CLOSED when it closes the manifest cleanly, which
+# folds the WAL into the manifest and deletes it (see Store.close).
 DIRTY_NAME = "dirty"
+WAL_CLOSED = b"wal closed"
 # Rotating copies of the manifest (SQLite online backup): backups/manifest-<UTC time>.sqlite.
 BACKUP_DIR = "backups"
 BACKUPS_KEPT = 5
@@ -43,11 +58,11 @@ LAYOUT = {
     LOCK_NAME: stat.S_IFREG,
     LOG_NAME: stat.S_IFREG,
     DIRTY_NAME: stat.S_IFREG,
-    "control.sock": stat.S_IFSOCK,  # cafs.control
-    "blobs": stat.S_IFDIR,  # cafs.blobstore; its 256 shard directories are checked too
-    "tmp": stat.S_IFDIR,
-    "quarantine": stat.S_IFDIR,  # cafs.admin: damaged blobs kept for forensics
-    "backups": stat.S_IFDIR,  # manifest backups
+    SOCKET_NAME: stat.S_IFSOCK,  # cafs.control
+    BLOBS_DIR: stat.S_IFDIR,  # cafs.blobstore; its 256 shard directories are checked too
+    TMP_DIR: stat.S_IFDIR,
+    QUARANTINE_DIR: stat.S_IFDIR,  # cafs.maintenance: damaged blobs kept for forensics
+    BACKUP_DIR: stat.S_IFDIR,  # manifest backups
 }
 _TYPE_NAMES = {stat.S_IFREG: "regular file", stat.S_IFDIR: "directory",
                stat.S_IFSOCK: "socket"}
@@ -59,6 +74,23 @@ def default_store_path() -> Path:
         return Path(os.environ["CAFS_STORE"])
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(data_home) / "cafs"
+
+
+def real_store_path(root: Path) -> Path:
+    """The store's real path, resolved once where the store path is decided; everything after
+    (checks, the daemon, admin commands) uses only this path. A symlink on the given path may
+    sit in a directory another user can write: followed again at each later open, it could be
+    swapped for their store after the checks passed. A store path that is itself a symlink is
+    followed only if this user or root made it."""
+    root = root.absolute()
+    try:
+        link = os.lstat(root)
+    except OSError:  # missing or unreachable: prepare_store_dir says which
+        return root.resolve()
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (0, os.geteuid()):
+        raise StoreError(f"store {root} is a symlink made by uid {link.st_uid}; refusing "
+                         "to follow it")
+    return root.resolve()
 
 
 def check_placement(store: Path, mountpoint: Path) -> None:
@@ -149,7 +181,7 @@ def check_layout(root: Path) -> None:
     """Refuse a store whose layout entries are not what cafs itself would have made."""
     for name, kind in LAYOUT.items():
         _check_entry(root / name, kind)
-    blobs = root / "blobs"
+    blobs = root / BLOBS_DIR
     if os.path.isdir(blobs):
         for shard in range(256):
             _check_entry(blobs / f"{shard:02x}", stat.S_IFDIR)
@@ -210,12 +242,14 @@ def create_manifest_file(path: Path) -> None:
                 os.chmod(name, 0o600)
 
 
-def check_manifest_files(root: Path, blobs: BlobStore, *, wal: bool) -> None:
+def check_manifest_files(root: Path, blobs: BlobStore, *, wal: bool,
+                         writable: bool = False) -> None:
     """Refuse to open a manifest that would silently lose committed artifacts: a missing or
     empty one beside existing blob files (SQLite would start a new, empty manifest and gc would
-    then delete the blobs, the only copy left), or a WAL damaged in its middle (SQLite's
-    recovery would drop every commit after the damage). Nothing is changed: the files stay as
-    they are for recovery. Runs before SQLite opens anything (see cafs.wal)."""
+    then delete the blobs, the only copy left), a WAL damaged in its middle (SQLite's recovery
+    would drop every commit after the damage), or, to open it read-write, a WAL lost after an
+    unclean stop. Nothing is changed: the files stay as they are for recovery. Runs before
+    SQLite opens anything (see cafs.wal)."""
     manifest = root / MANIFEST_NAME
     try:
         size: int | None = os.lstat(manifest).st_size
@@ -234,6 +268,34 @@ def check_manifest_files(root: Path, blobs: BlobStore, *, wal: bool) -> None:
                 f"store {root} needs repair: the manifest's WAL {MANIFEST_NAME}-wal is damaged "
                 f"({damage.describe()}); it is left untouched. Copy the store aside first, then "
                 "see README: Recovery")
+        if writable and size and _wal_expected(root) and not _wal_size(manifest):
+            # Empty counts as lost: a read-only opener (fsck, a query) recreates it empty.
+            # Read-only openers still run: fsck's LOST? list says what went missing.
+            raise NeedsRepair(
+                f"store {root} needs repair: the manifest's WAL {MANIFEST_NAME}-wal is missing "
+                "after an unclean stop (the daemon had it open), so the commits in it are lost; "
+                f"the store is left untouched. 'cafs fsck --store {root}' lists the lost "
+                f"artifacts' blobs as LOST?; restore a backup with 'cafs restore --store {root}', "
+                f"or accept the loss by removing {root / DIRTY_NAME} (see README: Recovery)")
+
+
+def _wal_size(manifest: Path) -> int:
+    try:
+        return os.lstat(wal_path(manifest)).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _wal_expected(root: Path) -> bool:
+    """True if a daemon stopped uncleanly with the manifest open: its WAL must still exist."""
+    try:
+        fd = open_store_file(root / DIRTY_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        return not os.read(fd, 64).startswith(WAL_CLOSED)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -254,14 +316,15 @@ class Store:
     @classmethod
     def open(cls, root: Path, *, create: bool = True, lock: bool = False,
              compression_level: int = 3, owner: str = "") -> Store:
-        root = root.absolute()
+        root = real_store_path(root)
         prepare_store_dir(root, create=create)
         lock_fd = acquire_lock(root, owner) if lock else None
         try:
             blobs = BlobStore(root, level=compression_level)
             # Only while no daemon writes the WAL (we hold the lock, or nobody does): a WAL being
             # appended to can show a frame half written.
-            check_manifest_files(root, blobs, wal=lock or not is_locked(root))
+            check_manifest_files(root, blobs, wal=lock or store_holder(root) is None,
+                                 writable=create)
             if create:
                 blobs.create_layout()
                 create_manifest_file(root / MANIFEST_NAME)
@@ -269,6 +332,8 @@ class Store:
                 raise StoreError(f"no store at {root} (no {MANIFEST_NAME})")
             manifest = Manifest(root / MANIFEST_NAME, readonly=not create,
                                 low_on_space=blobs.space.low)
+            if lock and create:  # before a daemon's dirty marker says a WAL must exist
+                manifest.start_wal()
             if create:
                 # A quarter of the reserve: the WAL pages a checkpoint moves into the database
                 # file never take the half of the reserve kept for deletes and gc.
@@ -360,9 +425,30 @@ class Store:
 
     def close(self) -> None:
         self.manifest.close()
+        if self._lock_fd is not None and not self.manifest.readonly:
+            note_wal_closed(self.root)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def note_wal_closed(root: Path) -> None:
+    """After the manifest was closed cleanly (or replaced) under the lock: a dirty marker left
+    by a crash no longer means a WAL must exist (see check_manifest_files)."""
+    path = root / DIRTY_NAME
+    try:
+        fd = open_store_file(path, os.O_WRONLY)
+    except OSError:  # no marker: nothing to note
+        return
+    try:
+        # Longer than any "pid N" it overwrites; no truncate, which could leave it empty.
+        os.pwrite(fd, WAL_CLOSED + f" by pid {os.getpid()}\n".encode(), 0)
+        os.fsync(fd)
+    except OSError:  # a full disk: no marker at all rather than one that expects a WAL
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    finally:
+        os.close(fd)
 
 
 def list_backups(root: Path) -> list[Path]:
@@ -377,7 +463,7 @@ def restore_manifest(root: Path, backup: Path | None) -> tuple[Path, Path]:
     """Put a backup back as the manifest of an unmounted store (holding its lock). The
     manifest files it replaces are moved to backups/replaced-<time>/, never deleted. Returns
     (the backup used, where the replaced files went)."""
-    root = root.absolute()
+    root = real_store_path(root)
     prepare_store_dir(root, create=False)
     if backup is None:
         found = list_backups(root)
@@ -388,7 +474,7 @@ def restore_manifest(root: Path, backup: Path | None) -> tuple[Path, Path]:
         backup = root / BACKUP_DIR / backup.name
     if not backup.is_file():
         raise StoreError(f"no backup {backup}")
-    lock_fd = acquire_lock(root, "running cafs restore")
+    lock_fd = acquire_lock(root, command_owner("restore"))
     try:
         try:
             check = Manifest(backup, readonly=True)
@@ -408,9 +494,41 @@ def restore_manifest(root: Path, backup: Path | None) -> tuple[Path, Path]:
             with contextlib.suppress(FileNotFoundError):
                 os.rename(root / f"{MANIFEST_NAME}{suffix}", aside / f"{MANIFEST_NAME}{suffix}")
         os.rename(partial, root / MANIFEST_NAME)
+        note_wal_closed(root)  # the backup has no WAL
         return backup, aside
     finally:
         os.close(lock_fd)
+
+
+# -- the lock: who holds the store ----------------------------------------------------------
+#
+# The lock file holds one line, "pid <pid> <owner>", where owner is what `mount_owner` or
+# `command_owner` made: written by `acquire_lock`, parsed by `store_holder`, nowhere else.
+_MOUNTED_AT = "mounted at "
+
+
+def mount_owner(mountpoint: Path) -> str:
+    """The lock's owner text of a daemon serving a mount at `mountpoint`."""
+    return f"{_MOUNTED_AT}{mountpoint.absolute()}"
+
+
+def command_owner(command: str) -> str:
+    """The lock's owner text of a `cafs` command working on an unmounted store."""
+    return f"running cafs {command}"
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a store's lock, as its lock file tells."""
+
+    pid: int | None  # None if the lock file's text was lost (a full disk) or unreadable
+    # Where the holder serves the store; None for a `cafs` command (gc, import, restore).
+    mountpoint: Path | None
+    description: str  # for messages: "pid N mounted at M", "pid N running cafs gc"
+
+    @property
+    def serves_mount(self) -> bool:
+        return self.mountpoint is not None
 
 
 def acquire_lock(root: Path, owner: str) -> int:
@@ -419,9 +537,9 @@ def acquire_lock(root: Path, owner: str) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        holder = _parse_holder(os.pread(fd, 4096, 0))
         os.close(fd)
-        raise StoreBusy(f"store {root} is in use ({holder or 'by another process'})") from None
+        raise StoreBusy(f"store {root} is in use ({holder.description})") from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} {owner}".strip().encode() + b"\n", 0)
@@ -430,29 +548,40 @@ def acquire_lock(root: Path, owner: str) -> int:
     return fd
 
 
-def lock_holder(root: Path) -> int | None:
-    """The pid of the daemon holding the store, or None if nobody holds it."""
+def store_holder(root: Path) -> LockHolder | None:
+    """Who holds the store's lock (a daemon serving a mount, or a `cafs` command working on
+    the unmounted store), or None if nobody does."""
     if not is_locked(root):
         return None
-    words = lock_holder_text(root).split()
-    return int(words[1]) if words[:1] == ["pid"] and words[1:2] and words[1].isdigit() else None
-
-
-def lock_holder_text(root: Path) -> str:
-    """What the lock file says of its holder ("pid N mounted at M", "pid N running cafs gc")."""
     try:
         fd = os.open(root / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            text = os.read(fd, 4096).decode(errors="replace").strip()
+            text = os.read(fd, 4096)
         finally:
             os.close(fd)
     except OSError:
-        return "by another process"
-    return text or "by another process"
+        text = b""
+    return _parse_holder(text)
+
+
+def serving_daemon(root: Path) -> LockHolder | None:
+    """The daemon serving the store through a mount, or None if it is not mounted (nobody
+    holds it, or a `cafs` command does)."""
+    holder = store_holder(root)
+    return holder if holder is not None and holder.serves_mount else None
+
+
+def _parse_holder(raw: bytes) -> LockHolder:
+    text = raw.decode(errors="replace").strip()
+    words = text.split(maxsplit=2)
+    pid = int(words[1]) if words[:1] == ["pid"] and words[1:2] and words[1].isdigit() else None
+    owner = words[2] if pid is not None and len(words) > 2 else ""
+    mountpoint = Path(owner.removeprefix(_MOUNTED_AT)) if owner.startswith(_MOUNTED_AT) else None
+    return LockHolder(pid, mountpoint, text or "by another process")
 
 
 def is_locked(root: Path) -> bool:
-    """True while a daemon holds the store (it is mounted)."""
+    """True while anyone holds the store's lock (see store_holder for who)."""
     try:
         fd = os.open(root / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:

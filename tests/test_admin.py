@@ -3,24 +3,43 @@ root hashes."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from test_vfs import Runtime, layer, read_all, write_file
+from test_vfs import ALICE, Runtime, layer, read_all, write_file
 
-from cafs.admin import Admin, root_hash
+from cafs.admin import Admin, LocalRuntime, NotMounted, decode_result, root_hash, run_locally
 from cafs.bundle import BadBundle, BundleReader, parse_header
 from cafs.daemon import TrioRuntime
 from cafs.digest import Digest
-from cafs.store import Store
+from cafs.lifecycle import History
+from cafs.maintenance import (
+    CheckReport,
+    RepairReport,
+    check,
+    list_blob_files,
+    orphan_blob_files,
+    stray_temps,
+)
+from cafs.store import (
+    Store,
+    acquire_lock,
+    command_owner,
+    mount_owner,
+    serving_daemon,
+    store_holder,
+)
 from cafs.vfs import Vfs
 
 
@@ -137,3 +156,95 @@ def test_a_bundle_missing_a_blob_stores_nothing(opened: Store) -> None:
         reader.store_blobs({sha(data)}, opened.blobs, lambda done, total: None, {})
     assert list(opened.blobs.iter_digests()) == []
     assert os.listdir(opened.blobs.tmp_dir) == []
+
+
+def test_results_cross_the_control_socket_as_json_and_come_back_as_the_same_types(
+        opened: Store) -> None:
+    """Admin.run answers JSON (the socket's side); decode_result gives the typed result back.
+    Run here with the asyncio runtime the `cafs` command uses on an unmounted store."""
+    vfs = Vfs(opened.manifest, opened.blobs, Runtime())
+    parent = layer(vfs)
+    ino = write_file(vfs, parent, b"a", b"one")
+
+    async def rewrite() -> None:
+        fh = await vfs.open(ino, os.O_WRONLY | os.O_TRUNC, ALICE)
+        await vfs.write(fh, 0, b"two")
+        await vfs.flush(fh)
+        vfs.release(fh)
+    trio.run(rewrite)
+    orphan = opened.blobs.new_temp()  # a crash between the rename and the commit
+    orphan.write(0, b"orphan")
+    opened.blobs.publish(orphan, Digest(sha(b"orphan")))
+    orphan.discard()
+    (opened.blobs.tmp_dir / "stray").write_bytes(b"left by a crash")
+    admin = Admin(opened, LocalRuntime(), NotMounted(), mounted=False)
+    requests: list[tuple[str, dict[str, Any]]] = [
+        ("log", {"path": "runs/e1/train/a"}), ("version", {"path": "runs/e1/train/a"}),
+        ("find", {"run": "e1"}), ("seal", {"path": "runs/e1"}), ("seal", {"path": "runs/e1"}),
+        ("unseal", {"path": "runs/e1"}), ("gc", {"dry_run": True, "orphan_grace": 0}),
+        ("repair", {"orphan_grace": 0})]
+    for command, args in requests:
+        result = run_locally(admin, command, args, [])
+        wire = json.loads(json.dumps(result.to_json()))
+        assert decode_result(command, wire) == result, command
+    answer = asyncio.run(admin.run("log", {"path": "runs/e1/train/a"}, []))
+    assert answer == run_locally(admin, "log", {"path": "runs/e1/train/a"}, []).to_json()
+    history = run_locally(admin, "log", {"path": "runs/e1/train/a"}, [])
+    assert isinstance(history, History)
+    assert [v.sha256 for v in history.versions] == [sha(b"one"), sha(b"two")]
+    assert history.versions[-1].current
+    report = check(opened, full=True, mounted=False)
+    assert report.clean and CheckReport.from_json(report.to_json()) == report
+
+
+def test_orphans_and_stray_temps_are_found_one_way_for_check_repair_and_gc(
+        opened: Store) -> None:
+    temp = opened.blobs.new_temp()
+    temp.write(0, b"orphan")
+    opened.blobs.publish(temp, Digest(sha(b"orphan")))
+    temp.discard()
+    (opened.blobs.tmp_dir / "stray").write_bytes(b"x")
+    (opened.blobs.tmp_dir / "a-directory").mkdir()  # never a temp file: left alone
+    files = list_blob_files(opened.blobs)
+    assert [f.digest for f in orphan_blob_files(opened.manifest, files)] == [sha(b"orphan")]
+    assert stray_temps(opened.blobs, mounted=False) == ["stray"]
+    assert stray_temps(opened.blobs, mounted=True) == []  # writes in progress then
+    report = check(opened, full=False, mounted=False)
+    assert any("orphan" in line or "lost metadata" in line
+               for line in (*report.garbage, *report.lost_metadata))
+    assert any("temp file stray" in line for line in report.garbage)
+    admin = Admin(opened, LocalRuntime(), NotMounted(), mounted=False)
+    repaired = run_locally(admin, "repair", {"orphan_grace": 0}, [])
+    assert isinstance(repaired, RepairReport)
+    assert (repaired.orphan_files_removed, repaired.temp_files_removed) == (1, 1)
+    assert stray_temps(opened.blobs, mounted=False) == []
+    assert orphan_blob_files(opened.manifest, list_blob_files(opened.blobs)) == []
+
+
+def test_who_holds_a_store_is_read_from_its_lock_in_one_place(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    Store.open(root).close()
+    assert store_holder(root) is None and serving_daemon(root) is None
+    fd = acquire_lock(root, mount_owner(tmp_path / "mnt"))
+    try:
+        holder = serving_daemon(root)
+        assert holder is not None and holder.pid == os.getpid()
+        assert holder.mountpoint == tmp_path / "mnt" and holder.serves_mount
+    finally:
+        os.close(fd)
+    fd = acquire_lock(root, command_owner("gc"))
+    try:
+        holder = store_holder(root)
+        assert holder is not None and not holder.serves_mount
+        assert "running cafs gc" in holder.description
+        assert serving_daemon(root) is None
+    finally:
+        os.close(fd)
+
+
+def test_admin_commands_load_neither_trio_nor_pyfuse3_nor_the_daemon() -> None:
+    probe = ("import sys, cafs.cli_admin, cafs.admin, cafs.maintenance; "
+             "print(sorted({'trio', 'pyfuse3', 'cafs.daemon'} & sys.modules.keys()))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"

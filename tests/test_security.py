@@ -17,7 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, cafs, is_mounted, require_fuse, unmount_whatever_state
+from conftest import (
+    Mount,
+    cafs,
+    is_mounted,
+    require_fuse,
+    sh,
+    unmount_whatever_state,
+    write_artifact,
+)
 
 from cafs.model import Kind
 from cafs.store import Store
@@ -220,6 +228,48 @@ def test_the_store_path_may_be_a_symlink_of_its_owner_only(open_dir: Path) -> No
     os.symlink(real, open_dir / "theirs")
     os.lchown(open_dir / "theirs", NOBODY, NOBODY)
     refused(cafs("stats", "--store", str(open_dir / "theirs"), check=False), "symlink")
+
+
+
+def test_a_store_symlink_swapped_after_mounting_is_never_followed(open_dir: Path) -> None:
+    """root's store path runs through a directory nobody owns; once mounted, nobody swaps the
+    link for a store of theirs with tmp -> a root-only directory. The daemon keeps using the
+    store it checked: no temp file in root's directory, no blob or backup in nobody's store."""
+    require_fuse()
+    real = open_dir / "rootstore"
+    real.mkdir(mode=0o700)
+    root_only = open_dir / "rootonly"
+    root_only.mkdir(mode=0o700)
+    theirs = open_dir / "p"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    (theirs / "store").symlink_to(real)
+    mnt = open_dir / "mnt"
+    mnt.mkdir()
+    mount = Mount(theirs / "store", mnt, options=("allow_other",))
+    try:
+        mount.start()
+        evil = theirs / "evil"
+        made = as_nobody(
+            f"mkdir -p {evil}/blobs && for i in $(seq 0 255); do mkdir -m 777 "
+            f"{evil}/blobs/$(printf %02x $i); done && ln -s {root_only} {evil}/tmp && "
+            f"ln -s {evil} {theirs}/new && mv -T {theirs}/new {theirs}/store", open_dir)
+        assert made.returncode == 0, made.stderr
+        data = os.urandom(100_000)
+        write_artifact(mount.layer() / "a", data)
+        mount.stop()
+    finally:
+        unmount_whatever_state(mnt)
+    assert os.listdir(root_only) == []
+    assert sorted(os.listdir(evil)) == ["blobs", "tmp"]
+    assert not any(os.listdir(shard) for shard in (evil / "blobs").iterdir())
+    assert sh(f"{sys.executable} -m cafs cat --store {real} runs/e1/train/a").stdout == data
+    stored = [blob for shard in (real / "blobs").iterdir() for blob in shard.iterdir()]
+    assert len(stored) == 1
+    assert (real / "backups").is_dir()
+    mount.store = real
+    assert not mount.log_problems()
+    assert mount.fsck("--full").returncode == 0
 
 
 # -- finding 9: hash oracles ----------------------------------------------------------------

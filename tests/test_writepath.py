@@ -167,6 +167,37 @@ def test_failed_rewrite_leaves_no_unpublished_bytes_in_the_cache(capped: Mount,
     assert path.read_bytes() == b"A" * old_size and os.stat(path).st_size == old_size
 
 
+def test_a_truncate_beyond_the_maximum_fails_the_descriptor_as_a_whole(capped: Mount) -> None:
+    """ftruncate beyond max_artifact_size fails like a write beyond it: sticky, so close()
+    reports EFBIG and the rewrite before it is never published. truncate(2) by path beyond the
+    maximum just fails."""
+    layer = capped.layer()
+    path = layer / "artifact"
+    write_artifact(path, b"A" * 4096)
+    version = os.getxattr(path, "user.cafs.version")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"F" * 10, 0)
+        with pytest.raises(OSError) as info:
+            os.ftruncate(fd, 3 << 20)
+        assert info.value.errno == errno.EFBIG
+        with pytest.raises(OSError) as info:
+            os.pwrite(fd, b"G", 0)
+        assert info.value.errno == errno.EFBIG
+    finally:
+        with pytest.raises(OSError) as info:
+            os.close(fd)
+    assert info.value.errno == errno.EFBIG
+    assert read_elsewhere(path) == b"A" * 4096
+    assert path.read_bytes() == b"A" * 4096 and os.stat(path).st_size == 4096
+    assert os.getxattr(path, "user.cafs.version") == version  # no new version published
+    with pytest.raises(OSError) as info:
+        os.truncate(path, 3 << 20)
+    assert info.value.errno == errno.EFBIG
+    os.truncate(path, 10)  # nothing sticks to the path
+    assert read_elsewhere(path) == b"A" * 10
+
+
 def test_failed_rewrite_on_a_full_disk_leaves_no_unpublished_bytes(tmp_path: Path) -> None:
     """ENOSPC instead of EFBIG: the store on a 12 MiB tmpfs. (Here the failed writes grew the
     file, and the kernel drops its pages when it sees the size change back; the test above
