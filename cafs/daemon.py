@@ -49,8 +49,8 @@ def fuse_options(cfg: MountConfig) -> set[str]:
 
 def open_files_cap(asked: int | None) -> int:
     """How many descriptors the files open in the mount may hold (an open file holds one, two
-    while it is written: see Vfs._open_inode). Raises the descriptor limit to its hard maximum
-    first; the cap leaves FD_RESERVE descriptors for the daemon itself (manifest, /dev/fuse,
+    while it is written: see OpenFiles.open_inode). Raises the descriptor limit to its hard
+    maximum first; the cap leaves FD_RESERVE descriptors for the daemon itself (manifest, /dev/fuse,
     control socket and its connections, blob files read by gc or export, a publish's transient
     files), so a client opening thousands of files gets EMFILE from the cap, not a daemon that
     cannot open its own files."""

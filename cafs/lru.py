@@ -65,6 +65,11 @@ class Lru(Generic[K, V]):
                 self._used -= self._size(value)
             return value
 
+    def items(self) -> list[tuple[K, V]]:
+        """A snapshot of the entries, least recently used first."""
+        with self._guard:
+            return list(self._items.items())
+
     def clear(self) -> None:
         with self._guard:
             self._items.clear()

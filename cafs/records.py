@@ -69,8 +69,8 @@ def build_record(manifest: Manifest, directory: Node, execution: Node, *,
                  root: bool = True) -> bytes:
     """The record of a layer or an execution directory, as UTF-8 JSON ending in a newline.
 
-    Who reads it decides one part (see Vfs._shows_root): without `root`, the root hash of a
-    sealed run is null (with the hashes of the files a reader can read, it would test guesses
+    Who reads it decides one part (see Visibility.shows_root): without `root`, the root hash
+    of a sealed run is null (with the hashes of the files a reader can read, it would test guesses
     of those they cannot)."""
     record: dict[str, Any] = {"format": RECORD_FORMAT, "kind": directory.kind.value,
                               "execution": execution.name}

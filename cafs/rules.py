@@ -1,9 +1,9 @@
 """What the namespace accepts: names, modes, tags and sizes. Stdlib only.
 
 Owns: the rules a name, a mode or a tag must meet wherever it comes from — a FUSE request
-(cafs.vfs) or a bundle from another store (cafs.bundle) — so an import can never hold what the
-mount would have refused. Which kind of node may live where is Kind.child_kind (cafs.model).
-Must not do I/O.
+(cafs.namespace) or a bundle from another store (cafs.bundle) — so an import can never hold
+what the mount would have refused. Which kind of node may live where is Kind.child_kind
+(cafs.model). Must not do I/O.
 """
 
 from __future__ import annotations

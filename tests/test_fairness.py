@@ -29,7 +29,8 @@ from cafs.manifest import Manifest
 from cafs.model import RUNS_INODE, AttrChanges
 from cafs.records import RECORD_TAG_BYTES
 from cafs.store import Store
-from cafs.vfs import RECORD_CACHE_BYTES, Vfs
+from cafs.vfs import Vfs
+from cafs.virtual import RECORD_CACHE_BYTES
 
 MIB = 1 << 20
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -185,3 +186,25 @@ def test_readdir_pages_through_large_directories(vfs: Vfs) -> None:
             break
         seen += batch
     assert len(seen) == len(names) and set(seen) == names
+
+
+def test_only_user_xattrs_and_one_errno_for_the_others(vfs: Vfs) -> None:
+    parent = layer(vfs)
+    ino = write_file(vfs, parent, b"f", b"data")
+    blob = vfs.lookup(BLOBS_INODE, vfs.getxattr(ino, b"user.cafs.sha256")).ino
+    # Names outside user.* get EOPNOTSUPP from every call, wherever they point (ls caches it).
+    calls: list[Callable[[int, bytes], object]] = [
+        vfs.getxattr, lambda node, name: vfs.setxattr(node, name, b"v"), vfs.removexattr]
+    for node in (ino, parent, blob, ROOT_INODE):
+        for name in (b"security.selinux", b"trusted.x", b"system.posix_acl_access"):
+            for call in calls:
+                expect_errno(errno.EOPNOTSUPP, functools.partial(call, node, name))
+    vfs.setxattr(ino, b"user.stage", b"prod")
+    assert vfs.getxattr(ino, b"user.stage") == b"prod"
+    assert b"user.stage" in vfs.listxattr(ino)
+    expect_errno(errno.EPERM, lambda: vfs.setxattr(ino, b"user.cafs.sha256", b"00"))
+    expect_errno(errno.EPERM, lambda: vfs.removexattr(ino, b"user.cafs.size"))
+    expect_errno(errno.EROFS, lambda: vfs.setxattr(blob, b"user.x", b"v"))
+    vfs.removexattr(ino, b"user.stage")
+    expect_errno(errno.ENODATA, lambda: vfs.getxattr(ino, b"user.stage"))
+    expect_errno(errno.ENODATA, lambda: vfs.removexattr(ino, b"user.stage"))

@@ -1,0 +1,460 @@
+"""The tree of names: what may exist where, and the operations that change it.
+
+Owns: resolving an inode or a (directory, name) to a node, stored or made up (cafs.virtual);
+attributes as stat shows them; readdir; mkdir, the row of a new file, unlink, rmdir, rename and
+chmod/chown/utimens; the placement rules (which kind of node may be made, moved or removed where,
+sealed runs unchanged); the bounded node cache. Reads the open-file table (cafs.openfiles) to show
+writes in progress and to keep an unlinked open file alive, but never opens, writes or publishes.
+Must not import pyfuse3 or trio.
+
+Concurrency rule: every method runs on the event loop's thread and none awaits, so each one is
+atomic; a manifest change is one synchronous call with nothing interleaving.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import suppress
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from cafs.blobstore import SpaceGuard
+from cafs.errors import (
+    AlreadyExists,
+    CafsError,
+    InvalidArgument,
+    IsADirectory,
+    NameTooLong,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    ReadOnly,
+)
+from cafs.lru import Lru
+from cafs.manifest import Manifest
+from cafs.model import (
+    BLOB_INODE_BASE,
+    BLOBS_INODE,
+    MAX_NAME_BYTES,
+    RECORD_NAME,
+    RUNS_INODE,
+    Attr,
+    AttrChanges,
+    BlobRef,
+    Caller,
+    Kind,
+    Node,
+)
+from cafs.rules import file_mode, new_name
+from cafs.runtime import KernelNotifier
+from cafs.virtual import VirtualNodes, is_made_up
+
+if TYPE_CHECKING:
+    from cafs.openfiles import OpenTable
+
+# About what one new row (a name, a version, a tag without its bytes) adds to the manifest's
+# files: WAL frames of the pages it touches. Charged to the part of the reserve that growth of
+# the manifest may use (SpaceGuard.take_metadata), so a user filling the disk with empty files,
+# tags or versions stops while deletes and gc still commit.
+ROW_COST = 16 << 10
+READDIR_PAGE = 512
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+class NodeCache:
+    """Bounded LRU of nodes by inode and of directory entries by (parent, name)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._nodes: Lru[int, Node] = Lru(max_entries)
+        self._entries: Lru[tuple[int, str], int] = Lru(max_entries)
+
+    def node(self, ino: int) -> Node | None:
+        return self._nodes.get(ino)
+
+    def entry(self, parent: int, name: str) -> int | None:
+        return self._entries.get((parent, name))
+
+    def put(self, node: Node) -> None:
+        self._nodes.put(node.ino, node)
+        self._entries.put((node.parent, node.name), node.ino)
+
+    def drop(self, ino: int) -> None:
+        node = self._nodes.pop(ino)
+        if node is not None:
+            self._entries.pop((node.parent, node.name))
+
+    def drop_entry(self, parent: int, name: str) -> None:
+        self._entries.pop((parent, name))
+
+
+def lookup_name(raw: bytes) -> str:
+    """A name to look up: one that cannot exist is simply not found."""
+    if len(raw) > MAX_NAME_BYTES:
+        raise NameTooLong()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NotFound("no such name") from None  # only UTF-8 names can exist
+
+
+def refuse_fixed_change(node: Node) -> None:
+    """Nodes no request may change: the fixed layout and everything cafs computes."""
+    if node.kind is Kind.BLOB or node.kind is Kind.BLOBS:
+        raise ReadOnly("blobs/ is read-only")
+    if node.kind is Kind.RECORD:
+        raise ReadOnly(f"{RECORD_NAME} is read-only")
+    if node.kind in (Kind.ROOT, Kind.RUNS):
+        raise NotPermitted("the mount's fixed layout cannot change")
+
+
+def _check_removable(parent: Node, node: Node) -> None:
+    if parent.kind is Kind.BLOBS:
+        raise ReadOnly("blobs/ is read-only")
+    if parent.kind is Kind.ROOT:
+        raise NotPermitted(f"{node.name} is part of the mount's fixed layout")
+    if node.kind is Kind.RECORD:
+        raise NotPermitted(f"{RECORD_NAME} is computed by cafs")
+
+
+def _check_replaceable(node: Node, replaced: Node, new_name: str, flags: int,
+                       has_children: bool) -> None:
+    """rename(2)'s rules for a target name that exists (and is another node)."""
+    if replaced.kind is Kind.RECORD:
+        raise NotPermitted(f"{RECORD_NAME} is computed by cafs")
+    if flags & RENAME_NOREPLACE:
+        raise AlreadyExists(new_name)
+    if replaced.kind.is_dir and not node.kind.is_dir:
+        raise IsADirectory()
+    if node.kind.is_dir and not replaced.kind.is_dir:
+        raise NotADirectory()
+    if has_children:
+        raise NotEmpty()
+
+
+class Namespace:
+    def __init__(self, manifest: Manifest, space: SpaceGuard, virtual: VirtualNodes,
+                 opened: OpenTable, kernel: KernelNotifier, cache_entries: int) -> None:
+        self.manifest = manifest
+        self.space = space
+        self.virtual = virtual
+        self.opened = opened
+        self.kernel = kernel
+        self.cache = NodeCache(cache_entries)
+
+    # -- finding nodes --------------------------------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        fixed = self.virtual.fixed(ino)
+        if fixed is not None:
+            return fixed
+        node = self.cache.node(ino)
+        if node is not None:
+            return node
+        node = self.virtual.made_up(ino) if is_made_up(ino) else self.manifest.node(ino)
+        if node is not None:
+            self.cache.put(node)
+            return node
+        opened = self.opened.inode(ino)
+        if opened is not None:  # unlinked while open: it lives on until the last release
+            return opened.node
+        raise NotFound(f"inode {ino}")
+
+    def lookup(self, parent: int, raw_name: bytes, caller: Caller | None = None) -> Attr:
+        return self.attr(self.child(self.node(parent), lookup_name(raw_name)), caller)
+
+    def child(self, parent: Node, name: str) -> Node:
+        if not parent.kind.is_dir:
+            raise NotADirectory()
+        if parent.kind is Kind.ROOT:
+            return self.virtual.root_child(name)
+        if parent.kind is Kind.BLOBS:
+            return self.node(self.virtual.blob_ino(name))
+        record = self.virtual.record_ino(parent)
+        if name == RECORD_NAME and record is not None:
+            return self.node(record)
+        ino = self.cache.entry(parent.ino, name)
+        if ino is not None:
+            cached = self.cache.node(ino)
+            if cached is not None and not self._abandoned(cached):
+                return cached
+        node = self.manifest.child(parent.ino, name)
+        if node is None:
+            raise NotFound(name)
+        if self._abandoned(node):
+            # Seen again, so try again to drop it: create, mkdir and rename may then reuse
+            # the name. If the manifest still cannot, start-up will.
+            with suppress(CafsError):
+                self.remove(node)
+            raise NotFound(name)
+        self.cache.put(node)
+        return node
+
+    def _abandoned(self, node: Node) -> bool:
+        """A file row with no version that nobody has open: its first write failed and the
+        manifest could not even drop the row (start-up will). Never visible."""
+        return (node.kind is Kind.FILE and node.version_id is None
+                and self.opened.inode(node.ino) is None)
+
+    def execution_of(self, node: Node) -> Node | None:
+        """The execution a node lives in (itself for an execution); None outside runs/<exec>."""
+        try:
+            while node.kind is not Kind.EXECUTION:
+                if node.kind in (Kind.ROOT, Kind.RUNS, Kind.BLOBS, Kind.BLOB):
+                    return None
+                node = self.node(node.parent)
+        except NotFound:  # an unlinked file's directory may be gone too
+            return None
+        return node
+
+    def check_unsealed(self, *nodes: Node) -> None:
+        """Sealed runs are immutable, for root too: EROFS for any change inside them."""
+        for node in nodes:
+            run = self.execution_of(node)
+            if run is not None and run.sealed_ns is not None:
+                raise ReadOnly(f"runs/{run.name} is sealed")
+
+    def record_bytes(self, record: Node, caller: Caller | None = None) -> bytes:
+        """A directory's record as `caller` may see it (see cafs.virtual)."""
+        directory = self.node(record.parent)
+        execution = self.execution_of(directory)
+        assert execution is not None  # records exist only for layers and executions
+        return self.virtual.record_bytes(directory, execution, caller)
+
+    # -- attributes and listings ----------------------------------------------------------
+
+    def getattr(self, ino: int, caller: Caller | None = None) -> Attr:
+        return self.attr(self.node(ino), caller)
+
+    def attr(self, node: Node, caller: Caller | None = None) -> Attr:
+        size, stored, mtime = node.size, node.blob.stored_size if node.blob else 0, node.mtime_ns
+        ctime = node.ctime_ns
+        if node.kind is Kind.RECORD:  # the size of the record the caller would read
+            size = stored = len(self.record_bytes(node, caller))
+        opened = self.opened.inode(node.ino)
+        if opened is not None:
+            node = opened.node if opened.unlinked else node
+            ctime = node.ctime_ns
+            if opened.temp is not None:
+                size = stored = opened.temp.size
+            if opened.mtime_ns is not None:
+                mtime = opened.mtime_ns
+            if opened.changed_ns is not None:
+                # POSIX marks ctime whenever the content changes; the kernel caches what stat
+                # (or ftruncate's reply) shows now, long after the publish at close.
+                ctime = max(ctime, opened.changed_ns)
+        return Attr(
+            ino=node.ino,
+            mode=node.st_mode,
+            nlink=node.nlink,
+            uid=node.uid,
+            gid=node.gid,
+            size=size,
+            blocks=(stored + 511) // 512,
+            mtime_ns=mtime,
+            ctime_ns=ctime,
+            volatile=node.kind is Kind.RECORD,
+        )
+
+    def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
+        """Entries after the position `start` (0 = beginning), each with its next position."""
+        directory = self.node(ino)
+        if not directory.kind.is_dir:
+            raise NotADirectory()
+        if directory.kind is Kind.ROOT:
+            fixed = self.virtual.root_entries()
+            for position, node in enumerate(fixed[start:], start + 1):
+                yield node.name.encode(), self.attr(node), position
+            return
+        if directory.kind is Kind.BLOBS:
+            for blob_ino, position in self.virtual.blob_listing(start):
+                node = self.node(blob_ino)
+                yield node.name.encode(), self.attr(node), position
+            return
+        # .record.json is not listed: cp -r, rsync, tar, du and rm -rf must see only what users
+        # stored (a listed record would be copied into the next run, or block rm -rf).
+        after = start
+        while page := self.manifest.children(ino, after, READDIR_PAGE):
+            for node in page:
+                if self._abandoned(node):
+                    continue
+                self.cache.put(node)
+                yield node.name.encode(), self.attr(node), node.ino
+            after = page[-1].ino
+
+    def set_attrs(self, node: Node, changes: AttrChanges) -> Node:
+        """chmod, chown, utimens (not the size: see cafs.openfiles). An open file's write in
+        progress keeps the new mtime for its publish."""
+        if (changes.mode, changes.uid, changes.gid, changes.mtime_ns) == (None,) * 4:
+            return node
+        now = time.time_ns()
+        mode = node.mode if changes.mode is None else changes.mode & 0o7777
+        if node.kind is Kind.FILE:
+            mode = file_mode(mode)
+        opened = self.opened.inode(node.ino)
+        mtime = node.mtime_ns
+        if changes.mtime_ns is not None:
+            mtime = changes.mtime_ns
+            if opened is not None and opened.mtime_ns is not None:
+                opened.mtime_ns = mtime
+        elif opened is not None and opened.mtime_ns is not None:
+            mtime = opened.mtime_ns
+        uid = node.uid if changes.uid is None else changes.uid
+        gid = node.gid if changes.gid is None else changes.gid
+        if not (opened is not None and opened.unlinked):
+            self.manifest.set_attrs(node.ino, mode=mode, uid=uid, gid=gid, mtime_ns=mtime,
+                                    ctime_ns=now)
+        self.cache.drop(node.ino)
+        if opened is not None:
+            opened.node = replace(opened.node, mode=mode, uid=uid, gid=gid, mtime_ns=mtime,
+                                  ctime_ns=now)
+        return replace(node, mode=mode, uid=uid, gid=gid, mtime_ns=mtime, ctime_ns=now)
+
+    # -- making and removing names --------------------------------------------------------
+
+    def _new_child_kind(self, parent: Node, name: str, want_dir: bool) -> Kind:
+        if parent.kind is Kind.BLOBS:
+            raise ReadOnly("blobs/ is read-only")
+        if not parent.kind.is_dir:
+            raise NotADirectory()
+        kind = parent.kind.child_kind(want_dir)
+        if kind is None:
+            places = {Kind.ROOT: "the mount root", Kind.RUNS: "runs/"}
+            where = places.get(parent.kind, "an execution")
+            what = "directories" if want_dir else "files"
+            raise NotPermitted(f"no {what} may be made in {where}")
+        try:
+            self.child(parent, name)
+        except NotFound:
+            return kind
+        raise AlreadyExists(name)
+
+    def _add(self, parent_ino: int, raw_name: bytes, mode: int, caller: Caller,
+             want_dir: bool) -> Node:
+        parent = self.node(parent_ino)
+        name = new_name(raw_name)
+        self.check_unsealed(parent)
+        kind = self._new_child_kind(parent, name, want_dir)
+        self.space.take_metadata(ROW_COST)
+        node = self.manifest.add_node(parent.ino, name, kind, mode, caller.uid, caller.gid,
+                                      time.time_ns())
+        self.directory_changed(parent.ino)
+        self.cache.put(node)
+        return node
+
+    def mkdir(self, parent_ino: int, raw_name: bytes, mode: int, caller: Caller) -> Attr:
+        return self.attr(self._add(parent_ino, raw_name, mode & 0o7777, caller, want_dir=True))
+
+    def add_file(self, parent_ino: int, raw_name: bytes, mode: int, caller: Caller) -> Node:
+        """The row of a new file (create). It exists from now on (it gives the inode its
+        number) but has no version until the first publish; start-up removes such rows if the
+        daemon died before that."""
+        return self._add(parent_ino, raw_name, file_mode(mode), caller, want_dir=False)
+
+    def unlink(self, parent_ino: int, raw_name: bytes) -> None:
+        parent = self.node(parent_ino)
+        node = self.child(parent, lookup_name(raw_name))
+        _check_removable(parent, node)
+        self.check_unsealed(node)
+        if node.kind.is_dir:
+            raise IsADirectory()
+        self.remove(node)
+
+    def rmdir(self, parent_ino: int, raw_name: bytes) -> None:
+        parent = self.node(parent_ino)
+        node = self.child(parent, lookup_name(raw_name))
+        _check_removable(parent, node)
+        self.check_unsealed(node)
+        if not node.kind.is_dir:
+            raise NotADirectory()
+        if self.manifest.has_children(node.ino):
+            raise NotEmpty()
+        self.remove(node)
+
+    def remove(self, node: Node) -> None:
+        """Drop a name; an open file lives on, unlinked, until its last release."""
+        self.manifest.remove_node(node, time.time_ns())
+        self.cache.drop(node.ino)
+        self.directory_changed(node.parent)
+        self._unlinked_while_open(node)
+
+    def _unlinked_while_open(self, node: Node) -> None:
+        opened = self.opened.inode(node.ino)
+        if opened is not None:
+            opened.unlinked = True
+            opened.node = replace(node, nlink=0)
+
+    def rename(self, old_parent_ino: int, raw_old: bytes, new_parent_ino: int, raw_new: bytes,
+               flags: int) -> None:
+        if flags & RENAME_EXCHANGE:
+            raise InvalidArgument("RENAME_EXCHANGE is not supported")
+        old_parent = self.node(old_parent_ino)
+        new_parent = self.node(new_parent_ino)
+        node = self.child(old_parent, lookup_name(raw_old))
+        name = new_name(raw_new)
+        for directory in (old_parent, new_parent):
+            if directory.kind is Kind.BLOBS:
+                raise ReadOnly("blobs/ is read-only")
+        _check_removable(old_parent, node)
+        self.check_unsealed(node, new_parent)
+        if new_parent.kind.child_kind(node.kind.is_dir) is not node.kind:
+            raise NotPermitted(f"a {node.kind.value} cannot move into a {new_parent.kind.value}")
+        if node.kind.is_dir:
+            self._refuse_move_into_itself(node, new_parent)
+        try:
+            replaced: Node | None = self.child(new_parent, name)
+        except NotFound:
+            replaced = None
+        if replaced is not None:
+            if replaced.ino == node.ino:
+                return
+            _check_replaceable(node, replaced, name, flags, replaced.kind.is_dir
+                               and self.manifest.has_children(replaced.ino))
+        if len(name) > len(node.name):  # a longer name grows the manifest; others do not
+            self.space.take_metadata(ROW_COST)
+        self.manifest.rename(node, new_parent.ino, name, replaced, time.time_ns())
+        self.cache.drop(node.ino)
+        self.cache.drop_entry(old_parent.ino, node.name)
+        self.directory_changed(old_parent.ino)
+        self.directory_changed(new_parent.ino)
+        if replaced is not None:
+            self.cache.drop(replaced.ino)
+            self._unlinked_while_open(replaced)
+        moved = self.manifest.node(node.ino)
+        if moved is not None:
+            self.cache.put(moved)
+            opened = self.opened.inode(node.ino)
+            if opened is not None:
+                opened.node = moved
+
+    def _refuse_move_into_itself(self, node: Node, new_parent: Node) -> None:
+        ancestor = new_parent
+        while ancestor.kind not in (Kind.RUNS, Kind.ROOT):
+            if ancestor.ino == node.ino:
+                raise InvalidArgument("cannot move a directory into itself")
+            ancestor = self.node(ancestor.parent)
+
+    def directory_changed(self, ino: int) -> None:
+        if ino == RUNS_INODE:
+            self.virtual.runs_changed()
+        else:
+            self.cache.drop(ino)
+
+    # -- changes made behind the kernel's back (admin commands) ---------------------------
+
+    def nodes_changed(self, inos: Iterable[int]) -> None:
+        """Nodes changed behind the kernel's back: forget them here and in the kernel."""
+        for ino in inos:
+            self.directory_changed(ino)  # drops the cached node (or runs/' link count)
+            self.kernel.inode_changed(ino)
+
+    def blobs_removed(self, blobs: Iterable[BlobRef]) -> None:
+        for blob in blobs:
+            self.cache.drop(BLOB_INODE_BASE + blob.blob_id)
+            self.kernel.entry_gone(BLOBS_INODE, blob.digest)
+
+    def statfs(self) -> os.statvfs_result:
+        return self.space.statvfs()

@@ -1,0 +1,550 @@
+"""Open files: handles, the descriptor budget, reads, writes and the publish state machine.
+
+Owns: what an open file is (OpenInode: the content readers see, the write in progress; Handle:
+one open(2)), how many descriptors they may hold, and the life of a write:
+
+    open/create -> write/truncate into a temp (copy-on-write of the content) -> FLUSH (close)
+    or fsync: hash, store the blob unless the store has it, record the version -> the temp
+    becomes the content readers see.
+
+Any failure on the way (I/O, disk full, a bad blob, the manifest) fails the write in progress
+(Publisher.fails): every handle that wrote into that temp keeps the errno, the temp is dropped, so
+nothing partial is ever published, and a new file nobody managed to write disappears. Must not
+decide which names exist where (cafs.namespace) and must not import pyfuse3 or trio.
+
+Concurrency rule: every method runs on the event loop's thread. Async methods await only under
+the open inode's lock, and only for work that does not touch the manifest (copying, hashing,
+compressing, fsync); the manifest change that follows happens without an await, so each operation
+is one transaction that no other handler interleaves with.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mimetypes
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from cafs.blobstore import BlobReader, BlobStore, TempBlob
+from cafs.digest import Digest
+from cafs.errors import (
+    BadHandle,
+    CafsError,
+    Damaged,
+    FileTooBig,
+    IsADirectory,
+    TooManyOpenFiles,
+)
+from cafs.manifest import Manifest, NewVersion
+from cafs.model import Attr, BlobRef, Caller, Kind, Node, StoredBlob
+from cafs.namespace import ROW_COST, Namespace, refuse_fixed_change
+from cafs.runtime import KernelNotifier, Runtime
+from cafs.virtual import MemoryReader
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Heavy work on more than this many bytes goes to a worker thread; below it, the thread hop
+# costs more than the work (measured: offloading every 128 KiB step halved read throughput).
+OFFLOAD_BYTES = 1 << 20
+DEFAULT_MAX_OPEN_FILES = 10_000
+# Flags of a task in /proc/<pid>/stat (field 9): exiting, and because a signal killed it.
+PF_EXITING = 0x4
+PF_SIGNALED = 0x400
+
+
+@dataclass(eq=False)
+class OpenInode:
+    """An inode with open handles: its readable content and the write in progress, if any."""
+
+    node: Node
+    lock: AbstractAsyncContextManager[object]
+    handles: list[Handle] = field(default_factory=list)
+    reader: BlobReader | None = None
+    temp: TempBlob | None = None
+    # Bumped for every new temp; a handle that wrote into the current temp carries its serial.
+    temp_serial: int = 0
+    mtime_ns: int | None = None  # set by writes, recorded at publish
+    changed_ns: int | None = None  # when a write or truncate in progress last changed the content
+    unlinked: bool = False
+    damaged: bool = False  # its content is marked damaged: reads give EIO
+    # Descriptors counted against max_open_files for it: the most its reader and temp may
+    # hold at once (see OpenFiles.open_inode), so a write or publish never meets the cap.
+    descriptors: int = 0
+
+
+@dataclass(eq=False)
+class Handle:
+    fh: int
+    inode: OpenInode
+    writable: bool
+    caller: Caller
+    wrote_serial: int = -1  # temp_serial of the temp this handle last wrote into
+    error: int | None = None  # sticky errno: once a write/publish failed, every later call fails
+    # The version this handle published last. Publishing again through the same open file
+    # replaces it in history: one version per open-for-write, not one per close of a dup'ed
+    # descriptor (a shell redirect) or per fsync.
+    published_version: int | None = None
+
+
+def killed_by_signal(pid: int) -> bool:
+    """True while `pid` exits because a signal killed it. Its exit closes (FLUSH) every file
+    it held, and a write cut short must publish nothing. FLUSH carries no pid, so this asks
+    about the process that opened the file: if that one is gone, or ends otherwise, the close
+    publishes as usual."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            flags = int(stat_file.read().rsplit(b")", 1)[1].split()[6])
+    except (OSError, IndexError, ValueError):
+        return False
+    return bool(flags & PF_EXITING and flags & PF_SIGNALED)
+
+
+def descriptors_wanted(kind: Kind, writable: bool) -> int:
+    """The most descriptors an open inode holds at once: the reader of its blob (a record is
+    built in memory: none) and, once open for writing, a temp beside it (a new file gets its
+    reader at the first publish, while writes may follow into a new temp)."""
+    return (kind is not Kind.RECORD) + writable
+
+
+def damaged(node: Node) -> Damaged:
+    digest = node.blob.digest if node.blob else "?"
+    return Damaged(f"{node.name}: its content {digest} is damaged (see cafs fsck)")
+
+
+async def offload(runtime: Runtime, size: int, fn: Callable[..., T], *args: object) -> T:
+    """Run `fn` in a worker thread if it works on `size` bytes or more (see OFFLOAD_BYTES)."""
+    if size >= OFFLOAD_BYTES:
+        return await runtime.run_in_thread(fn, *args)
+    return fn(*args)
+
+
+class OpenTable:
+    """The open inodes by inode number, the handles by number, and the descriptor budget they
+    share. Data only: the namespace reads it, OpenFiles changes it."""
+
+    def __init__(self, max_open_files: int) -> None:
+        self.max_open_files = max_open_files
+        self.inodes: dict[int, OpenInode] = {}
+        self.handles: dict[int, Handle] = {}
+        self.descriptors = 0  # the sum of OpenInode.descriptors
+        self._next_fh = 1
+
+    def inode(self, ino: int) -> OpenInode | None:
+        return self.inodes.get(ino)
+
+    def handle(self, fh: int) -> Handle:
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise BadHandle(f"no open file {fh}") from None
+
+    def room(self, ino: int | None, wanted: int) -> int:
+        """How many descriptors the inode needs beyond those counted for it already; EMFILE
+        if the cap leaves no room for them. The cap counts descriptors, not handles: a file
+        being rewritten holds two (its reader and its temp), and the daemon's own descriptors
+        (manifest, control socket, /dev/fuse) live in the reserve the cap leaves."""
+        inode = self.inodes.get(ino) if ino is not None else None
+        extra = max(0, wanted - (inode.descriptors if inode is not None else 0))
+        if extra and self.descriptors + extra > self.max_open_files:
+            raise TooManyOpenFiles(f"open files in this mount hold {self.descriptors} "
+                                   f"descriptors (max_open_files={self.max_open_files})")
+        return extra
+
+    def charge(self, inode: OpenInode, extra: int) -> None:
+        inode.descriptors += extra
+        self.descriptors += extra
+
+    def new_handle(self, inode: OpenInode, writable: bool, caller: Caller) -> Handle:
+        handle = Handle(self._next_fh, inode, writable, caller)
+        self._next_fh += 1
+        self.handles[handle.fh] = handle
+        inode.handles.append(handle)
+        return handle
+
+    def forget(self, inode: OpenInode) -> None:
+        """The inode's last handle is gone: it leaves the table and returns its descriptors."""
+        self.inodes.pop(inode.node.ino, None)
+        self.descriptors -= inode.descriptors
+        inode.descriptors = 0
+
+
+class Publisher:
+    """The end of a write: publish the temp as the inode's new content, or fail it."""
+
+    def __init__(self, tree: Namespace, manifest: Manifest, blobs: BlobStore, runtime: Runtime,
+                 kernel: KernelNotifier) -> None:
+        self.tree = tree
+        self.manifest = manifest
+        self.blobs = blobs
+        self.runtime = runtime
+        self.kernel = kernel
+        # Digests whose blob files a publish in flight is writing or about to reference: gc
+        # must leave those files alone (see publish and cafs.admin.gc).
+        self.pinned: Counter[str] = Counter()
+
+    @contextmanager
+    def fails(self, inode: OpenInode, handle: Handle | None) -> Iterator[None]:
+        """A failure inside fails the write in progress (see fail), then propagates."""
+        try:
+            yield
+        except (OSError, CafsError) as exc:  # I/O, disk full, a bad blob, the manifest
+            self.fail(inode, handle, exc.errno or errno.EIO)
+            raise
+
+    def fail(self, inode: OpenInode, handle: Handle | None, errno_: int) -> None:
+        """A write or publish failed: every handle that wrote into this temp gets the error
+        from now on, and the temp is dropped so nothing partial is ever published."""
+        for other in inode.handles:
+            if other.wrote_serial == inode.temp_serial and other.writable:
+                other.error = errno_
+        if handle is not None:
+            handle.error = errno_
+        if inode.temp is not None:
+            inode.temp.discard()
+            inode.temp = None
+            inode.mtime_ns = inode.changed_ns = None
+        # The kernel cached the pages of the writes that succeeded before this failure, and
+        # their size: without this, readers would see bytes never published until the
+        # attribute timeout. (Queued by the notifier: the failing request still holds pages.)
+        self.kernel.inode_changed(inode.node.ino)
+        # A new file whose first write failed goes now, not at the last release (which the
+        # kernel sends after close() has returned): `cp` fails and the name is gone.
+        with suppress(CafsError):  # if the manifest cannot say so now, release tries again
+            self.drop_if_unpublished(inode)
+
+    def drop_if_unpublished(self, inode: OpenInode) -> None:
+        """A file created but never published (its writer failed) must not stay visible."""
+        node = inode.node
+        if node.kind is Kind.FILE and node.version_id is None and not inode.unlinked:
+            current = self.manifest.node(node.ino)
+            if current is not None and current.version_id is not None:
+                inode.node = current  # published after all (a failure came after the commit)
+                return
+            self.kernel.entry_gone(node.parent, node.name)
+            self.tree.remove(node)
+
+    async def publish(self, inode: OpenInode, writer: Caller, handle: Handle | None = None
+                      ) -> None:
+        async with inode.lock:
+            temp = inode.temp
+            if temp is None or inode.unlinked:
+                return
+            with self.fails(inode, None):
+                self.tree.check_unsealed(inode.node)
+                if temp.needs_rehash:
+                    digest = await offload(self.runtime, temp.size, temp.digest)
+                else:
+                    digest = temp.digest()
+            self.pinned[digest] += 1
+            try:
+                await self._publish_pinned(inode, temp, digest, writer, handle)
+            finally:
+                self.pinned[digest] -= 1
+                if not self.pinned[digest]:
+                    del self.pinned[digest]
+
+    async def _publish_pinned(self, inode: OpenInode, temp: TempBlob, digest: Digest,
+                              writer: Caller, handle: Handle | None) -> None:
+        """Store the blob (unless the store has it) and record the version. The digest is
+        pinned throughout, so gc leaves its blob file alone."""
+        with self.fails(inode, None):
+            stored, known = await self._store(temp, digest)
+        if inode.unlinked:  # unlinked while the blob was being written: nothing to record
+            return
+        # From here on no await: the manifest change and the swap of readers are atomic. The
+        # new reader is opened first: once the version is committed nothing may fail.
+        now = time.time_ns()
+        node = inode.node
+        with self.fails(inode, None):
+            new_reader = self.blobs.open(digest, stored.encoding)
+            try:
+                new_node = self.manifest.publish(stored, NewVersion(
+                    node_id=node.ino, mode=node.mode, uid=writer.uid, gid=writer.gid,
+                    mtime_ns=inode.mtime_ns or now, ctime_ns=now,
+                    content_type=mimetypes.guess_type(node.name)[0], now_ns=now,
+                    collapses=handle.published_version if handle else None,
+                ))
+            except BaseException:
+                # The temp may already be the blob file (renamed): it must take no more
+                # writes. The blob stays as an orphan that gc or fsck --repair removes.
+                new_reader.close()
+                raise
+        if handle is not None:
+            handle.published_version = new_node.version_id
+        if known is not None and known.damaged:  # healed: other artifacts hold it too
+            self.tree.nodes_changed(self.manifest.nodes_holding_blobs([known.blob_id]))
+        old_reader = inode.reader
+        inode.reader = new_reader
+        inode.damaged = False
+        if old_reader is not None:
+            old_reader.close()
+        temp.discard()
+        inode.temp = None
+        inode.mtime_ns = inode.changed_ns = None
+        inode.node = new_node
+        self.tree.cache.put(new_node)
+        # No kernel cache invalidation here: the content changed through this kernel (its page
+        # cache saw every write, atomic O_TRUNC truncated it, writes invalidated attributes).
+        # Measured: invalidating each published inode cost ~1.1 ms per small file.
+
+    async def _store(self, temp: TempBlob, digest: Digest) -> tuple[StoredBlob, BlobRef | None]:
+        """The blob of `digest`, written from the temp unless the store has it intact; and
+        what the manifest knew of that content before."""
+        # A version row (a dedup hit or an empty file writes no blob bytes to charge).
+        self.blobs.space.take_metadata(ROW_COST)
+        known = self.manifest.blob(digest)
+        if known is not None and not known.damaged and self.blobs.has(digest):
+            return StoredBlob(digest, known.size, known.stored_size, known.encoding,
+                              fresh=False), known
+        if known is not None:  # damage: the bytes just written can restore it
+            log.warning("blob %s was missing or damaged; restored from a new write", digest)
+        return await offload(self.runtime, temp.size, self.blobs.publish, temp, digest), known
+
+
+class OpenFiles:
+    """open, create, read, write, truncate, flush, fsync and release of artifacts and records."""
+
+    def __init__(self, tree: Namespace, blobs: BlobStore, runtime: Runtime, table: OpenTable,
+                 publisher: Publisher, max_artifact_size: int) -> None:
+        self.tree = tree
+        self.blobs = blobs
+        self.runtime = runtime
+        self.table = table
+        self.publisher = publisher
+        self.max_artifact_size = max_artifact_size
+
+    # -- opening and closing --------------------------------------------------------------
+
+    def create(self, parent_ino: int, raw_name: bytes, mode: int,
+               caller: Caller) -> tuple[int, Attr]:
+        # Checked before the row exists: a refused create leaves nothing behind.
+        self.table.room(None, descriptors_wanted(Kind.FILE, writable=True))
+        node = self.tree.add_file(parent_ino, raw_name, mode, caller)
+        inode = self.open_inode(node, writable=True)
+        handle = self.table.new_handle(inode, writable=True, caller=caller)
+        try:
+            inode.temp = self.blobs.new_temp()
+        except OSError:
+            self.release(handle.fh)
+            raise
+        inode.temp_serial += 1
+        # A new file is published at close even if nothing is written to it (touch).
+        handle.wrote_serial = inode.temp_serial
+        return handle.fh, self.tree.attr(node)
+
+    async def open(self, ino: int, flags: int, caller: Caller) -> int:
+        node = self.tree.node(ino)
+        if node.kind.is_dir:
+            raise IsADirectory()
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable:
+            refuse_fixed_change(node)
+            self.tree.check_unsealed(node)
+        inode = self.open_inode(node, writable, caller)
+        handle = self.table.new_handle(inode, writable, caller)
+        # libfuse negotiates atomic O_TRUNC: truncation arrives here, not as setattr(size=0).
+        if writable and flags & os.O_TRUNC:
+            try:
+                await self.truncate(node, 0, handle, caller)
+            except BaseException:
+                self.release(handle.fh)
+                raise
+        return handle.fh
+
+    def open_inode(self, node: Node, writable: bool, caller: Caller | None = None
+                   ) -> OpenInode:
+        """The inode's open state, counting the descriptors it may need against the cap
+        (EMFILE if there is no room) before opening anything."""
+        if node.kind is Kind.RECORD:
+            # Not shared between opens: each caller reads the record as they may see it. Built
+            # in memory, it holds no descriptor.
+            record = OpenInode(node=node, lock=self.runtime.new_lock())
+            record.reader = MemoryReader(self.tree.record_bytes(node, caller))
+            return record
+        extra = self.table.room(node.ino, descriptors_wanted(node.kind, writable))
+        inode = self.table.inode(node.ino)
+        if inode is None:
+            inode = OpenInode(node=node, lock=self.runtime.new_lock())
+            if node.blob is not None and node.blob.damaged:
+                inode.damaged = True  # opening works (rewriting it heals it); reading fails
+            elif node.blob is not None:
+                inode.reader = self.blobs.open(node.blob.digest, node.blob.encoding)
+            self.table.inodes[node.ino] = inode
+        self.table.charge(inode, extra)
+        return inode
+
+    async def publish_and_release(self, fh: int) -> None:
+        """The kernel's RELEASE of an open file. Writes that came after its last FLUSH are
+        published now: a shared mapping written after close(fd) sends its WRITEs at munmap,
+        msync or exit, then RELEASE and no FLUSH. The kernel discards errors of RELEASE and
+        close() returned long ago, so a failure here can only be logged."""
+        handle = self.table.handles.get(fh)
+        try:
+            if handle is not None and self._unflushed(handle):
+                await self.publisher.publish(handle.inode, handle.caller, handle)
+        except (OSError, CafsError) as exc:
+            assert handle is not None
+            log.error("%s (inode %d): writes made after its last close (through a shared "
+                      "mapping) are lost, they could not be published: %s",
+                      handle.inode.node.name, handle.inode.node.ino, exc)
+        finally:
+            self.release(fh)
+
+    def _unflushed(self, handle: Handle) -> bool:
+        """This handle wrote into the current temp and no FLUSH or fsync has published it."""
+        inode = handle.inode
+        return (handle.writable and handle.error is None and inode.temp is not None
+                and handle.wrote_serial == inode.temp_serial and not inode.unlinked)
+
+    def release(self, fh: int) -> None:
+        """Forget an open file; publishes nothing (see publish_and_release)."""
+        handle = self.table.handles.pop(fh, None)
+        if handle is None:
+            return
+        inode = handle.inode
+        inode.handles.remove(handle)
+        if not inode.handles:
+            self.close_inode(inode)
+
+    def close_inode(self, inode: OpenInode) -> None:
+        if inode.handles:
+            return
+        self.table.forget(inode)
+        if inode.temp is not None:
+            inode.temp.discard()
+            inode.temp = None
+        if inode.reader is not None:
+            inode.reader.close()
+            inode.reader = None
+        self.publisher.drop_if_unpublished(inode)
+
+    # -- reading and writing --------------------------------------------------------------
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        inode = self.table.handle(fh).inode
+        # Reads see the bytes written so far. A temp being published keeps its descriptor open
+        # until the new blob replaces it, so this never reads a closed file.
+        if inode.temp is not None:
+            return inode.temp.read(offset, size)
+        if inode.damaged:
+            raise damaged(inode.node)
+        if inode.reader is not None:
+            return inode.reader.read(offset, size)
+        return b""
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self.table.handle(fh)
+        _check_writable(handle)
+        # No sealed-run check per write: a writable handle cannot exist inside a sealed run
+        # (open refuses it, sealing waits for none, nothing moves into a sealed run), and
+        # publishing checks again.
+        inode = handle.inode
+        async with inode.lock:
+            _check_writable(handle)
+            # Failing like any other write (sticky, nothing published), and under the lock: a
+            # publish in flight may be reading the temp that failing discards.
+            with self.publisher.fails(inode, handle):
+                if offset + len(data) > self.max_artifact_size:
+                    raise FileTooBig("write beyond the maximum artifact size")
+                await self._ensure_temp(inode, keep_content=True)
+                assert inode.temp is not None
+                written = inode.temp.write(offset, data)
+            inode.mtime_ns = inode.changed_ns = time.time_ns()
+            handle.wrote_serial = inode.temp_serial
+        return written
+
+    async def truncate(self, node: Node, size: int, handle: Handle | None,
+                       caller: Caller) -> None:
+        if node.kind.is_dir:
+            raise IsADirectory()
+        if size > self.max_artifact_size:
+            if handle is not None and handle.writable:
+                # ftruncate fails like a write beyond the maximum: the descriptor's writes fail
+                # as a whole (sticky, so close() says EFBIG), and nothing is published.
+                async with handle.inode.lock:
+                    self.publisher.fail(handle.inode, handle, errno.EFBIG)
+            raise FileTooBig(f"{size} bytes is over the maximum artifact size")
+        if handle is not None:
+            _check_writable(handle)
+        transient = self.table.inode(node.ino) is None
+        inode = self.open_inode(node, writable=True)
+        try:
+            async with inode.lock:
+                had_temp = inode.temp is not None
+                with self.publisher.fails(inode, handle):
+                    await self._ensure_temp(inode, keep_content=size > 0)
+                    assert inode.temp is not None
+                    inode.temp.truncate(size)
+                inode.mtime_ns = inode.changed_ns = time.time_ns()
+                if handle is not None:
+                    handle.wrote_serial = inode.temp_serial
+            # truncate(2) on a path, with no write in progress: the new content is complete now.
+            if handle is None and not had_temp:
+                await self.publisher.publish(inode, caller)
+        finally:
+            if transient:
+                self.close_inode(inode)
+
+    async def _ensure_temp(self, inode: OpenInode, *, keep_content: bool) -> None:
+        """Give the inode a temp to write into; copy-on-write of the current content."""
+        if inode.temp is not None:
+            return
+        if keep_content and inode.damaged:
+            raise damaged(inode.node)
+        temp = self.blobs.new_temp()
+        try:
+            reader = inode.reader
+            if keep_content and reader is not None and reader.size:
+                await offload(self.runtime, reader.size, temp.fill_from, reader)
+        except BaseException:
+            temp.discard()
+            raise
+        inode.temp = temp
+        inode.temp_serial += 1
+
+    # -- publishing -----------------------------------------------------------------------
+
+    async def flush(self, fh: int) -> None:
+        """close(2) waits for this: publish what this handle wrote, or report why not."""
+        handle = self.table.handle(fh)
+        if handle.error is not None:
+            raise CafsError("an earlier write to this file failed", handle.error)
+        inode = handle.inode
+        if handle.writable and inode.temp is not None and handle.wrote_serial == inode.temp_serial:
+            if killed_by_signal(handle.caller.pid):  # its exit closes the file: cut short
+                log.info("%s: its writer (pid %d) was killed by a signal: nothing published",
+                         inode.node.name, handle.caller.pid)
+                async with inode.lock:
+                    self.publisher.fail(inode, handle, errno.EINTR)
+                return
+            await self.publisher.publish(inode, handle.caller, handle)
+
+    async def fsync(self, fh: int) -> None:
+        """Publish, then make the manifest durable: the artifact survives power loss."""
+        await self.flush(fh)
+        self.tree.manifest.sync()
+
+    # -- what admin commands ask of a running mount ---------------------------------------
+
+    def writers_in(self, execution_ino: int) -> int:
+        """Handles open for writing inside a run (sealing waits for none)."""
+        count = 0
+        for handle in self.table.handles.values():
+            if handle.writable:
+                run = self.tree.execution_of(handle.inode.node)
+                count += run is not None and run.ino == execution_ino
+        return count
+
+
+def _check_writable(handle: Handle) -> None:
+    if not handle.writable:
+        raise BadHandle("file not open for writing")
+    if handle.error is not None:
+        raise CafsError("an earlier write to this file failed", handle.error)

@@ -1,0 +1,40 @@
+"""What the filesystem core needs from outside it: the event loop and the kernel's caches.
+
+Owns: the two protocols the daemon implements for the core (cafs.daemon's TrioRuntime and
+PyfuseKernel) and the do-nothing kernel of core tests and admin commands. Must not import pyfuse3
+or trio: the core stays runnable without either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class Runtime(Protocol):
+    """What the core needs from the event loop."""
+
+    def new_lock(self) -> AbstractAsyncContextManager[object]: ...
+
+    async def run_in_thread(self, fn: Callable[..., T], *args: object) -> T: ...
+
+
+class KernelNotifier(Protocol):
+    """Tells the kernel to drop what it cached about a node or a name (changed behind it)."""
+
+    def inode_changed(self, ino: int) -> None: ...
+
+    def entry_gone(self, parent: int, name: str) -> None: ...
+
+
+class NoKernel:
+    """No kernel to tell: the core driven directly (tests, a store no daemon serves)."""
+
+    def inode_changed(self, ino: int) -> None:
+        return None
+
+    def entry_gone(self, parent: int, name: str) -> None:
+        return None
