@@ -339,6 +339,7 @@ class Store:
                 # file never take the half of the reserve kept for deletes and gc.
                 blobs.space.statvfs()
                 manifest.limit_wal(blobs.space.reserve // 4)
+                blobs.space.manifest_room = manifest.claim_free_pages
         except BaseException:
             if lock_fd is not None:
                 os.close(lock_fd)

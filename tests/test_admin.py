@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from cafs.admin import Admin, LocalRuntime, NotMounted, decode_result, root_hash
 from cafs.bundle import BadBundle, BundleReader, parse_header
 from cafs.daemon import TrioRuntime
 from cafs.digest import Digest
+from cafs.errors import ManifestError
 from cafs.lifecycle import History
 from cafs.maintenance import (
     CheckReport,
@@ -85,6 +87,56 @@ def test_gc_spares_content_a_publish_brought_back(opened: Store) -> None:
     removed = trio.run(admin._delete_unreferenced, [sha(b"phoenix")])
     assert removed == set()
     assert read_all(vfs, again) == b"phoenix"
+
+
+def test_gc_commits_in_batches_and_a_stop_between_them_loses_nothing(
+        opened: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc deletes at most GC_BATCH rows per transaction (one for all would need a WAL as large
+    as what it frees, more than a full disk's reserve). A gc that fails after some batches
+    leaves refcounts and aggregates exact, and the next gc removes the rest."""
+    monkeypatch.setattr("cafs.sqlite_manifest.maintenance.GC_BATCH", 4)
+    vfs = Vfs(opened.manifest, opened.blobs, Runtime())
+    parent = layer(vfs)
+    kept = {}
+    for index in range(10):  # each keeps its current version, loses the superseded one
+        ino = write_file(vfs, parent, f"kept{index}".encode(), b"old %02d" % index)
+
+        async def rewrite(ino: int = ino, index: int = index) -> None:
+            fh = await vfs.open(ino, os.O_RDWR, ALICE)
+            await vfs.write(fh, 0, b"new %02d" % index)
+            await vfs.flush(fh)
+            vfs.release(fh)
+
+        trio.run(rewrite)
+        kept[ino] = b"new %02d" % index
+    for index in range(10):  # deleted: their history and blobs go
+        write_file(vfs, parent, f"gone{index}".encode(), b"gone %02d" % index)
+        vfs.unlink(parent, f"gone{index}".encode())
+    manifest = opened.manifest
+    admin = Admin(opened, TrioRuntime(), vfs, mounted=True)
+    real = manifest._delete_versions
+    batches = 0
+
+    def third_fails(chunk: list[int]) -> None:
+        nonlocal batches
+        batches += 1
+        if batches == 3:  # e.g. the disk filled up from outside
+            raise ManifestError("manifest: database or disk is full", errno.ENOSPC)
+        real(chunk)
+
+    monkeypatch.setattr(manifest, "_delete_versions", third_fails)
+    with pytest.raises(ManifestError):
+        trio.run(admin.run, "gc", {"keep_versions": 0}, [])
+    assert len(manifest.superseded_versions()) == 20 - 2 * 4  # two batches committed
+    assert manifest.refcount_drift() == [] and manifest.aggregate_drift(limit=0)[0] == 0
+    monkeypatch.setattr(manifest, "_delete_versions", real)
+    commits = manifest.changes
+    result = trio.run(admin.run, "gc", {"keep_versions": 0}, [])
+    assert result["versions_removed"] == 12 and result["blobs_removed"] == 20
+    assert manifest.changes - commits == 3 + 5  # 12 versions, then 20 blob rows, 4 a batch
+    assert manifest.superseded_versions() == []
+    assert manifest.refcount_drift() == [] and manifest.aggregate_drift(limit=0)[0] == 0
+    assert {ino: read_all(vfs, ino) for ino in kept} == kept
 
 
 def test_root_hash_depends_only_on_paths_and_contents() -> None:

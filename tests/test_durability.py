@@ -425,3 +425,94 @@ def test_another_user_filling_the_disk_with_tags_and_names_leaves_room_to_delete
         unmount_whatever_state(mountpoint)
         subprocess.run(["umount", "-l", str(small)], check=False)
         shutil.rmtree(parent, ignore_errors=True)
+
+
+FILL_WITH_EMPTY_FILES = r"""
+import json, os, sys, time
+deep = sys.argv[1]
+# Long names (paths of ~930 bytes): each version row fills a good part of a B-tree page, so
+# about 2,000 empty files fill a 6 MiB store and gc's deletes touch every page of them, as
+# 56,000 short names do on 16 MiB. Still short enough to stay inside the B-tree pages (the
+# overflow pages of longer rows are freed without being written).
+for level in range(4):
+    deep = os.path.join(deep, f"{level:02d}" + "d" * 198)
+os.makedirs(deep)
+result = {"files": 0, "errno": None}
+start = time.monotonic()
+try:
+    while True:
+        open(os.path.join(deep, f"{result['files']:06d}" + "f" * 94), "wb").close()
+        result["files"] += 1
+except OSError as exc:
+    result["errno"] = exc.errno
+result["seconds"] = round(time.monotonic() - start, 1)
+print(json.dumps(result))
+"""
+
+
+def test_another_user_filling_the_disk_with_empty_files_leaves_gc_room_to_commit(
+        tmp_path: Path) -> None:
+    """The store on a 6 MiB tmpfs; `nobody` fills it with empty files (rows only, no content)
+    through an allow_other mount until ENOSPC. Then root's rm -rf, mkdir (the freed pages are
+    room), cafs gc mounted and unmounted (gc's WAL would hold every page of the rows it
+    deletes: it commits in batches), mkdir after gc, and a second fill that stops at the same
+    reserve; unmount, mount, fsck clean."""
+    import errno
+    import shutil
+    import tempfile
+
+    from conftest import require_fuse, sh, unmount_whatever_state
+    require_fuse()
+    assert os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv"
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=700", "tmpfs", str(small)],
+                   check=True)
+    parent = Path(tempfile.mkdtemp(prefix="cafs-full-"))
+    parent.chmod(0o755)
+    mountpoint = parent / "mnt"
+    mountpoint.mkdir()
+    mount = Mount(small / "store", mountpoint, options=("allow_other",))
+
+    def fill(execution: str) -> dict[str, int]:
+        done = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+             "-c", FILL_WITH_EMPTY_FILES, str(mount.runs / execution / "l")],
+            capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        result: dict[str, int] = json.loads(done.stdout)
+        assert result["errno"] == errno.ENOSPC and result["files"] > 1000, result
+        free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
+        # Most of the half of the 2 MiB reserve that growth may not use.
+        assert free >= 512 << 10, (result, free)
+        return result
+
+    def gc() -> dict[str, int]:
+        return json.loads(cafs("gc", "--store", str(mount.store), "--json").stdout)
+
+    try:
+        mount.start()
+        first = fill("hog")
+        sh(f"rm -rf {mount.runs / 'hog'}")
+        (mount.runs / "after-rm").mkdir()  # the deleted names' pages are free pages now
+        assert gc()["versions_removed"] == first["files"]
+        layer = mount.layer("after-gc")
+        write_artifact(layer / "note", b"")
+        os.setxattr(layer / "note", "user.note", b"x" * 60000)
+        # The free pages count as room, never the half of the reserve deletes and gc keep.
+        second = fill("hog2")
+        sh(f"rm -rf {mount.runs / 'hog2'}")
+        mount.stop()
+        assert gc()["versions_removed"] == second["files"]  # unmounted: the CLI's own gc
+        mount.start()
+        (mount.runs / "after-remount").mkdir()
+        assert os.getxattr(layer / "note", "user.note") == b"x" * 60000
+        mount.stop()
+        problems = mount.log_problems()
+        assert not problems, problems
+        report = mount.fsck("--full")
+        assert report.returncode == 0, report.stdout + report.stderr
+    finally:
+        unmount_whatever_state(mountpoint)
+        subprocess.run(["umount", "-l", str(small)], check=False)
+        shutil.rmtree(parent, ignore_errors=True)

@@ -92,6 +92,31 @@ def test_unpublished_files_are_removed_at_start_up(manifest: Manifest) -> None:
     assert manifest.unpublished_count() == 0
 
 
+def test_unpublished_files_go_in_batches(manifest: Manifest,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cafs.sqlite_manifest.namespace.GC_BATCH", 4)
+    for index in range(10):
+        make_file(manifest, f"never-closed-{index}")
+    commits = manifest.changes
+    assert manifest.remove_unpublished() == 10
+    assert manifest.changes - commits == 3 and manifest.unpublished_count() == 0
+
+
+def test_free_pages_left_by_deletes_are_room_for_new_rows(manifest: Manifest) -> None:
+    """What the space reserve's metadata charge asks (SpaceGuard.manifest_room): free pages
+    inside the file, promised until the next commit reads the free list again."""
+    assert not manifest.claim_free_pages(16 << 10)  # a new manifest has none
+    nodes = [manifest.node(make_file(manifest, f"n{index:04d}" + "x" * 200))
+             for index in range(300)]
+    for node in nodes:
+        manifest.remove_node(node, 5)
+    assert manifest.claim_free_pages(16 << 10)
+    while manifest.claim_free_pages(16 << 10):  # each claim counts until the next commit
+        pass
+    make_file(manifest, "after")  # a commit: the free list is read again
+    assert manifest.claim_free_pages(16 << 10)
+
+
 def test_refcount_drift_is_found(manifest: Manifest) -> None:
     a = make_file(manifest)
     manifest.publish(stored(b"data"), version(a))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cafs.errors import OutOfSpace
@@ -37,6 +38,10 @@ class SpaceGuard:
         self._free = 0
         self._read_at = -1.0
         self._lock = threading.Lock()  # copy-on-write and imports write from worker threads
+        # Set by the store: whether the manifest's free pages hold a change of that many bytes
+        # (then it needs no room on the filesystem). Only take_metadata asks it, on the thread
+        # that owns the manifest's connection (the event loop's).
+        self.manifest_room: Callable[[int], bool] | None = None
 
     def statvfs(self) -> os.statvfs_result:
         """The filesystem's statvfs, with the reserve taken out of the available blocks."""
@@ -54,7 +59,11 @@ class SpaceGuard:
 
     def take_metadata(self, size: int) -> None:
         """Account for a manifest change that grows the store by about `size` bytes;
-        OutOfSpace once it would eat into the half of the reserve kept for deletes and gc."""
+        OutOfSpace once it would eat into the half of the reserve kept for deletes and gc.
+        A change that fits into free pages of the manifest (deletes and gc leave them) takes
+        no room on the filesystem."""
+        if self.manifest_room is not None and self.manifest_room(size):
+            return
         self._take(size, 2)
 
     def low(self) -> bool:

@@ -157,6 +157,9 @@ class SqliteCore:
             raise StoreError(f"{path} was written by an older cafs: mount the store once (or run "
                              "cafs fsck --repair) to upgrade it")
         self._changes = 0
+        # Bytes of free pages inside the file not yet promised (claim_free_pages); None: re-read
+        # the free list (every commit may have used or freed pages).
+        self._free_bytes: int | None = None
 
     @property
     def changes(self) -> int:
@@ -171,6 +174,18 @@ class SqliteCore:
         page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
         pages = max(32, min(1000, size // page_size))
         self._db.execute(f"PRAGMA wal_autocheckpoint = {pages}")
+
+    def claim_free_pages(self, size: int) -> bool:
+        """Whether a change adding about `size` bytes fits into the free pages inside
+        manifest.sqlite (left by deletes and gc: SQLite fills them before it grows the file).
+        If so they count as taken until the next commit, when the free list is read again."""
+        if self._free_bytes is None:
+            pages = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+            self._free_bytes = pages * self._db.execute("PRAGMA page_size").fetchone()[0]
+        if self._free_bytes < size:
+            return False
+        self._free_bytes -= size
+        return True
 
     def start_wal(self) -> None:
         """Give an empty WAL its header now, by one commit that changes nothing: from here to a
@@ -218,6 +233,7 @@ class SqliteCore:
         except sqlite3.Error as exc:
             raise manifest_error(exc) from exc
         self._changes += 1
+        self._free_bytes = None
 
     def sync(self) -> None:
         """Make every committed transaction durable against power loss: one commit with

@@ -8,14 +8,16 @@ blob files (callers delete the files of the blob rows gc returns) or decide what
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from cafs import schema
 from cafs.manifest_api import DirStats, GcPlan, RepairPlan, SharingStats, Totals
-from cafs.model import RUNS_INODE
+from cafs.model import RUNS_INODE, BlobRef
 from cafs.sqlite_manifest.columns import (
     AGGREGATES,
     BLOB,
-    DELETE_UNPUBLISHED,
     DIR_STATS,
+    GC_BATCH,
     LIVE_REFS,
     SUBTREE,
     chunks,
@@ -25,6 +27,9 @@ from cafs.sqlite_manifest.rows import Rows
 
 
 class SqliteMaintenance(Rows):
+    # Another part's (SqliteNamespace): the parts make one object (see .manifest).
+    remove_unpublished: Callable[[], int]
+
     # -- statistics -----------------------------------------------------------------------
 
     def totals(self) -> Totals:
@@ -145,7 +150,8 @@ class SqliteMaintenance(Rows):
             schema.recompute_aggregates(db)
 
     def repair(self, plan: RepairPlan, now_ns: int) -> int:
-        """Apply what fsck --repair decided, in one transaction. Returns refcounts fixed."""
+        """Apply what fsck --repair decided, in one transaction (unfinished files then go in
+        batches). Returns refcounts fixed."""
         fixed = 0
         with self._transaction() as db:
             for chunk in chunks(plan.damaged):
@@ -169,8 +175,8 @@ class SqliteMaintenance(Rows):
                     """
                 )
                 fixed = db.total_changes - before
-            if plan.remove_unpublished:
-                db.execute(DELETE_UNPUBLISHED)
+        if plan.remove_unpublished:
+            self.remove_unpublished()
         return fixed
 
     def superseded_versions(self) -> list[tuple[int, int | None, str]]:
@@ -183,16 +189,32 @@ class SqliteMaintenance(Rows):
         return [(row[0], row[1], row[2]) for row in rows]
 
     def collect(self, version_ids: list[int], *, keep_blobs: set[str], dry_run: bool) -> GcPlan:
-        """Remove versions, then every blob row nothing references any more: one transaction.
-        Blobs in `keep_blobs` (writes in flight are about to use them) are left alone."""
-        with self._transaction(commit=not dry_run) as db:
-            for chunk in chunks(version_ids):
+        """Remove versions, then every blob row nothing references any more. Blobs in
+        `keep_blobs` (writes in flight are about to use them) are left alone.
+
+        One transaction per GC_BATCH rows: one for all would put about every page of the rows
+        it deletes into the WAL, more than a full disk's reserve holds. Each batch leaves the
+        manifest consistent (superseded versions and unreferenced blob rows carry no
+        refcount), so a stop between two loses nothing and the next gc goes on. A dry run is
+        one transaction, rolled back."""
+        if dry_run:
+            with self._transaction(commit=False):
+                for chunk in chunks(version_ids):
+                    self._delete_versions(chunk)
+                freed = self._unreferenced_blobs(keep_blobs)
+            return GcPlan(len(version_ids), freed)
+        for chunk in chunks(version_ids, GC_BATCH):
+            with self._transaction():
                 self._delete_versions(chunk)
-            rows = db.execute(
-                f"SELECT {BLOB.select} FROM blobs b WHERE refcount = 0 AND NOT EXISTS "
-                "(SELECT 1 FROM versions v WHERE v.blob_id = b.id) ORDER BY id"
-            ).fetchall()
-            freed = [blob for blob in map(BLOB.decode, rows) if blob.digest not in keep_blobs]
-            for chunk in chunks([blob.blob_id for blob in freed]):
+        freed = self._unreferenced_blobs(keep_blobs)
+        for chunk in chunks([blob.blob_id for blob in freed], GC_BATCH):
+            with self._transaction() as db:
                 db.execute(f"DELETE FROM blobs WHERE id IN ({marks(chunk)})", chunk)
         return GcPlan(len(version_ids), freed)
+
+    def _unreferenced_blobs(self, keep_blobs: set[str]) -> list[BlobRef]:
+        rows = self._db.execute(
+            f"SELECT {BLOB.select} FROM blobs b WHERE refcount = 0 AND NOT EXISTS "
+            "(SELECT 1 FROM versions v WHERE v.blob_id = b.id) ORDER BY id"
+        ).fetchall()
+        return [blob for blob in map(BLOB.decode, rows) if blob.digest not in keep_blobs]

@@ -15,6 +15,7 @@ from cafs.sqlite_manifest.columns import (
     AGGREGATES,
     DELETE_UNPUBLISHED,
     DIR_STATS,
+    GC_BATCH,
     NODE_FROM,
     NODE_JOINS,
     NODE_SELECT,
@@ -139,10 +140,15 @@ class SqliteNamespace(Rows):
                 self._touch(new_parent, now_ns)
 
     def remove_unpublished(self) -> int:
-        """Drop files whose first write never completed (start-up after a crash)."""
-        with self._transaction() as db:
-            cursor = db.execute(DELETE_UNPUBLISHED)
-        return cursor.rowcount
+        """Drop files whose first write never completed (start-up after a crash), GC_BATCH
+        per transaction: a crash may leave thousands, and the disk may be full."""
+        removed = 0
+        while True:
+            with self._transaction() as db:
+                cursor = db.execute(DELETE_UNPUBLISHED, (GC_BATCH,))
+            removed += cursor.rowcount
+            if cursor.rowcount < GC_BATCH:
+                return removed
 
     def seal(self, execution_id: int, root: str, now_ns: int) -> None:
         with self._transaction() as db:
