@@ -222,7 +222,7 @@ def test_kill9_soak_under_concurrent_writers(unstarted_mount: Mount) -> None:
                 assert state.wait_for(lambda: in_flight == 0, timeout=60)
             mount.start()
             check_invariants(mount, acked, allowed)
-            assert not errors, errors
+            assert not errors, (errors, mount.log()[-4000:])
     finally:
         with state:
             stop = True
@@ -231,7 +231,7 @@ def test_kill9_soak_under_concurrent_writers(unstarted_mount: Mount) -> None:
             thread.join(timeout=60)
         if is_mounted(mount.mountpoint):
             mount.stop()
-    assert not errors, errors
+    assert not errors, (errors, mount.log()[-4000:])
     print(f"soak: {cycles} kills, {len(acked)} writes acknowledged, "
           f"{sum(len(digests) for digests in allowed.values())} attempted")
     assert len(acked) > cycles, f"only {len(acked)} writes acknowledged"
