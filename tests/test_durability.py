@@ -417,10 +417,7 @@ def test_another_user_filling_the_disk_with_tags_and_names_leaves_room_to_delete
         result = cafs("mount", "--store", str(mount.store), str(mountpoint), check=False)
         assert refused(result, "filesystem is full"), result.stderr
         (small / "filler").unlink()
-        problems = mount.log_problems()
-        assert not problems, problems
-        report = mount.fsck("--full")
-        assert report.returncode == 0, report.stdout + report.stderr
+        mount.assert_clean()
     finally:
         unmount_whatever_state(mountpoint)
         subprocess.run(["umount", "-l", str(small)], check=False)
@@ -508,10 +505,7 @@ def test_another_user_filling_the_disk_with_empty_files_leaves_gc_room_to_commit
         (mount.runs / "after-remount").mkdir()
         assert os.getxattr(layer / "note", "user.note") == b"x" * 60000
         mount.stop()
-        problems = mount.log_problems()
-        assert not problems, problems
-        report = mount.fsck("--full")
-        assert report.returncode == 0, report.stdout + report.stderr
+        mount.assert_clean()
     finally:
         unmount_whatever_state(mountpoint)
         subprocess.run(["umount", "-l", str(small)], check=False)
