@@ -264,5 +264,20 @@ def m005_store_state(db: Database) -> None:
     db.execute("INSERT INTO store_state (id) VALUES (1)")
 
 
+# The web view (cafs ui) at a million artifacts: a run's timeline of publishes is one range scan
+# of (path, created_ns) that never reads the table; what gc would reclaim starts from the blobs
+# no live artifact holds, usually few, without a scan of every blob.
+_M009 = [
+    "CREATE INDEX versions_path_time ON versions(path, created_ns)",
+    "CREATE INDEX blobs_unreferenced ON blobs(id) WHERE refcount = 0",
+]
+
+
+@migrations()
+def m009_ui_indexes(db: Database) -> None:
+    for statement in _M009:
+        db.execute(statement)
+
+
 def migrate(db: Database) -> None:
     migrations.apply(db)

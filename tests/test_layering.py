@@ -29,11 +29,13 @@ RANKS: list[tuple[str, list[str]]] = [
     ("blob store", ["blobstore", "blobstore.*", "blob_*", "encoding", "encodings",
                     "encodings.*"]),
     ("manifest", ["schema", "manifest", "manifest_*", "manifest.*", "sqlite_manifest",
-                  "sqlite_manifest.*"]),
+                  "sqlite_manifest.*", "ui.queries"]),
     # The filesystem core and what sits beside it: no pyfuse3, no trio, no daemon.
     ("core", ["vfs", "vfs.*", "vfs_*", "namespace", "openfiles", "xattrs", "virtual",
               "visibility", "records", "bundle", "store", "fsck", "admin", "admin_*",
               "maintenance", "lifecycle", "transfer", "control"]),
+    # `cafs ui`, the web view: over the core like the admin commands; no trio, no pyfuse3.
+    ("ui", ["ui", "ui.*"]),
     ("ops", ["ops", "control_server"]),
     ("daemon", ["daemon"]),
     ("cli", ["cli", "cli_*", "__main__"]),
@@ -45,9 +47,10 @@ ONLY_IMPORTED_BY: dict[str, list[str]] = {
     "pyfuse3": ["ops", "daemon"],
     "trio": ["daemon", "ops", "control_server"],
     "sqlite3": ["schema", "manifest", "manifest_*", "manifest.*", "sqlite_manifest",
-                "sqlite_manifest.*"],
+                "sqlite_manifest.*", "ui.queries"],
     "sqlite_utils": ["schema", "manifest", "manifest_*", "manifest.*", "sqlite_manifest",
                      "sqlite_manifest.*"],
+    "jinja2": ["ui.pages"],
     "zstandard": ["blobstore", "blobstore.*", "blob_*", "encoding", "encodings",
                   "encodings.*"],
 }
