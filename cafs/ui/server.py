@@ -62,7 +62,7 @@ def content_disposition(name: str) -> str:
     """attachment with an ASCII fallback name and the exact name in RFC 5987 form: quotes,
     backslashes, control characters and bytes that are not UTF-8 cannot break the header."""
     raw = name.encode("utf-8", "surrogateescape")
-    fallback = "".join(c if 0x20 <= ord(c) < 0x7F and c not in '"\\%;' else "_" for c in name)
+    fallback = "".join(c if c.isascii() and (c.isalnum() or c in "._- ") else "_" for c in name)
     return f"attachment; filename=\"{fallback or 'download'}\"; filename*=UTF-8''{quote(raw)}"
 
 
