@@ -40,7 +40,7 @@ P = TypeVar("P", bound=AdminContext)
 
 @dataclass(frozen=True)
 class Browsed(JsonResult):
-    """The answer of one read-only page query of `cafs ui` (cafs.ui.queries)."""
+    """The answer of one read-only page query of `cafs ui` (cafs.sqlite_manifest.ui_queries)."""
 
     answer: dict[str, Any]
 

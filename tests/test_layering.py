@@ -29,7 +29,7 @@ RANKS: list[tuple[str, list[str]]] = [
     ("blob store", ["blobstore", "blobstore.*", "blob_*", "encoding", "encodings",
                     "encodings.*"]),
     ("manifest", ["schema", "manifest", "manifest_*", "manifest.*", "sqlite_manifest",
-                  "sqlite_manifest.*", "ui.queries"]),
+                  "sqlite_manifest.*"]),
     # The filesystem core and what sits beside it: no pyfuse3, no trio, no daemon.
     ("core", ["vfs", "vfs.*", "vfs_*", "namespace", "openfiles", "xattrs", "virtual",
               "visibility", "records", "bundle", "store", "fsck", "admin", "admin_*",
@@ -47,7 +47,7 @@ ONLY_IMPORTED_BY: dict[str, list[str]] = {
     "pyfuse3": ["ops", "daemon"],
     "trio": ["daemon", "ops", "control_server"],
     "sqlite3": ["schema", "manifest", "manifest_*", "manifest.*", "sqlite_manifest",
-                "sqlite_manifest.*", "ui.queries"],
+                "sqlite_manifest.*"],
     "sqlite_utils": ["schema", "manifest", "manifest_*", "manifest.*", "sqlite_manifest",
                      "sqlite_manifest.*"],
     "jinja2": ["ui.pages"],

@@ -284,6 +284,9 @@ def screenshot(driver: Any, tmp_path: Path, name: str) -> Path:
     path = tmp_path / f"{name}.png"
     driver.save_screenshot(str(path))
     print(f"screenshot: {path}")
+    keep = os.environ.get("CAFS_UI_SCREENSHOTS")  # a directory to copy them to (README's)
+    if keep:
+        shutil.copy(path, Path(keep) / path.name)
     return path
 
 
@@ -291,6 +294,16 @@ def click_link(driver: Any, text: str) -> None:
     from selenium.webdriver.common.by import By
 
     driver.find_element(By.LINK_TEXT, text).click()
+
+
+def wait_for(driver: Any, css: str) -> Any:
+    """The element once the page that has it is loaded (a click returns before that)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    return WebDriverWait(driver, 30).until(
+        expected_conditions.presence_of_element_located((By.CSS_SELECTOR, css)))
 
 
 def test_browser_navigates_to_a_version_and_downloads_it(mount: Mount, tmp_path: Path,
@@ -304,13 +317,16 @@ def test_browser_navigates_to_a_version_and_downloads_it(mount: Mount, tmp_path:
         assert browser.find_element(By.ID, "executions").is_displayed()
         screenshot(browser, tmp_path, "1-executions")
         click_link(browser, "e1")
+        wait_for(browser, "#entries")
         assert browser.find_element(By.ID, "title").text == "e1"
         assert browser.find_element(By.ID, "plot-timeline").is_displayed()
         screenshot(browser, tmp_path, "2-execution")
         click_link(browser, "train/")
+        wait_for(browser, "a.artifact")
         assert browser.find_element(By.ID, "title").text == "train"
         screenshot(browser, tmp_path, "3-layer")
         click_link(browser, "model.bin")
+        wait_for(browser, "#history")
         rows = browser.find_elements(By.CSS_SELECTOR, "#history tbody tr")
         assert len(rows) == 2 and "current" in rows[0].text
         screenshot(browser, tmp_path, "4-history")
@@ -325,11 +341,12 @@ def test_browser_navigates_to_a_version_and_downloads_it(mount: Mount, tmp_path:
         # Search by tag from the form in the header.
         browser.find_element(By.ID, "search-tag").send_keys("stage=prod")
         browser.find_element(By.ID, "search-go").click()
+        wait_for(browser, "#results")
         results = browser.find_elements(By.CSS_SELECTOR, "#results tbody a.name")
         assert [r.text for r in results] == ["runs/e1/train/model.bin"]
         screenshot(browser, tmp_path, "5-search")
         browser.find_element(By.ID, "nav-sharing").click()
-        assert browser.find_element(By.ID, "plot-dedup").is_displayed()
+        assert wait_for(browser, "#plot-dedup").is_displayed()
         screenshot(browser, tmp_path, "6-sharing")
         errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"
                   and "favicon" not in entry["message"]]
@@ -348,17 +365,21 @@ def test_browser_shows_hostile_names_as_text(mount: Mount, tmp_path: Path,
         names = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#executions a.name")]
         assert HOSTILE_RUN in names
         browser.find_element(By.LINK_TEXT, HOSTILE_RUN).click()
+        wait_for(browser, "#entries")
         assert browser.find_element(By.ID, "title").text == HOSTILE_RUN
         browser.find_element(By.LINK_TEXT, "l'<b>\"/").click()
+        wait_for(browser, "a.artifact")
         assert browser.find_element(By.ID, "title").text == "l'<b>\""
         tags = browser.find_element(By.CSS_SELECTOR, "#entries td.tags").text
         assert tags == "user.note=\\xff\\xfe<script>alert('tag')</script>"
         screenshot(browser, tmp_path, "hostile-layer")
         browser.find_element(By.LINK_TEXT, HOSTILE_FILE).click()
+        wait_for(browser, "#history")
         assert browser.find_element(By.ID, "title").text == HOSTILE_FILE
         screenshot(browser, tmp_path, "hostile-artifact")
         for page in ("/", "/sharing"):
             browser.get(ui.url + page.lstrip("/"))
+            wait_for(browser, "footer")
             assert not browser.find_elements(By.TAG_NAME, "script")
             assert not browser.find_elements(By.TAG_NAME, "img")
             with pytest.raises(NoAlertPresentException):

@@ -1,9 +1,10 @@
 """The read-only questions of `cafs ui`, asked of this manifest's connection.
 
-Owns: running one named page query of cafs.ui.queries (the one module holding the web view's
-SQL) on the manifest's own connection, so that a daemon answers them for a mounted store. Must
-not write. The store-wide summary reads every artifact: only the UI calls `summary`, on its
-own read-only connection, never the daemon (the control socket reaches `browse` alone).
+Owns: running one named page query of cafs.sqlite_manifest.ui_queries (the one module
+holding the web view's SQL) on the manifest's own connection, so that a daemon answers them for
+a mounted store. Must not write. The store-wide summary reads every artifact: only the UI calls
+`summary`, on its own read-only connection, never the daemon (the control socket reaches
+`browse` alone).
 """
 
 from __future__ import annotations
@@ -11,17 +12,17 @@ from __future__ import annotations
 from typing import Any
 
 from cafs.errors import InvalidArgument
+from cafs.sqlite_manifest import ui_queries as queries
 from cafs.sqlite_manifest.core import SqliteCore
-from cafs.ui import queries
 
 
 class SqliteBrowse(SqliteCore):
     def browse(self, query: str, params: dict[str, Any]) -> dict[str, Any]:
-        """The answer of page query `query` (see cafs.ui.queries.QUERIES) as JSON."""
+        """The answer of page query `query` (see ui_queries.QUERIES) as JSON."""
         if query not in queries.QUERIES:
             raise InvalidArgument(f"unknown query {query!r}")
         return queries.run(self._db, query, params)
 
     def summary(self) -> dict[str, Any]:
-        """cafs.ui.queries.summary: O(artifacts); never on a daemon's connection."""
+        """ui_queries.summary: O(artifacts); never on a daemon's connection."""
         return queries.summary(self._db)

@@ -5,7 +5,7 @@ show names, sizes and times and to build links. Templates are Jinja2 with autoes
 every name is escaped however hostile; names not valid as UTF-8 (decoded with surrogateescape)
 and control characters are shown as \\xNN; links are built with `link` (every parameter
 percent-encoded from its bytes) and never by pasting strings. Must not write anything, speak
-HTTP (cafs.ui.server) or hold SQL (cafs.ui.queries).
+HTTP (cafs.ui.server) or hold SQL (cafs.sqlite_manifest.ui_queries).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from urllib.parse import quote, urlencode
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
+from cafs.sqlite_manifest.ui_queries import PAGE, TIMELINE_BUCKETS
 from cafs.ui import plots
-from cafs.ui.queries import PAGE, TIMELINE_BUCKETS
 from cafs.ui.source import Source
 
 Params = dict[str, str]

@@ -53,8 +53,8 @@ class Source:
         return serving_daemon(self.root) is not None
 
     def query(self, name: str, /, **params: Any) -> Json:
-        """A page query (cafs.ui.queries.QUERIES) answered by the daemon if one serves the
-        store, else on a read-only open of the manifest."""
+        """A page query (ui_queries.QUERIES) answered by the daemon if one serves the store,
+        else on a read-only open of the manifest."""
         if self.mounted():
             answer = call(self.root, "browse", {"query": name, "params": params}, [],
                           lambda what, done, total: None)
