@@ -385,3 +385,48 @@ def test_browser_shows_hostile_names_as_text(mount: Mount, tmp_path: Path,
             with pytest.raises(NoAlertPresentException):
                 browser.switch_to.alert.text  # noqa: B018
         assert HOSTILE_RUN in browser.find_element(By.ID, "unique").text
+
+
+# -- attacks and hard cases (plain HTTP) ------------------------------------------------------
+
+
+def small_store(mount: Mount) -> dict[str, str]:
+    """One tagged artifact with two versions: enough for every page to have something."""
+    train = mount.layer("e1", "train")
+    write_artifact(train / "model.bin", b"first weights\n")
+    write_artifact(train / "model.bin", b"second weights\n")
+    subprocess.run(["setfattr", "-n", "user.stage", "-v", "prod", str(train / "model.bin")],
+                   check=True)
+    return {"sha": hashlib.sha256(b"second weights\n").hexdigest()}
+
+
+def test_numbers_past_64_bits_or_not_ascii_are_a_400(mount: Mount) -> None:
+    """Cursors and version numbers are checked where they enter: 19 digits past 2**63 or a
+    digit that is not ASCII ('²', an Arabic-Indic one) is a 400, not a traceback in the UI or
+    the daemon (the fixture fails on an error in the daemon's log)."""
+    sha = small_store(mount)["sha"]
+    artifact = "path=runs/e1/train/model.bin"
+    with serving(mount.store) as ui:
+        for number in ("9999999999999999999", "9223372036854775808", "%C2%B2", "%D9%A1",
+                       "-1", "1e3", "%201"):
+            for page in (f"/content?sha256={sha}&after={number}",
+                         f"/download?{artifact}&version={number}",
+                         f"/search?tag=stage&after_node={number}"):
+                status, _, body = ui.get(page)
+                assert status == 400, (page, status, body[:300])
+        assert ui.get(f"/content?sha256={sha}&after=9223372036854775807")[0] == 200
+
+
+def test_the_daemon_answers_a_browse_out_of_range_with_einval(mount: Mount) -> None:
+    """The control socket's `browse` checks what a client other than cafs ui might send: an
+    integer SQLite cannot hold is EINVAL, not an unexpected error in the daemon's log."""
+    import errno
+
+    from cafs.control import AdminError, call
+
+    sha = small_store(mount)["sha"]
+    with pytest.raises(AdminError) as raised:
+        call(mount.store, "browse", {"query": "content",
+                                     "params": {"sha256": sha, "after": 2**70}}, [],
+             lambda *_: None)
+    assert raised.value.errno == errno.EINVAL

@@ -9,6 +9,7 @@ a mounted store. Must not write. The store-wide summary reads every artifact: on
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 from cafs.errors import InvalidArgument
@@ -21,7 +22,12 @@ class SqliteBrowse(SqliteCore):
         """The answer of page query `query` (see ui_queries.QUERIES) as JSON."""
         if query not in queries.QUERIES:
             raise InvalidArgument(f"unknown query {query!r}")
-        return queries.run(self._db, query, params)
+        try:
+            return queries.run(self._db, query, params)
+        except (OverflowError, sqlite3.InterfaceError, sqlite3.ProgrammingError) as exc:
+            # A parameter SQLite cannot bind (an integer past 64 bits, a list): the client's
+            # mistake, answered EINVAL, not an unexpected error in the daemon's log.
+            raise InvalidArgument(f"bad parameters for {query}: {exc}") from None
 
     def summary(self) -> dict[str, Any]:
         """ui_queries.summary: O(artifacts); never on a daemon's connection."""

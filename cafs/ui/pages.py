@@ -106,15 +106,25 @@ def _path(params: Params) -> str:
     return path
 
 
+_NUMBER = re.compile(r"[0-9]{1,19}")
+MAX_NUMBER = 2**63 - 1  # what an SQLite INTEGER holds
+
+
+def number(value: str, name: str) -> int:
+    """A cursor or version number: ASCII digits only (str.isdigit also takes '²', which int
+    refuses, and other scripts' digits) and no more than SQLite holds."""
+    if not _NUMBER.fullmatch(value) or int(value) > MAX_NUMBER:
+        raise BadRequest(f"{name} must be a number from 0 to {MAX_NUMBER}")
+    return int(value)
+
+
 def _int(params: Params, name: str, default: int | None = None) -> int:
     value = params.get(name)
     if value is None or value == "":
         if default is None:
             raise BadRequest(f"{name} is missing")
         return default
-    if not value.isdigit() or len(value) > 19:
-        raise BadRequest(f"{name} must be a number")
-    return int(value)
+    return number(value, name)
 
 
 def _sha(value: str, *, whole: bool) -> str:

@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from cafs.blobstore import read_chunks
 from cafs.errors import CafsError
-from cafs.ui.pages import PAGES, BadRequest, NotFoundPage, Page, environment
+from cafs.ui.pages import PAGES, BadRequest, NotFoundPage, Page, environment, number
 from cafs.ui.source import Source
 
 log = logging.getLogger(__name__)
@@ -183,15 +183,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _download(self, params: dict[str, str], head: bool) -> None:
         path = params.get("path", "")
-        number = params.get("version", "")
-        if not path.startswith("runs/") or not number.isdigit() or len(number) > 19:
+        if not path.startswith("runs/"):
             raise BadRequest("a download needs path=runs/... and version=N")
-        opened = self.server.source.open_version(path, int(number))
+        wanted = number(params.get("version", ""), "version")
+        opened = self.server.source.open_version(path, wanted)
         if opened is None:
-            raise NotFoundPage(f"{path} has no version {number}")
+            raise NotFoundPage(f"{path} has no version {wanted}")
         found, reader = opened
         if reader is None:
-            self._send_error(HTTPStatus.CONFLICT, f"{path}@{number}: its content is damaged "
+            self._send_error(HTTPStatus.CONFLICT, f"{path}@{wanted}: its content is damaged "
                              "(see cafs fsck)", head=head)
             return
         try:
@@ -206,7 +206,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 try:
                     self._stream(_held_back(read_chunks(reader)), found)
                 except CafsError as exc:  # a block failed its checksum: stop short
-                    log.error("download of %s@%s failed: %s", path, number, exc)
+                    log.error("download of %s@%s failed: %s", path, wanted, exc)
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
         finally:
