@@ -430,3 +430,21 @@ def test_the_daemon_answers_a_browse_out_of_range_with_einval(mount: Mount) -> N
                                      "params": {"sha256": sha, "after": 2**70}}, [],
              lambda *_: None)
     assert raised.value.errno == errno.EINVAL
+
+
+def test_another_local_user_gets_nothing_from_roots_ui(mount: Mount, tmp_path: Path) -> None:
+    """The store is 0700 and its control socket answers only root and its owner; the UI
+    listening on 127.0.0.1 keeps that rule: a connection from another local user (found by
+    its socket's owner in /proc/net/tcp) is refused, pages and downloads alike."""
+    from conftest import as_nobody
+
+    small_store(mount)
+    with serving(mount.store) as ui:
+        for page in ("", "dir?path=runs/e1/train",
+                     "download?path=runs/e1/train/model.bin&version=1"):
+            done = as_nobody(f"curl -s -w '\\n%{{http_code}}' '{ui.url}{page}'", tmp_path)
+            body, _, status = done.stdout.rpartition("\n")
+            assert status == "403", (page, done.stdout[-500:], done.stderr)
+            assert "weights" not in body and "model.bin" not in body
+            assert "only root or uid 0" in body
+        assert "model.bin" in ui.page("/dir?path=runs/e1/train")

@@ -3,7 +3,8 @@
 Owns: the server (a thread per request), which methods are answered (GET and HEAD; anything
 else is 405: the view changes nothing), the headers every answer carries (a
 Content-Security-Policy that allows no script at all and nothing from elsewhere, no framing, no
-sniffing, no caching), the Host check that keeps other web sites out through DNS rebinding when
+sniffing, no caching), refusing a loopback connection from another local user (cafs.ui.peers),
+the Host check that keeps other web sites out through DNS rebinding when
 bound to a loopback address, error pages, and streaming one version's bytes with a
 Content-Disposition a browser cannot misread. Must not decide what a page shows
 (cafs.ui.pages) or write to the store.
@@ -34,6 +35,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 from cafs.blobstore import read_chunks
 from cafs.errors import CafsError
 from cafs.ui.pages import PAGES, BadRequest, NotFoundPage, Page, environment, number
+from cafs.ui.peers import refusal
 from cafs.ui.source import Source
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "cafs-ui"
     sys_version = ""
+    _refused: str | None = None  # why this connection may not read the view ("" if it may)
 
     # -- methods: only reading ------------------------------------------------------------
 
@@ -122,6 +125,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _answer(self, head: bool) -> None:
         started = time.perf_counter()
+        if self._refused is None:  # once per connection: its owner does not change
+            self._refused = refusal(self.client_address[:2],
+                                    self.connection.getsockname()[:2]) or ""
+        if self._refused:
+            self._send_error(HTTPStatus.FORBIDDEN, self._refused, head=head)
+            return
         if not self._host_allowed():
             self._send_error(HTTPStatus.MISDIRECTED_REQUEST, "unknown Host", head=head)
             return
