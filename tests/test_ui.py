@@ -448,3 +448,23 @@ def test_another_local_user_gets_nothing_from_roots_ui(mount: Mount, tmp_path: P
             assert "weights" not in body and "model.bin" not in body
             assert "only root or uid 0" in body
         assert "model.bin" in ui.page("/dir?path=runs/e1/train")
+
+
+def test_the_timeline_scan_never_runs_in_the_daemon(mount: Mount) -> None:
+    """An execution's timeline counts every publish in it (100,000 rows for a big run): in the
+    daemon, between filesystem requests, hammering that page took a `cat` on the mount from
+    1 ms to 61 ms (p50). The daemon refuses it; the UI runs it on its own read-only
+    connection, and a mounted execution page still plots it."""
+    import errno
+
+    from cafs.control import AdminError, call
+
+    small_store(mount)
+    with pytest.raises(AdminError) as raised:
+        call(mount.store, "browse", {"query": "timeline", "params": {
+            "path": "runs/e1", "first_ns": 0, "last_ns": 10**19 // 2}}, [], lambda *_: None)
+    assert raised.value.errno == errno.EINVAL
+    with serving(mount.store) as ui:
+        page = ui.page("/dir?path=runs/e1")
+        assert "mounted: answers from the daemon" in ui.page("/")
+        assert 'id="plot-timeline"' in page and "<rect" in page

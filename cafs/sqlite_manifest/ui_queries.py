@@ -7,11 +7,12 @@ Each answer is plain JSON (dicts, lists, str, int, None) because the page querie
 daemon's control socket. Must not write (every statement is a SELECT), render anything, or
 import anything above the manifest layer.
 
-Where they run: `run` (the page queries) inside the daemon when the store is mounted (through
+Where they run: `run` (the bounded page queries) in the daemon when the store is mounted (through
 the manifest's `browse`, between filesystem requests: each is a few index seeks and at most
 PAGE rows) or on a read-only connection when it is not. `summary` reads every artifact once
 (seconds at a million) and so never runs in the daemon: the UI runs it on its own read-only
-connection in a background thread, as `cafs stats PATH` does.
+connection in a background thread, as `cafs stats PATH` does; so does `timeline` (a scan as long
+as the run), in the request that shows it.
 
 Names and paths are selected as bytes (CAST AS BLOB) and decoded with surrogateescape, so a
 name that is not UTF-8 (which only a hand-edited manifest can hold) is shown, not a crash; names
@@ -293,10 +294,12 @@ def search_sha(db: sqlite3.Connection, prefix: str, limit: int = SEARCH_LIMIT) -
                                          "refcount": r[3]} for r in rows], "more": more}
 
 
-# The page queries by name: what the daemon's `browse` runs (and nothing else).
+# The page queries by name: what the daemon's `browse` runs (and nothing else). `timeline`
+# is not one: it counts every publish in a run (a range scan as long as the run), which in the
+# daemon stalls every filesystem request behind it; the UI runs it on its own connection.
 QUERIES: dict[str, Callable[..., Json]] = {
     "fingerprint": fingerprint, "executions": executions, "directory": directory,
-    "timeline": timeline, "artifact": artifact, "version": version, "content": content,
+    "artifact": artifact, "version": version, "content": content,
     "search_tag": search_tag, "search_sha": search_sha,
 }
 

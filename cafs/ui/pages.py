@@ -164,8 +164,7 @@ def directory_page(source: Source, params: Params) -> Page:
     node = answer["node"]
     chart = None
     if node["kind"] == "execution" and node["first_write_ns"] is not None:
-        found = source.query("timeline", path=path, first_ns=node["first_write_ns"],
-                             last_ns=node["last_write_ns"])
+        found = source.timeline(path, node["first_write_ns"], node["last_write_ns"])
         chart = plots.histogram(f"publishes in {shown(node['name'])} over time",
                                 found["first_ns"], found["width_ns"], found["buckets"],
                                 TIMELINE_BUCKETS)

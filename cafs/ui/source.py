@@ -67,6 +67,16 @@ class Source:
         finally:
             store.close()
 
+    def timeline(self, path: str, first_ns: int, last_ns: int) -> Json:
+        """Publishes in the run at `path` over time (ui_queries.timeline): a scan as long as
+        the run, so always on a read-only open of the manifest here, never in the daemon,
+        where it would hold up every filesystem request meanwhile."""
+        store = Store.open(self.root, create=False)
+        try:
+            return store.manifest.timeline(path, first_ns, last_ns)
+        finally:
+            store.close()
+
     # -- the summary ----------------------------------------------------------------------
 
     def summary(self) -> Summary:
