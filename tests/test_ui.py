@@ -468,3 +468,24 @@ def test_the_timeline_scan_never_runs_in_the_daemon(mount: Mount) -> None:
         page = ui.page("/dir?path=runs/e1")
         assert "mounted: answers from the daemon" in ui.page("/")
         assert 'id="plot-timeline"' in page and "<rect" in page
+
+
+def test_a_long_history_is_paged(mount: Mount) -> None:
+    """An artifact rewritten at every step (a checkpoint) has as many versions as steps: its
+    page shows the newest 100 with a link to older ones, so neither the daemon's answer nor
+    the page grows with the history."""
+    train = mount.layer("e1", "train")
+    for step in range(130):
+        write_artifact(train / "ckpt.bin", f"step {step}\n".encode())
+    with serving(mount.store) as ui:
+        first = ui.page("/artifact?path=runs/e1/train/ckpt.bin")
+        assert first.count('class="download"') == 100
+        assert hashlib.sha256(b"step 129\n").hexdigest() in first
+        assert hashlib.sha256(b"step 29\n").hexdigest() not in first
+        older = re.search(r'id="older" href="([^"]+)"', first)
+        assert older is not None
+        second = ui.page(older.group(1).replace("&amp;", "&"))
+        assert second.count('class="download"') == 30
+        assert hashlib.sha256(b"step 0\n").hexdigest() in second
+        assert hashlib.sha256(b"step 30\n").hexdigest() not in second
+        assert 'id="older"' not in second and 'id="newest"' in second

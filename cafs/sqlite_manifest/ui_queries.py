@@ -184,9 +184,13 @@ def timeline(db: sqlite3.Connection, path: str, first_ns: int, last_ns: int,
     return {"first_ns": first_ns, "width_ns": width, "buckets": [list(row) for row in rows]}
 
 
-def artifact(db: sqlite3.Connection, path: str) -> Json:
-    """An artifact (or a path that held one): its current state, tags and every version
-    (those of the node there now and those published at the path by nodes since replaced)."""
+def artifact(db: sqlite3.Connection, path: str, before: int | None = None,
+             limit: int = PAGE) -> Json:
+    """An artifact (or a path that held one): its current state, tags and a page of its
+    versions, newest first, older than version `before` (those of the node there now and those
+    published at the path by nodes since replaced). A checkpoint rewritten at every step has
+    as many versions as steps: each of the two sources is read newest first by its index
+    (versions_node, versions_path: both end in the id), at most limit + 1 rows each."""
     found = _resolve(db, path)
     if found is not None and found[1] != "file":
         return {"missing": True, "path": path, "directory": True}
@@ -197,23 +201,27 @@ def artifact(db: sqlite3.Connection, path: str) -> Json:
                          (node_id,)).fetchone()
         node = {"id": node_id, "version": row[0], "mode": row[1], "uid": row[2],
                 "gid": row[3], "mtime_ns": row[4]}
-    rows = db.execute(
-        """
-        SELECT v.id, v.created_ns, v.size, v.uid, v.gid, b.sha256, CAST(v.path AS BLOB),
-               v.replaced_ns, b.encoding, b.stored_size, b.damaged_ns, v.content_type
-        FROM versions v JOIN blobs b ON b.id = v.blob_id
-        WHERE v.node_id = ? OR v.path = CAST(? AS TEXT) ORDER BY v.id
-        """, (node_id if node_id is not None else -1, _text(path))).fetchall()
-    if node is None and not rows:
+    columns = ("SELECT v.id, v.created_ns, v.size, v.uid, v.gid, b.sha256, "
+               "CAST(v.path AS BLOB), v.replaced_ns, b.encoding, b.stored_size, b.damaged_ns, "
+               "v.content_type FROM versions v JOIN blobs b ON b.id = v.blob_id ")
+    below = before if before is not None else 2**63 - 1
+    rows = {row[0]: row for row in db.execute(
+        columns + "WHERE v.node_id = ? AND v.id < ? ORDER BY v.id DESC LIMIT ?",
+        (node_id if node_id is not None else -1, below, limit + 1))}
+    rows.update((row[0], row) for row in db.execute(
+        columns + "WHERE v.path = CAST(? AS TEXT) AND v.id < ? ORDER BY v.id DESC LIMIT ?",
+        (_text(path), below, limit + 1)))
+    if node is None and not rows and before is None:
         return {"missing": True, "path": path}
+    page, more = _page([rows[key] for key in sorted(rows, reverse=True)], limit)
     current = node["version"] if node else None
     versions = [{"version": row[0], "created_ns": row[1], "size": row[2], "writer": row[3],
                  "gid": row[4], "sha256": row[5], "path": decoded(row[6]),
                  "replaced_ns": row[7], "encoding": row[8], "stored_size": row[9],
                  "damaged": row[10] is not None, "content_type": row[11],
-                 "current": row[0] == current} for row in rows]
+                 "current": row[0] == current} for row in page]
     tags = _tags(db, [node_id]).get(node_id, []) if node_id is not None else []
-    return {"path": path, "node": node, "versions": versions, "tags": tags}
+    return {"path": path, "node": node, "versions": versions, "tags": tags, "more": more}
 
 
 def version(db: sqlite3.Connection, path: str, version: int) -> Json:

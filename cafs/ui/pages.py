@@ -177,13 +177,17 @@ def directory_page(source: Source, params: Params) -> Page:
 
 def artifact_page(source: Source, params: Params) -> Page:
     path = _path(params)
-    answer = source.query("artifact", path=path)
+    before = _int(params, "before", 0) or None
+    answer = source.query("artifact", path=path, before=before)
     if answer.get("directory"):
         raise NotFoundPage(f"{path} is a directory")
     if answer.get("missing"):
         raise NotFoundPage(f"{path}: no such artifact, and none was ever published there")
-    return Page("artifact.html", {"answer": answer, "path": path,
-                                  "name": path.rpartition("/")[2]})
+    last = answer["versions"][-1]["version"] if answer["versions"] else None
+    return Page("artifact.html", {
+        "answer": answer, "path": path, "name": path.rpartition("/")[2],
+        "older": link("/artifact", path=path, before=last) if answer["more"] else None,
+        "newest": link("/artifact", path=path) if before else None})
 
 
 def content_page(source: Source, params: Params) -> Page:
