@@ -489,3 +489,35 @@ def test_a_long_history_is_paged(mount: Mount) -> None:
         assert hashlib.sha256(b"step 0\n").hexdigest() in second
         assert hashlib.sha256(b"step 30\n").hexdigest() not in second
         assert 'id="older"' not in second and 'id="newest"' in second
+
+
+def test_a_refused_request_body_is_never_read_as_a_request(mount: Mount) -> None:
+    """A POST's body is not read (405): the connection closes after the answer, so the body
+    cannot be taken as a next request on it (a form posting text elsewhere could smuggle a
+    GET that way); and a request line's control characters reach the operator's terminal
+    escaped."""
+    import socket
+
+    small_store(mount)
+    ui = Ui(mount.store)
+    try:
+        host, port = urllib.parse.urlsplit(ui.url).netloc.rsplit(":", 1)
+
+        def exchange(data: bytes) -> bytes:
+            with socket.create_connection((host, int(port)), timeout=10) as conn:
+                conn.sendall(data)
+                received = b""
+                while chunk := conn.recv(65536):
+                    received += chunk
+                return received
+
+        smuggled = b"GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        received = exchange(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: "
+                            + str(len(smuggled)).encode() + b"\r\n\r\n" + smuggled)
+        assert received.startswith(b"HTTP/1.1 405") and received.count(b"HTTP/1.1 ") == 1
+        received = exchange(b"GET /\x1b]2;owned\x07 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                            b"Connection: close\r\n\r\n")
+        assert received.startswith(b"HTTP/1.1 404")
+    finally:
+        err = ui.stop()
+    assert "Traceback" not in err and "\x1b" not in err and "\\x1b" in err

@@ -22,6 +22,7 @@ import http.server
 import importlib.resources
 import ipaddress
 import logging
+import re
 import socket
 import sys
 import time
@@ -50,6 +51,7 @@ COMMON_HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 STYLE = importlib.resources.files("cafs.ui").joinpath("static/style.css").read_bytes()
 
 
@@ -103,13 +105,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._answer(head=True)
 
     def _refuse(self) -> None:
+        # The body is never read, so the connection must end here: read as the next request
+        # on it, a body would be answered (a form posted from elsewhere could smuggle a GET).
+        self.close_connection = True
         self._send_error(HTTPStatus.METHOD_NOT_ALLOWED, "this view is read-only: GET only",
-                         extra={"Allow": "GET, HEAD"}, head=False)
+                         extra={"Allow": "GET, HEAD", "Connection": "close"}, head=False)
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _refuse
 
     def log_message(self, format: str, *args: Any) -> None:
-        sys.stderr.write(f"cafs ui: {self.address_string()} {format % args}\n")
+        # The request line is the client's: its control characters (a terminal's escape
+        # sequences) are written as \xNN, never to the operator's terminal as they came.
+        line = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", format % args)
+        sys.stderr.write(f"cafs ui: {self.address_string()} {line}\n")
 
     # -- answering ------------------------------------------------------------------------
 
@@ -125,6 +133,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _answer(self, head: bool) -> None:
         started = time.perf_counter()
+        if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
+            self.close_connection = True  # a body is never read: see _refuse
         if self._refused is None:  # once per connection: its owner does not change
             self._refused = refusal(self.client_address[:2],
                                     self.connection.getsockname()[:2]) or ""
