@@ -521,3 +521,12 @@ def test_a_refused_request_body_is_never_read_as_a_request(mount: Mount) -> None
     finally:
         err = ui.stop()
     assert "Traceback" not in err and "\x1b" not in err and "\\x1b" in err
+
+
+def test_a_port_in_use_is_one_line_naming_it(mount: Mount) -> None:
+    with serving(mount.store) as ui:
+        port = urllib.parse.urlsplit(ui.url).port
+        result = cafs("ui", "--store", str(mount.store), "--port", str(port), check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr == (f"cafs: cannot listen on 127.0.0.1:{port}: Address already "
+                                 "in use (--port 0 takes any free port)\n")

@@ -17,6 +17,7 @@ closed short of Content-Length, which every client reports as a failed download.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.server
 import importlib.resources
@@ -260,8 +261,14 @@ def _held_back(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, bool]]:
 
 
 def serve(source: Source, bind: str, port: int, ready: Any = None) -> None:
-    """Serve until interrupted; `ready(url)` is called once the socket listens."""
-    server = UiServer((bind, port), source)
+    """Serve until interrupted; `ready(url)` is called once the socket listens. Raises
+    CafsError (one line naming the address) if it cannot listen."""
+    try:
+        server = UiServer((bind, port), source)
+    except OSError as exc:
+        hint = " (--port 0 takes any free port)" if exc.errno == errno.EADDRINUSE else ""
+        raise CafsError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}{hint}",
+                        exc.errno or errno.EIO) from None
     try:
         if ready is not None:
             ready(server.url)
