@@ -386,7 +386,7 @@ class _PathResolver:
         if parent is None:
             return None
         node = self._manifest.child(parent, name)
-        return node.ino if node is not None and node.kind is Kind.FILE else None
+        return node.ino if node is not None and node.kind.has_versions else None
 
     def _dir(self, path: str) -> int | None:
         if path in self._dirs:
