@@ -33,7 +33,7 @@ from cafs.blobstore import BlobStore
 from cafs.digest import Digest
 from cafs.errors import InvalidArgument, StoreError
 from cafs.manifest import Manifest, RepairPlan
-from cafs.model import RUNS_INODE, BlobRef, Kind
+from cafs.model import RUNS_INODE, BlobRef
 from cafs.store import QUARANTINE_DIR, Store
 
 DELETE_BATCH = 256
