@@ -294,7 +294,9 @@ def m006_symlinks(db: Database) -> None:
     conn = db.conn
     sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'nodes'"
                        ).fetchone()[0]
-    if _KIND_BEFORE not in sql or not sql.startswith("CREATE TABLE nodes ("):
+    head = next((h for h in ('CREATE TABLE nodes (', 'CREATE TABLE "nodes" (')
+                 if sql.startswith(h)), None)
+    if _KIND_BEFORE not in sql or head is None:
         raise RuntimeError("manifest: the nodes table is not the one migration m006 expects")
     # Views and indexes on nodes go with the old table; they are made again from their text.
     views = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'view'").fetchall()
@@ -304,7 +306,7 @@ def m006_symlinks(db: Database) -> None:
     for name, _ in views:
         conn.execute(f'DROP VIEW "{name}"')
     conn.execute(sql.replace(_KIND_BEFORE, _KIND_AFTER).replace(
-        "CREATE TABLE nodes (", "CREATE TABLE nodes_new (", 1))
+        head, "CREATE TABLE nodes_new (", 1))
     columns = ", ".join(row[1] for row in conn.execute("PRAGMA table_info(nodes)"))
     conn.execute(f"INSERT INTO nodes_new ({columns}) SELECT {columns} FROM nodes")
     conn.execute("DROP TABLE nodes")
