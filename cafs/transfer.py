@@ -18,7 +18,7 @@ from cafs.digest import Digest
 from cafs.errors import AlreadyExists, CafsError, Damaged, InvalidArgument
 from cafs.lifecycle import root_hash
 from cafs.maintenance import delete_unreferenced_now
-from cafs.model import RUNS_INODE, Kind, Node, StoredBlob, TreeEntry, Version
+from cafs.model import MAX_SYMLINK_TARGET, RUNS_INODE, Kind, Node, StoredBlob, TreeEntry, Version
 from cafs.rules import check_target, new_name
 
 
@@ -58,6 +58,8 @@ class Transfer(AdminContext):
                 # The current version last (import takes the last as current): a version
                 # published here by an artifact since replaced by a rename can be newer.
                 found = manifest.history(node.ino, f"{path}/{rel}")
+                if node.kind is Kind.SYMLINK:  # `ln -sfn` renames a new link over the old
+                    found = [v for v in found if self._is_target(v)]  # but not a file's bytes
                 history = (*(v for v in found if v.version_id != node.version_id),
                            *(v for v in found if v.version_id == node.version_id))
                 damaged = [v for v in history if v.damaged]
@@ -140,6 +142,21 @@ class Transfer(AdminContext):
         return {"path": f"runs/{name}", "artifacts": sum(e.kind.has_versions for e in entries),
                 "blobs_added": len(added), "blobs_present": len(present),
                 "root_sha256": header.sealed[1] if header.sealed else None}
+
+    def _is_target(self, version: Version) -> bool:
+        """Whether a version at a symlink's path can be one of its targets: the path's history
+        also holds the content of a file the symlink replaced, which import would refuse as a
+        target. At most 4095 bytes read."""
+        if not 1 <= version.size <= MAX_SYMLINK_TARGET or version.damaged:
+            return False
+        blob = self.manifest.blob(version.digest)
+        if blob is None:
+            return False
+        reader = self.blobs.open(blob.digest, blob.encoding)
+        try:
+            return b"\0" not in reader.read(0, version.size)
+        finally:
+            reader.close()
 
     def _check_targets(self, entries: list[TreeEntry], blobs: dict[str, StoredBlob]) -> None:
         """Symlink targets as symlink(2) would take them (their size was checked with the

@@ -6,6 +6,7 @@ hostile bundles holding symlinks."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -13,10 +14,11 @@ import sqlite3
 import stat
 import subprocess
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, cafs, require_fuse, sh, sha, started
+from conftest import Mount, cafs, require_fuse, sh, sha, started, unmount_whatever_state
 from test_bundles import bundle, entry, good_header, refused, run_import, version
 
 from cafs.admin import root_hash
@@ -29,6 +31,15 @@ def error(fn, *args, **kwargs) -> str:  # type: ignore[no-untyped-def]
     except OSError as exc:
         return errno.errorcode[exc.errno]
     return "0"
+
+
+@contextlib.contextmanager
+def unmounted_at_the_end(mountpoint: Path) -> Iterator[None]:
+    """A failing check inside `started` must not leave its mount behind."""
+    try:
+        yield
+    finally:
+        unmount_whatever_state(mountpoint)
 
 
 @pytest.fixture
@@ -225,8 +236,9 @@ def test_root_hash_tells_a_symlink_from_a_file(mount: Mount) -> None:
 def test_export_import_round_trip(layer: Path, mount: Mount, tmp_path: Path) -> None:
     (layer / "model.bin").write_bytes(b"weights")
     (layer / "d").mkdir()
+    (layer / "d" / "was-file").write_bytes(os.urandom(5000))
     sh("ln -s model.bin latest && ln -sfn ../model.bin d/up && ln -s /abs/path d/abs "
-       "&& ln -sfn ../../model.bin d/up", cwd=layer)
+       "&& ln -sfn ../../model.bin d/up && ln -sfn ../model.bin d/was-file", cwd=layer)
     cafs("seal", str(mount.runs / "e1"))
     root = os.getxattr(mount.runs / "e1", "user.cafs.root").decode()
     out = tmp_path / "e1.tar"
@@ -234,10 +246,10 @@ def test_export_import_round_trip(layer: Path, mount: Mount, tmp_path: Path) -> 
     cafs("unseal", str(mount.runs / "e1"))
     other = Mount(tmp_path / "other", tmp_path / "other-mnt")
     other.mountpoint.mkdir()
-    with started(other):  # a new store is made by its first mount
-        pass
+    with unmounted_at_the_end(other.mountpoint), started(other):  # a store's first mount
+        pass  # makes it
     cafs("import", "--store", str(other.store), str(out))
-    with started(other):
+    with unmounted_at_the_end(other.mountpoint), started(other):
         there = other.runs / "e1" / "train"
         assert os.readlink(there / "latest") == "model.bin"
         assert os.readlink(there / "d" / "up") == "../../model.bin"
@@ -245,6 +257,7 @@ def test_export_import_round_trip(layer: Path, mount: Mount, tmp_path: Path) -> 
         assert os.getxattr(other.runs / "e1", "user.cafs.root").decode() == root
         log = json.loads(cafs("log", "--json", str(there / "d" / "up")).stdout)
         assert len(log["versions"]) == 2
+        assert os.readlink(there / "d" / "was-file") == "../model.bin"  # not the file it replaced
         sh(f"diff -r --no-dereference {layer} {there}")
 
 
