@@ -32,7 +32,7 @@ RANKS: list[tuple[str, list[str]]] = [
                   "sqlite_manifest.*"]),
     # The filesystem core and what sits beside it: no pyfuse3, no trio, no daemon.
     ("core", ["vfs", "vfs.*", "vfs_*", "namespace", "openfiles", "xattrs", "virtual",
-              "visibility", "records", "bundle", "store", "fsck", "admin", "admin_*",
+              "visibility", "symlinks", "records", "bundle", "store", "fsck", "admin", "admin_*",
               "maintenance", "lifecycle", "transfer", "control"]),
     # `cafs ui`, the web view: over the core like the admin commands; no trio, no pyfuse3.
     ("ui", ["ui", "ui.*"]),

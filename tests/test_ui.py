@@ -127,6 +127,12 @@ def test_every_page_answers_and_the_view_is_read_only(mount: Mount, tmp_path: Pa
         assert 'id="plot-timeline"' in run and "<svg" in run
         history = ui.page("/artifact?path=runs/e1/train/model.bin")
         assert digests["v1"] in history and digests["v2"] in history
+        # A symlink is an artifact whose versions hold its target: listed, with a history.
+        (mount.runs / "e1" / "train" / "latest").symlink_to("model.bin")
+        assert 'href="/artifact?path=runs%2Fe1%2Ftrain%2Flatest"' in ui.page(
+            "/dir?path=runs/e1/train")
+        link = ui.page("/artifact?path=runs/e1/train/latest")
+        assert hashlib.sha256(b"model.bin").hexdigest() in link
         assert history.count('class="download"') == 2
         content = ui.page(f"/content?sha256={digests['dataset']}")
         assert "runs/e1/train/dataset.csv" in content and "runs/e2/eval/dataset.csv" in content

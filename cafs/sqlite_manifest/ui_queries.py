@@ -144,7 +144,7 @@ def directory(db: sqlite3.Connection, path: str, after: str | None = None,
     """An execution, layer or sub-directory: itself, its tags, and a page of its entries by
     name with each artifact's current content (size, stored size, encoding, sha256, tags)."""
     found = _resolve(db, path)
-    if found is None or found[1] == "file":
+    if found is None or found[1] in ("file", "symlink"):
         return {"missing": True, "path": path}
     node_id = found[0]
     me = db.execute(f"SELECT {_DIR_COLUMNS} FROM nodes n WHERE n.id = ?", (node_id,)).fetchone()
@@ -192,7 +192,7 @@ def artifact(db: sqlite3.Connection, path: str, before: int | None = None,
     as many versions as steps: each of the two sources is read newest first by its index
     (versions_node, versions_path: both end in the id), at most limit + 1 rows each."""
     found = _resolve(db, path)
-    if found is not None and found[1] != "file":
+    if found is not None and found[1] not in ("file", "symlink"):
         return {"missing": True, "path": path, "directory": True}
     node_id = found[0] if found else None
     node = None
@@ -227,7 +227,7 @@ def artifact(db: sqlite3.Connection, path: str, before: int | None = None,
 def version(db: sqlite3.Connection, path: str, version: int) -> Json:
     """Where to read one version of the artifact at `path`: only a version in its history."""
     found = _resolve(db, path)
-    node_id = found[0] if found and found[1] == "file" else -1
+    node_id = found[0] if found and found[1] in ("file", "symlink") else -1
     row = db.execute(
         "SELECT v.id, b.sha256, v.size, b.encoding, b.damaged_ns FROM versions v "
         "JOIN blobs b ON b.id = v.blob_id "
@@ -339,10 +339,11 @@ def summary(db: sqlite3.Connection) -> Json:
         WITH RECURSIVE d(id, exec) AS (
             SELECT id, id FROM nodes WHERE parent_id = :runs
             UNION ALL
-            SELECT n.id, d.exec FROM nodes n JOIN d ON n.parent_id = d.id WHERE n.kind != 'file'
+            SELECT n.id, d.exec FROM nodes n JOIN d ON n.parent_id = d.id
+            WHERE n.kind NOT IN ('file', 'symlink')
         )
         SELECT d.exec, v.blob_id, count(*) FROM d
-        JOIN nodes f ON f.parent_id = d.id AND f.kind = 'file'
+        JOIN nodes f ON f.parent_id = d.id AND f.kind IN ('file', 'symlink')
         JOIN versions v ON v.id = f.version_id
         GROUP BY d.exec, v.blob_id
         """, {"runs": RUNS}):
@@ -425,7 +426,7 @@ def _gc_estimate(db: sqlite3.Connection) -> Json:
             text = decoded(path) or ""
             if text not in live_paths:
                 found = _resolve(db, text)
-                live_paths[text] = found is not None and found[1] == "file"
+                live_paths[text] = found is not None and found[1] in ("file", "symlink")
             if live_paths[text]:
                 kept = True
                 break
