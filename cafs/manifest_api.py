@@ -193,7 +193,12 @@ class Content(Protocol):
         ...
 
     def history(self, node_id: int | None, path: str) -> list[Version]:
-        """Every version of the node, and those published at `path` by nodes since replaced."""
+        """The versions of the path's history (the one the node continues, else the one
+        parked at `path`), by number: through renames, replacements and re-creation."""
+        ...
+
+    def version_number(self, version_id: int) -> int | None:
+        """A version's number in its path's history (1..n)."""
         ...
 
     def nodes_holding(self, digest: str) -> set[int]:
@@ -262,9 +267,9 @@ class Maintenance(Protocol):
         """Apply what fsck --repair decided, in one transaction. Returns refcounts fixed."""
         ...
 
-    def superseded_versions(self) -> list[tuple[int, int | None, str]]:
-        """(version id, live node id or None, path) of every version not current, newest
-        first."""
+    def superseded_versions(self) -> list[tuple[int, int, bool]]:
+        """(version id, history id, whether a live artifact holds that history) of every
+        version not current, each history's newest first."""
         ...
 
     def collect(self, version_ids: list[int], *, keep_blobs: set[str], dry_run: bool) -> GcPlan:

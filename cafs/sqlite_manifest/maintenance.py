@@ -99,6 +99,21 @@ class SqliteMaintenance(Rows):
             "SELECT v.id FROM versions v LEFT JOIN blobs b ON b.id = v.blob_id WHERE b.id IS NULL"
         ):
             problems.append(f"version {version_id}: its blob row is missing")
+        for (version_id,) in db.execute(
+            "SELECT v.id FROM versions v LEFT JOIN histories h ON h.id = v.history_id "
+            "WHERE h.id IS NULL OR v.number IS NULL"
+        ):
+            problems.append(f"version {version_id}: its path history is missing")
+        for (node_id,) in db.execute(
+            "SELECT n.id FROM nodes n LEFT JOIN histories h ON h.id = n.history_id "
+            "WHERE n.history_id IS NOT NULL AND (h.id IS NULL OR h.path IS NOT NULL)"
+        ):
+            problems.append(f"node {node_id}: its path history is missing or parked elsewhere")
+        for (history_id,) in db.execute(
+            "SELECT h.id FROM histories h WHERE h.path IS NULL AND NOT EXISTS "
+            "(SELECT 1 FROM nodes n WHERE n.history_id = h.id)"
+        ):
+            problems.append(f"history {history_id}: neither an artifact nor a path holds it")
         for (node_id,) in db.execute(
             "SELECT n.id FROM nodes n LEFT JOIN nodes p ON p.id = n.parent_id "
             "WHERE n.parent_id != ? AND p.id IS NULL",
@@ -179,14 +194,16 @@ class SqliteMaintenance(Rows):
             self.remove_unpublished()
         return fixed
 
-    def superseded_versions(self) -> list[tuple[int, int | None, str]]:
-        """(version id, live node id or None, path) of every version that is not current,
-        newest first."""
+    def superseded_versions(self) -> list[tuple[int, int, bool]]:
+        """(version id, history id, whether a live artifact holds that history) of every
+        version that is not current: each history's newest (highest number) first. A version
+        without a history (which fsck reports) counts as held: gc keeps it."""
         rows = self._db.execute(
-            "SELECT v.id, n.id, v.path FROM versions v LEFT JOIN nodes n ON n.id = v.node_id "
-            "WHERE v.replaced_ns IS NOT NULL ORDER BY v.id DESC"
+            "SELECT v.id, coalesce(v.history_id, -v.id), h.path IS NULL FROM versions v "
+            "LEFT JOIN histories h ON h.id = v.history_id "
+            "WHERE v.replaced_ns IS NOT NULL ORDER BY v.history_id, v.number DESC"
         )
-        return [(row[0], row[1], row[2]) for row in rows]
+        return [(row[0], row[1], bool(row[2])) for row in rows]
 
     def collect(self, version_ids: list[int], *, keep_blobs: set[str], dry_run: bool) -> GcPlan:
         """Remove versions, then every blob row nothing references any more. Blobs in
@@ -200,17 +217,30 @@ class SqliteMaintenance(Rows):
         if dry_run:
             with self._transaction(commit=False):
                 for chunk in chunks(version_ids):
-                    self._delete_versions(chunk)
+                    self._delete_versions_and_histories(chunk)
                 freed = self._unreferenced_blobs(keep_blobs)
             return GcPlan(len(version_ids), freed)
         for chunk in chunks(version_ids, GC_BATCH):
             with self._transaction():
-                self._delete_versions(chunk)
+                self._delete_versions_and_histories(chunk)
         freed = self._unreferenced_blobs(keep_blobs)
         for chunk in chunks([blob.blob_id for blob in freed], GC_BATCH):
             with self._transaction() as db:
                 db.execute(f"DELETE FROM blobs WHERE id IN ({marks(chunk)})", chunk)
         return GcPlan(len(version_ids), freed)
+
+    def _delete_versions_and_histories(self, version_ids: list[int]) -> None:
+        """Remove versions, and the histories of removed paths that this leaves empty (a
+        path re-created after that starts again at 1)."""
+        histories = [row[0] for row in self._db.execute(
+            f"SELECT DISTINCT history_id FROM versions WHERE id IN ({marks(version_ids)}) "
+            "AND history_id IS NOT NULL", version_ids)]
+        self._delete_versions(version_ids)
+        for chunk in chunks(histories):
+            self._db.execute(
+                f"DELETE FROM histories WHERE id IN ({marks(chunk)}) AND path IS NOT NULL "
+                "AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.history_id = histories.id)",
+                chunk)
 
     def _unreferenced_blobs(self, keep_blobs: set[str]) -> list[BlobRef]:
         rows = self._db.execute(

@@ -85,6 +85,73 @@ class Rows(Aggregates):
         self._db.execute("UPDATE blobs SET refcount = refcount - 1 WHERE id = "
                          f"(SELECT blob_id FROM versions WHERE id = {current})", (node_id,))
 
+    # -- path histories (schema m007) ------------------------------------------------------
+
+    def _history_to_publish(self, node_id: int, path: str) -> int:
+        """The history a new version of this artifact joins: its own; else the one parked at
+        its path (rm then re-create, a file written where one was replaced); else a new one."""
+        db = self._db
+        row = db.execute("SELECT history_id FROM nodes WHERE id = ?", (node_id,)).fetchone()
+        if row is not None and row[0] is not None:
+            return int(row[0])
+        history = self._parked_at(path)
+        if history is not None:
+            db.execute("UPDATE histories SET path = NULL WHERE id = ?", (history,))
+        else:
+            history = int(db.execute("INSERT INTO histories DEFAULT VALUES").lastrowid or 0)
+        db.execute("UPDATE nodes SET history_id = ? WHERE id = ?", (history, node_id))
+        return history
+
+    def _next_number(self, history_id: int) -> int:
+        return int(self._db.execute(
+            "UPDATE histories SET last_number = last_number + 1 WHERE id = ? "
+            "RETURNING last_number", (history_id,)).fetchone()[0])
+
+    def _parked_at(self, path: str) -> int | None:
+        row = self._db.execute("SELECT id FROM histories WHERE path = ?", (path,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def _park_history(self, node_id: int) -> None:
+        """A file leaves the namespace (unlink, replaced by a rename): its history stays at
+        its path for the next file there. One parked there already (a directory was moved
+        onto the path of a removed one) joins it."""
+        row = self._db.execute("SELECT history_id FROM nodes WHERE id = ?", (node_id,)).fetchone()
+        if row is None or row[0] is None:
+            return
+        path = self.path_of(node_id)
+        older = self._parked_at(path)
+        if older is not None:
+            self._merge_history(older, into=row[0])
+        self._db.execute("UPDATE histories SET path = ? WHERE id = ?", (path, row[0]))
+
+    def _arrive(self, node_id: int, path: str) -> None:
+        """A file was moved to `path`. If a history is parked there (the replaced file's, or
+        a removed one's), the moved file's versions join it, numbered after its newest, and
+        the file continues it. A file never published adopts it at its first publish."""
+        parked = self._parked_at(path)
+        if parked is None:
+            return
+        row = self._db.execute("SELECT history_id FROM nodes WHERE id = ?", (node_id,)).fetchone()
+        if row is None or row[0] is None:
+            return
+        self._merge_history(row[0], into=parked)
+        self._db.execute("UPDATE histories SET path = NULL WHERE id = ?", (parked,))
+
+    def _merge_history(self, source: int, into: int) -> None:
+        """Move every version of `source` to the end of `into`, in their order; whoever held
+        `source` now holds `into`. The numbers `into` gave stay as they were."""
+        db = self._db
+        base = db.execute("SELECT last_number FROM histories WHERE id = ?", (into,)).fetchone()[0]
+        moved = db.execute(
+            "UPDATE versions SET history_id = :into, number = :base + r.rank FROM (SELECT id, "
+            "row_number() OVER (ORDER BY number) AS rank FROM versions "
+            "WHERE history_id = :source) r WHERE versions.id = r.id",
+            {"into": into, "base": base, "source": source}).rowcount
+        db.execute("UPDATE histories SET last_number = last_number + ? WHERE id = ?",
+                   (moved, into))
+        db.execute("DELETE FROM histories WHERE id = ?", (source,))
+        db.execute("UPDATE nodes SET history_id = ? WHERE history_id = ?", (into, source))
+
     def _insert_tags(self, node_id: int, tags: dict[str, bytes], *,
                      replace: bool = False) -> None:
         """Tags on a node; `replace` overwrites a tag of the same name (setxattr)."""
