@@ -72,3 +72,138 @@ def test_mv_over_a_file_twice_keeps_every_version_it_held(mount: Mount) -> None:
     # The versions went with the file: nothing is left under the old name.
     gone = cafs("log", str(layer / "a"), check=False)
     assert gone.returncode == 1 and "no such artifact" in gone.stderr
+
+
+def test_cp_over_rm_then_recreate_and_an_editor_save_each_keep_the_history(
+        mount: Mount, tmp_path: Path) -> None:
+    layer = mount.layer()
+    path = layer / "notes.txt"
+    contents = [b"one\n", b"two: cp over it\n", b"three: after rm\n", b"four: editor save\n",
+                b"five: editor save again\n"]
+    source = tmp_path / "src.txt"
+    path.write_bytes(contents[0])
+    source.write_bytes(contents[1])
+    sh(f"cp {source} {path}")
+    sh(f"rm {path}")
+    gone = log_of(path)  # removed: its history is still there, nothing current
+    assert [v["sha256"] for v in gone] == [sha(c) for c in contents[:2]]
+    assert not any(v["current"] for v in gone)
+    sh(f"echo 'three: after rm' > {path}")
+    for content in contents[3:]:
+        # What editors (and atomic-write libraries) do: a temp file, fsync, rename over.
+        temp = layer / ".notes.txt.swp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, content)
+        os.fsync(fd)
+        os.close(fd)
+        os.rename(temp, path)
+    assert_every_version_readable(path, contents)
+    assert sorted(os.listdir(layer)) == ["notes.txt"]
+    # The history, and its numbers, are the same through a remount.
+    before = log_of(path)
+    mount.stop()
+    assert log_of("runs/e1/train/notes.txt", "--store", str(mount.store)) == before
+    mount.start()
+
+
+def test_a_moved_file_takes_its_history_and_a_directory_move_keeps_each_files(
+        mount: Mount) -> None:
+    layer = mount.layer()
+    (layer / "d").mkdir()
+    (layer / "d" / "f").write_bytes(b"f1\n")
+    (layer / "d" / "f").write_bytes(b"f2\n")
+    sh(f"mv {layer}/d/f {layer}/g")  # to a new name: numbers as they were
+    assert shas(layer / "g") == [sha(b"f1\n"), sha(b"f2\n")]
+    assert numbers(layer / "g") == [1, 2]
+    sh(f"mv {layer}/d {layer}/d2")
+    (layer / "d2" / "h").write_bytes(b"h1\n")
+    sh(f"mv {layer}/d2 {mount.layer('e1', 'eval')}/")  # a directory between layers
+    moved = mount.runs / "e1" / "eval" / "d2" / "h"
+    assert numbers(moved) == [1] and moved.read_bytes() == b"h1\n"
+    # A file removed in a directory, the directory moved away, another moved onto its name:
+    # the removed file's history and the newcomer's join when the newcomer is removed too.
+    (layer / "x").mkdir()
+    (layer / "x" / "k").write_bytes(b"old k\n")
+    sh(f"rm {layer}/x/k && rmdir {layer}/x")
+    (layer / "y").mkdir()
+    (layer / "y" / "k").write_bytes(b"new k\n")
+    sh(f"mv {layer}/y {layer}/x")
+    assert shas(layer / "x" / "k") == [sha(b"new k\n")]
+    sh(f"rm {layer}/x/k")
+    assert sorted(shas(layer / "x" / "k")) == sorted([sha(b"new k\n"), sha(b"old k\n")])
+    (layer / "x" / "k").write_bytes(b"k again\n")
+    assert numbers(layer / "x" / "k") == [1, 2, 3]
+
+
+def test_numbers_stay_after_gc_and_continue(mount: Mount) -> None:
+    layer = mount.layer()
+    path = layer / "m.bin"
+    contents = [os.urandom(3000) for _ in range(5)]
+    for content in contents:
+        path.write_bytes(content)
+    result = json.loads(cafs("gc", "--json", "--store", str(mount.store),
+                             "--keep-versions", "2").stdout)
+    assert result["versions_removed"] == 2
+    assert numbers(path) == [3, 4, 5]  # not renumbered
+    assert cafs_bytes("cat", f"{path}@4") == contents[3]
+    missing = cafs("cat", f"{path}@1", check=False)
+    assert missing.returncode == 1 and "no version 1: cafs gc removed it" in missing.stderr
+    path.write_bytes(b"sixth\n")
+    assert numbers(path) == [3, 4, 5, 6] and xattr(path, "user.cafs.version") == "6"
+    # The store-wide id is in --json, distinct from the number.
+    ids = [v["id"] for v in log_of(path)]
+    assert len(set(ids)) == 4 and ids == sorted(ids)
+    # A removed path's history goes with gc; written again, it starts at 1.
+    sh(f"rm {path}")
+    cafs("gc", "--store", str(mount.store))
+    assert cafs("log", str(path), check=False).returncode == 1
+    path.write_bytes(b"new life\n")
+    assert numbers(path) == [1]
+
+
+def test_an_fsync_inside_one_write_leaves_one_number(mount: Mount) -> None:
+    path = mount.layer() / "f"
+    path.write_bytes(b"first\n")
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    os.write(fd, b"partly")
+    os.fsync(fd)  # published now...
+    os.write(fd, b" written\n")
+    os.close(fd)  # ...and replaced by the whole, under the same number
+    assert_every_version_readable(path, [b"first\n", b"partly written\n"])
+
+
+def test_two_writers_of_one_path_get_distinct_consecutive_numbers(mount: Mount,
+                                                                  tmp_path: Path) -> None:
+    layer = mount.layer()
+    rounds = 15
+
+    def writer(name: str) -> None:
+        for index in range(rounds):
+            (layer / "shared.txt").write_bytes(f"{name} {index}\n".encode())
+
+    def rsyncer(name: str) -> None:
+        source = tmp_path / name
+        source.mkdir()
+        for index in range(rounds):
+            (source / "shared.txt").write_bytes(f"{name} rsync {index}\n".encode())
+            sh(f"rsync -a --checksum {source}/shared.txt {layer}/shared.txt")
+
+    threads = [threading.Thread(target=writer, args=("a",)),
+               threading.Thread(target=writer, args=("b",)),
+               threading.Thread(target=rsyncer, args=("r",))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    versions = log_of(layer / "shared.txt")
+    # Writes that overlap on one open file make one version (the write path's rule); each
+    # rsync is its own file renamed over the path, so all of them are there.
+    assert [v["version"] for v in versions] == list(range(1, len(versions) + 1))
+    assert len({v["id"] for v in versions}) == len(versions) > 2 * rounds
+    assert [v["current"] for v in versions].count(True) == 1 and versions[-1]["current"]
+    assert versions[-1]["sha256"] == sha((layer / "shared.txt").read_bytes())
+    for prefix, every in (("a", False), ("b", False), ("r rsync", True)):
+        wanted = [sha(f"{prefix} {i}\n".encode()) for i in range(rounds)]
+        mine = [v["sha256"] for v in versions if v["sha256"] in wanted]
+        assert mine == sorted(mine, key=wanted.index)  # in the order that writer wrote them
+        assert len(mine) == rounds or not every
