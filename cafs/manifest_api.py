@@ -38,6 +38,24 @@ class Totals:
 
 
 @dataclass(frozen=True)
+class Space:
+    """Where the store's bytes go (`cafs stats`): what live artifacts hold, what only history
+    holds, and what gc would reclaim now. Contents are blobs: each counted once."""
+
+    live_blobs: int  # contents some live artifact's current version holds (refcount > 0)
+    live_unique_bytes: int  # their sizes (logical bytes after dedup, before compression)
+    live_stored_bytes: int  # their blob files on disk
+    history_versions: int  # versions that are not current (kept until gc)
+    history_blobs: int  # contents only such versions hold
+    history_bytes: int
+    history_stored_bytes: int
+    reclaimable_versions: int  # versions of paths whose artifacts were all removed
+    reclaimable_blobs: int  # contents a plain `cafs gc` would remove: nothing live or kept
+    reclaimable_bytes: int  # holds them (orphan blob files, unknown to the manifest, aside)
+    reclaimable_stored_bytes: int
+
+
+@dataclass(frozen=True)
 class DirStats:
     """What a layer's or execution's record says about the artifacts below it: the aggregates
     the manifest keeps on every directory, up to date after every change."""
@@ -237,6 +255,10 @@ class Maintenance(Protocol):
         ...
 
     def totals(self) -> Totals: ...
+
+    def space(self) -> Space:
+        """Live, history and reclaimable bytes: one pass over the blobs, O(blobs)."""
+        ...
 
     def dir_stats(self, top: int) -> DirStats:
         """The aggregates over the artifacts below a directory: a few reads, not a walk."""

@@ -207,3 +207,71 @@ def test_two_writers_of_one_path_get_distinct_consecutive_numbers(mount: Mount,
         mine = [v["sha256"] for v in versions if v["sha256"] in wanted]
         assert mine == sorted(mine, key=wanted.index)  # in the order that writer wrote them
         assert len(mine) == rounds or not every
+
+
+# -- cafs stats ------------------------------------------------------------------------------
+
+
+def blob_bytes(store: Path, digests: set[str] | None = None) -> int:
+    """Bytes of the blob files on disk (of these contents, or of all)."""
+    files = [path for path in (store / "blobs").glob("*/*") if path.is_file()]
+    return sum(path.stat().st_size for path in files if digests is None or path.name in digests)
+
+
+def test_stats_separate_live_history_and_what_gc_reclaims(mount: Mount) -> None:
+    text = "".join(f"{i},{i * 0.5:.3f},label{i % 7}\n" for i in range(20_000)).encode()
+    weights, own = os.urandom(1_000_000), os.urandom(250_000)
+    for run in ("e1", "e2"):  # the same two contents in two runs
+        layer = mount.layer(run, "train")
+        (layer / "data.csv").write_bytes(text)
+        (layer / "weights.bin").write_bytes(weights)
+    (mount.layer("e2", "train") / "own.bin").write_bytes(own)
+    config = mount.layer("e1", "train") / "cfg.yaml"
+    old_cfg, new_cfg = b"lr: 0.1\n" * 500, b"lr: 0.01\n" * 500
+    config.write_bytes(old_cfg)  # kept as history of a live artifact
+    config.write_bytes(new_cfg)
+    gone = mount.layer("e3", "train") / "gone.bin"
+    gone_contents = [os.urandom(300_000), os.urandom(200_000)]
+    for content in gone_contents:
+        gone.write_bytes(content)
+    sh(f"rm {gone}")  # its history is what gc takes
+
+    # What the test knows from the files, without asking cafs.
+    listing = sh(f"cd {mount.runs} && find . -type f -print0 | xargs -0 sha256sum").stdout
+    live = {line.split()[0] for line in listing.decode().splitlines()}
+    sizes = sh(f"find {mount.runs} -type f -printf '%s\\n'").stdout.decode().split()
+    logical = sum(map(int, sizes))
+    assert logical == 2 * (len(text) + len(weights)) + len(own) + len(new_cfg)
+    unique = len(text) + len(weights) + len(own) + len(new_cfg)
+    assert len(live) == 4
+    history = {sha(old_cfg), *map(sha, gone_contents)}
+    reclaimable = set(map(sha, gone_contents))
+
+    stats = json.loads(cafs("stats", "--json", "--store", str(mount.store)).stdout)
+    assert stats["logical_bytes"] == stats["live"]["logical_bytes"] == logical
+    assert stats["live"]["unique_bytes"] == unique and stats["live"]["blobs"] == 4
+    assert stats["live"]["stored_bytes"] == blob_bytes(mount.store, live)
+    assert stats["live"]["stored_bytes"] < unique  # the text compresses
+    assert stats["history"] == {
+        "versions": 3, "blobs": 3, "bytes": len(old_cfg) + sum(map(len, gone_contents)),
+        "stored_bytes": blob_bytes(mount.store, history)}
+    assert stats["reclaimable"] == {
+        "versions": 2, "blobs": 2, "bytes": sum(map(len, gone_contents)),
+        "stored_bytes": blob_bytes(mount.store, reclaimable)}
+    assert stats["stored_bytes"] == blob_bytes(mount.store) and stats["blobs"] == 7
+    assert stats["dedup_ratio"] == round(logical / unique, 3)
+    assert stats["space_ratio"] == round(logical / blob_bytes(mount.store, live), 3)
+    human = cafs("stats", "--store", str(mount.store)).stdout
+    assert "gc reclaims" in human and "only they hold" in human and "dedup" in human
+
+    # gc removes exactly what stats said, and stats then says nothing is left to reclaim.
+    on_disk = blob_bytes(mount.store)
+    dry = json.loads(cafs("gc", "--json", "--dry-run", "--store", str(mount.store)).stdout)
+    assert dry["bytes_reclaimed"] == stats["reclaimable"]["stored_bytes"]
+    done = json.loads(cafs("gc", "--json", "--store", str(mount.store)).stdout)
+    assert done["bytes_reclaimed"] == stats["reclaimable"]["stored_bytes"]
+    assert done["versions_removed"] == 2 and set(done["blobs"]) == reclaimable
+    assert on_disk - blob_bytes(mount.store) == stats["reclaimable"]["stored_bytes"]
+    after = json.loads(cafs("stats", "--json", "--store", str(mount.store)).stdout)
+    assert after["reclaimable"] == {"versions": 0, "blobs": 0, "bytes": 0, "stored_bytes": 0}
+    assert after["history"]["blobs"] == 1 and after["live"] == stats["live"]

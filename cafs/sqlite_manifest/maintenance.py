@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cafs import schema
-from cafs.manifest_api import DirStats, GcPlan, RepairPlan, SharingStats, Totals
+from cafs.manifest_api import DirStats, GcPlan, RepairPlan, SharingStats, Space, Totals
 from cafs.model import RUNS_INODE, BlobRef
 from cafs.sqlite_manifest.columns import (
     AGGREGATES,
@@ -46,6 +46,42 @@ class SqliteMaintenance(Rows):
             "SELECT count(*) FROM nodes WHERE kind = 'execution'").fetchone()[0]
         layers = db.execute("SELECT count(*) FROM nodes WHERE kind = 'layer'").fetchone()[0]
         return Totals(artifacts, blobs, logical, unique, stored, versions, executions, layers)
+
+    def space(self) -> Space:
+        """Each blob is live (a current version holds it), history (only old versions do) or
+        neither; of those not live, gc removes the ones no version of a history a live
+        artifact holds needs (a version without a history counts as kept, as gc keeps it)."""
+        db = self._db
+        blobs = db.execute(
+            """
+            WITH flags AS (
+                SELECT b.size, b.stored_size, b.refcount > 0 AS live,
+                       EXISTS (SELECT 1 FROM versions v WHERE v.blob_id = b.id) AS versioned,
+                       EXISTS (SELECT 1 FROM versions v
+                               LEFT JOIN histories h ON h.id = v.history_id
+                               WHERE v.blob_id = b.id AND h.path IS NULL) AS kept
+                FROM blobs b
+            )
+            SELECT coalesce(sum(live), 0), coalesce(sum(size * live), 0),
+                   coalesce(sum(stored_size * live), 0),
+                   coalesce(sum(NOT live AND versioned), 0),
+                   coalesce(sum(size * (NOT live AND versioned)), 0),
+                   coalesce(sum(stored_size * (NOT live AND versioned)), 0),
+                   coalesce(sum(NOT live AND NOT kept), 0),
+                   coalesce(sum(size * (NOT live AND NOT kept)), 0),
+                   coalesce(sum(stored_size * (NOT live AND NOT kept)), 0)
+            FROM flags
+            """
+        ).fetchone()
+        history_versions = db.execute(
+            "SELECT count(*) FROM versions WHERE replaced_ns IS NOT NULL").fetchone()[0]
+        reclaimable_versions = db.execute(
+            "SELECT count(*) FROM versions v JOIN histories h ON h.id = v.history_id "
+            "WHERE h.path IS NOT NULL").fetchone()[0]
+        live, live_size, live_stored, old, old_size, old_stored, gone, gone_size, gone_stored = (
+            int(value) for value in blobs)
+        return Space(live, live_size, live_stored, history_versions, old, old_size, old_stored,
+                     reclaimable_versions, gone, gone_size, gone_stored)
 
     def dir_stats(self, top: int) -> DirStats:
         """Aggregates over the artifacts below a directory: its row's aggregate columns."""
