@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
+import pytest
 from conftest import CAFS, Mount, cafs, sh, sha, xattr
 
 
@@ -275,3 +277,71 @@ def test_stats_separate_live_history_and_what_gc_reclaims(mount: Mount) -> None:
     after = json.loads(cafs("stats", "--json", "--store", str(mount.store)).stdout)
     assert after["reclaimable"] == {"versions": 0, "blobs": 0, "bytes": 0, "stored_bytes": 0}
     assert after["history"]["blobs"] == 1 and after["live"] == stats["live"]
+
+
+# -- migration m007 --------------------------------------------------------------------------
+
+# The code before path histories (schema up to m005): a store it made must keep, after m007,
+# every version `cafs log` showed then, numbered 1..n.
+BEFORE_M007 = "25ddbafcb09f641c6f298802aae61c6bbb79090b"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def old_cafs(code: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "cafs", *args], cwd=code,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_m007_backfills_the_histories_of_a_store_made_before_it(
+        unstarted_mount: Mount, tmp_path: Path) -> None:
+    code = tmp_path / "old"
+    code.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE_M007, "cafs"],
+                             capture_output=True, timeout=60)
+    if archive.returncode != 0:
+        pytest.skip(f"commit {BEFORE_M007[:12]} is not in this checkout's history")
+    subprocess.run(["tar", "-x", "-C", str(code)], input=archive.stdout, check=True)
+    mount = unstarted_mount
+    old_cafs(code, "mount", "--store", str(mount.store), str(mount.mountpoint))
+    layer = mount.layer("e", "l")
+    source = tmp_path / "src"
+    source.mkdir()
+    for rate in (0.1, 0.01, 0.001):
+        (source / "cfg.yaml").write_text(f"lr: {rate}\n")
+        sh(f"rsync -a {source}/cfg.yaml {layer}/cfg.yaml")
+    for content in (b"m1\n", b"m2\n", b"m3\n"):
+        (layer / "model.bin").write_bytes(content)
+    (layer / "b").write_bytes(b"b0\n")
+    for content in (b"a1\n", b"a2\n"):
+        (layer / "a").write_bytes(content)
+        sh(f"mv {layer}/a {layer}/b")
+    (layer / "removed").write_bytes(b"r1\n")
+    (layer / "removed").write_bytes(b"r2\n")
+    sh(f"rm {layer}/removed")
+    paths = ["cfg.yaml", "model.bin", "b", "removed"]
+    before = {name: json.loads(old_cafs(code, "log", "--json", str(layer / name)).stdout)
+              for name in paths}
+    old_cafs(code, "umount", str(mount.mountpoint))
+
+    mount.start()  # this code: migrates the store
+    for name in paths:
+        after = log_of(layer / name)
+        assert [v["sha256"] for v in after] == [v["sha256"] for v in before[name]["versions"]]
+        assert [v["id"] for v in after] == [v["version"] for v in before[name]["versions"]]
+        assert [v["version"] for v in after] == list(range(1, len(after) + 1))
+        assert [v["current"] for v in after] == [v["current"] for v in before[name]["versions"]]
+    assert numbers(layer / "model.bin") == [1, 2, 3]
+    assert cafs_bytes("cat", f"{layer}/model.bin@2") == b"m2\n"
+    # New versions continue the numbers; the removed path's history continues too.
+    (layer / "model.bin").write_bytes(b"m4\n")
+    assert numbers(layer / "model.bin") == [1, 2, 3, 4]
+    (source / "cfg.yaml").write_text("lr: 1e-4\n")
+    sh(f"rsync -a {source}/cfg.yaml {layer}/cfg.yaml")
+    assert len(numbers(layer / "cfg.yaml")) == len(before["cfg.yaml"]["versions"]) + 1
+    (layer / "removed").write_bytes(b"r3\n")
+    assert shas(layer / "removed") == [sha(b"r1\n"), sha(b"r2\n"), sha(b"r3\n")]
+    assert xattr(layer / "removed", "user.cafs.version") == "3"
+    mount.stop()
+    mount.assert_clean()
