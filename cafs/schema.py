@@ -266,16 +266,17 @@ def m005_store_state(db: Database) -> None:
 
 # Path histories: `cafs log PATH` lists every version a path has held, numbered 1..n, through
 # renames (rsync's temp file, `mv` over it, an editor's save), `cp` over it and rm + re-create.
-# A history belongs to one live artifact (nodes.history_id) or, once its last artifact was
-# removed, to the path where that happened (histories.path), so the next artifact published or
-# moved there continues it. A rename moves the versions of the artifact that moves into the
-# history of the path it lands on (numbered after that history's newest); the replaced target's
-# versions stay with the path. Numbers are stored, never recomputed: gc removes rows and leaves
-# the numbers of the others alone.
+# A history is held by one live artifact (nodes.history_id) or, once that was removed, parked
+# at its home path, so the next artifact published or moved there continues it. A rename moves
+# the versions of the artifact that moves into the history parked where it lands (numbered
+# after that history's newest); the replaced target's versions stay with the path. Numbers are
+# stored, never recomputed: gc removes rows and leaves the numbers of the others alone. The
+# home is the newest version's path unless recorded, so an unlink writes nothing (rm -rf on a
+# full disk only frees space).
 _HISTORIES = """
 CREATE TABLE histories (                   -- one row per path history: the versions one path has held
-    id          INTEGER PRIMARY KEY,       -- history id (nodes.history_id, versions.history_id)
-    path        TEXT    UNIQUE,            -- NULL while a live artifact holds it (nodes.history_id = id); else the path where its last artifact was removed (runs/<exec>/<layer>/...): the next artifact published or moved there continues it
+    id          INTEGER PRIMARY KEY,       -- history id (nodes.history_id, versions.history_id); held while a node has it, else parked
+    path        TEXT,                      -- its home path (runs/<exec>/<layer>/...) where that differs from its newest version's path (NULL: that path): set when its artifact moved there by a rename, or was removed there after its directory moved; where it is parked
     last_number INTEGER NOT NULL DEFAULT 0 -- the number its newest version got: the next gets last_number + 1; never decreases, so gc never renumbers and no number is given twice
 )
 """
@@ -295,14 +296,17 @@ _M007_INDEXES = [
     "CREATE UNIQUE INDEX versions_history ON versions(history_id, number)",
     # gc and stats: is this history held by a live artifact.
     "CREATE INDEX nodes_history ON nodes(history_id) WHERE history_id IS NOT NULL",
+    # The history parked at a path, where its home was recorded.
+    "CREATE INDEX histories_path ON histories(path) WHERE path IS NOT NULL",
 ]
 
 
 def backfill_histories(db: sqlite3.Connection) -> None:
     """Give existing versions the history `cafs log` showed for them before m007: a live
     artifact's own versions, and versions of removed artifacts published at the path a live
-    artifact has now, make that artifact's history; the remaining versions of removed artifacts
-    are parked at the path they were published at. Numbered 1..n in publish order. O(versions)."""
+    artifact has now, make that artifact's history; the remaining versions of removed
+    artifacts are parked at the path they were published at. Numbered 1..n in publish order.
+    O(versions)."""
     live = "kind = 'file' AND version_id IS NOT NULL"
     db.execute("DROP TABLE IF EXISTS temp.live_paths")
     db.execute("CREATE TEMP TABLE live_paths (path TEXT PRIMARY KEY, node_id INTEGER)")
@@ -323,6 +327,8 @@ def backfill_histories(db: sqlite3.Connection) -> None:
                "WHERE versions.id = r.id")
     db.execute("UPDATE histories SET last_number = coalesce((SELECT max(number) FROM versions v "
                "WHERE v.history_id = histories.id), 0)")
+    # Each parked history's versions share one path, so its newest version's path is its home.
+    db.execute("UPDATE histories SET path = NULL")
     db.execute("DROP TABLE temp.live_paths")
 
 

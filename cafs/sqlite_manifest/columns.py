@@ -157,6 +157,8 @@ LIVE_REFS = """
 GC_BATCH = 64
 DELETE_UNPUBLISHED = ("DELETE FROM nodes WHERE id IN (SELECT id FROM nodes "
                       "WHERE kind = 'file' AND version_id IS NULL LIMIT ?)")
+# Whether a live artifact holds the history `h` (schema m007); else it is parked.
+HELD = "EXISTS (SELECT 1 FROM nodes held WHERE held.history_id = h.id)"
 # Every node below a directory (not the directory itself), with its path below it.
 SUBTREE = """
     WITH RECURSIVE sub(id, rel) AS (

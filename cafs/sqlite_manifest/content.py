@@ -121,12 +121,12 @@ class SqliteContent(Rows):
         continues, else (no artifact there, or one not yet published) the one parked at the
         path. Versions of files replaced there by a rename, or removed and written again,
         are in it (schema m007)."""
+        history = self._history_of(node_id) if node_id is not None else None
+        if history is None:
+            history = self._parked_at(path)
         rows = self._db.execute(
             f"SELECT {VERSION.select} FROM versions v JOIN blobs b ON b.id = v.blob_id "
-            "WHERE v.history_id = coalesce((SELECT history_id FROM nodes WHERE id = ?), "
-            "(SELECT id FROM histories WHERE path = ?)) ORDER BY v.number",
-            (node_id if node_id is not None else -1, path),
-        ).fetchall()
+            "WHERE v.history_id = ? ORDER BY v.number", (history,)).fetchall()
         return [VERSION.decode(row) for row in rows]
 
     def version_number(self, version_id: int) -> int | None:

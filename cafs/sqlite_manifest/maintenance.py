@@ -18,6 +18,7 @@ from cafs.sqlite_manifest.columns import (
     BLOB,
     DIR_STATS,
     GC_BATCH,
+    HELD,
     LIVE_REFS,
     SUBTREE,
     chunks,
@@ -53,13 +54,13 @@ class SqliteMaintenance(Rows):
         artifact holds needs (a version without a history counts as kept, as gc keeps it)."""
         db = self._db
         blobs = db.execute(
-            """
+            f"""
             WITH flags AS (
                 SELECT b.size, b.stored_size, b.refcount > 0 AS live,
                        EXISTS (SELECT 1 FROM versions v WHERE v.blob_id = b.id) AS versioned,
                        EXISTS (SELECT 1 FROM versions v
                                LEFT JOIN histories h ON h.id = v.history_id
-                               WHERE v.blob_id = b.id AND h.path IS NULL) AS kept
+                               WHERE v.blob_id = b.id AND (h.id IS NULL OR {HELD})) AS kept
                 FROM blobs b
             )
             SELECT coalesce(sum(live), 0), coalesce(sum(size * live), 0),
@@ -76,8 +77,8 @@ class SqliteMaintenance(Rows):
         history_versions = db.execute(
             "SELECT count(*) FROM versions WHERE replaced_ns IS NOT NULL").fetchone()[0]
         reclaimable_versions = db.execute(
-            "SELECT count(*) FROM versions v JOIN histories h ON h.id = v.history_id "
-            "WHERE h.path IS NOT NULL").fetchone()[0]
+            f"SELECT count(*) FROM versions v JOIN histories h ON h.id = v.history_id "
+            f"WHERE NOT {HELD}").fetchone()[0]
         live, live_size, live_stored, old, old_size, old_stored, gone, gone_size, gone_stored = (
             int(value) for value in blobs)
         return Space(live, live_size, live_stored, history_versions, old, old_size, old_stored,
@@ -142,14 +143,14 @@ class SqliteMaintenance(Rows):
             problems.append(f"version {version_id}: its path history is missing")
         for (node_id,) in db.execute(
             "SELECT n.id FROM nodes n LEFT JOIN histories h ON h.id = n.history_id "
-            "WHERE n.history_id IS NOT NULL AND (h.id IS NULL OR h.path IS NOT NULL)"
+            "WHERE n.history_id IS NOT NULL AND h.id IS NULL"
         ):
-            problems.append(f"node {node_id}: its path history is missing or parked elsewhere")
+            problems.append(f"node {node_id}: its path history is missing")
         for (history_id,) in db.execute(
-            "SELECT h.id FROM histories h WHERE h.path IS NULL AND NOT EXISTS "
-            "(SELECT 1 FROM nodes n WHERE n.history_id = h.id)"
+            "SELECT h.id FROM histories h WHERE h.last_number < (SELECT max(number) "
+            "FROM versions v WHERE v.history_id = h.id)"
         ):
-            problems.append(f"history {history_id}: neither an artifact nor a path holds it")
+            problems.append(f"history {history_id}: a version has a number not yet given")
         for (node_id,) in db.execute(
             "SELECT n.id FROM nodes n LEFT JOIN nodes p ON p.id = n.parent_id "
             "WHERE n.parent_id != ? AND p.id IS NULL",
@@ -235,8 +236,8 @@ class SqliteMaintenance(Rows):
         version that is not current: each history's newest (highest number) first. A version
         without a history (which fsck reports) counts as held: gc keeps it."""
         rows = self._db.execute(
-            "SELECT v.id, coalesce(v.history_id, -v.id), h.path IS NULL FROM versions v "
-            "LEFT JOIN histories h ON h.id = v.history_id "
+            f"SELECT v.id, coalesce(v.history_id, -v.id), h.id IS NULL OR {HELD} "
+            "FROM versions v LEFT JOIN histories h ON h.id = v.history_id "
             "WHERE v.replaced_ns IS NOT NULL ORDER BY v.history_id, v.number DESC"
         )
         return [(row[0], row[1], bool(row[2])) for row in rows]
@@ -274,9 +275,9 @@ class SqliteMaintenance(Rows):
         self._delete_versions(version_ids)
         for chunk in chunks(histories):
             self._db.execute(
-                f"DELETE FROM histories WHERE id IN ({marks(chunk)}) AND path IS NOT NULL "
-                "AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.history_id = histories.id)",
-                chunk)
+                f"DELETE FROM histories WHERE id IN (SELECT h.id FROM histories h "
+                f"WHERE h.id IN ({marks(chunk)}) AND NOT {HELD} AND NOT EXISTS "
+                "(SELECT 1 FROM versions v WHERE v.history_id = h.id))", chunk)
 
     def _unreferenced_blobs(self, keep_blobs: set[str]) -> list[BlobRef]:
         rows = self._db.execute(

@@ -12,6 +12,7 @@ from __future__ import annotations
 from cafs.model import Kind, Node, StoredBlob
 from cafs.sqlite_manifest.aggregates import Aggregates
 from cafs.sqlite_manifest.columns import (
+    HELD,
     INSERT_NODE,
     INSERT_TAG,
     NODE_FROM,
@@ -86,20 +87,50 @@ class Rows(Aggregates):
                          f"(SELECT blob_id FROM versions WHERE id = {current})", (node_id,))
 
     # -- path histories (schema m007) ------------------------------------------------------
+    # A history no node holds is parked at its home: histories.path if set, else the path of
+    # its newest version. Removing a file therefore writes nothing in the common case (rm -rf
+    # on a full disk must only free space); the home is written where it differs from that
+    # version's path: at a file's rename, and at a removal after its directory moved.
+
+    def _history_of(self, node_id: int) -> int | None:
+        row = self._db.execute("SELECT history_id FROM nodes WHERE id = ?", (node_id,)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def _parked_at(self, path: str) -> int | None:
+        """The history no live artifact holds whose home is `path`, if any."""
+        row = self._db.execute(
+            f"""
+            SELECT h.id FROM histories h WHERE h.path = :path AND NOT {HELD}
+            UNION ALL
+            SELECT h.id FROM versions v JOIN histories h ON h.id = v.history_id
+            WHERE v.path = :path AND v.number = h.last_number AND h.path IS NULL
+              AND NOT {HELD}
+            LIMIT 1
+            """,
+            {"path": path},
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _home_of(self, history_id: int) -> str | None:
+        row = self._db.execute(
+            "SELECT coalesce(h.path, (SELECT v.path FROM versions v WHERE v.history_id = h.id "
+            "AND v.number = h.last_number)) FROM histories h WHERE h.id = ?",
+            (history_id,)).fetchone()
+        return None if row is None else row[0]
 
     def _history_to_publish(self, node_id: int, path: str) -> int:
-        """The history a new version of this artifact joins: its own; else the one parked at
-        its path (rm then re-create, a file written where one was replaced); else a new one."""
+        """The history a new version of this artifact, published at `path`, joins: its own;
+        else the one parked at its path (rm then re-create, a file written where one was
+        replaced); else a new one. The new version is its newest, so `path` is its home."""
         db = self._db
-        row = db.execute("SELECT history_id FROM nodes WHERE id = ?", (node_id,)).fetchone()
-        if row is not None and row[0] is not None:
-            return int(row[0])
-        history = self._parked_at(path)
-        if history is not None:
-            db.execute("UPDATE histories SET path = NULL WHERE id = ?", (history,))
-        else:
-            history = int(db.execute("INSERT INTO histories DEFAULT VALUES").lastrowid or 0)
-        db.execute("UPDATE nodes SET history_id = ? WHERE id = ?", (history, node_id))
+        history = self._history_of(node_id)
+        if history is None:
+            history = self._parked_at(path)
+            if history is None:
+                history = int(db.execute("INSERT INTO histories DEFAULT VALUES").lastrowid or 0)
+            db.execute("UPDATE nodes SET history_id = ? WHERE id = ?", (history, node_id))
+        db.execute("UPDATE histories SET path = NULL WHERE id = ? AND path IS NOT NULL",
+                   (history,))
         return history
 
     def _next_number(self, history_id: int) -> int:
@@ -107,35 +138,35 @@ class Rows(Aggregates):
             "UPDATE histories SET last_number = last_number + 1 WHERE id = ? "
             "RETURNING last_number", (history_id,)).fetchone()[0])
 
-    def _parked_at(self, path: str) -> int | None:
-        row = self._db.execute("SELECT id FROM histories WHERE path = ?", (path,)).fetchone()
-        return None if row is None else int(row[0])
-
     def _park_history(self, node_id: int) -> None:
-        """A file leaves the namespace (unlink, replaced by a rename): its history stays at
-        its path for the next file there. One parked there already (a directory was moved
-        onto the path of a removed one) joins it."""
-        row = self._db.execute("SELECT history_id FROM nodes WHERE id = ?", (node_id,)).fetchone()
-        if row is None or row[0] is None:
+        """Before a file leaves the namespace (unlink, replaced by a rename): its history
+        stays at its path for the next file there. One parked there already (a directory was
+        moved onto the path of a removed one) joins it."""
+        history = self._history_of(node_id)
+        if history is None:
             return
         path = self.path_of(node_id)
         older = self._parked_at(path)
         if older is not None:
-            self._merge_history(older, into=row[0])
-        self._db.execute("UPDATE histories SET path = ? WHERE id = ?", (path, row[0]))
+            self._merge_history(older, into=history)
+        self._set_home(history, path)
 
     def _arrive(self, node_id: int, path: str) -> None:
         """A file was moved to `path`. If a history is parked there (the replaced file's, or
         a removed one's), the moved file's versions join it, numbered after its newest, and
-        the file continues it. A file never published adopts it at its first publish."""
+        the file continues it; a file never published adopts it at its first publish."""
+        history = self._history_of(node_id)
+        if history is None:
+            return
         parked = self._parked_at(path)
-        if parked is None:
-            return
-        row = self._db.execute("SELECT history_id FROM nodes WHERE id = ?", (node_id,)).fetchone()
-        if row is None or row[0] is None:
-            return
-        self._merge_history(row[0], into=parked)
-        self._db.execute("UPDATE histories SET path = NULL WHERE id = ?", (parked,))
+        if parked is not None:
+            self._merge_history(history, into=parked)
+            history = parked
+        self._set_home(history, path)
+
+    def _set_home(self, history_id: int, path: str) -> None:
+        if self._home_of(history_id) != path:
+            self._db.execute("UPDATE histories SET path = ? WHERE id = ?", (path, history_id))
 
     def _merge_history(self, source: int, into: int) -> None:
         """Move every version of `source` to the end of `into`, in their order; whoever held
