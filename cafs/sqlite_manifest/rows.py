@@ -2,7 +2,8 @@
 
 Owns: reading a node (by id, by name in a directory) and its path; the writes several
 operations make the same way — a new node, a new version, a blob's row and its references, a
-current version retired — each written once here from the statements in columns.py. Writes
+current version retired, a path history joined, parked or merged (schema m007) — each written
+once here from the statements in columns.py. Writes
 run inside a transaction the caller opened. Must not open a transaction itself, or decide
 whether a change is allowed (the vfs core does).
 """
