@@ -194,7 +194,13 @@ def process_alive(pid: int) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.argument("path", required=False)
 def stats(store: Path | None, config: Path | None, as_json: bool, path: str | None) -> None:
-    """Show how much the store holds and what dedup and compression save.
+    """Show what the store holds: live artifacts (logical, after dedup, stored), what only
+    history holds, and what `cafs gc` would reclaim now.
+
+    Ratios are over live artifacts only: dedup = logical / unique, compression = unique /
+    stored; logical per stored byte = both together. History (versions that are not
+    current) is counted apart, and so is what gc would remove (the history of deleted
+    artifacts and contents nothing uses).
 
     With PATH (an execution, layer or directory): its artifacts, and the bytes only it holds
     (what deleting it and running gc would reclaim). That reads every artifact below PATH, so it
@@ -208,29 +214,45 @@ def stats(store: Path | None, config: Path | None, as_json: bool, path: str | No
         return
     with open_store(store, config) as opened:
         totals = opened.manifest.totals()
+        space = opened.manifest.space()
     result = {
         "artifacts": totals.artifacts,
-        "blobs": totals.blobs,
-        "versions": totals.versions,
         "executions": totals.executions,
         "layers": totals.layers,
+        "versions": totals.versions,
+        "blobs": totals.blobs,
         "logical_bytes": totals.logical_bytes,
-        "unique_bytes": totals.unique_bytes,
         "stored_bytes": totals.stored_bytes,
-        "dedup_ratio": _ratio(totals.logical_bytes, totals.unique_bytes),
-        "compression_ratio": _ratio(totals.unique_bytes, totals.stored_bytes),
+        "live": {"blobs": space.live_blobs, "logical_bytes": totals.logical_bytes,
+                 "unique_bytes": space.live_unique_bytes,
+                 "stored_bytes": space.live_stored_bytes},
+        "history": {"versions": space.history_versions, "blobs": space.history_blobs,
+                    "bytes": space.history_bytes, "stored_bytes": space.history_stored_bytes},
+        "reclaimable": {"versions": space.reclaimable_versions,
+                        "blobs": space.reclaimable_blobs, "bytes": space.reclaimable_bytes,
+                        "stored_bytes": space.reclaimable_stored_bytes},
+        "dedup_ratio": _ratio(totals.logical_bytes, space.live_unique_bytes),
+        "compression_ratio": _ratio(space.live_unique_bytes, space.live_stored_bytes),
+        "space_ratio": _ratio(totals.logical_bytes, space.live_stored_bytes),
     }
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"artifacts       {totals.artifacts} in {totals.executions} executions, "
-               f"{totals.layers} layers ({totals.versions} versions)")
-    click.echo(f"blobs           {totals.blobs}")
-    click.echo(f"logical bytes   {human_size(totals.logical_bytes)}")
-    click.echo(f"unique bytes    {human_size(totals.unique_bytes)}  "
-               f"(dedup ratio {result['dedup_ratio']:.2f})")
-    click.echo(f"stored bytes    {human_size(totals.stored_bytes)}  "
-               f"(compression ratio {result['compression_ratio']:.2f})")
+    click.echo(f"artifacts     {totals.artifacts} in {totals.executions} executions, "
+               f"{totals.layers} layers; {totals.versions} versions in all")
+    click.echo(f"live          {human_size(totals.logical_bytes)} logical, "
+               f"{human_size(space.live_unique_bytes)} unique, "
+               f"{human_size(space.live_stored_bytes)} stored in {space.live_blobs} blobs")
+    click.echo(f"ratios        dedup {result['dedup_ratio']:.2f} (logical/unique), compression "
+               f"{result['compression_ratio']:.2f} (unique/stored), "
+               f"{result['space_ratio']:.2f} logical bytes per stored byte")
+    click.echo(f"history       {space.history_versions} old versions; "
+               f"{human_size(space.history_bytes)} in {space.history_blobs} blobs only they "
+               f"hold, {human_size(space.history_stored_bytes)} stored")
+    click.echo(f"gc reclaims   {human_size(space.reclaimable_stored_bytes)} stored: "
+               f"{space.reclaimable_blobs} blobs, {space.reclaimable_versions} versions of "
+               "deleted artifacts (orphan blob files aside: cafs fsck lists them)")
+    click.echo(f"on disk       {human_size(totals.stored_bytes)} in {totals.blobs} blobs")
 
 
 def _dir_stats(path: str, store: Path | None, config: Path | None, as_json: bool) -> None:

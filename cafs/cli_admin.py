@@ -194,10 +194,13 @@ def grace_seconds(asked: int | None, config: Path | None) -> int:
 @json_option
 @click.argument("path")
 def log(store: Path | None, config: Path | None, as_json: bool, path: str) -> None:
-    """List every version of the artifact at PATH, oldest first.
+    """List every version the path PATH has held, numbered 1..n, oldest first.
 
-    Each publish (a close after writing) is a version. Read an old one with
-    `cafs cat PATH@VERSION`, or through the mount as blobs/<sha256>.
+    Each publish (a close after writing) is a version. A path's history follows it through
+    renames (rsync's temp file, mv or an editor's save over it) and rm + re-create; the
+    numbers never change (gc removes, never renumbers). Read an old one with
+    `cafs cat PATH@N`, or through the mount as blobs/<sha256>. --json adds each version's
+    store-wide id.
 
     Example: cafs log /mnt/cafs/runs/e1/train/model.bin
     """
@@ -339,7 +342,7 @@ def find(store: Path | None, config: Path | None, run: str | None, layer: str | 
 @config_option
 @click.option("--dry-run", "-n", is_flag=True, help="Report what would go; remove nothing.")
 @click.option("--keep-versions", type=click.IntRange(min=0), default=None, metavar="N",
-              help="Keep at most N superseded versions per artifact (default: all).")
+              help="Keep at most N superseded versions per path (default: all).")
 @orphan_grace_option
 @json_option
 def gc(store: Path | None, config: Path | None, dry_run: bool, keep_versions: int | None,

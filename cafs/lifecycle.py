@@ -40,7 +40,8 @@ def root_hash(artifacts: Iterable[tuple[str, str] | tuple[str, str, Kind]]) -> s
 class VersionInfo(JsonResult):
     """One version in an artifact's history, as `cafs log` shows it."""
 
-    version: int
+    version: int  # its number in the path's history: 1..n, what `cafs cat PATH@N` takes
+    id: int  # the store-wide version id (versions.id)
     sha256: str
     size: int
     uid: int
@@ -55,7 +56,8 @@ class VersionInfo(JsonResult):
 
     @classmethod
     def of(cls, version: Version, current_id: int | None) -> VersionInfo:
-        return cls(version.version_id, version.digest, version.size, version.uid, version.gid,
+        return cls(version.number, version.version_id, version.digest, version.size,
+                   version.uid, version.gid,
                    f"{version.mode:o}", iso_time(version.created_ns), version.created_ns,
                    iso_time(version.replaced_ns), version.path,
                    version.version_id == current_id, version.damaged)
@@ -114,16 +116,22 @@ class Lifecycle(AdminContext):
         """Where to read one version of an artifact (the current one if `version` is None)."""
         node = self.manifest.resolve(path)
         history = self.manifest.history(node.ino if node else None, path)
-        wanted = version if version is not None else (node.version_id if node else None)
-        found = next((v for v in history if v.version_id == wanted), None)
+        if version is None:
+            current = node.version_id if node else None
+            found = next((v for v in history if v.version_id == current), None)
+        else:
+            found = next((v for v in history if v.number == version), None)
         if found is None:
             what = f"version {version}" if version is not None else "a current version"
-            raise NotFound(f"{path} has no {what} (see cafs log {path})")
+            why = ""
+            if version is not None and history and 0 < version < history[-1].number:
+                why = ": cafs gc removed it"
+            raise NotFound(f"{path} has no {what}{why} (see cafs log {path})")
         if found.damaged:
-            raise Damaged(f"{path}@{found.version_id}: its content {found.digest} is damaged")
+            raise Damaged(f"{path}@{found.number}: its content {found.digest} is damaged")
         blob = self.manifest.blob(found.digest)
         assert blob is not None
-        return VersionLocation(path, found.version_id, found.digest, found.size, blob.encoding)
+        return VersionLocation(path, found.number, found.digest, found.size, blob.encoding)
 
     async def find(self, run: str | None = None, layer: str | None = None,
                    tags: list[list[str | None]] | None = None,

@@ -33,7 +33,7 @@ from cafs.blobstore import BlobStore
 from cafs.digest import Digest
 from cafs.errors import InvalidArgument, StoreError
 from cafs.manifest import Manifest, RepairPlan
-from cafs.model import RUNS_INODE, BlobRef
+from cafs.model import BlobRef
 from cafs.store import QUARANTINE_DIR, Store
 
 DELETE_BATCH = 256
@@ -263,16 +263,13 @@ class Maintenance(AdminContext):
         manifest = self.manifest
         drop: list[int] = []
         kept: Counter[int] = Counter()
-        resolver = _PathResolver(manifest)
-        superseded = manifest.superseded_versions()  # newest first
-        for index, (version_id, node_id, path) in enumerate(superseded):
-            if node_id is None:  # its node is gone: is there a live artifact at that path?
-                node_id = resolver.live_file(path)
-            if node_id is None:  # the artifact was deleted: its history goes too
+        superseded = manifest.superseded_versions()  # each history's newest first
+        for index, (version_id, history_id, held) in enumerate(superseded):
+            if not held:  # the path's last artifact was deleted: its history goes too
                 drop.append(version_id)
             else:
-                kept[node_id] += 1
-                if keep_versions is not None and kept[node_id] > keep_versions:
+                kept[history_id] += 1
+                if keep_versions is not None and kept[history_id] > keep_versions:
                     drop.append(version_id)
             if index % 2000 == 1999:
                 # Let filesystem requests in. What changes meanwhile only shifts which history
@@ -370,33 +367,6 @@ class Maintenance(AdminContext):
         except FileNotFoundError:
             return None
         return name
-
-
-class _PathResolver:
-    """Which live artifact is at a path, remembering every directory on the way, so the
-    history of a deleted run with 100,000 artifacts costs one lookup per directory."""
-
-    def __init__(self, manifest: Manifest) -> None:
-        self._manifest = manifest
-        self._dirs: dict[str, int | None] = {"runs": RUNS_INODE}
-
-    def live_file(self, path: str) -> int | None:
-        parent_path, _, name = path.rpartition("/")
-        parent = self._dir(parent_path)
-        if parent is None:
-            return None
-        node = self._manifest.child(parent, name)
-        return node.ino if node is not None and node.kind.has_versions else None
-
-    def _dir(self, path: str) -> int | None:
-        if path in self._dirs:
-            return self._dirs[path]
-        parent_path, _, name = path.rpartition("/")
-        parent = self._dir(parent_path) if parent_path else None
-        node = self._manifest.child(parent, name) if parent is not None else None
-        found = node.ino if node is not None and node.kind.is_dir else None
-        self._dirs[path] = found
-        return found
 
 
 def _check_blobs(store: Store, page: list[BlobRef]) -> list[tuple[BlobRef, str]]:

@@ -38,6 +38,24 @@ class Totals:
 
 
 @dataclass(frozen=True)
+class Space:
+    """Where the store's bytes go (`cafs stats`): what live artifacts hold, what only history
+    holds, and what gc would reclaim now. Contents are blobs: each counted once."""
+
+    live_blobs: int  # contents some live artifact's current version holds (refcount > 0)
+    live_unique_bytes: int  # their sizes (logical bytes after dedup, before compression)
+    live_stored_bytes: int  # their blob files on disk
+    history_versions: int  # versions that are not current (kept until gc)
+    history_blobs: int  # contents only such versions hold
+    history_bytes: int
+    history_stored_bytes: int
+    reclaimable_versions: int  # versions of paths whose artifacts were all removed
+    reclaimable_blobs: int  # contents a plain `cafs gc` would remove: nothing live or kept
+    reclaimable_bytes: int  # holds them (orphan blob files, unknown to the manifest, aside)
+    reclaimable_stored_bytes: int
+
+
+@dataclass(frozen=True)
 class DirStats:
     """What a layer's or execution's record says about the artifacts below it: the aggregates
     the manifest keeps on every directory, up to date after every change."""
@@ -199,7 +217,12 @@ class Content(Protocol):
         ...
 
     def history(self, node_id: int | None, path: str) -> list[Version]:
-        """Every version of the node, and those published at `path` by nodes since replaced."""
+        """The versions of the path's history (the one the node continues, else the one
+        parked at `path`), by number: through renames, replacements and re-creation."""
+        ...
+
+    def version_number(self, version_id: int) -> int | None:
+        """A version's number in its path's history (1..n)."""
         ...
 
     def nodes_holding(self, digest: str) -> set[int]:
@@ -239,6 +262,10 @@ class Maintenance(Protocol):
 
     def totals(self) -> Totals: ...
 
+    def space(self) -> Space:
+        """Live, history and reclaimable bytes: one pass over the blobs, O(blobs)."""
+        ...
+
     def dir_stats(self, top: int) -> DirStats:
         """The aggregates over the artifacts below a directory: a few reads, not a walk."""
         ...
@@ -268,9 +295,9 @@ class Maintenance(Protocol):
         """Apply what fsck --repair decided, in one transaction. Returns refcounts fixed."""
         ...
 
-    def superseded_versions(self) -> list[tuple[int, int | None, str]]:
-        """(version id, live node id or None, path) of every version not current, newest
-        first."""
+    def superseded_versions(self) -> list[tuple[int, int, bool]]:
+        """(version id, history id, whether a live artifact holds that history) of every
+        version not current, each history's newest first."""
         ...
 
     def collect(self, version_ids: list[int], *, keep_blobs: set[str], dry_run: bool) -> GcPlan:

@@ -114,6 +114,7 @@ class Version:
     created_ns: int  # when it was published
     replaced_ns: int | None  # when something replaced it; None while current
     damaged: bool = False
+    number: int = 0  # its number in its path's history (1..n, stable); 0 where not known
 
 
 @dataclass(frozen=True, slots=True)

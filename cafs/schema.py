@@ -321,6 +321,83 @@ def m006_symlinks(db: Database) -> None:
         conn.execute(view_sql)
 
 
+# Path histories: `cafs log PATH` lists every version a path has held, numbered 1..n, through
+# renames (rsync's temp file, `mv` over it, an editor's save), `cp` over it and rm + re-create.
+# A history is held by one live artifact (nodes.history_id) or, once that was removed, parked
+# at its home path, so the next artifact published or moved there continues it. A rename moves
+# the versions of the artifact that moves into the history parked where it lands (numbered
+# after that history's newest); the replaced target's versions stay with the path. Numbers are
+# stored, never recomputed: gc removes rows and leaves the numbers of the others alone. The
+# home is the newest version's path unless recorded, so an unlink writes nothing (rm -rf on a
+# full disk only frees space).
+_HISTORIES = """
+CREATE TABLE histories (                   -- one row per path history: the versions one path has held
+    id          INTEGER PRIMARY KEY,       -- history id (nodes.history_id, versions.history_id); held while a node has it, else parked
+    path        TEXT,                      -- its home path (runs/<exec>/<layer>/...) where that differs from its newest version's path (NULL: that path): set when its artifact moved there by a rename, or was removed there after its directory moved; where it is parked
+    last_number INTEGER NOT NULL DEFAULT 0 -- the number its newest version got: the next gets last_number + 1; never decreases, so gc never renumbers and no number is given twice
+)
+"""
+
+_M007 = [
+    _HISTORIES,
+    "ALTER TABLE nodes ADD COLUMN history_id INTEGER /* files: histories.id of the path history "
+    "this artifact continues; set at its first publish, or when it moves onto a path that has "
+    "one; NULL for directories and for files never published */",
+    "ALTER TABLE versions ADD COLUMN history_id INTEGER /* histories.id of the path history "
+    "this version belongs to; it moves with its artifact through renames */",
+    "ALTER TABLE versions ADD COLUMN number INTEGER /* its number in that history: 1..n in the "
+    "order versions joined it; stable (gc removes rows, never renumbers) */",
+]
+_M007_INDEXES = [
+    # cafs log PATH / cat PATH@N: one seek; also keeps two versions from sharing a number.
+    "CREATE UNIQUE INDEX versions_history ON versions(history_id, number)",
+    # gc and stats: is this history held by a live artifact.
+    "CREATE INDEX nodes_history ON nodes(history_id) WHERE history_id IS NOT NULL",
+    # The history parked at a path, where its home was recorded.
+    "CREATE INDEX histories_path ON histories(path) WHERE path IS NOT NULL",
+]
+
+
+def backfill_histories(db: sqlite3.Connection) -> None:
+    """Give existing versions the history `cafs log` showed for them before m007: a live
+    artifact's own versions, and versions of removed artifacts published at the path a live
+    artifact has now, make that artifact's history; the remaining versions of removed
+    artifacts are parked at the path they were published at. Numbered 1..n in publish order.
+    O(versions)."""
+    live = f"kind IN {LEAF_KINDS} AND version_id IS NOT NULL"
+    db.execute("DROP TABLE IF EXISTS temp.live_paths")
+    db.execute("CREATE TEMP TABLE live_paths (path TEXT PRIMARY KEY, node_id INTEGER)")
+    db.execute("INSERT INTO live_paths SELECT path, node_id FROM artifacts")
+    # Histories are empty here, so a live artifact's history may take its node id.
+    db.execute(f"INSERT INTO histories (id) SELECT id FROM nodes WHERE {live}")
+    db.execute(f"UPDATE nodes SET history_id = id WHERE {live}")
+    db.execute("UPDATE versions SET history_id = n.history_id FROM nodes n "
+               "WHERE n.id = versions.node_id AND n.history_id IS NOT NULL")
+    db.execute("UPDATE versions SET history_id = p.node_id FROM live_paths p "
+               "WHERE versions.history_id IS NULL AND p.path = versions.path")
+    db.execute("INSERT INTO histories (path) SELECT DISTINCT path FROM versions "
+               "WHERE history_id IS NULL ORDER BY path")
+    db.execute("UPDATE versions SET history_id = h.id FROM histories h "
+               "WHERE versions.history_id IS NULL AND h.path = versions.path")
+    db.execute("UPDATE versions SET number = r.number FROM (SELECT id, row_number() OVER "
+               "(PARTITION BY history_id ORDER BY id) AS number FROM versions) r "
+               "WHERE versions.id = r.id")
+    db.execute("UPDATE histories SET last_number = coalesce((SELECT max(number) FROM versions v "
+               "WHERE v.history_id = histories.id), 0)")
+    # Each parked history's versions share one path, so its newest version's path is its home.
+    db.execute("UPDATE histories SET path = NULL")
+    db.execute("DROP TABLE temp.live_paths")
+
+
+@migrations()
+def m007_histories(db: Database) -> None:
+    for statement in _M007:
+        db.execute(statement)
+    backfill_histories(db.conn)
+    for statement in _M007_INDEXES:
+        db.execute(statement)
+
+
 # The web view (cafs ui) at a million artifacts: a run's timeline of publishes is one range scan
 # of (path, created_ns) that never reads the table; what gc would reclaim starts from the blobs
 # no live artifact holds, usually few, without a scan of every blob.

@@ -114,7 +114,7 @@ class Xattrs:
 
     def _virtual(self, node: Node, key: str, caller: Caller | None) -> bytes:
         if key == "version" and node.kind is Kind.FILE and node.version_id is not None:
-            return str(node.version_id).encode()
+            return str(self.manifest.version_number(node.version_id)).encode()
         if key == "root" and node.kind is Kind.EXECUTION and node.sealed_ns is not None:
             if not self.visibility.shows_root(node, caller):
                 raise AccessDenied(f"{XATTR_PREFIX}root is shown only to who may read every "

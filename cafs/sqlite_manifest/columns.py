@@ -75,7 +75,7 @@ VERSION = Shape(Version, (
     ("digest", "b.sha256"), ("size", "v.size"), ("mode", "v.mode"), ("uid", "v.uid"),
     ("gid", "v.gid"), ("mtime_ns", "v.mtime_ns"), ("ctime_ns", "v.ctime_ns"),
     ("content_type", "v.content_type"), ("created_ns", "v.created_ns"),
-    ("replaced_ns", "v.replaced_ns"), ("damaged", "b.damaged_ns"),
+    ("replaced_ns", "v.replaced_ns"), ("damaged", "b.damaged_ns"), ("number", "v.number"),
 ), {"damaged": _is_set})
 
 # The aggregate columns of every node (schema m004), in DirStats' order.
@@ -106,7 +106,7 @@ def insert_sql(table: str, columns: tuple[str, ...]) -> str:
 NEW_NODE = ("parent_id", "name", "kind", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "nlink")
 INSERT_NODE = insert_sql("nodes", NEW_NODE)
 NEW_VERSION = ("node_id", "path", "blob_id", "size", "mode", "uid", "gid", "mtime_ns",
-               "ctime_ns", "content_type", "created_ns", "replaced_ns")
+               "ctime_ns", "content_type", "created_ns", "replaced_ns", "history_id", "number")
 INSERT_VERSION = insert_sql("versions", NEW_VERSION)
 INSERT_TAG = insert_sql("tags", ("node_id", "name", "value"))
 
@@ -121,11 +121,13 @@ def node_values(parent_id: int, name: str, kind: Kind, *, mode: int, uid: int, g
 
 def version_values(*, node_id: int, path: str, blob_id: int, size: int, mode: int, uid: int,
                    gid: int, mtime_ns: int, ctime_ns: int, content_type: str | None,
-                   created_ns: int, replaced_ns: int | None = None) -> dict[str, object]:
-    """The values of INSERT_VERSION."""
+                   created_ns: int, replaced_ns: int | None = None, history_id: int | None = None,
+                   number: int | None = None) -> dict[str, object]:
+    """The values of INSERT_VERSION (a bulk insert may set history and number after)."""
     return {"node_id": node_id, "path": path, "blob_id": blob_id, "size": size, "mode": mode,
             "uid": uid, "gid": gid, "mtime_ns": mtime_ns, "ctime_ns": ctime_ns,
-            "content_type": content_type, "created_ns": created_ns, "replaced_ns": replaced_ns}
+            "content_type": content_type, "created_ns": created_ns, "replaced_ns": replaced_ns,
+            "history_id": history_id, "number": number}
 
 
 NEW_BLOB = ("sha256", "size", "stored_size", "encoding", "refcount", "created_ns")
@@ -157,6 +159,8 @@ LIVE_REFS = f"""
 GC_BATCH = 64
 DELETE_UNPUBLISHED = ("DELETE FROM nodes WHERE id IN (SELECT id FROM nodes "
                       "WHERE kind = 'file' AND version_id IS NULL LIMIT ?)")
+# Whether a live artifact holds the history `h` (schema m007); else it is parked.
+HELD = "EXISTS (SELECT 1 FROM nodes held WHERE held.history_id = h.id)"
 # Every node below a directory (not the directory itself), with its path below it.
 SUBTREE = """
     WITH RECURSIVE sub(id, rel) AS (

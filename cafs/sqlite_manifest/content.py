@@ -109,34 +109,52 @@ class SqliteContent(Rows):
         return node
 
     def _record_version(self, stored: StoredBlob, new: NewVersion) -> None:
-        """Inside the caller's transaction: the version, the references, the aggregates."""
+        """Inside the caller's transaction: the version, numbered in its path's history, the
+        references, the aggregates."""
         db = self._db
         path = self.path_of(new.node_id)
         blob_id = self._upsert_blob(stored, new.now_ns, references=1)
         self._retire_current(new.node_id, new.now_ns)
+        history = self._history_to_publish(new.node_id, path)
+        number = None
+        if new.collapses is not None:
+            # The same open-for-write published before (an fsync): this version takes its
+            # place, and its number, so the numbers stay 1..n without a gap.
+            row = db.execute("DELETE FROM versions WHERE id = ? AND node_id = ? AND "
+                             "replaced_ns IS NOT NULL AND history_id = ? RETURNING number",
+                             (new.collapses, new.node_id, history)).fetchone()
+            number = row[0] if row is not None else None
         version_id = db.execute(INSERT_VERSION, version_values(
             node_id=new.node_id, path=path, blob_id=blob_id, size=stored.size,
             mode=new.mode, uid=new.uid, gid=new.gid, mtime_ns=new.mtime_ns,
             ctime_ns=new.ctime_ns, content_type=new.content_type, created_ns=new.now_ns,
+            history_id=history,
+            number=number if number is not None else self._next_number(history),
         )).lastrowid
         db.execute(
             "UPDATE nodes SET version_id = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
             (version_id, new.mtime_ns, new.ctime_ns, new.node_id),
         )
-        if new.collapses is not None:
-            db.execute("DELETE FROM versions WHERE id = ? AND node_id = ? AND "
-                       "replaced_ns IS NOT NULL", (new.collapses, new.node_id))
         self._aggregate_file(new.node_id)
 
     def history(self, node_id: int | None, path: str) -> list[Version]:
-        """The versions of the artifact at `path`: every version of the node there now, and
-        versions published at that path by nodes since replaced (an rsync or `mv` over it)."""
+        """The versions of the artifact at `path`, by number: the history the node there
+        continues, else (no artifact there, or one not yet published) the one parked at the
+        path. Versions of files replaced there by a rename, or removed and written again,
+        are in it (schema m007)."""
+        history = self._history_of(node_id) if node_id is not None else None
+        if history is None:
+            history = self._parked_at(path)
         rows = self._db.execute(
             f"SELECT {VERSION.select} FROM versions v JOIN blobs b ON b.id = v.blob_id "
-            "WHERE v.node_id = ? OR v.path = ? ORDER BY v.id",
-            (node_id if node_id is not None else -1, path),
-        ).fetchall()
+            "WHERE v.history_id = ? ORDER BY v.number", (history,)).fetchall()
         return [VERSION.decode(row) for row in rows]
+
+    def version_number(self, version_id: int) -> int | None:
+        """A version's number in its path's history."""
+        row = self._db.execute("SELECT number FROM versions WHERE id = ?",
+                               (version_id,)).fetchone()
+        return None if row is None else row[0]
 
     def nodes_holding(self, digest: str) -> set[int]:
         """Live artifacts whose current content is this digest."""

@@ -84,6 +84,15 @@ class SqliteImport(Rows):
                 for artifact in artifacts))
             db.execute("UPDATE nodes SET version_id = (SELECT max(v.id) FROM versions v "
                        "WHERE v.node_id = nodes.id) WHERE parent_id = ?", (layer_id,))
+            # A history of one version each (schema m007), ids after the newest history.
+            base = db.execute("SELECT coalesce(max(id), 0) FROM histories").fetchone()[0]
+            db.execute("UPDATE nodes SET history_id = r.history FROM (SELECT id, ? + row_number() "
+                       "OVER (ORDER BY id) AS history FROM nodes WHERE parent_id = ?) r "
+                       "WHERE nodes.id = r.id", (base, layer_id))
+            db.execute("INSERT INTO histories (id, last_number) SELECT history_id, 1 FROM nodes "
+                       "WHERE parent_id = ?", (layer_id,))
+            db.execute("UPDATE versions SET history_id = n.history_id, number = 1 FROM nodes n "
+                       "WHERE n.parent_id = ? AND versions.node_id = n.id", (layer_id,))
             schema.recompute_aggregates(db, layer_id)
             found = self._aggregates_of(layer_id)
             assert found is not None
@@ -103,7 +112,9 @@ class SqliteImport(Rows):
 
     def _insert_history(self, node_id: int, path: str, entry: TreeEntry,
                         blob_ids: dict[str, int]) -> None:
-        """A file's versions, oldest first: the last one is current and holds a reference."""
+        """A file's versions, oldest first: the last one is current and holds a reference.
+        They make a new history, numbered 1..n in that order."""
+        history = self._history_to_publish(node_id, path)
         version_id = None
         for version in entry.versions:
             version_id = self._db.execute(INSERT_VERSION, version_values(
@@ -111,7 +122,8 @@ class SqliteImport(Rows):
                 size=version.size, mode=version.mode, uid=version.uid, gid=version.gid,
                 mtime_ns=version.mtime_ns, ctime_ns=version.ctime_ns,
                 content_type=version.content_type, created_ns=version.created_ns,
-                replaced_ns=version.replaced_ns)).lastrowid
+                replaced_ns=version.replaced_ns, history_id=history,
+                number=self._next_number(history))).lastrowid
         current = entry.versions[-1]
         self._db.execute("UPDATE nodes SET version_id = ? WHERE id = ?", (version_id, node_id))
         self._db.execute("UPDATE blobs SET refcount = refcount + 1 WHERE id = ?",

@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cafs import schema
-from cafs.manifest_api import DirStats, GcPlan, RepairPlan, SharingStats, Totals
+from cafs.manifest_api import DirStats, GcPlan, RepairPlan, SharingStats, Space, Totals
 from cafs.model import RUNS_INODE, BlobRef
 from cafs.sqlite_manifest.columns import (
     AGGREGATES,
     BLOB,
     DIR_STATS,
     GC_BATCH,
+    HELD,
     LEAF_KINDS,
     LIVE_REFS,
     SUBTREE,
@@ -47,6 +48,42 @@ class SqliteMaintenance(Rows):
             "SELECT count(*) FROM nodes WHERE kind = 'execution'").fetchone()[0]
         layers = db.execute("SELECT count(*) FROM nodes WHERE kind = 'layer'").fetchone()[0]
         return Totals(artifacts, blobs, logical, unique, stored, versions, executions, layers)
+
+    def space(self) -> Space:
+        """Each blob is live (a current version holds it), history (only old versions do) or
+        neither; of those not live, gc removes the ones no version of a history a live
+        artifact holds needs (a version without a history counts as kept, as gc keeps it)."""
+        db = self._db
+        blobs = db.execute(
+            f"""
+            WITH flags AS (
+                SELECT b.size, b.stored_size, b.refcount > 0 AS live,
+                       EXISTS (SELECT 1 FROM versions v WHERE v.blob_id = b.id) AS versioned,
+                       EXISTS (SELECT 1 FROM versions v
+                               LEFT JOIN histories h ON h.id = v.history_id
+                               WHERE v.blob_id = b.id AND (h.id IS NULL OR {HELD})) AS kept
+                FROM blobs b
+            )
+            SELECT coalesce(sum(live), 0), coalesce(sum(size * live), 0),
+                   coalesce(sum(stored_size * live), 0),
+                   coalesce(sum(NOT live AND versioned), 0),
+                   coalesce(sum(size * (NOT live AND versioned)), 0),
+                   coalesce(sum(stored_size * (NOT live AND versioned)), 0),
+                   coalesce(sum(NOT live AND NOT kept), 0),
+                   coalesce(sum(size * (NOT live AND NOT kept)), 0),
+                   coalesce(sum(stored_size * (NOT live AND NOT kept)), 0)
+            FROM flags
+            """
+        ).fetchone()
+        history_versions = db.execute(
+            "SELECT count(*) FROM versions WHERE replaced_ns IS NOT NULL").fetchone()[0]
+        reclaimable_versions = db.execute(
+            f"SELECT count(*) FROM versions v JOIN histories h ON h.id = v.history_id "
+            f"WHERE NOT {HELD}").fetchone()[0]
+        live, live_size, live_stored, old, old_size, old_stored, gone, gone_size, gone_stored = (
+            int(value) for value in blobs)
+        return Space(live, live_size, live_stored, history_versions, old, old_size, old_stored,
+                     reclaimable_versions, gone, gone_size, gone_stored)
 
     def dir_stats(self, top: int) -> DirStats:
         """Aggregates over the artifacts below a directory: its row's aggregate columns."""
@@ -100,6 +137,21 @@ class SqliteMaintenance(Rows):
             "SELECT v.id FROM versions v LEFT JOIN blobs b ON b.id = v.blob_id WHERE b.id IS NULL"
         ):
             problems.append(f"version {version_id}: its blob row is missing")
+        for (version_id,) in db.execute(
+            "SELECT v.id FROM versions v LEFT JOIN histories h ON h.id = v.history_id "
+            "WHERE h.id IS NULL OR v.number IS NULL"
+        ):
+            problems.append(f"version {version_id}: its path history is missing")
+        for (node_id,) in db.execute(
+            "SELECT n.id FROM nodes n LEFT JOIN histories h ON h.id = n.history_id "
+            "WHERE n.history_id IS NOT NULL AND h.id IS NULL"
+        ):
+            problems.append(f"node {node_id}: its path history is missing")
+        for (history_id,) in db.execute(
+            "SELECT h.id FROM histories h WHERE h.last_number < (SELECT max(number) "
+            "FROM versions v WHERE v.history_id = h.id)"
+        ):
+            problems.append(f"history {history_id}: a version has a number not yet given")
         for (node_id,) in db.execute(
             "SELECT n.id FROM nodes n LEFT JOIN nodes p ON p.id = n.parent_id "
             "WHERE n.parent_id != ? AND p.id IS NULL",
@@ -180,14 +232,16 @@ class SqliteMaintenance(Rows):
             self.remove_unpublished()
         return fixed
 
-    def superseded_versions(self) -> list[tuple[int, int | None, str]]:
-        """(version id, live node id or None, path) of every version that is not current,
-        newest first."""
+    def superseded_versions(self) -> list[tuple[int, int, bool]]:
+        """(version id, history id, whether a live artifact holds that history) of every
+        version that is not current: each history's newest (highest number) first. A version
+        without a history (which fsck reports) counts as held: gc keeps it."""
         rows = self._db.execute(
-            "SELECT v.id, n.id, v.path FROM versions v LEFT JOIN nodes n ON n.id = v.node_id "
-            "WHERE v.replaced_ns IS NOT NULL ORDER BY v.id DESC"
+            f"SELECT v.id, coalesce(v.history_id, -v.id), h.id IS NULL OR {HELD} "
+            "FROM versions v LEFT JOIN histories h ON h.id = v.history_id "
+            "WHERE v.replaced_ns IS NOT NULL ORDER BY v.history_id, v.number DESC"
         )
-        return [(row[0], row[1], row[2]) for row in rows]
+        return [(row[0], row[1], bool(row[2])) for row in rows]
 
     def collect(self, version_ids: list[int], *, keep_blobs: set[str], dry_run: bool) -> GcPlan:
         """Remove versions, then every blob row nothing references any more. Blobs in
@@ -201,17 +255,30 @@ class SqliteMaintenance(Rows):
         if dry_run:
             with self._transaction(commit=False):
                 for chunk in chunks(version_ids):
-                    self._delete_versions(chunk)
+                    self._delete_versions_and_histories(chunk)
                 freed = self._unreferenced_blobs(keep_blobs)
             return GcPlan(len(version_ids), freed)
         for chunk in chunks(version_ids, GC_BATCH):
             with self._transaction():
-                self._delete_versions(chunk)
+                self._delete_versions_and_histories(chunk)
         freed = self._unreferenced_blobs(keep_blobs)
         for chunk in chunks([blob.blob_id for blob in freed], GC_BATCH):
             with self._transaction() as db:
                 db.execute(f"DELETE FROM blobs WHERE id IN ({marks(chunk)})", chunk)
         return GcPlan(len(version_ids), freed)
+
+    def _delete_versions_and_histories(self, version_ids: list[int]) -> None:
+        """Remove versions, and the histories of removed paths that this leaves empty (a
+        path re-created after that starts again at 1)."""
+        histories = [row[0] for row in self._db.execute(
+            f"SELECT DISTINCT history_id FROM versions WHERE id IN ({marks(version_ids)}) "
+            "AND history_id IS NOT NULL", version_ids)]
+        self._delete_versions(version_ids)
+        for chunk in chunks(histories):
+            self._db.execute(
+                f"DELETE FROM histories WHERE id IN (SELECT h.id FROM histories h "
+                f"WHERE h.id IN ({marks(chunk)}) AND NOT {HELD} AND NOT EXISTS "
+                "(SELECT 1 FROM versions v WHERE v.history_id = h.id))", chunk)
 
     def _unreferenced_blobs(self, keep_blobs: set[str]) -> list[BlobRef]:
         rows = self._db.execute(

@@ -135,6 +135,8 @@ class SqliteNamespace(Rows):
                 self._adjust_nlink(node.parent, -1)
                 self._adjust_nlink(new_parent, +1)
             self._aggregate_moved(node.ino, node.parent, new_parent)
+            if node.kind.has_versions:
+                self._arrive(node.ino, self.path_of(node.ino))
             self._touch(node.parent, now_ns)
             if new_parent != node.parent:
                 self._touch(new_parent, now_ns)
@@ -168,6 +170,8 @@ class SqliteNamespace(Rows):
 
     def _drop_node(self, node: Node, now_ns: int) -> None:
         self._retire_current(node.ino, now_ns)
+        if node.kind.has_versions:
+            self._park_history(node.ino)
         self._db.execute("DELETE FROM tags WHERE node_id = ?", (node.ino,))
         gone = self._db.execute(
             f"DELETE FROM nodes WHERE id = ? RETURNING parent_id, {', '.join(AGGREGATES)}",

@@ -2,7 +2,8 @@
 
 Owns: reading a node (by id, by name in a directory) and its path; the writes several
 operations make the same way — a new node, a new version, a blob's row and its references, a
-current version retired — each written once here from the statements in columns.py. Writes
+current version retired, a path history joined, parked or merged (schema m007) — each written
+once here from the statements in columns.py. Writes
 run inside a transaction the caller opened. Must not open a transaction itself, or decide
 whether a change is allowed (the vfs core does).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from cafs.model import Kind, Node, StoredBlob
 from cafs.sqlite_manifest.aggregates import Aggregates
 from cafs.sqlite_manifest.columns import (
+    HELD,
     INSERT_NODE,
     INSERT_TAG,
     NODE_FROM,
@@ -84,6 +86,103 @@ class Rows(Aggregates):
                          (now_ns, node_id))
         self._db.execute("UPDATE blobs SET refcount = refcount - 1 WHERE id = "
                          f"(SELECT blob_id FROM versions WHERE id = {current})", (node_id,))
+
+    # -- path histories (schema m007) ------------------------------------------------------
+    # A history no node holds is parked at its home: histories.path if set, else the path of
+    # its newest version. Removing a file therefore writes nothing in the common case (rm -rf
+    # on a full disk must only free space); the home is written where it differs from that
+    # version's path: at a file's rename, and at a removal after its directory moved.
+
+    def _history_of(self, node_id: int) -> int | None:
+        row = self._db.execute("SELECT history_id FROM nodes WHERE id = ?", (node_id,)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def _parked_at(self, path: str) -> int | None:
+        """The history no live artifact holds whose home is `path`, if any."""
+        row = self._db.execute(
+            f"""
+            SELECT h.id FROM histories h WHERE h.path = :path AND NOT {HELD}
+            UNION ALL
+            SELECT h.id FROM versions v JOIN histories h ON h.id = v.history_id
+            WHERE v.path = :path AND v.number = h.last_number AND h.path IS NULL
+              AND NOT {HELD}
+            LIMIT 1
+            """,
+            {"path": path},
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _home_of(self, history_id: int) -> str | None:
+        row = self._db.execute(
+            "SELECT coalesce(h.path, (SELECT v.path FROM versions v WHERE v.history_id = h.id "
+            "AND v.number = h.last_number)) FROM histories h WHERE h.id = ?",
+            (history_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def _history_to_publish(self, node_id: int, path: str) -> int:
+        """The history a new version of this artifact, published at `path`, joins: its own;
+        else the one parked at its path (rm then re-create, a file written where one was
+        replaced); else a new one. The new version is its newest, so `path` is its home."""
+        db = self._db
+        history = self._history_of(node_id)
+        if history is None:
+            history = self._parked_at(path)
+            if history is None:
+                history = int(db.execute("INSERT INTO histories DEFAULT VALUES").lastrowid or 0)
+            db.execute("UPDATE nodes SET history_id = ? WHERE id = ?", (history, node_id))
+        db.execute("UPDATE histories SET path = NULL WHERE id = ? AND path IS NOT NULL",
+                   (history,))
+        return history
+
+    def _next_number(self, history_id: int) -> int:
+        return int(self._db.execute(
+            "UPDATE histories SET last_number = last_number + 1 WHERE id = ? "
+            "RETURNING last_number", (history_id,)).fetchone()[0])
+
+    def _park_history(self, node_id: int) -> None:
+        """Before a file leaves the namespace (unlink, replaced by a rename): its history
+        stays at its path for the next file there. One parked there already (a directory was
+        moved onto the path of a removed one) joins it."""
+        history = self._history_of(node_id)
+        if history is None:
+            return
+        path = self.path_of(node_id)
+        older = self._parked_at(path)
+        if older is not None:
+            self._merge_history(older, into=history)
+        self._set_home(history, path)
+
+    def _arrive(self, node_id: int, path: str) -> None:
+        """A file was moved to `path`. If a history is parked there (the replaced file's, or
+        a removed one's), the moved file's versions join it, numbered after its newest, and
+        the file continues it; a file never published adopts it at its first publish."""
+        history = self._history_of(node_id)
+        if history is None:
+            return
+        parked = self._parked_at(path)
+        if parked is not None:
+            self._merge_history(history, into=parked)
+            history = parked
+        self._set_home(history, path)
+
+    def _set_home(self, history_id: int, path: str) -> None:
+        if self._home_of(history_id) != path:
+            self._db.execute("UPDATE histories SET path = ? WHERE id = ?", (path, history_id))
+
+    def _merge_history(self, source: int, into: int) -> None:
+        """Move every version of `source` to the end of `into`, in their order; whoever held
+        `source` now holds `into`. The numbers `into` gave stay as they were."""
+        db = self._db
+        base = db.execute("SELECT last_number FROM histories WHERE id = ?", (into,)).fetchone()[0]
+        moved = db.execute(
+            "UPDATE versions SET history_id = :into, number = :base + r.rank FROM (SELECT id, "
+            "row_number() OVER (ORDER BY number) AS rank FROM versions "
+            "WHERE history_id = :source) r WHERE versions.id = r.id",
+            {"into": into, "base": base, "source": source}).rowcount
+        db.execute("UPDATE histories SET last_number = last_number + ? WHERE id = ?",
+                   (moved, into))
+        db.execute("DELETE FROM histories WHERE id = ?", (source,))
+        db.execute("UPDATE nodes SET history_id = ? WHERE history_id = ?", (into, source))
 
     def _insert_tags(self, node_id: int, tags: dict[str, bytes], *,
                      replace: bool = False) -> None:
