@@ -301,3 +301,34 @@ def source_tree(tmp_path: Path) -> Path:
     (root / "weights" / "small.bin").write_bytes(os.urandom(100))
     os.utime(root / "metrics" / "summary.json", ns=(1_600_000_000_000_000_000,) * 2)
     return root
+
+
+# -- stores made by older code ---------------------------------------------------------------
+
+# The last commit before schema m006 (symlinks) and m007 (path histories): migration tests
+# make a store with its code, then open it with this checkout's.
+BEFORE_M006 = "25ddbafcb09f641c6f298802aae61c6bbb79090b"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def code_of(commit: str, into: Path) -> Path:
+    """The cafs package as it was at `commit`, unpacked under `into` (run it with old_cafs).
+    CI clones the whole history; a shallow copy without the commit cannot run the test."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "cafs"],
+                             capture_output=True, timeout=60)
+    if archive.returncode != 0:
+        if os.environ.get("CI"):
+            raise AssertionError(f"commit {commit[:12]} is not in this checkout's history")
+        pytest.skip(f"commit {commit[:12]} is not in this checkout's history (a shallow clone)")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def old_cafs(code: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the cafs command of older code unpacked by code_of."""
+    result = subprocess.run([sys.executable, "-m", "cafs", *args], cwd=code,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+

@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
-import pytest
-from conftest import CAFS, Mount, cafs, sh, sha, xattr
+from conftest import BEFORE_M006, CAFS, Mount, cafs, code_of, old_cafs, sh, sha, xattr
 
 
 def cafs_bytes(*args: str) -> bytes:
@@ -283,26 +281,9 @@ def test_stats_separate_live_history_and_what_gc_reclaims(mount: Mount) -> None:
 
 # The code before path histories (schema up to m005): a store it made must keep, after m007,
 # every version `cafs log` showed then, numbered 1..n.
-BEFORE_M007 = "25ddbafcb09f641c6f298802aae61c6bbb79090b"
-REPO = Path(__file__).resolve().parent.parent
-
-
-def old_cafs(code: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "cafs", *args], cwd=code,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
 def test_m007_backfills_the_histories_of_a_store_made_before_it(
         unstarted_mount: Mount, tmp_path: Path) -> None:
-    code = tmp_path / "old"
-    code.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE_M007, "cafs"],
-                             capture_output=True, timeout=60)
-    if archive.returncode != 0:
-        pytest.skip(f"commit {BEFORE_M007[:12]} is not in this checkout's history")
-    subprocess.run(["tar", "-x", "-C", str(code)], input=archive.stdout, check=True)
+    code = code_of(BEFORE_M006, tmp_path / "old")
     mount = unstarted_mount
     old_cafs(code, "mount", "--store", str(mount.store), str(mount.mountpoint))
     layer = mount.layer("e", "l")

@@ -18,7 +18,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, cafs, require_fuse, sh, sha, started, unmount_whatever_state
+from conftest import (
+    BEFORE_M006,
+    Mount,
+    cafs,
+    code_of,
+    old_cafs,
+    require_fuse,
+    sh,
+    sha,
+    started,
+    unmount_whatever_state,
+)
 from test_bundles import bundle, entry, good_header, refused, run_import, version
 
 from cafs.admin import root_hash
@@ -296,45 +307,12 @@ def test_bundles_with_bad_symlinks_are_refused(mount: Mount) -> None:
 # -- migration m006 on a store made before it ----------------------------------------------
 
 
-def _as_before_m006(manifest: Path) -> None:
-    """Put the schema back exactly as stores made before m006 have it (checked against a fresh
-    schema built up to m005), keeping every row: what a store made by the current main holds."""
-    from sqlite_utils import Database
-
-    from cafs import schema
-
-    fresh = Database(sqlite3.connect(":memory:"))
-    schema.migrations.apply(fresh, stop_before="m006_symlinks")
-    main_sql = fresh.execute(
-        "SELECT sql FROM sqlite_master WHERE name = 'nodes'").fetchone()[0]
-    db = sqlite3.connect(manifest)
-    sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'nodes'").fetchone()[0]
-    old = sql.replace(schema._KIND_AFTER, schema._KIND_BEFORE).replace(
-        'CREATE TABLE "nodes" (', "CREATE TABLE nodes (")
-    assert old == main_sql
-    version = db.execute("PRAGMA schema_version").fetchone()[0]
-    db.execute("PRAGMA writable_schema = ON")
-    db.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'nodes'", (old,))
-    db.execute(f"PRAGMA schema_version = {version + 1}")
-    db.execute("PRAGMA writable_schema = OFF")
-    db.execute("DELETE FROM _sqlite_migrations WHERE name = 'm006_symlinks'")
-    db.commit()
-    db.close()
-    check = sqlite3.connect(manifest)
-    assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    try:
-        check.execute("INSERT INTO nodes (parent_id, name, kind, mode, uid, gid, mtime_ns, "
-                      "ctime_ns) VALUES (2, 'x', 'symlink', 511, 0, 0, 0, 0)")
-        raise AssertionError("the old CHECK should refuse a symlink")
-    except sqlite3.IntegrityError:
-        pass
-    check.close()
-
-
-def test_migration_m006_on_a_store_made_before_it(unstarted_mount: Mount) -> None:
+def test_migration_m006_on_a_store_made_before_it(unstarted_mount: Mount,
+                                                  tmp_path: Path) -> None:
     require_fuse()
+    code = code_of(BEFORE_M006, tmp_path / "old")
     mount = unstarted_mount
-    mount.start()
+    old_cafs(code, "mount", "--store", str(mount.store), str(mount.mountpoint))
     layer = mount.layer("e1", "train")
     (layer / "sub").mkdir()
     (layer / "sub" / "a.csv").write_text("a,b\n1,2\n")
@@ -342,8 +320,13 @@ def test_migration_m006_on_a_store_made_before_it(unstarted_mount: Mount) -> Non
     os.unlink(layer / "gone")  # the highest inode number is now free: it must stay unused
     gone_ino_floor = os.stat(layer / "sub").st_ino + 2
     os.setxattr(layer / "sub" / "a.csv", "user.stage", b"prod")
-    mount.stop()
-    _as_before_m006(mount.store / "manifest.sqlite")
+    old_cafs(code, "umount", str(mount.mountpoint))
+    old = sqlite3.connect(f"file:{mount.store}/manifest.sqlite?mode=ro", uri=True)
+    try:  # the old schema refuses a symlink row
+        assert "'symlink'" not in old.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'nodes'").fetchone()[0]
+    finally:
+        old.close()
     mount.start()  # migrates
     assert (layer / "sub" / "a.csv").read_text() == "a,b\n1,2\n"
     assert os.getxattr(layer / "sub" / "a.csv", "user.stage") == b"prod"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -495,6 +496,27 @@ def test_a_long_history_is_paged(mount: Mount) -> None:
         assert hashlib.sha256(b"step 0\n").hexdigest() in second
         assert hashlib.sha256(b"step 30\n").hexdigest() not in second
         assert 'id="older"' not in second and 'id="newest"' in second
+
+
+def test_an_artifacts_history_is_the_one_cafs_log_shows(mount: Mount) -> None:
+    """Saved the way rsync and editors save (a temp name, then a rename over the path), then
+    removed and written again: the page lists the path's versions by the numbers `cafs log`
+    gives, including those published under the temp names."""
+    train = mount.layer("e1", "train")
+    for step in range(3):
+        write_artifact(train / f".cfg.yaml.tmp{step}", f"lr: {step}\n".encode())
+        os.rename(train / f".cfg.yaml.tmp{step}", train / "cfg.yaml")
+    (train / "cfg.yaml").unlink()
+    write_artifact(train / "cfg.yaml", b"lr: 9\n")
+    logged = json.loads(cafs("log", "--json", str(train / "cfg.yaml")).stdout)["versions"]
+    assert [v["version"] for v in logged] == [1, 2, 3, 4]
+    with serving(mount.store) as ui:
+        page = ui.page("/artifact?path=runs/e1/train/cfg.yaml")
+        numbers = re.findall(r'<td title="store-wide id (\d+)">(\d+)', page)
+        assert [int(n) for _, n in numbers] == [4, 3, 2, 1]
+        assert [int(i) for i, _ in numbers] == [v["id"] for v in reversed(logged)]
+        for v in logged:
+            assert v["sha256"] in page
 
 
 def test_a_refused_request_body_is_never_read_as_a_request(mount: Mount) -> None:

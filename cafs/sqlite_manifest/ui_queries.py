@@ -26,6 +26,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+from cafs.sqlite_manifest.columns import HELD
+
 RUNS = 2  # nodes.parent_id of executions (cafs.model.RUNS_INODE)
 PAGE = 100  # rows per page: every page query reads at most PAGE + 1 rows
 SEARCH_LIMIT = 100
@@ -184,13 +186,31 @@ def timeline(db: sqlite3.Connection, path: str, first_ns: int, last_ns: int,
     return {"first_ns": first_ns, "width_ns": width, "buckets": [list(row) for row in rows]}
 
 
+def _history_at(db: sqlite3.Connection, node_id: int | None, path: str) -> int | None:
+    """The path history `cafs log` shows for `path` (schema m007): the one the artifact there
+    holds, else the one parked at the path (its artifact removed or moved away)."""
+    if node_id is not None:
+        row = db.execute("SELECT history_id FROM nodes WHERE id = ?", (node_id,)).fetchone()
+        if row is not None and row[0] is not None:
+            return int(row[0])
+    row = db.execute(
+        f"""
+        SELECT h.id FROM histories h WHERE h.path = CAST(:path AS TEXT) AND NOT {HELD}
+        UNION ALL
+        SELECT h.id FROM versions v JOIN histories h ON h.id = v.history_id
+        WHERE v.path = CAST(:path AS TEXT) AND v.number = h.last_number AND h.path IS NULL
+          AND NOT {HELD}
+        LIMIT 1
+        """, {"path": _text(path)}).fetchone()
+    return None if row is None else int(row[0])
+
+
 def artifact(db: sqlite3.Connection, path: str, before: int | None = None,
              limit: int = PAGE) -> Json:
-    """An artifact (or a path that held one): its current state, tags and a page of its
-    versions, newest first, older than version `before` (those of the node there now and those
-    published at the path by nodes since replaced). A checkpoint rewritten at every step has
-    as many versions as steps: each of the two sources is read newest first by its index
-    (versions_node, versions_path: both end in the id), at most limit + 1 rows each."""
+    """An artifact (or a path that held one): its current state, tags and a page of its path
+    history, newest first, numbered below `before` — the versions `cafs log` lists, through
+    renames and removals. A checkpoint rewritten at every step has as many versions as steps:
+    the page is one seek of versions_history (history_id, number), at most limit + 1 rows."""
     found = _resolve(db, path)
     if found is not None and found[1] not in ("file", "symlink"):
         return {"missing": True, "path": path, "directory": True}
@@ -201,38 +221,37 @@ def artifact(db: sqlite3.Connection, path: str, before: int | None = None,
                          (node_id,)).fetchone()
         node = {"id": node_id, "version": row[0], "mode": row[1], "uid": row[2],
                 "gid": row[3], "mtime_ns": row[4]}
-    columns = ("SELECT v.id, v.created_ns, v.size, v.uid, v.gid, b.sha256, "
-               "CAST(v.path AS BLOB), v.replaced_ns, b.encoding, b.stored_size, b.damaged_ns, "
-               "v.content_type FROM versions v JOIN blobs b ON b.id = v.blob_id ")
+    history = _history_at(db, node_id, path)
     below = before if before is not None else 2**63 - 1
-    rows = {row[0]: row for row in db.execute(
-        columns + "WHERE v.node_id = ? AND v.id < ? ORDER BY v.id DESC LIMIT ?",
-        (node_id if node_id is not None else -1, below, limit + 1))}
-    rows.update((row[0], row) for row in db.execute(
-        columns + "WHERE v.path = CAST(? AS TEXT) AND v.id < ? ORDER BY v.id DESC LIMIT ?",
-        (_text(path), below, limit + 1)))
+    rows = db.execute(
+        "SELECT v.id, v.created_ns, v.size, v.uid, v.gid, b.sha256, CAST(v.path AS BLOB), "
+        "v.replaced_ns, b.encoding, b.stored_size, b.damaged_ns, v.content_type, v.number "
+        "FROM versions v JOIN blobs b ON b.id = v.blob_id "
+        "WHERE v.history_id = ? AND v.number < ? ORDER BY v.number DESC LIMIT ?",
+        (history if history is not None else -1, below, limit + 1)).fetchall()
     if node is None and not rows and before is None:
         return {"missing": True, "path": path}
-    page, more = _page([rows[key] for key in sorted(rows, reverse=True)], limit)
+    page, more = _page(rows, limit)
     current = node["version"] if node else None
     versions = [{"version": row[0], "created_ns": row[1], "size": row[2], "writer": row[3],
                  "gid": row[4], "sha256": row[5], "path": decoded(row[6]),
                  "replaced_ns": row[7], "encoding": row[8], "stored_size": row[9],
                  "damaged": row[10] is not None, "content_type": row[11],
-                 "current": row[0] == current} for row in page]
+                 "number": row[12], "current": row[0] == current} for row in page]
     tags = _tags(db, [node_id]).get(node_id, []) if node_id is not None else []
     return {"path": path, "node": node, "versions": versions, "tags": tags, "more": more}
 
 
 def version(db: sqlite3.Connection, path: str, version: int) -> Json:
-    """Where to read one version of the artifact at `path`: only a version in its history."""
+    """Where to read one version (by its store-wide id) of the artifact at `path`: only a
+    version in the path's history."""
     found = _resolve(db, path)
-    node_id = found[0] if found and found[1] in ("file", "symlink") else -1
+    node_id = found[0] if found and found[1] in ("file", "symlink") else None
+    history = _history_at(db, node_id, path)
     row = db.execute(
         "SELECT v.id, b.sha256, v.size, b.encoding, b.damaged_ns FROM versions v "
-        "JOIN blobs b ON b.id = v.blob_id "
-        "WHERE v.id = ? AND (v.node_id = ? OR v.path = CAST(? AS TEXT))",
-        (version, node_id, _text(path))).fetchone()
+        "JOIN blobs b ON b.id = v.blob_id WHERE v.id = ? AND v.history_id = ?",
+        (version, history if history is not None else -1)).fetchone()
     if row is None:
         return {"missing": True, "path": path}
     return {"path": path, "version": row[0], "sha256": row[1], "size": row[2],

@@ -183,7 +183,7 @@ def artifact_page(source: Source, params: Params) -> Page:
         raise NotFoundPage(f"{path} is a directory")
     if answer.get("missing"):
         raise NotFoundPage(f"{path}: no such artifact, and none was ever published there")
-    last = answer["versions"][-1]["version"] if answer["versions"] else None
+    last = answer["versions"][-1]["number"] if answer["versions"] else None
     return Page("artifact.html", {
         "answer": answer, "path": path, "name": path.rpartition("/")[2],
         "older": link("/artifact", path=path, before=last) if answer["more"] else None,
