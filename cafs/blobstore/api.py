@@ -74,6 +74,14 @@ class Blobs(Protocol):
         row written afterwards never points at a partial blob). The temp stays open."""
         ...
 
+    def sync_blob(self, digest: Digest) -> None:
+        """Make one blob durable against power loss."""
+        ...
+
+    def sync_all(self) -> None:
+        """Make every blob written so far durable against power loss."""
+        ...
+
     def open(self, digest: Digest, encoding: str) -> BlobReader:
         """A reader of the blob; Corrupt if it is missing or unreadable."""
         ...
