@@ -4,11 +4,13 @@
 After every restart: each artifact whose close() returned success is there with its exact
 SHA-256; every visible artifact holds exactly the bytes some writer wrote to it (nothing partial);
 tmp/ is empty; `cafs fsck --full` finds no damage. The soak runs CAFS_SOAK_CYCLES restarts
-(default 8, a few CI minutes at most; set it to hundreds for a long soak).
+(default 8, a few CI minutes at most; 200 with CAFS_SOAK=1). A third of the writes fork a
+child mid-write whose exit closes a copy of the descriptor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -41,6 +43,27 @@ def content(name: str) -> bytes:
         return b" ".join(rng.choices(words, k=1_300_000))
     size = rng.choice([1, 1000, 70_000, 300_000]) if name.startswith("soak") else 1000
     return rng.randbytes(size)
+
+
+def write_forking(path: Path, data: bytes) -> None:
+    """Write half, fork a child that exits at once (its exit closes its copy of the
+    descriptor: a FLUSH), write the rest, close. Only the close may publish."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        half = len(data) // 2
+        os.write(fd, data[:half])
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        os.waitpid(child, 0)
+        view = memoryview(data)[half:]
+        while view:
+            view = view[os.write(fd, view[:1 << 20]):]
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    os.close(fd)
 
 
 def check_invariants(mount: Mount, acked: dict[str, str], allowed: dict[str, set[str]]) -> None:
@@ -147,7 +170,8 @@ def test_a_crash_inside_gc_leaves_only_orphans_that_the_next_gc_removes(
 
 def test_kill9_soak_under_concurrent_writers(unstarted_mount: Mount) -> None:
     """Writers keep writing while the daemon is killed at random moments and restarted."""
-    cycles = int(os.environ.get("CAFS_SOAK_CYCLES", "8"))
+    cycles = int(os.environ.get("CAFS_SOAK_CYCLES",
+                                "200" if os.environ.get("CAFS_SOAK") == "1" else "8"))
     seed = os.environ.get("CAFS_SOAK_SEED", "1")
     rng = random.Random(seed)
     mount = unstarted_mount
@@ -181,7 +205,10 @@ def test_kill9_soak_under_concurrent_writers(unstarted_mount: Mount) -> None:
             try:
                 with state:
                     allowed.setdefault(rel, set()).add(sha(data))
-                write_artifact(mount.runs / rel, data, fsync=sequence % 7 == 0)
+                if sequence % 3 == 0:  # forks a child mid-write, as ML data loaders do
+                    write_forking(mount.runs / rel, data)
+                else:
+                    write_artifact(mount.runs / rel, data, fsync=sequence % 7 == 0)
                 with state:
                     acked[rel] = sha(data)
                     if name.startswith("latest"):  # older bytes may no longer be there
