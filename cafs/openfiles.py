@@ -3,9 +3,10 @@
 Owns: what an open file is (OpenInode: the content readers see, the write in progress; Handle:
 one open(2)), how many descriptors they may hold, and the life of a write:
 
-    open/create -> write/truncate into a temp (copy-on-write of the content) -> FLUSH (close)
-    or fsync: hash, store the blob unless the store has it, record the version -> the temp
-    becomes the content readers see.
+    open/create -> write/truncate into a temp (copy-on-write of the content) -> the writer's
+    last close (a FLUSH once the opening process holds the file no more, see flush), fsync, or
+    RELEASE after writes through a mapping: hash, store the blob unless the store has it,
+    record the version -> the temp becomes the content readers see.
 
 Any failure on the way (I/O, disk full, a bad blob, the manifest) fails the write in progress
 (Publisher.fails): every handle that wrote into that temp keeps the errno, the temp is dropped, so
