@@ -242,8 +242,22 @@ class Maintenance(Protocol):
 
     def close(self) -> None: ...
 
-    def sync(self) -> None:
-        """Make every committed change durable against power loss."""
+    def sync(self, durable_ns: int | None = None) -> None:
+        """Make every committed change durable against power loss; `durable_ns`, if given,
+        becomes the durable point (every blob stored before it is on disk)."""
+        ...
+
+    def synced_ns(self) -> int | None:
+        """The last durable point recorded by sync, or None."""
+        ...
+
+    def blobs_stored_after(self, since_ns: int) -> list[BlobRef]:
+        """Blob rows newer than a durable point."""
+        ...
+
+    def roll_back(self, blob_ids: list[int], now_ns: int) -> list[int]:
+        """Drop these blobs and every version holding one; artifacts fall back to their
+        previous version or are left unpublished. Returns the artifacts changed."""
         ...
 
     def mark_checked(self, now_ns: int) -> None:

@@ -3,9 +3,10 @@
 Owns: what an open file is (OpenInode: the content readers see, the write in progress; Handle:
 one open(2)), how many descriptors they may hold, and the life of a write:
 
-    open/create -> write/truncate into a temp (copy-on-write of the content) -> FLUSH (close)
-    or fsync: hash, store the blob unless the store has it, record the version -> the temp
-    becomes the content readers see.
+    open/create -> write/truncate into a temp (copy-on-write of the content) -> the writer's
+    last close (a FLUSH once the opening process holds the file no more, see flush), fsync, or
+    RELEASE after writes through a mapping: hash, store the blob unless the store has it,
+    record the version -> the temp becomes the content readers see.
 
 Any failure on the way (I/O, disk full, a bad blob, the manifest) fails the write in progress
 (Publisher.fails): every handle that wrote into that temp keeps the errno, the temp is dropped, so
@@ -46,6 +47,7 @@ from cafs.model import Attr, BlobRef, Caller, Kind, Node, StoredBlob
 from cafs.namespace import ROW_COST, Namespace, refuse_fixed_change
 from cafs.runtime import KernelNotifier, Runtime
 from cafs.virtual import MemoryReader
+from cafs.writers import NoProcesses, Processes
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -54,9 +56,6 @@ log = logging.getLogger(__name__)
 # costs more than the work (measured: offloading every 128 KiB step halved read throughput).
 OFFLOAD_BYTES = 1 << 20
 DEFAULT_MAX_OPEN_FILES = 10_000
-# Flags of a task in /proc/<pid>/stat (field 9): exiting, and because a signal killed it.
-PF_EXITING = 0x4
-PF_SIGNALED = 0x400
 
 
 @dataclass(eq=False)
@@ -91,19 +90,13 @@ class Handle:
     # replaces it in history: one version per open-for-write, not one per close of a dup'ed
     # descriptor (a shell redirect) or per fsync.
     published_version: int | None = None
-
-
-def killed_by_signal(pid: int) -> bool:
-    """True while `pid` exits because a signal killed it. Its exit closes (FLUSH) every file
-    it held, and a write cut short must publish nothing. FLUSH carries no pid, so this asks
-    about the process that opened the file: if that one is gone, or ends otherwise, the close
-    publishes as usual."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            flags = int(stat_file.read().rsplit(b")", 1)[1].split()[6])
-    except (OSError, IndexError, ValueError):
-        return False
-    return bool(flags & PF_EXITING and flags & PF_SIGNALED)
+    # Who opened it, to tell the writer's last close from the close of a copy of its
+    # descriptor (a forked child, a dup) at FLUSH, which carries no process: the opening
+    # process (0: unknown) and the access mode it opened with.
+    opener: int = 0
+    accmode: int = os.O_RDWR
+    # Its opener has closed it (or is gone): it no longer holds back another writer's publish.
+    finished: bool = False
 
 
 def descriptors_wanted(kind: Kind, writable: bool) -> int:
@@ -312,8 +305,10 @@ class OpenFiles:
     """open, create, read, write, truncate, flush, fsync and release of artifacts and records."""
 
     def __init__(self, tree: Namespace, blobs: BlobStore, runtime: Runtime, table: OpenTable,
-                 publisher: Publisher, max_artifact_size: int) -> None:
+                 publisher: Publisher, max_artifact_size: int,
+                 processes: Processes | NoProcesses | None = None) -> None:
         self.tree = tree
+        self.processes = processes or NoProcesses()
         self.blobs = blobs
         self.runtime = runtime
         self.table = table
@@ -323,12 +318,13 @@ class OpenFiles:
     # -- opening and closing --------------------------------------------------------------
 
     def create(self, parent_ino: int, raw_name: bytes, mode: int,
-               caller: Caller) -> tuple[int, Attr]:
+               caller: Caller, flags: int = os.O_RDWR) -> tuple[int, Attr]:
         # Checked before the row exists: a refused create leaves nothing behind.
         self.table.room(None, descriptors_wanted(Kind.FILE, writable=True))
         node = self.tree.add_file(parent_ino, raw_name, mode, caller)
         inode = self.open_inode(node, writable=True)
         handle = self.table.new_handle(inode, writable=True, caller=caller)
+        self._note_opener(handle, flags)
         try:
             inode.temp = self.blobs.new_temp()
         except OSError:
@@ -349,6 +345,8 @@ class OpenFiles:
             self.tree.check_unsealed(node)
         inode = self.open_inode(node, writable, caller)
         handle = self.table.new_handle(inode, writable, caller)
+        if writable:
+            self._note_opener(handle, flags)
         # libfuse negotiates atomic O_TRUNC: truncation arrives here, not as setattr(size=0).
         if writable and flags & os.O_TRUNC:
             try:
@@ -357,6 +355,12 @@ class OpenFiles:
                 self.release(handle.fh)
                 raise
         return handle.fh
+
+    def _note_opener(self, handle: Handle, flags: int) -> None:
+        """Remember which process opened a file for writing (OPEN and CREATE carry the
+        calling thread's id: one read of /proc/<tid>/status, ~10 us)."""
+        handle.opener = self.processes.process_of(handle.caller.pid)
+        handle.accmode = flags & os.O_ACCMODE
 
     def open_inode(self, node: Node, writable: bool, caller: Caller | None = None
                    ) -> OpenInode:
@@ -387,7 +391,8 @@ class OpenFiles:
         close() returned long ago, so a failure here can only be logged."""
         handle = self.table.handles.get(fh)
         try:
-            if handle is not None and self._unflushed(handle):
+            if (handle is not None and self._unflushed(handle)
+                    and not self.processes.killed_by_signal(handle.opener)):
                 await self.publisher.publish(handle.inode, handle.caller, handle)
         except (OSError, CafsError) as exc:
             assert handle is not None
@@ -458,6 +463,7 @@ class OpenFiles:
                 written = inode.temp.write(offset, data)
             inode.mtime_ns = inode.changed_ns = time.time_ns()
             handle.wrote_serial = inode.temp_serial
+            handle.finished = False  # a copy of its descriptor writes on (a forked child)
         return written
 
     async def truncate(self, node: Node, size: int, handle: Handle | None,
@@ -512,23 +518,63 @@ class OpenFiles:
     # -- publishing -----------------------------------------------------------------------
 
     async def flush(self, fh: int) -> None:
-        """close(2) waits for this: publish what this handle wrote, or report why not."""
+        """close(2) waits for this. The kernel sends it for every close of every copy of the
+        descriptor (a forked child's, a dup's, the exit of each process holding one), with no
+        word of who closed. A version is published when the writer has finished: when the
+        process that opened the file no longer holds it (its last close, or its exit) and no
+        other open of the file is still writing into the same content. A writer killed by a
+        signal publishes nothing."""
         handle = self.table.handle(fh)
         if handle.error is not None:
             raise CafsError("an earlier write to this file failed", handle.error)
         inode = handle.inode
-        if handle.writable and inode.temp is not None and handle.wrote_serial == inode.temp_serial:
-            if killed_by_signal(handle.caller.pid):  # its exit closes the file: cut short
-                log.info("%s: its writer (pid %d) was killed by a signal: nothing published",
-                         inode.node.name, handle.caller.pid)
-                async with inode.lock:
-                    self.publisher.fail(inode, handle, errno.EINTR)
-                return
-            await self.publisher.publish(inode, handle.caller, handle)
+        if not self._unflushed(handle) or self._opener_holds(handle):
+            return
+        handle.finished = True
+        if self.processes.killed_by_signal(handle.opener):  # its exit closes it: cut short
+            log.info("%s: its writer (pid %d) was killed by a signal: nothing published",
+                     inode.node.name, handle.opener)
+            async with inode.lock:
+                self.publisher.fail(inode, handle, errno.EINTR)
+            return
+        if self._others_writing(handle):
+            return  # the last of them to finish publishes what they wrote together
+        await self.publisher.publish(inode, handle.caller, handle)
+
+    def _opener_holds(self, handle: Handle) -> bool:
+        """True if this FLUSH closed a copy of the descriptor while the process that opened
+        the file still holds it: it counts its descriptors on the inode with the same access
+        mode against its open files of that kind here. Cannot tell (None): False, and the
+        close publishes, as every close once did."""
+        node = handle.inode.node
+        held = self.processes.descriptors_on(handle.opener, node.ino, node.name,
+                                             handle.accmode)
+        if held is None or held == 0:
+            return False
+        opens = sum(1 for other in handle.inode.handles if other.opener == handle.opener
+                    and other.accmode == handle.accmode and not other.finished)
+        return held >= opens
+
+    def _others_writing(self, handle: Handle) -> bool:
+        """Another open of the file wrote into the same content and has not finished (two
+        rewrites with O_TRUNC): publishing now would publish its bytes in progress."""
+        inode = handle.inode
+        return any(other is not handle and other.writable and not other.finished
+                   and other.error is None and other.wrote_serial == inode.temp_serial
+                   for other in inode.handles)
 
     async def fsync(self, fh: int) -> None:
-        """Publish, then make the manifest durable: the artifact survives power loss."""
-        await self.flush(fh)
+        """Publish what was written so far, whoever calls it, then make it durable: the blob
+        file and the manifest's WAL are fsynced, and the artifact survives power loss."""
+        handle = self.table.handle(fh)
+        if handle.error is not None:
+            raise CafsError("an earlier write to this file failed", handle.error)
+        inode = handle.inode
+        if self._unflushed(handle):
+            await self.publisher.publish(inode, handle.caller, handle)
+        blob = inode.node.blob
+        if blob is not None and not self.blobs.sync_each_publish:
+            await self.runtime.run_in_thread(self.blobs.sync_blob, blob.digest)
         self.tree.manifest.sync()
 
     # -- what admin commands ask of a running mount ---------------------------------------

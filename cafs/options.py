@@ -77,6 +77,10 @@ class Settings:
     backup_interval: int = option(
         3600, "manifest backups, default 3600; 0: only at unmount", unit="SECONDS",
         in_file=False, mount=True)
+    sync_interval: int = option(
+        5, "group sync: every SECONDS, blobs and manifest written since are made durable "
+        "(power loss takes at most that much of what was closed but not fsynced), default 5; "
+        "0: fsync every file at close", unit="SECONDS", mount=True)
     orphan_grace: int | None = option(
         None, "gc and fsck --repair keep orphan blob files this long (default 7 days)",
         unit="SECONDS", flag="--orphan-grace")

@@ -304,6 +304,24 @@ class Recovery:
     unpublished: int
 
 
+@dataclass(frozen=True)
+class RollBack:
+    """What start-up did after a power loss (see Store.roll_back_unsynced)."""
+
+    checked: int  # blobs stored after the last durable point, re-hashed
+    damaged: tuple[str, ...]  # what was wrong with those that did not reach the disk whole
+    artifacts: int  # artifacts rolled back to their previous version or left to be removed
+
+
+def boot_id() -> str:
+    """This boot of the kernel: a dirty marker written under another one means the machine
+    went down (power loss, reset) and took the page cache with it, not only the daemon."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 class Store:
     """An opened store. `lock=True` (the daemon) holds the store's lock until close()."""
 
@@ -367,13 +385,65 @@ class Store:
             raise StoreError(f"cannot create {path}: {exc.strerror}") from None
         try:
             with contextlib.suppress(OSError):  # ENOSPC: an empty marker says the same
-                os.write(fd, f"pid {os.getpid()}\n".encode())
+                os.write(fd, f"pid {os.getpid()} boot {boot_id()}\n".encode())
             os.fsync(fd)
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc.strerror}") from None
         finally:
             os.close(fd)
         return unclean
+
+    def same_boot(self) -> bool:
+        """True if the dirty marker a crashed daemon left was written during this boot: its
+        blob files and WAL are then in the page cache, whole, whatever was synced. False if
+        another boot wrote it, or it cannot be told (an older marker, `wal closed`)."""
+        try:
+            fd = open_store_file(self.root / DIRTY_NAME, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            first = os.read(fd, 256).split(b"\n", 1)[0].split()
+        finally:
+            os.close(fd)
+        current = boot_id()
+        return (bool(current) and len(first) == 4 and first[0] == b"pid"
+                and first[2] == b"boot" and first[3].decode(errors="replace") == current)
+
+    def roll_back_unsynced(self) -> RollBack:
+        """After a power loss: the blobs stored after the last durable point (the last group
+        sync, see sync_durable) are re-hashed; versions holding one whose bytes did not reach
+        the disk whole are dropped, their artifacts fall back to their previous version (or,
+        with none, are removed by recover), and the damaged files go to quarantine/. Bounded
+        by what one sync interval can write."""
+        since = self.manifest.synced_ns()
+        if since is None:  # never group-synced: every blob was fsynced when it was stored
+            return RollBack(0, (), 0)
+        recent = self.manifest.blobs_stored_after(since)
+        bad = {blob.blob_id: (blob, problem) for blob in recent
+               if (problem := self.content_problem(blob))}
+        if not bad:
+            return RollBack(len(recent), (), 0)
+        changed = self.manifest.roll_back(sorted(bad), time.time_ns())
+        for blob, _ in bad.values():
+            self._quarantine(blob)
+        return RollBack(len(recent), tuple(problem for _, problem in bad.values()),
+                        len(changed))
+
+    def _quarantine(self, blob: BlobRef) -> None:
+        """Move a damaged blob file out of blobs/ (kept for forensics, never read again)."""
+        target = self.root / QUARANTINE_DIR
+        target.mkdir(mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.blobs.path_of(blob.digest),
+                      target / f"{blob.digest}.{time.time_ns()}")
+
+    def sync_durable(self) -> None:
+        """A group sync: every blob file written so far, then the manifest with the durable
+        point taken before the blobs were synced (a blob stored after it may not be on disk:
+        an unclean start after a power loss checks those, see roll_back_unsynced)."""
+        durable_ns = time.time_ns()
+        self.blobs.sync_all()
+        self.manifest.sync(durable_ns)
 
     def mark_clean(self) -> None:
         with contextlib.suppress(FileNotFoundError):

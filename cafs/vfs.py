@@ -44,6 +44,7 @@ from cafs.runtime import KernelNotifier, NoKernel, Runtime
 from cafs.symlinks import Symlinks
 from cafs.virtual import CachedRecord, VirtualNodes, is_computed
 from cafs.visibility import Visibility
+from cafs.writers import Processes
 from cafs.xattrs import Xattrs
 
 __all__ = ["DEFAULT_MAX_ARTIFACT_SIZE", "DEFAULT_MAX_OPEN_FILES", "KernelNotifier", "Runtime",
@@ -61,6 +62,7 @@ class Vfs:
         max_open_files: int = DEFAULT_MAX_OPEN_FILES,
         cache_entries: int = 100_000,
         kernel: KernelNotifier | None = None,
+        processes: Processes | None = None,
     ) -> None:
         self.manifest = manifest
         self.blobs = blobs
@@ -75,7 +77,7 @@ class Vfs:
                               cache_entries)
         self.publisher = Publisher(self.tree, manifest, blobs, runtime, self.kernel)
         self.files = OpenFiles(self.tree, blobs, runtime, self.table, self.publisher,
-                               max_artifact_size)
+                               max_artifact_size, processes)
         self.xattrs = Xattrs(self.tree, self.visibility, manifest, blobs.space)
         self.symlinks = Symlinks(self.tree, manifest, blobs)
 
@@ -135,7 +137,7 @@ class Vfs:
 
     def create(self, parent_ino: int, raw_name: bytes, mode: int, flags: int,
                caller: Caller) -> tuple[int, Attr]:
-        return self.files.create(parent_ino, raw_name, mode, caller)
+        return self.files.create(parent_ino, raw_name, mode, caller, flags)
 
     async def open(self, ino: int, flags: int, caller: Caller) -> int:
         return await self.files.open(ino, flags, caller)

@@ -25,6 +25,7 @@ RANKS: list[tuple[str, list[str]]] = [
     # stdlib only: errors carrying an errno, records, the Digest type, naming rules, helpers,
     # settings, and the protocols the core needs from outside it.
     ("base", ["__init__", "errors", "model", "digest", "lru", "rules", "crashpoints", "wal",
+              "writers",
               "options", "config", "mountpoint", "runtime"]),
     ("blob store", ["blobstore", "blobstore.*", "blob_*", "encoding", "encodings",
                     "encodings.*"]),

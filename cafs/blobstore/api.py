@@ -70,8 +70,17 @@ class Blobs(Protocol):
         ...
 
     def publish(self, temp: TempBlob, digest: Digest) -> StoredBlob:
-        """Store a finished temp as the blob `digest`, durably, before it returns (a manifest
-        row written afterwards never points at a partial blob). The temp stays open."""
+        """Store a finished temp as the blob `digest` before it returns (a manifest row
+        written afterwards never points at a partial blob): fsynced, unless the caller makes it
+        durable later (sync_blob, sync_all). The temp stays open."""
+        ...
+
+    def sync_blob(self, digest: Digest) -> None:
+        """Make one blob durable against power loss."""
+        ...
+
+    def sync_all(self) -> None:
+        """Make every blob written so far durable against power loss."""
         ...
 
     def open(self, digest: Digest, encoding: str) -> BlobReader:

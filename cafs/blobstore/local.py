@@ -12,11 +12,12 @@ the formats themselves live in their modules (raw, raw_xxh64, zstd_seekable).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from cafs import crashpoints
 from cafs.blobstore.api import BlobReader, Blobs, Encoding, read_chunks
@@ -38,6 +39,16 @@ from cafs.errors import Corrupt
 from cafs.model import StoredBlob
 
 
+def _find_syncfs() -> Callable[[int], int] | None:
+    try:
+        return cast("Callable[[int], int]", ctypes.CDLL(None, use_errno=True).syncfs)
+    except (OSError, AttributeError):
+        return None
+
+
+_libc_syncfs = _find_syncfs()
+
+
 class LocalBlobStore:
     """Immutable blobs by digest in a local directory, plus the temp files that become them."""
 
@@ -55,6 +66,11 @@ class LocalBlobStore:
         self.space = SpaceGuard(root)
         self._zstd = SeekableWriter(level, frame_size)
         self._temp_serial = 0
+        # True: every publish fsyncs its blob and the shard directory (admin commands on an
+        # unmounted store). A daemon with a group sync sets it False: close() then needs only
+        # the page cache (it survives a dead daemon), fsync() syncs the one blob (sync_blob),
+        # and the group sync (sync_all) bounds what power loss can take.
+        self.sync_each_publish = True
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -114,16 +130,38 @@ class LocalBlobStore:
             temp.append_block_sums()  # raw+xxh64 is written in place
             encoding = Encoding.RAW_CHECKED
         try:
-            os.fsync(chosen.fd)
+            if self.sync_each_publish:
+                os.fsync(chosen.fd)
             crashpoints.reached("after-temp-fsync")
             stored_size = os.fstat(chosen.fd).st_size
             os.rename(chosen.path, final)
-            fsync_dir(final.parent)
+            if self.sync_each_publish:
+                fsync_dir(final.parent)
             crashpoints.reached("after-blob-rename")
         finally:
             if compressed is not None:
                 compressed.discard()
         return StoredBlob(digest, temp.size, stored_size, encoding)
+
+    def sync_blob(self, digest: Digest) -> None:
+        """Make one blob file and its name durable (an fsync through the mount)."""
+        path = self.path_of(digest)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(path.parent)
+
+    def sync_all(self) -> None:
+        """Make every blob file written so far durable, with one syncfs(2) of the store's
+        filesystem (a group sync: what ext4's commit interval is to its files)."""
+        fd = os.open(self.blob_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if _libc_syncfs is None or _libc_syncfs(fd) != 0:
+                os.sync()  # no syncfs: every filesystem, the same guarantee
+        finally:
+            os.close(fd)
 
     # -- reading --------------------------------------------------------------------------
 

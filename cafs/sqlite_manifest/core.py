@@ -24,7 +24,6 @@ import functools
 import inspect
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -235,15 +234,19 @@ class SqliteCore:
         self._changes += 1
         self._free_bytes = None
 
-    def sync(self) -> None:
+    def sync(self, durable_ns: int | None = None) -> None:
         """Make every committed transaction durable against power loss: one commit with
-        synchronous=FULL fsyncs the WAL, and with it every frame committed before it."""
+        synchronous=FULL fsyncs the WAL, and with it every frame committed before it.
+        `durable_ns` (a group sync, after the blob files of its time were synced) is recorded
+        as the new durable point: every blob stored before it is on disk; an fsync of one file
+        leaves the point where it was."""
         db = self._db
         db.execute("PRAGMA synchronous = FULL")
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.execute("UPDATE store_state SET synced_ns = ?", (time.time_ns(),))
+                db.execute("UPDATE store_state SET synced_ns = coalesce(?, synced_ns)",
+                           (durable_ns,))
                 db.execute("COMMIT")
             except BaseException:
                 with suppress(sqlite3.Error):
@@ -251,6 +254,11 @@ class SqliteCore:
                 raise
         finally:
             db.execute("PRAGMA synchronous = NORMAL")
+
+    def synced_ns(self) -> int | None:
+        """The durable point of the last group sync (see sync); None if there was none."""
+        row = self._db.execute("SELECT max(synced_ns) FROM store_state").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
 
     def mark_checked(self, now_ns: int) -> None:
         """A daemon starts on this manifest, checked intact: orphan blob files older than now

@@ -232,6 +232,54 @@ class SqliteMaintenance(Rows):
             self.remove_unpublished()
         return fixed
 
+    def blobs_stored_after(self, since_ns: int) -> list[BlobRef]:
+        """Blob rows newer than a durable point (see SqliteCore.sync): their files may not
+        have reached the disk before a power loss."""
+        rows = self._db.execute(
+            f"SELECT {BLOB.select} FROM blobs b WHERE created_ns > ? ORDER BY id",
+            (since_ns,)).fetchall()
+        return [BLOB.decode(row) for row in rows]
+
+    def roll_back(self, blob_ids: list[int], now_ns: int) -> list[int]:
+        """After a power loss, the files of these blobs did not reach the disk whole: every
+        version holding one goes; an artifact whose current version goes gets its newest
+        remaining version back, or, with none left, is left unpublished (start-up's
+        remove_unpublished then removes it); the blob rows go. One transaction. Returns the
+        ids of the artifacts whose content changed."""
+        with self._transaction() as db:
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS rolled_back (id INTEGER PRIMARY KEY)")
+            db.execute("DELETE FROM rolled_back")
+            db.executemany("INSERT OR IGNORE INTO rolled_back VALUES (?)",
+                           [(blob_id,) for blob_id in blob_ids])
+            bad = "(SELECT id FROM rolled_back)"
+            touched = [row[0] for row in db.execute(
+                f"SELECT DISTINCT node_id FROM versions WHERE blob_id IN {bad}")]
+            current = [row[0] for row in db.execute(
+                f"SELECT n.id FROM nodes n JOIN versions v ON v.id = n.version_id "
+                f"WHERE v.blob_id IN {bad}")]
+            for node_id in current:
+                # The newest remaining version of its path history (schema m007), which
+                # may have been published under another name (a rename joined it).
+                previous = db.execute(
+                    f"SELECT v.id, v.blob_id, v.mtime_ns FROM versions v JOIN nodes n "
+                    f"ON n.id = ? AND v.history_id = n.history_id "
+                    f"WHERE v.blob_id NOT IN {bad} ORDER BY v.number DESC LIMIT 1",
+                    (node_id,)).fetchone()
+                if previous is None:
+                    db.execute("UPDATE nodes SET version_id = NULL WHERE id = ?", (node_id,))
+                    continue
+                version_id, blob_id, mtime_ns = previous
+                db.execute("UPDATE versions SET replaced_ns = NULL WHERE id = ?", (version_id,))
+                db.execute("UPDATE blobs SET refcount = refcount + 1 WHERE id = ?", (blob_id,))
+                db.execute("UPDATE nodes SET version_id = ?, mtime_ns = ?, ctime_ns = ? "
+                           "WHERE id = ?", (version_id, mtime_ns, now_ns, node_id))
+            db.execute(f"DELETE FROM versions WHERE blob_id IN {bad}")
+            for node_id in touched:
+                self._aggregate_file(node_id)
+            db.execute(f"DELETE FROM blobs WHERE id IN {bad}")
+            db.execute("DELETE FROM rolled_back")
+        return current
+
     def superseded_versions(self) -> list[tuple[int, int, bool]]:
         """(version id, history id, whether a live artifact holds that history) of every
         version that is not current: each history's newest (highest number) first. A version
