@@ -19,11 +19,12 @@ from cafs.model import RUNS_INODE, Kind, Node, Version
 from cafs.records import iso_time
 
 
-def root_hash(artifacts: Iterable[tuple[str, str]]) -> str:
+def root_hash(artifacts: Iterable[tuple[str, str]], *, presorted: bool = False) -> str:
     """The root of a run: SHA-256 over its sorted '<path>\\0<sha256>\\n' lines (paths below
     the execution, sorted as UTF-8 bytes). Equal outputs give equal roots, whatever the run's
-    name or when it ran."""
-    lines = sorted((rel.encode(), digest) for rel, digest in artifacts)
+    name or when it ran. `presorted`: they come in that order already (streamed, not held)."""
+    encoded = ((rel.encode(), digest) for rel, digest in artifacts)
+    lines = encoded if presorted else sorted(encoded)
     return digest_of_chunks(rel + b"\0" + digest.encode() + b"\n" for rel, digest in lines)[0]
 
 
