@@ -36,7 +36,7 @@ PAGE = 1000
 _SCHEMA = """
 CREATE TABLE entries (                     -- layers, directories and artifacts below the execution
     rel      TEXT PRIMARY KEY,             -- path below the execution (its order: UTF-8 bytes)
-    kind     TEXT NOT NULL,
+    kind     TEXT NOT NULL,                -- a Kind value: layer, dir, file (new kinds: new values)
     mode     INTEGER NOT NULL,
     uid      INTEGER NOT NULL,
     gid      INTEGER NOT NULL,
