@@ -24,12 +24,15 @@ from cafs.records import iso_time
 SYMLINK_MARK = b"symlink "
 
 
-def root_hash(artifacts: Iterable[tuple[str, str] | tuple[str, str, Kind]]) -> str:
+def root_hash(artifacts: Iterable[tuple[str, str] | tuple[str, str, Kind]], *,
+              presorted: bool = False) -> str:
     """The root of a run: SHA-256 over its sorted '<path>\\0<sha256>\\n' lines (paths below
     the execution, sorted as UTF-8 bytes; a symlink's line is '<path>\\0symlink <sha256 of
-    its target>\\n'). Equal outputs give equal roots, whatever the run's name or when it ran."""
-    lines = sorted((item[0].encode(), (SYMLINK_MARK if item[2:] == (Kind.SYMLINK,) else b"")
-                    + item[1].encode()) for item in artifacts)
+    its target>\\n'). Equal outputs give equal roots, whatever the run's name or when it ran.
+    `presorted`: they come in that order already (streamed, not held)."""
+    encoded = ((item[0].encode(), (SYMLINK_MARK if item[2:] == (Kind.SYMLINK,) else b"")
+                + item[1].encode()) for item in artifacts)
+    lines = encoded if presorted else sorted(encoded)
     return digest_of_chunks(rel + b"\0" + content + b"\n" for rel, content in lines)[0]
 
 

@@ -14,7 +14,7 @@ disk is full, EIO otherwise), never as the driver's own exception.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -323,10 +323,15 @@ class Maintenance(Protocol):
 class Import(Protocol):
     """Whole trees in one transaction: an imported run, a bulk-loaded layer."""
 
-    def add_tree(self, name: str, top: TreeEntry, entries: list[TreeEntry],
-                 blobs: dict[str, StoredBlob], sealed: tuple[int, str] | None,
+    def add_tree(self, name: str, top: TreeEntry,
+                 entries: Iterable[tuple[TreeEntry, Iterable[Version]]],
+                 blobs: Iterable[StoredBlob], sealed: tuple[int, str] | None,
                  now_ns: int) -> int:
-        """Create runs/<name> with everything below it, histories and tags."""
+        """Create runs/<name> with everything below it, histories and tags, in one
+        transaction, the rows taken from the iterables as they yield them (a run of any size
+        costs the same memory). `entries`: every directory before what it holds, each
+        artifact with its versions oldest first (the last is current; their paths absolute);
+        `blobs`: every content the versions use, already in the blob store."""
         ...
 
     def bulk_load_layer(self, execution: str, layer: str, artifacts: list[BulkArtifact], *,

@@ -22,6 +22,7 @@ from test_vfs import ALICE, Runtime, layer, read_all, write_file
 
 from cafs.admin import Admin, LocalRuntime, NotMounted, decode_result, root_hash, run_locally
 from cafs.bundle import BadBundle, BundleReader, parse_header
+from cafs.bundle_index import BundleIndex
 from cafs.daemon import TrioRuntime
 from cafs.digest import Digest
 from cafs.errors import ManifestError
@@ -199,11 +200,12 @@ def test_a_bundle_missing_a_blob_stores_nothing(opened: Store) -> None:
         info.size = len(text)
         tar.addfile(info, io.BytesIO(text))
     buffer.seek(0)
-    reader = BundleReader(buffer)
-    with pytest.raises(BadBundle, match="incomplete"):
-        reader.store_blobs({sha(data)}, opened.blobs, lambda done, total: None, {})
+    with BundleIndex.create(opened.blobs.tmp_dir) as index:
+        reader = BundleReader(buffer, index, opened.blobs.space)
+        with pytest.raises(BadBundle, match="incomplete"):
+            reader.store_blobs(opened.blobs, lambda done, total: None)
     assert list(opened.blobs.iter_digests()) == []
-    assert os.listdir(opened.blobs.tmp_dir) == []
+    assert os.listdir(opened.blobs.tmp_dir) == []  # the scratch index too is gone
 
 
 def test_results_cross_the_control_socket_as_json_and_come_back_as_the_same_types(

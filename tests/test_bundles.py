@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import base64
 import bz2
+import contextlib
 import gzip
 import io
 import json
 import lzma
 import os
+import sqlite3
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 import zlib
@@ -24,7 +27,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import CAFS, Mount, cafs, require_fuse, sha, unmount_whatever_state
+from conftest import CAFS, Mount, cafs, require_fuse, sh, sha, unmount_whatever_state, xattr
 
 from cafs.errors import CafsError
 
@@ -78,11 +81,56 @@ def tar_bytes(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
     return out.getvalue()
 
 
+# The format bundles are built in: 1 (a header holding everything), or 2 (a small header, then
+# the entries and the blob list as JSON lines) for test_hostile_bundles_in_format_2, which
+# builds every case of HOSTILE again in it.
+LAYOUT = 1
+
+
 def bundle_members(header: dict[str, Any] | bytes, blobs: list[bytes]
                    ) -> list[tuple[tarfile.TarInfo, bytes]]:
+    if LAYOUT == 2 and isinstance(header, dict):
+        return [*format2_members(header), *[member(f"blobs/{sha(data)}", data) for data in blobs]]
     text = header if isinstance(header, bytes) else json.dumps(header).encode()
     return [member("cafs-bundle.json", text),
             *[member(f"blobs/{sha(data)}", data) for data in blobs]]
+
+
+def head_members() -> int:
+    """How many members come before the blobs."""
+    return 3 if LAYOUT == 2 else 1
+
+
+def lines(records: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(record).encode() + b"\n" for record in records)
+
+
+def format2_records(header: dict[str, Any]
+                    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """A format 1 header as format 2 writes the same run: (header, entry and version lines,
+    blob lines), the counts true."""
+    records: list[dict[str, Any]] = []
+    for raw in header["entries"]:
+        records.append({key: value for key, value in raw.items() if key != "versions"})
+        records += [{"kind": "version", "artifact": raw["path"], **v}
+                    for v in raw.get("versions", [])]
+    small = {key: value for key, value in header.items() if key not in ("entries", "blobs")}
+    small.update(format_version=2, entries=len(header["entries"]),
+                 versions=sum(len(raw.get("versions", [])) for raw in header["entries"]),
+                 blobs=len(header["blobs"]))
+    return small, records, list(header["blobs"])
+
+
+def format2_members(header: dict[str, Any], records: list[dict[str, Any]] | None = None,
+                    blob_list: list[dict[str, Any]] | None = None
+                    ) -> list[tuple[tarfile.TarInfo, bytes]]:
+    """The three members before the blobs: from a format 1 header, or (header given as
+    format 2) from the lines given."""
+    if records is None or blob_list is None:
+        header, records, blob_list = format2_records(header)
+    return [member("cafs-bundle.json", json.dumps(header).encode()),
+            member("cafs-entries.jsonl", lines(records)),
+            member("cafs-blobs.jsonl", lines(blob_list))]
 
 
 def bundle(header: dict[str, Any] | bytes, blobs: list[bytes]) -> bytes:
@@ -240,14 +288,14 @@ def raw_header_block(name: str, kind: bytes, size: int) -> bytes:
 
 
 def after_header(*extra: tuple[tarfile.TarInfo, bytes]) -> bytes:
-    members = bundle_members(good(), [GOOD, OTHER])
-    return tar_bytes([members[0], *extra, *members[1:]])
+    members, head = bundle_members(good(), [GOOD, OTHER]), head_members()
+    return tar_bytes([*members[:head], *extra, *members[head:]])
 
 
 def many_junk_members() -> bytes:
-    members = bundle_members(good(), [GOOD, OTHER])
+    members, head = bundle_members(good(), [GOOD, OTHER]), head_members()
     junk = [member(f"junk/{i}", b"") for i in range(5000)]
-    return tar_bytes([members[0], *junk, *members[1:]])
+    return tar_bytes([*members[:head], *junk, *members[head:]])
 
 
 def nested(depth: int) -> bytes:
@@ -376,12 +424,140 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
                                       "says it was replaced"),
     "published outside a layer": (lambda: with_header(set_version(published_at="x")),
                                   "not in a layer"),
+    # a seal the artifacts do not give
+    "root hash that lies": (lambda: with_header(lambda h: h["execution"].update(
+        sealed_ns=T0, root_sha256=sha(b"another run"))), "its recorded root hash"),
+    "kind unknown": (lambda: with_header(lambda h: h["entries"].append(
+        entry("train/pipe", "fifo"))), "unknown kind 'fifo'"),
 }
 
 
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_bundles_are_refused_whole(target: Mount, case: str) -> None:
     build, message = HOSTILE[case]
+    refused(target.store, build(), message)
+
+
+# -- format 2: the same defences, and those of its pieces --------------------------------
+
+# Built the same in either format, or refused before the format is known.
+SAME_IN_EITHER = {"gzip", "bzip2", "xz", "huge header", "huge pax header",
+                  "too many JSON values", "JSON nested deeply", "duplicate JSON keys"}
+
+
+@pytest.mark.parametrize("case", [case for case in HOSTILE if case not in SAME_IN_EITHER])
+def test_hostile_bundles_are_refused_whole_in_format_2(target: Mount, case: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each case above built again in format 2, the header's content carried by the lines of
+    cafs-entries.jsonl and cafs-blobs.jsonl: refused the same way, with the same reason."""
+    monkeypatch.setitem(globals(), "LAYOUT", 2)
+    build, message = HOSTILE[case]
+    refused(target.store, build(), message)
+
+
+Edit = Callable[[dict[str, Any], list[Any], list[Any]], object]
+
+
+def format2(edit: Edit) -> bytes:
+    """The good bundle in format 2, its header, lines (entry and version records) and blob
+    list changed by `edit`. Lines: 0 the layer, 1 a.txt, 2 its version, 3 b.txt, 4 its."""
+    header, records, blob_list = format2_records(good())
+    edit(header, records, blob_list)
+    return tar_bytes([*format2_members(header, records, blob_list),
+                      member(f"blobs/{sha(GOOD)}", GOOD), member(f"blobs/{sha(OTHER)}", OTHER)])
+
+
+def format2_entries(entries: bytes) -> bytes:
+    """The good bundle in format 2 with cafs-entries.jsonl replaced by these bytes."""
+    members = bundle_members_2()
+    return tar_bytes([members[0], member("cafs-entries.jsonl", entries), *members[2:]])
+
+
+def bundle_members_2() -> list[tuple[tarfile.TarInfo, bytes]]:
+    return [*format2_members(good()), member(f"blobs/{sha(GOOD)}", GOOD),
+            member(f"blobs/{sha(OTHER)}", OTHER)]
+
+
+def far_apart(header: dict[str, Any], records: list[Any], what: int) -> None:
+    """Record `what` again after 3,000 other entries (directories), the counts true."""
+    fillers = [entry(f"train/d{i}", "dir") for i in range(3000)]
+    again = [records[what], *([records[what + 1]] if "kind" in records[what] and
+                              records[what]["kind"] == "file" else [])]
+    records += [*fillers, *again]
+    header["entries"] += len(fillers) + 1
+    header["versions"] += len(again) - 1
+
+
+def blob_again_far_apart(header: dict[str, Any], records: list[Any], blobs: list[Any]
+                         ) -> None:
+    blobs += [*[{"sha256": sha(str(i).encode()), "size": 1} for i in range(3000)], blobs[0]]
+    header["blobs"] += 3001
+
+
+def set_in(what: str, **values: Any) -> Edit:
+    return lambda h, r, b: {"header": h, "execution": h["execution"], "a.txt": r[1],
+                            "version": r[2]}[what].update(values)
+
+
+HOSTILE_2: dict[str, tuple[Callable[[], bytes], str]] = {
+    # each piece bounded
+    "a line over its bound": (lambda: format2(set_in("a.txt", pad="x" * (4 << 20))),
+                              "cafs-entries.jsonl has a line of"),
+    "an unfinished line over its bound": (lambda: format2_entries(
+        lines(format2_records(good())[1]) + b'{"path": "' + b"x" * (5 << 20)),
+        "has a line of over 4194304 bytes"),
+    "a last line without its newline": (lambda: format2_entries(
+        lines(format2_records(good())[1])[:-1]), "does not end with a newline"),
+    "a line of too many JSON values": (lambda: format2(set_in("a.txt", x=[{}] * 60_000)),
+                                       "JSON values"),
+    "a line that is not an object": (lambda: format2(lambda h, r, b: r.insert(1, [1, 2])),
+                                     "not an object"),
+    "a header over its bound": (lambda: format2(set_in("execution", pad="x" * (5 << 20))),
+                                "a version 2 header holds at most"),
+    # counts that lie
+    "more entries than declared": (lambda: format2(set_in("header", entries=2)),
+                                   "declares 2 entries"),
+    "fewer entries than declared": (lambda: format2(set_in("header", entries=4)),
+                                    "declares 4 entries"),
+    "more versions than declared": (lambda: format2(set_in("header", versions=1)),
+                                    "declares 1 versions"),
+    "fewer blobs than declared": (lambda: format2(set_in("header", blobs=3)),
+                                  "declares 3 blobs"),
+    "a negative count": (lambda: format2(set_in("header", blobs=-1)), "header: blobs"),
+    # duplicates and order across lines
+    "an artifact again, far apart": (lambda: format2(lambda h, r, b: far_apart(h, r, 1)),
+                                     "train/a.txt: listed twice"),
+    "a layer again, far apart": (lambda: format2(lambda h, r, b: far_apart(h, r, 0)),
+                                 "train: listed twice"),
+    "a blob listed again, far apart": (lambda: format2(blob_again_far_apart), "twice"),
+    "a version away from its artifact": (lambda: format2(
+        lambda h, r, b: r.__setitem__(slice(2, 5), [r[4], r[3], r[2]])), "does not follow"),
+    "an entry before its directory": (lambda: format2(lambda h, r, b: r.append(r.pop(0))),
+                                      "its directory is not in the bundle"),
+    "versions inside an entry": (lambda: format2(set_in("a.txt", versions=[])),
+                                 "lines of their own"),
+    "a version line without its kind": (lambda: format2(
+        lambda h, r, b: r[2].pop("kind")), "a line without its kind (line 3 of"),
+    "a line of a kind this cafs does not know": (lambda: format2(lambda h, r, b: (
+        r.insert(3, entry("train/pipe", "fifo")),
+        h.update(entries=h["entries"] + 1))), "train/pipe: unknown kind 'fifo'"),
+    "an artifact without versions": (lambda: format2(
+        lambda h, r, b: (r.pop(2), h.update(versions=1))), "without any version"),
+    # the layout
+    "an unknown format version": (lambda: format2(set_in("header", format_version=3)),
+                                  "unknown bundle format 'cafs-bundle' version 3"),
+    "the entries member missing": (lambda: tar_bytes(
+        [m for m in bundle_members_2() if m[0].name != "cafs-entries.jsonl"]),
+        "cafs-entries.jsonl must come next"),
+    "the blob list after the blobs": (lambda: tar_bytes(
+        [*bundle_members_2()[:2], *bundle_members_2()[3:], bundle_members_2()[2]]),
+        "cafs-blobs.jsonl must come next"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_2))
+def test_hostile_pieces_of_format_2_are_refused_whole(target: Mount, case: str) -> None:
+    build, message = HOSTILE_2[case]
     refused(target.store, build(), message)
 
 
@@ -397,6 +573,108 @@ def test_the_good_bundle_these_are_made_from_imports(target: Mount) -> None:
     assert (target.runs / "good" / "train" / "b.txt").read_bytes() == OTHER
     if not was_mounted:
         target.stop()
+
+
+def test_the_good_bundle_in_format_2_imports(target: Mount,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """(After the other: it changes the shared store too.)"""
+    monkeypatch.setitem(globals(), "LAYOUT", 2)
+    result = run_import(target.store, bundle(good(), [GOOD, OTHER]), "--as", "good2")
+    assert result.returncode == 0, result.stderr
+    assert b"imported runs/good2: 2 artifacts" in result.stdout
+    was_mounted = mounted(target.store)
+    if not was_mounted:
+        target.start()
+    assert (target.runs / "good2" / "train" / "a.txt").read_bytes() == GOOD
+    assert (target.runs / "good2" / "train" / "b.txt").read_bytes() == OTHER
+    if not was_mounted:
+        target.stop()
+
+
+def test_a_format_1_bundle_imports_as_it_did(mount: Mount, tmp_path: Path) -> None:
+    """Users hold bundles cafs wrote before format 2: one header holding the entries and the
+    blob list. Such a run — sealed, nested, tagged, with history — imports whole, and
+    exported again (in format 2) and imported again it is the same run."""
+    from cafs.admin import root_hash
+
+    old, new, deep = b"old weights\n", b"new weights\n", b"deep\n" * 1000
+    header = good_header({"model.bin": new})
+    model = file_entry(header)
+    model["versions"] = [version(old, created_ns=T0 - 10), version(new)]
+    model["tags"] = tags(stage=b"prod")
+    header["entries"] += [entry("train/sub", "dir", tags=tags(note=b"nested")),
+                          entry("train/sub/deep.txt", "file", versions=[version(deep)])]
+    header["blobs"] = sorted([*header["blobs"], {"sha256": sha(old), "size": len(old)},
+                              {"sha256": sha(deep), "size": len(deep)}],
+                             key=lambda blob: blob["sha256"])
+    root = root_hash([("train/model.bin", sha(new)), ("train/sub/deep.txt", sha(deep))])
+    header["execution"].update(sealed_ns=T0, root_sha256=root)
+    assert header["format_version"] == 1
+    result = run_import(mount.store, bundle(header, [new, old, deep]), "--as", "old")
+    assert result.returncode == 0, result.stderr
+    assert b"imported runs/old: 2 artifacts; 3 new blobs" in result.stdout
+    run = mount.runs / "old"
+    assert (run / "train" / "model.bin").read_bytes() == new
+    assert (run / "train" / "sub" / "deep.txt").read_bytes() == deep
+    assert xattr(run, "user.cafs.root") == root
+    assert xattr(run / "train" / "model.bin", "user.stage") == "prod"
+    assert xattr(run / "train" / "sub", "user.note") == "nested"
+    log = json.loads(cafs("log", "--json", str(run / "train" / "model.bin")).stdout)
+    assert [v["sha256"] for v in log["versions"]] == [sha(old), sha(new)]
+    again = tmp_path / "again.tar"
+    cafs("export", str(run), "-o", str(again))
+    cafs("import", "--store", str(mount.store), str(again), "--as", "again")
+    assert xattr(mount.runs / "again", "user.cafs.root") == root
+    assert artifact_hashes(mount.store, "again") == artifact_hashes(mount.store, "old")
+
+
+def artifact_hashes(store: Path, execution: str) -> list[tuple[str, str]]:
+    """(path below the execution, sha256) of every artifact, read as the README says to read
+    a store's manifest from outside: read-only."""
+    with contextlib.closing(sqlite3.connect(f"file:{store}/manifest.sqlite?mode=ro",
+                                            uri=True)) as db:
+        return [(path.split("/", 2)[2], digest) for path, digest in db.execute(
+            "SELECT path, sha256 FROM artifacts WHERE execution = ? ORDER BY path",
+            (execution,))]
+
+
+def test_a_run_larger_than_format_1_could_hold_exports_and_imports(mount: Mount,
+                                                                    tmp_path: Path) -> None:
+    """70,000 artifacts (format 1 refused a run of more than about 60,000): made by the
+    bench's bulk generator, exported, imported through the daemon. Every artifact has the same
+    hash, fsck finds nothing, and the daemon's peak RSS grows by less than 64 MiB (format 1
+    grew it by ~180 MB for 55,000)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from cafs_bench import generate_store
+
+    source = tmp_path / "source"
+    started = time.monotonic()
+    generate_store(source, 70_000, per_layer=7_000)  # runs/exec00000, 10 layers
+    data = tmp_path / "big.tar"
+    generated = time.monotonic()
+    exported = cafs("export", "--store", str(source), "runs/exec00000", "-o", str(data),
+                    timeout=300)
+    assert "exported runs/exec00000: 70000 artifacts, 1000 blobs" in exported.stdout
+    pid = mount.daemon_pid()
+    before = vm_peak_kib(pid)
+    export_done = time.monotonic()
+    imported = cafs("import", "--store", str(mount.store), str(data), "--as", "big",
+                    timeout=300)
+    grown = vm_peak_kib(pid) - before
+    print(f"70,000 artifacts: generated in {generated - started:.1f} s, exported in "
+          f"{export_done - generated:.1f} s, imported in {time.monotonic() - export_done:.1f} "
+          f"s; daemon VmHWM {before} KiB, grew by {grown} KiB")
+    assert "imported runs/big: 70000 artifacts; 1000 new blobs" in imported.stdout
+    expected = artifact_hashes(source, "exec00000")
+    assert len(expected) == 70_000 and artifact_hashes(mount.store, "big") == expected
+    assert (mount.runs / "big" / "layer3" / "a00042.bin").read_bytes() == \
+        b"artifact content 42\n"
+    checking = time.monotonic()
+    for store in (source, mount.store):
+        check = cafs("fsck", "--store", str(store), "--full", check=False)
+        assert check.returncode == 0 and "orphan" not in check.stdout, check.stdout
+    print(f"checked in {time.monotonic() - checking:.1f} s")
+    assert grown < 64 << 10
 
 
 def test_sizes_are_held_to_the_stores_maximum(unstarted_mount: Mount, tmp_path: Path) -> None:
@@ -456,6 +734,71 @@ def test_export_puts_the_current_version_last(mount: Mount, tmp_path: Path) -> N
     assert (mount.runs / "copy" / "train" / "p").read_bytes() == b"q1\n"
     assert json.loads(cafs("log", "--json", str(mount.runs / "copy" / "train" / "p")).stdout
                       )["versions"][-1]["sha256"] == sha(b"q1\n")
+
+
+def as_format_1(data: bytes) -> bytes:
+    """A bundle export wrote (format 2) as format 1 writes the same run: one header holding
+    the entries, each with its versions, and the blob list; the same blob members."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = {info.name: (info, tar.extractfile(info).read())  # type: ignore[union-attr]
+                   for info in tar.getmembers()}
+    header = json.loads(members.pop("cafs-bundle.json")[1])
+    records = [json.loads(line) for line in members.pop("cafs-entries.jsonl")[1].splitlines()]
+    blob_list = [json.loads(line) for line in members.pop("cafs-blobs.jsonl")[1].splitlines()]
+    entries: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if record["kind"] == "version":
+            entries[record.pop("artifact")].setdefault("versions", []).append(
+                {key: value for key, value in record.items() if key != "kind"})
+        else:
+            entries[record["path"]] = record
+    header.update(format_version=1, entries=list(entries.values()), blobs=blob_list)
+    del header["versions"]
+    return tar_bytes([member("cafs-bundle.json", json.dumps(header).encode()),
+                      *members.values()])
+
+
+@pytest.mark.parametrize("layout", [1, 2])
+def test_an_imported_run_keeps_each_paths_numbered_history(mount: Mount, tmp_path: Path,
+                                                           layout: int) -> None:
+    """A file with three versions, the last published under a temporary name and renamed over
+    it (as rsync does), exported and imported under a new name: the imported path lists the
+    same contents as versions 1, 2, 3. Imported into the name of an execution removed before,
+    the path continues the history it left there, as a file written there again would."""
+    layer = mount.layer()
+    contents = [b"v1\n", b"v2\n", b"v3\n"]
+    (layer / "f").write_bytes(contents[0])
+    (layer / "f").write_bytes(contents[1])
+    (layer / ".f.tmp").write_bytes(contents[2])
+    os.rename(layer / ".f.tmp", layer / "f")
+    (layer / "g").write_bytes(b"g\n")
+
+    def log(path: Path) -> list[tuple[int, str, bool]]:
+        return [(v["version"], v["sha256"], v["current"])
+                for v in json.loads(cafs("log", "--json", str(path)).stdout)["versions"]]
+
+    three = [(number, sha(content), number == 3)
+             for number, content in enumerate(contents, start=1)]
+    assert log(layer / "f") == three
+    exported = tmp_path / "e1.tar"
+    cafs("export", str(mount.runs / "e1"), "-o", str(exported))
+    data = exported.read_bytes() if layout == 2 else as_format_1(exported.read_bytes())
+    assert run_import(mount.store, data, "--as", "copy").returncode == 0
+    assert log(mount.runs / "copy" / "train" / "f") == three
+    assert log(mount.runs / "copy" / "train" / "g") == [(1, sha(b"g\n"), True)]
+
+    gone = mount.layer("gone")  # a run whose paths the import will take over
+    (gone / "f").write_bytes(b"gone 1\n")
+    (gone / "f").write_bytes(b"gone 2\n")
+    sh(f"rm -rf {mount.runs / 'gone'}")
+    assert run_import(mount.store, data, "--as", "gone").returncode == 0
+    assert log(gone / "f") == [(1, sha(b"gone 1\n"), False), (2, sha(b"gone 2\n"), False),
+                               *[(number + 2, digest, current)
+                                 for number, digest, current in three]]
+    assert log(gone / "g") == [(1, sha(b"g\n"), True)]
+    assert cafs("cat", f"{gone / 'f'}@1").stdout == "gone 1\n"
+    check = mount.fsck("--full")
+    assert check.returncode == 0 and "orphan" not in check.stdout, check.stdout
 
 
 def vm_peak_kib(pid: int) -> int:

@@ -33,8 +33,8 @@ RANKS: list[tuple[str, list[str]]] = [
                   "sqlite_manifest.*"]),
     # The filesystem core and what sits beside it: no pyfuse3, no trio, no daemon.
     ("core", ["vfs", "vfs.*", "vfs_*", "namespace", "openfiles", "xattrs", "virtual",
-              "visibility", "symlinks", "records", "bundle", "store", "fsck", "admin", "admin_*",
-              "maintenance", "lifecycle", "transfer", "control"]),
+              "visibility", "symlinks", "records", "bundle", "bundle_*", "store", "fsck", "admin",
+              "admin_*", "maintenance", "lifecycle", "transfer", "control"]),
     # `cafs ui`, the web view: over the core like the admin commands; no trio, no pyfuse3.
     ("ui", ["ui", "ui.*"]),
     ("ops", ["ops", "control_server"]),
@@ -47,8 +47,9 @@ RANK_OF_LAYER = {layer: rank for rank, (layer, _) in enumerate(RANKS)}
 ONLY_IMPORTED_BY: dict[str, list[str]] = {
     "pyfuse3": ["ops", "daemon"],
     "trio": ["daemon", "ops", "control_server"],
+    # (and a bundle's scratch index, a private SQLite file in tmp/ that is never the manifest)
     "sqlite3": ["schema", "manifest", "manifest_*", "manifest.*", "sqlite_manifest",
-                "sqlite_manifest.*"],
+                "sqlite_manifest.*", "bundle_index"],
     "sqlite_utils": ["schema", "manifest", "manifest_*", "manifest.*", "sqlite_manifest",
                      "sqlite_manifest.*"],
     "jinja2": ["ui.pages"],

@@ -408,10 +408,18 @@ def test_export_then_import_into_another_store(mount: Mount, tmp_path: Path,
     cafs("export", str(run), "-o", str(bundle))
     # Ordinary tar lists and unpacks it; the blobs are named by their hashes.
     listing = sh(f"tar tf {bundle}").stdout.decode().split()
-    assert listing[0] == "cafs-bundle.json"
+    assert listing[:3] == ["cafs-bundle.json", "cafs-entries.jsonl", "cafs-blobs.jsonl"]
     unpacked = tmp_path / "unpacked"
     unpacked.mkdir()
     sh(f"tar xf {bundle} -C {unpacked}")
+    # Format 2: a small header of counts; one JSON object a line, each saying its kind.
+    header = json.loads((unpacked / "cafs-bundle.json").read_bytes())
+    lines = [json.loads(line) for line in (unpacked / "cafs-entries.jsonl").read_text()
+             .splitlines()]
+    assert header["format_version"] == 2 and header["entries"] + header["versions"] == len(lines)
+    kinds = [line["kind"] for line in lines]
+    assert kinds[0] == "layer" and kinds.count("version") == header["versions"]
+    assert {"dir", "file"} <= set(kinds)
     for blob in (unpacked / "blobs").iterdir():
         assert sha(blob.read_bytes()) == blob.name
     assert sha(first) in os.listdir(unpacked / "blobs")  # history travels too

@@ -16,8 +16,10 @@ import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import test_bundles
 from conftest import (
     BEFORE_M006,
     Mount,
@@ -30,7 +32,19 @@ from conftest import (
     started,
     unmount_whatever_state,
 )
-from test_bundles import bundle, entry, good_header, refused, run_import, version
+from test_bundles import (
+    T0,
+    bundle,
+    entry,
+    format2_members,
+    format2_records,
+    good_header,
+    member,
+    refused,
+    run_import,
+    tar_bytes,
+    version,
+)
 
 from cafs.admin import root_hash
 from cafs.model import Kind
@@ -275,33 +289,109 @@ def test_export_import_round_trip(layer: Path, mount: Mount, tmp_path: Path) -> 
 # -- hostile bundles holding symlinks ------------------------------------------------------
 
 
-def _link_bundle(target: bytes, name: str = "latest", **version_fields: object) -> bytes:
+def _link_header(target: bytes, name: str = "latest", **version_fields: object
+                 ) -> dict[str, Any]:
     header = good_header({"model.bin": b"m"})
     header["entries"].append(entry(f"train/{name}", "symlink", mode=0o777,
                                    versions=[version(target, **version_fields)]))
     header["blobs"].append({"sha256": sha(target), "size": len(target)})
-    return bundle(header, [b"m", target])
+    return header
 
 
-def test_bundles_with_bad_symlinks_are_refused(mount: Mount) -> None:
+def _link_bundle(target: bytes, name: str = "latest", **version_fields: object) -> bytes:
+    return bundle(_link_header(target, name, **version_fields), [b"m", target])
+
+
+@pytest.fixture(params=[1, 2])
+def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The bundle format test_bundles builds in: 1 (one header), 2 (header, then lines)."""
+    monkeypatch.setattr(test_bundles, "LAYOUT", request.param)
+    return int(request.param)
+
+
+def test_bundles_with_bad_symlinks_are_refused(mount: Mount, layout: int) -> None:
     store = mount.store
     refused(store, _link_bundle(b"t" * 5000), "a symlink's target is 5000 bytes, not 1 to 4095")
-    refused(store, _link_bundle(b"a\0b"), "cannot hold NUL")
+    refused(store, _link_bundle(b""), "a symlink's target is 0 bytes, not 1 to 4095")
+    refused(store, _link_bundle(b"a\0b"), "train/latest: a symlink's target cannot hold NUL")
     refused(store, _link_bundle(b"x", name=".."), "bad name in bundle")
     refused(store, _link_bundle(b"x", name="a" * 256), "bad name in bundle")
+    refused(store, _link_bundle(b"x", name=".record.json"), "the name .record.json is reserved")
     header = good_header({"model.bin": b"m"})
     header["entries"].append(entry("link", "symlink", versions=[version(b"x")]))
     header["blobs"].append({"sha256": sha(b"x"), "size": 1})
     refused(store, bundle(header, [b"m", b"x"]), "a symlink cannot be in a execution")
     header = good_header({"model.bin": b"m"})
     header["entries"].append(entry("train/l", "symlink"))
-    refused(store, bundle(header, [b"m"]), "train/l: versions is not a list")
+    refused(store, bundle(header, [b"m"]), "train/l: versions is not a list" if layout == 1
+            else "train/l: an artifact without any version")
+    # An older version of the link holding NUL is refused as its current one is.
+    header = good_header({"model.bin": b"m"})
+    header["entries"].append(entry("train/l", "symlink", versions=[
+        version(b"bad\0old", created_ns=T0 - 1), version(b"model.bin")]))
+    header["blobs"] += [{"sha256": sha(b"bad\0old"), "size": 7},
+                        {"sha256": sha(b"model.bin"), "size": 9}]
+    refused(store, bundle(header, [b"m", b"bad\0old", b"model.bin"]), "cannot hold NUL")
     # The same bundle with a sound target imports, its mode forced to 0777.
     result = run_import(store, _link_bundle(b"model.bin", mode=0o600), "--as", "ok")
     assert result.returncode == 0, result.stderr
     link = mount.runs / "ok" / "train" / "latest"
     assert os.readlink(link) == "model.bin"
     assert stat.S_IMODE(os.lstat(link).st_mode) == 0o777
+
+
+def test_a_target_the_store_or_a_file_holds_is_still_checked(mount: Mount, layout: int) -> None:
+    """A target's bytes are checked whoever else uses them: content the store already has (so
+    the import does not store it) and a file of the same bundle holding the same bytes."""
+    store = mount.store
+    (mount.layer("e0") / "has-nul").write_bytes(b"a\0b")
+    refused(store, _link_bundle(b"a\0b"), "train/latest: a symlink's target cannot hold NUL")
+    header = good_header({"model.bin": b"m", "copy": b"c\0d"})
+    header["entries"].append(entry("train/l", "symlink", versions=[version(b"c\0d")]))
+    refused(store, bundle(header, [b"m", b"c\0d"]), "train/l: a symlink's target cannot hold NUL")
+
+
+def test_format_2_symlink_lines_are_held_to_the_same_rules(mount: Mount) -> None:
+    """Pieces only format 2 has: versions belong on lines of their own, a version follows its
+    symlink's entry, and a symlink's version line is checked as a target."""
+    store = mount.store
+    header, records, blobs = format2_records(_link_header(b"model.bin"))
+    link = next(i for i, r in enumerate(records) if r.get("kind") == "symlink")
+
+    def build(records: list[dict[str, object]], header: dict[str, object] = header) -> bytes:
+        return tar_bytes([*format2_members(header, records, blobs),
+                          member(f"blobs/{sha(b'm')}", b"m"),
+                          member(f"blobs/{sha(b'model.bin')}", b"model.bin")])
+
+    assert run_import(store, build(records), "--as", "fine").returncode == 0
+    inline = [*records[:link], {**records[link], "versions": []}, *records[link + 1:]]
+    refused(store, build(inline), "train/latest: versions belong on lines of their own")
+    swapped = [*records[:link], records[link + 1], records[link], *records[link + 2:]]
+    refused(store, build(swapped), "a version of 'train/latest' that does not follow")
+    big = [*records[:link + 1], {**records[link + 1], "size": 4096}, *records[link + 2:]]
+    refused(store, build(big), "a symlink's target is 4096 bytes, not 1 to 4095")
+
+
+def test_a_sealed_run_with_symlinks_imports_in_format_2(mount: Mount, layout: int) -> None:
+    """Its root is checked as seal computes it: a symlink's line marked as one. A bundle whose
+    root treats the symlink as a file holding its target is inconsistent."""
+    store = mount.store
+    header = _link_header(b"model.bin")
+    as_file = root_hash([("train/model.bin", sha(b"m")), ("train/latest", sha(b"model.bin"))])
+    header["execution"].update(sealed_ns=T0, root_sha256=as_file)
+    refused(store, bundle(header, [b"m", b"model.bin"]), "do not give its recorded root hash")
+    root = root_hash([("train/model.bin", sha(b"m")),
+                      ("train/latest", sha(b"model.bin"), Kind.SYMLINK)])
+    header["execution"]["root_sha256"] = root
+    result = run_import(store, bundle(header, [b"m", b"model.bin"]), "--as", "sealed")
+    assert result.returncode == 0, result.stderr
+    run = mount.runs / "sealed"
+    assert os.getxattr(run, "user.cafs.root").decode() == root
+    assert os.readlink(run / "train" / "latest") == "model.bin"
+    cafs("unseal", str(run))
+    cafs("seal", str(run))  # computed again from the manifest: the same root
+    assert os.getxattr(run, "user.cafs.root").decode() == root
+    cafs("unseal", str(run))
 
 
 # -- migration m006 on a store made before it ----------------------------------------------

@@ -109,6 +109,13 @@ NEW_VERSION = ("node_id", "path", "blob_id", "size", "mode", "uid", "gid", "mtim
                "ctime_ns", "content_type", "created_ns", "replaced_ns", "history_id", "number")
 INSERT_VERSION = insert_sql("versions", NEW_VERSION)
 INSERT_TAG = insert_sql("tags", ("node_id", "name", "value"))
+# An imported tree's rows (cafs.sqlite_manifest.load): ids assigned by the import, a node with
+# its current version and path history, a version's blob named by its sha256 (no blob id held
+# per row), a new path history with the number its newest version got.
+INSERT_IMPORTED_NODE = insert_sql("nodes", ("id", *NEW_NODE, "version_id", "history_id"))
+INSERT_IMPORTED_VERSION = insert_sql("versions", ("id", *NEW_VERSION)).replace(
+    ":blob_id", "(SELECT id FROM blobs WHERE sha256 = :sha256)")
+INSERT_IMPORTED_HISTORY = insert_sql("histories", ("id", "last_number"))
 
 
 def node_values(parent_id: int, name: str, kind: Kind, *, mode: int, uid: int, gid: int,

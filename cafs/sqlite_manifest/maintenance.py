@@ -147,6 +147,14 @@ class SqliteMaintenance(Rows):
             "WHERE n.history_id IS NOT NULL AND h.id IS NULL"
         ):
             problems.append(f"node {node_id}: its path history is missing")
+        # A published artifact holds the history its current version is in (an import or a
+        # merge that forgot one would leave `cafs log` of its path empty or wrong).
+        for (node_id,) in db.execute(
+            f"SELECT n.id FROM nodes n JOIN versions v ON v.id = n.version_id "
+            f"WHERE n.kind IN {LEAF_KINDS} AND (n.history_id IS NULL "
+            f"OR v.history_id IS NOT n.history_id)"
+        ):
+            problems.append(f"node {node_id}: it does not hold its current version's history")
         for (history_id,) in db.execute(
             "SELECT h.id FROM histories h WHERE h.last_number < (SELECT max(number) "
             "FROM versions v WHERE v.history_id = h.id)"
