@@ -12,12 +12,14 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from cafs import cli_admin, crashpoints
+from cafs.cli_admin import json_option
 from cafs.cli_common import (
     EXIT_FAILED,
     EXIT_MOUNT,
@@ -27,17 +29,22 @@ from cafs.cli_common import (
     fail,
     find_mount,
     human_size,
+    mounts_of_type,
     open_store,
     resolve_mountpoint,
     resolve_store,
     settings_from,
     store_option,
+    store_source,
 )
+from cafs.config import config_path, config_source
 from cafs.errors import CafsError, MountError, StoreError
 from cafs.mountpoint import check_mountpoint
 from cafs.options import MountConfig, mount_option_args, mount_options_help, parse_mount_options
 from cafs.store import (
+    LOCK_NAME,
     LOG_NAME,
+    MANIFEST_NAME,
     check_placement,
     open_log,
     prepare_store_dir,
@@ -65,10 +72,18 @@ def cli() -> None:
 @click.option("-o", "options", multiple=True, metavar="OPTS", help=mount_options_help())
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached; log to stderr.")
 @click.option("--debug", is_flag=True, help="Log every request (very verbose).")
+@click.option("--nonempty", is_flag=True,
+              help="Mount even on a directory that holds files or is already mounted "
+                   "(also -o nonempty).")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Say which configuration file and store are used (stderr).")
+@json_option
 @click.option("--ready-fd", type=int, default=None, hidden=True)
+@click.option("--config-used", type=click.Path(path_type=Path), default=None, hidden=True)
 @click.argument("mountpoint", type=click.Path(path_type=Path), required=False)
 def mount(store: Path | None, config: Path | None, options: tuple[str, ...], foreground: bool,
-          debug: bool, ready_fd: int | None, mountpoint: Path | None) -> None:
+          debug: bool, nonempty: bool, verbose: bool, as_json: bool, ready_fd: int | None,
+          config_used: Path | None, mountpoint: Path | None) -> None:
     """Mount the store at MOUNTPOINT; return once the mount serves requests.
 
     Also runs as a mount(8) helper: `cafs STORE MOUNTPOINT -o OPTS`, which is what
@@ -78,17 +93,29 @@ def mount(store: Path | None, config: Path | None, options: tuple[str, ...], for
     """
     settings = settings_from(config)  # the defaults, then the configuration file
     root = resolve_store(store, settings)
+    # The child daemon gets every setting on its command line and no configuration file;
+    # --config-used only tells it which file they came from, for its start-up line.
+    used = config_used if config_used is not None else config_path(config)
     where = resolve_mountpoint(mountpoint, settings)
     try:  # then -o
         settings = parse_mount_options(list(options), settings)
     except CafsError as exc:
         raise click.UsageError(str(exc)) from None
-    cfg = MountConfig(store=root, mountpoint=where, settings=settings)
+    if nonempty:
+        settings = replace(settings, nonempty=True)
+    cfg = MountConfig(store=root, mountpoint=where, settings=settings, config=used)
     with errors_as_exit_codes():
         if foreground:
             run_foreground(cfg, debug, ready_fd)
-        else:
-            spawn_daemon(cfg, debug)
+            return
+        pid = spawn_daemon(cfg, debug)
+    if verbose:
+        click.echo(f"cafs: mounted store {root} at {where} (daemon pid {pid}; configuration "
+                   f"{used or 'none'}; log {root / LOG_NAME})", err=True)
+    if as_json:
+        click.echo(json.dumps({"store": str(root), "mountpoint": str(where), "pid": pid,
+                               "config": str(used) if used else None,
+                               "log": str(root / LOG_NAME)}, indent=2))
 
 
 def run_foreground(cfg: MountConfig, debug: bool, ready_fd: int | None) -> None:
@@ -110,9 +137,10 @@ def run_foreground(cfg: MountConfig, debug: bool, ready_fd: int | None) -> None:
         raise
 
 
-def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
-    """Start the daemon in its own session and wait until it serves (or says why not)."""
-    check_mountpoint(cfg.mountpoint)
+def spawn_daemon(cfg: MountConfig, debug: bool) -> int:
+    """Start the daemon in its own session and wait until it serves (or says why not); its
+    pid."""
+    check_mountpoint(cfg.mountpoint, nonempty=cfg.settings.nonempty)
     check_placement(cfg.store, cfg.mountpoint)
     prepare_store_dir(cfg.store, create=True)
     log_fd = open_log(cfg.store)  # never through a symlink planted in the store
@@ -121,6 +149,8 @@ def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
     command = [sys.executable, "-m", "cafs", "mount", "--foreground", "--ready-fd",
                str(write_end), "--store", str(cfg.store), str(cfg.mountpoint),
                *mount_option_args(cfg.settings)]
+    if cfg.config is not None:
+        command += ["--config-used", str(cfg.config)]
     if debug:
         command.append("--debug")
     child_env = dict(os.environ, CAFS_CONFIG="")
@@ -134,7 +164,7 @@ def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
     with os.fdopen(read_end, "rb") as ready:
         message = ready.readline()
     if message == READY:
-        return
+        return process.pid
     try:
         code = process.wait(timeout=START_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -177,6 +207,45 @@ def umount(config: Path | None, lazy: bool, if_mounted: bool, mountpoint: Path |
     deadline = time.monotonic() + START_TIMEOUT
     while daemon is not None and process_alive(daemon) and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+@cli.command()
+@store_option
+@config_option
+@json_option
+def status(store: Path | None, config: Path | None, as_json: bool) -> None:
+    """Say which configuration file and store the commands use, and where that store is
+    mounted (touches nothing).
+
+    Example: cafs status --json
+    """
+    settings = settings_from(config)
+    used, config_why = config_source(config)
+    with errors_as_exit_codes():
+        root, store_why = store_source(store, settings)
+    holder = serving_daemon(root) if (root / LOCK_NAME).exists() else None
+    mounted = [str(point) for point, source in mounts_of_type("fuse.cafs")
+               if source == str(root)]
+    result = {
+        "config": str(used) if used else None, "config_source": config_why,
+        "store": str(root), "store_source": store_why,
+        "store_exists": (root / MANIFEST_NAME).exists(),
+        "mountpoint": str(settings.mountpoint) if settings.mountpoint else None,
+        "mounted_at": mounted, "daemon_pid": holder.pid if holder else None,
+    }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"config      {used or 'none'} ({config_why})")
+    click.echo(f"store       {root} ({store_why}"
+               f"{'' if result['store_exists'] else '; not created yet'})")
+    if settings.mountpoint:
+        click.echo(f"mountpoint  {settings.mountpoint} (the configuration file)")
+    if mounted:
+        click.echo(f"mounted     at {', '.join(mounted)}"
+                   + (f" by pid {holder.pid}" if holder and holder.pid else ""))
+    else:
+        click.echo("mounted     no")
 
 
 def process_alive(pid: int) -> bool:
