@@ -181,8 +181,10 @@ def spawn_daemon(cfg: MountConfig, debug: bool) -> int:
 @click.option("--lazy", "-z", is_flag=True, help="Detach even if busy (or dead).")
 @click.option("--if-mounted", is_flag=True,
               help="Succeed quietly when nothing is mounted there (for ExecStopPost).")
+@json_option
 @click.argument("mountpoint", type=click.Path(path_type=Path), required=False)
-def umount(config: Path | None, lazy: bool, if_mounted: bool, mountpoint: Path | None) -> None:
+def umount(config: Path | None, lazy: bool, if_mounted: bool, as_json: bool,
+           mountpoint: Path | None) -> None:
     """Unmount a cafs mount and wait until its daemon has exited.
 
     A dead mount (its daemon died) unmounts the same way; one still in use needs --lazy.
@@ -193,6 +195,9 @@ def umount(config: Path | None, lazy: bool, if_mounted: bool, mountpoint: Path |
     found = find_mount(mountpoint)
     if found is None or found[0] != "fuse.cafs":
         if if_mounted:
+            if as_json:
+                click.echo(json.dumps({"mountpoint": str(mountpoint), "unmounted": False},
+                                      indent=2))
             return
         fail(f"{mountpoint} is not a cafs mount", EXIT_MOUNT)
     store = Path(found[1])
@@ -207,6 +212,9 @@ def umount(config: Path | None, lazy: bool, if_mounted: bool, mountpoint: Path |
     deadline = time.monotonic() + START_TIMEOUT
     while daemon is not None and process_alive(daemon) and time.monotonic() < deadline:
         time.sleep(0.02)
+    if as_json:
+        click.echo(json.dumps({"mountpoint": str(mountpoint), "unmounted": True,
+                               "store": str(store), "daemon_pid": daemon}, indent=2))
 
 
 @cli.command()

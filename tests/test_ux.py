@@ -4,12 +4,15 @@ new store, refused writes explained in the daemon's log, atime kept."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
 from conftest import (
+    CAFS,
     Mount,
     as_nobody,
     cafs,
@@ -132,3 +135,119 @@ def test_mount_says_which_store_and_configuration(tmp_path: Path) -> None:
         assert status["mounted_at"] == [str(mnt)] and status["daemon_pid"] == said["pid"]
     finally:
         unmount_whatever_state(mnt)
+
+
+# -- scriptable: --json, paths as given, import into a new store, progress -----------------
+
+
+def fill(mount: Mount) -> None:
+    layer = mount.layer("e1", "train")
+    (layer / "sub").mkdir()
+    (layer / "model.bin").write_bytes(os.urandom(300_000))
+    (layer / "sub" / "metrics.csv").write_text("step,loss\n" * 20_000)
+    os.setxattr(layer / "model.bin", "user.stage", b"prod")
+    os.setxattr(layer / "sub" / "metrics.csv", "user.stage", b"prod")
+
+
+def test_seal_unseal_export_import_print_json_and_import_makes_a_new_store(
+        mount: Mount, tmp_path: Path) -> None:
+    fill(mount)
+    run = mount.runs / "e1"
+    sealed = json.loads(cafs("seal", "--json", str(run)).stdout)
+    assert sealed["path"] == str(run) and sealed["store_path"] == "runs/e1"
+    assert len(sealed["root_sha256"]) == 64 and sealed["already"] is False
+    assert cafs("seal", str(run)).stdout.startswith(f"{run} was already sealed")
+    bundle = tmp_path / "e1.tar"
+    exported = json.loads(cafs("export", "--json", str(run), "-o", str(bundle)).stdout)
+    assert exported["artifacts"] == 2 and exported["output"] == str(bundle)
+    result = cafs("export", "--json", str(run), "-o", "-", check=False)
+    assert result.returncode == 2 and "--json needs -o FILE" in result.stderr
+    assert json.loads(cafs("unseal", "--json", str(run)).stdout) == {
+        "path": str(run), "store_path": "runs/e1"}
+    # A store that was never mounted: the directory missing, then an empty one.
+    for fresh in (tmp_path / "never" / "mounted", tmp_path / "empty"):
+        if fresh.name == "empty":
+            fresh.mkdir(mode=0o700)
+        imported = json.loads(cafs("import", "--json", "--store", str(fresh), str(bundle),
+                                   "--as", "copy").stdout)
+        assert imported["path"] == "runs/copy" and imported["blobs_added"] == 2
+        assert json.loads(cafs("find", "--json", "--store", str(fresh), "--tag",
+                               "stage=prod").stdout)["paths"] == [
+            "runs/copy/train/model.bin", "runs/copy/train/sub/metrics.csv"]
+        assert cafs("fsck", "--full", "--store", str(fresh)).returncode == 0
+    # Into the mounted store: the new run is shown where the user sees it.
+    imported = json.loads(cafs("import", "--json", "--store", str(mount.store), str(bundle),
+                               "--as", "again").stdout)
+    assert imported["path"] == str(mount.runs / "again")
+    assert imported["store_path"] == "runs/again" and imported["blobs_present"] == 2
+    assert (mount.runs / "again" / "train" / "model.bin").read_bytes() == (
+        run / "train" / "model.bin").read_bytes()
+
+
+def test_find_prints_paths_the_way_they_were_given(mount: Mount) -> None:
+    fill(mount)
+    found = cafs("find", str(mount.mountpoint), "--tag", "stage=prod").stdout.split()
+    assert found == [f"{mount.mountpoint}/runs/e1/train/model.bin",
+                     f"{mount.mountpoint}/runs/e1/train/sub/metrics.csv"]
+    # Relative to the current directory, like find(1); below a sub-directory, only it.
+    here = mount.runs / "e1"
+    result = subprocess.run([*CAFS, "find", "./train/sub", "--tag", "stage=prod", "--json"],
+                            cwd=here, capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout)["paths"] == ["./train/sub/metrics.csv"]
+    result = subprocess.run([*CAFS, "find", "."], cwd=here, capture_output=True, text=True,
+                            check=True)
+    assert sorted(result.stdout.split()) == ["./train/model.bin", "./train/sub/metrics.csv"]
+    # Without PATH: the whole store, as store paths (runs/...).
+    assert cafs("find", "--store", str(mount.store), "--sha256", sha_of(
+        here / "train" / "model.bin")).stdout.split() == ["runs/e1/train/model.bin"]
+    bad = cafs("find", str(mount.mountpoint), "--run", "e1", check=False)
+    assert bad.returncode == 2 and "not both" in bad.stderr
+
+
+def sha_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def on_a_terminal(command: list[str]) -> str:
+    """What `command` shows on a terminal (a pty made by script(1)), stderr included."""
+    line = " ".join(shlex.quote(arg) for arg in command)
+    result = subprocess.run(["script", "-qec", line, "/dev/null"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_long_commands_show_progress_on_a_terminal_only(tmp_path: Path) -> None:
+    require_fuse()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount = Mount(tmp_path / "store", mnt)
+    mount.start()
+    try:
+        fill(mount)
+        (mount.runs / "e1" / "train" / "model.bin").write_bytes(os.urandom(1000))  # history
+        bundle = tmp_path / "e1.tar"
+        store = ["--store", str(mount.store)]
+        mounted = [  # each runs in the daemon; progress comes over the control socket
+            (["gc", *store], "reading history"),
+            (["export", str(mount.runs / "e1"), "-o", str(bundle)], "exporting"),
+            (["import", *store, str(bundle), "--as", "e2"], "importing"),
+            (["fsck", "--repair", *store], "checking blobs"),
+            (["fsck", "--full", *store], "re-hashing blobs"),
+        ]
+        for args, words in mounted:
+            shown = on_a_terminal([*CAFS, *args])
+            assert words in shown and "100%" in shown, (args, shown)
+            piped = cafs(*[arg.replace("e2", "e2-piped") for arg in args])
+            assert words not in piped.stdout + piped.stderr, (args, piped)
+        mount.stop()
+        for args, words in [(["gc", *store, "--keep-versions", "0"], "reading history"),
+                            (["fsck", "--full", *store], "re-hashing blobs"),
+                            (["import", *store, str(bundle), "--as", "e3"], "importing")]:
+            shown = on_a_terminal([*CAFS, *args])
+            assert words in shown and "100%" in shown, (args, shown)
+            piped = cafs(*[arg.replace("e3", "e3-piped") for arg in args])
+            assert "%" not in piped.stderr, (args, piped)
+    finally:
+        unmount_whatever_state(mnt)
+    mount.assert_clean()
