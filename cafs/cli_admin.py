@@ -44,7 +44,7 @@ from cafs.cli_common import (
 )
 from cafs.config import Settings
 from cafs.control import call
-from cafs.digest import Digest, digest_of_chunks
+from cafs.digest import Digest, digest_of_chunks, is_digest
 from cafs.errors import CafsError, StoreBusy, StoreError
 from cafs.lifecycle import Found, History, Sealed, Unsealed, VersionLocation
 from cafs.maintenance import CheckReport, GcReport, RepairReport
@@ -343,6 +343,12 @@ def find(store: Path | None, config: Path | None, run: str | None, layer: str | 
             raise click.UsageError(f"--tag {tag!r}: the key is missing")
         tag_pairs.append([key if key.startswith("user.") else f"user.{key}",
                           value if has_value else None])
+    # Wrong arguments are usage errors (exit 2), found before anything runs.
+    if sha256 is not None and not is_digest(sha256.lower()):
+        raise click.BadParameter(f"{sha256!r} is not a sha256 (64 hex digits)",
+                                 param_hint="--sha256")
+    if layer is not None and run is None:
+        raise click.UsageError("--layer needs --run")
     root, below = store_root(store, config), ""
     if path is not None:
         if run is not None or layer is not None:

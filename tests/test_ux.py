@@ -251,3 +251,66 @@ def test_long_commands_show_progress_on_a_terminal_only(tmp_path: Path) -> None:
     finally:
         unmount_whatever_state(mnt)
     mount.assert_clean()
+
+
+# -- exit codes ----------------------------------------------------------------------------
+
+
+def cli_section(readme: str) -> str:
+    start = readme.index("## Command line")
+    return readme[start:readme.index("\n## ", start + 1)]
+
+
+def test_every_command_s_exit_codes_and_every_command_in_the_readme(tmp_path: Path) -> None:
+    """Each command `cafs --help` lists: a bad option and a wrong argument are usage errors
+    (2), a normal failure is 1 (the command failed), 3 (the store) or 4 (the mount)."""
+    from cafs.cli import cli
+
+    names = sorted(cli.commands)  # type: ignore[attr-defined]
+    listed = cafs("--help").stdout
+    assert all(name in listed for name in names)
+    readme = cli_section((Path(__file__).parent.parent / "README.md").read_text())
+    for name in names:
+        assert f"`cafs {name}" in readme, f"cafs {name} is not in README.md's CLI section"
+    # The store exists (empty) so that failures are the command's own.
+    store = tmp_path / "store"
+    store.mkdir(mode=0o700)
+    cafs("import", "--store", str(store), "/dev/null", check=False)  # makes the manifest
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = str(tmp_path / "no-store")
+    s = ["--store", str(store)]
+    usage = {  # a wrong argument or value, beyond click's own checks of a bad option
+        "mount": ["-o", "bogus", "--store", str(store), str(empty)],
+        "umount": [],  # no MOUNTPOINT and none configured
+        "status": ["--config", str(tmp_path / "no.toml")],
+        "stats": ["--json", "/tmp"],
+        "log": ["/tmp"], "cat": ["/tmp"], "seal": ["/tmp"], "unseal": ["/tmp"],
+        "find": [*s, "--sha256", "xyz"], "gc": [*s, "--keep-versions", "-1"],
+        "fsck": [*s, "--orphan-grace", "-1"], "export": [*s, "runs/e1"],
+        "import": [*s, "--as", "..", "/dev/null"], "restore": ["--config", "/no/such.toml"],
+    }
+    failure = {  # what goes wrong in normal use, and the code it must give
+        "mount": (["--store", str(store), str(tmp_path / "no-dir")], 4),
+        "umount": ([str(empty)], 4),
+        "status": (["--store", "/proc/self/fd/no/such"], 0),  # reports; never fails
+        "stats": (["--store", missing], 3),
+        "log": ([*s, "runs/e1/l/f"], 1), "cat": ([*s, "runs/e1/l/f"], 1),
+        "seal": ([*s, "runs/e1"], 1), "unseal": ([*s, "runs/e1"], 1),
+        "find": ([*s, "--run", "e1"], 1), "gc": (["--store", missing], 3),
+        "fsck": (["--store", missing], 3), "export": ([*s, "runs/e1", "-o", "x.tar"], 1),
+        "import": ([*s, str(empty)], 1), "restore": ([*s], 3),  # no backups
+    }
+    assert sorted(usage) == names and sorted(failure) == names, "a command is not tested"
+    env = {**os.environ, "CAFS_SYSTEM_CONFIG": "/nonexistent"}
+    for name in names:
+        for args in (["--no-such-option"], usage[name]):
+            result = cafs(name, *args, check=False, env=env)
+            assert result.returncode == 2, (name, args, result.stderr)
+            assert "Traceback" not in result.stderr
+        args, code = failure[name]
+        result = cafs(name, *args, check=False, env=env)
+        assert result.returncode == code, (name, args, result.stdout + result.stderr)
+        assert "Traceback" not in result.stderr
+        if code:
+            assert len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
