@@ -314,3 +314,36 @@ def test_every_command_s_exit_codes_and_every_command_in_the_readme(tmp_path: Pa
         assert "Traceback" not in result.stderr
         if code:
             assert len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
+
+
+# -- the scrub unit ----------------------------------------------------------------------
+
+
+def test_the_scrub_unit_scrubs_the_store_cafs_toml_names(tmp_path: Path) -> None:
+    units = Path(__file__).resolve().parent.parent / "systemd"
+    text = (units / "cafs-scrub.service").read_text()
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    assert not any("/var/lib/cafs" in line for line in lines), "the store is cafs.toml's"
+    staged = text.replace("/usr/bin/cafs", "/bin/true")
+    (tmp_path / "cafs-scrub.service").write_text(staged)
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", "cafs-scrub.service"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
+    # Its own ExecStart, with a cafs.toml naming a store elsewhere: that store is scrubbed.
+    store = tmp_path / "elsewhere" / "store"
+    store.parent.mkdir()
+    bundle = tmp_path / "b.tar"
+    bundle.write_bytes(b"")
+    cafs("import", "--store", str(store), str(bundle), check=False)  # creates the store
+    config = tmp_path / "cafs.toml"
+    config.write_text(f'store = "{store}"\n')
+    (exec_start,) = [line.split("=", 1)[1] for line in lines if line.startswith("ExecStart=")]
+    args = shlex.split(exec_start.replace("/etc/cafs/cafs.toml", str(config)))
+    assert args[0] == "/usr/bin/cafs"
+    result = subprocess.run([*CAFS, *args[1:], "--json"], capture_output=True, text=True,
+                            env={**os.environ, "CAFS_SYSTEM_CONFIG": "/nonexistent"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["damage"] == []
+    (store / "manifest.sqlite").write_bytes(b"")  # now the scrub must fail on that store
+    failed = subprocess.run([*CAFS, *args[1:]], capture_output=True, text=True)
+    assert failed.returncode == 3 and str(store) in failed.stderr, failed.stderr
