@@ -257,6 +257,7 @@ class Namespace:
             mtime_ns=mtime,
             ctime_ns=ctime,
             volatile=node.kind is Kind.RECORD,
+            atime_ns=node.atime_ns,
         )
 
     def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
@@ -288,8 +289,10 @@ class Namespace:
     def set_attrs(self, node: Node, changes: AttrChanges) -> Node:
         """chmod, chown, utimens (not the size: see cafs.openfiles). An open file's write in
         progress keeps the new mtime for its publish."""
-        if (changes.mode, changes.uid, changes.gid, changes.mtime_ns) == (None,) * 4:
+        if (changes.mode, changes.uid, changes.gid, changes.mtime_ns,
+                changes.atime_ns) == (None,) * 5:
             return node
+        atime = node.atime_ns if changes.atime_ns is None else changes.atime_ns
         now = time.time_ns()
         mode = node.mode if changes.mode is None else changes.mode & 0o7777
         if node.kind is Kind.FILE:
@@ -306,12 +309,13 @@ class Namespace:
         gid = node.gid if changes.gid is None else changes.gid
         if not (opened is not None and opened.unlinked):
             self.manifest.set_attrs(node.ino, mode=mode, uid=uid, gid=gid, mtime_ns=mtime,
-                                    ctime_ns=now)
+                                    ctime_ns=now, atime_ns=changes.atime_ns)
         self.cache.drop(node.ino)
         if opened is not None:
             opened.node = replace(opened.node, mode=mode, uid=uid, gid=gid, mtime_ns=mtime,
-                                  ctime_ns=now)
-        return replace(node, mode=mode, uid=uid, gid=gid, mtime_ns=mtime, ctime_ns=now)
+                                  ctime_ns=now, atime_ns=atime)
+        return replace(node, mode=mode, uid=uid, gid=gid, mtime_ns=mtime, ctime_ns=now,
+                       atime_ns=atime)
 
     # -- making and removing names --------------------------------------------------------
 

@@ -264,5 +264,21 @@ def m005_store_state(db: Database) -> None:
     db.execute("INSERT INTO store_state (id) VALUES (1)")
 
 
+# Access times that a user sets (touch -a, utimensat) are kept; reads never change them (the
+# mount is noatime: a read must not write the manifest). Numbered m008: m006 and m007 are
+# other changes' numbers.
+_M008 = [
+    "ALTER TABLE nodes ADD COLUMN atime_ns INTEGER /* access time (ns) as last set explicitly "
+    "(touch -a, utimensat); NULL = never set, and stat shows mtime_ns. Reads never change it "
+    "(the mount is noatime) */",
+]
+
+
+@migrations()
+def m008_atime(db: Database) -> None:
+    for statement in _M008:
+        db.execute(statement)
+
+
 def migrate(db: Database) -> None:
     migrations.apply(db)

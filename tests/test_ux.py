@@ -347,3 +347,65 @@ def test_the_scrub_unit_scrubs_the_store_cafs_toml_names(tmp_path: Path) -> None
     (store / "manifest.sqlite").write_bytes(b"")  # now the scrub must fail on that store
     failed = subprocess.run([*CAFS, *args[1:]], capture_output=True, text=True)
     assert failed.returncode == 3 and str(store) in failed.stderr, failed.stderr
+
+
+# -- atime ---------------------------------------------------------------------------------
+
+
+def main_code(tmp_path: Path) -> Path | None:
+    """This repository's main branch (what users run today), unpacked: to make a store with."""
+    repo = Path(__file__).resolve().parent.parent
+    target = tmp_path / "main-src"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "main", "cafs"],
+                             capture_output=True)
+    if archive.returncode != 0:
+        return None
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return target
+
+
+def test_an_explicit_atime_is_kept_on_a_store_made_by_main(tmp_path: Path) -> None:
+    require_fuse()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    store = tmp_path / "store"
+    old = main_code(tmp_path)
+    assert old is not None, "git archive main failed"
+    run_old = {"cwd": old, "env": {**os.environ, "PYTHONPATH": str(old)},
+               "capture_output": True, "text": True, "timeout": 120}
+    made = subprocess.run([*CAFS, "mount", "--store", str(store), str(mnt)], **run_old)
+    assert made.returncode == 0, made.stderr
+    try:
+        (mnt / "runs" / "e1" / "l").mkdir(parents=True)
+        (mnt / "runs" / "e1" / "l" / "f").write_text("old store\n")
+    finally:
+        subprocess.run([*CAFS, "umount", str(mnt)], **run_old)
+    assert not is_mounted(mnt)
+    mount = Mount(store, mnt)
+    mount.start()  # this code: migrates to m008
+    try:
+        f = mnt / "runs" / "e1" / "l" / "f"
+        mtime = os.stat(f).st_mtime_ns
+        assert os.stat(f).st_atime_ns == mtime  # never set: shown as mtime
+        for path in (f, f.parent):
+            subprocess.run(["touch", "-a", "-d", "@1500000000", str(path)], check=True)
+            shown = subprocess.run(["stat", "-c", "%X", str(path)], capture_output=True,
+                                   text=True, check=True).stdout
+            assert shown.strip() == "1500000000"
+        assert os.stat(f).st_mtime_ns == mtime  # touch -a leaves mtime alone
+        assert f.read_text() == "old store\n"  # reads leave atime alone (noatime)
+        subprocess.run(["touch", "-m", "-d", "@1600000000", str(f)], check=True)
+        os.utime(f, ns=(1_400_000_000_123_456_789, 1_600_000_000_000_000_000))
+        mount.stop()
+        mount.start()
+        assert os.stat(f).st_atime_ns == 1_400_000_000_123_456_789
+        assert os.stat(f).st_mtime_ns == 1_600_000_000_000_000_000
+        assert os.stat(f.parent).st_atime == 1500000000
+    finally:
+        unmount_whatever_state(mnt)
+    mount.assert_clean()
+    ddl = subprocess.run(["sqlite3", "-readonly", str(store / "manifest.sqlite"),
+                          "SELECT sql FROM sqlite_master WHERE name = 'nodes'"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "atime_ns INTEGER /* access time (ns) as last set explicitly" in ddl
