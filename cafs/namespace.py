@@ -13,6 +13,7 @@ atomic; a manifest change is one synchronous call with nothing interleaving.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -135,6 +136,39 @@ def _check_replaceable(node: Node, replaced: Node, new_name: str, flags: int,
         raise NotEmpty()
 
 
+log = logging.getLogger(__name__)
+
+# What each level of the namespace holds: the rule a refused write broke, for the log.
+PLACEMENT_RULES = {
+    Kind.ROOT: "the mount root holds only runs/ and blobs/",
+    Kind.RUNS: "runs/ holds only executions (directories): artifacts go in "
+               "runs/<execution>/<layer>/",
+    Kind.EXECUTION: "an execution holds only layers (directories): artifacts go in "
+                    "runs/<execution>/<layer>/",
+}
+REFUSALS_REMEMBERED = 4096  # directories whose refusal was logged (bounded memory)
+
+
+class PlacementRefusals:
+    """Says in the daemon's log why a write in the wrong place got EPERM, once per directory:
+    a user sees only the errno, and a tool retrying in a loop must not fill the log."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self._manifest = manifest
+        self._logged: Lru[int, bool] = Lru(REFUSALS_REMEMBERED)
+
+    def refused(self, directory: Node, what: str, caller_uid: int | None = None) -> None:
+        if self._logged.get(directory.ino) is not None:
+            return
+        self._logged.put(directory.ino, True)
+        where = {Kind.ROOT: "the mount root", Kind.RUNS: "runs/"}.get(directory.kind)
+        if where is None:
+            where = self._manifest.path_of(directory.ino)
+        rule = PLACEMENT_RULES.get(directory.kind, f"a {directory.kind.value} cannot hold it")
+        log.warning("EPERM: %s in %s refused%s: %s (logged once per directory)", what, where,
+                    "" if caller_uid is None else f" (uid {caller_uid})", rule)
+
+
 class Namespace:
     def __init__(self, manifest: Manifest, space: SpaceGuard, virtual: VirtualNodes,
                  opened: OpenTable, kernel: KernelNotifier, cache_entries: int) -> None:
@@ -144,6 +178,7 @@ class Namespace:
         self.opened = opened
         self.kernel = kernel
         self.cache = NodeCache(cache_entries)
+        self.refusals = PlacementRefusals(manifest)
 
     # -- finding nodes --------------------------------------------------------------------
 
@@ -319,7 +354,8 @@ class Namespace:
 
     # -- making and removing names --------------------------------------------------------
 
-    def _new_child_kind(self, parent: Node, name: str, want_dir: bool) -> Kind:
+    def _new_child_kind(self, parent: Node, name: str, want_dir: bool,
+                        caller_uid: int | None = None) -> Kind:
         if parent.kind is Kind.BLOBS:
             raise ReadOnly("blobs/ is read-only")
         if not parent.kind.is_dir:
@@ -329,6 +365,8 @@ class Namespace:
             places = {Kind.ROOT: "the mount root", Kind.RUNS: "runs/"}
             where = places.get(parent.kind, "an execution")
             what = "directories" if want_dir else "files"
+            self.refusals.refused(parent, f"{'directory' if want_dir else 'file'} {name!r}",
+                                  caller_uid)
             raise NotPermitted(f"no {what} may be made in {where}")
         try:
             self.child(parent, name)
@@ -341,7 +379,7 @@ class Namespace:
         parent = self.node(parent_ino)
         name = new_name(raw_name)
         self.check_unsealed(parent)
-        kind = self._new_child_kind(parent, name, want_dir)
+        kind = self._new_child_kind(parent, name, want_dir, caller.uid)
         self.space.take_metadata(ROW_COST)
         node = self.manifest.add_node(parent.ino, name, kind, mode, caller.uid, caller.gid,
                                       time.time_ns())
@@ -405,6 +443,7 @@ class Namespace:
         _check_removable(old_parent, node)
         self.check_unsealed(node, new_parent)
         if new_parent.kind.child_kind(node.kind.is_dir) is not node.kind:
+            self.refusals.refused(new_parent, f"moving {node.kind.value} {node.name!r} as {name!r}")
             raise NotPermitted(f"a {node.kind.value} cannot move into a {new_parent.kind.value}")
         if node.kind.is_dir:
             self._refuse_move_into_itself(node, new_parent)

@@ -409,3 +409,33 @@ def test_an_explicit_atime_is_kept_on_a_store_made_by_main(tmp_path: Path) -> No
                           "SELECT sql FROM sqlite_master WHERE name = 'nodes'"],
                          capture_output=True, text=True, check=True).stdout
     assert "atime_ns INTEGER /* access time (ns) as last set explicitly" in ddl
+
+
+# -- a write in the wrong place ------------------------------------------------------------
+
+
+def test_a_write_in_the_wrong_place_is_explained_once_per_directory(mount: Mount) -> None:
+    mount.layer("e1", "train")
+    attempts = [mount.runs / "stray.txt", mount.runs / "e1" / "stray.txt",
+                mount.runs / "e1" / "other.txt", mount.mountpoint / "top.txt"]
+    for _ in range(5):  # a tool retrying: one line per directory, not one per attempt
+        for path in attempts:
+            result = subprocess.run(["cp", "/etc/hostname", str(path)], capture_output=True,
+                                    text=True)
+            assert result.returncode == 1 and "Operation not permitted" in result.stderr
+    (mount.runs / "e1" / "train" / "f").write_text("f\n")
+    (mount.runs / "e2").mkdir()
+    for _ in range(3):  # a file moved out of its layer, into an execution
+        moved = subprocess.run(["mv", str(mount.runs / "e1" / "train" / "f"),
+                                str(mount.runs / "e2" / "f")], capture_output=True, text=True)
+        assert moved.returncode == 1 and "Operation not permitted" in moved.stderr
+    log = mount.log()
+    lines = [line for line in log.splitlines() if "EPERM:" in line]
+    assert len(lines) == 4, lines
+    assert "moving file 'f' as 'f' in runs/e2 refused" in lines[3]
+    assert "file 'stray.txt' in runs/ refused" in lines[0]
+    assert "runs/ holds only executions" in lines[0]
+    assert "in runs/e1 refused" in lines[1] and "an execution holds only layers" in lines[1]
+    assert "in the mount root refused" in lines[2] and "only runs/ and blobs/" in lines[2]
+    assert all("WARNING" in line for line in lines)
+    assert all("(uid 0)" in line for line in lines[:3])
