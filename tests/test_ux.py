@@ -272,6 +272,11 @@ def test_every_command_s_exit_codes_and_every_command_in_the_readme(tmp_path: Pa
     readme = cli_section((Path(__file__).parent.parent / "README.md").read_text())
     for name in names:
         assert f"`cafs {name}" in readme, f"cafs {name} is not in README.md's CLI section"
+    # Every command but cat (whose output is the content) prints one JSON document on --json.
+    for name in names:
+        flags = {opt for param in cli.commands[name].params  # type: ignore[attr-defined]
+                 for opt in getattr(param, "opts", [])}
+        assert ("--json" in flags) == (name != "cat"), name
     # The store exists (empty) so that failures are the command's own.
     store = tmp_path / "store"
     store.mkdir(mode=0o700)
