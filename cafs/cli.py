@@ -231,13 +231,17 @@ def status(store: Path | None, config: Path | None, as_json: bool) -> None:
     used, config_why = config_source(config)
     with errors_as_exit_codes():
         root, store_why = store_source(store, settings)
-    holder = serving_daemon(root) if (root / LOCK_NAME).exists() else None
+    try:  # a store this user may not enter is reported, not an error
+        holder = serving_daemon(root) if (root / LOCK_NAME).exists() else None
+        exists: bool | None = (root / MANIFEST_NAME).exists()
+    except OSError:
+        holder, exists = None, None
     mounted = [str(point) for point, source in mounts_of_type("fuse.cafs")
                if source == str(root)]
     result = {
         "config": str(used) if used else None, "config_source": config_why,
         "store": str(root), "store_source": store_why,
-        "store_exists": (root / MANIFEST_NAME).exists(),
+        "store_exists": exists,
         "mountpoint": str(settings.mountpoint) if settings.mountpoint else None,
         "mounted_at": mounted, "daemon_pid": holder.pid if holder else None,
     }
@@ -245,8 +249,8 @@ def status(store: Path | None, config: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(f"config      {used or 'none'} ({config_why})")
-    click.echo(f"store       {root} ({store_why}"
-               f"{'' if result['store_exists'] else '; not created yet'})")
+    state = {True: "", False: "; not created yet", None: "; not readable by this user"}
+    click.echo(f"store       {root} ({store_why}{state[exists]})")
     if settings.mountpoint:
         click.echo(f"mountpoint  {settings.mountpoint} (the configuration file)")
     if mounted:
