@@ -554,20 +554,19 @@ def import_(store: Path | None, config: Path | None, name: str | None, as_json: 
     with source:
         result = run_admin(root, "import", {"name": name}, Imported, [source], settings,
                            create=True)
-    shown = mounted_path(root, result.path)
     if as_json:
-        emit_json(result, path=shown)
+        emit_json(result, mounted_path=mounted_path(root, result.path))
         return
-    click.echo(f"imported {shown}: {result.artifacts} artifacts; "
+    click.echo(f"imported {result.path}: {result.artifacts} artifacts; "
                f"{result.blobs_added} new blobs, {result.blobs_present} already stored")
 
 
-def mounted_path(root: Path, rel: str) -> str:
+def mounted_path(root: Path, rel: str) -> str | None:
     """rel (runs/...) where a user sees it: under the store's mountpoint, if it is mounted."""
     for mountpoint, source in mounts_of_type("fuse.cafs"):
         if source == str(root):
             return str(mountpoint / rel)
-    return rel
+    return None
 
 
 @click.command()

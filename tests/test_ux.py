@@ -177,6 +177,7 @@ def test_seal_unseal_export_import_print_json_and_import_makes_a_new_store(
         imported = json.loads(cafs("import", "--json", "--store", str(fresh), str(bundle),
                                    "--as", "copy").stdout)
         assert imported["path"] == "runs/copy" and imported["blobs_added"] == 2
+        assert imported["mounted_path"] is None
         assert json.loads(cafs("find", "--json", "--store", str(fresh), "--tag",
                                "stage=prod").stdout)["paths"] == [
             "runs/copy/train/model.bin", "runs/copy/train/sub/metrics.csv"]
@@ -184,8 +185,8 @@ def test_seal_unseal_export_import_print_json_and_import_makes_a_new_store(
     # Into the mounted store: the new run is shown where the user sees it.
     imported = json.loads(cafs("import", "--json", "--store", str(mount.store), str(bundle),
                                "--as", "again").stdout)
-    assert imported["path"] == str(mount.runs / "again")
-    assert imported["store_path"] == "runs/again" and imported["blobs_present"] == 2
+    assert imported["mounted_path"] == str(mount.runs / "again")
+    assert imported["path"] == "runs/again" and imported["blobs_present"] == 2
     assert (mount.runs / "again" / "train" / "model.bin").read_bytes() == (
         run / "train" / "model.bin").read_bytes()
 
