@@ -32,16 +32,24 @@ from cafs.lifecycle import Found, History, Lifecycle, Sealed, Unsealed, VersionL
 from cafs.maintenance import DEFAULT_ORPHAN_GRACE, GcReport, Maintenance, RepairReport
 from cafs.transfer import Exported, Imported, Transfer
 
-__all__ = ["DEFAULT_ORPHAN_GRACE", "Admin", "Live", "LocalRuntime", "NotMounted", "Progress",
-           "Runtime", "decode_result", "root_hash", "run_locally"]
+__all__ = ["DEFAULT_ORPHAN_GRACE", "Admin", "Browsed", "Live", "LocalRuntime", "NotMounted",
+           "Progress", "Runtime", "decode_result", "root_hash", "run_locally"]
 
 P = TypeVar("P", bound=AdminContext)
+
+
+@dataclass(frozen=True)
+class Browsed(JsonResult):
+    """The answer of one read-only page query of `cafs ui` (cafs.sqlite_manifest.ui_queries)."""
+
+    answer: dict[str, Any]
+
 
 # The result type of every command: what Admin.call answers and decode_result rebuilds.
 RESULT_TYPES: dict[str, type[JsonResult]] = {
     "log": History, "version": VersionLocation, "find": Found, "seal": Sealed,
     "unseal": Unsealed, "gc": GcReport, "repair": RepairReport, "export": Exported,
-    "import": Imported,
+    "import": Imported, "browse": Browsed,
 }
 
 
@@ -65,6 +73,8 @@ class Admin(AdminContext):
         }
         if command in handlers:
             return await handlers[command](**args)
+        if command == "browse":
+            return Browsed(self.manifest.browse(**args))
         transfer = self._part(Transfer)
         if command == "export":
             return Exported.from_json(await transfer.export(files[0], **args))

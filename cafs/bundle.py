@@ -28,7 +28,16 @@ from typing import IO, Any
 from cafs.blobstore import BlobReader, BlobStore, TempBlob
 from cafs.digest import Digest, digest_of_chunks, is_digest
 from cafs.errors import CafsError, InvalidArgument
-from cafs.model import RECORD_NAME, BlobRef, Kind, StoredBlob, TreeEntry, Version
+from cafs.model import (
+    MAX_SYMLINK_TARGET,
+    RECORD_NAME,
+    SYMLINK_MODE,
+    BlobRef,
+    Kind,
+    StoredBlob,
+    TreeEntry,
+    Version,
+)
 from cafs.rules import (
     DEFAULT_MAX_ARTIFACT_SIZE,
     ID_MAX,
@@ -80,7 +89,7 @@ def _entry_json(entry: TreeEntry, versions: list[dict[str, Any]]) -> dict[str, A
         "gid": entry.gid, "mtime_ns": entry.mtime_ns, "ctime_ns": entry.ctime_ns,
         "tags": {name: base64.b64encode(value).decode() for name, value in entry.tags.items()},
     }
-    if entry.kind is Kind.FILE:
+    if entry.kind.has_versions:
         out["versions"] = versions
     return out
 
@@ -484,18 +493,19 @@ def _entries(raw_entries: list[Any], blobs: dict[str, int], max_size: int) -> li
         if rel in seen:
             raise BadBundle(f"{rel}: listed twice")
         kind = Kind(raw["kind"])
-        if kind not in (Kind.LAYER, Kind.DIR, Kind.FILE) or \
-                parent_kind.child_kind(kind.is_dir) is not kind:
+        if kind not in (Kind.LAYER, Kind.DIR, Kind.FILE, Kind.SYMLINK) or \
+                not parent_kind.accepts(kind):
             raise BadBundle(f"{rel}: a {kind.value} cannot be in a {parent_kind.value}")
         if leaf == RECORD_NAME and parent_kind.has_record:
             raise BadBundle(f"{rel}: the name {RECORD_NAME} is reserved")
         seen[rel] = kind
         entry = _entry(raw, kind, rel)
-        if kind is Kind.FILE:
+        if kind.has_versions:
             versions = _list(raw.get("versions"), f"{rel}: versions")
             if not versions:
                 raise BadBundle(f"{rel}: an artifact without any version")
-            history = tuple(_version(_object(v, rel), rel, index == len(versions) - 1, max_size)
+            history = tuple(_version(_object(v, rel), rel, index == len(versions) - 1,
+                                     max_size, kind)
                             for index, v in enumerate(versions))
             for version in history:
                 if blobs.get(version.digest) != version.size:
@@ -523,6 +533,8 @@ def _entry(raw: dict[str, Any], kind: Kind, rel: str) -> TreeEntry:
     except CafsError as exc:
         raise BadBundle(f"{where}: {exc}") from None
     mode = _int(raw["mode"], f"{where}: mode", 0, 0o7777)
+    if kind is Kind.SYMLINK:
+        mode = SYMLINK_MODE
     return TreeEntry(rel, kind, file_mode(mode) if kind is Kind.FILE else mode,
                      _int(raw["uid"], f"{where}: uid", 0, ID_MAX),
                      _int(raw["gid"], f"{where}: gid", 0, ID_MAX),
@@ -530,7 +542,8 @@ def _entry(raw: dict[str, Any], kind: Kind, rel: str) -> TreeEntry:
                      _int(raw["ctime_ns"], f"{where}: ctime_ns", TIME_MIN, TIME_MAX), tags)
 
 
-def _version(raw: dict[str, Any], rel: str, current: bool, max_size: int) -> Version:
+def _version(raw: dict[str, Any], rel: str, current: bool, max_size: int,
+             kind: Kind = Kind.FILE) -> Version:
     """One version. Garbage collection takes a version whose replaced_ns is set for history
     it may drop, and keeps the newest superseded versions by their order: so the order is the
     bundle's (oldest first, the current one last), a last version that says it was replaced is
@@ -547,13 +560,19 @@ def _version(raw: dict[str, Any], rel: str, current: bool, max_size: int) -> Ver
         if "/" not in published_at:  # artifacts live in layers
             raise BadBundle(f"{rel}: published_at {published_at!r} is not in a layer")
     where = f"{rel}: version"
-    return Version(0, 0, published_at, _digest(raw["sha256"]),
-                   _size(raw["size"], where, max_size),
-                   file_mode(_int(raw["mode"], f"{where} mode", 0, 0o7777)),
+    size = _size(raw["size"], where, max_size)
+    mode = file_mode(_int(raw["mode"], f"{where} mode", 0, 0o7777))
+    if kind is Kind.SYMLINK:  # a target as symlink(2) takes it (its bytes: see check_targets)
+        if not 1 <= size <= MAX_SYMLINK_TARGET:
+            raise BadBundle(f"{where}: a symlink's target is {size} bytes, not 1 to "
+                            f"{MAX_SYMLINK_TARGET}")
+        mode = SYMLINK_MODE
+    return Version(0, 0, published_at, _digest(raw["sha256"]), size, mode,
                    _int(raw["uid"], f"{where} uid", 0, ID_MAX),
                    _int(raw["gid"], f"{where} gid", 0, ID_MAX),
                    _int(raw["mtime_ns"], f"{where} mtime_ns", TIME_MIN, TIME_MAX),
                    _int(raw["ctime_ns"], f"{where} ctime_ns", TIME_MIN, TIME_MAX),
+                   None if kind is Kind.SYMLINK else
                    mimetypes.guess_type((published_at or rel).rpartition("/")[2])[0],
                    _int(raw["created_ns"], f"{where} created_ns", TIME_MIN, TIME_MAX),
                    None if current or replaced is None else

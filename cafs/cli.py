@@ -333,6 +333,50 @@ def _dir_stats(path: str, store: Path | None, config: Path | None, as_json: bool
                "would reclaim)")
 
 
+@cli.command()
+@store_option
+@config_option
+@click.option("--port", type=click.IntRange(0, 65535), default=8457, show_default=True,
+              help="TCP port (0: any free one; the URL is printed).")
+@click.option("--bind", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback lets others read the store.")
+@json_option
+def ui(store: Path | None, config: Path | None, port: int, bind: str, as_json: bool) -> None:
+    """Serve a read-only web view of the store: executions, layers, artifacts and their
+    history (with downloads), contents, sharing between runs, what gc would reclaim.
+
+    Reads through the daemon when the store is mounted, else the manifest read-only; never
+    changes anything. Runs until interrupted (^C).
+
+    Example: cafs ui --store /srv/cafs --port 8457
+    """
+    from cafs.ui.server import is_loopback, serve  # jinja2 only for this command
+    from cafs.ui.source import Source
+
+    settings = settings_from(config)
+    root = resolve_store(store, settings)
+    with errors_as_exit_codes():
+        prepare_store_dir(root, create=False)
+        source = Source(root)
+        source.query("fingerprint")  # a store that cannot be read fails here, in one line
+    if not is_loopback(bind):
+        click.echo(f"cafs ui: warning: listening on {bind}: anyone who can reach it reads "
+                   "every path, hash, tag and content of the store", err=True)
+
+    def ready(url: str) -> None:
+        if as_json:  # a script learns the URL (the port, with --port 0) from one document
+            click.echo(json.dumps({"store": str(root), "url": url}))
+            sys.stdout.flush()
+            return
+        click.echo(f"cafs ui: serving {root} at {url} (read-only; ^C to stop)")
+
+    with errors_as_exit_codes(EXIT_FAILED):
+        try:
+            serve(source, bind, port, ready)
+        except KeyboardInterrupt:
+            return
+
+
 def _ratio(numerator: int, denominator: int) -> float:
     return round(numerator / denominator, 3) if denominator else 1.0
 

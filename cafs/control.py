@@ -36,6 +36,10 @@ MAX_REQUEST = 1 << 20
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+# Commands that only read the manifest, each a few index seeks and no await (`cafs ui`'s page
+# queries): the daemon answers them at once, without queueing behind a long admin command (an
+# import, gc) that holds the one-at-a-time lock, and without logging each one.
+READ_ONLY_COMMANDS = frozenset({"browse"})
 OUT_OF_DESCRIPTORS_MESSAGE = ("the daemon is out of file descriptors (too many files open in "
                               "the mount): close some, or raise its descriptor limit")
 

@@ -29,6 +29,7 @@ from cafs.control import (
     MAX_SOCKET_PATH,
     OUT_OF_DESCRIPTORS,
     OUT_OF_DESCRIPTORS_MESSAGE,
+    READ_ONLY_COMMANDS,
     socket_path,
 )
 from cafs.errors import CafsError, StoreError, TooManyOpenFiles
@@ -212,8 +213,10 @@ async def _run_request(conn: trio.socket.SocketType, handler: Handler,
                 sent[:] = latest
                 await _send(conn, {"progress": list(sent)})
 
-    async with one_at_a_time:
-        log.info("admin command %s %s", command, json.dumps(request.get("args", {})))
+    read_only = command in READ_ONLY_COMMANDS
+    async with contextlib.nullcontext() if read_only else one_at_a_time:
+        if not read_only:
+            log.info("admin command %s %s", command, json.dumps(request.get("args", {})))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send_progress)
             try:

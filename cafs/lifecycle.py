@@ -18,13 +18,19 @@ from cafs.errors import Busy, Damaged, InvalidArgument, NotFound
 from cafs.model import RUNS_INODE, Kind, Node, Version
 from cafs.records import iso_time
 
+# What follows the NUL in a symlink's line of the root hash, before its target's sha256: a file
+# and a symlink whose target is the file's bytes must not give the same root. A file's line is
+# unchanged (its sha256 right after the NUL), so roots of runs without symlinks stay as they were.
+SYMLINK_MARK = b"symlink "
 
-def root_hash(artifacts: Iterable[tuple[str, str]]) -> str:
+
+def root_hash(artifacts: Iterable[tuple[str, str] | tuple[str, str, Kind]]) -> str:
     """The root of a run: SHA-256 over its sorted '<path>\\0<sha256>\\n' lines (paths below
-    the execution, sorted as UTF-8 bytes). Equal outputs give equal roots, whatever the run's
-    name or when it ran."""
-    lines = sorted((rel.encode(), digest) for rel, digest in artifacts)
-    return digest_of_chunks(rel + b"\0" + digest.encode() + b"\n" for rel, digest in lines)[0]
+    the execution, sorted as UTF-8 bytes; a symlink's line is '<path>\\0symlink <sha256 of
+    its target>\\n'). Equal outputs give equal roots, whatever the run's name or when it ran."""
+    lines = sorted((item[0].encode(), (SYMLINK_MARK if item[2:] == (Kind.SYMLINK,) else b"")
+                    + item[1].encode()) for item in artifacts)
+    return digest_of_chunks(rel + b"\0" + content + b"\n" for rel, content in lines)[0]
 
 
 # -- results --------------------------------------------------------------------------------
@@ -96,7 +102,7 @@ class Unsealed(JsonResult):
 class Lifecycle(AdminContext):
     async def log(self, path: str) -> History:
         node = self.manifest.resolve(path)
-        if node is not None and node.kind is not Kind.FILE:
+        if node is not None and not node.kind.has_versions:
             raise InvalidArgument(f"{path} is a directory, not an artifact")
         versions = self.manifest.history(node.ino if node else None, path)
         if not versions:
@@ -141,15 +147,16 @@ class Lifecycle(AdminContext):
         if chosen is None:  # only a scope: every artifact in it
             prefix = scope.rstrip("/") + "/"
             paths = [prefix + rel for rel, node in manifest.subtree(top)
-                     if node.kind is Kind.FILE and node.version_id is not None]
+                     if node.kind.has_versions and node.version_id is not None]
         else:
             paths = sorted(p for p in map(manifest.path_of, chosen)
                            if run is None or p.startswith(scope + "/"))
         return Found(tuple(paths))
 
-    def _artifacts_of(self, execution: Node) -> list[tuple[str, str]]:
-        return [(rel, node.blob.digest) for rel, node in self.manifest.subtree(execution.ino)
-                if node.kind is Kind.FILE and node.blob is not None]
+    def _artifacts_of(self, execution: Node) -> list[tuple[str, str, Kind]]:
+        return [(rel, node.blob.digest, node.kind)
+                for rel, node in self.manifest.subtree(execution.ino)
+                if node.kind.has_versions and node.blob is not None]
 
     async def seal(self, path: str) -> Sealed:
         execution = self._execution(path)

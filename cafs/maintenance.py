@@ -33,7 +33,7 @@ from cafs.blobstore import BlobStore
 from cafs.digest import Digest
 from cafs.errors import InvalidArgument, StoreError
 from cafs.manifest import Manifest, RepairPlan
-from cafs.model import RUNS_INODE, BlobRef, Kind
+from cafs.model import RUNS_INODE, BlobRef
 from cafs.store import QUARANTINE_DIR, Store
 
 DELETE_BATCH = 256
@@ -395,7 +395,7 @@ class _PathResolver:
         if parent is None:
             return None
         node = self._manifest.child(parent, name)
-        return node.ino if node is not None and node.kind is Kind.FILE else None
+        return node.ino if node is not None and node.kind.has_versions else None
 
     def _dir(self, path: str) -> int | None:
         if path in self._dirs:

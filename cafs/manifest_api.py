@@ -192,6 +192,12 @@ class Content(Protocol):
         replaced and its blob loses a reference; the new blob gains one."""
         ...
 
+    def add_symlink(self, parent_id: int, name: str, stored: StoredBlob, *, uid: int, gid: int,
+                    now_ns: int) -> Node:
+        """A new symlink whose target is the content `stored`, with its first version, in one
+        transaction."""
+        ...
+
     def history(self, node_id: int | None, path: str) -> list[Version]:
         """Every version of the node, and those published at `path` by nodes since replaced."""
         ...

@@ -24,6 +24,11 @@ RECORD_INODE_BASE = 1 << 47
 RECORD_NAME = ".record.json"
 
 MAX_NAME_BYTES = 255
+# A symlink's target: PATH_MAX (4096) less the NUL, as ext4 and tmpfs take it; longer targets
+# are ENAMETOOLONG (the kernel stops them at the mount; a bundle has no kernel in the way).
+MAX_SYMLINK_TARGET = 4095
+# What stat shows as a symlink's permission bits (Linux ignores them; chmod cannot change them).
+SYMLINK_MODE = 0o777
 
 
 class Kind(StrEnum):
@@ -35,11 +40,17 @@ class Kind(StrEnum):
     LAYER = "layer"
     DIR = "dir"  # a sub-directory inside a layer
     FILE = "file"  # an artifact
+    SYMLINK = "symlink"  # a symbolic link inside a layer; its target is versioned like content
     RECORD = "record"  # the virtual read-only .record.json of a layer or execution
 
     @property
     def is_dir(self) -> bool:
-        return self not in (Kind.FILE, Kind.BLOB, Kind.RECORD)
+        return self not in (Kind.FILE, Kind.SYMLINK, Kind.BLOB, Kind.RECORD)
+
+    @property
+    def has_versions(self) -> bool:
+        """Nodes whose content (a file's bytes, a symlink's target) is a blob with history."""
+        return self in (Kind.FILE, Kind.SYMLINK)
 
     @property
     def has_record(self) -> bool:
@@ -54,6 +65,12 @@ class Kind(StrEnum):
         if self in (Kind.LAYER, Kind.DIR):
             return Kind.DIR if want_dir else Kind.FILE
         return None
+
+    def accepts(self, kind: Kind) -> bool:
+        """Whether a node of `kind` may live in this directory (made, moved or imported)."""
+        if kind is Kind.SYMLINK:  # symlinks go where files go
+            return self.child_kind(want_dir=False) is Kind.FILE
+        return self.child_kind(kind.is_dir) is kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,14 +121,14 @@ class TreeEntry:
     """A directory or artifact of one execution, as export writes it and import reads it."""
 
     rel: str  # path below the execution, e.g. "train/model.bin"
-    kind: Kind  # LAYER, DIR or FILE
+    kind: Kind  # LAYER, DIR, FILE or SYMLINK
     mode: int
     uid: int
     gid: int
     mtime_ns: int
     ctime_ns: int
     tags: dict[str, bytes]
-    versions: tuple[Version, ...] = ()  # files: oldest first; the last one is current
+    versions: tuple[Version, ...] = ()  # files and symlinks: oldest first; the last is current
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +156,8 @@ class Node:
 
     @property
     def st_mode(self) -> int:
+        if self.kind is Kind.SYMLINK:
+            return stat.S_IFLNK | SYMLINK_MODE
         return (stat.S_IFDIR if self.kind.is_dir else stat.S_IFREG) | self.mode
 
 

@@ -332,6 +332,8 @@ class Namespace:
         mode = node.mode if changes.mode is None else changes.mode & 0o7777
         if node.kind is Kind.FILE:
             mode = file_mode(mode)
+        elif node.kind is Kind.SYMLINK:  # Linux has no lchmod: its bits are always 0777
+            mode = node.mode
         opened = self.opened.inode(node.ino)
         mtime = node.mtime_ns
         if changes.mtime_ns is not None:
@@ -374,12 +376,18 @@ class Namespace:
             return kind
         raise AlreadyExists(name)
 
-    def _add(self, parent_ino: int, raw_name: bytes, mode: int, caller: Caller,
-             want_dir: bool) -> Node:
+    def place_new(self, parent_ino: int, raw_name: bytes, want_dir: bool,
+                  caller_uid: int | None = None) -> tuple[Node, str, Kind]:
+        """The directory, name and kind for a new node, checked (name, sealed run, placement,
+        not taken). A symlink asks as a file does (want_dir False): same places, same errnos."""
         parent = self.node(parent_ino)
         name = new_name(raw_name)
         self.check_unsealed(parent)
-        kind = self._new_child_kind(parent, name, want_dir, caller.uid)
+        return parent, name, self._new_child_kind(parent, name, want_dir, caller_uid)
+
+    def _add(self, parent_ino: int, raw_name: bytes, mode: int, caller: Caller,
+             want_dir: bool) -> Node:
+        parent, name, kind = self.place_new(parent_ino, raw_name, want_dir, caller.uid)
         self.space.take_metadata(ROW_COST)
         node = self.manifest.add_node(parent.ino, name, kind, mode, caller.uid, caller.gid,
                                       time.time_ns())
@@ -442,7 +450,7 @@ class Namespace:
                 raise ReadOnly("blobs/ is read-only")
         _check_removable(old_parent, node)
         self.check_unsealed(node, new_parent)
-        if new_parent.kind.child_kind(node.kind.is_dir) is not node.kind:
+        if not new_parent.kind.accepts(node.kind):
             self.refusals.refused(new_parent, f"moving {node.kind.value} {node.name!r} as {name!r}")
             raise NotPermitted(f"a {node.kind.value} cannot move into a {new_parent.kind.value}")
         if node.kind.is_dir:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import stat
 
-from cafs.errors import BadName, InvalidArgument, NameTooLong, OutOfSpace
-from cafs.model import MAX_NAME_BYTES
+from cafs.errors import BadName, InvalidArgument, NameTooLong, NotFound, OutOfSpace
+from cafs.model import MAX_NAME_BYTES, MAX_SYMLINK_TARGET
 
 # Refuses what is surely a mistake (truncate -s 1T would make the daemon hash a terabyte of
 # zeros); raise it with max_artifact_size for larger artifacts.
@@ -83,3 +83,13 @@ def check_tags(tags: dict[str, bytes]) -> None:
     if not tag_space_left(names, values):
         raise OutOfSpace(f"{names} bytes of tag names and {values} of values; a node holds "
                          f"at most {TAG_NAMES_BYTES} and {TAG_VALUES_BYTES}")
+
+
+def check_target(target: bytes) -> None:
+    """A target as symlink(2) takes it on ext4: not empty, at most 4095 bytes, no NUL."""
+    if not target:
+        raise NotFound("a symlink's target cannot be empty")
+    if len(target) > MAX_SYMLINK_TARGET:
+        raise NameTooLong(f"symlink targets are at most {MAX_SYMLINK_TARGET} bytes")
+    if b"\0" in target:
+        raise InvalidArgument("a symlink's target cannot hold NUL")

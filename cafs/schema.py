@@ -12,6 +12,8 @@ import sqlite3
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
+from cafs.model import FIRST_NODE_ID
+
 migrations = Migrations("cafs")
 
 _BLOBS = """
@@ -186,6 +188,11 @@ _M004 = [
 ]
 
 
+# Nodes with versions (cafs.model.Kind.has_versions): the leaves of the tree. Symlinks (m006)
+# count as artifacts in the aggregates, their target's length as their logical bytes.
+LEAF_KINDS = "('file', 'symlink')"
+
+
 def recompute_aggregates(db: sqlite3.Connection, top: int | None = None) -> None:
     """Set the aggregate columns (m004) from the versions: of every node, or of `top` and the
     nodes below it (its ancestors are the caller's). Files from their own versions, then
@@ -196,16 +203,16 @@ def recompute_aggregates(db: sqlite3.Connection, top: int | None = None) -> None
     db.execute(
         f"""
         WITH RECURSIVE d(id, depth) AS (
-            {start} AND kind != 'file'
+            {start} AND kind NOT IN {LEAF_KINDS}
             UNION ALL
             SELECT n.id, d.depth + 1 FROM nodes n JOIN d ON n.parent_id = d.id
-            WHERE n.kind != 'file'
+            WHERE n.kind NOT IN {LEAF_KINDS}
         )
         INSERT INTO aggregate_dirs SELECT id, depth FROM d
         """,
         {"top": top},
     )
-    files = "kind = 'file'" + ("" if top is None else
+    files = f"kind IN {LEAF_KINDS}" + ("" if top is None else
                                " AND parent_id IN (SELECT id FROM aggregate_dirs)")
     db.execute(
         f"""
@@ -264,6 +271,56 @@ def m005_store_state(db: Database) -> None:
     db.execute("INSERT INTO store_state (id) VALUES (1)")
 
 
+# Symlinks inside layers. A symlink is a node of kind 'symlink' whose versions hold its target
+# as a blob, exactly as a file's versions hold its bytes: dedup, history (`cafs log`), records,
+# bundles, fsck and gc need nothing new. SQLite cannot ALTER a CHECK constraint; this one does
+# not only widen it from outside (m003's case) but is a table of ~millions of rows others
+# reference by id, so it is rebuilt the way SQLite documents (create, copy, drop, rename) from
+# the stored CREATE text, keeping every column's comment, the AUTOINCREMENT counter (inode
+# numbers are never reused), the indexes and the views.
+_KIND_BEFORE = (
+    "kind        TEXT    NOT NULL CHECK (kind IN ('execution', 'layer', 'dir', 'file')), -- "
+    "execution = runs/<exec>, layer = runs/<exec>/<layer>, dir = sub-directory inside a layer, "
+    "file = artifact")
+_KIND_AFTER = (
+    "kind        TEXT    NOT NULL CHECK (kind IN ('execution', 'layer', 'dir', 'file', "
+    "'symlink')), -- execution = runs/<exec>, layer = runs/<exec>/<layer>, dir = sub-directory "
+    "inside a layer, file = artifact, symlink = symbolic link inside a layer (its versions' "
+    "blobs hold the target bytes; mode is always 0777)")
+
+
+@migrations()
+def m006_symlinks(db: Database) -> None:
+    conn = db.conn
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'nodes'"
+                       ).fetchone()[0]
+    head = next((h for h in ('CREATE TABLE nodes (', 'CREATE TABLE "nodes" (')
+                 if sql.startswith(h)), None)
+    if _KIND_BEFORE not in sql or head is None:
+        raise RuntimeError("manifest: the nodes table is not the one migration m006 expects")
+    # Views and indexes on nodes go with the old table; they are made again from their text.
+    views = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'view'").fetchall()
+    indexes = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND "
+                           "tbl_name = 'nodes' AND sql IS NOT NULL").fetchall()
+    sequence = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'nodes'").fetchone()
+    for name, _ in views:
+        conn.execute(f'DROP VIEW "{name}"')
+    conn.execute(sql.replace(_KIND_BEFORE, _KIND_AFTER).replace(
+        head, "CREATE TABLE nodes_new (", 1))
+    columns = ", ".join(row[1] for row in conn.execute("PRAGMA table_info(nodes)"))
+    conn.execute(f"INSERT INTO nodes_new ({columns}) SELECT {columns} FROM nodes")
+    conn.execute("DROP TABLE nodes")
+    conn.execute("ALTER TABLE nodes_new RENAME TO nodes")
+    seq = max(sequence[0] if sequence else 0, FIRST_NODE_ID - 1)
+    conn.execute("DELETE FROM sqlite_sequence WHERE name IN ('nodes', 'nodes_new')")
+    conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('nodes', "
+                 "max(?, (SELECT coalesce(max(id), 0) FROM nodes)))", (seq,))
+    for (index_sql,) in indexes:
+        conn.execute(index_sql)
+    for _, view_sql in views:
+        conn.execute(view_sql)
+
+
 # Access times that a user sets (touch -a, utimensat) are kept; reads never change them (the
 # mount is noatime: a read must not write the manifest). Numbered m008: m006 and m007 are
 # other changes' numbers.
@@ -277,6 +334,21 @@ _M008 = [
 @migrations()
 def m008_atime(db: Database) -> None:
     for statement in _M008:
+        db.execute(statement)
+
+
+# The web view (cafs ui) at a million artifacts: a run's timeline of publishes is one range scan
+# of (path, created_ns) that never reads the table; what gc would reclaim starts from the blobs
+# no live artifact holds, usually few, without a scan of every blob.
+_M009 = [
+    "CREATE INDEX versions_path_time ON versions(path, created_ns)",
+    "CREATE INDEX blobs_unreferenced ON blobs(id) WHERE refcount = 0",
+]
+
+
+@migrations()
+def m009_ui_indexes(db: Database) -> None:
+    for statement in _M009:
         db.execute(statement)
 
 

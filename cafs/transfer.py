@@ -13,13 +13,13 @@ from dataclasses import dataclass, replace
 from typing import IO, Any
 
 from cafs.admin_context import AdminContext, JsonResult
-from cafs.bundle import BundleReader, encode_header, write_bundle
+from cafs.bundle import BadBundle, BundleReader, encode_header, write_bundle
 from cafs.digest import Digest
 from cafs.errors import AlreadyExists, CafsError, Damaged, InvalidArgument
 from cafs.lifecycle import root_hash
 from cafs.maintenance import delete_unreferenced_now
-from cafs.model import RUNS_INODE, Kind, Node, StoredBlob, TreeEntry, Version
-from cafs.rules import new_name
+from cafs.model import MAX_SYMLINK_TARGET, RUNS_INODE, Kind, Node, StoredBlob, TreeEntry, Version
+from cafs.rules import check_target, new_name
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,15 @@ class Transfer(AdminContext):
         entries: list[TreeEntry] = []
         digests: set[str] = set()
         for rel, node in manifest.subtree(execution.ino):
-            if node.kind is Kind.FILE and node.version_id is None:
+            if node.kind.has_versions and node.version_id is None:
                 continue  # its first write is still in progress
             history: tuple[Version, ...] = ()
-            if node.kind is Kind.FILE:
+            if node.kind.has_versions:
                 # The current version last (import takes the last as current): a version
                 # published here by an artifact since replaced by a rename can be newer.
                 found = manifest.history(node.ino, f"{path}/{rel}")
+                if node.kind is Kind.SYMLINK:  # `ln -sfn` renames a new link over the old
+                    found = [v for v in found if self._is_target(v)]  # but not a file's bytes
                 history = (*(v for v in found if v.version_id != node.version_id),
                            *(v for v in found if v.version_id == node.version_id))
                 damaged = [v for v in history if v.damaged]
@@ -79,7 +81,7 @@ class Transfer(AdminContext):
 
         size = await self.runtime.run_in_thread(write_bundle, out, header, blobs, self.blobs,
                                                 now, progress)
-        return {"path": path, "artifacts": sum(e.kind is Kind.FILE for e in entries),
+        return {"path": path, "artifacts": sum(e.kind.has_versions for e in entries),
                 "blobs": len(blobs), "content_bytes": size,
                 "root_sha256": sealed[1] if sealed else None}
 
@@ -100,8 +102,8 @@ class Transfer(AdminContext):
         if manifest.resolve(f"runs/{name}") is not None:
             raise AlreadyExists(f"runs/{name} already exists (choose another with --as)")
         if header.sealed is not None:
-            artifacts = [(e.rel, e.versions[-1].digest) for e in header.entries
-                         if e.kind is Kind.FILE]
+            artifacts = [(e.rel, e.versions[-1].digest, e.kind) for e in header.entries
+                         if e.kind.has_versions]
             if root_hash(artifacts) != header.sealed[1]:
                 raise InvalidArgument("bundle is inconsistent: its artifacts do not give "
                                       "its recorded root hash")
@@ -126,6 +128,7 @@ class Transfer(AdminContext):
         try:
             await self.runtime.run_in_thread(reader.store_blobs, wanted, self.blobs, progress,
                                              added)
+            self._check_targets(entries, {**present, **added})
             manifest.add_tree(name, header.top, entries, {**present, **added}, header.sealed,
                               time.time_ns())
         except BaseException:
@@ -136,9 +139,40 @@ class Transfer(AdminContext):
             self._delete_unreferenced_now(list(added))
             raise
         self.live.nodes_changed([RUNS_INODE, *manifest.nodes_holding_blobs(healed)])
-        return {"path": f"runs/{name}", "artifacts": sum(e.kind is Kind.FILE for e in entries),
+        return {"path": f"runs/{name}", "artifacts": sum(e.kind.has_versions for e in entries),
                 "blobs_added": len(added), "blobs_present": len(present),
                 "root_sha256": header.sealed[1] if header.sealed else None}
+
+    def _is_target(self, version: Version) -> bool:
+        """Whether a version at a symlink's path can be one of its targets: the path's history
+        also holds the content of a file the symlink replaced, which import would refuse as a
+        target. At most 4095 bytes read."""
+        if not 1 <= version.size <= MAX_SYMLINK_TARGET or version.damaged:
+            return False
+        blob = self.manifest.blob(version.digest)
+        if blob is None:
+            return False
+        reader = self.blobs.open(blob.digest, blob.encoding)
+        try:
+            return b"\0" not in reader.read(0, version.size)
+        finally:
+            reader.close()
+
+    def _check_targets(self, entries: list[TreeEntry], blobs: dict[str, StoredBlob]) -> None:
+        """Symlink targets as symlink(2) would take them (their size was checked with the
+        header; NUL only shows in the bytes). At most 4095 bytes each."""
+        for entry in entries:
+            if entry.kind is not Kind.SYMLINK:
+                continue
+            for version in entry.versions:
+                stored = blobs[version.digest]
+                reader = self.blobs.open(stored.digest, stored.encoding)
+                try:
+                    check_target(reader.read(0, version.size))
+                except CafsError as exc:
+                    raise BadBundle(f"{entry.rel}: {exc}") from None
+                finally:
+                    reader.close()
 
     def _delete_unreferenced_now(self, digests: list[str]) -> set[str]:
         return delete_unreferenced_now(self.store, self.live, digests)

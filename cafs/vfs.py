@@ -5,6 +5,7 @@ Owns: the wiring of the parts, nothing else —
     cafs.namespace   names, placement rules, lookup/readdir, mkdir/unlink/rmdir/rename, chmod
     cafs.openfiles   open files, the descriptor budget, reads, writes, the publish state machine
     cafs.xattrs      tags and the read-only user.cafs.* attributes
+    cafs.symlinks    symlink, readlink; link (EPERM)
     cafs.virtual     the fixed root, runs/ and blobs/, blobs/<sha256>, .record.json
     cafs.visibility  who may learn which facts about sharing
 Must not import pyfuse3 or trio: the event-loop primitives the core needs (a lock, running heavy
@@ -40,6 +41,7 @@ from cafs.openfiles import (
 )
 from cafs.rules import DEFAULT_MAX_ARTIFACT_SIZE
 from cafs.runtime import KernelNotifier, NoKernel, Runtime
+from cafs.symlinks import Symlinks
 from cafs.virtual import CachedRecord, VirtualNodes, is_computed
 from cafs.visibility import Visibility
 from cafs.xattrs import Xattrs
@@ -75,6 +77,7 @@ class Vfs:
         self.files = OpenFiles(self.tree, blobs, runtime, self.table, self.publisher,
                                max_artifact_size)
         self.xattrs = Xattrs(self.tree, self.visibility, manifest, blobs.space)
+        self.symlinks = Symlinks(self.tree, manifest, blobs)
 
     # -- the namespace --------------------------------------------------------------------
 
@@ -105,6 +108,15 @@ class Vfs:
     def rename(self, old_parent_ino: int, raw_old: bytes, new_parent_ino: int, raw_new: bytes,
                flags: int) -> None:
         self.tree.rename(old_parent_ino, raw_old, new_parent_ino, raw_new, flags)
+
+    def symlink(self, parent_ino: int, raw_name: bytes, target: bytes, caller: Caller) -> Attr:
+        return self.symlinks.symlink(parent_ino, raw_name, target, caller)
+
+    def readlink(self, ino: int) -> bytes:
+        return self.symlinks.readlink(ino)
+
+    def link(self, ino: int, new_parent_ino: int, raw_name: bytes) -> Attr:
+        self.symlinks.link()
 
     async def setattr(self, ino: int, changes: AttrChanges, fh: int | None,
                       caller: Caller) -> Attr:

@@ -72,7 +72,8 @@ class Xattrs:
     def listxattr(self, ino: int, caller: Caller | None = None) -> list[bytes]:
         node = self.tree.node(ino)
         names = []
-        if node.blob is not None:
+        # The kernel answers user.* on a symlink itself (ENODATA): list nothing it would refuse.
+        if node.blob is not None and node.kind is not Kind.SYMLINK:
             sharing = self.visibility.sees_sharing(caller)
             names = [f"{XATTR_PREFIX}{key}" for key in VIRTUAL_XATTRS
                      if sharing or key not in SHARING_XATTRS]

@@ -32,8 +32,10 @@ RANKS: list[tuple[str, list[str]]] = [
                   "sqlite_manifest.*"]),
     # The filesystem core and what sits beside it: no pyfuse3, no trio, no daemon.
     ("core", ["vfs", "vfs.*", "vfs_*", "namespace", "openfiles", "xattrs", "virtual",
-              "visibility", "records", "bundle", "store", "fsck", "admin", "admin_*",
+              "visibility", "symlinks", "records", "bundle", "store", "fsck", "admin", "admin_*",
               "maintenance", "lifecycle", "transfer", "control"]),
+    # `cafs ui`, the web view: over the core like the admin commands; no trio, no pyfuse3.
+    ("ui", ["ui", "ui.*"]),
     ("ops", ["ops", "control_server"]),
     ("daemon", ["daemon"]),
     ("cli", ["cli", "cli_*", "__main__"]),
@@ -48,6 +50,7 @@ ONLY_IMPORTED_BY: dict[str, list[str]] = {
                 "sqlite_manifest.*"],
     "sqlite_utils": ["schema", "manifest", "manifest_*", "manifest.*", "sqlite_manifest",
                      "sqlite_manifest.*"],
+    "jinja2": ["ui.pages"],
     "zstandard": ["blobstore", "blobstore.*", "blob_*", "encoding", "encodings",
                   "encodings.*"],
 }

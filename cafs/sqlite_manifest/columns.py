@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 from cafs.manifest_api import DirStats
 from cafs.model import BlobRef, Kind, Node, Version
+from cafs.schema import LEAF_KINDS
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -138,11 +139,12 @@ UPSERT_BLOB = (
     "damaged_ns = CASE WHEN :fresh THEN NULL ELSE damaged_ns END"
 )
 
-# What a blob's refcount must be: the live artifacts whose current version holds it.
-LIVE_REFS = """
+# What a blob's refcount must be: the live artifacts (files and symlinks) whose current version
+# holds it.
+LIVE_REFS = f"""
     live(blob_id, n) AS (
         SELECT v.blob_id, count(*) FROM nodes n
-        JOIN versions v ON v.id = n.version_id WHERE n.kind = 'file' GROUP BY v.blob_id
+        JOIN versions v ON v.id = n.version_id WHERE n.kind IN {LEAF_KINDS} GROUP BY v.blob_id
     )
 """
 # Files whose first write never completed (the daemon died before their first publish).

@@ -14,7 +14,7 @@ from cafs import crashpoints
 from cafs.digest import Digest
 from cafs.errors import Corrupt
 from cafs.manifest_api import NewVersion
-from cafs.model import BlobRef, Node, StoredBlob, Version
+from cafs.model import SYMLINK_MODE, BlobRef, Kind, Node, StoredBlob, Version
 from cafs.sqlite_manifest.columns import (
     BLOB,
     INSERT_VERSION,
@@ -86,27 +86,47 @@ class SqliteContent(Rows):
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM nodes WHERE id = ?", (new.node_id,)).fetchone() is None:
                 raise Corrupt(f"node {new.node_id} vanished while being published")
-            path = self.path_of(new.node_id)
-            blob_id = self._upsert_blob(stored, new.now_ns, references=1)
-            self._retire_current(new.node_id, new.now_ns)
-            version_id = db.execute(INSERT_VERSION, version_values(
-                node_id=new.node_id, path=path, blob_id=blob_id, size=stored.size,
-                mode=new.mode, uid=new.uid, gid=new.gid, mtime_ns=new.mtime_ns,
-                ctime_ns=new.ctime_ns, content_type=new.content_type, created_ns=new.now_ns,
-            )).lastrowid
-            db.execute(
-                "UPDATE nodes SET version_id = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
-                (version_id, new.mtime_ns, new.ctime_ns, new.node_id),
-            )
-            if new.collapses is not None:
-                db.execute("DELETE FROM versions WHERE id = ? AND node_id = ? AND "
-                           "replaced_ns IS NOT NULL", (new.collapses, new.node_id))
-            self._aggregate_file(new.node_id)
+            self._record_version(stored, new)
             crashpoints.reached("before-manifest-commit")
         crashpoints.reached("after-manifest-commit")
         node = self.node(new.node_id)
         assert node is not None
         return node
+
+    def add_symlink(self, parent_id: int, name: str, stored: StoredBlob, *, uid: int, gid: int,
+                    now_ns: int) -> Node:
+        """A new symlink whose target is the blob `stored`, with its first version: one
+        transaction, so a symlink is never seen without its target."""
+        with self._transaction():
+            node_id = self._insert_node(parent_id, name, Kind.SYMLINK, mode=SYMLINK_MODE,
+                                        uid=uid, gid=gid, mtime_ns=now_ns, ctime_ns=now_ns)
+            self._touch(parent_id, now_ns)
+            self._record_version(stored, NewVersion(
+                node_id=node_id, mode=SYMLINK_MODE, uid=uid, gid=gid, mtime_ns=now_ns,
+                ctime_ns=now_ns, content_type=None, now_ns=now_ns))
+        node = self.node(node_id)
+        assert node is not None
+        return node
+
+    def _record_version(self, stored: StoredBlob, new: NewVersion) -> None:
+        """Inside the caller's transaction: the version, the references, the aggregates."""
+        db = self._db
+        path = self.path_of(new.node_id)
+        blob_id = self._upsert_blob(stored, new.now_ns, references=1)
+        self._retire_current(new.node_id, new.now_ns)
+        version_id = db.execute(INSERT_VERSION, version_values(
+            node_id=new.node_id, path=path, blob_id=blob_id, size=stored.size,
+            mode=new.mode, uid=new.uid, gid=new.gid, mtime_ns=new.mtime_ns,
+            ctime_ns=new.ctime_ns, content_type=new.content_type, created_ns=new.now_ns,
+        )).lastrowid
+        db.execute(
+            "UPDATE nodes SET version_id = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
+            (version_id, new.mtime_ns, new.ctime_ns, new.node_id),
+        )
+        if new.collapses is not None:
+            db.execute("DELETE FROM versions WHERE id = ? AND node_id = ? AND "
+                       "replaced_ns IS NOT NULL", (new.collapses, new.node_id))
+        self._aggregate_file(new.node_id)
 
     def history(self, node_id: int | None, path: str) -> list[Version]:
         """The versions of the artifact at `path`: every version of the node there now, and

@@ -40,7 +40,7 @@ class SqliteImport(Rows):
                 node_id = self._insert_entry(ids[parent_rel], leaf, entry.kind, entry)
                 ids[entry.rel] = node_id
                 self._insert_tags(node_id, entry.tags)
-                if entry.kind is Kind.FILE:
+                if entry.kind.has_versions:
                     self._insert_history(node_id, f"runs/{name}/{entry.rel}", entry, blob_ids)
             schema.recompute_aggregates(db, ids[""])
         return ids[""]

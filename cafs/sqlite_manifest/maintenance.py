@@ -18,6 +18,7 @@ from cafs.sqlite_manifest.columns import (
     BLOB,
     DIR_STATS,
     GC_BATCH,
+    LEAF_KINDS,
     LIVE_REFS,
     SUBTREE,
     chunks,
@@ -36,7 +37,7 @@ class SqliteMaintenance(Rows):
         db = self._db
         artifacts, logical = db.execute(
             "SELECT count(*), coalesce(sum(v.size), 0) FROM nodes n "
-            "JOIN versions v ON v.id = n.version_id WHERE n.kind = 'file'"
+            f"JOIN versions v ON v.id = n.version_id WHERE n.kind IN {LEAF_KINDS}"
         ).fetchone()
         blobs, unique, stored = db.execute(
             "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(stored_size), 0) FROM blobs"
@@ -60,7 +61,7 @@ class SqliteMaintenance(Rows):
             f"""{SUBTREE},
             cur AS (
                 SELECT v.blob_id, v.size FROM sub JOIN nodes n ON n.id = sub.id
-                JOIN versions v ON v.id = n.version_id WHERE n.kind = 'file'
+                JOIN versions v ON v.id = n.version_id WHERE n.kind IN {LEAF_KINDS}
             ),
             held AS (SELECT blob_id, count(*) AS uses FROM cur GROUP BY blob_id)
             SELECT * FROM
@@ -123,12 +124,12 @@ class SqliteMaintenance(Rows):
                        (SELECT min(created_ns) FROM versions v WHERE v.node_id = n.id) AS f,
                        (SELECT max(created_ns) FROM versions v WHERE v.node_id = n.id) AS l
                 FROM nodes n LEFT JOIN versions cv ON cv.id = n.version_id
-                WHERE n.kind = 'file'
+                WHERE n.kind IN {LEAF_KINDS}
                 UNION ALL
                 SELECT d.id, coalesce(sum(c.artifacts), 0), coalesce(sum(c.logical_bytes), 0),
                        min(c.first_write_ns), max(c.last_write_ns)
                 FROM nodes d LEFT JOIN nodes c ON c.parent_id = d.id
-                WHERE d.kind != 'file' GROUP BY d.id
+                WHERE d.kind NOT IN {LEAF_KINDS} GROUP BY d.id
             )
             SELECT n.id, {stored}, fresh.a, fresh.b, fresh.f, fresh.l
             FROM fresh JOIN nodes n ON n.id = fresh.id
