@@ -305,6 +305,8 @@ def _as_before_m006(manifest: Path) -> None:
 
     fresh = Database(sqlite3.connect(":memory:"))
     schema.migrations.apply(fresh, stop_before="m006_symlinks")
+    for statement in schema._M008:  # a later column (m008, atime) is in the store too
+        fresh.execute(statement)
     main_sql = fresh.execute(
         "SELECT sql FROM sqlite_master WHERE name = 'nodes'").fetchone()[0]
     db = sqlite3.connect(manifest)

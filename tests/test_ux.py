@@ -301,6 +301,7 @@ def test_every_command_s_exit_codes_and_every_command_in_the_readme(tmp_path: Pa
         "find": [*s, "--sha256", "xyz"], "gc": [*s, "--keep-versions", "-1"],
         "fsck": [*s, "--orphan-grace", "-1"], "export": [*s, "runs/e1"],
         "import": [*s, "--as", "..", "/dev/null"], "restore": ["--config", "/no/such.toml"],
+        "ui": [*s, "--port", "99999"],
     }
     failure = {  # what goes wrong in normal use, and the code it must give
         "mount": (["--store", str(store), str(tmp_path / "no-dir")], 4),
@@ -312,6 +313,7 @@ def test_every_command_s_exit_codes_and_every_command_in_the_readme(tmp_path: Pa
         "find": ([*s, "--run", "e1"], 1), "gc": (["--store", missing], 3),
         "fsck": (["--store", missing], 3), "export": ([*s, "runs/e1", "-o", "x.tar"], 1),
         "import": ([*s, str(empty)], 1), "restore": ([*s], 3),  # no backups
+        "ui": (["--store", missing], 3),
     }
     assert sorted(usage) == names and sorted(failure) == names, "a command is not tested"
     env = {**os.environ, "CAFS_SYSTEM_CONFIG": "/nonexistent"}
