@@ -77,6 +77,9 @@ class Settings:
     backup_interval: int = option(
         3600, "manifest backups, default 3600; 0: only at unmount", unit="SECONDS",
         in_file=False, mount=True)
+    nonempty: bool = option(
+        False, "mount even on a directory that holds files or is already mounted",
+        in_file=False, mount=True, flag="--nonempty")
     orphan_grace: int | None = option(
         None, "gc and fsck --repair keep orphan blob files this long (default 7 days)",
         unit="SECONDS", flag="--orphan-grace")
@@ -120,6 +123,7 @@ class MountConfig:
     store: Path
     mountpoint: Path
     settings: Settings = Settings()
+    config: Path | None = None  # the configuration file the settings came from, if any
 
 
 def _mount_form(row: Option) -> str:
