@@ -12,12 +12,14 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from cafs import cli_admin, crashpoints
+from cafs.cli_admin import json_option
 from cafs.cli_common import (
     EXIT_FAILED,
     EXIT_MOUNT,
@@ -27,17 +29,22 @@ from cafs.cli_common import (
     fail,
     find_mount,
     human_size,
+    mounts_of_type,
     open_store,
     resolve_mountpoint,
     resolve_store,
     settings_from,
     store_option,
+    store_source,
 )
+from cafs.config import config_path, config_source
 from cafs.errors import CafsError, MountError, StoreError
 from cafs.mountpoint import check_mountpoint
 from cafs.options import MountConfig, mount_option_args, mount_options_help, parse_mount_options
 from cafs.store import (
+    LOCK_NAME,
     LOG_NAME,
+    MANIFEST_NAME,
     check_placement,
     open_log,
     prepare_store_dir,
@@ -65,10 +72,18 @@ def cli() -> None:
 @click.option("-o", "options", multiple=True, metavar="OPTS", help=mount_options_help())
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached; log to stderr.")
 @click.option("--debug", is_flag=True, help="Log every request (very verbose).")
+@click.option("--nonempty", is_flag=True,
+              help="Mount even on a directory that holds files or is already mounted "
+                   "(also -o nonempty).")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Say which configuration file and store are used (stderr).")
+@json_option
 @click.option("--ready-fd", type=int, default=None, hidden=True)
+@click.option("--config-used", type=click.Path(path_type=Path), default=None, hidden=True)
 @click.argument("mountpoint", type=click.Path(path_type=Path), required=False)
 def mount(store: Path | None, config: Path | None, options: tuple[str, ...], foreground: bool,
-          debug: bool, ready_fd: int | None, mountpoint: Path | None) -> None:
+          debug: bool, nonempty: bool, verbose: bool, as_json: bool, ready_fd: int | None,
+          config_used: Path | None, mountpoint: Path | None) -> None:
     """Mount the store at MOUNTPOINT; return once the mount serves requests.
 
     Also runs as a mount(8) helper: `cafs STORE MOUNTPOINT -o OPTS`, which is what
@@ -78,17 +93,29 @@ def mount(store: Path | None, config: Path | None, options: tuple[str, ...], for
     """
     settings = settings_from(config)  # the defaults, then the configuration file
     root = resolve_store(store, settings)
+    # The child daemon gets every setting on its command line and no configuration file;
+    # --config-used only tells it which file they came from, for its start-up line.
+    used = config_used if config_used is not None else config_path(config)
     where = resolve_mountpoint(mountpoint, settings)
     try:  # then -o
         settings = parse_mount_options(list(options), settings)
     except CafsError as exc:
         raise click.UsageError(str(exc)) from None
-    cfg = MountConfig(store=root, mountpoint=where, settings=settings)
+    if nonempty:
+        settings = replace(settings, nonempty=True)
+    cfg = MountConfig(store=root, mountpoint=where, settings=settings, config=used)
     with errors_as_exit_codes():
         if foreground:
             run_foreground(cfg, debug, ready_fd)
-        else:
-            spawn_daemon(cfg, debug)
+            return
+        pid = spawn_daemon(cfg, debug)
+    if verbose:
+        click.echo(f"cafs: mounted store {root} at {where} (daemon pid {pid}; configuration "
+                   f"{used or 'none'}; log {root / LOG_NAME})", err=True)
+    if as_json:
+        click.echo(json.dumps({"store": str(root), "mountpoint": str(where), "pid": pid,
+                               "config": str(used) if used else None,
+                               "log": str(root / LOG_NAME)}, indent=2))
 
 
 def run_foreground(cfg: MountConfig, debug: bool, ready_fd: int | None) -> None:
@@ -110,9 +137,10 @@ def run_foreground(cfg: MountConfig, debug: bool, ready_fd: int | None) -> None:
         raise
 
 
-def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
-    """Start the daemon in its own session and wait until it serves (or says why not)."""
-    check_mountpoint(cfg.mountpoint)
+def spawn_daemon(cfg: MountConfig, debug: bool) -> int:
+    """Start the daemon in its own session and wait until it serves (or says why not); its
+    pid."""
+    check_mountpoint(cfg.mountpoint, nonempty=cfg.settings.nonempty)
     check_placement(cfg.store, cfg.mountpoint)
     prepare_store_dir(cfg.store, create=True)
     log_fd = open_log(cfg.store)  # never through a symlink planted in the store
@@ -121,6 +149,8 @@ def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
     command = [sys.executable, "-m", "cafs", "mount", "--foreground", "--ready-fd",
                str(write_end), "--store", str(cfg.store), str(cfg.mountpoint),
                *mount_option_args(cfg.settings)]
+    if cfg.config is not None:
+        command += ["--config-used", str(cfg.config)]
     if debug:
         command.append("--debug")
     child_env = dict(os.environ, CAFS_CONFIG="")
@@ -134,7 +164,7 @@ def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
     with os.fdopen(read_end, "rb") as ready:
         message = ready.readline()
     if message == READY:
-        return
+        return process.pid
     try:
         code = process.wait(timeout=START_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -151,8 +181,10 @@ def spawn_daemon(cfg: MountConfig, debug: bool) -> None:
 @click.option("--lazy", "-z", is_flag=True, help="Detach even if busy (or dead).")
 @click.option("--if-mounted", is_flag=True,
               help="Succeed quietly when nothing is mounted there (for ExecStopPost).")
+@json_option
 @click.argument("mountpoint", type=click.Path(path_type=Path), required=False)
-def umount(config: Path | None, lazy: bool, if_mounted: bool, mountpoint: Path | None) -> None:
+def umount(config: Path | None, lazy: bool, if_mounted: bool, as_json: bool,
+           mountpoint: Path | None) -> None:
     """Unmount a cafs mount and wait until its daemon has exited.
 
     A dead mount (its daemon died) unmounts the same way; one still in use needs --lazy.
@@ -163,6 +195,9 @@ def umount(config: Path | None, lazy: bool, if_mounted: bool, mountpoint: Path |
     found = find_mount(mountpoint)
     if found is None or found[0] != "fuse.cafs":
         if if_mounted:
+            if as_json:
+                click.echo(json.dumps({"mountpoint": str(mountpoint), "unmounted": False},
+                                      indent=2))
             return
         fail(f"{mountpoint} is not a cafs mount", EXIT_MOUNT)
     store = Path(found[1])
@@ -177,6 +212,52 @@ def umount(config: Path | None, lazy: bool, if_mounted: bool, mountpoint: Path |
     deadline = time.monotonic() + START_TIMEOUT
     while daemon is not None and process_alive(daemon) and time.monotonic() < deadline:
         time.sleep(0.02)
+    if as_json:
+        click.echo(json.dumps({"mountpoint": str(mountpoint), "unmounted": True,
+                               "store": str(store), "daemon_pid": daemon}, indent=2))
+
+
+@cli.command()
+@store_option
+@config_option
+@json_option
+def status(store: Path | None, config: Path | None, as_json: bool) -> None:
+    """Say which configuration file and store the commands use, and where that store is
+    mounted (touches nothing).
+
+    Example: cafs status --json
+    """
+    settings = settings_from(config)
+    used, config_why = config_source(config)
+    with errors_as_exit_codes():
+        root, store_why = store_source(store, settings)
+    try:  # a store this user may not enter is reported, not an error
+        holder = serving_daemon(root) if (root / LOCK_NAME).exists() else None
+        exists: bool | None = (root / MANIFEST_NAME).exists()
+    except OSError:
+        holder, exists = None, None
+    mounted = [str(point) for point, source in mounts_of_type("fuse.cafs")
+               if source == str(root)]
+    result = {
+        "config": str(used) if used else None, "config_source": config_why,
+        "store": str(root), "store_source": store_why,
+        "store_exists": exists,
+        "mountpoint": str(settings.mountpoint) if settings.mountpoint else None,
+        "mounted_at": mounted, "daemon_pid": holder.pid if holder else None,
+    }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"config      {used or 'none'} ({config_why})")
+    state = {True: "", False: "; not created yet", None: "; not readable by this user"}
+    click.echo(f"store       {root} ({store_why}{state[exists]})")
+    if settings.mountpoint:
+        click.echo(f"mountpoint  {settings.mountpoint} (the configuration file)")
+    if mounted:
+        click.echo(f"mounted     at {', '.join(mounted)}"
+                   + (f" by pid {holder.pid}" if holder and holder.pid else ""))
+    else:
+        click.echo("mounted     no")
 
 
 def process_alive(pid: int) -> bool:
@@ -281,7 +362,8 @@ def _dir_stats(path: str, store: Path | None, config: Path | None, as_json: bool
               help="TCP port (0: any free one; the URL is printed).")
 @click.option("--bind", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback lets others read the store.")
-def ui(store: Path | None, config: Path | None, port: int, bind: str) -> None:
+@json_option
+def ui(store: Path | None, config: Path | None, port: int, bind: str, as_json: bool) -> None:
     """Serve a read-only web view of the store: executions, layers, artifacts and their
     history (with downloads), contents, sharing between runs, what gc would reclaim.
 
@@ -304,6 +386,10 @@ def ui(store: Path | None, config: Path | None, port: int, bind: str) -> None:
                    "every path, hash, tag and content of the store", err=True)
 
     def ready(url: str) -> None:
+        if as_json:  # a script learns the URL (the port, with --port 0) from one document
+            click.echo(json.dumps({"store": str(root), "url": url}))
+            sys.stdout.flush()
+            return
         click.echo(f"cafs ui: serving {root} at {url} (read-only; ^C to stop)")
 
     with errors_as_exit_codes(EXIT_FAILED):

@@ -44,7 +44,7 @@ from cafs.cli_common import (
 )
 from cafs.config import Settings
 from cafs.control import call
-from cafs.digest import Digest, digest_of_chunks
+from cafs.digest import Digest, digest_of_chunks, is_digest
 from cafs.errors import CafsError, StoreBusy, StoreError
 from cafs.lifecycle import Found, History, Sealed, Unsealed, VersionLocation
 from cafs.maintenance import CheckReport, GcReport, RepairReport
@@ -118,19 +118,23 @@ class TerminalProgress:
 
 
 def run_admin(root: Path, command: str, args: dict[str, Any], expect: type[R],
-              files: list[IO[bytes]] | None = None, settings: Settings | None = None) -> R:
+              files: list[IO[bytes]] | None = None, settings: Settings | None = None,
+              create: bool = False) -> R:
     """Run an admin command where it must run: in the daemon if one serves the store (with
     the daemon's settings), else here under the store's lock (with `settings`). Answers the
-    command's typed result, `expect`. Failures exit with a message (1; 3 for the store)."""
+    command's typed result, `expect`. Failures exit with a message (1; 3 for the store).
+    `create`: a store that does not exist yet is made (import), as a first mount makes it."""
     files = files or []
     progress = TerminalProgress()
     try:
         with errors_as_exit_codes(command_failure=EXIT_FAILED):
-            prepare_store_dir(root, create=False)  # missing, not ours, not a directory
+            # missing (unless made now), not ours, not a directory
+            prepare_store_dir(root, create=create)
             if not (root / MANIFEST_NAME).exists():
                 # A store whose manifest went missing beside its blobs needs repair, not gc.
                 check_manifest_files(root, BlobStore(root), wal=False)
-                raise StoreError(f"no store at {root}")
+                if not create:
+                    raise StoreError(f"no store at {root}")
             for _ in range(3):
                 holder = store_holder(root)
                 if holder is not None:
@@ -167,8 +171,15 @@ def _expected(command: str, result: JsonResult, expect: type[R]) -> R:
     return result
 
 
-def emit_json(result: JsonResult) -> None:
-    click.echo(json.dumps(result.to_json(), indent=2))
+def emit_json(result: JsonResult, **shown: Any) -> None:
+    """The result as one JSON document; `shown` replaces fields with what the user gave (a
+    path as typed), the store's own form staying under `store_<field>`."""
+    data = result.to_json()
+    for key, value in shown.items():
+        if key in data and data[key] != value:
+            data[f"store_{key}"] = data[key]
+        data[key] = value
+    click.echo(json.dumps(data, indent=2))
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -264,8 +275,9 @@ def _copied(chunks: Iterator[bytes], out: IO[bytes]) -> Iterator[bytes]:
 @click.command()
 @store_option
 @config_option
+@json_option
 @click.argument("path")
-def seal(store: Path | None, config: Path | None, path: str) -> None:
+def seal(store: Path | None, config: Path | None, as_json: bool, path: str) -> None:
     """Make the run at PATH (runs/<execution>) immutable and record its root hash.
 
     Afterwards every change inside it fails with EROFS (read-only file system), for root too.
@@ -276,22 +288,29 @@ def seal(store: Path | None, config: Path | None, path: str) -> None:
     """
     root, rel = locate(path, store, config)
     result = run_admin(root, "seal", {"path": rel}, Sealed)
+    if as_json:
+        emit_json(result, path=path)
+        return
     state = "was already sealed" if result.already else "sealed"
-    click.echo(f"{rel} {state}: root {result.root_sha256}")
+    click.echo(f"{path} {state}: root {result.root_sha256}")
 
 
 @click.command()
 @store_option
 @config_option
+@json_option
 @click.argument("path")
-def unseal(store: Path | None, config: Path | None, path: str) -> None:
+def unseal(store: Path | None, config: Path | None, as_json: bool, path: str) -> None:
     """Open a sealed run for changes again (it loses its root hash).
 
     Example: cafs unseal /mnt/cafs/runs/e1
     """
     root, rel = locate(path, store, config)
-    run_admin(root, "unseal", {"path": rel}, Unsealed)
-    click.echo(f"{rel} is open for changes")
+    result = run_admin(root, "unseal", {"path": rel}, Unsealed)
+    if as_json:
+        emit_json(result, path=path)
+        return
+    click.echo(f"{path} is open for changes")
 
 
 # -- queries ------------------------------------------------------------------------------
@@ -307,13 +326,18 @@ def unseal(store: Path | None, config: Path | None, path: str) -> None:
 @click.option("--sha256", metavar="HEX", help="Holds exactly this content.")
 @click.option("-0", "--print0", is_flag=True, help="End each path with NUL (for xargs -0).")
 @json_option
+@click.argument("path", required=False)
 def find(store: Path | None, config: Path | None, run: str | None, layer: str | None,
-         tags: tuple[str, ...], sha256: str | None, print0: bool, as_json: bool) -> None:
-    """List the paths (runs/...) of artifacts and directories that match every condition.
+         tags: tuple[str, ...], sha256: str | None, print0: bool, as_json: bool,
+         path: str | None) -> None:
+    """List the artifacts and directories that match every condition: below PATH (a
+    directory in a mount, printed as given, like find(1)), else in the whole store as
+    runs/... paths.
 
     Tags are the user.* xattrs set with setfattr.
 
-    Example: cafs find --run e1 --tag stage=prod
+    Example: cafs find /mnt/cafs/runs/e1 --tag stage=prod
+    Example: cafs find --store /srv/cafs --sha256 9f2c...
     """
     tag_pairs = []
     for tag in tags:
@@ -322,14 +346,36 @@ def find(store: Path | None, config: Path | None, run: str | None, layer: str | 
             raise click.UsageError(f"--tag {tag!r}: the key is missing")
         tag_pairs.append([key if key.startswith("user.") else f"user.{key}",
                           value if has_value else None])
+    # Wrong arguments are usage errors (exit 2), found before anything runs.
+    if sha256 is not None and not is_digest(sha256.lower()):
+        raise click.BadParameter(f"{sha256!r} is not a sha256 (64 hex digits)",
+                                 param_hint="--sha256")
+    if layer is not None and run is None:
+        raise click.UsageError("--layer needs --run")
+    root, below = store_root(store, config), ""
+    if path is not None:
+        if run is not None or layer is not None:
+            raise click.UsageError("give PATH or --run/--layer, not both")
+        root, below = locate(path, store, config)
+        below = "" if below == "." else below  # the mountpoint itself
+        parts = below.split("/") if below else []
+        if parts[:1] not in ([], ["runs"]):
+            raise click.UsageError(f"{path}: not in runs/ of the mount")
+        run = parts[1] if len(parts) > 1 else None
+        layer = parts[2] if len(parts) > 2 else None
     args = {"run": run, "layer": layer, "tags": tag_pairs,
             "sha256": sha256.lower() if sha256 else None}
-    result = run_admin(store_root(store, config), "find", args, Found)
+    result = run_admin(root, "find", args, Found)
+    paths = list(result.paths)
+    if path is not None:  # below PATH, and printed the way PATH was given
+        prefix = below + "/" if below else ""
+        paths = [path.rstrip("/") + "/" + found[len(prefix):] for found in paths
+                 if found.startswith(prefix)]
     if as_json:
-        emit_json(result)
+        emit_json(result, paths=paths)
         return
-    for path in result.paths:
-        click.echo(path, nl=not print0)
+    for found in paths:
+        click.echo(found, nl=not print0)
         if print0:
             click.echo("\0", nl=False)
 
@@ -394,11 +440,16 @@ def fsck(store: Path | None, config: Path | None, full: bool, repair: bool,
     if repair:
         _repair(store_root(store, config), as_json, grace_seconds(orphan_grace, config))
         return
+    progress = TerminalProgress()
     with open_store(store, config) as opened:
         # Someone holding the lock (a daemon, an import) may be writing: temp files and
         # unpublished rows are then work in progress, not garbage.
-        report: CheckReport = check_store(opened, full=full,
-                                          mounted=store_holder(opened.root) is not None)
+        try:
+            report: CheckReport = check_store(opened, full=full,
+                                              mounted=store_holder(opened.root) is not None,
+                                              progress=progress)
+        finally:
+            progress.finish()
     if as_json:
         emit_json(report)
     else:
@@ -448,13 +499,17 @@ def _repair(root: Path, as_json: bool, orphan_grace: int) -> None:
 @config_option
 @click.option("-o", "--output", required=True, metavar="FILE",
               help="The bundle to write (a tar file), or - for stdout.")
+@json_option
 @click.argument("path")
-def export(store: Path | None, config: Path | None, output: str, path: str) -> None:
+def export(store: Path | None, config: Path | None, output: str, as_json: bool,
+           path: str) -> None:
     """Write the run at PATH, with its versions and tags, as a bundle that tar can unpack.
 
     Example: cafs export /mnt/cafs/runs/e1 -o e1.cafs.tar
     """
     root, rel = locate(path, store, config)
+    if as_json and output == "-":
+        raise click.UsageError("--json needs -o FILE: with -o - the bundle is standard output")
     if output == "-":
         out = stdout_bytes()
         if out.isatty():
@@ -471,7 +526,10 @@ def export(store: Path | None, config: Path | None, output: str, path: str) -> N
             fail(f"cannot write {output}: {exc.strerror}", EXIT_FAILED)
         finally:
             partial.unlink(missing_ok=True)
-    click.echo(f"exported {rel}: {result.artifacts} artifacts, {result.blobs} blobs, "
+    if as_json:
+        emit_json(result, path=path, output=output)
+        return
+    click.echo(f"exported {path}: {result.artifacts} artifacts, {result.blobs} blobs, "
                f"{human_size(result.content_bytes)}", err=output == "-")
 
 
@@ -479,8 +537,10 @@ def export(store: Path | None, config: Path | None, output: str, path: str) -> N
 @store_option
 @config_option
 @click.option("--as", "name", metavar="NAME", help="Import as runs/NAME (default: its name).")
+@json_option
 @click.argument("bundle")
-def import_(store: Path | None, config: Path | None, name: str | None, bundle: str) -> None:
+def import_(store: Path | None, config: Path | None, name: str | None, as_json: bool,
+            bundle: str) -> None:
     """Add the run in BUNDLE (from cafs export; - for stdin) to the store, storing only the
     content the store does not have yet.
 
@@ -495,17 +555,30 @@ def import_(store: Path | None, config: Path | None, name: str | None, bundle: s
     except OSError as exc:
         fail(f"cannot read {bundle}: {exc.strerror}", EXIT_FAILED)
     with source:
-        result = run_admin(root, "import", {"name": name}, Imported, [source], settings)
+        result = run_admin(root, "import", {"name": name}, Imported, [source], settings,
+                           create=True)
+    if as_json:
+        emit_json(result, mounted_path=mounted_path(root, result.path))
+        return
     click.echo(f"imported {result.path}: {result.artifacts} artifacts; "
                f"{result.blobs_added} new blobs, {result.blobs_present} already stored")
+
+
+def mounted_path(root: Path, rel: str) -> str | None:
+    """rel (runs/...) where a user sees it: under the store's mountpoint, if it is mounted."""
+    for mountpoint, source in mounts_of_type("fuse.cafs"):
+        if source == str(root):
+            return str(mountpoint / rel)
+    return None
 
 
 @click.command()
 @store_option
 @config_option
 @click.option("--list", "list_only", is_flag=True, help="List the backups, oldest first.")
+@json_option
 @click.argument("backup", required=False, type=click.Path(path_type=Path))
-def restore(store: Path | None, config: Path | None, list_only: bool,
+def restore(store: Path | None, config: Path | None, list_only: bool, as_json: bool,
             backup: Path | None) -> None:
     """Put a manifest backup back in place of the store's manifest (the store must be
     unmounted). BACKUP is a file in <store>/backups/ (default: the newest). The manifest files
@@ -519,7 +592,11 @@ def restore(store: Path | None, config: Path | None, list_only: bool,
     root = store_root(store, config)
     with errors_as_exit_codes():
         if list_only:
-            for path in list_backups(root):
+            backups = list_backups(root)
+            if as_json:
+                click.echo(json.dumps({"backups": [path.name for path in backups]}, indent=2))
+                return
+            for path in backups:
                 click.echo(path.name)
             return
         used, aside = restore_manifest(root, backup)
@@ -528,6 +605,10 @@ def restore(store: Path | None, config: Path | None, list_only: bool,
             report = check_store(opened, full=False, mounted=False)
         finally:
             opened.close()
+    if as_json:
+        click.echo(json.dumps({"restored_from": str(used), "replaced_files": str(aside),
+                               "lost_metadata": list(report.lost_metadata)}, indent=2))
+        return
     click.echo(f"restored the manifest from {used}; the replaced files are in {aside}")
     if report.lost_metadata:
         click.echo(f"{len(report.lost_metadata)} blob files are newer than this backup: content "

@@ -91,7 +91,8 @@ store_option = click.option(
 )
 config_option = click.option(
     "--config", "config", type=click.Path(path_type=Path), default=None,
-    help="Configuration file (default: $CAFS_CONFIG, else /etc/cafs/cafs.toml if present).",
+    help="Configuration file (default: $CAFS_CONFIG, else for root /etc/cafs/cafs.toml, for "
+         "other users ~/.config/cafs/cafs.toml, if present; cafs status shows which).",
 )
 
 
@@ -105,9 +106,18 @@ def settings_from(config: Path | None) -> Settings:
 def resolve_store(store: Path | None, settings: Settings) -> Path:
     """--store, else $CAFS_STORE, else the configuration file, else the per-user default; its
     real path, the only one used from here on (see real_store_path)."""
-    if store is None and not os.environ.get("CAFS_STORE") and settings.store is not None:
-        store = settings.store
-    return real_store_path(store or default_store_path())
+    return store_source(store, settings)[0]
+
+
+def store_source(store: Path | None, settings: Settings) -> tuple[Path, str]:
+    """The store resolve_store gives, and where it comes from (for `cafs status`)."""
+    if store is not None:
+        return real_store_path(store), "--store"
+    if os.environ.get("CAFS_STORE"):
+        return real_store_path(default_store_path()), "$CAFS_STORE"
+    if settings.store is not None:
+        return real_store_path(settings.store), "the configuration file"
+    return real_store_path(default_store_path()), "the default for this user"
 
 
 def resolve_mountpoint(mountpoint: Path | None, settings: Settings) -> Path:

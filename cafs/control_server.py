@@ -201,17 +201,17 @@ async def _run_request(conn: trio.socket.SocketType, handler: Handler,
                        files: list[IO[bytes]]) -> None:
     command = request["command"]
     latest: list[Any] = []
+    sent: list[Any] = []
 
     def progress(what: str, done: int, total: int) -> None:  # any thread
         latest[:] = [what, done, total]
 
     async def send_progress() -> None:
-        sent: list[Any] = []
         while True:
             await trio.sleep(PROGRESS_INTERVAL)
             if latest and latest != sent:
-                sent = list(latest)
-                await _send(conn, {"progress": sent})
+                sent[:] = latest
+                await _send(conn, {"progress": list(sent)})
 
     read_only = command in READ_ONLY_COMMANDS
     async with contextlib.nullcontext() if read_only else one_at_a_time:
@@ -239,6 +239,8 @@ async def _run_request(conn: trio.socket.SocketType, handler: Handler,
             nursery.cancel_scope.cancel()
         for file in files:  # flush an export before the client is told it is done
             file.close()
+        if latest and latest != sent:  # the last step too: a terminal then shows 100%
+            await _send(conn, {"progress": list(latest)})
         await _send(conn, reply)
 
 

@@ -158,9 +158,11 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled. Raises CafsError if it cannot start."""
     # Never the given path again: a link in it could be swapped while we serve.
     cfg = replace(cfg, store=real_store_path(cfg.store))
-    check_mountpoint(cfg.mountpoint)
+    check_mountpoint(cfg.mountpoint, nonempty=cfg.settings.nonempty)
     check_placement(cfg.store, cfg.mountpoint)
     _systemd.open()  # now, while descriptors are plenty
+    log.info("mounting store %s at %s (configuration: %s)", cfg.store, cfg.mountpoint,
+             cfg.config or "none")
     store = Store.open(cfg.store, lock=True, compression_level=cfg.settings.compression,
                        owner=mount_owner(cfg.mountpoint))
     try:

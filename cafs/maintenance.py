@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from cafs import crashpoints
-from cafs.admin_context import AdminContext, JsonResult, Live
+from cafs.admin_context import AdminContext, JsonResult, Live, Progress
 from cafs.blobstore import BlobStore
 from cafs.digest import Digest
 from cafs.errors import InvalidArgument, StoreError
@@ -196,8 +196,10 @@ def _delete_batch(store: Store, live: Live, batch: list[str]) -> set[str]:
 # -- the check ------------------------------------------------------------------------------
 
 
-def check(store: Store, *, full: bool, mounted: bool) -> CheckReport:
-    """fsck: the manifest against the blob files; `full` re-hashes every blob. Read-only."""
+def check(store: Store, *, full: bool, mounted: bool,
+          progress: Progress | None = None) -> CheckReport:
+    """fsck: the manifest against the blob files; `full` re-hashes every blob. Read-only.
+    `progress` hears of every blob checked (a terminal's progress bar)."""
     damage: list[str] = []
     garbage: list[str] = []
     lost: list[str] = []
@@ -214,8 +216,11 @@ def check(store: Store, *, full: bool, mounted: bool) -> CheckReport:
     if drifted > len(described):
         damage.append(f"... and {drifted - len(described)} more nodes whose aggregates drift")
 
+    total = manifest.totals().blobs if progress is not None else 0
     for blob in manifest.all_blobs():
         checked += 1
+        if progress is not None:
+            progress("re-hashing blobs" if full else "checking blobs", checked, total)
         if blob.damaged:
             lost.append(f"blob {blob.digest}: marked damaged ({blob.size} bytes lost; "
                         "write or import the same content to heal it)")
@@ -274,7 +279,9 @@ class Maintenance(AdminContext):
             if index % 2000 == 1999:
                 # Let filesystem requests in. What changes meanwhile only shifts which history
                 # is kept: blob rows and files are re-checked when they are removed.
+                self.progress("reading history", index + 1, len(superseded))
                 await self.runtime.checkpoint()
+        self.progress("reading history", len(superseded), len(superseded))
         plan = manifest.collect(drop, keep_blobs=self.live.pinned_digests(), dry_run=dry_run)
         orphans, young = await self._old_orphans(orphan_grace)
         reclaimed = sum(blob.stored_size for blob in plan.blobs)
@@ -353,6 +360,8 @@ class Maintenance(AdminContext):
         removed: set[str] = set()
         for start in range(0, len(digests), DELETE_BATCH):
             removed |= _delete_batch(self.store, self.live, digests[start:start + DELETE_BATCH])
+            self.progress("removing blobs", min(start + DELETE_BATCH, len(digests)),
+                          len(digests))
             await self.runtime.checkpoint()
         return removed
 

@@ -149,6 +149,7 @@ class Node:
     version_id: int | None = None  # files: the current version; None until first published
     blob: BlobRef | None = None  # files and blobs: the current content
     sealed_ns: int | None = None  # executions: when the run was sealed (immutable)
+    atime_ns: int | None = None  # as last set explicitly (m008); None: never set
 
     @property
     def size(self) -> int:
@@ -175,6 +176,7 @@ class Attr:
     mtime_ns: int
     ctime_ns: int
     volatile: bool = False  # computed on demand (records): the kernel must not cache it
+    atime_ns: int | None = None  # None: never set, shown as mtime (reads never change it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,3 +198,4 @@ class AttrChanges:
     gid: int | None = None
     size: int | None = None
     mtime_ns: int | None = None
+    atime_ns: int | None = None

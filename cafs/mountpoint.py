@@ -16,15 +16,29 @@ from pathlib import Path
 from cafs.errors import MountError
 
 
-def check_mountpoint(mountpoint: Path) -> None:
+def check_mountpoint(mountpoint: Path, *, nonempty: bool = False) -> None:
+    """Refuse a mountpoint that is missing, a dead mount, or (unless `nonempty`) already
+    mounted or holding files: a mount there would hide them, or stack on another mount, and a
+    user would not notice until they look for their files."""
     try:
         if not mountpoint.is_dir():
             raise MountError(f"mountpoint {mountpoint} does not exist or is not a directory",
                              errno.ENOENT)
         # stat alone can be answered from the attributes a dead FUSE mount still caches (and
         # a new mount would then be stacked on the dead one): opening the directory must ask.
-        with contextlib.suppress(PermissionError), os.scandir(mountpoint):
-            pass
+        has_entries = False
+        with contextlib.suppress(PermissionError), os.scandir(mountpoint) as entries:
+            has_entries = next(entries, None) is not None
+        if nonempty:
+            return
+        mounted = find_mount(mountpoint)
+        if mounted is not None:
+            raise MountError(f"mountpoint {mountpoint} is already mounted ({mounted[0]} "
+                             f"{mounted[1]}); unmount it first, or mount with --nonempty to "
+                             "stack on it", errno.EBUSY)
+        if has_entries:
+            raise MountError(f"mountpoint {mountpoint} is not empty: the mount would hide its "
+                             "files; empty it, or mount with --nonempty", errno.ENOTEMPTY)
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             raise MountError(f"mountpoint {mountpoint} is a dead mount (transport endpoint not "

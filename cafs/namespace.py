@@ -13,6 +13,7 @@ atomic; a manifest change is one synchronous call with nothing interleaving.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -135,6 +136,39 @@ def _check_replaceable(node: Node, replaced: Node, new_name: str, flags: int,
         raise NotEmpty()
 
 
+log = logging.getLogger(__name__)
+
+# What each level of the namespace holds: the rule a refused write broke, for the log.
+PLACEMENT_RULES = {
+    Kind.ROOT: "the mount root holds only runs/ and blobs/",
+    Kind.RUNS: "runs/ holds only executions (directories): artifacts go in "
+               "runs/<execution>/<layer>/",
+    Kind.EXECUTION: "an execution holds only layers (directories): artifacts go in "
+                    "runs/<execution>/<layer>/",
+}
+REFUSALS_REMEMBERED = 4096  # directories whose refusal was logged (bounded memory)
+
+
+class PlacementRefusals:
+    """Says in the daemon's log why a write in the wrong place got EPERM, once per directory:
+    a user sees only the errno, and a tool retrying in a loop must not fill the log."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self._manifest = manifest
+        self._logged: Lru[int, bool] = Lru(REFUSALS_REMEMBERED)
+
+    def refused(self, directory: Node, what: str, caller_uid: int | None = None) -> None:
+        if self._logged.get(directory.ino) is not None:
+            return
+        self._logged.put(directory.ino, True)
+        where = {Kind.ROOT: "the mount root", Kind.RUNS: "runs/"}.get(directory.kind)
+        if where is None:
+            where = self._manifest.path_of(directory.ino)
+        rule = PLACEMENT_RULES.get(directory.kind, f"a {directory.kind.value} cannot hold it")
+        log.warning("EPERM: %s in %s refused%s: %s (logged once per directory)", what, where,
+                    "" if caller_uid is None else f" (uid {caller_uid})", rule)
+
+
 class Namespace:
     def __init__(self, manifest: Manifest, space: SpaceGuard, virtual: VirtualNodes,
                  opened: OpenTable, kernel: KernelNotifier, cache_entries: int) -> None:
@@ -144,6 +178,7 @@ class Namespace:
         self.opened = opened
         self.kernel = kernel
         self.cache = NodeCache(cache_entries)
+        self.refusals = PlacementRefusals(manifest)
 
     # -- finding nodes --------------------------------------------------------------------
 
@@ -257,6 +292,7 @@ class Namespace:
             mtime_ns=mtime,
             ctime_ns=ctime,
             volatile=node.kind is Kind.RECORD,
+            atime_ns=node.atime_ns,
         )
 
     def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
@@ -288,8 +324,10 @@ class Namespace:
     def set_attrs(self, node: Node, changes: AttrChanges) -> Node:
         """chmod, chown, utimens (not the size: see cafs.openfiles). An open file's write in
         progress keeps the new mtime for its publish."""
-        if (changes.mode, changes.uid, changes.gid, changes.mtime_ns) == (None,) * 4:
+        if (changes.mode, changes.uid, changes.gid, changes.mtime_ns,
+                changes.atime_ns) == (None,) * 5:
             return node
+        atime = node.atime_ns if changes.atime_ns is None else changes.atime_ns
         now = time.time_ns()
         mode = node.mode if changes.mode is None else changes.mode & 0o7777
         if node.kind is Kind.FILE:
@@ -308,16 +346,18 @@ class Namespace:
         gid = node.gid if changes.gid is None else changes.gid
         if not (opened is not None and opened.unlinked):
             self.manifest.set_attrs(node.ino, mode=mode, uid=uid, gid=gid, mtime_ns=mtime,
-                                    ctime_ns=now)
+                                    ctime_ns=now, atime_ns=changes.atime_ns)
         self.cache.drop(node.ino)
         if opened is not None:
             opened.node = replace(opened.node, mode=mode, uid=uid, gid=gid, mtime_ns=mtime,
-                                  ctime_ns=now)
-        return replace(node, mode=mode, uid=uid, gid=gid, mtime_ns=mtime, ctime_ns=now)
+                                  ctime_ns=now, atime_ns=atime)
+        return replace(node, mode=mode, uid=uid, gid=gid, mtime_ns=mtime, ctime_ns=now,
+                       atime_ns=atime)
 
     # -- making and removing names --------------------------------------------------------
 
-    def _new_child_kind(self, parent: Node, name: str, want_dir: bool) -> Kind:
+    def _new_child_kind(self, parent: Node, name: str, want_dir: bool,
+                        caller_uid: int | None = None) -> Kind:
         if parent.kind is Kind.BLOBS:
             raise ReadOnly("blobs/ is read-only")
         if not parent.kind.is_dir:
@@ -327,6 +367,8 @@ class Namespace:
             places = {Kind.ROOT: "the mount root", Kind.RUNS: "runs/"}
             where = places.get(parent.kind, "an execution")
             what = "directories" if want_dir else "files"
+            self.refusals.refused(parent, f"{'directory' if want_dir else 'file'} {name!r}",
+                                  caller_uid)
             raise NotPermitted(f"no {what} may be made in {where}")
         try:
             self.child(parent, name)
@@ -334,18 +376,18 @@ class Namespace:
             return kind
         raise AlreadyExists(name)
 
-    def place_new(self, parent_ino: int, raw_name: bytes, want_dir: bool
-                  ) -> tuple[Node, str, Kind]:
+    def place_new(self, parent_ino: int, raw_name: bytes, want_dir: bool,
+                  caller_uid: int | None = None) -> tuple[Node, str, Kind]:
         """The directory, name and kind for a new node, checked (name, sealed run, placement,
         not taken). A symlink asks as a file does (want_dir False): same places, same errnos."""
         parent = self.node(parent_ino)
         name = new_name(raw_name)
         self.check_unsealed(parent)
-        return parent, name, self._new_child_kind(parent, name, want_dir)
+        return parent, name, self._new_child_kind(parent, name, want_dir, caller_uid)
 
     def _add(self, parent_ino: int, raw_name: bytes, mode: int, caller: Caller,
              want_dir: bool) -> Node:
-        parent, name, kind = self.place_new(parent_ino, raw_name, want_dir)
+        parent, name, kind = self.place_new(parent_ino, raw_name, want_dir, caller.uid)
         self.space.take_metadata(ROW_COST)
         node = self.manifest.add_node(parent.ino, name, kind, mode, caller.uid, caller.gid,
                                       time.time_ns())
@@ -409,6 +451,7 @@ class Namespace:
         _check_removable(old_parent, node)
         self.check_unsealed(node, new_parent)
         if not new_parent.kind.accepts(node.kind):
+            self.refusals.refused(new_parent, f"moving {node.kind.value} {node.name!r} as {name!r}")
             raise NotPermitted(f"a {node.kind.value} cannot move into a {new_parent.kind.value}")
         if node.kind.is_dir:
             self._refuse_move_into_itself(node, new_parent)

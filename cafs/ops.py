@@ -80,7 +80,7 @@ def entry(attr: Attr) -> pyfuse3.EntryAttributes:
     out.st_size = attr.size
     out.st_blksize = BLOCK_SIZE
     out.st_blocks = attr.blocks
-    out.st_atime_ns = attr.mtime_ns
+    out.st_atime_ns = attr.mtime_ns if attr.atime_ns is None else attr.atime_ns
     out.st_mtime_ns = attr.mtime_ns
     out.st_ctime_ns = attr.ctime_ns
     return out
@@ -119,6 +119,7 @@ class CafsOperations(pyfuse3.Operations):
             gid=attr.st_gid if fields.update_gid else None,
             size=attr.st_size if fields.update_size else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
         )
         return entry(await self.vfs.setattr(inode, changes, fh, caller(ctx)))
 

@@ -81,6 +81,9 @@ class Settings:
         5, "group sync: every SECONDS, blobs and manifest written since are made durable "
         "(power loss takes at most that much of what was closed but not fsynced), default 5; "
         "0: fsync every file at close", unit="SECONDS", mount=True)
+    nonempty: bool = option(
+        False, "mount even on a directory that holds files or is already mounted",
+        in_file=False, mount=True, flag="--nonempty")
     orphan_grace: int | None = option(
         None, "gc and fsck --repair keep orphan blob files this long (default 7 days)",
         unit="SECONDS", flag="--orphan-grace")
@@ -124,6 +127,7 @@ class MountConfig:
     store: Path
     mountpoint: Path
     settings: Settings = Settings()
+    config: Path | None = None  # the configuration file the settings came from, if any
 
 
 def _mount_form(row: Option) -> str:

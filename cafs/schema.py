@@ -398,6 +398,21 @@ def m007_histories(db: Database) -> None:
         db.execute(statement)
 
 
+# Access times that a user sets (touch -a, utimensat) are kept; reads never change them (the
+# mount is noatime: a read must not write the manifest).
+_M008 = [
+    "ALTER TABLE nodes ADD COLUMN atime_ns INTEGER /* access time (ns) as last set explicitly "
+    "(touch -a, utimensat); NULL = never set, and stat shows mtime_ns. Reads never change it "
+    "(the mount is noatime) */",
+]
+
+
+@migrations()
+def m008_atime(db: Database) -> None:
+    for statement in _M008:
+        db.execute(statement)
+
+
 # The web view (cafs ui) at a million artifacts: a run's timeline of publishes is one range scan
 # of (path, created_ns) that never reads the table; what gc would reclaim starts from the blobs
 # no live artifact holds, usually few, without a scan of every blob.

@@ -62,7 +62,7 @@ NODE = Shape(Node, (
     ("ino", "n.id"), ("parent", "n.parent_id"), ("name", "n.name"), ("kind", "n.kind"),
     ("mode", "n.mode"), ("uid", "n.uid"), ("gid", "n.gid"), ("mtime_ns", "n.mtime_ns"),
     ("ctime_ns", "n.ctime_ns"), ("nlink", "n.nlink"), ("version_id", "n.version_id"),
-    ("sealed_ns", "n.sealed_ns"),
+    ("sealed_ns", "n.sealed_ns"), ("atime_ns", "n.atime_ns"),
 ), {"kind": Kind}, takes=("blob",))
 
 BLOB = Shape(BlobRef, (

@@ -108,12 +108,13 @@ class SqliteNamespace(Rows):
         return node
 
     def set_attrs(self, node_id: int, *, mode: int, uid: int, gid: int, mtime_ns: int,
-                  ctime_ns: int) -> None:
+                  ctime_ns: int, atime_ns: int | None = None) -> None:
+        """atime_ns None leaves the access time as it is."""
         with self._transaction() as db:
             db.execute(
-                "UPDATE nodes SET mode = ?, uid = ?, gid = ?, mtime_ns = ?, ctime_ns = ? "
-                "WHERE id = ?",
-                (mode, uid, gid, mtime_ns, ctime_ns, node_id),
+                "UPDATE nodes SET mode = ?, uid = ?, gid = ?, mtime_ns = ?, ctime_ns = ?, "
+                "atime_ns = coalesce(?, atime_ns) WHERE id = ?",
+                (mode, uid, gid, mtime_ns, ctime_ns, atime_ns, node_id),
             )
 
     def remove_node(self, node: Node, now_ns: int) -> None:
