@@ -238,6 +238,8 @@ class Publisher:
                 return
             with self.fails(inode, None):
                 self.tree.check_unsealed(inode.node)
+                if temp.streaming:  # hashing/compressing the last writes: wait off the loop
+                    await self.runtime.run_in_thread(temp.fed_whole)
                 if temp.needs_rehash:
                     digest = await offload(self.runtime, temp.size, temp.digest)
                 else:
@@ -330,7 +332,7 @@ class OpenFiles:
         inode = self.open_inode(node, writable=True)
         handle = self.table.new_handle(inode, writable=True, caller=caller)
         try:
-            inode.temp = self.blobs.new_temp()
+            inode.temp = self.blobs.new_temp(streaming=True)
         except OSError:
             self.release(handle.fh)
             raise
@@ -498,7 +500,7 @@ class OpenFiles:
             return
         if keep_content and inode.damaged:
             raise damaged(inode.node)
-        temp = self.blobs.new_temp()
+        temp = self.blobs.new_temp(streaming=True)
         try:
             reader = inode.reader
             if keep_content and reader is not None and reader.size:

@@ -85,12 +85,15 @@ class LocalBlobStore:
 
     # -- writing --------------------------------------------------------------------------
 
-    def new_temp(self) -> TempBlob:
+    def new_temp(self, *, streaming: bool = False) -> TempBlob:
+        """A new temp; `streaming`: compress its bytes into zstd frames while they arrive (a
+        write through the mount), bounded by the writer's limits (see FrameStream)."""
         self._temp_serial += 1
         name = f"w-{os.getpid()}-{self._temp_serial}-{os.urandom(4).hex()}"
         path = self.tmp_dir / name
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        return TempBlob(os.open(path, flags, 0o600), path, self.space)
+        fd = os.open(path, flags, 0o600)
+        return TempBlob(fd, path, self.space, self._zstd.new_stream() if streaming else None)
 
     def path_of(self, digest: Digest) -> Path:
         return self.blob_dir / digest[:2] / digest

@@ -1,7 +1,8 @@
 """A write in progress: the temp file a blob is written into before it is published.
 
 Owns: writing, reading, truncating and copying into one temp file; hashing while writes arrive
-in order (SHA-256 and the raw+xxh64 block sums at once); holes — runs of zeros stay holes and
+in order (SHA-256 and the raw+xxh64 block sums at once, and zstd frames if given a FrameSink: in
+a worker thread, see cafs.blobstore.stream); holes — runs of zeros stay holes and
 are hashed from a constant buffer, never read. Must not name the temp, choose an encoding,
 rename or fsync (the store does those).
 """
@@ -20,6 +21,7 @@ from cafs import crashpoints
 from cafs.blobstore.api import BlobReader, read_chunks
 from cafs.blobstore.fileio import CHUNK, ZEROS, pwrite_all
 from cafs.blobstore.raw_xxh64 import BlockSums
+from cafs.blobstore.stream import FrameSink, SerialFeed
 from cafs.digest import Digest, digest_of_chunks
 from cafs.errors import Corrupt
 
@@ -34,7 +36,7 @@ class _ContentSums:
         self.sha256 = hashlib.sha256()
         self.blocks = BlockSums()
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         self.sha256.update(data)
         self.blocks.update(data)
 
@@ -47,16 +49,41 @@ class TempBlob:
 
     SHA-256 is fed by writes that continue exactly where the hashed prefix ends. Any other write
     or truncate makes the prefix hash invalid; the digest is then computed from the file at the
-    end. Not thread-safe: the owner serialises calls.
+    end. The in-order bytes are hashed (and given to `frame_sink`) in a worker thread while
+    the next writes arrive; digest() waits for that. Not thread-safe: the owner serialises calls.
     """
 
-    def __init__(self, fd: int, path: Path, space: SpaceGuard | None = None) -> None:
+    def __init__(self, fd: int, path: Path, space: SpaceGuard | None = None,
+                 frame_sink: FrameSink | None = None) -> None:
         self.fd = fd
         self.path = path
         self._space = space
         self.size = 0
         self._sums = _ContentSums()
         self._hashed = 0  # bytes fed to _sums; -1 once out-of-order writes invalidated it
+        self.frame_sink = frame_sink
+        self._feed = SerialFeed(self._consume)
+
+    def _consume(self, data: bytes | memoryview) -> None:
+        """In the feed's thread, in order: what the prefix's bytes go to."""
+        self._sums.update(data)
+        sink = self.frame_sink
+        if sink is not None:
+            try:
+                sink.update(data)
+            except Exception:  # compressing is an optimisation: publish compresses instead
+                sink.abandon()
+
+    def _drop_frames(self) -> None:
+        if self.frame_sink is not None:
+            self.frame_sink.abandon()
+            self.frame_sink = None
+
+    def _invalidate(self) -> None:
+        """The hashed prefix no longer describes the content: digest() re-reads the file."""
+        self._feed.cancel()
+        self._hashed = -1
+        self._drop_frames()
 
     def write(self, offset: int, data: bytes) -> int:
         if self._space is not None:
@@ -64,10 +91,10 @@ class TempBlob:
         pwrite_all(self.fd, data, offset)
         crashpoints.reached("after-temp-write")
         if self._hashed == offset:
-            self._sums.update(data)
+            self._feed.feed(data)
             self._hashed += len(data)
-        elif data:
-            self._hashed = -1
+        elif data and self._hashed != -1:
+            self._invalidate()
         self.size = max(self.size, offset + len(data))
         return len(data)
 
@@ -77,11 +104,15 @@ class TempBlob:
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
-        if size == 0:
+        if size == self.size == self._hashed:
+            pass  # nothing changes (O_TRUNC of a new temp): a stream goes on
+        elif size == 0:
+            self._feed.cancel()
+            self._drop_frames()
             self._sums = _ContentSums()
             self._hashed = 0
-        elif size != self._hashed:
-            self._hashed = -1
+        elif size != self._hashed and self._hashed != -1:
+            self._invalidate()
         self.size = size
 
     def fill_from(self, reader: BlobReader) -> None:
@@ -102,7 +133,9 @@ class TempBlob:
         assert offset == self.size
         os.ftruncate(self.fd, offset + len(zeros))
         if self._hashed == offset:
-            self._sums.update(zeros)
+            # Holes are compressed from the temp (one shared zero frame), not streamed.
+            self._drop_frames()
+            self._feed.feed(zeros)
             self._hashed += len(zeros)
         self.size = offset + len(zeros)
 
@@ -141,8 +174,20 @@ class TempBlob:
         """True if [start, start+length) is surely zeros without data (a hole)."""
         return self._next_data(start, start + length) >= start + length
 
+    def fed_whole(self) -> bool:
+        """Waits until the bytes fed so far are consumed; True if they are the whole content
+        (then the hashes and the frame sink describe it)."""
+        self._feed.wait()
+        return self._hashed == self.size
+
+    @property
+    def streaming(self) -> bool:
+        """Work on fed bytes is still going on in a worker thread (digest() would wait)."""
+        return self._feed.busy
+
     def digest(self) -> Digest:
         """SHA-256 of the content; after out-of-order writes, read back (block sums too)."""
+        self._feed.wait()
         if self._hashed != self.size:
             self._sums = _ContentSums()
             # The sums keep running afterwards: writes that append continue this hash.
@@ -161,6 +206,8 @@ class TempBlob:
 
     def discard(self) -> None:
         """Close and remove the temp; safe to call twice, and after a failed descriptor."""
+        self._feed.cancel()
+        self._drop_frames()
         fd, self.fd = self.fd, -1
         if fd >= 0:
             with contextlib.suppress(OSError):  # the file goes anyway; a bad fd must not leak it
