@@ -91,7 +91,8 @@ class TempBlob:
         pwrite_all(self.fd, data, offset)
         crashpoints.reached("after-temp-write")
         if self._hashed == offset:
-            self._feed.feed(data)
+            sink = self.frame_sink
+            self._feed.feed(data, heavy=sink is not None and sink.completes_frame(len(data)))
             self._hashed += len(data)
         elif data and self._hashed != -1:
             self._invalidate()

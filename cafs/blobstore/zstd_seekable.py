@@ -92,64 +92,55 @@ def _frame_checksum(data: bytes) -> int:
 
 class FrameStream:
     """The zstd frames of a temp's content, built while the writes arrive (a FrameSink: fed in
-    order by cafs.blobstore.stream, in a worker thread). At publish, a content fed whole needs
-    no compression left but the tail of its last frame.
+    order by cafs.blobstore.stream). Each frame is compressed in one call when its last byte
+    arrives — in the feed's worker thread, since the piece that completes a frame is heavy —
+    so at publish only the last, partial frame is left to compress.
 
     It gives up (abandon) on anything it cannot follow — an out-of-order write, a truncate, a
     hole — and then publish compresses from the temp as before. What it holds is bounded: at
-    most MAX_STREAMS exist at once (each holds a zstd context), and their finished frames take at
-    most MAX_HELD_BYTES in all and MAX_HELD_PER_STREAM each, beyond which the stream gives up.
+    most MAX_STREAMS exist at once (each holds up to a frame of plain bytes), and their finished
+    frames take at most MAX_HELD_BYTES in all and MAX_HELD_PER_STREAM each, beyond which the
+    stream gives up.
     """
 
     def __init__(self, writer: SeekableWriter) -> None:
         self._writer = writer
         self._lock = threading.Lock()  # the feeding thread vs. abandon from the owner
-        self._compressor: zstandard.ZstdCompressor | None = None
-        self._obj: zstandard.ZstdCompressionObj | None = None
-        self._parts: list[bytes] = []
+        self._pieces: list[bytes | memoryview] = []  # of the frame being filled
         self._filled = 0
-        self._xxh = xxhash.xxh64()
         self.frames: list[Frame] = []
         self._held = 0
         self.dead = False
         self.raw_verdict = False  # the first frame compressed too little: store raw
 
+    def completes_frame(self, size: int) -> bool:
+        """Whether `size` more bytes end a frame (feeding them is heavy work)."""
+        return not self.dead and self._filled + size >= self._writer.frame_size
+
     def update(self, data: bytes | memoryview) -> None:
         with self._lock:
-            if self.dead:
-                return
             frame_size = self._writer.frame_size
             view = memoryview(data)
             while view and not self.dead:
-                if self._obj is None:
-                    if self._compressor is None:
-                        self._compressor = zstandard.ZstdCompressor(level=self._writer.level)
-                    self._obj = self._compressor.compressobj()
                 piece = view[:frame_size - self._filled]
-                out = self._obj.compress(piece)
-                if out:
-                    self._parts.append(out)
-                self._xxh.update(piece)
+                self._pieces.append(piece)
                 self._filled += len(piece)
                 view = view[len(piece):]
                 if self._filled == frame_size:
                     self._end_frame()
 
     def _end_frame(self) -> None:
-        assert self._obj is not None
-        self._parts.append(self._obj.flush())
-        frame, plain = b"".join(self._parts), self._filled
-        checksum = self._xxh.intdigest() & 0xFFFFFFFF
-        self._parts, self._obj, self._filled = [], None, 0
-        self._xxh.reset()
-        if not self.frames and len(frame) > plain * WORTHWHILE_RATIO:
+        plain = b"".join(self._pieces)
+        self._pieces, self._filled = [], 0
+        frame = _compressor(self._writer.level).compress(plain)
+        if not self.frames and len(frame) > len(plain) * WORTHWHILE_RATIO:
             self.raw_verdict = True  # judged by the first frame, as compress_if_worthwhile does
             self._give_up()
         elif len(frame) + self._held > MAX_HELD_PER_STREAM or not self._writer.hold(len(frame)):
             self._give_up()
         else:
             self._held += len(frame)
-            self.frames.append((frame, plain, checksum))
+            self.frames.append((frame, len(plain), _frame_checksum(plain)))
 
     def finish(self) -> list[Frame] | None:
         """Every frame of the content fed (the caller knows it was fed whole), or None."""
@@ -168,7 +159,7 @@ class FrameStream:
         self.dead = True
         self._writer.unhold(self._held)
         self._held = 0
-        self.frames, self._parts, self._obj, self._compressor = [], [], None, None
+        self.frames, self._pieces = [], []
 
 
 # -- writing ------------------------------------------------------------------------------
