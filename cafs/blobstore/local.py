@@ -24,7 +24,7 @@ from cafs.blobstore.fileio import fsync_dir
 from cafs.blobstore.raw import RawReader
 from cafs.blobstore.raw_xxh64 import CheckedRawReader
 from cafs.blobstore.space import SpaceGuard
-from cafs.blobstore.temp import TempBlob
+from cafs.blobstore.temp import MemoryBudget, TempBlob
 from cafs.blobstore.zstd_seekable import (
     DEFAULT_FRAME_SIZE,
     DEFAULT_LEVEL,
@@ -55,6 +55,7 @@ class LocalBlobStore:
         self.space = SpaceGuard(root)
         self._zstd = SeekableWriter(level, frame_size)
         self._temp_serial = 0
+        self.memory = MemoryBudget()  # what in-memory temps hold, in all
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -86,14 +87,16 @@ class LocalBlobStore:
     # -- writing --------------------------------------------------------------------------
 
     def new_temp(self, *, streaming: bool = False) -> TempBlob:
-        """A new temp; `streaming`: compress its bytes into zstd frames while they arrive (a
-        write through the mount), bounded by the writer's limits (see FrameStream)."""
+        """A new temp. `streaming` (a write through the mount): kept in memory while small
+        (see MemoryBudget), and its bytes compressed into zstd frames while they arrive (see
+        FrameStream), each within its bounds."""
         self._temp_serial += 1
         name = f"w-{os.getpid()}-{self._temp_serial}-{os.urandom(4).hex()}"
         path = self.tmp_dir / name
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o600)
-        return TempBlob(fd, path, self.space, self._zstd.new_stream() if streaming else None)
+        if streaming:  # in memory until it grows (its file is made when it spills)
+            return TempBlob(-1, path, self.space, self._zstd.new_stream(), memory=self.memory)
+        return TempBlob(os.open(path, flags, 0o600), path, self.space)
 
     def path_of(self, digest: Digest) -> Path:
         return self.blob_dir / digest[:2] / digest
@@ -117,6 +120,7 @@ class LocalBlobStore:
             temp.append_block_sums()  # raw+xxh64 is written in place
             encoding = Encoding.RAW_CHECKED
         try:
+            chosen.materialize()  # a small raw content goes from memory to its file here
             os.fsync(chosen.fd)
             crashpoints.reached("after-temp-fsync")
             stored_size = os.fstat(chosen.fd).st_size

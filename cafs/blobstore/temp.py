@@ -1,6 +1,8 @@
 """A write in progress: the temp file a blob is written into before it is published.
 
-Owns: writing, reading, truncating and copying into one temp file; hashing while writes arrive
+Owns: writing, reading, truncating and copying into one temp file (or, for a small write
+through the mount, into memory until it outgrows MEMORY_FILE_LIMIT or the shared MemoryBudget:
+then it spills into its file); hashing while writes arrive
 in order (SHA-256 and the raw+xxh64 block sums at once, and zstd frames if given a FrameSink: in
 a worker thread, see cafs.blobstore.stream); holes — runs of zeros stay holes and
 are hashed from a constant buffer, never read. Must not name the temp, choose an encoding,
@@ -13,6 +15,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +30,34 @@ from cafs.errors import Corrupt
 
 if TYPE_CHECKING:
     from cafs.blobstore.space import SpaceGuard
+
+
+# A write through the mount stays in memory up to this size, while the budget allows: a small
+# file then never has a temp file (a dedup hit, or a compressed blob, writes no file at all but
+# the blob's).
+MEMORY_FILE_LIMIT = 1 << 20
+MEMORY_TOTAL_LIMIT = 64 << 20
+
+
+class MemoryBudget:
+    """The bytes every in-memory temp holds, bounded in all (thread-safe: a copy-on-write fills
+    a temp from a worker thread)."""
+
+    def __init__(self, limit: int = MEMORY_TOTAL_LIMIT) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        with self._lock:
+            if self.used + size > self.limit:
+                return False
+            self.used += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self.used -= size
 
 
 class _ContentSums:
@@ -54,9 +85,13 @@ class TempBlob:
     """
 
     def __init__(self, fd: int, path: Path, space: SpaceGuard | None = None,
-                 frame_sink: FrameSink | None = None) -> None:
+                 frame_sink: FrameSink | None = None, memory: MemoryBudget | None = None
+                 ) -> None:
+        # fd -1 with a budget: in memory (_mem) until it spills into a new file at `path`.
         self.fd = fd
         self.path = path
+        self._budget = memory
+        self._mem: bytearray | None = bytearray() if fd < 0 and memory is not None else None
         self._space = space
         self.size = 0
         self._sums = _ContentSums()
@@ -88,7 +123,11 @@ class TempBlob:
     def write(self, offset: int, data: bytes) -> int:
         if self._space is not None:
             self._space.take(max(0, offset + len(data) - self.size))
-        pwrite_all(self.fd, data, offset)
+        if not self._mem_resize(max(self.size, offset + len(data))):
+            pwrite_all(self.fd, data, offset)
+        else:
+            assert self._mem is not None
+            self._mem[offset:offset + len(data)] = data
         crashpoints.reached("after-temp-write")
         if self._hashed == offset:
             sink = self.frame_sink
@@ -101,10 +140,14 @@ class TempBlob:
 
     def read(self, offset: int, length: int) -> bytes:
         # Never past the content: publishing appends a checksum trailer to the same file.
-        return os.pread(self.fd, max(0, min(length, self.size - offset)), offset)
+        length = max(0, min(length, self.size - offset))
+        if self._mem is not None:
+            return bytes(self._mem[offset:offset + length])
+        return os.pread(self.fd, length, offset)
 
     def truncate(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
+        if not self._mem_resize(size):
+            os.ftruncate(self.fd, size)
         if size == self.size == self._hashed:
             pass  # nothing changes (O_TRUNC of a new temp): a stream goes on
         elif size == 0:
@@ -132,7 +175,8 @@ class TempBlob:
     def _extend_with_zeros(self, offset: int, zeros: bytes) -> None:
         """As write(offset, zeros) at the end of the content, leaving a hole."""
         assert offset == self.size
-        os.ftruncate(self.fd, offset + len(zeros))
+        if not self._mem_resize(offset + len(zeros)):
+            os.ftruncate(self.fd, offset + len(zeros))
         if self._hashed == offset:
             # Holes are compressed from the temp (one shared zero frame), not streamed.
             self._drop_frames()
@@ -154,7 +198,7 @@ class TempBlob:
                 chunk = ZEROS if length == len(ZEROS) else bytes(length)
             else:
                 length = min(CHUNK - offset % CHUNK, end - offset)
-                chunk = os.pread(self.fd, length, offset)
+                chunk = self.read(offset, length)
                 if len(chunk) != length:
                     raise Corrupt("temp file shorter than written")
             yield chunk
@@ -162,6 +206,8 @@ class TempBlob:
 
     def _next_data(self, offset: int, end: int) -> int:
         """Where data starts at or after `offset` (`end` if only a hole is left)."""
+        if self._mem is not None:
+            return offset  # memory holds no holes
         try:
             return min(end, os.lseek(self.fd, offset, os.SEEK_DATA))
         except OSError as exc:
@@ -199,6 +245,7 @@ class TempBlob:
     def append_block_sums(self) -> None:
         """Write the raw+xxh64 trailer after the content."""
         self.digest()  # makes the block sums whole, reading the file back if need be
+        self.materialize()
         pwrite_all(self.fd, self._sums.blocks.trailer(self.size), self.size)
 
     @property
@@ -209,6 +256,9 @@ class TempBlob:
         """Close and remove the temp; safe to call twice, and after a failed descriptor."""
         self._feed.cancel()
         self._drop_frames()
+        if self._mem is not None:  # never had a file
+            self._release_mem()
+            return
         fd, self.fd = self.fd, -1
         if fd >= 0:
             with contextlib.suppress(OSError):  # the file goes anyway; a bad fd must not leak it
@@ -217,3 +267,51 @@ class TempBlob:
         # now is removed at the next start.
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+    # -- in memory ----------------------------------------------------------------------------
+
+    @property
+    def in_memory(self) -> bool:
+        return self._mem is not None
+
+    def _mem_resize(self, size: int) -> bool:
+        """Make the in-memory content `size` bytes long (zeros added) and say True; False if
+        the temp is (or now goes) on disk: too big for memory, or the budget is spent."""
+        mem = self._mem
+        if mem is None:
+            return False
+        assert self._budget is not None
+        grow = size - len(mem)
+        if size > MEMORY_FILE_LIMIT or (grow > 0 and not self._budget.take(grow)):
+            self.materialize()
+            return False
+        if grow > 0:
+            mem.extend(bytes(grow))
+        elif grow < 0:
+            del mem[size:]
+            self._budget.give(-grow)
+        return True
+
+    def materialize(self) -> None:
+        """Move the content from memory into the temp's file (publish renames that file into
+        place). ENOSPC or any I/O error leaves it in memory, as it was, and raises."""
+        mem = self._mem
+        if mem is None:
+            return
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.path, flags, 0o600)
+        try:
+            with memoryview(mem) as view:
+                pwrite_all(fd, view[:self.size], 0)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            raise
+        self.fd = fd
+        self._release_mem()
+
+    def _release_mem(self) -> None:
+        mem, self._mem = self._mem, None
+        if mem is not None and self._budget is not None:
+            self._budget.give(len(mem))
