@@ -7,12 +7,14 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from cafs.blobstore import RAW_CHECKED, ZSTD, BlobStore, TempBlob, zstd_seekable
+from cafs.blobstore import RAW_CHECKED, ZSTD, BlobStore, TempBlob, stream, zstd_seekable
+from cafs.blobstore.stream import SerialFeed
 from cafs.blobstore.zstd_seekable import FrameStream
 
 FRAME = 64 * 1024
@@ -146,3 +148,22 @@ def test_discarding_mid_write_releases_everything(blobs: BlobStore) -> None:
     temp.discard()  # while the worker may still be compressing
     assert blobs._zstd.streams == 0 and blobs._zstd.held == 0
     assert not temp.path.exists()
+
+
+def test_a_feed_faster_than_its_worker_waits_instead_of_queueing_without_bound() -> None:
+    consumed: list[int] = []
+    peak = 0
+
+    def slow(data: bytes | memoryview) -> None:
+        nonlocal peak
+        peak = max(peak, feed._pending_bytes)
+        time.sleep(0.002)
+        consumed.append(len(data))
+
+    feed = SerialFeed(slow)
+    piece = bytes(1 << 20)
+    for _ in range(40):  # 40 MiB, far faster than the worker takes it
+        feed.feed(piece)
+        assert feed._pending_bytes <= stream.MAX_PENDING_BYTES
+    feed.wait()
+    assert sum(consumed) == 40 << 20 and peak <= stream.MAX_PENDING_BYTES

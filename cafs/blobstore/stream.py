@@ -26,6 +26,9 @@ from typing import Protocol
 # CPU per hand-off, about what hashing 128 KiB costs): done on the caller's thread, when nothing
 # is queued before it. FUSE writes are 128 KiB (cp) to 1 MiB (dd bs=1M).
 INLINE_BYTES = 512 * 1024
+# What one feed may have queued: beyond it, feed() waits for the worker (a writer faster than
+# hashing — dd into page cache, a copy-on-write of a 10 GB artifact — must not queue gigabytes).
+MAX_PENDING_BYTES = 8 << 20
 _POOL_THREADS = 2
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -57,7 +60,9 @@ class SerialFeed:
     def __init__(self, consume: Callable[[bytes | memoryview], None]) -> None:
         self._consume = consume
         self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)  # pending bytes went down
         self._pending: deque[bytes | memoryview] = deque()
+        self._pending_bytes = 0
         self._running = False
         self._idle = threading.Event()
         self._idle.set()
@@ -78,10 +83,13 @@ class SerialFeed:
             else:
                 inline = False
                 self._pending.append(data)
+                self._pending_bytes += len(data)
                 if not self._running:
                     self._running = True
                     self._idle.clear()
                     _worker_pool().submit(self._drain)
+                while self._pending_bytes > MAX_PENDING_BYTES and self._error is None:
+                    self._drained.wait()
         if inline:
             try:
                 self._consume(data)
@@ -93,10 +101,14 @@ class SerialFeed:
             with self._lock:
                 if not self._pending or self._error is not None:
                     self._pending.clear()
+                    self._pending_bytes = 0
                     self._running = False
                     self._idle.set()
+                    self._drained.notify_all()
                     return
                 data = self._pending.popleft()
+                self._pending_bytes -= len(data)
+                self._drained.notify_all()
             try:
                 self._consume(data)
             except BaseException as exc:  # kept for wait(): the owner decides what it means
@@ -111,4 +123,6 @@ class SerialFeed:
         """Drop what is queued and wait for the piece in progress (if any) to end."""
         with self._lock:
             self._pending.clear()
+            self._pending_bytes = 0
+            self._drained.notify_all()
         self._idle.wait()
