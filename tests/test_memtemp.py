@@ -205,3 +205,14 @@ def test_a_full_disk_while_spilling_through_the_mount(tmp_path: Path) -> None:
         unmount_whatever_state(mountpoint)
         subprocess.run(["umount", "-l", str(small)], check=False)
         shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_the_io_size_is_the_largest_write_the_kernel_sends(mount: Mount) -> None:
+    """st_blksize is 1 MiB, so cp (and Python's buffered files) write a file of up to 1 MiB
+    in one WRITE request instead of eight."""
+    layer = mount.layer()
+    (layer / "f").write_bytes(b"x")
+    for path in (layer, layer / "f"):
+        assert os.stat(path).st_blksize == 1 << 20
+    assert subprocess.run(["stat", "-c", "%o", str(layer / "f")], capture_output=True,
+                          text=True, check=True).stdout.strip() == str(1 << 20)

@@ -157,7 +157,6 @@ class SqliteCore:
             raise StoreError(f"{path} was written by an older cafs: mount the store once (or run "
                              "cafs fsck --repair) to upgrade it")
         self._changes = 0
-        self._deferred = False  # a transaction is open with changes waiting (see _transaction)
         self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         # Bytes of free pages inside the file not yet promised (claim_free_pages); None: re-read
         # the free list (every commit may have used or freed pages).
@@ -207,8 +206,6 @@ class SqliteCore:
                                 (table,)).fetchone() is not None
 
     def close(self) -> None:
-        with suppress(sqlite3.Error):  # a new file's row: start-up would undo it anyway
-            self._commit_deferred()
         self._db.close()
 
     def admin(self) -> Database:
@@ -217,66 +214,32 @@ class SqliteCore:
         return Database(self._db)
 
     @contextmanager
-    def _transaction(self, *, commit: bool = True, defer: bool = False
-                     ) -> Iterator[sqlite3.Connection]:
-        """One write transaction; `commit=False` rolls it back at the end (a dry run).
-
-        `defer=True`: the change may stay uncommitted until the next change that commits (or
-        sync, or close), and is committed with it: one commit instead of two. Only for changes a
-        crash may lose because start-up undoes them anyway — a new file's row before its first
-        publish (see remove_unpublished) — so nothing a caller was promised depends on it. While
-        such a change waits, each later change runs in a savepoint of the same transaction, so a
-        failing change rolls back alone."""
-        nested = self._deferred
+    def _transaction(self, *, commit: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction; `commit=False` rolls it back at the end (a dry run)."""
         try:
-            if nested:
-                self._db.execute("SAVEPOINT change")
-            else:
-                if self._low_on_space is not None and self._low_on_space():
-                    self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                self._db.execute("BEGIN IMMEDIATE")
+            if self._low_on_space is not None and self._low_on_space():
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
                 if not commit:
-                    self._undo(nested)
+                    self._db.execute("ROLLBACK")
                     return
-                if nested:
-                    self._db.execute("RELEASE change")
-                if defer:
-                    self._deferred = True
-                else:
-                    self._db.execute("COMMIT")
-                    self._deferred = False
+                self._db.execute("COMMIT")
             except BaseException:
                 # SQLite may already have rolled back (I/O error, disk full): then this fails.
                 with suppress(sqlite3.Error):
-                    self._undo(nested)
-                if not self._db.in_transaction:  # deferred changes went too
-                    self._deferred = False
+                    self._db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise manifest_error(exc) from exc
         self._changes += 1
         self._free_bytes = None
 
-    def _undo(self, nested: bool) -> None:
-        if nested:
-            self._db.execute("ROLLBACK TO change")
-            self._db.execute("RELEASE change")
-        else:
-            self._db.execute("ROLLBACK")
-
-    def _commit_deferred(self) -> None:
-        """Commit changes left waiting by `_transaction(defer=True)`."""
-        if self._deferred:
-            self._db.execute("COMMIT")
-            self._deferred = False
-
     def sync(self) -> None:
         """Make every committed transaction durable against power loss: one commit with
         synchronous=FULL fsyncs the WAL, and with it every frame committed before it."""
         db = self._db
-        self._commit_deferred()
         db.execute("PRAGMA synchronous = FULL")
         try:
             db.execute("BEGIN IMMEDIATE")

@@ -99,9 +99,7 @@ class SqliteNamespace(Rows):
 
     def add_node(self, parent_id: int, name: str, kind: Kind, mode: int, uid: int, gid: int,
                  now_ns: int) -> Node:
-        # A new file's row may wait for its first publish to be committed with it: a crash
-        # before that loses nothing, start-up removes unpublished files anyway.
-        with self._transaction(defer=kind is Kind.FILE):
+        with self._transaction():
             node_id = self._insert_node(parent_id, name, kind, mode=mode, uid=uid, gid=gid,
                                         mtime_ns=now_ns, ctime_ns=now_ns)
             self._touch(parent_id, now_ns)
