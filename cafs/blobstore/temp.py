@@ -141,8 +141,11 @@ class TempBlob:
     def read(self, offset: int, length: int) -> bytes:
         # Never past the content: publishing appends a checksum trailer to the same file.
         length = max(0, min(length, self.size - offset))
-        if self._mem is not None:
-            return bytes(self._mem[offset:offset + length])
+        # Read once: a publish in a worker thread may move the content to the file meanwhile
+        # (materialize sets fd before it drops the memory).
+        mem = self._mem
+        if mem is not None:
+            return bytes(mem[offset:offset + length])
         return os.pread(self.fd, length, offset)
 
     def truncate(self, size: int) -> None:
