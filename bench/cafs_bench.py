@@ -2,6 +2,7 @@
 
 Usage: scripts/bench [--scale X] [--workdir DIR] [--json FILE] [--scale-artifacts N]
                      [--fair-run-artifacts N] [--fair-truncate-gib N] [--fair-tag-layers N]
+                     [--write-files N] [--creates N] [--dd-mib N] [--repeat N] [--only-writes]
 
 --scale 0 skips the corpus figures (e.g. to run only the fairness figures).
 
@@ -13,6 +14,7 @@ read; without root, the "cold" figures are warm and marked so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -25,6 +27,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import write_figures
 
 from cafs.blobstore import BlobStore
 from cafs.digest import digest_of_bytes
@@ -493,6 +497,55 @@ def fairness_rows(report: Report, work: Path, run_artifacts: int, truncate_gib: 
                            "< 50 MB", mount.daemon_rss_mb() - rss < 50))
 
 
+def write_rows(report: Report, work: Path, files: int, creates: int, dd_mib: int,
+               repeat: int, floor: bool = False) -> None:
+    """The write path's figures (see write_figures), against the targets of the issue that
+    rebuilt it: ingest <= 2.0x, creates >= 2,500/s (one writer) and >= 5,000/s (four), dd >= 70%
+    of the plain directory. With `floor`, the same figures on bench/null_fs.py too: a pyfuse3
+    filesystem that does nothing per request, so no pyfuse3 filesystem can beat its ratios."""
+    plain = work / "wplain" / "runs"
+    plain.mkdir(parents=True)
+    report.notes.append(f"load average before the write figures: {write_figures.load_average()}")
+    if files:
+        corpus = work / "wcorpus"
+        count, total = write_figures.make_pipeline_corpus(corpus, files)
+        print(f"write corpus: {count} files, {total / MB:.1f} MB")
+    if dd_mib:
+        source = work / "incompressible.bin"
+        write_figures.make_incompressible(source, dd_mib << 20)
+    with contextlib.ExitStack() as stack:
+        mount = stack.enter_context(Mounted(work / "wstore", work / "wmnt"))
+        targets = {"plain": plain, "cafs": mount.mountpoint / "runs"}
+        if floor:
+            targets["floor"] = stack.enter_context(write_figures.NullMount(work / "nullmnt"))
+        if files:
+            seconds = write_figures.ingest_seconds(corpus, targets, repeat)
+            ratio = seconds["cafs"] / seconds["plain"]
+            report.add(Row(f"write: cp -r {count} files, {total / MB:.0f} MB", "s",
+                           seconds["plain"], seconds["cafs"], "<= 2.0x", ratio <= 2.0))
+            if floor:
+                report.add(Row("floor: the same cp -r, null pyfuse3 fs", "s", seconds["plain"],
+                               seconds["floor"]))
+        if creates:
+            for writers, target in ((1, 2500), (4, 5000)):
+                rate = write_figures.create_rate(targets, creates, writers, repeat)
+                report.add(Row(f"write: 4 KiB creates, {writers} writer(s)", "files/s",
+                               rate["plain"], rate["cafs"], f">= {target:,}/s",
+                               rate["cafs"] >= target))
+                if floor:
+                    report.add(Row(f"floor: 4 KiB creates, {writers} writer(s)", "files/s",
+                                   rate["plain"], rate["floor"]))
+        if dd_mib:
+            rate = write_figures.dd_rate(source, targets, repeat)
+            report.add(Row(f"write: dd bs=1M of {dd_mib} MiB incompressible", "MB/s",
+                           rate["plain"], rate["cafs"], ">= 0.70x",
+                           rate["cafs"] >= 0.7 * rate["plain"]))
+            if floor:
+                report.add(Row("floor: the same dd, null pyfuse3 fs", "MB/s", rate["plain"],
+                               rate["floor"]))
+    report.notes.append(f"load average after the write figures: {write_figures.load_average()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -513,7 +566,23 @@ def main() -> None:
     parser.add_argument("--fair-tag-layers", type=int, default=None,
                         help="layers with 1 MB of tags whose records are read (default: "
                              "72 x --scale, at least 2, at most 72; 0: skip)")
+    parser.add_argument("--write-files", type=int, default=600,
+                        help="files of the write corpus (~0.5 MB each; 0: skip the ingest figure)")
+    parser.add_argument("--creates", type=int, default=2000,
+                        help="4 KiB files each create writer makes (0: skip)")
+    parser.add_argument("--dd-mib", type=int, default=1024,
+                        help="size of the dd bs=1M figure, MiB (0: skip)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of each write figure; the best counts")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run the write figures on a null pyfuse3 filesystem")
+    parser.add_argument("--only-writes", action="store_true",
+                        help="only the write figures (the other sections are skipped)")
     args = parser.parse_args()
+    if args.only_writes:
+        args.scale = 0
+        args.scale_artifacts = args.fair_run_artifacts = 0
+        args.fair_truncate_gib = args.fair_tag_layers = 0
     if args.fair_run_artifacts is None:
         args.fair_run_artifacts = args.scale_artifacts // 5
     if args.fair_truncate_gib is None:
@@ -532,6 +601,9 @@ def main() -> None:
         print(f"  {'figure':<44} {'plain':>12} {'cafs':>12} {'unit':<8} {'ratio':>7}  target")
         if args.scale:
             throughput_rows(report, work, corpus, args.scale)
+        if args.write_files or args.creates or args.dd_mib:
+            write_rows(report, work, args.write_files, args.creates, args.dd_mib, args.repeat,
+                       args.floor)
         if args.scale_artifacts:
             scale_rows(report, work, args.scale_artifacts)
         if args.fair_run_artifacts or args.fair_truncate_gib or args.fair_tag_layers:

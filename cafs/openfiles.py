@@ -231,6 +231,8 @@ class Publisher:
                 return
             with self.fails(inode, None):
                 self.tree.check_unsealed(inode.node)
+                if temp.streaming:  # hashing/compressing the last writes: wait off the loop
+                    await self.runtime.run_in_thread(temp.fed_whole)
                 if temp.needs_rehash:
                     digest = await offload(self.runtime, temp.size, temp.digest)
                 else:
@@ -326,7 +328,7 @@ class OpenFiles:
         handle = self.table.new_handle(inode, writable=True, caller=caller)
         self._note_opener(handle, flags)
         try:
-            inode.temp = self.blobs.new_temp()
+            inode.temp = self.blobs.new_temp(streaming=True)
         except OSError:
             self.release(handle.fh)
             raise
@@ -504,7 +506,7 @@ class OpenFiles:
             return
         if keep_content and inode.damaged:
             raise damaged(inode.node)
-        temp = self.blobs.new_temp()
+        temp = self.blobs.new_temp(streaming=True)
         try:
             reader = inode.reader
             if keep_content and reader is not None and reader.size:

@@ -17,7 +17,8 @@ def test_bench_harness_runs_on_a_tiny_corpus(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "cafs_bench.py"), "--scale", "0.01",
-         "--scale-artifacts", "2000", "--workdir", str(tmp_path / "work"), "--json", str(out)],
+         "--scale-artifacts", "2000", "--write-files", "6", "--creates", "20",
+         "--dd-mib", "4", "--repeat", "1", "--workdir", str(tmp_path / "work"), "--json", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())

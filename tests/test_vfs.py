@@ -102,6 +102,7 @@ def test_failed_write_is_sticky_and_nothing_is_published(vfs: Vfs) -> None:
         await vfs.write(fh, 0, b"good start")
         inode = vfs._handles[fh].inode
         assert inode.temp is not None
+        inode.temp.materialize()  # a small write is in memory: give it its file
         os.close(inode.temp.fd)  # the temp file's descriptor goes bad: writes now fail
         with pytest.raises(OSError):
             await vfs.write(fh, 10, b"more")

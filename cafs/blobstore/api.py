@@ -65,7 +65,7 @@ class Blobs(Protocol):
     # Space accounting on the filesystem that temps (and the manifest) are written to.
     space: SpaceGuard
 
-    def new_temp(self) -> TempBlob:
+    def new_temp(self, *, streaming: bool = False) -> TempBlob:
         """An empty temp for a write in progress; the caller discards it."""
         ...
 

@@ -25,7 +25,7 @@ from cafs.blobstore.fileio import fsync_dir
 from cafs.blobstore.raw import RawReader
 from cafs.blobstore.raw_xxh64 import CheckedRawReader
 from cafs.blobstore.space import SpaceGuard
-from cafs.blobstore.temp import TempBlob
+from cafs.blobstore.temp import MemoryBudget, TempBlob
 from cafs.blobstore.zstd_seekable import (
     DEFAULT_FRAME_SIZE,
     DEFAULT_LEVEL,
@@ -71,6 +71,7 @@ class LocalBlobStore:
         # the page cache (it survives a dead daemon), fsync() syncs the one blob (sync_blob),
         # and the group sync (sync_all) bounds what power loss can take.
         self.sync_each_publish = True
+        self.memory = MemoryBudget()  # what in-memory temps hold, in all
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -101,11 +102,16 @@ class LocalBlobStore:
 
     # -- writing --------------------------------------------------------------------------
 
-    def new_temp(self) -> TempBlob:
+    def new_temp(self, *, streaming: bool = False) -> TempBlob:
+        """A new temp. `streaming` (a write through the mount): kept in memory while small
+        (see MemoryBudget), and its bytes compressed into zstd frames while they arrive (see
+        FrameStream), each within its bounds."""
         self._temp_serial += 1
         name = f"w-{os.getpid()}-{self._temp_serial}-{os.urandom(4).hex()}"
         path = self.tmp_dir / name
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        if streaming:  # in memory until it grows (its file is made when it spills)
+            return TempBlob(-1, path, self.space, self._zstd.new_stream(), memory=self.memory)
         return TempBlob(os.open(path, flags, 0o600), path, self.space)
 
     def path_of(self, digest: Digest) -> Path:
@@ -130,6 +136,7 @@ class LocalBlobStore:
             temp.append_block_sums()  # raw+xxh64 is written in place
             encoding = Encoding.RAW_CHECKED
         try:
+            chosen.materialize()  # a small raw content goes from memory to its file here
             if self.sync_each_publish:
                 os.fsync(chosen.fd)
             crashpoints.reached("after-temp-fsync")

@@ -24,7 +24,7 @@ import os
 import struct
 import threading
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import xxhash
@@ -49,6 +49,11 @@ _SEEKABLE_MAGIC = 0x8F92EAB1
 _FOOTER = struct.Struct("<IBI")  # number of frames, descriptor, seekable magic
 _ENTRY = struct.Struct("<III")  # compressed size, decompressed size, checksum
 _CHECKSUM_FLAG = 0x80
+# Bounds of compressing while writes arrive (FrameStream): streams at once (a zstd context of a
+# few MB each), compressed bytes they hold in all and each.
+MAX_STREAMS = 32
+MAX_HELD_BYTES = 128 << 20
+MAX_HELD_PER_STREAM = 16 << 20
 # Zero frames kept compressed, one per distinct length (full frames share one; only a hole
 # at a blob's end gives another length).
 _ZERO_FRAMES_KEPT = 16
@@ -85,6 +90,78 @@ def _frame_checksum(data: bytes) -> int:
     return xxhash.xxh64_intdigest(data) & 0xFFFFFFFF
 
 
+class FrameStream:
+    """The zstd frames of a temp's content, built while the writes arrive (a FrameSink: fed in
+    order by cafs.blobstore.stream). Each frame is compressed in one call when its last byte
+    arrives — in the feed's worker thread, since the piece that completes a frame is heavy —
+    so at publish only the last, partial frame is left to compress.
+
+    It gives up (abandon) on anything it cannot follow — an out-of-order write, a truncate, a
+    hole — and then publish compresses from the temp as before. What it holds is bounded: at
+    most MAX_STREAMS exist at once (each holds up to a frame of plain bytes), and their finished
+    frames take at most MAX_HELD_BYTES in all and MAX_HELD_PER_STREAM each, beyond which the
+    stream gives up.
+    """
+
+    def __init__(self, writer: SeekableWriter) -> None:
+        self._writer = writer
+        self._lock = threading.Lock()  # the feeding thread vs. abandon from the owner
+        self._pieces: list[bytes | memoryview] = []  # of the frame being filled
+        self._filled = 0
+        self.frames: list[Frame] = []
+        self._held = 0
+        self.dead = False
+        self.raw_verdict = False  # the first frame compressed too little: store raw
+
+    def completes_frame(self, size: int) -> bool:
+        """Whether `size` more bytes end a frame (feeding them is heavy work)."""
+        return not self.dead and self._filled + size >= self._writer.frame_size
+
+    def update(self, data: bytes | memoryview) -> None:
+        with self._lock:
+            frame_size = self._writer.frame_size
+            view = memoryview(data)
+            while view and not self.dead:
+                piece = view[:frame_size - self._filled]
+                self._pieces.append(piece)
+                self._filled += len(piece)
+                view = view[len(piece):]
+                if self._filled == frame_size:
+                    self._end_frame()
+
+    def _end_frame(self) -> None:
+        plain = b"".join(self._pieces)
+        self._pieces, self._filled = [], 0
+        frame = _compressor(self._writer.level).compress(plain)
+        if not self.frames and len(frame) > len(plain) * WORTHWHILE_RATIO:
+            self.raw_verdict = True  # judged by the first frame, as compress_if_worthwhile does
+            self._give_up()
+        elif len(frame) + self._held > MAX_HELD_PER_STREAM or not self._writer.hold(len(frame)):
+            self._give_up()
+        else:
+            self._held += len(frame)
+            self.frames.append((frame, len(plain), _frame_checksum(plain)))
+
+    def finish(self) -> list[Frame] | None:
+        """Every frame of the content fed (the caller knows it was fed whole), or None."""
+        with self._lock:
+            if not self.dead and self._filled:
+                self._end_frame()
+            return None if self.dead else self.frames
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._give_up()
+
+    def _give_up(self) -> None:
+        if not self.dead:
+            self._writer.stream_ended()  # its slot: counted from new_stream until here
+        self.dead = True
+        self._writer.unhold(self._held)
+        self._held = 0
+        self.frames, self._pieces = [], []
+
+
 # -- writing ------------------------------------------------------------------------------
 
 
@@ -97,6 +174,36 @@ class SeekableWriter:
         self._threads = max(1, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
         self._zero_frames: Lru[int, Frame] = Lru(_ZERO_FRAMES_KEPT, threadsafe=True)
+        self._lock = threading.Lock()
+        self.streams = 0  # FrameStreams alive
+        self.held = 0  # bytes of finished frames they hold
+
+    # -- the bounds of FrameStream ----------------------------------------------------------
+
+    def new_stream(self) -> FrameStream | None:
+        """A FrameStream for a new temp, or None if MAX_STREAMS are alive already."""
+        with self._lock:
+            if self.streams >= MAX_STREAMS:
+                return None
+            self.streams += 1
+        return FrameStream(self)
+
+    def stream_ended(self) -> None:
+        with self._lock:
+            self.streams -= 1
+
+    def hold(self, size: int) -> bool:
+        with self._lock:
+            if self.held + size > MAX_HELD_BYTES:
+                return False
+            self.held += size
+            return True
+
+    def unhold(self, size: int) -> None:
+        with self._lock:
+            self.held -= size
+
+    # -- compressing a finished temp --------------------------------------------------------
 
     def compress_if_worthwhile(self, temp: TempBlob,
                                new_temp: Callable[[], TempBlob]) -> TempBlob | None:
@@ -104,23 +211,36 @@ class SeekableWriter:
         too little: then the caller stores the content raw."""
         if temp.size < MIN_COMPRESS_SIZE:
             return None
+        stream = temp.frame_sink
+        if isinstance(stream, FrameStream) and temp.fed_whole():
+            frames = stream.finish()
+            if stream.raw_verdict:
+                return None
+            if frames is not None:  # compressed while written: nothing left to compress
+                return self._write_blob(temp, iter(frames), new_temp)
         # Judge by the first frame: incompressible data stops here and pays nothing more.
         first = self._zero_frame(temp, 0) or self._compress_frame(temp, 0)
         if len(first[0]) > first[1] * WORTHWHILE_RATIO:
             return None
+        with contextlib.closing(self._compressed_frames(temp)) as rest:
+            return self._write_blob(temp, itertools.chain([first], rest), new_temp)
+
+    def _write_blob(self, temp: TempBlob, frames: Iterator[Frame],
+                    new_temp: Callable[[], TempBlob]) -> TempBlob | None:
+        """The frames and their seek table in a new temp, or None once they exceed the
+        budget (compressing saves too little after all: store raw)."""
         budget = int(temp.size * WORTHWHILE_RATIO)
         entries: list[tuple[int, int, int]] = []
         out = new_temp()
         out_offset = 0
         try:
-            with contextlib.closing(self._compressed_frames(temp)) as rest:
-                for frame, plain_size, checksum in itertools.chain([first], rest):
-                    pwrite_all(out.fd, frame, out_offset)
-                    out_offset += len(frame)
-                    entries.append((len(frame), plain_size, checksum))
-                    if out_offset > budget:  # compresses too little after all: store raw
-                        out.discard()
-                        return None
+            for frame, plain_size, checksum in frames:
+                pwrite_all(out.fd, frame, out_offset)
+                out_offset += len(frame)
+                entries.append((len(frame), plain_size, checksum))
+                if out_offset > budget:  # compresses too little after all: store raw
+                    out.discard()
+                    return None
             table = b"".join(_ENTRY.pack(*entry) for entry in entries)
             footer = _FOOTER.pack(len(entries), _CHECKSUM_FLAG, _SEEKABLE_MAGIC)
             header = struct.pack("<II", _SKIPPABLE_MAGIC, len(table) + len(footer))
@@ -243,7 +363,8 @@ class ZstdReader:
             compressed = os.pread(self._fd, table.compressed_offsets[index + 1] - start, start)
             expected_size = table.plain_offsets[index + 1] - table.plain_offsets[index]
             try:
-                data = _decompressor().decompress(compressed)
+                # Frames compressed while written carry no content size in their header.
+                data = _decompressor().decompress(compressed, max_output_size=expected_size)
             except zstandard.ZstdError as exc:
                 raise Corrupt(f"blob {self._digest}: frame {index}: {exc}") from exc
             if len(data) != expected_size or _frame_checksum(data) != table.checksums[index]:

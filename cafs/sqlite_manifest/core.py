@@ -156,6 +156,7 @@ class SqliteCore:
             raise StoreError(f"{path} was written by an older cafs: mount the store once (or run "
                              "cafs fsck --repair) to upgrade it")
         self._changes = 0
+        self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         # Bytes of free pages inside the file not yet promised (claim_free_pages); None: re-read
         # the free list (every commit may have used or freed pages).
         self._free_bytes: int | None = None
@@ -180,7 +181,7 @@ class SqliteCore:
         If so they count as taken until the next commit, when the free list is read again."""
         if self._free_bytes is None:
             pages = self._db.execute("PRAGMA freelist_count").fetchone()[0]
-            self._free_bytes = pages * self._db.execute("PRAGMA page_size").fetchone()[0]
+            self._free_bytes = pages * self._page_size  # fixed once the file exists (WAL)
         if self._free_bytes < size:
             return False
         self._free_bytes -= size
