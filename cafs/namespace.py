@@ -13,6 +13,7 @@ atomic; a manifest change is one synchronous call with nothing interleaving.
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -91,6 +92,32 @@ class NodeCache:
         self._entries.pop((parent, name))
 
 
+class Listing:
+    """One opendir of a stored directory: the page of children last read from the manifest.
+    The kernel's readdir buffer holds ~25 entries with their attributes, so a listing of 10,000
+    entries is ~400 READDIRs; each resumes in this page instead of querying READDIR_PAGE rows
+    again. Entries are a snapshot taken when their page is read (POSIX leaves it open whether
+    names made after opendir appear); attributes are not: each is the node as it is now."""
+
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+        self.after = -1  # the position the page was read after (-1: no page yet)
+        self.page: list[Node] = []
+        self.inos: list[int] = []
+
+    def resume(self, start: int) -> list[Node] | None:
+        """The page's entries after position `start`, or None if the page does not hold it."""
+        if self.after < 0 or start < self.after or (self.inos and start > self.inos[-1]):
+            return None
+        rest = self.page[bisect.bisect_right(self.inos, start):]
+        if not rest and len(self.page) >= READDIR_PAGE:
+            return None  # a full page is done: the next one is read after it
+        return rest
+
+    def keep(self, after: int, page: list[Node]) -> None:
+        self.after, self.page, self.inos = after, page, [node.ino for node in page]
+
+
 def lookup_name(raw: bytes) -> str:
     """A name to look up: one that cannot exist is simply not found."""
     if len(raw) > MAX_NAME_BYTES:
@@ -165,6 +192,18 @@ class Namespace:
 
     def lookup(self, parent: int, raw_name: bytes, caller: Caller | None = None) -> Attr:
         return self.attr(self.child(self.node(parent), lookup_name(raw_name)), caller)
+
+    def absence_is_final(self, parent_ino: int) -> bool:
+        """True if a name found missing in this directory can appear only through the kernel
+        (create, mkdir, rename), which then replaces its negative entry itself: the kernel may
+        remember the absence. Inside executions, layers and their sub-directories, yes. Not in
+        runs/ (an import adds a run behind the kernel's back) nor blobs/ (a publish anywhere
+        adds a name there), nor at the fixed root."""
+        try:
+            parent = self.node(parent_ino)
+        except NotFound:
+            return False
+        return parent.kind in (Kind.EXECUTION, Kind.LAYER, Kind.DIR)
 
     def child(self, parent: Node, name: str) -> Node:
         if not parent.kind.is_dir:
@@ -259,8 +298,10 @@ class Namespace:
             volatile=node.kind is Kind.RECORD,
         )
 
-    def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
-        """Entries after the position `start` (0 = beginning), each with its next position."""
+    def readdir(self, ino: int, start: int, listing: Listing | None = None
+                ) -> Iterator[tuple[bytes, Attr, int]]:
+        """Entries after the position `start` (0 = beginning), each with its next position;
+        `listing` (the opendir's) saves re-reading pages of a stored directory."""
         directory = self.node(ino)
         if not directory.kind.is_dir:
             raise NotADirectory()
@@ -276,14 +317,37 @@ class Namespace:
             return
         # .record.json is not listed: cp -r, rsync, tar, du and rm -rf must see only what users
         # stored (a listed record would be copied into the next run, or block rm -rf).
+        listing = listing or Listing(ino)
         after = start
-        while page := self.manifest.children(ino, after, READDIR_PAGE):
+        while True:
+            page = listing.resume(after)
+            if page is None:
+                page = self.manifest.children(ino, after, READDIR_PAGE)
+                for node in page:
+                    self.cache.put(node)
+                listing.keep(after, page)
             for node in page:
-                if self._abandoned(node):
+                current = self._current(node)
+                if current is None or self._abandoned(current):
                     continue
-                self.cache.put(node)
-                yield node.name.encode(), self.attr(node), node.ino
-            after = page[-1].ino
+                yield current.name.encode(), self.attr(current), current.ino
+            if len(listing.page) < READDIR_PAGE:
+                return  # that was the last page
+            after = listing.inos[-1]
+
+    def _current(self, node: Node) -> Node | None:
+        """The node as it is now (a page may be older than a chmod or a publish), or None if
+        it is gone or has moved to another directory."""
+        if self.cache.node(node.ino) is node:
+            return node
+        try:
+            current = self.node(node.ino)
+        except NotFound:
+            return None
+        opened = self.opened.inode(node.ino)
+        if current.parent != node.parent or (opened is not None and opened.unlinked):
+            return None
+        return current
 
     def set_attrs(self, node: Node, changes: AttrChanges) -> Node:
         """chmod, chown, utimens (not the size: see cafs.openfiles). An open file's write in
@@ -450,8 +514,12 @@ class Namespace:
         for ino in inos:
             self.directory_changed(ino)  # drops the cached node (or runs/' link count)
             self.kernel.inode_changed(ino)
+        # Content may have been marked damaged, quarantined or healed: no idle reader of an
+        # old file may serve it again.
+        self.opened.idle.clear()
 
     def blobs_removed(self, blobs: Iterable[BlobRef]) -> None:
+        self.opened.idle.clear()
         for blob in blobs:
             self.cache.drop(BLOB_INODE_BASE + blob.blob_id)
             self.kernel.entry_gone(BLOBS_INODE, blob.digest)
