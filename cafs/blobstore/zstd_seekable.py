@@ -271,8 +271,10 @@ _prefetch = _Prefetcher()
 class ZstdReader:
     """The reader, a BlobReader: decompresses (and checks) only the frames a read covers."""
 
-    def __init__(self, fd: int, digest: Digest, cache: FrameCache) -> None:
+    def __init__(self, fd: int, digest: Digest, cache: FrameCache, *,
+                 read_ahead: bool = True) -> None:
         self._fd = SharedFd(fd)
+        self._reads_ahead = read_ahead
         self._digest = digest
         self._cache = cache
         self.table = SeekTable.read_from(fd, os.fstat(fd).st_size)
@@ -286,6 +288,13 @@ class ZstdReader:
         if data is None:
             _prefetch.wait(key)
             data = self._cache.get(key)
+        return self._decompress(index) if data is None else data
+
+    def _decompress(self, index: int) -> bytes:
+        """Frame `index` from the file, checked, into the cache (never waits for read-ahead:
+        read-ahead runs this itself)."""
+        key = (self._digest, index)
+        data = self._cache.get(key)
         if data is None:
             table = self.table
             start = table.compressed_offsets[index]
@@ -347,14 +356,14 @@ class ZstdReader:
         shared cache. Each is checked as any frame is: a damaged one is simply not cached, and
         the read that needs it meets the damage itself."""
         table = self.table
-        if offset >= self.size:
+        if offset >= self.size or not self._reads_ahead:
             return
         last = table.frame_at(min(self.size - 1, offset + READ_AHEAD_BYTES))
         self._ahead = [future for future in self._ahead if not future.done()]
         for index in range(table.frame_at(offset), last + 1):
             key = (self._digest, index)
             if key not in self._cache:
-                future = _prefetch.submit(key, functools.partial(self.frame, index))
+                future = _prefetch.submit(key, functools.partial(self._decompress, index))
                 if future is not None:
                     self._ahead.append(future)
 
