@@ -118,6 +118,30 @@ class Listing:
         self.after, self.page, self.inos = after, page, [node.ino for node in page]
 
 
+class Pages:
+    """Pages of stored directories' children as the manifest gave them, by directory and the
+    position they start after; bounded by entries in all. A directory's pages go whenever a
+    name in it is added, removed or moved (Namespace.directory_changed), so `ls` and `find`
+    of an unchanged directory query nothing. Entries carry the node as read: readdir answers
+    with the node as it is now (Namespace._current)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._dirs: Lru[int, dict[int, list[Node]]] = Lru(
+            max_entries, size=lambda pages: 1 + sum(len(page) for page in pages.values()))
+
+    def page(self, ino: int, after: int) -> list[Node] | None:
+        pages = self._dirs.get(ino)
+        return None if pages is None else pages.get(after)
+
+    def keep(self, ino: int, after: int, page: list[Node]) -> None:
+        pages = self._dirs.pop(ino) or {}
+        pages[after] = page
+        self._dirs.put(ino, pages)
+
+    def drop(self, ino: int) -> None:
+        self._dirs.pop(ino)
+
+
 def lookup_name(raw: bytes) -> str:
     """A name to look up: one that cannot exist is simply not found."""
     if len(raw) > MAX_NAME_BYTES:
@@ -171,6 +195,7 @@ class Namespace:
         self.opened = opened
         self.kernel = kernel
         self.cache = NodeCache(cache_entries)
+        self.pages = Pages(cache_entries)
 
     # -- finding nodes --------------------------------------------------------------------
 
@@ -322,9 +347,12 @@ class Namespace:
         while True:
             page = listing.resume(after)
             if page is None:
-                page = self.manifest.children(ino, after, READDIR_PAGE)
-                for node in page:
-                    self.cache.put(node)
+                page = self.pages.page(ino, after)
+                if page is None:
+                    page = self.manifest.children(ino, after, READDIR_PAGE)
+                    for node in page:
+                        self.cache.put(node)
+                    self.pages.keep(ino, after, page)
                 listing.keep(after, page)
             for node in page:
                 current = self._current(node)
@@ -502,6 +530,7 @@ class Namespace:
             ancestor = self.node(ancestor.parent)
 
     def directory_changed(self, ino: int) -> None:
+        self.pages.drop(ino)
         if ino == RUNS_INODE:
             self.virtual.runs_changed()
         else:
