@@ -72,7 +72,9 @@ class Sequential:
         self._advised = 0  # the file is asked for up to here
 
     def seen(self, offset: int, length: int) -> None:
-        sequential = offset == self._next
+        # A read from the start counts as sequential: most files are read whole, and a small
+        # file is then read ahead entirely while its first READ is answered.
+        sequential = offset in (self._next, 0)
         self._next = offset + length
         if sequential and self._next + READ_AHEAD // 2 > self._advised:
             start = max(self._advised, self._next)

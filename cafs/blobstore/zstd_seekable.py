@@ -311,7 +311,7 @@ class ZstdReader:
         return data
 
     def read(self, offset: int, length: int) -> bytes:
-        sequential = offset == self._next
+        sequential = offset in (self._next, 0)  # from the start: most files are read whole
         data = self._read(offset, length, self.frame)
         assert data is not None
         self._next = offset + len(data)
@@ -324,7 +324,7 @@ class ZstdReader:
         caller then reads in a worker thread)."""
         data = self._read(offset, length, self._cached_frame)
         if data is not None:
-            sequential = offset == self._next
+            sequential = offset in (self._next, 0)
             self._next = offset + len(data)
             if sequential:
                 self._read_ahead(self._next)
