@@ -386,7 +386,11 @@ class OpenFiles:
             # cache answers (keep_cache) sends OPEN, FLUSH and RELEASE and no READ at all. Its
             # descriptor is counted now, so the cap holds whenever it is opened; until then gc
             # leaves the blob alone (Vfs.pinned_digests), as an open descriptor would keep it.
+            if writable:  # a writer needs it for copy-on-write: a shortage shows at open
+                self.reader_of(inode)
             self.table.inodes[node.ino] = inode
+        elif writable:
+            self.reader_of(inode)
         self.table.charge(inode, extra)
         return inode
 
