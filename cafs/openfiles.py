@@ -178,7 +178,8 @@ class OpenTable:
 
     def forget(self, inode: OpenInode) -> None:
         """The inode's last handle is gone: it leaves the table and returns its descriptors."""
-        self.inodes.pop(inode.node.ino, None)
+        if self.inodes.get(inode.node.ino) is inode:  # not a later open of the same inode
+            del self.inodes[inode.node.ino]
         self.descriptors -= inode.descriptors
         inode.descriptors = 0
 
