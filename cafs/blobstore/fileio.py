@@ -46,19 +46,17 @@ READ_AHEAD = 8 << 20
 
 
 def pread_nowait(fd: int, length: int, offset: int) -> bytes:
-    """pread that only copies from the page cache: BlockingIOError if any part of the range
-    would have to come from the disk (RWF_NOWAIT), so the event loop never waits for it."""
+    """pread that only copies from the page cache: BlockingIOError if the range would have to
+    come from the disk, so the event loop never waits for it. Asks the kernel (RWF_NOWAIT)
+    about the range's first and last byte, then reads it with one copy: the page cache fills
+    a file's ranges whole (read-ahead), so a range cached at both ends is cached between."""
     if length <= 0:
         return b""
-    buf = bytearray(length)
-    got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
-    if got < length:
-        # Short: the end of the file, or only part of the range is cached. Whoever asked
-        # for a range past the end wants what there is (the caller checks the length).
-        if offset + got < os.fstat(fd).st_size:
-            raise BlockingIOError("partly cached")
-        del buf[got:]
-    return bytes(buf)
+    probe = bytearray(1)
+    for at in (offset, offset + length - 1):
+        if os.preadv(fd, [probe], at, os.RWF_NOWAIT) == 0 and at == offset:
+            return b""  # at or past the end of the file
+    return os.pread(fd, length, offset)
 
 
 class Sequential:
