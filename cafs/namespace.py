@@ -13,6 +13,7 @@ atomic; a manifest change is one synchronous call with nothing interleaving.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import time
@@ -90,6 +91,56 @@ class NodeCache:
 
     def drop_entry(self, parent: int, name: str) -> None:
         self._entries.pop((parent, name))
+
+
+class Listing:
+    """One opendir of a stored directory: the page of children last read from the manifest.
+    The kernel's readdir buffer holds ~25 entries with their attributes, so a listing of 10,000
+    entries is ~400 READDIRs; each resumes in this page instead of querying READDIR_PAGE rows
+    again. Entries are a snapshot taken when their page is read (POSIX leaves it open whether
+    names made after opendir appear); attributes are not: each is the node as it is now."""
+
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+        self.after = -1  # the position the page was read after (-1: no page yet)
+        self.page: list[Node] = []
+        self.inos: list[int] = []
+
+    def resume(self, start: int) -> list[Node] | None:
+        """The page's entries after position `start`, or None if the page does not hold it."""
+        if self.after < 0 or start < self.after or (self.inos and start > self.inos[-1]):
+            return None
+        rest = self.page[bisect.bisect_right(self.inos, start):]
+        if not rest and len(self.page) >= READDIR_PAGE:
+            return None  # a full page is done: the next one is read after it
+        return rest
+
+    def keep(self, after: int, page: list[Node]) -> None:
+        self.after, self.page, self.inos = after, page, [node.ino for node in page]
+
+
+class Pages:
+    """Pages of stored directories' children as the manifest gave them, by directory and the
+    position they start after; bounded by entries in all. A directory's pages go whenever a
+    name in it is added, removed or moved (Namespace.directory_changed), so `ls` and `find`
+    of an unchanged directory query nothing. Entries carry the node as read: readdir answers
+    with the node as it is now (Namespace._current)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._dirs: Lru[int, dict[int, list[Node]]] = Lru(
+            max_entries, size=lambda pages: 1 + sum(len(page) for page in pages.values()))
+
+    def page(self, ino: int, after: int) -> list[Node] | None:
+        pages = self._dirs.get(ino)
+        return None if pages is None else pages.get(after)
+
+    def keep(self, ino: int, after: int, page: list[Node]) -> None:
+        pages = self._dirs.pop(ino) or {}
+        pages[after] = page
+        self._dirs.put(ino, pages)
+
+    def drop(self, ino: int) -> None:
+        self._dirs.pop(ino)
 
 
 def lookup_name(raw: bytes) -> str:
@@ -179,6 +230,7 @@ class Namespace:
         self.kernel = kernel
         self.cache = NodeCache(cache_entries)
         self.refusals = PlacementRefusals(manifest)
+        self.pages = Pages(cache_entries)
 
     # -- finding nodes --------------------------------------------------------------------
 
@@ -200,6 +252,18 @@ class Namespace:
 
     def lookup(self, parent: int, raw_name: bytes, caller: Caller | None = None) -> Attr:
         return self.attr(self.child(self.node(parent), lookup_name(raw_name)), caller)
+
+    def absence_is_final(self, parent_ino: int) -> bool:
+        """True if a name found missing in this directory can appear only through the kernel
+        (create, mkdir, rename), which then replaces its negative entry itself: the kernel may
+        remember the absence. Inside executions, layers and their sub-directories, yes. Not in
+        runs/ (an import adds a run behind the kernel's back) nor blobs/ (a publish anywhere
+        adds a name there), nor at the fixed root."""
+        try:
+            parent = self.node(parent_ino)
+        except NotFound:
+            return False
+        return parent.kind in (Kind.EXECUTION, Kind.LAYER, Kind.DIR)
 
     def child(self, parent: Node, name: str) -> Node:
         if not parent.kind.is_dir:
@@ -295,8 +359,10 @@ class Namespace:
             atime_ns=node.atime_ns,
         )
 
-    def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
-        """Entries after the position `start` (0 = beginning), each with its next position."""
+    def readdir(self, ino: int, start: int, listing: Listing | None = None
+                ) -> Iterator[tuple[bytes, Attr, int]]:
+        """Entries after the position `start` (0 = beginning), each with its next position;
+        `listing` (the opendir's) saves re-reading pages of a stored directory."""
         directory = self.node(ino)
         if not directory.kind.is_dir:
             raise NotADirectory()
@@ -312,14 +378,40 @@ class Namespace:
             return
         # .record.json is not listed: cp -r, rsync, tar, du and rm -rf must see only what users
         # stored (a listed record would be copied into the next run, or block rm -rf).
+        listing = listing or Listing(ino)
         after = start
-        while page := self.manifest.children(ino, after, READDIR_PAGE):
+        while True:
+            page = listing.resume(after)
+            if page is None:
+                page = self.pages.page(ino, after)
+                if page is None:
+                    page = self.manifest.children(ino, after, READDIR_PAGE)
+                    for node in page:
+                        self.cache.put(node)
+                    self.pages.keep(ino, after, page)
+                listing.keep(after, page)
             for node in page:
-                if self._abandoned(node):
+                current = self._current(node)
+                if current is None or self._abandoned(current):
                     continue
-                self.cache.put(node)
-                yield node.name.encode(), self.attr(node), node.ino
-            after = page[-1].ino
+                yield current.name.encode(), self.attr(current), current.ino
+            if len(listing.page) < READDIR_PAGE:
+                return  # that was the last page
+            after = listing.inos[-1]
+
+    def _current(self, node: Node) -> Node | None:
+        """The node as it is now (a page may be older than a chmod or a publish), or None if
+        it is gone or has moved to another directory."""
+        if self.cache.node(node.ino) is node:
+            return node
+        try:
+            current = self.node(node.ino)
+        except NotFound:
+            return None
+        opened = self.opened.inode(node.ino)
+        if current.parent != node.parent or (opened is not None and opened.unlinked):
+            return None
+        return current
 
     def set_attrs(self, node: Node, changes: AttrChanges) -> Node:
         """chmod, chown, utimens (not the size: see cafs.openfiles). An open file's write in
@@ -489,6 +581,7 @@ class Namespace:
             ancestor = self.node(ancestor.parent)
 
     def directory_changed(self, ino: int) -> None:
+        self.pages.drop(ino)
         if ino == RUNS_INODE:
             self.virtual.runs_changed()
         else:
@@ -501,8 +594,12 @@ class Namespace:
         for ino in inos:
             self.directory_changed(ino)  # drops the cached node (or runs/' link count)
             self.kernel.inode_changed(ino)
+        # Content may have been marked damaged, quarantined or healed: no idle reader of an
+        # old file may serve it again.
+        self.opened.idle.clear()
 
     def blobs_removed(self, blobs: Iterable[BlobRef]) -> None:
+        self.opened.idle.clear()
         for blob in blobs:
             self.cache.drop(BLOB_INODE_BASE + blob.blob_id)
             self.kernel.entry_gone(BLOBS_INODE, blob.digest)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cafs.blobstore import BlobReader, BlobStore, TempBlob
+from cafs.blobstore.readers import IdleReaders
 from cafs.digest import Digest
 from cafs.errors import (
     BadHandle,
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 # costs more than the work (measured: offloading every 128 KiB step halved read throughput).
 OFFLOAD_BYTES = 1 << 20
 DEFAULT_MAX_OPEN_FILES = 10_000
+# Readers of closed files kept open for the next open of the same content (at most this many,
+# fewer under a small max_open_files: they count against it and go first when it is reached).
+IDLE_READERS = 32
 
 
 @dataclass(eq=False)
@@ -76,6 +80,7 @@ class OpenInode:
     # Descriptors counted against max_open_files for it: the most its reader and temp may
     # hold at once (see OpenFiles.open_inode), so a write or publish never meets the cap.
     descriptors: int = 0
+    readers_in_threads: int = 0  # reads running in worker threads: the reader stays open
 
 
 @dataclass(eq=False)
@@ -127,6 +132,7 @@ class OpenTable:
         self.inodes: dict[int, OpenInode] = {}
         self.handles: dict[int, Handle] = {}
         self.descriptors = 0  # the sum of OpenInode.descriptors
+        self.idle = IdleReaders(min(IDLE_READERS, max_open_files // 4))
         self._next_fh = 1
 
     def inode(self, ino: int) -> OpenInode | None:
@@ -145,6 +151,8 @@ class OpenTable:
         (manifest, control socket, /dev/fuse) live in the reserve the cap leaves."""
         inode = self.inodes.get(ino) if ino is not None else None
         extra = max(0, wanted - (inode.descriptors if inode is not None else 0))
+        if extra:  # idle readers give their descriptors back first
+            self.idle.shrink(self.max_open_files - self.descriptors - extra)
         if extra and self.descriptors + extra > self.max_open_files:
             raise TooManyOpenFiles(f"open files in this mount hold {self.descriptors} "
                                    f"descriptors (max_open_files={self.max_open_files})")
@@ -163,7 +171,8 @@ class OpenTable:
 
     def forget(self, inode: OpenInode) -> None:
         """The inode's last handle is gone: it leaves the table and returns its descriptors."""
-        self.inodes.pop(inode.node.ino, None)
+        if self.inodes.get(inode.node.ino) is inode:  # not a later open of the same inode
+            del self.inodes[inode.node.ino]
         self.descriptors -= inode.descriptors
         inode.descriptors = 0
 
@@ -380,9 +389,15 @@ class OpenFiles:
             inode = OpenInode(node=node, lock=self.runtime.new_lock())
             if node.blob is not None and node.blob.damaged:
                 inode.damaged = True  # opening works (rewriting it heals it); reading fails
-            elif node.blob is not None:
-                inode.reader = self.blobs.open(node.blob.digest, node.blob.encoding)
+            # The blob is opened at the first READ (reader_of), not here: a re-read the page
+            # cache answers (keep_cache) sends OPEN, FLUSH and RELEASE and no READ at all. Its
+            # descriptor is counted now, so the cap holds whenever it is opened; until then gc
+            # leaves the blob alone (Vfs.pinned_digests), as an open descriptor would keep it.
+            if writable:  # a writer needs it for copy-on-write: a shortage shows at open
+                self.reader_of(inode)
             self.table.inodes[node.ino] = inode
+        elif writable:
+            self.reader_of(inode)
         self.table.charge(inode, extra)
         return inode
 
@@ -423,18 +438,39 @@ class OpenFiles:
     def close_inode(self, inode: OpenInode) -> None:
         if inode.handles:
             return
+        if inode.readers_in_threads:  # the last of them closes it (see read)
+            self.table.forget(inode)
+            return
         self.table.forget(inode)
         if inode.temp is not None:
             inode.temp.discard()
             inode.temp = None
         if inode.reader is not None:
-            inode.reader.close()
+            blob = inode.node.blob
+            if blob is not None and not inode.damaged and not inode.unlinked:
+                self.table.idle.give(blob.digest, inode.reader)
+            else:
+                inode.reader.close()
             inode.reader = None
         self.publisher.drop_if_unpublished(inode)
 
+    def reader_of(self, inode: OpenInode) -> BlobReader | None:
+        """The reader of the inode's content, opened (or taken from the idle ones) at its
+        first use; None for a file with no content yet."""
+        if inode.reader is None and inode.node.blob is not None and not inode.damaged:
+            blob = inode.node.blob
+            inode.reader = (self.table.idle.take(blob.digest)
+                            or self.blobs.open(blob.digest, blob.encoding))
+        return inode.reader
+
+    def unopened_digests(self) -> set[str]:
+        """Contents of open files whose blob is not opened yet: gc must keep their files."""
+        return {inode.node.blob.digest for inode in self.table.inodes.values()
+                if inode.reader is None and inode.node.blob is not None}
+
     # -- reading and writing --------------------------------------------------------------
 
-    def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
         inode = self.table.handle(fh).inode
         # Reads see the bytes written so far. A temp being published keeps its descriptor open
         # until the new blob replaces it, so this never reads a closed file.
@@ -442,9 +478,22 @@ class OpenFiles:
             return inode.temp.read(offset, size)
         if inode.damaged:
             raise damaged(inode.node)
-        if inode.reader is not None:
-            return inode.reader.read(offset, size)
-        return b""
+        reader = self.reader_of(inode)
+        if reader is None:
+            return b""
+        # What the page cache or the frame cache holds is answered at once; a read that would
+        # wait for the disk or decompress goes to a worker thread, and the event loop serves
+        # other requests meanwhile (the kernel sends read-ahead READs of the same file too).
+        data = reader.read_nowait(offset, size)
+        if data is not None:
+            return data
+        inode.readers_in_threads += 1
+        try:
+            return await self.runtime.run_in_thread(reader.read, offset, size)
+        finally:
+            inode.readers_in_threads -= 1
+            if not inode.handles and not inode.readers_in_threads:
+                self.close_inode(inode)  # released while this read ran
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.table.handle(fh)
@@ -508,7 +557,7 @@ class OpenFiles:
             raise damaged(inode.node)
         temp = self.blobs.new_temp(streaming=True)
         try:
-            reader = inode.reader
+            reader = self.reader_of(inode) if keep_content else None
             if keep_content and reader is not None and reader.size:
                 await offload(self.runtime, reader.size, temp.fill_from, reader)
         except BaseException:

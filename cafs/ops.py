@@ -89,6 +89,15 @@ def entry(attr: Attr) -> pyfuse3.EntryAttributes:
     return out
 
 
+def absent() -> pyfuse3.EntryAttributes:
+    """A negative entry: inode 0 with a timeout makes the kernel remember that the name does
+    not exist (instead of asking again at every open or stat of it)."""
+    out = pyfuse3.EntryAttributes()
+    out.st_ino = 0
+    out.entry_timeout = ENTRY_TIMEOUT
+    return out
+
+
 def caller(ctx: pyfuse3.RequestContext) -> Caller:
     return Caller(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid, umask=ctx.umask)
 
@@ -103,7 +112,8 @@ class CafsOperations(pyfuse3.Operations):
     @translated
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
-        return entry(self.vfs.lookup(parent_inode, name, caller(ctx)))
+        attr = self.vfs.lookup_entry(parent_inode, name, caller(ctx))
+        return entry(attr) if attr is not None else absent()
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None  # nothing to free: see the module docstring of cafs.vfs
@@ -183,7 +193,7 @@ class CafsOperations(pyfuse3.Operations):
 
     @translated
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return self.vfs.read(fh, off, size)
+        return await self.vfs.read(fh, off, size)
 
     @translated
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -203,18 +213,17 @@ class CafsOperations(pyfuse3.Operations):
 
     @translated
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        self.vfs.getattr(inode)  # ENOENT for a vanished directory
-        return inode
+        return self.vfs.opendir(inode)
 
     @translated
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        for name, attr, next_id in self.vfs.readdir(fh, start_id):
+        for name, attr, next_id in self.vfs.readdir_handle(fh, start_id):
             if not pyfuse3.readdir_reply(token, name, entry(attr), next_id):
                 break
 
     @translated
     async def releasedir(self, fh: int) -> None:
-        return None
+        self.vfs.releasedir(fh)
 
     @translated
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

@@ -29,9 +29,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 
 from cafs.blobstore import BlobStore
+from cafs.errors import BadHandle, NotFound
 from cafs.manifest import Manifest
 from cafs.model import Attr, AttrChanges, BlobRef, Caller, Kind, Node
-from cafs.namespace import Namespace, refuse_fixed_change
+from cafs.namespace import Listing, Namespace, refuse_fixed_change
 from cafs.openfiles import (
     DEFAULT_MAX_OPEN_FILES,
     Handle,
@@ -80,6 +81,8 @@ class Vfs:
                                max_artifact_size, processes)
         self.xattrs = Xattrs(self.tree, self.visibility, manifest, blobs.space)
         self.symlinks = Symlinks(self.tree, manifest, blobs)
+        self._listings: dict[int, Listing] = {}  # open directories (opendir .. releasedir)
+        self._next_dir = 0
 
     # -- the namespace --------------------------------------------------------------------
 
@@ -89,11 +92,38 @@ class Vfs:
     def lookup(self, parent: int, raw_name: bytes, caller: Caller | None = None) -> Attr:
         return self.tree.lookup(parent, raw_name, caller)
 
+    def lookup_entry(self, parent: int, raw_name: bytes, caller: Caller | None = None
+                     ) -> Attr | None:
+        """lookup, except that None means: no such name, and the kernel may cache that
+        (a negative entry) until a create, mkdir or rename through it adds the name."""
+        try:
+            return self.tree.lookup(parent, raw_name, caller)
+        except NotFound:
+            if self.tree.absence_is_final(parent):
+                return None
+            raise
+
     def getattr(self, ino: int, caller: Caller | None = None) -> Attr:
         return self.tree.getattr(ino, caller)
 
     def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
         return self.tree.readdir(ino, start)
+
+    def opendir(self, ino: int) -> int:
+        """A directory handle: its listing keeps the page of entries last read."""
+        self.tree.getattr(ino)  # ENOENT for a vanished directory
+        self._next_dir += 1
+        self._listings[self._next_dir] = Listing(ino)
+        return self._next_dir
+
+    def readdir_handle(self, fh: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
+        listing = self._listings.get(fh)
+        if listing is None:
+            raise BadHandle(f"no open directory {fh}")
+        return self.tree.readdir(listing.ino, start, listing)
+
+    def releasedir(self, fh: int) -> None:
+        self._listings.pop(fh, None)
 
     def statfs(self) -> os.statvfs_result:
         return self.tree.statfs()
@@ -142,8 +172,8 @@ class Vfs:
     async def open(self, ino: int, flags: int, caller: Caller) -> int:
         return await self.files.open(ino, flags, caller)
 
-    def read(self, fh: int, offset: int, size: int) -> bytes:
-        return self.files.read(fh, offset, size)
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        return await self.files.read(fh, offset, size)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         return await self.files.write(fh, offset, data)
@@ -183,7 +213,8 @@ class Vfs:
     # -- what admin commands ask of a running mount (cafs.admin.Live) ---------------------
 
     def pinned_digests(self) -> set[str]:
-        return set(self.publisher.pinned)
+        # Open files whose blob is opened lazily hold no descriptor on it yet: pinned too.
+        return set(self.publisher.pinned) | self.files.unopened_digests()
 
     def writers_in(self, execution_ino: int) -> int:
         return self.files.writers_in(execution_ino)

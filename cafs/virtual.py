@@ -63,6 +63,9 @@ class MemoryReader(BlobReader):
     def read(self, offset: int, length: int) -> bytes:
         return self._data[offset:offset + length]
 
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        return self._data[offset:offset + length]
+
     def close(self) -> None:
         return None
 

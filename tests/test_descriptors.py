@@ -45,7 +45,10 @@ for index in range(count):
         os.pwrite(fd, b"Y", 0)
     except OSError as exc:
         refused[exc.errno] = refused.get(exc.errno, 0) + 1
-        os.close(fd)
+        try:
+            os.close(fd)  # the failed write is sticky: close may report it again
+        except OSError:
+            pass
         continue
     held.append((index, fd))
 print(json.dumps({"held": [index for index, _ in held], "refused": refused}), flush=True)

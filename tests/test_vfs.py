@@ -54,7 +54,7 @@ def write_file(vfs: Vfs, parent: int, name: bytes, data: bytes) -> int:
 def read_all(vfs: Vfs, ino: int) -> bytes:
     async def go() -> bytes:
         fh = await vfs.open(ino, os.O_RDONLY, ALICE)
-        data = vfs.read(fh, 0, 1 << 30)
+        data = await vfs.read(fh, 0, 1 << 30)
         vfs.release(fh)
         return data
     return trio.run(go)
@@ -126,7 +126,7 @@ def test_copy_on_write_and_reads_of_work_in_progress(vfs: Vfs) -> None:
     async def go() -> None:
         fh = await vfs.open(ino, os.O_RDWR, ALICE)
         await vfs.write(fh, 2, b"ab")
-        assert vfs.read(fh, 0, 100) == b"01ab456789"  # readers see the write in progress
+        assert await vfs.read(fh, 0, 100) == b"01ab456789"  # readers see the write in progress
         assert vfs.getattr(ino).size == 10
         assert vfs.getxattr(ino, b"user.cafs.sha256").decode() == hashlib.sha256(
             b"0123456789").hexdigest()  # not published yet
@@ -147,7 +147,7 @@ def test_unlink_while_open_then_release(vfs: Vfs) -> None:
         fh = await vfs.open(ino, os.O_RDONLY, ALICE)
         vfs.unlink(parent, b"f")
         assert vfs.getattr(ino).nlink == 0
-        assert vfs.read(fh, 0, 100) == b"content"
+        assert await vfs.read(fh, 0, 100) == b"content"
         vfs.release(fh)
 
     trio.run(go)

@@ -33,13 +33,19 @@ class Encoding(StrEnum):
 
 
 class BlobReader(Protocol):
-    """Random access to one blob's uncompressed bytes. Not shared between threads."""
+    """Random access to one blob's uncompressed bytes. Reads may run in several threads at
+    once (the daemon reads in worker threads); close() only once none runs."""
 
     size: int  # uncompressed bytes
 
     def read(self, offset: int, length: int) -> bytes:
         """Up to `length` bytes at `offset` (fewer only at the end); Corrupt if they fail
         their checksum."""
+        ...
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """As read, if the bytes are at hand (page cache, decompressed frames) so no wait for
+        the disk or decompression is needed; else None: read() them in a worker thread."""
         ...
 
     def close(self) -> None: ...

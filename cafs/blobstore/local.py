@@ -172,7 +172,10 @@ class LocalBlobStore:
 
     # -- reading --------------------------------------------------------------------------
 
-    def open(self, digest: Digest, encoding: str) -> BlobReader:
+    def open(self, digest: Digest, encoding: str, *, from_disk: bool = False) -> BlobReader:
+        """`from_disk`: every byte comes from the file and is checked now, none from the
+        frames other readers decompressed (and checked) before: what a check of the file
+        (fsck) must see."""
         try:
             known = Encoding(encoding)
         except ValueError:
@@ -189,6 +192,8 @@ class LocalBlobStore:
             if known is Encoding.RAW_CHECKED:
                 return CheckedRawReader(fd, digest)
             if known is Encoding.ZSTD:
+                if from_disk:
+                    return ZstdReader(fd, digest, new_frame_cache(0), read_ahead=False)
                 return ZstdReader(fd, digest, self.frame_cache)
             return RawReader(fd)
         except BaseException:
@@ -227,7 +232,7 @@ class LocalBlobStore:
 
     def compute_digest(self, digest: Digest, encoding: str) -> tuple[Digest, int]:
         """Re-hash a blob's uncompressed bytes (checks frame checksums on the way)."""
-        reader = self.open(digest, encoding)
+        reader = self.open(digest, encoding, from_disk=True)
         try:
             return digest_of_chunks(read_chunks(reader))
         finally:

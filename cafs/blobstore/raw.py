@@ -11,16 +11,30 @@ from __future__ import annotations
 
 import os
 
+from cafs.blobstore.fileio import Sequential, SharedFd, pread_nowait
+
 
 class RawReader:
     """A BlobReader over a raw blob: plain preads."""
 
     def __init__(self, fd: int) -> None:
-        self._fd = fd
+        self._fd = SharedFd(fd)
         self.size = os.fstat(fd).st_size
+        self._sequential = Sequential(self._fd)
 
     def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self._fd, length, offset)
+        self._sequential.seen(offset, length)
+        with self._fd as fd:
+            return os.pread(fd, length, offset)
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        try:
+            with self._fd as fd:
+                data = pread_nowait(fd, min(length, max(0, self.size - offset)), offset)
+        except BlockingIOError:
+            return None
+        self._sequential.seen(offset, length)
+        return data
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._fd.close()

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 
 import xxhash
 
-from cafs.blobstore.fileio import ZEROS
+from cafs.blobstore.fileio import ZEROS, Sequential, SharedFd, pread_nowait
 from cafs.digest import Digest
 from cafs.errors import Corrupt
 
@@ -76,7 +77,7 @@ class CheckedRawReader:
     """The reader, a BlobReader: reads fetch whole blocks and check each against its XXH64."""
 
     def __init__(self, fd: int, digest: Digest) -> None:
-        self._fd = fd
+        self._fd = SharedFd(fd)
         self._digest = digest
         file_size = os.fstat(fd).st_size
         if file_size < _FOOTER.size:
@@ -87,17 +88,33 @@ class CheckedRawReader:
                 or file_size != checked_raw_size(size):
             raise Corrupt(f"blob {digest}: checksum footer does not match the file")
         self.size = size
+        self._sequential = Sequential(self._fd)
 
     def read(self, offset: int, length: int) -> bytes:
+        self._sequential.seen(offset, length)
+        return self._read(offset, length, os.pread)  # type: ignore[arg-type]
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """The bytes if the page cache holds them (and their sums) now; None if reading them
+        would wait for the disk: then the caller reads in a worker thread."""
+        try:
+            data = self._read(offset, length, pread_nowait)
+        except BlockingIOError:
+            return None
+        self._sequential.seen(offset, length)
+        return data
+
+    def _read(self, offset: int, length: int, pread: Callable[[int, int, int], bytes]) -> bytes:
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
         first, last = offset // CHECK_BLOCK_SIZE, (end - 1) // CHECK_BLOCK_SIZE
         start = first * CHECK_BLOCK_SIZE
         stop = min((last + 1) * CHECK_BLOCK_SIZE, self.size)
-        data = os.pread(self._fd, stop - start, start)
-        sums = os.pread(self._fd, (last - first + 1) * _BLOCK_SUM.size,
-                        self.size + first * _BLOCK_SUM.size)
+        with self._fd as fd:
+            data = pread(fd, stop - start, start)
+            sums = pread(fd, (last - first + 1) * _BLOCK_SUM.size,
+                         self.size + first * _BLOCK_SUM.size)
         if len(data) != stop - start or len(sums) != (last - first + 1) * _BLOCK_SUM.size:
             raise Corrupt(f"blob {self._digest}: shorter than its footer says")
         view = memoryview(data)
@@ -110,4 +127,4 @@ class CheckedRawReader:
         return data[offset - start:end - start]
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._fd.close()

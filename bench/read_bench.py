@@ -1,0 +1,259 @@
+"""Read-side benchmark (scripts/bench --read): reads and metadata of a cafs mount against a
+plain directory on the same disk, interleaved in one run, best of N.
+
+Usage: scripts/bench --read [--files N] [--big-mib N] [--repeat N] [--workdir DIR] [--json FILE]
+
+The corpus is shaped like pipeline output: ~600 files of 10 KB-1 MB (CSV shards, JSON,
+random weights; ~300 MB), a layer of 10,000 small files, one large random artifact (1 GiB:
+stored raw+xxh64) and one large text artifact (stored zstd). Generated deterministically, copied
+into a plain directory and into the mount with cp. Figures (ratios to the plain directory; the
+targets of issue 14): warm re-read and cold read of the corpus (cat of everything), a
+find -printf walk (size, mtime), ls -l of the 10,000-entry layer, the large artifact read
+sequentially cold and warm, random 4 KiB reads in the zstd artifact, cold.
+
+"Cold" drops the page cache (echo 3 > drop_caches, which needs root) and, for cafs, remounts
+first so the daemon's own caches are empty too. The load average is printed with the table:
+on a shared machine, read the ratios, not the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cafs_bench import LABELS, MB, Mounted, drop_caches
+
+MIB = 1 << 20
+
+
+def csv_shard(rng: random.Random, size: int) -> bytes:
+    rows, total, i = [], 0, 0
+    while total < size:
+        row = f"{i},{rng.randrange(10**6)},{rng.random():.5f},{rng.choice(LABELS)}\n"
+        rows.append(row)
+        total += len(row)
+        i += 1
+    return "".join(rows).encode()[:size]
+
+
+def make_corpus(root: Path, files: int, seed: int = 14) -> int:
+    """~`files` files of 10 KB-1 MB in executions/layers; returns their bytes."""
+    rng = random.Random(seed)
+    text = csv_shard(rng, 2 * MIB)  # shards are slices of varied text: compressible, distinct
+    total = 0
+    for i in range(files):
+        layer = root / f"exec{i % 6:02d}" / ("prepare", "train", "evaluate")[i % 3]
+        if i % 60 == 0:
+            layer = layer / f"part{i // 60:02d}"
+        layer.mkdir(parents=True, exist_ok=True)
+        size = rng.randrange(10_000, 1_000_000)  # 10 KB .. 1 MB, ~300 MB for 600 files
+        kind = i % 5
+        if kind in (0, 1):
+            start = rng.randrange(len(text) - size) if size < len(text) else 0
+            data = f"# shard {i}\n".encode() + text[start:start + size]
+            name = f"shard{i:04d}.csv"
+        elif kind == 2:
+            data = json.dumps({"shard": i, "metrics": [rng.random() for _ in range(size // 24)]}
+                              ).encode()
+            name = f"metrics{i:04d}.json"
+        else:
+            data = rng.randbytes(size)
+            name = f"weights{i:04d}.bin"
+        (layer / name).write_bytes(data)
+        total += len(data)
+    return total
+
+
+def make_small_layer(layer: Path, count: int) -> None:
+    layer.mkdir(parents=True)
+    for i in range(count):
+        (layer / f"f{i:06d}").write_bytes(f"small {i}\n".encode())
+
+
+def write_random(path: Path, size: int, seed: int = 5) -> None:
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as out:
+        for _ in range(size // MIB):
+            out.write(rng.randbytes(MIB))
+
+
+def write_text(path: Path, size: int, seed: int = 6) -> None:
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chunk = csv_shard(rng, 4 * MIB)
+    with open(path, "wb") as out:
+        written = 0
+        while written < size:
+            piece = f"# block {written}\n".encode() + chunk
+            out.write(piece[: size - written])
+            written += len(piece)
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def cat_all(root: Path) -> None:
+    subprocess.run(f"find {root} -type f -print0 | xargs -0 cat > /dev/null", shell=True,
+                   check=True)
+
+
+def find_walk(root: Path) -> None:
+    sh("find", str(root), "-printf", "%s %T@ %p\n")
+
+
+def ls_l(layer: Path) -> None:
+    sh("ls", "-l", str(layer))
+
+
+def seq_read(path: Path) -> None:
+    sh("dd", f"if={path}", "of=/dev/null", "bs=1M")
+
+
+def random_reads(path: Path, count: int, seed: int = 1) -> None:
+    size = path.stat().st_size
+    rng = random.Random(seed)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(count):
+            os.pread(fd, 4096, rng.randrange(0, max(1, size - 4096)) & ~4095)
+    finally:
+        os.close(fd)
+
+
+class Bench:
+    def __init__(self, work: Path, repeat: int) -> None:
+        self.work = work
+        self.repeat = repeat
+        self.plain = work / "plain"
+        self.mount = Mounted(work / "store", work / "mnt")
+        self.rows: list[dict[str, object]] = []
+        self.loads: list[float] = []
+
+    def remount(self) -> None:
+        self.mount.__exit__()
+        self.mount.__enter__()
+
+    def measure(self, figure: str, work: Callable[[Path], object], *, cold: bool,
+                target: str, limit: float | None, unit: str = "s",
+                per: float | None = None) -> None:
+        """Best of `repeat` runs of work() on each side, interleaved (plain, cafs, plain, ...).
+        `limit`: the target as a ratio cafs/plain (time) or, with `per`, a rate floor."""
+        best = {"plain": float("inf"), "cafs": float("inf")}
+        roots = {"plain": self.plain, "cafs": self.mount.mountpoint}
+        for _ in range(self.repeat):
+            for side, root in roots.items():
+                if cold:
+                    if side == "cafs":
+                        self.remount()
+                    drop_caches()
+                start = time.perf_counter()
+                work(root)
+                best[side] = min(best[side], time.perf_counter() - start)
+            self.loads.append(os.getloadavg()[0])
+        ratio = best["cafs"] / best["plain"]
+        if per is not None:  # a rate: higher is better
+            plain, cafs = per / best["plain"], per / best["cafs"]
+            met = None if limit is None else cafs >= limit
+            shown = f"{plain:>12,.0f} {cafs:>12,.0f} {unit:<8}"
+        else:
+            plain, cafs = best["plain"], best["cafs"]
+            met = None if limit is None else ratio <= limit
+            shown = f"{plain:>12.3f} {cafs:>12.3f} {unit:<8}"
+        verdict = "" if met is None else ("met" if met else "MISSED")
+        print(f"  {figure:<44} {shown} {ratio:>6.2f}x  {target} {verdict}", flush=True)
+        self.rows.append({"figure": figure, "plain": plain, "cafs": cafs, "unit": unit,
+                          "time_ratio": ratio, "target": target, "met": met})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=600, help="files of the corpus")
+    parser.add_argument("--small", type=int, default=10_000, help="entries of the ls -l layer")
+    parser.add_argument("--big-mib", type=int, default=1024, help="the large artifact, MiB")
+    parser.add_argument("--zstd-mib", type=int, default=256, help="the zstd artifact, MiB")
+    parser.add_argument("--random-reads", type=int, default=5000)
+    parser.add_argument("--repeat", type=int, default=3, help="best of N")
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/cafs-bench"))
+    parser.add_argument("--json", type=Path, default=Path("bench-results/read.json"))
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("note: not root: the page cache cannot be dropped; 'cold' figures are warm")
+
+    work = args.workdir / f"read-{os.getpid()}"
+    source = work / "source"
+    total = make_corpus(source / "corpus", args.files)
+    make_small_layer(source / "small" / "layer", args.small)
+    write_random(source / "big" / "l" / "big.bin", args.big_mib * MIB)
+    write_text(source / "zstd" / "l" / "big.csv", args.zstd_mib * MIB)
+    print(f"corpus: {args.files} files, {total / MB:.0f} MB; a {args.small:,}-entry layer; "
+          f"{args.big_mib} MiB raw and {args.zstd_mib} MiB text artifacts, in {work}")
+    bench = Bench(work, args.repeat)
+    bench.plain.mkdir()
+    bench.mount.__enter__()
+    try:
+        for root in (bench.plain / "runs", bench.mount.mountpoint / "runs"):
+            root.mkdir(exist_ok=True)
+            sh("cp", "-r", *sorted(str(p) for p in source.iterdir()), str(root))
+        shutil.rmtree(source)
+        big = bench.mount.mountpoint / "runs/big/l/big.bin"
+        zst = bench.mount.mountpoint / "runs/zstd/l/big.csv"
+        print(f"encodings: big {os.getxattr(big, 'user.cafs.encoding').decode()}, "
+              f"text {os.getxattr(zst, 'user.cafs.encoding').decode()}; "
+              f"load average {os.getloadavg()[0]:.1f}")
+        print(f"  {'figure':<44} {'plain':>12} {'cafs':>12} {'unit':<8} {'ratio':>7}  target")
+        corpus = Path("runs/corpus")
+        cat_all(bench.plain / corpus)  # warm both
+        cat_all(bench.mount.mountpoint / corpus)
+        bench.measure("warm re-read of the corpus (cat)", lambda r: cat_all(r / corpus),
+                      cold=False, target="<= 1.5x", limit=1.5)
+        bench.measure("cold read of the corpus (cat)", lambda r: cat_all(r / corpus),
+                      cold=True, target="<= 1.7x", limit=1.7)
+        find_walk(bench.mount.mountpoint / "runs")
+        bench.measure("find -printf walk (size, mtime)", lambda r: find_walk(r / "runs"),
+                      cold=False, target="<= 2.5x", limit=2.5)
+        layer = Path("runs/small/layer")
+        bench.measure(f"ls -l of a {args.small:,}-entry layer, cold", lambda r: ls_l(r / layer),
+                      cold=True, target="<= 1.5x", limit=1.5)
+        bench.measure(f"ls -l of a {args.small:,}-entry layer, warm", lambda r: ls_l(r / layer),
+                      cold=False, target="<= 1.5x", limit=1.5)
+        big_rel = Path("runs/big/l/big.bin")
+        size_mb = args.big_mib * MIB / MB
+        bench.measure(f"{args.big_mib} MiB artifact, sequential, cold",
+                      lambda r: seq_read(r / big_rel), cold=True, target=">= 70% (<= 1.43x)",
+                      limit=1 / 0.7)
+        seq_read(bench.mount.mountpoint / big_rel)
+        bench.measure(f"{args.big_mib} MiB artifact, sequential, warm",
+                      lambda r: seq_read(r / big_rel), cold=False, target=">= 90% (<= 1.11x)",
+                      limit=1 / 0.9)
+        del size_mb
+        bench.measure(f"random 4 KiB reads, {args.zstd_mib} MiB zstd artifact, cold",
+                      lambda r: random_reads(r / "runs/zstd/l/big.csv", args.random_reads),
+                      cold=True, target=">= 5,000/s", limit=5000, unit="reads/s",
+                      per=args.random_reads)
+    finally:
+        bench.mount.__exit__()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    loads = bench.loads
+    print(f"load average (1 min) during the runs: {min(loads):.1f}-{max(loads):.1f}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"rows": bench.rows, "load": [min(loads), max(loads)]},
+                                    indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
