@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import inspect
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from cafs.digest import Digest
-from cafs.errors import CafsError
+from cafs.errors import CafsError, translating
 from cafs.model import BlobRef, Kind, StoredBlob, TreeEntry, Version
 
 # The scratch file's page cache: what the index itself may hold in memory.
@@ -337,25 +335,8 @@ def scratch_error(exc: sqlite3.Error) -> CafsError:
                      errno.ENOSPC if full else errno.EIO)
 
 
-def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
-    """The method with every sqlite3.Error it raises (or its generator raises while being
-    iterated: rows are read lazily) turned into a CafsError."""
-    if inspect.isgeneratorfunction(method):
-        @functools.wraps(method)
-        def generator(*args: Any, **kwargs: Any) -> Any:
-            try:
-                yield from method(*args, **kwargs)
-            except sqlite3.Error as exc:
-                raise scratch_error(exc) from exc
-        return generator
-
-    @functools.wraps(method)
-    def plain(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(*args, **kwargs)
-        except sqlite3.Error as exc:
-            raise scratch_error(exc) from exc
-    return plain
+# Every sqlite3.Error becomes a CafsError.
+_guarded = translating(sqlite3.Error, scratch_error)
 
 
 for _name, _method in list(vars(BundleIndex).items()):

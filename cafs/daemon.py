@@ -252,7 +252,8 @@ async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Stor
         if interval is not None:
             nursery.start_soon(_ping_watchdog, interval)
         if cfg.settings.sync_interval > 0:
-            nursery.start_soon(_sync_periodically, store, cfg.settings.sync_interval)
+            nursery.start_soon(_sync_periodically, store, cfg.settings.sync_interval,
+                               vfs.publisher.durable_point)
         if cfg.settings.backup_interval > 0:
             nursery.start_soon(_backup_periodically, store, cfg.settings.backup_interval)
         await pyfuse3.main()
@@ -284,7 +285,8 @@ async def _backup_periodically(store: Store, interval: float) -> None:
             backed_up_at = changes
 
 
-async def _sync_periodically(store: Store, interval: float) -> None:
+async def _sync_periodically(store: Store, interval: float,
+                             durable_point: Callable[[], int]) -> None:
     """The group sync (like ext4's commit interval): every `interval` seconds, if anything was
     committed, one syncfs of the store's filesystem in a worker thread, then one
     synchronous=FULL commit recording the durable point taken before it. Power loss then takes
@@ -295,7 +297,7 @@ async def _sync_periodically(store: Store, interval: float) -> None:
         await trio.sleep(interval)
         if store.manifest.changes == synced_at:
             continue
-        durable_ns = time.time_ns()
+        durable_ns = durable_point()  # never after a publish in flight began
         try:
             await trio.to_thread.run_sync(store.blobs.sync_all)
             store.manifest.sync(durable_ns)

@@ -8,6 +8,10 @@ StoreError into one line and an exit code.
 from __future__ import annotations
 
 import errno as _errno
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
 
 
 class CafsError(Exception):
@@ -131,3 +135,27 @@ class NeedsRepair(StoreError):
 class MountError(CafsError):
     """The mount itself failed (mountpoint missing, busy, FUSE unavailable). Here rather than
     in cafs.daemon so the command line can report it without loading the daemon."""
+
+
+def translating(catch: type[BaseException], translate: Callable[[Any], Exception]
+                ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator: every `catch` error the method raises (or its generator raises while being
+    iterated: database cursors read rows lazily) leaves it as translate(error), chained."""
+    def decorate(method: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isgeneratorfunction(method):
+            @functools.wraps(method)
+            def generator(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    yield from method(*args, **kwargs)
+                except catch as exc:
+                    raise translate(exc) from exc
+            return generator
+
+        @functools.wraps(method)
+        def plain(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except catch as exc:
+                raise translate(exc) from exc
+        return plain
+    return decorate

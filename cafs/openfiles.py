@@ -190,6 +190,10 @@ class Publisher:
         # Digests whose blob files a publish in flight is writing or about to reference: gc
         # must leave those files alone (see publish and cafs.admin.gc).
         self.pinned: Counter[str] = Counter()
+        # When each publish in flight began (its blob may be on disk before its row commits):
+        # a durable point must not lie after one, or a blob written before it would be taken
+        # for one whose row was committed before it (fsck's LOST? cut-off, power-loss checks).
+        self._began: Counter[int] = Counter()
 
     @contextmanager
     def fails(self, inode: OpenInode, handle: Handle | None) -> Iterator[None]:
@@ -247,12 +251,22 @@ class Publisher:
                 else:
                     digest = temp.digest()
             self.pinned[digest] += 1
+            began = time.time_ns()
+            self._began[began] += 1
             try:
                 await self._publish_pinned(inode, temp, digest, writer, handle)
             finally:
                 self.pinned[digest] -= 1
                 if not self.pinned[digest]:
                     del self.pinned[digest]
+                self._began[began] -= 1
+                if not self._began[began]:
+                    del self._began[began]
+
+    def durable_point(self) -> int:
+        """Now, or the start of the oldest publish still in flight if earlier: what a group
+        sync may record as the time before which everything committed is on disk."""
+        return min(self._began, default=time.time_ns())
 
     async def _publish_pinned(self, inode: OpenInode, temp: TempBlob, digest: Digest,
                               writer: Caller, handle: Handle | None) -> None:

@@ -54,7 +54,15 @@ def pread_nowait(fd: int, length: int, offset: int) -> bytes:
         return b""
     probe = bytearray(1)
     for at in (offset, offset + length - 1):
-        if os.preadv(fd, [probe], at, os.RWF_NOWAIT) == 0 and at == offset:
+        try:
+            got = os.preadv(fd, [probe], at, os.RWF_NOWAIT)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                # A filesystem without RWF_NOWAIT (tmpfs answers EOPNOTSUPP): cannot tell, so
+                # treat it as a read that may wait; the caller reads in a worker thread.
+                raise BlockingIOError(errno.EAGAIN, "RWF_NOWAIT not supported here") from exc
+            raise
+        if got == 0 and at == offset:
             return b""  # at or past the end of the file
     return os.pread(fd, length, offset)
 

@@ -20,7 +20,6 @@ next opener of the manifest would then believe it is alone and delete the WAL.
 from __future__ import annotations
 
 import errno
-import functools
 import inspect
 import os
 import sqlite3
@@ -32,7 +31,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from cafs import schema
-from cafs.errors import ManifestError, StoreError
+from cafs.errors import ManifestError, StoreError, translating
 
 
 def manifest_error(exc: sqlite3.Error) -> ManifestError:
@@ -41,25 +40,8 @@ def manifest_error(exc: sqlite3.Error) -> ManifestError:
     return ManifestError(f"manifest: {exc}", errno.ENOSPC if full else errno.EIO)
 
 
-def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
-    """The method with every sqlite3.Error it raises (or its generator raises while being
-    iterated: a cursor reads rows lazily) turned into a ManifestError."""
-    if inspect.isgeneratorfunction(method):
-        @functools.wraps(method)
-        def generator(*args: Any, **kwargs: Any) -> Any:
-            try:
-                yield from method(*args, **kwargs)
-            except sqlite3.Error as exc:
-                raise manifest_error(exc) from exc
-        return generator
-
-    @functools.wraps(method)
-    def plain(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(*args, **kwargs)
-        except sqlite3.Error as exc:
-            raise manifest_error(exc) from exc
-    return plain
+# Every sqlite3.Error becomes a ManifestError.
+_guarded = translating(sqlite3.Error, manifest_error)
 
 
 def _guard_public_methods(cls: type) -> None:
