@@ -318,7 +318,7 @@ def code_of(commit: str, into: Path) -> Path:
     archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "cafs"],
                              capture_output=True, timeout=60)
     if archive.returncode != 0:
-        if os.environ.get("CI"):
+        if os.environ.get("CI") or os.environ.get("CAFS_REQUIRE_FUSE"):
             raise AssertionError(f"commit {commit[:12]} is not in this checkout's history")
         pytest.skip(f"commit {commit[:12]} is not in this checkout's history (a shallow clone)")
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
