@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import Mount, sh
 
+from cafs.blobstore.temp import MEMORY_TOTAL_LIMIT
 from cafs.openfiles import IDLE_READERS
 
 SECONDS = int(os.environ.get("CAFS_LOAD_SECONDS", "8"))
@@ -132,7 +133,11 @@ def test_fio_stress_ng_and_concurrent_readers_and_writers(mount: Mount) -> None:
     print(f"daemon (RSS KiB, fds) after each round: {usage}; fds at start: {fds_at_start}")
     # Besides the start's: at most the idle readers the daemon keeps for reopened contents.
     assert all(fds <= fds_at_start + 2 + IDLE_READERS for _, fds in usage), usage
-    # Memory levels off: caches are bounded, so a later round costs no more than the first.
+    # Memory levels off: caches are bounded, so a later round costs no more than the first,
+    # give or take what small writes may hold in memory at once (MEMORY_TOTAL_LIMIT): one
+    # round can leave that budget's pages with the allocator where the first did not reach it
+    # (seen once: +57 MB under a load average of 10).
     first_rss = usage[0][0]
-    assert all(rss <= first_rss + 48 * 1024 for rss, _ in usage[1:]), usage
+    slack_kib = 48 * 1024 + MEMORY_TOTAL_LIMIT // 1024
+    assert all(rss <= first_rss + slack_kib for rss, _ in usage[1:]), usage
     assert list((mount.store / "tmp").iterdir()) == []
