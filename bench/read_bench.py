@@ -30,25 +30,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cafs_bench import LABELS, MB, Mounted, drop_caches
+from cafs_bench import MB, Mounted, csv_text, drop_caches
 
 MIB = 1 << 20
-
-
-def csv_shard(rng: random.Random, size: int) -> bytes:
-    rows, total, i = [], 0, 0
-    while total < size:
-        row = f"{i},{rng.randrange(10**6)},{rng.random():.5f},{rng.choice(LABELS)}\n"
-        rows.append(row)
-        total += len(row)
-        i += 1
-    return "".join(rows).encode()[:size]
 
 
 def make_corpus(root: Path, files: int, seed: int = 14) -> int:
     """~`files` files of 10 KB-1 MB in executions/layers; returns their bytes."""
     rng = random.Random(seed)
-    text = csv_shard(rng, 2 * MIB)  # shards are slices of varied text: compressible, distinct
+    text = csv_text(rng, 2 * MIB)  # shards are slices of varied text: compressible, distinct
     total = 0
     for i in range(files):
         layer = root / f"exec{i % 6:02d}" / ("prepare", "train", "evaluate")[i % 3]
@@ -90,7 +80,7 @@ def write_random(path: Path, size: int, seed: int = 5) -> None:
 def write_text(path: Path, size: int, seed: int = 6) -> None:
     rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    chunk = csv_shard(rng, 4 * MIB)
+    chunk = csv_text(rng, 4 * MIB)
     with open(path, "wb") as out:
         written = 0
         while written < size:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -53,6 +54,18 @@ def cafs(*args: str, check: bool = True, env: dict[str, str] | None = None,
         raise AssertionError(f"cafs {' '.join(args)} exited {result.returncode}:\n"
                              f"{result.stdout}{result.stderr}")
     return result
+
+
+def cafs_bytes(*args: str) -> bytes:
+    """Run cafs and return its standard output as bytes (cafs cat)."""
+    result = subprocess.run([*CAFS, *args], capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return result.stdout
+
+
+def log_of(path: Path | str, *store: str) -> list[dict]:
+    """`cafs log --json` of a path: its versions, oldest first."""
+    return json.loads(cafs("log", "--json", *store, str(path)).stdout)["versions"]
 
 
 def sh(command: str, *, cwd: Path | None = None, check: bool = True,

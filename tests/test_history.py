@@ -7,21 +7,21 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import threading
 from pathlib import Path
 
-from conftest import BEFORE_M006, CAFS, Mount, cafs, code_of, old_cafs, sh, sha, xattr
-
-
-def cafs_bytes(*args: str) -> bytes:
-    result = subprocess.run([*CAFS, *args], capture_output=True, timeout=120)
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    return result.stdout
-
-
-def log_of(path: Path | str, *store: str) -> list[dict]:
-    return json.loads(cafs("log", "--json", *store, str(path)).stdout)["versions"]
+from conftest import (
+    BEFORE_M006,
+    Mount,
+    cafs,
+    cafs_bytes,
+    code_of,
+    log_of,
+    old_cafs,
+    sh,
+    sha,
+    xattr,
+)
 
 
 def shas(path: Path | str, *store: str) -> list[str]:

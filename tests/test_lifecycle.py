@@ -13,17 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import CAFS, Mount, cafs, is_mounted, sh, sha, xattr
-
-
-def cafs_bytes(*args: str) -> bytes:
-    result = subprocess.run([*CAFS, *args], capture_output=True, timeout=120)
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    return result.stdout
-
-
-def log_of(path: Path | str, *store: str) -> list[dict]:
-    return json.loads(cafs("log", "--json", *store, str(path)).stdout)["versions"]
+from conftest import CAFS, Mount, cafs, cafs_bytes, is_mounted, log_of, sh, sha, xattr
 
 
 def find(store: Path, *args: str) -> list[str]:
