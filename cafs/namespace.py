@@ -55,7 +55,7 @@ from cafs.runtime import KernelNotifier
 from cafs.virtual import VirtualNodes, is_made_up
 
 if TYPE_CHECKING:
-    from cafs.openfiles import OpenTable
+    from cafs.openfiles import OpenInode, OpenTable
 
 # About what one new row (a name, a version, a tag without its bytes) adds to the manifest's
 # files: WAL frames of the pages it touches. Charged to the part of the reserve that growth of
@@ -68,11 +68,24 @@ RENAME_EXCHANGE = 2
 
 
 class NodeCache:
-    """Bounded LRU of nodes by inode and of directory entries by (parent, name)."""
+    """Bounded LRU of nodes by inode and of directory entries by (parent, name), and the
+    attributes last computed for a node object (nodes are immutable: a change makes a new one,
+    so a memo kept with the very object it was computed from is never stale)."""
 
     def __init__(self, max_entries: int) -> None:
         self._nodes: Lru[int, Node] = Lru(max_entries)
         self._entries: Lru[tuple[int, str], int] = Lru(max_entries)
+        self._attrs: dict[int, tuple[Node, Attr]] = {}
+        self._max_attrs = max_entries
+
+    def attr(self, node: Node) -> Attr | None:
+        memo = self._attrs.get(node.ino)
+        return memo[1] if memo is not None and memo[0] is node else None
+
+    def keep_attr(self, node: Node, attr: Attr) -> None:
+        if len(self._attrs) >= self._max_attrs:  # cheaper than an LRU per stat; refilled
+            self._attrs.clear()
+        self._attrs[node.ino] = (node, attr)
 
     def node(self, ino: int) -> Node | None:
         return self._nodes.get(ino)
@@ -329,11 +342,20 @@ class Namespace:
         return self.attr(self.node(ino), caller)
 
     def attr(self, node: Node, caller: Caller | None = None) -> Attr:
+        opened = self.opened.inode(node.ino)
+        if opened is None and node.kind is not Kind.RECORD:  # a function of the node alone
+            known = self.cache.attr(node)
+            if known is None:
+                known = self._attr(node, caller, None)
+                self.cache.keep_attr(node, known)
+            return known
+        return self._attr(node, caller, opened)
+
+    def _attr(self, node: Node, caller: Caller | None, opened: OpenInode | None) -> Attr:
         size, stored, mtime = node.size, node.blob.stored_size if node.blob else 0, node.mtime_ns
         ctime = node.ctime_ns
         if node.kind is Kind.RECORD:  # the size of the record the caller would read
             size = stored = len(self.record_bytes(node, caller))
-        opened = self.opened.inode(node.ino)
         if opened is not None:
             node = opened.node if opened.unlinked else node
             ctime = node.ctime_ns
