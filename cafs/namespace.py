@@ -308,7 +308,7 @@ class Namespace:
     def _abandoned(self, node: Node) -> bool:
         """A file row with no version that nobody has open: its first write failed and the
         manifest could not even drop the row (start-up will). Never visible."""
-        return (node.kind is Kind.FILE and node.version_id is None
+        return (node.version_id is None and node.kind is Kind.FILE
                 and self.opened.inode(node.ino) is None)
 
     def execution_of(self, node: Node) -> Node | None:
@@ -342,12 +342,13 @@ class Namespace:
         return self.attr(self.node(ino), caller)
 
     def attr(self, node: Node, caller: Caller | None = None) -> Attr:
+        known = self.cache.attr(node)  # never a record's
         opened = self.opened.inode(node.ino)
-        if opened is None and node.kind is not Kind.RECORD:  # a function of the node alone
-            known = self.cache.attr(node)
+        if opened is None:
             if known is None:
                 known = self._attr(node, caller, None)
-                self.cache.keep_attr(node, known)
+                if node.kind is not Kind.RECORD:  # else a function of the node alone
+                    self.cache.keep_attr(node, known)
             return known
         return self._attr(node, caller, opened)
 
@@ -412,9 +413,10 @@ class Namespace:
                         self.cache.put(node)
                     self.pages.keep(ino, after, page)
                 listing.keep(after, page)
+            cached = self.cache.node
             for node in page:
-                current = self._current(node)
-                if current is None or self._abandoned(current):
+                current = node if cached(node.ino) is node else self._current(node)
+                if current is None or (current.version_id is None and self._abandoned(current)):
                     continue
                 yield current.name.encode(), self.attr(current), current.ino
             if len(listing.page) < READDIR_PAGE:
