@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 # tags or versions stops while deletes and gc still commit.
 ROW_COST = 16 << 10
 READDIR_PAGE = 512
+# Attributes kept with their nodes (NodeCache.attr): a 10,000-entry `ls -l` fits; ~150 bytes each.
+ATTRS_KEPT = 32_768
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -76,7 +78,7 @@ class NodeCache:
         self._nodes: Lru[int, Node] = Lru(max_entries)
         self._entries: Lru[tuple[int, str], int] = Lru(max_entries)
         self._attrs: dict[int, tuple[Node, Attr]] = {}
-        self._max_attrs = max_entries
+        self._max_attrs = min(max_entries, ATTRS_KEPT)
 
     def attr(self, node: Node) -> Attr | None:
         memo = self._attrs.get(node.ino)

@@ -32,7 +32,7 @@ ATTR_TIMEOUT = 300.0
 BLOCK_SIZE = 1 << 20
 # Replies made for an Attr are kept with it (the namespace hands out the same Attr object while a
 # node is unchanged): `ls -l` and `find` of a big directory convert each entry once. Bounded.
-ENTRY_MEMO = 100_000
+ENTRY_MEMO = 32_768  # ~200 bytes each
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
