@@ -151,6 +151,10 @@ def spawn_daemon(cfg: MountConfig, debug: bool) -> int:
                *mount_option_args(cfg.settings)]
     if cfg.config is not None:
         command += ["--config-used", str(cfg.config)]
+    for flag, value in (("--blobs", cfg.settings.blobs), ("--cache-dir", cfg.settings.cache_dir),
+                        ("--cache-size", cfg.settings.cache_size)):
+        if value is not None:  # a blobs URL never holds a secret (S3Location refuses one)
+            command += [flag, str(value)]
     if debug:
         command.append("--debug")
     child_env = dict(os.environ, CAFS_CONFIG="")

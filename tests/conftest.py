@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from backends import BACKEND, backend_uses, s3_config_lines
+from backends import weed as weed  # the session's S3 server, for every test that asks
 
 CAFS = [sys.executable, "-m", "cafs"]
 # Tests never read the machine's /etc/cafs/cafs.toml: each passes what it needs.
@@ -218,6 +220,21 @@ class Mount:
         assert not problems, "the daemon logged errors:\n" + "\n".join(problems)
         report = self.fsck("--full")
         assert report.returncode == 0, f"fsck found damage:\n{report.stdout}{report.stderr}"
+
+
+@pytest.fixture(autouse=True)
+def test_backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """CAFS_TEST_BACKEND (see backends.py): a per-test cafs.toml naming fresh remote back
+    ends, in CAFS_CONFIG for every `cafs ...` the test runs. Nothing in `local` mode."""
+    if BACKEND == "local":
+        return
+    lines: list[str] = []
+    if backend_uses("s3"):
+        lines += s3_config_lines(request.getfixturevalue("weed"))
+    path = tmp_path_factory.mktemp("backend") / "cafs.toml"
+    path.write_text("".join(f"{line}\n" for line in lines))
+    monkeypatch.setenv("CAFS_CONFIG", str(path))
 
 
 @pytest.fixture
