@@ -174,5 +174,94 @@ def weed() -> Iterator[WeedServer]:
 
 
 def s3_config_lines(server: WeedServer, prefix: str | None = None) -> list[str]:
-    """cafs.toml lines putting a store's blobs under a fresh prefix of the session's bucket."""
-    return [f'blobs = "{server.url(prefix or server.new_prefix())}"']
+    """cafs.toml lines putting a store's blobs under a fresh prefix of the session's bucket
+    (remembered in current_s3 for StoredBlobs)."""
+    prefix = prefix or server.new_prefix()
+    current_s3.update(server=server, prefix=prefix)
+    return [f'blobs = "{server.url(prefix)}"']
+
+
+# -- the store under test's blobs, wherever they live ------------------------------------------
+
+# The S3 prefix the current test's configuration names (set by conftest's test_backend).
+current_s3: dict[str, object] = {}
+
+
+class StoredBlobs:
+    """What tests do to a store's blobs behind cafs's back (damage, removal, listing), on the
+    local blobs/ directory or, in CAFS_TEST_BACKEND=s3, on the objects in the bucket (and the
+    store's cache, which a new host would not have)."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.server: WeedServer | None = current_s3.get("server")  # type: ignore[assignment]
+        self.prefix = str(current_s3.get("prefix", ""))
+
+    @property
+    def remote(self) -> bool:
+        return self.server is not None
+
+    def _key(self, digest: str) -> str:
+        return f"{self.prefix}/blobs/{digest}"
+
+    def path(self, digest: str) -> Path:
+        """The local file (the blob, or on S3 its cached copy)."""
+        if self.remote:
+            return self.store / "cache" / digest
+        return self.store / "blobs" / digest[:2] / digest
+
+    def names(self) -> list[str]:
+        if self.server is not None:
+            found = self.server.client().list_objects_v2(Bucket=S3_BUCKET,
+                                                         Prefix=f"{self.prefix}/blobs/")
+            return sorted(item["Key"].rsplit("/", 1)[1] for item in found.get("Contents", []))
+        return sorted(path.name for path in (self.store / "blobs").glob("*/*"))
+
+    def exists(self, digest: str) -> bool:
+        return digest in self.names() if self.remote else self.path(digest).exists()
+
+    def read(self, digest: str) -> bytes:
+        if self.server is not None:
+            answer = self.server.client().get_object(Bucket=S3_BUCKET, Key=self._key(digest))
+            return bytes(answer["Body"].read())
+        return self.path(digest).read_bytes()
+
+    def write(self, digest: str, data: bytes) -> None:
+        """Replace the blob's stored bytes (damage), dropping any cached copy."""
+        if self.server is not None:
+            self.server.client().put_object(Bucket=S3_BUCKET, Key=self._key(digest), Body=data)
+            self.path(digest).unlink(missing_ok=True)
+            return
+        path = self.path(digest)
+        os.chmod(path, 0o644)
+        path.write_bytes(data)
+
+    def remove(self, digest: str) -> None:
+        if self.server is not None:
+            self.server.client().delete_object(Bucket=S3_BUCKET, Key=self._key(digest))
+            self.path(digest).unlink(missing_ok=True)
+            return
+        self.path(digest).unlink()
+
+    def quarantined(self) -> list[str]:
+        if self.server is not None:
+            found = self.server.client().list_objects_v2(Bucket=S3_BUCKET,
+                                                         Prefix=f"{self.prefix}/quarantine/")
+            return [item["Key"].rsplit("/", 1)[1] for item in found.get("Contents", [])]
+        directory = self.store / "quarantine"
+        return sorted(os.listdir(directory)) if directory.exists() else []
+
+
+def another_store_env(directory: Path) -> dict[str, str] | None:
+    """The environment for commands on a second store in the same test: with remote back
+    ends, a configuration of its own (a fresh S3 prefix: a prefix belongs to one store, and
+    cafs refuses a new manifest beside blobs it does not know). None in local mode."""
+    server: WeedServer | None = current_s3.get("server")  # type: ignore[assignment]
+    if server is None:
+        return None
+    saved = dict(current_s3)
+    path = directory / "cafs-other.toml"
+    path.write_text("".join(f"{line}\n" for line in s3_config_lines(server)))
+    current_s3.clear()
+    current_s3.update(saved)  # StoredBlobs keeps meaning the test's first store
+    return {**os.environ, "CAFS_CONFIG": str(path)}

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from backends import BACKEND, backend_uses, s3_config_lines
+from backends import BACKEND, backend_uses, current_s3, s3_config_lines
 from backends import weed as weed  # the session's S3 server, for every test that asks
 
 CAFS = [sys.executable, "-m", "cafs"]
@@ -227,6 +227,7 @@ def test_backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
                  monkeypatch: pytest.MonkeyPatch) -> None:
     """CAFS_TEST_BACKEND (see backends.py): a per-test cafs.toml naming fresh remote back
     ends, in CAFS_CONFIG for every `cafs ...` the test runs. Nothing in `local` mode."""
+    current_s3.clear()
     if BACKEND == "local":
         return
     lines: list[str] = []

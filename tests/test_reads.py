@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from backends import StoredBlobs
 from conftest import Mount, cafs, sh, started, xattr
 
 
@@ -24,7 +25,7 @@ def drop_caches() -> None:
 
 def blob_file(mount: Mount, path: Path) -> Path:
     digest = xattr(path, "user.cafs.sha256")
-    return mount.store / "blobs" / digest[:2] / digest
+    return StoredBlobs(mount.store).path(digest)
 
 
 def flip_in_place(blob: Path, at: int) -> None:
