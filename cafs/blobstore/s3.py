@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +45,7 @@ BLOBS = "blobs/"
 QUARANTINE = "quarantine/"
 ENCODING_KEY = "cafs-encoding"  # user metadata: the object's encoding
 DEFAULT_CACHE_SIZE = 10 << 30
+RETRY_AFTER = 1.0  # seconds a failed fetch is answered from memory (see fetch)
 
 __all__ = ["DEFAULT_CACHE_SIZE", "S3BlobStore", "S3Location", "Unavailable"]
 
@@ -75,6 +77,8 @@ class S3BlobStore:
         self.cache.load()
         self._fetching: dict[str, threading.Lock] = {}
         self._fetching_lock = threading.Lock()
+        # Digests whose last fetch failed for want of the service: when, and how.
+        self._failed: dict[str, tuple[float, Unavailable]] = {}
 
     # A PUT that returned is stored by the service: nothing to make durable later.
     @property
@@ -178,10 +182,24 @@ class S3BlobStore:
                 self.cache.drop(digest)
             elif self.cache.holds(digest):
                 return  # another thread fetched it meanwhile
+            failed = self._failed.get(digest)
+            if failed is not None and time.monotonic() - failed[0] < RETRY_AFTER:
+                # The kernel sends several READs of one file at once (read-ahead): the ones
+                # that waited for a fetch that just failed fail now, not each after its own
+                # timeouts.
+                raise failed[1]
             temp = self.cache.temp_path()
             try:
                 self._download_checked(digest, encoding, temp)
                 self.cache.admit(digest, temp)
+                self._failed.pop(digest, None)
+            except Unavailable as exc:
+                now = time.monotonic()
+                if len(self._failed) > 1024:  # bounded: forget the ones that expired
+                    self._failed = {key: value for key, value in self._failed.items()
+                                    if now - value[0] < RETRY_AFTER}
+                self._failed[digest] = (now, exc)
+                raise
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
@@ -258,8 +276,6 @@ class S3BlobStore:
 
     def quarantine(self, digest: Digest) -> str | None:
         """Copy the object to quarantine/ and delete it from blobs/; the cache drops it."""
-        import time
-
         self.cache.drop(digest)
         name = f"{digest}.{time.time_ns()}"
         try:
