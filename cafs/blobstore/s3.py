@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cafs import crashpoints
 from cafs.blobstore.api import BlobReader, Blobs, Encoding, read_chunks
 from cafs.blobstore.cache import BlobCache
 from cafs.blobstore.local import LocalBlobStore, reader_of_fd
@@ -109,6 +110,7 @@ class S3BlobStore:
         try:
             chosen.materialize()
             stored_size = os.fstat(chosen.fd).st_size
+            crashpoints.reached("after-temp-fsync")  # the encoded temp, not yet uploaded
             try:
                 self.objects.put_new(BLOBS + digest, chosen.fd, stored_size,
                                      {ENCODING_KEY: str(encoding)})
@@ -118,6 +120,7 @@ class S3BlobStore:
                 if theirs != encoding or head["ContentLength"] != stored_size \
                         or head.get("ETag", "").strip('"') != _md5_of(chosen.fd):
                     return StoredBlob(digest, temp.size, int(head["ContentLength"]), theirs)
+            crashpoints.reached("after-blob-rename")  # in the bucket; the manifest knows nothing
             self.cache.admit_copy(digest, chosen.path, chosen.fd)
         finally:
             if compressed is not None:
