@@ -179,14 +179,24 @@ def delete_unreferenced_now(store: Store, live: Live, digests: list[str]) -> set
 
 
 def _delete_batch(store: Store, live: Live, batch: list[str]) -> set[str]:
-    removed: set[str] = set()
+    return _delete_each(store.blobs, _unneeded(store, live, batch))
+
+
+def _unneeded(store: Store, live: Live, batch: list[str]) -> list[Digest]:
+    """The digests of `batch` no manifest row names and no write in flight pins."""
     needed = store.manifest.known_digests(batch) | live.pinned_digests()
-    for digest in batch:
-        if digest in needed:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            store.blobs.delete(Digest(digest))
-            removed.add(digest)
+    return [Digest(digest) for digest in batch if digest not in needed]
+
+
+def _delete_each(blobs: Blobs, doomed: list[Digest]) -> set[str]:
+    removed: set[str] = set()
+    try:
+        for digest in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                blobs.delete(digest)
+                removed.add(digest)
+    finally:  # a failure (the service is out) leaves the rest: publishes must not wait
+        blobs.deleted(doomed)
     return removed
 
 
@@ -356,7 +366,16 @@ class Maintenance(AdminContext):
         about to (a publish may have brought the content back since it was chosen)."""
         removed: set[str] = set()
         for start in range(0, len(digests), DELETE_BATCH):
-            removed |= _delete_batch(self.store, self.live, digests[start:start + DELETE_BATCH])
+            batch = digests[start:start + DELETE_BATCH]
+            if self.blobs.remote:
+                # Chosen on the loop; from then on a publish of one of them waits until its
+                # object is gone and uploads it anew (see S3BlobStore.deleting), so the
+                # deletes themselves may wait for the network in a worker thread.
+                doomed = _unneeded(self.store, self.live, batch)
+                self.blobs.deleting(doomed)
+                removed |= await self.runtime.run_in_thread(_delete_each, self.blobs, doomed)
+            else:
+                removed |= _delete_batch(self.store, self.live, batch)
             self.progress("removing blobs", min(start + DELETE_BATCH, len(digests)),
                           len(digests))
             await self.runtime.checkpoint()

@@ -250,6 +250,27 @@ def test_concurrent_readers_of_one_blob_fetch_it_once(tmp_path: Path, weed: Weed
     assert got == [data] * 4
 
 
+def test_a_publish_racing_a_delete_waits_for_it_and_stores_the_content_anew(
+        tmp_path: Path, weed: WeedServer) -> None:
+    """gc chooses on the event loop and deletes in a worker thread: a publish of the same
+    content in between must not take the doomed object for stored (its PUT would get 412)."""
+    store = s3_store(tmp_path, weed)
+    data = text(50_000, seed=29)
+    digest, encoding, _ = put(store, data)
+    store.deleting([digest])
+    assert not store.has(digest)
+    published: list[tuple[Digest, str, int]] = []
+    racer = threading.Thread(target=lambda: published.append(put(store, data)))
+    racer.start()
+    time.sleep(0.3)
+    assert racer.is_alive()  # waiting for the delete
+    store.delete(digest)
+    racer.join(10)
+    assert published and store.has(digest)
+    store.cache.drop(digest)
+    assert read_all(store, digest, encoding, len(data)) == data  # from the bucket
+
+
 # -- failures ---------------------------------------------------------------------------------
 
 

@@ -114,6 +114,15 @@ class Blobs(Protocol):
         """Remove the blob; FileNotFoundError if there is none."""
         ...
 
+    def deleting(self, digests: list[Digest]) -> None:
+        """These blobs are about to be deleted (each by delete(), maybe in another thread):
+        until then, has() says False and a publish of one waits, then stores it anew."""
+        ...
+
+    def deleted(self, digests: list[Digest]) -> None:
+        """The deletes announced by deleting() are over (done, or given up)."""
+        ...
+
     def stored_size(self, digest: Digest) -> int:
         """Bytes the blob takes as stored (encoded); FileNotFoundError if missing."""
         ...

@@ -284,6 +284,12 @@ class LocalBlobStore:
     def delete(self, digest: Digest) -> None:
         os.unlink(self.path_of(digest))
 
+    def deleting(self, digests: list[Digest]) -> None:
+        """Nothing to do: deletes run on the event loop, between publishes."""
+
+    def deleted(self, digests: list[Digest]) -> None:
+        """Nothing to do (see deleting)."""
+
 
 if TYPE_CHECKING:  # mypy holds the implementation to the protocol, member by member
     _IMPLEMENTS: type[Blobs] = LocalBlobStore

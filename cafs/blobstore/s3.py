@@ -78,6 +78,10 @@ class S3BlobStore:
         self.cache.load()
         self._fetching: dict[str, threading.Lock] = {}
         self._fetching_lock = threading.Lock()
+        # Digests gc chose to delete whose objects are not gone yet (see deleting).
+        self._deleting: set[str] = set()
+        self._deletes = threading.Condition()
+        self._head_failed_at = -1e9  # when has()'s quick HEAD last failed (monotonic)
         # Digests whose last fetch failed for want of the service: when, and how.
         self._failed: dict[str, tuple[float, Unavailable]] = {}
 
@@ -106,6 +110,7 @@ class S3BlobStore:
         """Encode the temp as the local store would and upload it unless the bucket has it;
         then it enters the cache (a read after close needs no download). Unavailable (EIO)
         if the service fails: nothing is visible, the caller's manifest is not touched."""
+        self._wait_for_delete(digest)
         chosen, encoding, compressed = self._local.encode(temp)
         try:
             chosen.materialize()
@@ -156,11 +161,19 @@ class S3BlobStore:
         """From the cache if it holds the blob, else one quick HEAD; False if the service
         does not answer at once (the publish that follows uploads, in a worker thread, and a
         412 there says the bucket has it)."""
+        with self._deletes:
+            if digest in self._deleting:
+                return False
         if self.cache.holds(digest):
             return True
+        if time.monotonic() - self._head_failed_at < RETRY_AFTER * 5:
+            return False  # the service just failed to answer: the loop does not wait again
         try:
             self.objects.head(BLOBS + digest, quick=True)
-        except (FileNotFoundError, Unavailable):
+        except FileNotFoundError:
+            return False
+        except Unavailable:
+            self._head_failed_at = time.monotonic()
             return False
         return True
 
@@ -273,9 +286,30 @@ class S3BlobStore:
             reader.close()
 
     def delete(self, digest: Digest) -> None:
-        self.objects.head(BLOBS + digest)  # FileNotFoundError if there is none
-        self.cache.drop(digest)
-        self.objects.delete(BLOBS + digest)
+        try:
+            self.objects.head(BLOBS + digest)  # FileNotFoundError if there is none
+            self.cache.drop(digest)
+            self.objects.delete(BLOBS + digest)
+        finally:
+            with self._deletes:
+                self._deleting.discard(digest)
+                self._deletes.notify_all()
+
+    def deleting(self, digests: list[Digest]) -> None:
+        with self._deletes:
+            self._deleting.update(digests)
+
+    def deleted(self, digests: list[Digest]) -> None:
+        with self._deletes:
+            self._deleting.difference_update(digests)
+            self._deletes.notify_all()
+
+    def _wait_for_delete(self, digest: Digest) -> None:
+        """A publish of content gc is deleting waits for the delete: a PUT before it would
+        get 412 for an object about to vanish."""
+        with self._deletes:
+            while digest in self._deleting:
+                self._deletes.wait()
 
     def quarantine(self, digest: Digest) -> str | None:
         """Copy the object to quarantine/ and delete it from blobs/; the cache drops it."""
