@@ -138,6 +138,13 @@ def settings_from(config: Path | None) -> Settings:
         given = {name: ctx.meta[f"cafs.{name}"] for name in BLOB_FLAGS
                  if f"cafs.{name}" in ctx.meta}
         settings = replace(settings, **given)
+    if settings.blobs:  # refused here, before the URL goes anywhere (a child's argv, a log)
+        from cafs.blobstore.s3_objects import S3Location
+
+        try:
+            S3Location.parse(settings.blobs)
+        except CafsError as exc:
+            raise click.UsageError(str(exc)) from None
     return settings
 
 

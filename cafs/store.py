@@ -33,6 +33,8 @@ BLOBS_DIR = "blobs"
 TMP_DIR = "tmp"
 # Blob files whose bytes fsck --repair found wrong, kept for forensics (cafs.maintenance).
 QUARANTINE_DIR = "quarantine"
+WHERE_NAME = "blobs-location"
+LOCAL_WHERE = "blobs/"
 # The daemon's control socket (cafs.control).
 SOCKET_NAME = "control.sock"
 # Present while a daemon serves the store; found at start-up, it means the last one never
@@ -63,6 +65,8 @@ LAYOUT = {
     TMP_DIR: stat.S_IFDIR,
     QUARANTINE_DIR: stat.S_IFDIR,  # cafs.maintenance: damaged blobs kept for forensics
     BACKUP_DIR: stat.S_IFDIR,  # manifest backups
+    "cache": stat.S_IFDIR,  # cafs.blobstore.cache: the default cache of blobs stored on S3
+    WHERE_NAME: stat.S_IFREG,  # where the blobs live, if not blobs/ (see check_blobs_where)
 }
 _TYPE_NAMES = {stat.S_IFREG: "regular file", stat.S_IFDIR: "directory",
                stat.S_IFSOCK: "socket"}
@@ -279,6 +283,37 @@ def check_manifest_files(root: Path, blobs: Blobs, *, wal: bool,
                 f"or accept the loss by removing {root / DIRTY_NAME} (see README: Recovery)")
 
 
+def check_blobs_where(root: Path, blobs: Blobs, *, create: bool) -> None:
+    """Refuse to open a store with its blobs looked for elsewhere than where they are (every
+    blob would look missing: fsck --repair would mark all of them damaged). A new store
+    records the place (`blobs-location`, only when it is not blobs/)."""
+    try:
+        fd = open_store_file(root / WHERE_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        recorded = None
+    else:
+        try:
+            recorded = os.read(fd, 4096).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+    exists = (root / MANIFEST_NAME).exists()
+    if recorded is None and not exists:
+        if create and blobs.where != LOCAL_WHERE:
+            fd = open_store_file(root / WHERE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                os.write(fd, f"{blobs.where}\n".encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return
+    recorded = recorded or LOCAL_WHERE
+    if recorded != blobs.where:
+        hint = ("set blobs in cafs.toml or pass --blobs" if recorded != LOCAL_WHERE
+                else "leave blobs unset")
+        raise StoreError(f"store {root} keeps its blobs at {recorded}, not {blobs.where}: "
+                         f"{hint}")
+
+
 def _wal_size(manifest: Path) -> int:
     try:
         return os.lstat(wal_path(manifest)).st_size
@@ -340,6 +375,7 @@ class Store:
         lock_fd = acquire_lock(root, owner) if lock else None
         try:
             blob_store = open_blob_store(root, blobs, level=compression_level)
+            check_blobs_where(root, blob_store, create=create)
             # Only while no daemon writes the WAL (we hold the lock, or nobody does): a WAL being
             # appended to can show a frame half written.
             check_manifest_files(root, blob_store, wal=lock or store_holder(root) is None,

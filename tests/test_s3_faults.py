@@ -177,3 +177,52 @@ def test_fsck_gc_and_stats_work_on_the_bucket(s3_mount: Mount, weed: WeedServer)
     result = cafs("gc", "--store", str(s3_mount.store))
     assert "1 blobs" in result.stdout
     assert cafs("fsck", "--store", str(s3_mount.store), "--full").returncode == 0
+
+
+@pytest.mark.parametrize("where", ["flag", "file"])
+def test_a_blobs_url_carrying_a_secret_is_refused_before_anything_runs(
+        tmp_path: Path, where: str) -> None:
+    url = "s3://AKIDEXAMPLE:wJalrXUtnFEMI@bucket/p?endpoint=http://127.0.0.1:9"
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    args = ["mount", "--store", str(tmp_path / "store"), str(mountpoint)]
+    env = None
+    if where == "flag":
+        args += ["--blobs", url]
+    else:
+        config = tmp_path / "cafs.toml"
+        config.write_text(f'blobs = "{url}"\n')
+        env = {**os.environ, "CAFS_CONFIG": str(config)}
+    result = cafs(*args, check=False, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "must not carry credentials" in result.stderr
+    assert "wJalrXUtnFEMI" not in result.stdout + result.stderr
+    assert not (tmp_path / "store").exists()
+
+
+def test_admin_commands_take_the_blobs_flags(tmp_path: Path, weed: WeedServer) -> None:
+    """--blobs on mount, then on an unmounted fsck and gc: the same bucket prefix."""
+    require_fuse()
+    url = weed.url(weed.new_prefix())
+    store, mountpoint = tmp_path / "store", tmp_path / "mnt"
+    mountpoint.mkdir()
+    cache = tmp_path / "elsewhere"
+    cafs("mount", "--store", str(store), "--blobs", url, "--cache-dir", str(cache),
+         "--cache-size", "1000000", str(mountpoint))
+    try:
+        (mountpoint / "runs" / "e1" / "l").mkdir(parents=True)
+        (mountpoint / "runs" / "e1" / "l" / "a").write_bytes(os.urandom(300_000))
+    finally:
+        cafs("umount", str(mountpoint))
+    assert len(list(cache.iterdir())) == 1 and not (store / "cache").exists()
+    assert not list((store / "blobs").glob("*/*")) if (store / "blobs").exists() else True
+    full = cafs("fsck", "--store", str(store), "--full", "--blobs", url, check=False)
+    assert full.returncode == 0 and "1 re-hashed" in full.stdout, full.stdout + full.stderr
+    # Without the flag it would look in its own blobs/ and find every blob missing (and
+    # fsck --repair would mark them all damaged): refused, saying where they are.
+    for command in (["fsck"], ["fsck", "--repair"], ["gc"]):
+        refused = cafs(*command, "--store", str(store), check=False)
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        assert f"keeps its blobs at {url.split('?')[0]}/" in refused.stderr
+    mounted = cafs("mount", "--store", str(store), str(mountpoint), check=False)
+    assert mounted.returncode == 3 and "keeps its blobs at" in mounted.stderr

@@ -79,6 +79,9 @@ class Blobs(Protocol):
     # True: blob calls (publish, has, delete, listing, reading what is not cached) go over the
     # network and may block for seconds: the daemon runs them in worker threads.
     remote: bool
+    # Where the blobs live, as the store records it (`blobs/`, `s3://bucket/prefix/`): a store
+    # is never opened with its blobs looked for somewhere else.
+    where: str
 
     def create_layout(self) -> None:
         """Make what a new store needs (directories, the cache)."""

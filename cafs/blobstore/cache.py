@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
 from cafs.digest import Digest, is_digest
+from cafs.errors import StoreError
 
 FETCH_PREFIX = "fetch-"
 
@@ -42,8 +44,14 @@ class BlobCache:
 
     def load(self) -> None:
         """Make the directory (0700) and learn what it holds: temps of fetches a stopped daemon
-        left are removed; files are ordered by their last use (mtime, see `touch`)."""
+        left are removed; files are ordered by when they came in (mtime)."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(self.directory)
+        # Files the daemon trusts as checked land here: nobody else may plant or swap them.
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() \
+                or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise StoreError(f"cache directory {self.directory} must be a directory (not a "
+                             "symlink) of this user that no one else may write")
         found: list[tuple[int, str, int]] = []
         with os.scandir(self.directory) as entries:
             for entry in entries:

@@ -74,6 +74,7 @@ class LocalBlobStore:
     """Immutable blobs by digest in a local directory, plus the temp files that become them."""
 
     remote = False  # blob calls are local file I/O: small ones may run on the event loop
+    where = "blobs/"
 
     def __init__(
         self,

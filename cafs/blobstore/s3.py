@@ -73,6 +73,7 @@ class S3BlobStore:
         self.memory = self._local.memory
         self.frame_cache: FrameCache = new_frame_cache(frame_cache_bytes)
         self.location = location
+        self.where = f"s3://{location.bucket}/{location.prefix}"
         self.objects = objects or S3Objects(location)
         self.cache = BlobCache(cache_dir or root / "cache", cache_size)
         self.cache.load()
