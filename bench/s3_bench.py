@@ -102,8 +102,10 @@ def put_costs(server: WeedServer, count: int) -> tuple[float, float]:
 
     objects = S3Objects(S3Location.parse(server.url("bench-put")))
     boto_times, lean_times = [], []
+    host = f"127.0.0.1:{server.port}"
+    conn = http.client.HTTPConnection(host, timeout=5)
     with tempfile.TemporaryFile() as file:
-        for i in range(count):
+        for i in range(count):  # interleaved: the same load for both
             data = os.urandom(4096)
             file.seek(0)
             file.truncate()
@@ -112,14 +114,10 @@ def put_costs(server: WeedServer, count: int) -> tuple[float, float]:
             start = time.perf_counter()
             objects.put_new(f"boto/{i}", file.fileno(), len(data), {"cafs-encoding": "raw"})
             boto_times.append(time.perf_counter() - start)
-    host = f"127.0.0.1:{server.port}"
-    conn = http.client.HTTPConnection(host, timeout=5)
-    for i in range(count):
-        data = os.urandom(4096)
-        start = time.perf_counter()
-        status = lean_put(conn, host, f"bench-put/lean/{i}", data)
-        lean_times.append(time.perf_counter() - start)
-        assert status == 200, status
+            start = time.perf_counter()
+            status = lean_put(conn, host, f"bench-put/lean/{i}", data)
+            lean_times.append(time.perf_counter() - start)
+            assert status == 200, status
     return statistics.median(boto_times) * 1000, statistics.median(lean_times) * 1000
 
 

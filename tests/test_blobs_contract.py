@@ -250,6 +250,21 @@ def test_concurrent_readers_of_one_blob_fetch_it_once(tmp_path: Path, weed: Weed
     assert got == [data] * 4
 
 
+def test_a_cut_short_object_under_the_key_is_replaced_not_trusted(
+        tmp_path: Path, weed: WeedServer) -> None:
+    """A server may keep a PUT whose connection broke, cut short; the retry then gets 412.
+    Publishing must not take that object for the content."""
+    store = s3_store(tmp_path, weed)
+    data = text(300_000, seed=31)
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    weed.client().put_object(Bucket=S3_BUCKET, Key=store.location.key("blobs/" + digest),
+                             Body=b"cut short", Metadata={"cafs-encoding": "zstd"})
+    _, encoding, stored_size = put(store, data)
+    assert store.stored_size(digest) == stored_size
+    store.cache.drop(digest)
+    assert read_all(store, digest, encoding, len(data)) == data
+
+
 def test_a_publish_racing_a_delete_waits_for_it_and_stores_the_content_anew(
         tmp_path: Path, weed: WeedServer) -> None:
     """gc chooses on the event loop and deletes in a worker thread: a publish of the same

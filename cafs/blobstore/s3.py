@@ -46,7 +46,7 @@ BLOBS = "blobs/"
 QUARANTINE = "quarantine/"
 ENCODING_KEY = "cafs-encoding"  # user metadata: the object's encoding
 DEFAULT_CACHE_SIZE = 10 << 30
-RETRY_AFTER = 1.0  # seconds a failed fetch is answered from memory (see fetch)
+HEAD_PAUSE = 5.0  # seconds has() answers False without asking after a HEAD failed
 
 __all__ = ["DEFAULT_CACHE_SIZE", "S3BlobStore", "S3Location", "Unavailable"]
 
@@ -120,18 +120,36 @@ class S3BlobStore:
             try:
                 self.objects.put_new(BLOBS + digest, chosen.fd, stored_size,
                                      {ENCODING_KEY: str(encoding)})
-            except Exists:  # stored already (another writer, an orphan): theirs counts
+            except Exists:  # stored already (another writer, an orphan, our own retry)
                 head = self.objects.head(BLOBS + digest)
                 theirs = Encoding(head.get("Metadata", {}).get(ENCODING_KEY, encoding))
                 if theirs != encoding or head["ContentLength"] != stored_size \
                         or head.get("ETag", "").strip('"') != _md5_of(chosen.fd):
-                    return StoredBlob(digest, temp.size, int(head["ContentLength"]), theirs)
+                    if self._sound(digest, theirs):  # the same content, encoded otherwise
+                        return StoredBlob(digest, temp.size, int(head["ContentLength"]), theirs)
+                    # Damaged or cut short (a server may keep a PUT whose connection broke):
+                    # ours replaces it.
+                    self.objects.put_new(BLOBS + digest, chosen.fd, stored_size,
+                                         {ENCODING_KEY: str(encoding)}, replace=True)
             crashpoints.reached("after-blob-rename")  # in the bucket; the manifest knows nothing
             self.cache.admit_copy(digest, chosen.path, chosen.fd)
         finally:
             if compressed is not None:
                 compressed.discard()
         return StoredBlob(digest, temp.size, stored_size, encoding)
+
+    def _sound(self, digest: Digest, encoding: Encoding) -> bool:
+        """Whether the object in the bucket holds the digest's content, whole."""
+        try:
+            reader = self._fresh_reader(digest, encoding)
+        except Corrupt:
+            return False
+        try:
+            return digest_of_chunks(read_chunks(reader))[0] == digest
+        except Corrupt:
+            return False
+        finally:
+            reader.close()
 
     def sync_blob(self, digest: Digest) -> None:
         """Nothing to do: a PUT returns once the service stored the object."""
@@ -167,7 +185,7 @@ class S3BlobStore:
                 return False
         if self.cache.holds(digest):
             return True
-        if time.monotonic() - self._head_failed_at < RETRY_AFTER * 5:
+        if time.monotonic() - self._head_failed_at < HEAD_PAUSE:
             return False  # the service just failed to answer: the loop does not wait again
         try:
             self.objects.head(BLOBS + digest, quick=True)
@@ -194,16 +212,17 @@ class S3BlobStore:
         the digest (and the encoding's checks), then rename it into place. `again`: the cached
         file proved damaged: drop it and fetch anew. Corrupt if the object is missing or its
         bytes are wrong; Unavailable if the service fails."""
+        asked = time.monotonic()
         with self._lock_of(digest):
             if again:
                 self.cache.drop(digest)
             elif self.cache.holds(digest):
                 return  # another thread fetched it meanwhile
             failed = self._failed.get(digest)
-            if failed is not None and time.monotonic() - failed[0] < RETRY_AFTER:
+            if failed is not None and failed[0] >= asked:
                 # The kernel sends several READs of one file at once (read-ahead): the ones
-                # that waited for a fetch that just failed fail now, not each after its own
-                # timeouts.
+                # that waited for a fetch that failed meanwhile fail with it, not each after
+                # its own timeouts. A read asked later tries again.
                 raise failed[1]
             temp = self.cache.temp_path()
             try:
@@ -212,9 +231,9 @@ class S3BlobStore:
                 self._failed.pop(digest, None)
             except Unavailable as exc:
                 now = time.monotonic()
-                if len(self._failed) > 1024:  # bounded: forget the ones that expired
+                if len(self._failed) > 1024:  # bounded: older failures matter to no one
                     self._failed = {key: value for key, value in self._failed.items()
-                                    if now - value[0] < RETRY_AFTER}
+                                    if now - value[0] < 60}
                 self._failed[digest] = (now, exc)
                 raise
             finally:

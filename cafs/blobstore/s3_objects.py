@@ -180,12 +180,16 @@ class S3Objects:
 
     # -- calls ----------------------------------------------------------------------------
 
-    def put_new(self, name: str, fd: int, size: int, metadata: dict[str, str]) -> None:
-        """Upload the file at `fd` (from offset 0) unless the key exists (Exists)."""
-        with os.fdopen(os.dup(fd), "rb") as body:
+    def put_new(self, name: str, fd: int, size: int, metadata: dict[str, str], *,
+                replace: bool = False) -> None:
+        """Upload the file at `fd` (its first `size` bytes) unless the key exists (Exists);
+        `replace`: whatever is there."""
+        # Its own open file description: reading it never moves the offset of `fd`.
+        with open(f"/proc/self/fd/{fd}", "rb") as body:
+            conditions = {} if replace else {"IfNoneMatch": "*"}
             self._call(f"PUT {name}", self._client.put_object, Bucket=self.location.bucket,
-                       Key=self.location.key(name), Body=body,
-                       ContentLength=size, IfNoneMatch="*", Metadata=metadata)
+                       Key=self.location.key(name), Body=body, ContentLength=size,
+                       Metadata=metadata, **conditions)
 
     def head(self, name: str, *, quick: bool = False) -> dict[str, Any]:
         """The object's size (ContentLength), ETag, Metadata; FileNotFoundError if none."""
