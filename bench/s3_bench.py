@@ -99,6 +99,7 @@ def put_costs(server: WeedServer, count: int) -> tuple[float, float]:
     """Median ms of one 4 KiB PUT (If-None-Match: *) through boto3 (as cafs configures it)
     and through the lean client."""
     from cafs.blobstore.s3 import S3Location, S3Objects
+    from cafs.blobstore.s3_objects import Exists
 
     objects = S3Objects(S3Location.parse(server.url("bench-put")))
     boto_times, lean_times = [], []
@@ -112,12 +113,15 @@ def put_costs(server: WeedServer, count: int) -> tuple[float, float]:
             file.write(data)
             file.flush()
             start = time.perf_counter()
-            objects.put_new(f"boto/{i}", file.fileno(), len(data), {"cafs-encoding": "raw"})
+            # (The very first PUT may outlast the read timeout while the server makes its
+            # volumes: the retry then finds it stored.)
+            with contextlib.suppress(Exists):
+                objects.put_new(f"boto/{i}", file.fileno(), len(data), {"cafs-encoding": "raw"})
             boto_times.append(time.perf_counter() - start)
             start = time.perf_counter()
             status = lean_put(conn, host, f"bench-put/lean/{i}", data)
             lean_times.append(time.perf_counter() - start)
-            assert status == 200, status
+            assert status in (200, 412), status  # 412: see the first boto3 PUT
     return statistics.median(boto_times) * 1000, statistics.median(lean_times) * 1000
 
 

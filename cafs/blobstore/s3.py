@@ -121,7 +121,12 @@ class S3BlobStore:
                 self.objects.put_new(BLOBS + digest, chosen.fd, stored_size,
                                      {ENCODING_KEY: str(encoding)})
             except Exists:  # stored already (another writer, an orphan, our own retry)
-                head = self.objects.head(BLOBS + digest)
+                try:
+                    head = self.objects.head(BLOBS + digest)
+                except FileNotFoundError:  # a 412 for no object (or deleted since): once more
+                    self.objects.put_new(BLOBS + digest, chosen.fd, stored_size,
+                                         {ENCODING_KEY: str(encoding)}, replace=True)
+                    head = self.objects.head(BLOBS + digest)
                 theirs = Encoding(head.get("Metadata", {}).get(ENCODING_KEY, encoding))
                 if theirs != encoding or head["ContentLength"] != stored_size \
                         or head.get("ETag", "").strip('"') != _md5_of(chosen.fd):
