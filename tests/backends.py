@@ -265,3 +265,14 @@ def another_store_env(directory: Path) -> dict[str, str] | None:
     current_s3.clear()
     current_s3.update(saved)  # StoredBlobs keeps meaning the test's first store
     return {**os.environ, "CAFS_CONFIG": str(path)}
+
+
+def current_blobs_spec():  # type: ignore[no-untyped-def]
+    """What a test that opens a store in-process passes as Store.open(blobs=...): the
+    current test's S3 prefix, or None (its blobs/ directory)."""
+    from cafs.blobstore import BlobsSpec
+
+    server: WeedServer | None = current_s3.get("server")  # type: ignore[assignment]
+    if server is None:
+        return None
+    return BlobsSpec(server.url(str(current_s3["prefix"])))

@@ -16,7 +16,7 @@ from backends import S3_BUCKET, WeedServer
 from tcp_proxy import TcpProxy
 
 from cafs.blobstore import Blobs, Encoding, LocalBlobStore, read_chunks
-from cafs.blobstore.s3 import S3BlobStore, S3Location, Unavailable
+from cafs.blobstore.s3 import RETRY_AFTER, S3BlobStore, S3Location, Unavailable
 from cafs.digest import Digest
 from cafs.errors import Corrupt, InvalidArgument
 
@@ -345,6 +345,7 @@ def test_cold_read_fails_with_eio_cached_reads_go_on(
         assert time.monotonic() - started < 20
         assert read_all(store, warm_digest, warm_encoding, len(warm)) == warm
         proxy.heal()
+        time.sleep(RETRY_AFTER)  # a read right after a failed fetch fails with it
         assert read_all(store, cold_digest, cold_encoding, len(cold)) == cold
     finally:
         proxy.close()

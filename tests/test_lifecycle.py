@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from backends import StoredBlobs, another_store_env
+from backends import StoredBlobs, another_store_env, current_blobs_spec
 from conftest import CAFS, Mount, cafs, cafs_bytes, is_mounted, log_of, sh, sha, xattr
 
 
@@ -289,7 +289,8 @@ def test_admin_commands_work_unmounted_and_refuse_a_busy_store(mount: Mount,
     # Another admin command holds the unmounted store: the next one is refused, not queued.
     from cafs.store import Store
 
-    holder = Store.open(mount.store, lock=True, owner="running cafs gc")
+    holder = Store.open(mount.store, lock=True, owner="running cafs gc",
+                        blobs=current_blobs_spec())
     try:
         busy = cafs("gc", "--store", str(mount.store), check=False)
         assert busy.returncode == 3 and "in use (pid" in busy.stderr, busy.stderr

@@ -46,6 +46,7 @@ BLOBS = "blobs/"
 QUARANTINE = "quarantine/"
 ENCODING_KEY = "cafs-encoding"  # user metadata: the object's encoding
 DEFAULT_CACHE_SIZE = 10 << 30
+RETRY_AFTER = 0.5  # seconds after a failed fetch in which a read of it fails at once
 HEAD_PAUSE = 5.0  # seconds has() answers False without asking after a HEAD failed
 
 __all__ = ["DEFAULT_CACHE_SIZE", "S3BlobStore", "S3Location", "Unavailable"]
@@ -224,9 +225,11 @@ class S3BlobStore:
             elif self.cache.holds(digest):
                 return  # another thread fetched it meanwhile
             failed = self._failed.get(digest)
-            if failed is not None and failed[0] >= asked:
-                # The kernel sends several READs of one file at once (read-ahead): the ones
-                # that waited for a fetch that failed meanwhile fail with it, not each after
+            if failed is not None and (failed[0] >= asked
+                                       or time.monotonic() - failed[0] < RETRY_AFTER):
+                # The kernel sends several READs of one file at once (read-ahead), and asks
+                # again for a page whose read-ahead failed: the ones that waited for a fetch
+                # that failed meanwhile, or come right after it, fail with it, not each after
                 # its own timeouts. A read asked later tries again.
                 raise failed[1]
             temp = self.cache.temp_path()
