@@ -37,7 +37,7 @@ from backends import (  # noqa: E402
     start_weed,
     stop_weed,
 )
-from cafs_bench import MB, drop_caches, make_corpus, read_tree  # noqa: E402
+from cafs_bench import MB, daemon_pid, drop_caches, make_corpus, read_tree  # noqa: E402
 
 CAFS = [sys.executable, "-m", "cafs"]
 
@@ -51,6 +51,12 @@ def mounted(store: Path, mountpoint: Path, *flags: str) -> Iterator[Path]:
         yield mountpoint
     finally:
         subprocess.run([*CAFS, "umount", str(mountpoint)], check=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children it waited for (weed's are threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def best(values: list[float]) -> float:
@@ -115,8 +121,9 @@ def put_costs(server: WeedServer, count: int) -> tuple[float, float]:
             start = time.perf_counter()
             # (The very first PUT may outlast the read timeout while the server makes its
             # volumes: the retry then finds it stored.)
-            with contextlib.suppress(Exists):
-                objects.put_new(f"boto/{i}", file.fileno(), len(data), {"cafs-encoding": "raw"})
+            with contextlib.suppress(Exists):  # boto3 as cafs configures it (s3_objects)
+                objects.put_new(f"boto/{i}", file.fileno(), len(data), {"cafs-encoding": "raw"},
+                                lean=False)
             boto_times.append(time.perf_counter() - start)
             start = time.perf_counter()
             status = lean_put(conn, host, f"bench-put/lean/{i}", data)
@@ -158,9 +165,19 @@ def main() -> None:
             row(f"ingest: cp -r {files} files, {total / MB:.0f} MB", seconds["local"],
                 seconds["s3"], "s", "<= 1.5x", seconds["s3"] <= 1.5 * seconds["local"])
             for writers, goal in ((1, 500), (4, 1500)):
+                before = {name: cpu_seconds(pid) for name, pid in
+                          (("local", daemon_pid(work / "local")), ("s3", daemon_pid(work / "s3")),
+                           ("weed", server.process.pid))}
                 rate = write_figures.create_rate(targets, args.creates, writers, args.repeat)
                 row(f"4 KiB creates, {writers} writer(s)", rate["local"], rate["s3"],
                     "files/s", f">= {goal}/s", rate["s3"] >= goal)
+                files_each = args.creates * writers * args.repeat
+                spent = {name: (cpu_seconds(pid) - before[name]) / files_each * 1000 for
+                         name, pid in (("local", daemon_pid(work / "local")),
+                                       ("s3", daemon_pid(work / "s3")),
+                                       ("weed", server.process.pid))}
+                print(f"    CPU ms per create: local daemon {spent['local']:.2f}, S3 daemon "
+                      f"{spent['s3']:.2f}, weed {spent['weed']:.2f}")
         cold: dict[str, list[float]] = {"local": [], "s3": []}
         warm: dict[str, list[float]] = {"local": [], "s3": []}
         for _ in range(args.repeat):

@@ -188,10 +188,10 @@ class S3Objects:
     # -- calls ----------------------------------------------------------------------------
 
     def put_new(self, name: str, fd: int, size: int, metadata: dict[str, str], *,
-                replace: bool = False) -> None:
+                replace: bool = False, lean: bool = True) -> None:
         """Upload the file at `fd` (its first `size` bytes) unless the key exists (Exists);
-        `replace`: whatever is there."""
-        if self._lean is not None:
+        `replace`: whatever is there. `lean=False`: through boto3 (the benchmark compares)."""
+        if self._lean is not None and lean:
             try:
                 status = self._lean.put(self.location.key(name), fd, size, metadata,
                                         if_absent=not replace)
