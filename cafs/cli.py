@@ -24,6 +24,7 @@ from cafs.cli_common import (
     EXIT_FAILED,
     EXIT_MOUNT,
     EXIT_USAGE,
+    blobs_spec,
     config_option,
     errors_as_exit_codes,
     fail,
@@ -383,7 +384,7 @@ def ui(store: Path | None, config: Path | None, port: int, bind: str, as_json: b
     root = resolve_store(store, settings)
     with errors_as_exit_codes():
         prepare_store_dir(root, create=False)
-        source = Source(root)
+        source = Source(root, blobs_spec(settings))
         source.query("fingerprint")  # a store that cannot be read fails here, in one line
     if not is_loopback(bind):
         click.echo(f"cafs ui: warning: listening on {bind}: anyone who can reach it reads "
