@@ -128,10 +128,13 @@ class S3BlobStore:
                     self.objects.put_new(BLOBS + digest, chosen.fd, stored_size,
                                          {ENCODING_KEY: str(encoding)}, replace=True)
                     head = self.objects.head(BLOBS + digest)
-                theirs = Encoding(head.get("Metadata", {}).get(ENCODING_KEY, encoding))
-                if theirs != encoding or head["ContentLength"] != stored_size \
+                try:
+                    theirs = Encoding(head.get("Metadata", {}).get(ENCODING_KEY, encoding))
+                except ValueError:  # not one of ours: damaged, replaced below
+                    theirs = None
+                if theirs is None or theirs != encoding or head["ContentLength"] != stored_size \
                         or head.get("ETag", "").strip('"') != _md5_of(chosen.fd):
-                    if self._sound(digest, theirs):  # the same content, encoded otherwise
+                    if theirs is not None and self._sound(digest, theirs):  # encoded otherwise
                         return StoredBlob(digest, temp.size, int(head["ContentLength"]), theirs)
                     # Damaged or cut short (a server may keep a PUT whose connection broke):
                     # ours replaces it.
