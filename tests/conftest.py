@@ -158,6 +158,9 @@ class Mount:
         self.mountpoint = mountpoint
         self.options = options
         self._log_checked_upto = 0
+        # Added to the environment of the commands on this store (a second store in a test
+        # on remote back ends gets its own configuration: backends.another_store_env).
+        self.env: dict[str, str] | None = None
 
     @property
     def runs(self) -> Path:
@@ -173,7 +176,8 @@ class Mount:
         args = ["mount", "--store", str(self.store), str(self.mountpoint)]
         for option in self.options:
             args += ["-o", option]
-        cafs(*args, env={**os.environ, **env} if env else None)
+        extra = {**(self.env or {}), **(env or {})}
+        cafs(*args, env={**os.environ, **extra} if extra else None)
         assert is_mounted(self.mountpoint)
 
     def stop(self) -> None:
@@ -212,7 +216,8 @@ class Mount:
                 if " ERROR " in line or " CRITICAL " in line or "Traceback" in line]
 
     def fsck(self, *extra: str) -> subprocess.CompletedProcess[str]:
-        return cafs("fsck", "--store", str(self.store), *extra, check=False)
+        return cafs("fsck", "--store", str(self.store), *extra, check=False,
+                    env={**os.environ, **self.env} if self.env else None)
 
     def assert_clean(self) -> None:
         """What every mount ends with: no error logged, and fsck --full finds no damage."""
