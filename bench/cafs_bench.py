@@ -30,7 +30,7 @@ from pathlib import Path
 
 import write_figures
 
-from cafs.blobstore import BlobStore
+from cafs.blobstore import Blobs
 from cafs.digest import digest_of_bytes
 from cafs.manifest_api import BulkArtifact
 from cafs.store import Store, serving_daemon
@@ -293,7 +293,7 @@ def generate_store(store_root: Path, artifacts: int, per_layer: int = 10_000) ->
     every row as publishing each file would leave it (the store passes cafs fsck --full)."""
     store = Store.open(store_root)
     try:
-        blobs: BlobStore = store.blobs
+        blobs: Blobs = store.blobs
         stored = []
         for i in range(1000):
             temp = blobs.new_temp()

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cafs.blobstore import BlobStore  # noqa: E402
+from cafs.blobstore import Blobs  # noqa: E402
 from cafs.digest import digest_of_bytes  # noqa: E402
 from cafs.manifest import BulkArtifact, NewVersion  # noqa: E402
 from cafs.model import StoredBlob  # noqa: E402
@@ -42,7 +42,7 @@ def shared_content(i: int) -> bytes:
     return f"shared artifact content {i}\n".encode()
 
 
-def store_blob(blobs: BlobStore, data: bytes) -> StoredBlob:
+def store_blob(blobs: Blobs, data: bytes) -> StoredBlob:
     temp = blobs.new_temp()
     try:
         temp.write(0, data)

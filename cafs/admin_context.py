@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, Self, TypeVar
 
-from cafs.blobstore import BlobStore
+from cafs.blobstore import Blobs
 from cafs.errors import InvalidArgument, NotFound
 from cafs.manifest import Manifest
 from cafs.model import BlobRef, Kind, Node
@@ -104,7 +104,7 @@ class AdminContext:
         return self.store.manifest
 
     @property
-    def blobs(self) -> BlobStore:
+    def blobs(self) -> Blobs:
         return self.store.blobs
 
     def _node(self, path: str) -> Node:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
-from cafs.blobstore import BlobReader, BlobStore, SpaceGuard, TempBlob
+from cafs.blobstore import BlobReader, Blobs, SpaceGuard, TempBlob
 from cafs.bundle_index import BundleIndex
 from cafs.bundle_tar import BLOCK, CHUNK, COMPRESSED, BadBundle, TarReader, TarWriter
 from cafs.digest import Digest, digest_of_chunks, is_digest
@@ -214,7 +214,7 @@ class BundleWriter:
                       "entries": self.entries, "versions": self.versions, "blobs": self.blobs},
                      "the execution")
 
-    def write(self, out: IO[bytes], store: BlobStore, progress: Progress) -> int:
+    def write(self, out: IO[bytes], store: Blobs, progress: Progress) -> int:
         """Stream the bundle to `out` (in a worker thread); returns the bytes of content."""
         header = self.header()
         tar = TarWriter(out, self._exported_ns // 10**9)
@@ -318,7 +318,7 @@ class BundleReader:
         stager.cross_check()
         return run
 
-    def store_blobs(self, store: BlobStore, progress: Progress) -> None:
+    def store_blobs(self, store: Blobs, progress: Progress) -> None:
         """Store the blobs the index wants as they stream past (marking each stored before its
         file is written); check every other blob's bytes too, so a damaged bundle is refused
         even where the store already has the content. On failure the index says what was
@@ -370,7 +370,7 @@ class BundleReader:
         if found != digest:
             raise BadBundle(f"blob {digest}: its bytes hash to {found}")
 
-    def _store_one(self, digest: Digest, store: BlobStore, chunks: Iterable[bytes]
+    def _store_one(self, digest: Digest, store: Blobs, chunks: Iterable[bytes]
                    ) -> StoredBlob:
         temp: TempBlob = store.new_temp()
         try:

@@ -24,6 +24,7 @@ from cafs.cli_common import (
     EXIT_FAILED,
     EXIT_MOUNT,
     EXIT_USAGE,
+    blobs_spec,
     config_option,
     errors_as_exit_codes,
     fail,
@@ -151,6 +152,10 @@ def spawn_daemon(cfg: MountConfig, debug: bool) -> int:
                *mount_option_args(cfg.settings)]
     if cfg.config is not None:
         command += ["--config-used", str(cfg.config)]
+    for flag, value in (("--blobs", cfg.settings.blobs), ("--cache-dir", cfg.settings.cache_dir),
+                        ("--cache-size", cfg.settings.cache_size)):
+        if value is not None:  # a blobs URL never holds a secret (S3Location refuses one)
+            command += [flag, str(value)]
     if debug:
         command.append("--debug")
     child_env = dict(os.environ, CAFS_CONFIG="")
@@ -379,7 +384,7 @@ def ui(store: Path | None, config: Path | None, port: int, bind: str, as_json: b
     root = resolve_store(store, settings)
     with errors_as_exit_codes():
         prepare_store_dir(root, create=False)
-        source = Source(root)
+        source = Source(root, blobs_spec(settings))
         source.query("fingerprint")  # a store that cannot be read fails here, in one line
     if not is_loopback(bind):
         click.echo(f"cafs ui: warning: listening on {bind}: anyone who can reach it reads "

@@ -28,10 +28,12 @@ from cafs.admin import (
     run_locally,
 )
 from cafs.admin_context import JsonResult
-from cafs.blobstore import BlobStore, read_chunks
+from cafs.blobstore import BlobStore, open_blob_store, read_chunks
 from cafs.cli_common import (
     EXIT_FAILED,
+    blobs_spec,
     config_option,
+    current_settings,
     errors_as_exit_codes,
     fail,
     human_size,
@@ -144,7 +146,7 @@ def run_admin(root: Path, command: str, args: dict[str, Any], expect: type[R],
                     return _expected(command, decode_result(command, answer), expect)
                 try:
                     return _expected(command, _run_here(root, command, args, files, progress,
-                                                        settings or Settings()), expect)
+                                                        settings), expect)
                 except StoreBusy:  # a daemon started meanwhile: ask it instead
                     continue
                 except OSError as exc:
@@ -155,8 +157,11 @@ def run_admin(root: Path, command: str, args: dict[str, Any], expect: type[R],
 
 
 def _run_here(root: Path, command: str, args: dict[str, Any], files: list[IO[bytes]],
-              progress: TerminalProgress, settings: Settings) -> JsonResult:
-    opened = Store.open(root, lock=True, owner=command_owner(command))
+              progress: TerminalProgress, settings: Settings | None) -> JsonResult:
+    if settings is None:
+        settings = current_settings()  # the configuration and flags this command was given
+    opened = Store.open(root, lock=True, owner=command_owner(command),
+                        blobs=blobs_spec(settings))
     try:
         admin = Admin(opened, LocalRuntime(), NotMounted(), mounted=False, progress=progress,
                       max_artifact_size=settings.max_artifact_size or DEFAULT_MAX_ARTIFACT_SIZE)
@@ -251,7 +256,8 @@ def cat(store: Path | None, config: Path | None, path: str) -> None:
 
 def _copy_blob(root: Path, found: VersionLocation, out: IO[bytes]) -> None:
     """Stream one blob straight from the store (blob files never change once written)."""
-    reader = BlobStore(root).open(Digest(found.sha256), found.encoding)
+    blobs = open_blob_store(root, blobs_spec(current_settings()))
+    reader = blobs.open(Digest(found.sha256), found.encoding)
     try:
         digest, size = digest_of_chunks(_copied(read_chunks(reader), out))
     finally:

@@ -17,11 +17,13 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 import click
 
+from cafs.blobstore import BlobsSpec
 from cafs.config import Settings, load_settings
 from cafs.errors import CafsError, ManifestError, MountError, StoreError
 
@@ -89,18 +91,72 @@ store_option = click.option(
     help="Store directory (default: $CAFS_STORE, else the configuration file's store, "
          "else $XDG_DATA_HOME/cafs).",
 )
-config_option = click.option(
+_config_flag = click.option(
     "--config", "config", type=click.Path(path_type=Path), default=None,
     help="Configuration file (default: $CAFS_CONFIG, else for root /etc/cafs/cafs.toml, for "
          "other users ~/.config/cafs/cafs.toml, if present; cafs status shows which).",
 )
+# Where the blobs live: every command that opens a store takes these beside --config, and
+# they override its keys (kept in the click context: settings_from applies them).
+BLOB_FLAGS = ("blobs", "cache_dir", "cache_size")
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None:
+    if value is not None and param.name is not None:
+        ctx.meta[f"cafs.{param.name}"] = value
+
+
+_blob_flags = (
+    click.option("--blobs", type=str, default=None, expose_value=False, callback=_remember,
+                 metavar="URL", help="Blobs on S3: s3://BUCKET/PREFIX?endpoint=URL "
+                 "(default: the configuration file's blobs, else the store's blobs/)."),
+    click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                 expose_value=False, callback=_remember,
+                 help="The local cache of blobs on S3 (default: <store>/cache)."),
+    click.option("--cache-size", type=click.IntRange(min=0), default=None, expose_value=False,
+                 callback=_remember, metavar="BYTES",
+                 help="Bytes the cache of blobs on S3 may hold (default 10 GiB)."),
+)
+
+
+def config_option(command: Any) -> Any:
+    """--config, and the flags saying where the blobs live (--blobs, --cache-dir,
+    --cache-size)."""
+    for flag in reversed(_blob_flags):
+        command = flag(command)
+    return _config_flag(command)
 
 
 def settings_from(config: Path | None) -> Settings:
+    """The defaults, then the configuration file, then the blob flags given."""
     try:
-        return load_settings(config)
+        settings = load_settings(config)
     except CafsError as exc:
         raise click.UsageError(str(exc)) from None
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        given = {name: ctx.meta[f"cafs.{name}"] for name in BLOB_FLAGS
+                 if f"cafs.{name}" in ctx.meta}
+        settings = replace(settings, **given)
+    if settings.blobs:  # refused here, before the URL goes anywhere (a child's argv, a log)
+        from cafs.blobstore.s3_objects import S3Location
+
+        try:
+            S3Location.parse(settings.blobs)
+        except CafsError as exc:
+            raise click.UsageError(str(exc)) from None
+    return settings
+
+
+def current_settings() -> Settings:
+    """settings_from the --config of the command being run (if any)."""
+    ctx = click.get_current_context(silent=True)
+    config = ctx.params.get("config") if ctx is not None else None
+    return settings_from(config if isinstance(config, Path) else None)
+
+
+def blobs_spec(settings: Settings) -> BlobsSpec:
+    return BlobsSpec(settings.blobs, settings.cache_dir, settings.cache_size)
 
 
 def resolve_store(store: Path | None, settings: Settings) -> Path:
@@ -140,7 +196,8 @@ def human_size(size: int) -> str:
 def open_store(store: Path | None, config: Path | None) -> Iterator[Store]:
     settings = settings_from(config)
     with errors_as_exit_codes():
-        opened = Store.open(resolve_store(store, settings), create=False)
+        opened = Store.open(resolve_store(store, settings), create=False,
+                            blobs=blobs_spec(settings))
         try:
             yield opened
         finally:

@@ -25,6 +25,7 @@ import trio
 
 from cafs import crashpoints
 from cafs.admin import Admin
+from cafs.blobstore import BlobsSpec
 from cafs.control_server import serve_control
 from cafs.errors import CafsError, MountError, StoreError
 from cafs.mountpoint import check_mountpoint
@@ -195,7 +196,9 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     log.info("mounting store %s at %s (configuration: %s)", cfg.store, cfg.mountpoint,
              cfg.config or "none")
     store = Store.open(cfg.store, lock=True, compression_level=cfg.settings.compression,
-                       owner=mount_owner(cfg.mountpoint))
+                       owner=mount_owner(cfg.mountpoint),
+                       blobs=BlobsSpec(cfg.settings.blobs, cfg.settings.cache_dir,
+                                       cfg.settings.cache_size))
     try:
         same_boot = store.same_boot()
         if store.mark_dirty():

@@ -29,12 +29,12 @@ from typing import Any, Self
 
 from cafs import crashpoints
 from cafs.admin_context import AdminContext, JsonResult, Live, Progress
-from cafs.blobstore import BlobStore
+from cafs.blobstore import Blobs
 from cafs.digest import Digest
 from cafs.errors import InvalidArgument, StoreError
 from cafs.manifest import Manifest, RepairPlan
 from cafs.model import BlobRef
-from cafs.store import QUARANTINE_DIR, Store
+from cafs.store import Store
 
 DELETE_BATCH = 256
 # Orphan blob files (no manifest row names them) are removed only once this old: a young one
@@ -115,14 +115,11 @@ class BlobFile:
     mtime_ns: int
 
 
-def list_blob_files(blobs: BlobStore) -> list[BlobFile]:
-    """Every blob file on disk. File I/O only: safe in a worker thread."""
-    found = []
-    for digest in blobs.iter_digests():
-        with contextlib.suppress(FileNotFoundError):  # removed meanwhile
-            info = os.lstat(blobs.path_of(digest))
-            found.append(BlobFile(str(digest), info.st_size, info.st_mtime_ns))
-    return found
+def list_blob_files(blobs: Blobs) -> list[BlobFile]:
+    """Every stored blob (a file, or an object in a bucket). I/O only: safe in a worker
+    thread."""
+    return [BlobFile(str(digest), size, mtime_ns)
+            for digest, size, mtime_ns in blobs.blob_files()]
 
 
 def orphan_blob_files(manifest: Manifest, files: list[BlobFile]) -> list[BlobFile]:
@@ -133,7 +130,7 @@ def orphan_blob_files(manifest: Manifest, files: list[BlobFile]) -> list[BlobFil
     return [file for file in files if file.digest not in known]
 
 
-def stray_temps(blobs: BlobStore, *, mounted: bool) -> list[str]:
+def stray_temps(blobs: Blobs, *, mounted: bool) -> list[str]:
     """Names of the temp files a crash left in tmp/. While mounted there are none: the daemon
     emptied tmp/ when it started, so every temp file there now is a write in progress."""
     if mounted:
@@ -150,13 +147,13 @@ def stray_temps(blobs: BlobStore, *, mounted: bool) -> list[str]:
         os.close(fd)
 
 
-def _open_tmp(blobs: BlobStore) -> int:
+def _open_tmp(blobs: Blobs) -> int:
     # Never through a symlink planted in place of tmp/ (cafs.store refuses such a store; this
     # holds even if that check was skipped): removals happen relative to this descriptor.
     return os.open(blobs.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
-def _remove_temps(blobs: BlobStore, names: list[str]) -> int:
+def _remove_temps(blobs: Blobs, names: list[str]) -> int:
     if not names:
         return 0
     removed = 0
@@ -182,14 +179,24 @@ def delete_unreferenced_now(store: Store, live: Live, digests: list[str]) -> set
 
 
 def _delete_batch(store: Store, live: Live, batch: list[str]) -> set[str]:
-    removed: set[str] = set()
+    return _delete_each(store.blobs, _unneeded(store, live, batch))
+
+
+def _unneeded(store: Store, live: Live, batch: list[str]) -> list[Digest]:
+    """The digests of `batch` no manifest row names and no write in flight pins."""
     needed = store.manifest.known_digests(batch) | live.pinned_digests()
-    for digest in batch:
-        if digest in needed:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            store.blobs.delete(Digest(digest))
-            removed.add(digest)
+    return [Digest(digest) for digest in batch if digest not in needed]
+
+
+def _delete_each(blobs: Blobs, doomed: list[Digest]) -> set[str]:
+    removed: set[str] = set()
+    try:
+        for digest in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                blobs.delete(digest)
+                removed.add(digest)
+    finally:  # a failure (the service is out) leaves the rest: publishes must not wait
+        blobs.deleted(doomed)
     return removed
 
 
@@ -328,7 +335,7 @@ class Maintenance(AdminContext):
             manifest.recompute_aggregates()
         # Right after the commit, with no await in between: move wrong bytes out of the way
         # (a missing file has nothing to move).
-        quarantined = [self._quarantine(blob) for blob, _ in bad.values()]
+        quarantined = [self.blobs.quarantine(blob.digest) for blob, _ in bad.values()]
         newly = [blob_id for blob_id in bad if blob_id not in was_damaged]
         self.live.nodes_changed(manifest.nodes_holding_blobs(newly))
         orphans, young = await self._old_orphans(orphan_grace)
@@ -359,23 +366,20 @@ class Maintenance(AdminContext):
         about to (a publish may have brought the content back since it was chosen)."""
         removed: set[str] = set()
         for start in range(0, len(digests), DELETE_BATCH):
-            removed |= _delete_batch(self.store, self.live, digests[start:start + DELETE_BATCH])
+            batch = digests[start:start + DELETE_BATCH]
+            if self.blobs.remote:
+                # Chosen on the loop; from then on a publish of one of them waits until its
+                # object is gone and uploads it anew (see S3BlobStore.deleting), so the
+                # deletes themselves may wait for the network in a worker thread.
+                doomed = _unneeded(self.store, self.live, batch)
+                self.blobs.deleting(doomed)
+                removed |= await self.runtime.run_in_thread(_delete_each, self.blobs, doomed)
+            else:
+                removed |= _delete_batch(self.store, self.live, batch)
             self.progress("removing blobs", min(start + DELETE_BATCH, len(digests)),
                           len(digests))
             await self.runtime.checkpoint()
         return removed
-
-    def _quarantine(self, blob: BlobRef) -> str | None:
-        """Move a blob file whose bytes are wrong to <store>/quarantine/ (kept for forensics,
-        out of every read path)."""
-        target_dir = self.store.root / QUARANTINE_DIR
-        target_dir.mkdir(mode=0o700, exist_ok=True)
-        name = f"{blob.digest}.{time.time_ns()}"
-        try:
-            os.rename(self.blobs.path_of(blob.digest), target_dir / name)
-        except FileNotFoundError:
-            return None
-        return name
 
 
 def _check_blobs(store: Store, page: list[BlobRef]) -> list[tuple[BlobRef, str]]:

@@ -32,7 +32,7 @@ from contextlib import AbstractAsyncContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from cafs.blobstore import BlobReader, BlobStore, TempBlob
+from cafs.blobstore import BlobReader, Blobs, TempBlob
 from cafs.blobstore.readers import IdleReaders
 from cafs.digest import Digest
 from cafs.errors import (
@@ -183,7 +183,7 @@ class OpenTable:
 class Publisher:
     """The end of a write: publish the temp as the inode's new content, or fail it."""
 
-    def __init__(self, tree: Namespace, manifest: Manifest, blobs: BlobStore, runtime: Runtime,
+    def __init__(self, tree: Namespace, manifest: Manifest, blobs: Blobs, runtime: Runtime,
                  kernel: KernelNotifier) -> None:
         self.tree = tree
         self.manifest = manifest
@@ -284,7 +284,7 @@ class Publisher:
         now = time.time_ns()
         node = inode.node
         with self.fails(inode, None):
-            new_reader = self.blobs.open(digest, stored.encoding)
+            new_reader = self.blobs.open(digest, stored.encoding, size=stored.size)
             try:
                 new_node = self.manifest.publish(stored, NewVersion(
                     node_id=node.ino, mode=node.mode, uid=writer.uid, gid=writer.gid,
@@ -326,13 +326,15 @@ class Publisher:
                               fresh=False), known
         if known is not None:  # damage: the bytes just written can restore it
             log.warning("blob %s was missing or damaged; restored from a new write", digest)
-        return await offload(self.runtime, temp.size, self.blobs.publish, temp, digest), known
+        # A remote store's publish waits for the network: always in a worker thread.
+        size = OFFLOAD_BYTES if self.blobs.remote else temp.size
+        return await offload(self.runtime, size, self.blobs.publish, temp, digest), known
 
 
 class OpenFiles:
     """open, create, read, write, truncate, flush, fsync and release of artifacts and records."""
 
-    def __init__(self, tree: Namespace, blobs: BlobStore, runtime: Runtime, table: OpenTable,
+    def __init__(self, tree: Namespace, blobs: Blobs, runtime: Runtime, table: OpenTable,
                  publisher: Publisher, max_artifact_size: int,
                  processes: Processes | NoProcesses | None = None) -> None:
         self.tree = tree
@@ -480,7 +482,7 @@ class OpenFiles:
         if inode.reader is None and inode.node.blob is not None and not inode.damaged:
             blob = inode.node.blob
             inode.reader = (self.table.idle.take(blob.digest)
-                            or self.blobs.open(blob.digest, blob.encoding))
+                            or self.blobs.open(blob.digest, blob.encoding, size=blob.size))
         return inode.reader
 
     def unopened_digests(self) -> set[str]:
@@ -509,7 +511,9 @@ class OpenFiles:
             return data
         inode.readers_in_threads += 1
         try:
-            if size <= INLINE_READ_BYTES:
+            # On a remote store a read the cache cannot answer downloads the whole blob:
+            # never on the event loop.
+            if size <= INLINE_READ_BYTES and not self.blobs.remote:
                 return await self._run_short(reader.read, offset, size)
             return await self.runtime.run_in_thread(reader.read, offset, size)
         finally:

@@ -84,6 +84,16 @@ class Settings:
     nonempty: bool = option(
         False, "mount even on a directory that holds files or is already mounted",
         in_file=False, mount=True, flag="--nonempty")
+    blobs: str | None = option(
+        None, "where blob contents live: s3://BUCKET/PREFIX?endpoint=URL (credentials from "
+        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ?credentials=FILE, never in the URL); "
+        "default: the store's blobs/ directory", flag="--blobs")
+    cache_dir: Path | None = option(  # noqa: RUF009
+        None, "the local cache of blobs stored on S3 (default: <store>/cache)",
+        flag="--cache-dir")
+    cache_size: int | None = option(
+        None, "bytes the cache of blobs stored on S3 may hold (default 10 GiB)", unit="BYTES",
+        flag="--cache-size")
     orphan_grace: int | None = option(
         None, "gc and fsck --repair keep orphan blob files this long (default 7 days)",
         unit="SECONDS", flag="--orphan-grace")

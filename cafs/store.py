@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cafs.blobstore import BlobStore
+from cafs.blobstore import Blobs, BlobsSpec, open_blob_store
 from cafs.errors import CafsError, NeedsRepair, StoreBusy, StoreError
 from cafs.manifest import Manifest, copy_manifest
 from cafs.model import BlobRef
@@ -33,6 +33,8 @@ BLOBS_DIR = "blobs"
 TMP_DIR = "tmp"
 # Blob files whose bytes fsck --repair found wrong, kept for forensics (cafs.maintenance).
 QUARANTINE_DIR = "quarantine"
+WHERE_NAME = "blobs-location"
+LOCAL_WHERE = "blobs/"
 # The daemon's control socket (cafs.control).
 SOCKET_NAME = "control.sock"
 # Present while a daemon serves the store; found at start-up, it means the last one never
@@ -63,6 +65,8 @@ LAYOUT = {
     TMP_DIR: stat.S_IFDIR,
     QUARANTINE_DIR: stat.S_IFDIR,  # cafs.maintenance: damaged blobs kept for forensics
     BACKUP_DIR: stat.S_IFDIR,  # manifest backups
+    "cache": stat.S_IFDIR,  # cafs.blobstore.cache: the default cache of blobs stored on S3
+    WHERE_NAME: stat.S_IFREG,  # where the blobs live, if not blobs/ (see check_blobs_where)
 }
 _TYPE_NAMES = {stat.S_IFREG: "regular file", stat.S_IFDIR: "directory",
                stat.S_IFSOCK: "socket"}
@@ -242,7 +246,7 @@ def create_manifest_file(path: Path) -> None:
                 os.chmod(name, 0o600)
 
 
-def check_manifest_files(root: Path, blobs: BlobStore, *, wal: bool,
+def check_manifest_files(root: Path, blobs: Blobs, *, wal: bool,
                          writable: bool = False) -> None:
     """Refuse to open a manifest that would silently lose committed artifacts: a missing or
     empty one beside existing blob files (SQLite would start a new, empty manifest and gc would
@@ -277,6 +281,37 @@ def check_manifest_files(root: Path, blobs: BlobStore, *, wal: bool,
                 f"the store is left untouched. 'cafs fsck --store {root}' lists the lost "
                 f"artifacts' blobs as LOST?; restore a backup with 'cafs restore --store {root}', "
                 f"or accept the loss by removing {root / DIRTY_NAME} (see README: Recovery)")
+
+
+def check_blobs_where(root: Path, blobs: Blobs, *, create: bool) -> None:
+    """Refuse to open a store with its blobs looked for elsewhere than where they are (every
+    blob would look missing: fsck --repair would mark all of them damaged). A new store
+    records the place (`blobs-location`, only when it is not blobs/)."""
+    try:
+        fd = open_store_file(root / WHERE_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        recorded = None
+    else:
+        try:
+            recorded = os.read(fd, 4096).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+    exists = (root / MANIFEST_NAME).exists()
+    if recorded is None and not exists:
+        if create and blobs.where != LOCAL_WHERE:
+            fd = open_store_file(root / WHERE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                os.write(fd, f"{blobs.where}\n".encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return
+    recorded = recorded or LOCAL_WHERE
+    if recorded != blobs.where:
+        hint = ("set blobs in cafs.toml or pass --blobs" if recorded != LOCAL_WHERE
+                else "leave blobs unset")
+        raise StoreError(f"store {root} keeps its blobs at {recorded}, not {blobs.where}: "
+                         f"{hint}")
 
 
 def _wal_size(manifest: Path) -> int:
@@ -325,7 +360,7 @@ def boot_id() -> str:
 class Store:
     """An opened store. `lock=True` (the daemon) holds the store's lock until close()."""
 
-    def __init__(self, root: Path, manifest: Manifest, blobs: BlobStore, lock_fd: int | None):
+    def __init__(self, root: Path, manifest: Manifest, blobs: Blobs, lock_fd: int | None):
         self.root = root
         self.manifest = manifest
         self.blobs = blobs
@@ -333,36 +368,38 @@ class Store:
 
     @classmethod
     def open(cls, root: Path, *, create: bool = True, lock: bool = False,
-             compression_level: int = 3, owner: str = "") -> Store:
+             compression_level: int = 3, owner: str = "",
+             blobs: BlobsSpec | None = None) -> Store:
         root = real_store_path(root)
         prepare_store_dir(root, create=create)
         lock_fd = acquire_lock(root, owner) if lock else None
         try:
-            blobs = BlobStore(root, level=compression_level)
+            blob_store = open_blob_store(root, blobs, level=compression_level)
+            check_blobs_where(root, blob_store, create=create)
             # Only while no daemon writes the WAL (we hold the lock, or nobody does): a WAL being
             # appended to can show a frame half written.
-            check_manifest_files(root, blobs, wal=lock or store_holder(root) is None,
+            check_manifest_files(root, blob_store, wal=lock or store_holder(root) is None,
                                  writable=create)
             if create:
-                blobs.create_layout()
+                blob_store.create_layout()
                 create_manifest_file(root / MANIFEST_NAME)
             elif not (root / MANIFEST_NAME).exists():
                 raise StoreError(f"no store at {root} (no {MANIFEST_NAME})")
             manifest = Manifest(root / MANIFEST_NAME, readonly=not create,
-                                low_on_space=blobs.space.low)
+                                low_on_space=blob_store.space.low)
             if lock and create:  # before a daemon's dirty marker says a WAL must exist
                 manifest.start_wal()
             if create:
                 # A quarter of the reserve: the WAL pages a checkpoint moves into the database
                 # file never take the half of the reserve kept for deletes and gc.
-                blobs.space.statvfs()
-                manifest.limit_wal(blobs.space.reserve // 4)
-                blobs.space.manifest_room = manifest.claim_free_pages
+                blob_store.space.statvfs()
+                manifest.limit_wal(blob_store.space.reserve // 4)
+                blob_store.space.manifest_room = manifest.claim_free_pages
         except BaseException:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise
-        return cls(root, manifest, blobs, lock_fd)
+        return cls(root, manifest, blob_store, lock_fd)
 
     def recover(self) -> Recovery:
         """Start-up clean-up after any stop: no full scan, only what a crash can leave.
@@ -425,17 +462,9 @@ class Store:
             return RollBack(len(recent), (), 0)
         changed = self.manifest.roll_back(sorted(bad), time.time_ns())
         for blob, _ in bad.values():
-            self._quarantine(blob)
+            self.blobs.quarantine(blob.digest)
         return RollBack(len(recent), tuple(problem for _, problem in bad.values()),
                         len(changed))
-
-    def _quarantine(self, blob: BlobRef) -> None:
-        """Move a damaged blob file out of blobs/ (kept for forensics, never read again)."""
-        target = self.root / QUARANTINE_DIR
-        target.mkdir(mode=0o700, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(self.blobs.path_of(blob.digest),
-                      target / f"{blob.digest}.{time.time_ns()}")
 
     def sync_durable(self) -> None:
         """A group sync: every blob file written so far, then the manifest with the durable

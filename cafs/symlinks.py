@@ -21,7 +21,7 @@ import logging
 import time
 from typing import NoReturn
 
-from cafs.blobstore import BlobStore
+from cafs.blobstore import Blobs
 from cafs.digest import Digest
 from cafs.errors import Damaged, InvalidArgument, NotFound, NotPermitted
 from cafs.lru import Lru
@@ -38,7 +38,7 @@ TARGET_CACHE_BYTES = 1 << 20
 
 
 class Symlinks:
-    def __init__(self, tree: Namespace, manifest: Manifest, blobs: BlobStore) -> None:
+    def __init__(self, tree: Namespace, manifest: Manifest, blobs: Blobs) -> None:
         self.tree = tree
         self.manifest = manifest
         self.blobs = blobs

@@ -28,7 +28,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
-from cafs.blobstore import BlobStore
+from cafs.blobstore import Blobs
 from cafs.errors import BadHandle, NotFound
 from cafs.manifest import Manifest
 from cafs.model import Attr, AttrChanges, BlobRef, Caller, Kind, Node
@@ -56,7 +56,7 @@ class Vfs:
     def __init__(
         self,
         manifest: Manifest,
-        blobs: BlobStore,
+        blobs: Blobs,
         runtime: Runtime,
         *,
         max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE,

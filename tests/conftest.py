@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from backends import BACKEND, backend_uses, current_s3, s3_config_lines
+from backends import weed as weed  # the session's S3 server, for every test that asks
 
 CAFS = [sys.executable, "-m", "cafs"]
 # Tests never read the machine's /etc/cafs/cafs.toml: each passes what it needs.
@@ -156,6 +158,9 @@ class Mount:
         self.mountpoint = mountpoint
         self.options = options
         self._log_checked_upto = 0
+        # Added to the environment of the commands on this store (a second store in a test
+        # on remote back ends gets its own configuration: backends.another_store_env).
+        self.env: dict[str, str] | None = None
 
     @property
     def runs(self) -> Path:
@@ -171,7 +176,8 @@ class Mount:
         args = ["mount", "--store", str(self.store), str(self.mountpoint)]
         for option in self.options:
             args += ["-o", option]
-        cafs(*args, env={**os.environ, **env} if env else None)
+        extra = {**(self.env or {}), **(env or {})}
+        cafs(*args, env={**os.environ, **extra} if extra else None)
         assert is_mounted(self.mountpoint)
 
     def stop(self) -> None:
@@ -210,7 +216,8 @@ class Mount:
                 if " ERROR " in line or " CRITICAL " in line or "Traceback" in line]
 
     def fsck(self, *extra: str) -> subprocess.CompletedProcess[str]:
-        return cafs("fsck", "--store", str(self.store), *extra, check=False)
+        return cafs("fsck", "--store", str(self.store), *extra, check=False,
+                    env={**os.environ, **self.env} if self.env else None)
 
     def assert_clean(self) -> None:
         """What every mount ends with: no error logged, and fsck --full finds no damage."""
@@ -218,6 +225,22 @@ class Mount:
         assert not problems, "the daemon logged errors:\n" + "\n".join(problems)
         report = self.fsck("--full")
         assert report.returncode == 0, f"fsck found damage:\n{report.stdout}{report.stderr}"
+
+
+@pytest.fixture(autouse=True)
+def test_backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """CAFS_TEST_BACKEND (see backends.py): a per-test cafs.toml naming fresh remote back
+    ends, in CAFS_CONFIG for every `cafs ...` the test runs. Nothing in `local` mode."""
+    current_s3.clear()
+    if BACKEND == "local":
+        return
+    lines: list[str] = []
+    if backend_uses("s3"):
+        lines += s3_config_lines(request.getfixturevalue("weed"))
+    path = tmp_path_factory.mktemp("backend") / "cafs.toml"
+    path.write_text("".join(f"{line}\n" for line in lines))
+    monkeypatch.setenv("CAFS_CONFIG", str(path))
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from backends import StoredBlobs
 from conftest import Mount, cafs, sh, xattr
 
 
@@ -56,8 +57,7 @@ def test_same_content_under_two_names_is_stored_once(mount: Mount, source_tree: 
     assert counts["blobs"] == 1
     assert counts["logical_bytes"] == 4 * csv.stat().st_size
     # One file on disk, and it is compressed text.
-    on_disk = list((mount.store / "blobs").glob("*/*"))
-    assert [p.name for p in on_disk] == [digest]
+    assert StoredBlobs(mount.store).names() == [digest]
     assert xattr(files[0], "user.cafs.encoding") == "zstd"
     assert int(xattr(files[0], "user.cafs.stored_size")) < csv.stat().st_size // 3
     # The content is also reachable by its hash, read-only.
@@ -391,7 +391,7 @@ def test_writing_lost_content_again_restores_its_blob(mount: Mount) -> None:
     (layer / "original").write_bytes(data)
     digest = xattr(layer / "original", "user.cafs.sha256")
     mount.stop()
-    (mount.store / "blobs" / digest[:2] / digest).unlink()  # damage behind cafs's back
+    StoredBlobs(mount.store).remove(digest)  # damage behind cafs's back
     assert mount.fsck().returncode == 1
     mount.start()
     (layer / "again").write_bytes(data)  # a dedup hit on a missing file: write it, don't trust

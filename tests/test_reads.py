@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from backends import StoredBlobs
 from conftest import Mount, cafs, sh, started, xattr
 
 
@@ -24,7 +25,7 @@ def drop_caches() -> None:
 
 def blob_file(mount: Mount, path: Path) -> Path:
     digest = xattr(path, "user.cafs.sha256")
-    return mount.store / "blobs" / digest[:2] / digest
+    return StoredBlobs(mount.store).path(digest)
 
 
 def flip_in_place(blob: Path, at: int) -> None:
@@ -51,6 +52,15 @@ def test_a_blob_damaged_after_its_reader_was_kept_reads_eio(mount: Mount,
     flip_in_place(blob, blob.stat().st_size // 3)
     drop_caches()  # the kernel's pages go, the daemon's idle reader stays
     result = sh(f"cat {layer}/victim", check=False)
+    if StoredBlobs(mount.store).remote:
+        # On S3 the damaged file is the cache's copy: it is fetched again (once), and the
+        # read gets the true bytes; the object in the bucket was never damaged.
+        assert result.returncode == 0 and result.stdout == data
+        if not compressible:  # (zstd: the frames may come from the frame cache, checked)
+            digest = xattr(layer / "victim", "user.cafs.sha256")
+            assert blob.read_bytes() == StoredBlobs(mount.store).read(digest)  # whole again
+        mount.log_problems(accept=True)
+        return
     if compressible:
         # Frames decompressed and checked before the damage may still be in the daemon's
         # frame cache: those are the true bytes. Anything else is EIO.

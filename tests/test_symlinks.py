@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import test_bundles
+from backends import another_store_env
 from conftest import (
     BEFORE_M006,
     Mount,
@@ -270,10 +271,11 @@ def test_export_import_round_trip(layer: Path, mount: Mount, tmp_path: Path) -> 
     cafs("export", str(mount.runs / "e1"), "-o", str(out))
     cafs("unseal", str(mount.runs / "e1"))
     other = Mount(tmp_path / "other", tmp_path / "other-mnt")
+    other.env = another_store_env(tmp_path)
     other.mountpoint.mkdir()
     with unmounted_at_the_end(other.mountpoint), started(other):  # a store's first mount
         pass  # makes it
-    cafs("import", "--store", str(other.store), str(out))
+    cafs("import", "--store", str(other.store), str(out), env=other.env)
     with unmounted_at_the_end(other.mountpoint), started(other):
         there = other.runs / "e1" / "train"
         assert os.readlink(there / "latest") == "model.bin"

@@ -18,6 +18,8 @@ from cafs.digest import Digest
 from cafs.model import StoredBlob
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from cafs.blobstore.space import SpaceGuard
     from cafs.blobstore.temp import TempBlob
 
@@ -70,6 +72,20 @@ class Blobs(Protocol):
 
     # Space accounting on the filesystem that temps (and the manifest) are written to.
     space: SpaceGuard
+    # Where temps live (always local, in the store directory): bundles spool there too.
+    tmp_dir: Path
+    # True: every publish makes its blob durable before it returns (see LocalBlobStore).
+    sync_each_publish: bool
+    # True: blob calls (publish, has, delete, listing, reading what is not cached) go over the
+    # network and may block for seconds: the daemon runs them in worker threads.
+    remote: bool
+    # Where the blobs live, as the store records it (`blobs/`, `s3://bucket/prefix/`): a store
+    # is never opened with its blobs looked for somewhere else.
+    where: str
+
+    def create_layout(self) -> None:
+        """Make what a new store needs (directories, the cache)."""
+        ...
 
     def new_temp(self, *, streaming: bool = False) -> TempBlob:
         """An empty temp for a write in progress; the caller discards it."""
@@ -89,14 +105,25 @@ class Blobs(Protocol):
         """Make every blob written so far durable against power loss."""
         ...
 
-    def open(self, digest: Digest, encoding: str) -> BlobReader:
-        """A reader of the blob; Corrupt if it is missing or unreadable."""
+    def open(self, digest: Digest, encoding: str, *, size: int | None = None) -> BlobReader:
+        """A reader of the blob; Corrupt if it is missing or unreadable. `size` (the
+        uncompressed size the manifest records) lets a remote store open without fetching:
+        it never downloads then, its reader's read() does."""
         ...
 
     def has(self, digest: Digest) -> bool: ...
 
     def delete(self, digest: Digest) -> None:
         """Remove the blob; FileNotFoundError if there is none."""
+        ...
+
+    def deleting(self, digests: list[Digest]) -> None:
+        """These blobs are about to be deleted (each by delete(), maybe in another thread):
+        until then, has() says False and a publish of one waits, then stores it anew."""
+        ...
+
+    def deleted(self, digests: list[Digest]) -> None:
+        """The deletes announced by deleting() are over (done, or given up)."""
         ...
 
     def stored_size(self, digest: Digest) -> int:
@@ -109,6 +136,15 @@ class Blobs(Protocol):
 
     def iter_digests(self) -> Iterator[Digest]:
         """Every stored blob's digest, whether the manifest knows it or not."""
+        ...
+
+    def blob_files(self) -> Iterator[tuple[Digest, int, int]]:
+        """Every stored blob: (digest, stored size, when it was stored in ns)."""
+        ...
+
+    def quarantine(self, digest: Digest) -> str | None:
+        """Move a blob whose bytes are wrong out of every read path, kept for forensics; the
+        name it is kept under, None if there was none."""
         ...
 
     def has_blob_files(self) -> bool:

@@ -12,6 +12,7 @@ the formats themselves live in their modules (raw, raw_xxh64, zstd_seekable).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -51,9 +52,31 @@ _libc_syncfs = _find_syncfs()
 # Blob files up to this size are read whole into the page cache when opened (see open).
 WHOLE_BLOB_AHEAD = 1 << 20
 
+QUARANTINE_DIR = "quarantine"  # beside blobs/: damaged blob files, kept for forensics
+
+
+def reader_of_fd(fd: int, digest: Digest, encoding: Encoding, frame_cache: FrameCache, *,
+                 from_disk: bool = False) -> BlobReader:
+    """The reader of a blob file open at `fd` (which it takes over, closed on failure too).
+    `from_disk`: no frame decompressed earlier is used (see LocalBlobStore.open)."""
+    try:
+        if encoding is Encoding.RAW_CHECKED:
+            return CheckedRawReader(fd, digest)
+        if encoding is Encoding.ZSTD:
+            if from_disk:
+                return ZstdReader(fd, digest, new_frame_cache(0), read_ahead=False)
+            return ZstdReader(fd, digest, frame_cache)
+        return RawReader(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
 
 class LocalBlobStore:
     """Immutable blobs by digest in a local directory, plus the temp files that become them."""
+
+    remote = False  # blob calls are local file I/O: small ones may run on the event loop
+    where = "blobs/"
 
     def __init__(
         self,
@@ -131,13 +154,7 @@ class LocalBlobStore:
         file descriptor stays open (readers may still use it); the caller discards the temp.
         """
         final = self.path_of(digest)
-        chosen = temp
-        compressed = self._zstd.compress_if_worthwhile(temp, self.new_temp)
-        if compressed is not None:
-            chosen, encoding = compressed, Encoding.ZSTD
-        else:
-            temp.append_block_sums()  # raw+xxh64 is written in place
-            encoding = Encoding.RAW_CHECKED
+        chosen, encoding, compressed = self.encode(temp)
         try:
             chosen.materialize()  # a small raw content goes from memory to its file here
             # Its mtime from the precise clock, not the kernel's coarse one (a tick, ~4 ms,
@@ -158,6 +175,16 @@ class LocalBlobStore:
             if compressed is not None:
                 compressed.discard()
         return StoredBlob(digest, temp.size, stored_size, encoding)
+
+    def encode(self, temp: TempBlob) -> tuple[TempBlob, Encoding, TempBlob | None]:
+        """The temp holding the blob's stored bytes (the compressed one when worthwhile, else
+        `temp` with its block sums appended), their encoding, and the compressed temp the
+        caller discards (None if raw)."""
+        compressed = self._zstd.compress_if_worthwhile(temp, self.new_temp)
+        if compressed is not None:
+            return compressed, Encoding.ZSTD, compressed
+        temp.append_block_sums()  # raw+xxh64 is written in place
+        return temp, Encoding.RAW_CHECKED, None
 
     def sync_blob(self, digest: Digest) -> None:
         """Make one blob file and its name durable (an fsync through the mount)."""
@@ -181,7 +208,8 @@ class LocalBlobStore:
 
     # -- reading --------------------------------------------------------------------------
 
-    def open(self, digest: Digest, encoding: str, *, from_disk: bool = False) -> BlobReader:
+    def open(self, digest: Digest, encoding: str, *, size: int | None = None,
+             from_disk: bool = False) -> BlobReader:
         """`from_disk`: every byte comes from the file and is checked now, none from the
         frames other readers decompressed (and checked) before: what a check of the file
         (fsck) must see."""
@@ -197,22 +225,13 @@ class LocalBlobStore:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
                 raise  # the daemon is short of resources; the blob is fine
             raise Corrupt(f"blob {digest}: {exc.strerror}") from exc
-        try:
-            # A small blob is asked for whole before its footer is read: one disk read brings
-            # footer, sums and content, and the READ that opened it (the first) is answered
-            # from the page cache on the event loop, with no hop to a worker thread.
+        # A small blob is asked for whole before its footer is read: one disk read brings
+        # footer, sums and content, and the READ that opened it (the first) is answered from
+        # the page cache on the event loop, with no hop to a worker thread.
+        with contextlib.suppress(OSError):
             if os.fstat(fd).st_size <= WHOLE_BLOB_AHEAD:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            if known is Encoding.RAW_CHECKED:
-                return CheckedRawReader(fd, digest)
-            if known is Encoding.ZSTD:
-                if from_disk:
-                    return ZstdReader(fd, digest, new_frame_cache(0), read_ahead=False)
-                return ZstdReader(fd, digest, self.frame_cache)
-            return RawReader(fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        return reader_of_fd(fd, digest, known, self.frame_cache, from_disk=from_disk)
 
     # -- administration -------------------------------------------------------------------
 
@@ -241,6 +260,25 @@ class LocalBlobStore:
                 if is_digest(name) and name.startswith(shard):
                     yield Digest(name)
 
+    def blob_files(self) -> Iterator[tuple[Digest, int, int]]:
+        """Every blob file: its digest, stored size and mtime (ns)."""
+        for digest in self.iter_digests():
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                info = os.lstat(self.path_of(digest))
+                yield digest, info.st_size, info.st_mtime_ns
+
+    def quarantine(self, digest: Digest) -> str | None:
+        """Move a blob file whose bytes are wrong to <store>/quarantine/ (kept for forensics,
+        out of every read path); its name there, None if there was no file."""
+        target = self.blob_dir.parent / QUARANTINE_DIR
+        target.mkdir(mode=0o700, exist_ok=True)
+        name = f"{digest}.{time.time_ns()}"
+        try:
+            os.rename(self.path_of(digest), target / name)
+        except FileNotFoundError:
+            return None
+        return name
+
     def stored_size(self, digest: Digest) -> int:
         return os.lstat(self.path_of(digest)).st_size
 
@@ -254,6 +292,12 @@ class LocalBlobStore:
 
     def delete(self, digest: Digest) -> None:
         os.unlink(self.path_of(digest))
+
+    def deleting(self, digests: list[Digest]) -> None:
+        """Nothing to do: deletes run on the event loop, between publishes."""
+
+    def deleted(self, digests: list[Digest]) -> None:
+        """Nothing to do (see deleting)."""
 
 
 if TYPE_CHECKING:  # mypy holds the implementation to the protocol, member by member

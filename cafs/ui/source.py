@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cafs.admin import Browsed, decode_result
-from cafs.blobstore import BlobReader, BlobStore
+from cafs.blobstore import BlobReader, Blobs, BlobsSpec, open_blob_store
 from cafs.control import call
 from cafs.digest import Digest
 from cafs.store import Store, serving_daemon
@@ -44,8 +44,10 @@ class Summary:
 class Source:
     """The store `cafs ui` shows. Thread-safe: the HTTP server answers requests in threads."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, blobs: BlobsSpec | None = None) -> None:
         self.root = root
+        self.blobs = blobs  # where the store's blobs live (None: its blobs/)
+        self._blob_store: Blobs | None = None
         self._summary = Summary()
         self._lock = threading.Lock()
 
@@ -61,7 +63,7 @@ class Source:
             result = decode_result("browse", answer)
             assert isinstance(result, Browsed)
             return result.answer
-        store = Store.open(self.root, create=False)
+        store = Store.open(self.root, create=False, blobs=self.blobs)
         try:
             return store.manifest.browse(name, params)
         finally:
@@ -71,7 +73,7 @@ class Source:
         """Publishes in the run at `path` over time (ui_queries.timeline): a scan as long as
         the run, so always on a read-only open of the manifest here, never in the daemon,
         where it would hold up every filesystem request meanwhile."""
-        store = Store.open(self.root, create=False)
+        store = Store.open(self.root, create=False, blobs=self.blobs)
         try:
             return store.manifest.timeline(path, first_ns, last_ns)
         finally:
@@ -105,7 +107,7 @@ class Source:
         started = time.monotonic()
         data, error = None, None
         try:
-            store = Store.open(self.root, create=False)
+            store = Store.open(self.root, create=False, blobs=self.blobs)
             try:
                 data = store.manifest.summary()
             finally:
@@ -134,4 +136,7 @@ class Source:
             return None
         if found["damaged"]:
             return found, None
-        return found, BlobStore(self.root).open(Digest(found["sha256"]), found["encoding"])
+        if self._blob_store is None:
+            self._blob_store = open_blob_store(self.root, self.blobs)
+        return found, self._blob_store.open(Digest(found["sha256"]), found["encoding"],
+                                            size=found.get("size"))

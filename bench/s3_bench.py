@@ -1,0 +1,205 @@
+"""cafs with its blobs on S3 (a loopback `weed mini`) against cafs on its local store, in the
+same run, interleaved, best of N: ingest of the bench corpus, a cold read through an empty
+cache, a warm (cached) read, 4 KiB creates with one and four writers; and what one 4 KiB PUT
+costs through boto3 and through a lean client on a kept-alive connection.
+
+Run as root (the page cache is dropped before reads): scripts/bench --s3 [--scale X]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import hmac
+import http.client
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+import write_figures  # noqa: E402
+from backends import (  # noqa: E402
+    S3_ACCESS_KEY,
+    S3_BUCKET,
+    S3_SECRET_KEY,
+    WeedServer,
+    start_weed,
+    stop_weed,
+)
+from cafs_bench import MB, daemon_pid, drop_caches, make_corpus, read_tree  # noqa: E402
+
+CAFS = [sys.executable, "-m", "cafs"]
+
+
+@contextlib.contextmanager
+def mounted(store: Path, mountpoint: Path, *flags: str) -> Iterator[Path]:
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    subprocess.run([*CAFS, "mount", "--store", str(store), *flags, str(mountpoint)],
+                   check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run([*CAFS, "umount", str(mountpoint)], check=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children it waited for (weed's are threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def best(values: list[float]) -> float:
+    return min(values)
+
+
+def row(figure: str, local: float, s3: float, unit: str, target: str, met: bool) -> None:
+    print(f"  {figure:<40} {local:>10,.2f} {s3:>10,.2f} {unit:<8} {s3 / local:>6.2f}x  "
+          f"{target} {'met' if met else 'MISSED'}", flush=True)
+
+
+# -- one PUT: boto3 against a lean client ------------------------------------------------------
+
+
+def _sign(key: bytes, text: str) -> bytes:
+    return hmac.new(key, text.encode(), hashlib.sha256).digest()
+
+
+def lean_put(conn: http.client.HTTPConnection, host: str, key: str, body: bytes) -> int:
+    """One SigV4-signed PUT with If-None-Match: * on a kept-alive connection."""
+    now = datetime.datetime.now(datetime.UTC)
+    amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+    payload = hashlib.sha256(body).hexdigest()
+    path = f"/{S3_BUCKET}/{key}"
+    headers = {"host": host, "if-none-match": "*", "x-amz-content-sha256": payload,
+               "x-amz-date": amz_date}
+    signed = ";".join(sorted(headers))
+    canonical = "\n".join(["PUT", path, "",
+                           *(f"{name}:{headers[name]}" for name in sorted(headers)), "",
+                           signed, payload])
+    scope = f"{day}/us-east-1/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
+                         hashlib.sha256(canonical.encode()).hexdigest()])
+    secret = _sign(_sign(_sign(_sign(f"AWS4{S3_SECRET_KEY}".encode(), day), "us-east-1"),
+                         "s3"), "aws4_request")
+    signature = hmac.new(secret, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={S3_ACCESS_KEY}/{scope}, "
+                                f"SignedHeaders={signed}, Signature={signature}")
+    conn.request("PUT", path, body=body, headers=headers)
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
+def put_costs(server: WeedServer, count: int) -> tuple[float, float]:
+    """Median ms of one 4 KiB PUT (If-None-Match: *) through boto3 (as cafs configures it)
+    and through the lean client."""
+    from cafs.blobstore.s3 import S3Location, S3Objects
+    from cafs.blobstore.s3_objects import Exists
+
+    objects = S3Objects(S3Location.parse(server.url("bench-put")))
+    boto_times, lean_times = [], []
+    host = f"127.0.0.1:{server.port}"
+    conn = http.client.HTTPConnection(host, timeout=5)
+    with tempfile.TemporaryFile() as file:
+        for i in range(count):  # interleaved: the same load for both
+            data = os.urandom(4096)
+            file.seek(0)
+            file.truncate()
+            file.write(data)
+            file.flush()
+            start = time.perf_counter()
+            # (The very first PUT may outlast the read timeout while the server makes its
+            # volumes: the retry then finds it stored.)
+            with contextlib.suppress(Exists):  # boto3 as cafs configures it (s3_objects)
+                objects.put_new(f"boto/{i}", file.fileno(), len(data), {"cafs-encoding": "raw"},
+                                lean=False)
+            boto_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            status = lean_put(conn, host, f"bench-put/lean/{i}", data)
+            lean_times.append(time.perf_counter() - start)
+            assert status in (200, 412), status  # 412: see the first boto3 PUT
+    return statistics.median(boto_times) * 1000, statistics.median(lean_times) * 1000
+
+
+# -- the figures -------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scale", type=float, default=0.25)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--creates", type=int, default=500)
+    parser.add_argument("--puts", type=int, default=300)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="cafs-s3-bench-", dir="/var/tmp"))
+    (work / "weed").mkdir()
+    server = start_weed(work / "weed")
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = (S3_ACCESS_KEY,
+                                                                            S3_SECRET_KEY)
+    try:
+        print(f"load average at the start: {write_figures.load_average()}")
+        corpus = work / "corpus"
+        files, total = make_corpus(corpus, args.scale)
+        print(f"corpus: {files} files, {total / MB:.1f} MB")
+        s3_flags = ("--blobs", server.url("bench"))
+        boto_ms, lean_ms = put_costs(server, args.puts)
+        print(f"  one 4 KiB PUT, median: boto3 {boto_ms:.2f} ms, lean client {lean_ms:.2f} ms")
+        with mounted(work / "local", work / "mlocal") as local, \
+                mounted(work / "s3", work / "ms3", *s3_flags) as s3:
+            targets = {"local": local / "runs", "s3": s3 / "runs"}
+            for target in targets.values():
+                (target / "bench").mkdir(parents=True)
+            seconds = write_figures.ingest_seconds(corpus, {k: v / "bench" for k, v in
+                                                            targets.items()}, args.repeat)
+            row(f"ingest: cp -r {files} files, {total / MB:.0f} MB", seconds["local"],
+                seconds["s3"], "s", "<= 1.5x", seconds["s3"] <= 1.5 * seconds["local"])
+            for writers, goal in ((1, 500), (4, 1500)):
+                before = {name: cpu_seconds(pid) for name, pid in
+                          (("local", daemon_pid(work / "local")), ("s3", daemon_pid(work / "s3")),
+                           ("weed", server.process.pid))}
+                rate = write_figures.create_rate(targets, args.creates, writers, args.repeat)
+                row(f"4 KiB creates, {writers} writer(s)", rate["local"], rate["s3"],
+                    "files/s", f">= {goal}/s", rate["s3"] >= goal)
+                files_each = args.creates * writers * args.repeat
+                spent = {name: (cpu_seconds(pid) - before[name]) / files_each * 1000 for
+                         name, pid in (("local", daemon_pid(work / "local")),
+                                       ("s3", daemon_pid(work / "s3")),
+                                       ("weed", server.process.pid))}
+                print(f"    CPU ms per create: local daemon {spent['local']:.2f}, S3 daemon "
+                      f"{spent['s3']:.2f}, weed {spent['weed']:.2f}")
+        cold: dict[str, list[float]] = {"local": [], "s3": []}
+        warm: dict[str, list[float]] = {"local": [], "s3": []}
+        for _ in range(args.repeat):
+            for name, store, flags in (("local", work / "local", ()),
+                                       ("s3", work / "s3", s3_flags)):
+                if name == "s3":
+                    shutil.rmtree(store / "cache")  # an empty cache: every blob is fetched
+                with mounted(store, work / f"m{name}", *flags) as mountpoint:
+                    for figures in (cold, warm):  # the second read: the cache holds it all
+                        drop_caches()
+                        start = time.perf_counter()
+                        read_tree(mountpoint / "runs" / "bench")
+                        figures[name].append(time.perf_counter() - start)
+        row("cold read (empty cache, page cache dropped)", best(cold["local"]),
+            best(cold["s3"]), "s", "<= 2.0x", best(cold["s3"]) <= 2 * best(cold["local"]))
+        row("warm read (cached, page cache dropped)", best(warm["local"]), best(warm["s3"]),
+            "s", "same as local", best(warm["s3"]) <= 1.15 * best(warm["local"]))
+        print(f"load average at the end: {write_figures.load_average()}")
+    finally:
+        stop_weed(server)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

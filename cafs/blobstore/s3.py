@@ -1,0 +1,458 @@
+"""Blobs on S3-compatible storage, read through a verified local cache: the `Blobs`
+implementation for stores whose blobs live in a bucket.
+
+Layout in the bucket, under the location's prefix: `blobs/<64 hex>` (exactly the bytes the
+local store's blob file holds: the same encodings, chosen the same way) and
+`quarantine/<64 hex>.<ns>` (damaged objects fsck --repair moved aside). Temps stay local
+(`<store>/tmp/`, as in LocalBlobStore); the cache is a directory of whole blob files
+(cafs.blobstore.cache).
+
+Owns: publishing (encode as the local store does, then one PUT with `If-None-Match: *`: a
+412 means someone stored the content already, which is fine), filling the cache (download
+to a temp in the cache directory, re-hash it against the digest with the encoding's own
+checks, rename into place), readers that never download in `open` or `read_nowait`, only in
+`read` (worker threads), and that fetch a damaged cache file again once before they give
+Corrupt. Must not know the manifest, paths in the namespace or FUSE.
+
+Every call that talks to the service may block for seconds (see s3_objects for the bounds):
+`remote = True` tells the daemon to make them in worker threads. `has()` answers from the
+cache when it can, else with one quick HEAD (it is asked on the event loop, at publish).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cafs import crashpoints
+from cafs.blobstore.api import BlobReader, Blobs, Encoding, read_chunks
+from cafs.blobstore.cache import BlobCache
+from cafs.blobstore.local import LocalBlobStore, reader_of_fd
+from cafs.blobstore.s3_objects import Exists, S3Location, S3Objects, Unavailable
+from cafs.blobstore.space import SpaceGuard
+from cafs.blobstore.temp import TempBlob
+from cafs.blobstore.zstd_seekable import DEFAULT_LEVEL, FrameCache, new_frame_cache
+from cafs.digest import Digest, digest_of_chunks, is_digest
+from cafs.errors import Corrupt
+from cafs.model import StoredBlob
+
+BLOBS = "blobs/"
+QUARANTINE = "quarantine/"
+ENCODING_KEY = "cafs-encoding"  # user metadata: the object's encoding
+DEFAULT_CACHE_SIZE = 10 << 30
+RETRY_AFTER = 0.5  # seconds after a failed fetch in which a read of it fails at once
+HEAD_PAUSE = 5.0  # seconds has() answers False without asking after a HEAD failed
+
+__all__ = ["DEFAULT_CACHE_SIZE", "S3BlobStore", "S3Location", "Unavailable"]
+
+
+def _known(digest: Digest, encoding: str) -> Encoding:
+    try:
+        return Encoding(encoding)
+    except ValueError:
+        raise Corrupt(f"blob {digest}: unknown encoding {encoding!r}") from None
+
+
+class S3BlobStore:
+    """Immutable blobs by digest in a bucket, with a local cache of whole blob files."""
+
+    remote = True
+
+    def __init__(self, root: Path, location: S3Location, *, cache_dir: Path | None = None,
+                 cache_size: int = DEFAULT_CACHE_SIZE, level: int = DEFAULT_LEVEL,
+                 frame_cache_bytes: int = 64 << 20, objects: S3Objects | None = None) -> None:
+        # Temps, their encoding and space accounting are the local store's, unchanged.
+        self._local = LocalBlobStore(root, level=level, frame_cache_bytes=0)
+        self.tmp_dir = self._local.tmp_dir
+        self.space: SpaceGuard = self._local.space
+        self.memory = self._local.memory
+        self.frame_cache: FrameCache = new_frame_cache(frame_cache_bytes)
+        self.location = location
+        self.where = f"s3://{location.bucket}/{location.prefix}"
+        self.objects = objects or S3Objects(location)
+        self.cache = BlobCache(cache_dir or root / "cache", cache_size)
+        self.cache.load()
+        self._fetching: dict[str, threading.Lock] = {}
+        self._fetching_lock = threading.Lock()
+        # Digests gc chose to delete whose objects are not gone yet (see deleting).
+        self._deleting: set[str] = set()
+        self._deletes = threading.Condition()
+        self._head_failed_at = -1e9  # when has()'s quick HEAD last failed (monotonic)
+        # Digests whose last fetch failed for want of the service: when, and how.
+        self._failed: dict[str, tuple[float, Unavailable]] = {}
+
+    # A PUT that returned is stored by the service: nothing to make durable later.
+    @property
+    def sync_each_publish(self) -> bool:
+        return True
+
+    @sync_each_publish.setter
+    def sync_each_publish(self, value: bool) -> None:
+        self._local.sync_each_publish = value  # temps only
+
+    def create_layout(self) -> None:
+        self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        self.cache.load()
+
+    def clean_tmp(self) -> int:
+        return self._local.clean_tmp()
+
+    def new_temp(self, *, streaming: bool = False) -> TempBlob:
+        return self._local.new_temp(streaming=streaming)
+
+    # -- writing --------------------------------------------------------------------------
+
+    def publish(self, temp: TempBlob, digest: Digest) -> StoredBlob:
+        """Encode the temp as the local store would and upload it unless the bucket has it;
+        then it enters the cache (a read after close needs no download). Unavailable (EIO)
+        if the service fails: nothing is visible, the caller's manifest is not touched."""
+        self._wait_for_delete(digest)
+        chosen, encoding, compressed = self._local.encode(temp)
+        try:
+            chosen.materialize()
+            stored_size = os.fstat(chosen.fd).st_size
+            crashpoints.reached("after-temp-fsync")  # the encoded temp, not yet uploaded
+            try:
+                self.objects.put_new(BLOBS + digest, chosen.fd, stored_size,
+                                     {ENCODING_KEY: str(encoding)})
+            except Exists:  # stored already (another writer, an orphan, our own retry)
+                try:
+                    head = self.objects.head(BLOBS + digest)
+                except FileNotFoundError:  # a 412 for no object (or deleted since): once more
+                    self.objects.put_new(BLOBS + digest, chosen.fd, stored_size,
+                                         {ENCODING_KEY: str(encoding)}, replace=True)
+                    head = self.objects.head(BLOBS + digest)
+                try:
+                    theirs = Encoding(head.get("Metadata", {}).get(ENCODING_KEY, encoding))
+                except ValueError:  # not one of ours: damaged, replaced below
+                    theirs = None
+                if theirs is None or theirs != encoding or head["ContentLength"] != stored_size \
+                        or head.get("ETag", "").strip('"') != _md5_of(chosen.fd):
+                    if theirs is not None and self._sound(digest, theirs):  # encoded otherwise
+                        return StoredBlob(digest, temp.size, int(head["ContentLength"]), theirs)
+                    # Damaged or cut short (a server may keep a PUT whose connection broke):
+                    # ours replaces it.
+                    self.objects.put_new(BLOBS + digest, chosen.fd, stored_size,
+                                         {ENCODING_KEY: str(encoding)}, replace=True)
+            crashpoints.reached("after-blob-rename")  # in the bucket; the manifest knows nothing
+            self.cache.admit_copy(digest, chosen.path, chosen.fd)
+        finally:
+            if compressed is not None:
+                compressed.discard()
+        return StoredBlob(digest, temp.size, stored_size, encoding)
+
+    def _sound(self, digest: Digest, encoding: Encoding) -> bool:
+        """Whether the object in the bucket holds the digest's content, whole."""
+        try:
+            reader = self._fresh_reader(digest, encoding)
+        except Corrupt:
+            return False
+        try:
+            return digest_of_chunks(read_chunks(reader))[0] == digest
+        except Corrupt:
+            return False
+        finally:
+            reader.close()
+
+    def sync_blob(self, digest: Digest) -> None:
+        """Nothing to do: a PUT returns once the service stored the object."""
+
+    def sync_all(self) -> None:
+        """Nothing to do (see sync_blob)."""
+
+    # -- reading --------------------------------------------------------------------------
+
+    def open(self, digest: Digest, encoding: str, *, size: int | None = None,
+             from_disk: bool = False) -> BlobReader:
+        """A reader of the blob. Never downloads when `size` is given (the daemon opens on its
+        event loop): the first read() does. `from_disk`: the object itself, downloaded now
+        into a temp and checked whole (what fsck must see), not the cache."""
+        known = _known(digest, encoding)
+        if from_disk:
+            return self._fresh_reader(digest, known)
+        reader = S3Reader(self, digest, known, size)
+        if size is None:
+            try:
+                reader.load()
+            except BaseException:
+                reader.close()
+                raise
+        return reader
+
+    def has(self, digest: Digest) -> bool:
+        """From the cache if it holds the blob, else one quick HEAD; False if the service
+        does not answer at once (the publish that follows uploads, in a worker thread, and a
+        412 there says the bucket has it)."""
+        with self._deletes:
+            if digest in self._deleting:
+                return False
+        if self.cache.holds(digest):
+            return True
+        if time.monotonic() - self._head_failed_at < HEAD_PAUSE:
+            return False  # the service just failed to answer: the loop does not wait again
+        try:
+            self.objects.head(BLOBS + digest, quick=True)
+        except FileNotFoundError:
+            return False
+        except Unavailable:
+            self._head_failed_at = time.monotonic()
+            return False
+        return True
+
+    def _lock_of(self, digest: str) -> threading.Lock:
+        with self._fetching_lock:
+            return self._fetching.setdefault(digest, threading.Lock())
+
+    def cached_reader(self, digest: Digest, encoding: Encoding) -> BlobReader | None:
+        """A reader of the cached file, or None if the cache does not hold it. Local I/O."""
+        fd = self.cache.open_fd(digest)
+        if fd is None:
+            return None
+        return reader_of_fd(fd, digest, encoding, self.frame_cache)
+
+    def fetch(self, digest: Digest, encoding: Encoding, *, again: bool = False) -> None:
+        """Bring the blob into the cache: download into a temp there, check it whole against
+        the digest (and the encoding's checks), then rename it into place. `again`: the cached
+        file proved damaged: drop it and fetch anew. Corrupt if the object is missing or its
+        bytes are wrong; Unavailable if the service fails."""
+        asked = time.monotonic()
+        with self._lock_of(digest):
+            if again:
+                self.cache.drop(digest)
+            elif self.cache.holds(digest):
+                return  # another thread fetched it meanwhile
+            failed = self._failed.get(digest)
+            if failed is not None and (failed[0] >= asked
+                                       or time.monotonic() - failed[0] < RETRY_AFTER):
+                # The kernel sends several READs of one file at once (read-ahead), and asks
+                # again for a page whose read-ahead failed: the ones that waited for a fetch
+                # that failed meanwhile, or come right after it, fail with it, not each after
+                # its own timeouts. A read asked later tries again.
+                raise failed[1]
+            temp = self.cache.temp_path()
+            try:
+                self._download_checked(digest, encoding, temp)
+                self.cache.admit(digest, temp)
+                self._failed.pop(digest, None)
+            except Unavailable as exc:
+                now = time.monotonic()
+                if len(self._failed) > 1024:  # bounded: older failures matter to no one
+                    self._failed = {key: value for key, value in self._failed.items()
+                                    if now - value[0] < 60}
+                self._failed[digest] = (now, exc)
+                raise
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+
+    def _download_checked(self, digest: Digest, encoding: Encoding, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            try:
+                self.objects.get_into(BLOBS + digest, fd)
+            except FileNotFoundError:
+                raise Corrupt(f"blob {digest} is missing from {self.location}") from None
+            reader = reader_of_fd(os.dup(fd), digest, encoding, self.frame_cache, from_disk=True)
+            try:
+                actual, _ = digest_of_chunks(read_chunks(reader))
+            finally:
+                reader.close()
+            if actual != digest:
+                raise Corrupt(f"blob {digest}: the object in {self.location} hashes to {actual}")
+        finally:
+            os.close(fd)
+
+    def _fresh_reader(self, digest: Digest, encoding: Encoding) -> BlobReader:
+        """A reader of the object downloaded now into a temp (unlinked at once: the reader
+        holds the only reference). For fsck: every byte from the bucket, checked as read."""
+        path = self.tmp_dir / f"check-{os.getpid()}-{os.urandom(6).hex()}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        os.unlink(path)
+        try:
+            try:
+                self.objects.get_into(BLOBS + digest, fd)
+            except FileNotFoundError:
+                raise Corrupt(f"blob {digest} is missing from {self.location}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return reader_of_fd(fd, digest, encoding, self.frame_cache, from_disk=True)
+
+    # -- administration -------------------------------------------------------------------
+
+    def blob_files(self) -> Iterator[tuple[Digest, int, int]]:
+        """Every object under blobs/: digest, size, LastModified (whole seconds: S3 gives no
+        finer time)."""
+        for item in self.objects.list(BLOBS):
+            name = item["Key"][len(BLOBS):]
+            if is_digest(name):
+                yield Digest(name), int(item["Size"]), \
+                    int(item["LastModified"].timestamp()) * 1_000_000_000
+
+    def iter_digests(self) -> Iterator[Digest]:
+        for digest, _, _ in self.blob_files():
+            yield digest
+
+    def has_blob_files(self) -> bool:
+        return any(is_digest(item["Key"][len(BLOBS):])
+                   for item in self.objects.list(BLOBS, limit=16))
+
+    def stored_size(self, digest: Digest) -> int:
+        return int(self.objects.head(BLOBS + digest)["ContentLength"])
+
+    def compute_digest(self, digest: Digest, encoding: str) -> tuple[Digest, int]:
+        """Re-hash the object in the bucket (not the cache): what fsck --full checks."""
+        reader = self.open(digest, encoding, from_disk=True)
+        try:
+            return digest_of_chunks(read_chunks(reader))
+        finally:
+            reader.close()
+
+    def delete(self, digest: Digest) -> None:
+        try:
+            self.objects.head(BLOBS + digest)  # FileNotFoundError if there is none
+            self.cache.drop(digest)
+            self.objects.delete(BLOBS + digest)
+        finally:
+            with self._deletes:
+                self._deleting.discard(digest)
+                self._deletes.notify_all()
+
+    def deleting(self, digests: list[Digest]) -> None:
+        with self._deletes:
+            self._deleting.update(digests)
+
+    def deleted(self, digests: list[Digest]) -> None:
+        with self._deletes:
+            self._deleting.difference_update(digests)
+            self._deletes.notify_all()
+
+    def _wait_for_delete(self, digest: Digest) -> None:
+        """A publish of content gc is deleting waits for the delete: a PUT before it would
+        get 412 for an object about to vanish."""
+        with self._deletes:
+            while digest in self._deleting:
+                self._deletes.wait()
+
+    def quarantine(self, digest: Digest) -> str | None:
+        """Copy the object to quarantine/ and delete it from blobs/; the cache drops it."""
+        self.cache.drop(digest)
+        name = f"{digest}.{time.time_ns()}"
+        try:
+            self.objects.copy(BLOBS + digest, QUARANTINE + name)
+        except FileNotFoundError:
+            return None
+        self.objects.delete(BLOBS + digest)
+        return name
+
+
+def _md5_of(fd: int) -> str:
+    hasher = hashlib.md5(usedforsecurity=False)
+    offset = 0
+    while piece := os.pread(fd, 1 << 20, offset):
+        hasher.update(piece)
+        offset += len(piece)
+    return hasher.hexdigest()
+
+
+class S3Reader:
+    """A BlobReader over the cached file, opened at the first read that needs it. It pins the
+    digest in the cache while open, so eviction never takes a file it reads."""
+
+    def __init__(self, store: S3BlobStore, digest: Digest, encoding: Encoding,
+                 size: int | None) -> None:
+        self._store = store
+        self._digest = digest
+        self._encoding = encoding
+        self._inner: BlobReader | None = None
+        self._lock = threading.Lock()
+        self._refetched = False
+        self._closed = False
+        store.cache.pin(digest)
+        self.size = size if size is not None else -1
+        # Opening the cached file is local and quick: done now if the cache holds it.
+        with contextlib.suppress(Corrupt):
+            self._inner = store.cached_reader(digest, encoding)
+            if self._inner is not None:
+                self.size = self._inner.size
+
+    def load(self) -> BlobReader:
+        """The reader of the cached file, fetching the blob first if the cache lacks it."""
+        inner = self._inner
+        if inner is not None:
+            return inner
+        with self._lock:
+            if self._inner is None:
+                try:
+                    self._inner = self._store.cached_reader(self._digest, self._encoding)
+                except Corrupt:
+                    self._inner = None
+                    self._refetch_locked()
+                if self._inner is None:
+                    self._store.fetch(self._digest, self._encoding)
+                    self._inner = self._open_cached()
+                self.size = self._inner.size
+            return self._inner
+
+    def _open_cached(self) -> BlobReader:
+        inner = self._store.cached_reader(self._digest, self._encoding)
+        if inner is None:  # evicted at once (a cache smaller than the blob): fetch again
+            self._store.fetch(self._digest, self._encoding)
+            inner = self._store.cached_reader(self._digest, self._encoding)
+        if inner is None:
+            raise Corrupt(f"blob {self._digest}: the cache cannot hold it")
+        return inner
+
+    def _refetch_locked(self) -> None:
+        """The cached file is damaged: fetch it again, once in this reader's life."""
+        if self._refetched:
+            raise Corrupt(f"blob {self._digest}: its cached copy is damaged again")
+        self._refetched = True
+        old, self._inner = self._inner, None
+        if old is not None:
+            old.close()
+        self._store.fetch(self._digest, self._encoding, again=True)
+        self._inner = self._open_cached()
+
+    def read(self, offset: int, length: int) -> bytes:
+        inner = self.load()
+        try:
+            return inner.read(offset, length)
+        except Corrupt:
+            with self._lock:
+                if self._inner is inner:
+                    self._refetch_locked()
+                assert self._inner is not None
+                fresh = self._inner
+            return fresh.read(offset, length)
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        inner = self._inner
+        if inner is None:
+            return None
+        try:
+            return inner.read_nowait(offset, length)
+        except Corrupt:
+            return None  # read() in a worker thread fetches the blob again
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.close()
+        self._store.cache.unpin(self._digest)
+
+
+if TYPE_CHECKING:  # mypy holds the implementation to the protocol, member by member
+    _IMPLEMENTS: type[Blobs] = S3BlobStore
