@@ -46,6 +46,7 @@ from cafs.store import (
     LOG_NAME,
     MANIFEST_NAME,
     check_placement,
+    manifest_location,
     open_log,
     prepare_store_dir,
     serving_daemon,
@@ -379,6 +380,9 @@ def ui(store: Path | None, config: Path | None, port: int, bind: str, as_json: b
     root = resolve_store(store, settings)
     with errors_as_exit_codes():
         prepare_store_dir(root, create=False)
+        if manifest_location(root) is not None:
+            raise StoreError(f"store {root} keeps its manifest on PostgreSQL; cafs ui reads "
+                             "manifest.sqlite stores only")
         source = Source(root)
         source.query("fingerprint")  # a store that cannot be read fails here, in one line
     if not is_loopback(bind):

@@ -262,6 +262,8 @@ async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Stor
 
 def _backup(store: Store) -> bool:
     """One rotating manifest backup; a failure is logged, never fatal."""
+    if not store.keeps_backups:  # the manifest is on PostgreSQL: pg_dump backs it up
+        return True
     try:
         made = store.backup()
     except (OSError, CafsError) as exc:

@@ -21,10 +21,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from backends import pg_cluster, pg_url, uses  # noqa: F401  (fixtures for every test file)
 
 CAFS = [sys.executable, "-m", "cafs"]
 # Tests never read the machine's /etc/cafs/cafs.toml: each passes what it needs.
 os.environ["CAFS_CONFIG"] = ""
+
+
+@pytest.fixture(autouse=True)
+def backend_config(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """CAFS_TEST_BACKEND=postgresql (or ...+s3): a per-test cafs.toml naming a fresh database
+    (and the S3 part's settings), in CAFS_CONFIG, so every `cafs ...` the test runs uses them.
+    local (the default): nothing changes."""
+    lines = []
+    if uses("postgresql"):
+        lines.append(f'manifest = "{request.getfixturevalue("pg_url")}"')
+    if not lines:
+        return
+    path = tmp_path_factory.mktemp("backend") / "cafs.toml"
+    path.write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("CAFS_CONFIG", str(path))
 NOBODY = 65534  # uid and gid of the tests' other user
 
 

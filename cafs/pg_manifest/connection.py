@@ -1,0 +1,324 @@
+"""One PostgreSQL connection with the face of sqlite3.Connection the manifest's parts use.
+
+Owns: connecting (libpq URL; the password only from the environment, a service or password
+file), the session settings (READ COMMITTED, statement_timeout, synchronous_commit on), the
+timeouts that bound a hung server (connect, TCP keep-alives, and a watchdog that shuts the
+socket down when a statement outlives its deadline: a server that accepts bytes and never
+answers defeats every server-side timeout), reconnecting, transactions with their COMMIT
+resolved after a dropped connection (pg_xact_status of the transaction's id), and `execute` /
+`executemany` / `lastrowid` / `rowcount` / `total_changes` as sqlite3 has them, the SQL
+translated by cafs.pg_manifest.dialect. Must not know the manifest's tables beyond the id
+sequences, nor turn errors into ManifestError (cafs.pg_manifest.core does).
+
+Concurrency rule: as the SQLite manifest's — one connection, used from one thread; the watchdog
+thread only ever shuts the socket down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg.adapt import Loader
+from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
+
+from cafs.pg_manifest.dialect import explicit_id_table, insert_table, translate
+
+# Bounds (seconds). Every manifest call runs on the daemon's event loop today, and the service
+# watchdog fires after 30 s without a ping: a whole call, retries included, stays well below.
+CONNECT_TIMEOUT = 2
+STATEMENT_TIMEOUT = 4  # server side: a statement that runs too long is cancelled
+STATEMENT_DEADLINE = 5.0  # client side: no answer at all (a hung server or network)
+CALL_BUDGET = 12.0  # one manifest call, its retries and reconnects included
+
+
+class CommitLost(Exception):
+    """The connection dropped during COMMIT and the transaction did not land: safe to retry."""
+
+
+class CommitUnknown(Exception):
+    """The connection dropped during COMMIT and the server could not be asked in time whether
+    the transaction landed."""
+
+
+class _IntegralNumeric(Loader):
+    """sum() of BIGINT is NUMERIC in PostgreSQL: integral values come back as int, as
+    SQLite's do (a Decimal in a size or a count would leak into records and JSON)."""
+
+    def load(self, data: Any) -> Any:
+        text = bytes(data)
+        if text.lstrip(b"-").isdigit():
+            return int(text)
+        return Decimal(text.decode())
+
+
+class Cursor:
+    """The rows of one statement, already fetched (psycopg's client-side cursor)."""
+
+    def __init__(self, rows: list[tuple[Any, ...]], rowcount: int, lastrowid: int | None):
+        self._rows = rows
+        self._next = 0
+        self.rowcount = rowcount
+        self.lastrowid = lastrowid
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        rows, self._next = self._rows[self._next:], len(self._rows)
+        return rows
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        while (row := self.fetchone()) is not None:
+            yield row
+
+
+class _Watchdog:
+    """Shuts a connection's socket down once the statement it runs passes its deadline."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._deadline: float | None = None
+        self._fd = -1
+        self.fired = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cafs-pg-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self, fd: int, deadline: float) -> None:
+        with self._lock:
+            self._fd, self._deadline, self.fired = fd, deadline, False
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._deadline = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            with self._lock:
+                if self._deadline is None or time.monotonic() < self._deadline:
+                    continue
+                self._deadline = None
+                self.fired = True
+                try:
+                    sock = socket.socket(fileno=os.dup(self._fd))
+                except OSError:
+                    continue
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
+                sock.close()
+
+
+class PgConnection:
+    """sqlite3.Connection's face over one psycopg connection (autocommit outside the
+    transactions the manifest opens)."""
+
+    def __init__(self, url: str, *, readonly: bool = False) -> None:
+        self.url = url
+        self.readonly = readonly
+        self.total_changes = 0
+        self.in_transaction = False
+        self.deadline: float | None = None  # of the manifest call in progress
+        self._explicit_ids: set[str] = set()
+        self._conn: psycopg.Connection[Any] | None = None
+        self.closed = False  # by its owner: never connects again
+        self._watchdog = _Watchdog()
+        self.connect()
+
+    # -- the connection ---------------------------------------------------------------------
+
+    def connect(self) -> None:
+        self.close_quietly()
+        if self.closed:
+            raise psycopg.InterfaceError("the manifest was closed")
+        options = (f"-c statement_timeout={STATEMENT_TIMEOUT * 1000} "
+                   "-c synchronous_commit=on -c default_transaction_isolation=read\\ committed "
+                   f"-c idle_in_transaction_session_timeout={int(CALL_BUDGET * 1000)}")
+        if self.readonly:
+            options += " -c default_transaction_read_only=on"
+        conn = psycopg.connect(
+            self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, options=options,
+            application_name="cafs", keepalives=1, keepalives_idle=5, keepalives_interval=2,
+            keepalives_count=2, tcp_user_timeout=int(STATEMENT_DEADLINE * 1000),
+            prepare_threshold=None)
+        conn.adapters.register_dumper(int, Int8Dumper)
+        conn.adapters.register_dumper(int, Int8BinaryDumper)
+        conn.adapters.register_loader("numeric", _IntegralNumeric)
+        self._conn = conn
+        self.in_transaction = False
+        self._explicit_ids.clear()
+
+    def close_quietly(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        self.closed = True
+        self.close_quietly()
+        self._watchdog.stop()
+
+    @property
+    def usable(self) -> bool:
+        return self._conn is not None and not self._conn.closed and not self._conn.broken
+
+    def _live(self) -> psycopg.Connection[Any]:
+        if self.closed:
+            raise psycopg.InterfaceError("the manifest was closed")
+        if not self.usable:
+            if self.in_transaction:  # the transaction went with the connection
+                raise psycopg.OperationalError("the connection to the manifest was lost")
+            self.connect()
+        assert self._conn is not None
+        return self._conn
+
+    def _remaining(self) -> float:
+        if self.deadline is None:
+            return STATEMENT_DEADLINE
+        return max(0.0, min(STATEMENT_DEADLINE, self.deadline - time.monotonic()))
+
+    def _run(self, sql: str, params: Any, many: bool = False) -> Cursor:
+        conn = self._live()
+        remaining = self._remaining()
+        if remaining <= 0:
+            raise psycopg.OperationalError("manifest: out of time for this call")
+        self._watchdog.arm(conn.pgconn.socket, time.monotonic() + remaining)
+        try:
+            with conn.cursor() as cur:
+                if many:
+                    cur.executemany(sql, params)
+                    return Cursor([], cur.rowcount, None)
+                cur.execute(sql, params)
+                rows = cur.fetchall() if cur.description is not None else []
+                return Cursor(rows, cur.rowcount, None)
+        except psycopg.Error:
+            if self._watchdog.fired:
+                conn.close()
+            raise
+        finally:
+            self._watchdog.disarm()
+
+    # -- sqlite3.Connection's face ----------------------------------------------------------
+
+    def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Cursor:
+        statement = translate(sql)
+        text, values = statement.sql, _values(statement.order, params)
+        table = insert_table(sql)
+        if table in ("nodes", "versions", "histories", "blobs"):
+            text += " RETURNING id"
+        explicit = explicit_id_table(sql)
+        if explicit is not None:
+            self._explicit_ids.add(explicit)
+        if not self.in_transaction and text.lstrip()[:6].upper() in ("SELECT", "WITH R"):
+            cursor = self._read(text, values)
+        else:
+            cursor = self._run(text, values)
+        if table is not None and cursor._rows:
+            cursor.lastrowid = int(cursor._rows[-1][0])
+            cursor._rows = []
+        self.total_changes += max(cursor.rowcount, 0)  # read as a difference around a change
+        return cursor
+
+    def _read(self, text: str, values: Any) -> Cursor:
+        """A read outside a transaction is repeated on a new connection if the old one
+        dropped: reads change nothing, so running one twice is harmless."""
+        while True:
+            try:
+                return self._run(text, values)
+            except psycopg.OperationalError:
+                if self.deadline is None or time.monotonic() >= self.deadline - 0.1:
+                    raise
+                time.sleep(0.05)
+                try:
+                    self.connect()
+                except psycopg.OperationalError:
+                    continue
+
+    def execute_raw(self, sql: str) -> None:
+        """A statement (or several) as PostgreSQL spells it, without parameters: migrations."""
+        self._run(sql, None)
+
+    def executemany(self, sql: str, rows: Iterable[Any]) -> Cursor:
+        statement = translate(sql)
+        explicit = explicit_id_table(sql)
+        if explicit is not None:
+            self._explicit_ids.add(explicit)
+        values = [_values(statement.order, row) for row in rows]
+        if not values:
+            return Cursor([], 0, None)
+        cursor = self._run(statement.sql, values, many=True)
+        self.total_changes += max(cursor.rowcount, 0)
+        return cursor
+
+    # -- transactions -----------------------------------------------------------------------
+
+    def begin(self) -> None:
+        self._run("BEGIN", ())
+        self.in_transaction = True
+        self._explicit_ids.clear()
+
+    def rollback(self) -> None:
+        self.in_transaction = False
+        if self.usable:
+            try:
+                self._run("ROLLBACK", ())
+            except psycopg.Error:
+                self.close_quietly()
+
+    def commit(self) -> None:
+        """COMMIT; if the connection drops on the way, ask the server on a new connection
+        whether the transaction landed: the caller gets an answer only once that is known."""
+        for table in sorted(self._explicit_ids):
+            # Ids an import gave itself: the sequence moves past them (never back: node ids
+            # are inode numbers, never reused).
+            self._run(f"SELECT setval('{table}_id_seq', GREATEST((SELECT coalesce(max(id), 0) "
+                      f"FROM {table}), (SELECT last_value FROM {table}_id_seq)))", ())
+        xid = self._run("SELECT pg_current_xact_id()::text", ()).fetchone()
+        assert xid is not None
+        try:
+            self._run("COMMIT", ())
+        except psycopg.OperationalError:
+            self.in_transaction = False
+            self.close_quietly()
+            self._resolve(str(xid[0]))
+        finally:
+            self.in_transaction = False
+
+    def _resolve(self, xid: str) -> None:
+        end = max(self.deadline or 0.0, time.monotonic() + CONNECT_TIMEOUT * 2)
+        while time.monotonic() < end:
+            try:
+                if not self.usable:
+                    self.connect()
+                row = self._run("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
+            except psycopg.OperationalError:
+                time.sleep(0.1)
+                continue
+            status = row[0] if row else None
+            if status == "committed":
+                return
+            if status == "aborted" or status is None:
+                raise CommitLost(f"transaction {xid} did not commit")
+            time.sleep(0.05)  # still in progress on the server
+        raise CommitUnknown(f"transaction {xid}: the connection dropped during COMMIT and "
+                            "the server did not answer whether it landed")
+
+
+def _values(order: tuple[int, ...] | None, params: Any) -> Any:
+    if order is None:
+        return params
+    return [params[index] for index in order]
