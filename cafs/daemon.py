@@ -164,7 +164,7 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     log.info("mounting store %s at %s (configuration: %s)", cfg.store, cfg.mountpoint,
              cfg.config or "none")
     store = Store.open(cfg.store, lock=True, compression_level=cfg.settings.compression,
-                       owner=mount_owner(cfg.mountpoint))
+                       owner=mount_owner(cfg.mountpoint), serving=True)
     try:
         same_boot = store.same_boot()
         if store.mark_dirty():

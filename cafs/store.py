@@ -385,7 +385,7 @@ class Store:
 
     @classmethod
     def open(cls, root: Path, *, create: bool = True, lock: bool = False,
-             compression_level: int = 3, owner: str = "") -> Store:
+             compression_level: int = 3, owner: str = "", serving: bool = False) -> Store:
         root = real_store_path(root)
         prepare_store_dir(root, create=create)
         lock_fd = acquire_lock(root, owner) if lock else None
@@ -393,7 +393,8 @@ class Store:
             blobs = BlobStore(root, level=compression_level)
             location = manifest_location(root)
             if location is not None:
-                return cls._open_remote(root, location, blobs, lock_fd, create=create)
+                return cls._open_remote(root, location, blobs, lock_fd, create=create,
+                                        serving=serving)
             # Only while no daemon writes the WAL (we hold the lock, or nobody does): a WAL being
             # appended to can show a frame half written.
             check_manifest_files(root, blobs, wal=lock or store_holder(root) is None,
@@ -421,7 +422,7 @@ class Store:
 
     @classmethod
     def _open_remote(cls, root: Path, location: str, blobs: BlobStore, lock_fd: int | None, *,
-                     create: bool) -> Store:
+                     create: bool, serving: bool) -> Store:
         """A store whose manifest is on PostgreSQL: the directory keeps the lock, the log, the
         control socket, tmp/ and (today) the blobs; no SQLite file, WAL or backups here."""
         from cafs.pg_manifest import PgManifest  # psycopg only for stores that use it
@@ -429,7 +430,7 @@ class Store:
         if create:
             blobs.create_layout()
         manifest = PgManifest(location, readonly=not create,
-                              new_schema_ok=not blobs.has_blob_files())
+                              new_schema_ok=not blobs.has_blob_files(), serving=serving)
         if create:
             _record_location(root, location)
         return cls(root, manifest, blobs, lock_fd)

@@ -73,6 +73,29 @@ def cafs(*args: str, check: bool = True, env: dict[str, str] | None = None,
     return result
 
 
+def manifest_sql(store: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple]:
+    """A statement run on a store's manifest by hand, as a test breaks or reads rows: on
+    manifest.sqlite, or on the PostgreSQL database its manifest.url names (the same SQL:
+    cafs.pg_manifest's connection translates it)."""
+    url_file = store / "manifest.url"
+    if url_file.exists():
+        from cafs.pg_manifest.connection import PgConnection
+
+        conn = PgConnection(url_file.read_text().strip())
+        try:
+            return list(conn.execute(sql, params))
+        finally:
+            conn.close()
+    import sqlite3
+
+    db = sqlite3.connect(store / "manifest.sqlite")
+    try:
+        with db:
+            return list(db.execute(sql, params))
+    finally:
+        db.close()
+
+
 def cafs_bytes(*args: str) -> bytes:
     """Run cafs and return its standard output as bytes (cafs cat)."""
     result = subprocess.run([*CAFS, *args], capture_output=True, timeout=120)

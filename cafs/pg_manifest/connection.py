@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -31,12 +32,23 @@ from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 
 from cafs.pg_manifest.dialect import explicit_id_table, insert_table, translate
 
-# Bounds (seconds). Every manifest call runs on the daemon's event loop today, and the service
-# watchdog fires after 30 s without a ping: a whole call, retries included, stays well below.
-CONNECT_TIMEOUT = 2
-STATEMENT_TIMEOUT = 4  # server side: a statement that runs too long is cancelled
-STATEMENT_DEADLINE = 5.0  # client side: no answer at all (a hung server or network)
-CALL_BUDGET = 12.0  # one manifest call, its retries and reconnects included
+
+@dataclass(frozen=True)
+class Bounds:
+    """How long a manifest call may wait (seconds)."""
+
+    connect: int  # to connect (TCP and the start-up exchange)
+    statement: int  # server side: a statement that runs longer is cancelled (statement_timeout)
+    deadline: float  # client side: no answer at all (a hung server or network)
+    call: float  # one manifest call, its retries and reconnects included
+
+
+# The daemon: every manifest call runs on its event loop today, and the service watchdog fires
+# after 30 s without a ping, so a whole call, retries included, stays well below that.
+DAEMON = Bounds(connect=2, statement=3, deadline=4.0, call=8.0)
+# An admin command on an unmounted store (fsck --full, gc, stats over millions of rows): its
+# whole-manifest queries may run minutes; a dead server still ends it.
+ADMIN = Bounds(connect=5, statement=900, deadline=960.0, call=3600.0)
 
 
 class CommitLost(Exception):
@@ -126,12 +138,18 @@ class PgConnection:
     """sqlite3.Connection's face over one psycopg connection (autocommit outside the
     transactions the manifest opens)."""
 
-    def __init__(self, url: str, *, readonly: bool = False) -> None:
+    def __init__(self, url: str, *, readonly: bool = False, bounds: Bounds = ADMIN) -> None:
         self.url = url
         self.readonly = readonly
+        self.bounds = bounds
         self.total_changes = 0
         self.in_transaction = False
         self.deadline: float | None = None  # of the manifest call in progress
+        # The last call failed for want of the server: the next ones make one quick attempt
+        # each (a connect), not a whole call's worth of retries, until one succeeds. One
+        # filesystem request makes several manifest calls; against a dead server only the
+        # first may wait the full bound.
+        self.down = False
         self._explicit_ids: set[str] = set()
         self._conn: psycopg.Connection[Any] | None = None
         self.closed = False  # by its owner: never connects again
@@ -144,15 +162,20 @@ class PgConnection:
         self.close_quietly()
         if self.closed:
             raise psycopg.InterfaceError("the manifest was closed")
-        options = (f"-c statement_timeout={STATEMENT_TIMEOUT * 1000} "
+        if self.deadline is not None and self.deadline - time.monotonic() < self.bounds.connect:
+            # A connect may take its whole timeout: none is started that would end after the
+            # call's deadline.
+            raise psycopg.OperationalError("manifest: no time left to reconnect in this call")
+        bounds = self.bounds
+        options = (f"-c statement_timeout={bounds.statement * 1000} "
                    "-c synchronous_commit=on -c default_transaction_isolation=read\\ committed "
-                   f"-c idle_in_transaction_session_timeout={int(CALL_BUDGET * 1000)}")
+                   f"-c idle_in_transaction_session_timeout={int(bounds.call * 1000)}")
         if self.readonly:
             options += " -c default_transaction_read_only=on"
         conn = psycopg.connect(
-            self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, options=options,
+            self.url, autocommit=True, connect_timeout=bounds.connect, options=options,
             application_name="cafs", keepalives=1, keepalives_idle=5, keepalives_interval=2,
-            keepalives_count=2, tcp_user_timeout=int(STATEMENT_DEADLINE * 1000),
+            keepalives_count=2, tcp_user_timeout=int(bounds.deadline * 1000),
             prepare_threshold=None)
         conn.adapters.register_dumper(int, Int8Dumper)
         conn.adapters.register_dumper(int, Int8BinaryDumper)
@@ -188,8 +211,8 @@ class PgConnection:
 
     def _remaining(self) -> float:
         if self.deadline is None:
-            return STATEMENT_DEADLINE
-        return max(0.0, min(STATEMENT_DEADLINE, self.deadline - time.monotonic()))
+            return self.bounds.deadline
+        return max(0.0, min(self.bounds.deadline, self.deadline - time.monotonic()))
 
     def _run(self, sql: str, params: Any, many: bool = False) -> Cursor:
         conn = self._live()
@@ -299,7 +322,16 @@ class PgConnection:
             self.in_transaction = False
 
     def _resolve(self, xid: str) -> None:
-        end = max(self.deadline or 0.0, time.monotonic() + CONNECT_TIMEOUT * 2)
+        # The answer may take a little longer than the call's own deadline: a caller told
+        # "failed" about a change that landed would be told a lie.
+        end = max(self.deadline or 0.0, time.monotonic() + self.bounds.connect * 2 + 0.5)
+        saved, self.deadline = self.deadline, end
+        try:
+            self._ask_status(xid, end)
+        finally:
+            self.deadline = saved
+
+    def _ask_status(self, xid: str, end: float) -> None:
         while time.monotonic() < end:
             try:
                 if not self.usable:

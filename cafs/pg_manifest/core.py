@@ -33,7 +33,13 @@ import psycopg.errors
 
 from cafs.errors import ManifestError, NeedsRepair, StoreError
 from cafs.pg_manifest import schema
-from cafs.pg_manifest.connection import CALL_BUDGET, CommitLost, CommitUnknown, PgConnection
+from cafs.pg_manifest.connection import (
+    ADMIN,
+    DAEMON,
+    CommitLost,
+    CommitUnknown,
+    PgConnection,
+)
 from cafs.sqlite_manifest.core import SqliteCore
 
 ATTEMPTS = 5  # of one call: the first and four retries, all inside CALL_BUDGET
@@ -84,16 +90,21 @@ def _retrying(method: Callable[..., Any]) -> Callable[..., Any]:
         db = self._pg
         if db.deadline is not None:  # inside another call: that one retries
             return method(self, *args, **kwargs)
-        db.deadline = time.monotonic() + CALL_BUDGET
+        budget = db.bounds.connect + 0.5 if db.down else db.bounds.call
+        db.deadline = time.monotonic() + budget
         try:
             for attempt in range(ATTEMPTS):
                 committed = self._changes
                 try:
-                    return method(self, *args, **kwargs)
+                    result = method(self, *args, **kwargs)
+                    db.down = False
+                    return result
                 except (psycopg.Error, CommitLost, CommitUnknown) as exc:
                     last = attempt == ATTEMPTS - 1 or time.monotonic() > db.deadline - 0.2
                     if (not isinstance(exc, _RETRYABLE) or self._changes != committed
                             or last):
+                        if isinstance(exc, psycopg.OperationalError | CommitUnknown):
+                            db.down = True
                         raise pg_error(exc) from exc
                     if db.in_transaction:
                         db.rollback()
@@ -123,7 +134,10 @@ class PgCore(SqliteCore):
 
     def __init__(self, url: str, *, readonly: bool = False,
                  low_on_space: Callable[[], bool] | None = None,
-                 new_schema_ok: bool = True) -> None:
+                 new_schema_ok: bool = True, serving: bool = False) -> None:
+        """`serving`: a daemon's manifest, whose every wait is bounded in seconds (see
+        cafs.pg_manifest.connection.DAEMON); else an admin command's, patient with long
+        queries."""
         self.url = url
         self.path = Path("/")  # no file: see copy_to
         self.readonly = readonly
@@ -132,7 +146,7 @@ class PgCore(SqliteCore):
         self._free_bytes = None
         self._page_size = 0
         try:
-            self._pg = PgConnection(url, readonly=readonly)
+            self._pg = PgConnection(url, readonly=readonly, bounds=DAEMON if serving else ADMIN)
             self._db = cast(Any, self._pg)
             self._migrate(new_schema_ok)
             self._pg.execute("SELECT count(*) FROM nodes WHERE id = 0")
@@ -143,7 +157,7 @@ class PgCore(SqliteCore):
     def _migrate(self, new_schema_ok: bool) -> None:
         done: set[str] = set()
         conn = self._pg
-        conn.deadline = time.monotonic() + CALL_BUDGET
+        conn.deadline = time.monotonic() + conn.bounds.call
         try:
             exists = conn.execute("SELECT to_regclass('cafs_migrations') IS NOT NULL").fetchone()
             if exists and exists[0]:
