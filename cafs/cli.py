@@ -45,6 +45,7 @@ from cafs.store import (
     LOCK_NAME,
     LOG_NAME,
     MANIFEST_NAME,
+    MANIFEST_URL_NAME,
     check_placement,
     manifest_location,
     open_log,
@@ -234,7 +235,8 @@ def status(store: Path | None, config: Path | None, as_json: bool) -> None:
         root, store_why = store_source(store, settings)
     try:  # a store this user may not enter is reported, not an error
         holder = serving_daemon(root) if (root / LOCK_NAME).exists() else None
-        exists: bool | None = (root / MANIFEST_NAME).exists()
+        exists: bool | None = ((root / MANIFEST_NAME).exists()
+                               or (root / MANIFEST_URL_NAME).exists())
     except OSError:
         holder, exists = None, None
     mounted = [str(point) for point, source in mounts_of_type("fuse.cafs")
