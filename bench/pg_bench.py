@@ -91,7 +91,7 @@ def mounted(store: Path, mountpoint: Path, manifest: str | None) -> Iterator[Non
     env.pop("CAFS_MANIFEST", None)
     args = [*CAFS, "mount", "--store", str(store), str(mountpoint)]
     if manifest:
-        args[3:3] = ["--manifest", manifest]
+        args[4:4] = ["--manifest", manifest]
     subprocess.run(args, check=True, env=env, timeout=120)
     try:
         yield
@@ -110,7 +110,9 @@ def main() -> None:
     best: dict[tuple[str, int], float] = {}
     loads = []
     try:
-        with cluster(work) as port:
+        pgroot = work / "pgroot"
+        pgroot.mkdir()
+        with cluster(pgroot) as port:
             subprocess.run([str(pg_bindir() / "createdb"), "-h", "127.0.0.1", "-p", str(port),
                             "-U", "postgres", "cafs"], check=True)
             backends = {"sqlite": None, "postgresql": f"postgresql://postgres@127.0.0.1:{port}/cafs"}

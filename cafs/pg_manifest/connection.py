@@ -151,6 +151,7 @@ class PgConnection:
         # first may wait the full bound.
         self.down = False
         self._explicit_ids: set[str] = set()
+        self._xid = ""  # of the transaction in progress
         self._conn: psycopg.Connection[Any] | None = None
         self.closed = False  # by its owner: never connects again
         self._watchdog = _Watchdog()
@@ -176,7 +177,7 @@ class PgConnection:
             self.url, autocommit=True, connect_timeout=bounds.connect, options=options,
             application_name="cafs", keepalives=1, keepalives_idle=5, keepalives_interval=2,
             keepalives_count=2, tcp_user_timeout=int(bounds.deadline * 1000),
-            prepare_threshold=None)
+            prepare_threshold=2)  # hot statements prepared once per connection
         conn.adapters.register_dumper(int, Int8Dumper)
         conn.adapters.register_dumper(int, Int8BinaryDumper)
         conn.adapters.register_loader("numeric", _IntegralNumeric)
@@ -226,6 +227,8 @@ class PgConnection:
                     cur.executemany(sql, params)
                     return Cursor([], cur.rowcount, None)
                 cur.execute(sql, params)
+                while cur.description is None and cur.nextset():  # several statements: the
+                    pass  # rows are the first that has any
                 rows = cur.fetchall() if cur.description is not None else []
                 return Cursor(rows, cur.rowcount, None)
         except psycopg.Error:
@@ -290,7 +293,11 @@ class PgConnection:
     # -- transactions -----------------------------------------------------------------------
 
     def begin(self) -> None:
-        self._run("BEGIN", ())
+        # The transaction's id, for resolving its COMMIT if the connection drops then, comes
+        # in the same round trip (no parameters: one simple query of two statements).
+        row = self._run("BEGIN; SELECT pg_current_xact_id()::text", None).fetchone()
+        assert row is not None
+        self._xid = str(row[0])
         self.in_transaction = True
         self._explicit_ids.clear()
 
@@ -310,14 +317,12 @@ class PgConnection:
             # are inode numbers, never reused).
             self._run(f"SELECT setval('{table}_id_seq', GREATEST((SELECT coalesce(max(id), 0) "
                       f"FROM {table}), (SELECT last_value FROM {table}_id_seq)))", ())
-        xid = self._run("SELECT pg_current_xact_id()::text", ()).fetchone()
-        assert xid is not None
         try:
             self._run("COMMIT", ())
         except psycopg.OperationalError:
             self.in_transaction = False
             self.close_quietly()
-            self._resolve(str(xid[0]))
+            self._resolve(self._xid)
         finally:
             self.in_transaction = False
 
