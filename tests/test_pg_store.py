@@ -80,3 +80,54 @@ def test_ui_refuses_a_postgresql_store_and_backups_are_pg_dumps(
     result = cafs("restore", "--store", str(store), check=False)
     assert result.returncode != 0 and "pg_restore" in result.stderr
     assert cafs("stats", "--store", str(store), "--json").returncode == 0
+
+
+def test_admin_commands_on_postgresql_stores(
+        tmp_path: Path, pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stats, gc, fsck --full, export and import, mounted and not, on two stores whose
+    manifests are two PostgreSQL databases."""
+    import json
+    import os
+
+    from conftest import Mount, require_fuse
+
+    require_fuse()
+    monkeypatch.setenv("CAFS_CONFIG", "")
+    first_url = pg_cluster.url(pg_cluster.new_database())
+    second_url = pg_cluster.url(pg_cluster.new_database())
+    first = Mount(tmp_path / "store1", tmp_path / "mnt1")
+    first.mountpoint.mkdir()
+    env_second = {**os.environ, "CAFS_MANIFEST": second_url}
+    cafs("mount", "--manifest", first_url, "--store", str(first.store), str(first.mountpoint))
+    try:
+        layer = first.layer("e1", "train")
+        contents = {f"f{i}": os.urandom(5000 + i) for i in range(5)}
+        for name, data in contents.items():
+            (layer / name).write_bytes(data)
+        (layer / "f0").write_bytes(b"replaced")  # a second version
+        (layer / "gone").write_bytes(b"to be removed")
+        (layer / "gone").unlink()
+        stats = json.loads(cafs("stats", "--store", str(first.store), "--json").stdout)
+        assert stats["artifacts"] == 5
+        gc = json.loads(cafs("gc", "--store", str(first.store), "--json").stdout)
+        assert gc["blobs_removed"] >= 1
+        bundle = tmp_path / "e1.tar"
+        cafs("export", str(first.runs / "e1"), "-o", str(bundle))
+    finally:
+        cafs("umount", str(first.mountpoint))
+    # unmounted, no flag: the store's recorded manifest is found
+    assert cafs("fsck", "--store", str(first.store), "--full").returncode == 0
+    result = cafs("import", "--store", str(tmp_path / "store2"), str(bundle), env=env_second)
+    assert "imported runs/e1" in result.stdout
+    assert cafs("fsck", "--store", str(tmp_path / "store2"), "--full").returncode == 0
+    second = Mount(tmp_path / "store2", tmp_path / "mnt2")
+    second.mountpoint.mkdir()
+    cafs("mount", "--store", str(second.store), str(second.mountpoint), env=env_second)
+    try:
+        imported = second.runs / "e1" / "train"
+        assert (imported / "f0").read_bytes() == b"replaced"
+        for name in ("f1", "f2", "f3", "f4"):
+            assert (imported / name).read_bytes() == contents[name]
+    finally:
+        cafs("umount", str(second.mountpoint))
+    assert second.log_problems() == [] and first.log_problems() == []
