@@ -264,3 +264,31 @@ def test_a_hung_server_under_a_mount_gives_eio_in_bounded_time(
     accept_manifest_errors(mount)
     report = mount.fsck("--full")
     assert report.returncode == 0, report.stdout + report.stderr
+
+
+def test_a_deadlock_victim_is_retried_whole(pg_cluster: PgCluster, pg_url: str) -> None:
+    """Another session holds the new content's blob row and then asks for the artifact's
+    node row, which the publish holds: PostgreSQL breaks the cycle by aborting the publish
+    (it waited first), which runs again once the other session is done, and lands once."""
+    manifest = PgManifest(pg_url)
+    node_id = new_file(manifest, "a")
+    data = b"contended"
+    digest = digest_of_bytes(data)
+    manifest.add_symlink(manifest.node(node_id).parent, "holder", stored(data), uid=0, gid=0,
+                         now_ns=2)  # the blob row exists
+    other = psycopg.connect(pg_url, autocommit=False)
+    other.execute("SELECT id FROM blobs WHERE sha256 = %s FOR UPDATE", (digest,))
+    outcome: list[Any] = []
+    publisher = threading.Thread(
+        target=lambda: outcome.append(manifest.publish(stored(data), version(node_id))))
+    publisher.start()
+    time.sleep(0.3)  # the publish holds the node row and waits for the blob row
+    other.execute("SELECT id FROM nodes WHERE id = %s FOR UPDATE", (node_id,))  # the cycle
+    time.sleep(0.3)
+    other.commit()
+    publisher.join(timeout=30)
+    other.close()
+    assert outcome and outcome[0].blob is not None and outcome[0].blob.digest == digest
+    assert manifest.history(node_id, "runs/e1/l/a")[-1].digest == digest
+    assert manifest.refcount(outcome[0].blob.blob_id) == 2 and manifest.refcount_drift() == []
+    manifest.close()
