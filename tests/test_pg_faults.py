@@ -87,18 +87,17 @@ def test_a_commit_whose_answer_was_lost_is_resolved_not_repeated(
     learns it succeeded (asked on a new connection), and nothing is written twice."""
     manifest = PgManifest(proxied_url, serving=True)
     node_id = new_file(manifest, "a")
-    real_run = PgConnection._run
+    real_leave = PgConnection._leave_pipeline
     lost = []
 
-    def run(self: PgConnection, sql: str, params: Any, many: bool = False) -> Any:
-        result = real_run(self, sql, params, many)
-        if sql == "COMMIT" and not lost:
-            lost.append(sql)
+    def leave(self: PgConnection, *, quietly: bool) -> None:
+        real_leave(self, quietly=quietly)  # COMMIT (sent in the pipeline) answered here
+        if not quietly and not lost:
+            lost.append(self._xid)
             self.close_quietly()
             raise psycopg.OperationalError("server closed the connection unexpectedly")
-        return result
 
-    monkeypatch.setattr(PgConnection, "_run", run)
+    monkeypatch.setattr(PgConnection, "_leave_pipeline", leave)
     node = manifest.publish(stored(b"data"), version(node_id))
     assert lost and node.blob is not None
     assert manifest.totals().versions == 1 and manifest.refcount(node.blob.blob_id) == 1

@@ -72,13 +72,25 @@ class _IntegralNumeric(Loader):
 
 
 class Cursor:
-    """The rows of one statement, already fetched (psycopg's client-side cursor)."""
+    """The rows of one statement, already fetched (psycopg's client-side cursor); or, for a
+    change whose answer nobody waits for (see PgConnection._pipelined), its row count once
+    the pipeline has delivered it."""
 
-    def __init__(self, rows: list[tuple[Any, ...]], rowcount: int, lastrowid: int | None):
+    def __init__(self, rows: list[tuple[Any, ...]], rowcount: int, lastrowid: int | None,
+                 pending: tuple[PgConnection, psycopg.Cursor[Any]] | None = None):
         self._rows = rows
         self._next = 0
-        self.rowcount = rowcount
+        self._rowcount = rowcount
+        self._pending = pending
         self.lastrowid = lastrowid
+
+    @property
+    def rowcount(self) -> int:
+        if self._pending is not None:
+            owner, cursor = self._pending
+            owner.flush()
+            self._rowcount, self._pending = cursor.rowcount, None
+        return self._rowcount
 
     def fetchone(self) -> tuple[Any, ...] | None:
         if self._next >= len(self._rows):
@@ -142,7 +154,7 @@ class PgConnection:
         self.url = url
         self.readonly = readonly
         self.bounds = bounds
-        self.total_changes = 0
+        self._changed = 0  # rows changed, as sqlite3's total_changes
         self.in_transaction = False
         self.deadline: float | None = None  # of the manifest call in progress
         # The last call failed for want of the server: the next ones make one quick attempt
@@ -152,6 +164,13 @@ class PgConnection:
         self.down = False
         self._explicit_ids: set[str] = set()
         self._xid = ""  # of the transaction in progress
+        # Inside a transaction, changes whose answer nobody reads (UPDATE, DELETE, INSERT
+        # without RETURNING) go out in a pipeline without a round trip each: the server
+        # answers them with the next statement whose rows are read, or with COMMIT. An error
+        # of one is raised there; the whole call is then retried as any other.
+        self._pipeline: Any = None
+        self._pipeline_scope: Any = None
+        self._queued: list[psycopg.Cursor[Any]] = []
         self._conn: psycopg.Connection[Any] | None = None
         self.closed = False  # by its owner: never connects again
         self._watchdog = _Watchdog()
@@ -197,6 +216,11 @@ class PgConnection:
         self._watchdog.stop()
 
     @property
+    def total_changes(self) -> int:
+        self.flush()
+        return self._changed
+
+    @property
     def usable(self) -> bool:
         return self._conn is not None and not self._conn.closed and not self._conn.broken
 
@@ -215,13 +239,24 @@ class PgConnection:
             return self.bounds.deadline
         return max(0.0, min(self.bounds.deadline, self.deadline - time.monotonic()))
 
-    def _run(self, sql: str, params: Any, many: bool = False) -> Cursor:
+    def _run(self, sql: str, params: Any, many: bool = False, lazy: bool = False) -> Cursor:
         conn = self._live()
         remaining = self._remaining()
         if remaining <= 0:
             raise psycopg.OperationalError("manifest: out of time for this call")
         self._watchdog.arm(conn.pgconn.socket, time.monotonic() + remaining)
         try:
+            if self._pipeline is not None:
+                cur = conn.cursor()
+                if many:
+                    cur.executemany(sql, params)
+                    self._queued.append(cur)
+                    return Cursor([], 0, None, (self, cur))
+                cur.execute(sql, params)
+                if lazy:
+                    self._queued.append(cur)
+                    return Cursor([], 0, None, (self, cur))
+                return Cursor(cur.fetchall(), cur.rowcount, None)
             with conn.cursor() as cur:
                 if many:
                     cur.executemany(sql, params)
@@ -238,13 +273,47 @@ class PgConnection:
         finally:
             self._watchdog.disarm()
 
+    def flush(self) -> None:
+        """Wait for the answers of every change sent in the pipeline (their row counts)."""
+        if self._pipeline is None or not self._queued:
+            return
+        conn = self._live()
+        self._watchdog.arm(conn.pgconn.socket, time.monotonic() + max(0.1, self._remaining()))
+        try:
+            self._pipeline.sync()
+        except psycopg.Error:
+            if self._watchdog.fired:
+                conn.close()
+            raise
+        finally:
+            self._watchdog.disarm()
+        self._count_queued()
+
+    def _count_queued(self) -> None:
+        for cur in self._queued:
+            self._changed += max(cur.rowcount, 0)
+        self._queued.clear()
+
+    def _leave_pipeline(self, *, quietly: bool) -> None:
+        scope, self._pipeline, self._pipeline_scope = self._pipeline_scope, None, None
+        if scope is None:
+            return
+        try:
+            scope.__exit__(None, None, None)
+        except psycopg.Error:
+            self._queued.clear()
+            if not quietly:
+                raise
+        self._count_queued()
+
     # -- sqlite3.Connection's face ----------------------------------------------------------
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Cursor:
         statement = translate(sql)
         text, values = statement.sql, _values(statement.order, params)
         table = insert_table(sql)
-        if table in ("nodes", "versions", "histories", "blobs"):
+        lazy = statement.quiet and table not in _ID_TABLES
+        if table in _ID_TABLES:
             text += " RETURNING id"
         explicit = explicit_id_table(sql)
         if explicit is not None:
@@ -252,11 +321,12 @@ class PgConnection:
         if not self.in_transaction and text.lstrip()[:6].upper() in ("SELECT", "WITH R"):
             cursor = self._read(text, values)
         else:
-            cursor = self._run(text, values)
+            cursor = self._run(text, values, lazy=lazy)
         if table is not None and cursor._rows:
             cursor.lastrowid = int(cursor._rows[-1][0])
             cursor._rows = []
-        self.total_changes += max(cursor.rowcount, 0)  # read as a difference around a change
+        if not lazy:  # (a pipelined change counts once its answer arrives)
+            self._changed += max(cursor.rowcount, 0)
         return cursor
 
     def _read(self, text: str, values: Any) -> Cursor:
@@ -286,13 +356,11 @@ class PgConnection:
         values = [_values(statement.order, row) for row in rows]
         if not values:
             return Cursor([], 0, None)
-        cursor = self._run(statement.sql, values, many=True)
-        self.total_changes += max(cursor.rowcount, 0)
-        return cursor
+        return self._run(statement.sql, values, many=True)
 
     # -- transactions -----------------------------------------------------------------------
 
-    def begin(self) -> None:
+    def begin(self, *, pipelined: bool = True) -> None:
         # The transaction's id, for resolving its COMMIT if the connection drops then, comes
         # in the same round trip (no parameters: one simple query of two statements).
         row = self._run("BEGIN; SELECT pg_current_xact_id()::text", None).fetchone()
@@ -300,9 +368,14 @@ class PgConnection:
         self._xid = str(row[0])
         self.in_transaction = True
         self._explicit_ids.clear()
+        self._queued.clear()
+        if pipelined:
+            self._pipeline_scope = self._live().pipeline()
+            self._pipeline = self._pipeline_scope.__enter__()
 
     def rollback(self) -> None:
         self.in_transaction = False
+        self._leave_pipeline(quietly=True)
         if self.usable:
             try:
                 self._run("ROLLBACK", ())
@@ -318,9 +391,12 @@ class PgConnection:
             self._run(f"SELECT setval('{table}_id_seq', GREATEST((SELECT coalesce(max(id), 0) "
                       f"FROM {table}), (SELECT last_value FROM {table}_id_seq)))", ())
         try:
-            self._run("COMMIT", ())
+            self._run("COMMIT", (), lazy=True)  # its answer, and every pending one, at once
+            self._leave_pipeline(quietly=False)
         except psycopg.OperationalError:
             self.in_transaction = False
+            self._pipeline = self._pipeline_scope = None
+            self._queued.clear()
             self.close_quietly()
             self._resolve(self._xid)
         finally:
@@ -353,6 +429,9 @@ class PgConnection:
             time.sleep(0.05)  # still in progress on the server
         raise CommitUnknown(f"transaction {xid}: the connection dropped during COMMIT and "
                             "the server did not answer whether it landed")
+
+
+_ID_TABLES = ("nodes", "versions", "histories", "blobs")
 
 
 def _values(order: tuple[int, ...] | None, params: Any) -> Any:

@@ -175,7 +175,7 @@ class PgCore(SqliteCore):
             if self.readonly:
                 raise StoreError(f"{redact(self.url)}: the manifest has no cafs schema yet (or "
                                  "an older one): mount the store once to create it")
-            conn.begin()
+            conn.begin(pipelined=False)  # DDL, several statements a text
             try:
                 conn.execute(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
                 conn.execute("CREATE TABLE IF NOT EXISTS cafs_migrations (name TEXT PRIMARY "

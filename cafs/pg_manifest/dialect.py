@@ -27,6 +27,7 @@ class Statement:
     sql: str  # for psycopg
     order: tuple[int, ...] | None  # ?N placeholders: the 0-based parameter of each %s, in order
     named: bool  # parameters are a mapping (`:name`)
+    quiet: bool  # a change that answers no rows: nobody needs to wait for its answer
 
 
 def _segments(sql: str) -> list[tuple[bool, str]]:
@@ -128,7 +129,14 @@ def translate(sql: str) -> Statement:
     ignore = re.match(r"(\s*)INSERT OR IGNORE INTO", out, re.IGNORECASE)
     if ignore:
         out = f"{ignore.group(1)}INSERT INTO{out[ignore.end():]} ON CONFLICT DO NOTHING"
-    return Statement(out, tuple(order) if order else None, named)
+    # Rows come from a SELECT (a WITH ending in one) or a RETURNING; anything else (a change,
+    # DDL) answers with a row count at most.
+    change = re.search(r"\)\s*(UPDATE|DELETE|INSERT)\b", out, re.IGNORECASE) is not None
+    rows = (re.match(r"\s*SELECT\b", out, re.IGNORECASE) is not None
+            or (re.match(r"\s*WITH\b", out, re.IGNORECASE) is not None and not change)
+            or re.search(r"\bRETURNING\b", out, re.IGNORECASE) is not None)
+    quiet = not rows
+    return Statement(out, tuple(order) if order else None, named, quiet)
 
 
 def insert_table(sql: str) -> str | None:
