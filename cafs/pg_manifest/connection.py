@@ -308,11 +308,14 @@ class PgConnection:
 
     # -- sqlite3.Connection's face ----------------------------------------------------------
 
-    def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Cursor:
+    def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = (), *,
+                answer: bool = True) -> Cursor:
+        """`answer=False`: the caller reads nothing back (a row lock taken with FOR UPDATE):
+        inside a transaction it goes out in the pipeline like a change."""
         statement = translate(sql)
         text, values = statement.sql, _values(statement.order, params)
         table = insert_table(sql)
-        lazy = statement.quiet and table not in _ID_TABLES
+        lazy = (statement.quiet or not answer) and table not in _ID_TABLES
         if table in _ID_TABLES:
             text += " RETURNING id"
         explicit = explicit_id_table(sql)

@@ -243,12 +243,12 @@ class PgCore(SqliteCore):
         """Before a change that reads rows and then writes them: lock them in the one order
         every change uses (nodes, then blobs, each by id), so two changes never wait for each
         other in a circle. The blobs: the current content of these nodes and `digest`'s."""
-        db = self._db
+        db = self._pg  # the locks are taken in the pipeline: the server runs them in order
         db.execute("SELECT id FROM nodes WHERE id = ANY(?) ORDER BY id FOR UPDATE",
-                   (sorted(set(nodes)),))
+                   (sorted(set(nodes)),), answer=False)
         db.execute("SELECT b.id FROM blobs b WHERE b.id IN (SELECT v.blob_id FROM nodes n JOIN "
                    "versions v ON v.id = n.version_id WHERE n.id = ANY(?)) OR b.sha256 = ? "
-                   "ORDER BY b.id FOR UPDATE", (sorted(set(nodes)), digest))
+                   "ORDER BY b.id FOR UPDATE", (sorted(set(nodes)), digest), answer=False)
 
     def sync(self, durable_ns: int | None = None) -> None:
         """Every commit is durable already (synchronous_commit on): this records the durable
