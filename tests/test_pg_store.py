@@ -69,6 +69,7 @@ def test_ui_refuses_a_postgresql_store_and_backups_are_pg_dumps(
         tmp_path: Path, pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     from cafs.store import Store
 
+    monkeypatch.setenv("CAFS_CONFIG", "")  # this store's own database, whatever the backend
     monkeypatch.setenv("CAFS_MANIFEST", pg_cluster.url(pg_cluster.new_database()))
     store = tmp_path / "store"
     opened = Store.open(store)
