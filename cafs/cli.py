@@ -46,7 +46,9 @@ from cafs.store import (
     LOCK_NAME,
     LOG_NAME,
     MANIFEST_NAME,
+    MANIFEST_URL_NAME,
     check_placement,
+    manifest_location,
     open_log,
     prepare_store_dir,
     serving_daemon,
@@ -238,7 +240,8 @@ def status(store: Path | None, config: Path | None, as_json: bool) -> None:
         root, store_why = store_source(store, settings)
     try:  # a store this user may not enter is reported, not an error
         holder = serving_daemon(root) if (root / LOCK_NAME).exists() else None
-        exists: bool | None = (root / MANIFEST_NAME).exists()
+        exists: bool | None = ((root / MANIFEST_NAME).exists()
+                               or (root / MANIFEST_URL_NAME).exists())
     except OSError:
         holder, exists = None, None
     mounted = [str(point) for point, source in mounts_of_type("fuse.cafs")
@@ -384,6 +387,9 @@ def ui(store: Path | None, config: Path | None, port: int, bind: str, as_json: b
     root = resolve_store(store, settings)
     with errors_as_exit_codes():
         prepare_store_dir(root, create=False)
+        if manifest_location(root) is not None:
+            raise StoreError(f"store {root} keeps its manifest on PostgreSQL; cafs ui reads "
+                             "manifest.sqlite stores only")
         source = Source(root, blobs_spec(settings))
         source.query("fingerprint")  # a store that cannot be read fails here, in one line
     if not is_loopback(bind):

@@ -53,11 +53,11 @@ from cafs.maintenance import CheckReport, GcReport, RepairReport
 from cafs.maintenance import check as check_store
 from cafs.rules import DEFAULT_MAX_ARTIFACT_SIZE
 from cafs.store import (
-    MANIFEST_NAME,
     QUARANTINE_DIR,
     Store,
     check_manifest_files,
     command_owner,
+    has_manifest,
     list_backups,
     prepare_store_dir,
     real_store_path,
@@ -132,7 +132,7 @@ def run_admin(root: Path, command: str, args: dict[str, Any], expect: type[R],
         with errors_as_exit_codes(command_failure=EXIT_FAILED):
             # missing (unless made now), not ours, not a directory
             prepare_store_dir(root, create=create)
-            if not (root / MANIFEST_NAME).exists():
+            if not has_manifest(root):
                 # A store whose manifest went missing beside its blobs needs repair, not gc.
                 check_manifest_files(root, BlobStore(root), wal=False)
                 if not create:

@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +30,7 @@ from cafs.errors import CafsError, ManifestError, MountError, StoreError
 # The mount table is read in cafs.mountpoint; the commands import it from here.
 from cafs.mountpoint import find_mount as find_mount
 from cafs.mountpoint import mounts_of_type as mounts_of_type
+from cafs.options import check_manifest_location
 from cafs.store import Store, default_store_path, real_store_path
 
 EXIT_FAILED = 1
@@ -86,11 +87,36 @@ def stdout_bytes() -> BinaryIO:
     return sys.stdout.buffer
 
 
-store_option = click.option(
+_store_option = click.option(
     "--store", "store", type=click.Path(path_type=Path, readable=False), default=None,
     help="Store directory (default: $CAFS_STORE, else the configuration file's store, "
          "else $XDG_DATA_HOME/cafs).",
 )
+
+
+def _take_manifest(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """--manifest URL: checked (no password in it), then handed on as $CAFS_MANIFEST, which
+    every opener of the store reads (cafs.store.manifest_location) and a daemon inherits."""
+    if value:
+        try:
+            os.environ["CAFS_MANIFEST"] = check_manifest_location(value)
+        except CafsError as exc:
+            raise click.UsageError(str(exc)) from None
+
+
+_manifest_option = click.option(
+    "--manifest", type=str, default=None, expose_value=False, is_eager=True,
+    callback=_take_manifest, metavar="URL",
+    help="The manifest on PostgreSQL: postgresql://USER@HOST:PORT/DB, the password from "
+         "PGPASSWORD or a password file (default: $CAFS_MANIFEST, else the configuration "
+         "file's manifest, else the one the store recorded, else <store>/manifest.sqlite).")
+
+
+def store_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--store and --manifest: where the store is, and where its manifest is."""
+    return _store_option(_manifest_option(command))
+
+
 _config_flag = click.option(
     "--config", "config", type=click.Path(path_type=Path), default=None,
     help="Configuration file (default: $CAFS_CONFIG, else for root /etc/cafs/cafs.toml, for "
@@ -138,6 +164,8 @@ def settings_from(config: Path | None) -> Settings:
         given = {name: ctx.meta[f"cafs.{name}"] for name in BLOB_FLAGS
                  if f"cafs.{name}" in ctx.meta}
         settings = replace(settings, **given)
+    if settings.manifest and not os.environ.get("CAFS_MANIFEST"):  # --manifest goes first
+        os.environ["CAFS_MANIFEST"] = settings.manifest
     if settings.blobs:  # refused here, before the URL goes anywhere (a child's argv, a log)
         from cafs.blobstore.s3_objects import S3Location
 

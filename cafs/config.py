@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cafs.errors import InvalidArgument
-from cafs.options import FILE_KEYS, Settings
+from cafs.options import FILE_KEYS, Settings, check_manifest_location
 
 DEFAULT_CONFIG = Path("/etc/cafs/cafs.toml")
 
@@ -76,5 +76,10 @@ def load_settings(explicit: Path | None = None) -> Settings:
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise InvalidArgument(
                 f"configuration file {path}: {key} must be a {expected.__name__}")
+        if key == "manifest":
+            try:
+                check_manifest_location(str(value))
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"configuration file {path}: {exc}") from None
         values[key] = row.kind(value)  # a string to a Path; the rest as they are
     return Settings(**values)

@@ -198,7 +198,8 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     store = Store.open(cfg.store, lock=True, compression_level=cfg.settings.compression,
                        owner=mount_owner(cfg.mountpoint),
                        blobs=BlobsSpec(cfg.settings.blobs, cfg.settings.cache_dir,
-                                       cfg.settings.cache_size))
+                                       cfg.settings.cache_size),
+                       serving=True)
     try:
         same_boot = store.same_boot()
         if store.mark_dirty():
@@ -298,6 +299,8 @@ async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Stor
 
 def _backup(store: Store) -> bool:
     """One rotating manifest backup; a failure is logged, never fatal."""
+    if not store.keeps_backups:  # the manifest is on PostgreSQL: pg_dump backs it up
+        return True
     try:
         made = store.backup()
     except (OSError, CafsError) as exc:

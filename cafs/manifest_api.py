@@ -7,7 +7,8 @@ loads) — and the frozen records that cross it. `Manifest` combines them: what 
 core, the admin commands and fsck are written against.
 
 Must not: hold SQL, name a database, or import an implementation. A back end implements every
-method here with the same meaning; the SQLite one lives in cafs/sqlite_manifest/. Every failure
+method here with the same meaning; the SQLite one lives in cafs/sqlite_manifest/, the PostgreSQL
+one in cafs/pg_manifest/ (tests/test_manifest_contract.py runs one suite on both). Every failure
 of the database itself reaches callers as a ManifestError carrying an errno (ENOSPC when the
 disk is full, EIO otherwise), never as the driver's own exception.
 """

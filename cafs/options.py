@@ -15,6 +15,7 @@ import types
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
+from urllib.parse import urlsplit
 
 from cafs.errors import InvalidArgument
 from cafs.rules import DEFAULT_MAX_ARTIFACT_SIZE
@@ -94,9 +95,28 @@ class Settings:
     cache_size: int | None = option(
         None, "bytes the cache of blobs stored on S3 may hold (default 10 GiB)", unit="BYTES",
         flag="--cache-size")
+    manifest: str | None = option(
+        None, "the manifest on PostgreSQL, postgresql://USER@HOST:PORT/DB (no password: from "
+        "PGPASSWORD, a service or password file); default: manifest.sqlite in the store",
+        flag="--manifest")
     orphan_grace: int | None = option(
         None, "gc and fsck --repair keep orphan blob files this long (default 7 days)",
         unit="SECONDS", flag="--orphan-grace")
+
+
+def check_manifest_location(value: str) -> str:
+    """A manifest location as given (flag, environment, file): a postgresql:// URL without a
+    password in it (a password in argv or a file others read is a password for everyone, and
+    URLs end up in logs): the password comes from PGPASSWORD, a service or a password file."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise InvalidArgument(f"manifest: {value!r} is not a postgresql://USER@HOST:PORT/DB URL")
+    secret = "password=" in parts.query.lower() or ":" in parts.netloc.rpartition("@")[0]
+    if secret:
+        raise InvalidArgument(
+            "manifest: the URL holds a password; give it through PGPASSWORD, a libpq service "
+            "(PGSERVICEFILE) or password file (PGPASSFILE, ~/.pgpass) instead")
+    return value
 
 
 def _value_type(annotation: Any) -> type:

@@ -217,7 +217,7 @@ def recompute_aggregates(db: sqlite3.Connection, top: int | None = None) -> None
     db.execute(
         f"""
         UPDATE nodes SET
-            artifacts = (version_id IS NOT NULL),
+            artifacts = CASE WHEN version_id IS NULL THEN 0 ELSE 1 END,
             logical_bytes = coalesce((SELECT size FROM versions v WHERE v.id = nodes.version_id), 0),
             first_write_ns = (SELECT min(created_ns) FROM versions v WHERE v.node_id = nodes.id),
             last_write_ns = (SELECT max(created_ns) FROM versions v WHERE v.node_id = nodes.id)
@@ -234,7 +234,7 @@ def recompute_aggregates(db: sqlite3.Connection, top: int | None = None) -> None
             agg AS (
                 SELECT c.parent_id AS id, sum(c.artifacts) AS a, sum(c.logical_bytes) AS b,
                        min(c.first_write_ns) AS f, max(c.last_write_ns) AS l
-                FROM nodes c WHERE c.parent_id IN level GROUP BY c.parent_id
+                FROM nodes c WHERE c.parent_id IN (SELECT id FROM level) GROUP BY c.parent_id
             )
             UPDATE nodes SET artifacts = agg.a, logical_bytes = agg.b, first_write_ns = agg.f,
                              last_write_ns = agg.l

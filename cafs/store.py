@@ -25,6 +25,10 @@ from cafs.model import BlobRef
 from cafs.wal import check_wal, wal_path
 
 MANIFEST_NAME = "manifest.sqlite"
+# Where the manifest is when it is not manifest.sqlite: the PostgreSQL URL (never a password) the
+# store was first mounted with, so every later opener finds the same manifest (and one given
+# another by mistake is refused, never started fresh).
+MANIFEST_URL_NAME = "manifest.url"
 LOCK_NAME = "lock"
 LOG_NAME = "daemon.log"
 # The blob store's directories. cafs.blobstore sits below this module and makes them under the
@@ -57,6 +61,7 @@ LAYOUT = {
     MANIFEST_NAME: stat.S_IFREG,
     MANIFEST_NAME + "-wal": stat.S_IFREG,  # SQLite's WAL and its shared-memory index
     MANIFEST_NAME + "-shm": stat.S_IFREG,
+    MANIFEST_URL_NAME: stat.S_IFREG,
     LOCK_NAME: stat.S_IFREG,
     LOG_NAME: stat.S_IFREG,
     DIRTY_NAME: stat.S_IFREG,
@@ -246,6 +251,53 @@ def create_manifest_file(path: Path) -> None:
                 os.chmod(name, 0o600)
 
 
+def manifest_location(root: Path) -> str | None:
+    """The store's manifest on PostgreSQL, or None for <store>/manifest.sqlite: the URL given
+    ($CAFS_MANIFEST: --manifest or the configuration file, see cafs.cli_common), else the one
+    the store recorded at its first mount. A URL other than the recorded one, or one given for
+    a store whose manifest is manifest.sqlite, is refused: either would start a second, empty
+    manifest beside the blobs."""
+    given = os.environ.get("CAFS_MANIFEST") or None
+    try:
+        fd = open_store_file(root / MANIFEST_URL_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        recorded = None
+    except OSError as exc:
+        raise StoreError(f"cannot read {root / MANIFEST_URL_NAME}: {exc.strerror}") from None
+    else:
+        try:
+            recorded = os.read(fd, 4096).decode(errors="replace").strip() or None
+        finally:
+            os.close(fd)
+    if given and recorded and given != recorded:
+        raise StoreError(f"store {root} keeps its manifest at {recorded}, not {given} "
+                         f"(see {root / MANIFEST_URL_NAME})")
+    location = given or recorded
+    if location and recorded is None:
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(root / MANIFEST_NAME).st_size:
+                raise StoreError(f"store {root} keeps its manifest in {MANIFEST_NAME}; "
+                                 f"refusing to start another at {location}")
+    return location
+
+
+def has_manifest(root: Path) -> bool:
+    """Whether the store has a manifest: its file, or one on PostgreSQL."""
+    return (root / MANIFEST_NAME).exists() or manifest_location(root) is not None
+
+
+def _record_location(root: Path, location: str) -> None:
+    path = root / MANIFEST_URL_NAME
+    if path.exists():
+        return
+    fd = open_store_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        os.write(fd, f"{location}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def check_manifest_files(root: Path, blobs: Blobs, *, wal: bool,
                          writable: bool = False) -> None:
     """Refuse to open a manifest that would silently lose committed artifacts: a missing or
@@ -369,13 +421,17 @@ class Store:
     @classmethod
     def open(cls, root: Path, *, create: bool = True, lock: bool = False,
              compression_level: int = 3, owner: str = "",
-             blobs: BlobsSpec | None = None) -> Store:
+             blobs: BlobsSpec | None = None, serving: bool = False) -> Store:
         root = real_store_path(root)
         prepare_store_dir(root, create=create)
         lock_fd = acquire_lock(root, owner) if lock else None
         try:
             blob_store = open_blob_store(root, blobs, level=compression_level)
             check_blobs_where(root, blob_store, create=create)
+            location = manifest_location(root)
+            if location is not None:
+                return cls._open_remote(root, location, blob_store, lock_fd, create=create,
+                                        serving=serving)
             # Only while no daemon writes the WAL (we hold the lock, or nobody does): a WAL being
             # appended to can show a frame half written.
             check_manifest_files(root, blob_store, wal=lock or store_holder(root) is None,
@@ -400,6 +456,30 @@ class Store:
                 os.close(lock_fd)
             raise
         return cls(root, manifest, blob_store, lock_fd)
+
+    @classmethod
+    def _open_remote(cls, root: Path, location: str, blobs: Blobs, lock_fd: int | None, *,
+                     create: bool, serving: bool) -> Store:
+        """A store whose manifest is on PostgreSQL: the directory keeps the lock, the log, the
+        control socket, tmp/ and the blobs (or their cache); no SQLite file, WAL or backups here."""
+        from cafs.pg_manifest import PgManifest  # psycopg only for stores that use it
+
+        if create:
+            blobs.create_layout()
+        manifest = PgManifest(location, readonly=not create,
+                              new_schema_ok=not blobs.has_blob_files(), serving=serving)
+        if create:
+            _record_location(root, location)
+        return cls(root, manifest, blobs, lock_fd)
+
+    @property
+    def keeps_backups(self) -> bool:
+        """Whether cafs backs the manifest up (manifest.sqlite); on PostgreSQL pg_dump does."""
+        return self.manifest_url is None
+
+    @property
+    def manifest_url(self) -> str | None:
+        return getattr(self.manifest, "url", None)
 
     def recover(self) -> Recovery:
         """Start-up clean-up after any stop: no full scan, only what a crash can leave.
@@ -510,6 +590,8 @@ class Store:
         """Copy the manifest to backups/ and drop all but the newest `keep` copies. Safe from a
         worker thread (its own connection). None if the reserve would not stay free: a backup
         never takes the space deletes and gc need."""
+        if not self.keeps_backups:
+            return None
         directory = self.root / BACKUP_DIR
         directory.mkdir(mode=0o700, exist_ok=True)
         try:
@@ -565,6 +647,9 @@ def restore_manifest(root: Path, backup: Path | None) -> tuple[Path, Path]:
     (the backup used, where the replaced files went)."""
     root = real_store_path(root)
     prepare_store_dir(root, create=False)
+    if manifest_location(root) is not None:
+        raise StoreError(f"store {root} keeps its manifest on PostgreSQL: restore it there "
+                         "(pg_restore of a pg_dump); cafs makes no backups of it")
     if backup is None:
         found = list_backups(root)
         if not found:

@@ -21,12 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from backends import BACKEND, backend_uses, current_s3, s3_config_lines
+from backends import BACKEND, current_s3, pg_cluster, pg_url, s3_config_lines, uses  # noqa: F401  (fixtures for every test file)
 from backends import weed as weed  # the session's S3 server, for every test that asks
 
 CAFS = [sys.executable, "-m", "cafs"]
 # Tests never read the machine's /etc/cafs/cafs.toml: each passes what it needs.
 os.environ["CAFS_CONFIG"] = ""
+
+
 NOBODY = 65534  # uid and gid of the tests' other user
 
 
@@ -56,6 +58,29 @@ def cafs(*args: str, check: bool = True, env: dict[str, str] | None = None,
         raise AssertionError(f"cafs {' '.join(args)} exited {result.returncode}:\n"
                              f"{result.stdout}{result.stderr}")
     return result
+
+
+def manifest_sql(store: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple]:
+    """A statement run on a store's manifest by hand, as a test breaks or reads rows: on
+    manifest.sqlite, or on the PostgreSQL database its manifest.url names (the same SQL:
+    cafs.pg_manifest's connection translates it)."""
+    url_file = store / "manifest.url"
+    if url_file.exists():
+        from cafs.pg_manifest.connection import PgConnection
+
+        conn = PgConnection(url_file.read_text().strip())
+        try:
+            return list(conn.execute(sql, params))
+        finally:
+            conn.close()
+    import sqlite3
+
+    db = sqlite3.connect(store / "manifest.sqlite")
+    try:
+        with db:
+            return list(db.execute(sql, params))
+    finally:
+        db.close()
 
 
 def cafs_bytes(*args: str) -> bytes:
@@ -236,7 +261,9 @@ def test_backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     if BACKEND == "local":
         return
     lines: list[str] = []
-    if backend_uses("s3"):
+    if uses("postgresql"):
+        lines.append(f'manifest = "{request.getfixturevalue("pg_url")}"')
+    if uses("s3"):
         lines += s3_config_lines(request.getfixturevalue("weed"))
     path = tmp_path_factory.mktemp("backend") / "cafs.toml"
     path.write_text("".join(f"{line}\n" for line in lines))

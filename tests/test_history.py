@@ -10,6 +10,8 @@ import os
 import threading
 from pathlib import Path
 
+import pytest
+from backends import uses
 from conftest import (
     BEFORE_M006,
     Mount,
@@ -281,6 +283,7 @@ def test_stats_separate_live_history_and_what_gc_reclaims(mount: Mount) -> None:
 
 # The code before path histories (schema up to m005): a store it made must keep, after m007,
 # every version `cafs log` showed then, numbered 1..n.
+@pytest.mark.skipif(uses("postgresql"), reason="a migration of manifest.sqlite")
 def test_m007_backfills_the_histories_of_a_store_made_before_it(
         unstarted_mount: Mount, tmp_path: Path) -> None:
     code = code_of(BEFORE_M006, tmp_path / "old")

@@ -30,7 +30,7 @@ RANKS: list[tuple[str, list[str]]] = [
     ("blob store", ["blobstore", "blobstore.*", "blob_*", "encoding", "encodings",
                     "encodings.*"]),
     ("manifest", ["schema", "manifest", "manifest_*", "manifest.*", "sqlite_manifest",
-                  "sqlite_manifest.*"]),
+                  "sqlite_manifest.*", "pg_manifest", "pg_manifest.*"]),
     # The filesystem core and what sits beside it: no pyfuse3, no trio, no daemon.
     ("core", ["vfs", "vfs.*", "vfs_*", "namespace", "openfiles", "xattrs", "virtual",
               "visibility", "symlinks", "records", "bundle", "bundle_*", "store", "fsck", "admin",
@@ -53,6 +53,7 @@ ONLY_IMPORTED_BY: dict[str, list[str]] = {
     "sqlite_utils": ["schema", "manifest", "manifest_*", "manifest.*", "sqlite_manifest",
                      "sqlite_manifest.*"],
     "jinja2": ["ui.pages"],
+    "psycopg": ["pg_manifest", "pg_manifest.*"],
     "zstandard": ["blobstore", "blobstore.*", "blob_*", "encoding", "encodings",
                   "encodings.*"],
 }

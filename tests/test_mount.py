@@ -7,13 +7,12 @@ import hashlib
 import json
 import os
 import random
-import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
 from backends import StoredBlobs
-from conftest import Mount, cafs, sh, xattr
+from conftest import Mount, cafs, manifest_sql, sh, xattr
 
 
 def sha256_of(path: Path) -> str:
@@ -22,10 +21,9 @@ def sha256_of(path: Path) -> str:
 
 def version_contents(mount: Mount, path: str) -> list[bytes]:
     """The content of every version of an artifact, oldest first, read through blobs/."""
-    with sqlite3.connect(f"file:{mount.store}/manifest.sqlite?mode=ro", uri=True) as db:
-        digests = [row[0] for row in db.execute(
-            "SELECT b.sha256 FROM versions v JOIN blobs b ON b.id = v.blob_id "
-            "WHERE v.path = ? ORDER BY v.id", (path,))]
+    digests = [row[0] for row in manifest_sql(
+        mount.store, "SELECT b.sha256 FROM versions v JOIN blobs b ON b.id = v.blob_id "
+        "WHERE v.path = ? ORDER BY v.id", (path,))]
     return [(mount.mountpoint / "blobs" / digest).read_bytes() for digest in digests]
 
 

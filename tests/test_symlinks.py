@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import test_bundles
-from backends import another_store_env
+from backends import another_store_env, uses
 from conftest import (
     BEFORE_M006,
     Mount,
@@ -259,6 +259,8 @@ def test_root_hash_tells_a_symlink_from_a_file(mount: Mount) -> None:
         cafs("unseal", str(mount.runs / run))
 
 
+@pytest.mark.skipif(uses("postgresql"),
+                    reason="two stores in one test would share the test's one database")
 def test_export_import_round_trip(layer: Path, mount: Mount, tmp_path: Path) -> None:
     (layer / "model.bin").write_bytes(b"weights")
     (layer / "d").mkdir()
@@ -399,6 +401,7 @@ def test_a_sealed_run_with_symlinks_imports_in_format_2(mount: Mount, layout: in
 # -- migration m006 on a store made before it ----------------------------------------------
 
 
+@pytest.mark.skipif(uses("postgresql"), reason="a migration of manifest.sqlite")
 def test_migration_m006_on_a_store_made_before_it(unstarted_mount: Mount,
                                                   tmp_path: Path) -> None:
     require_fuse()

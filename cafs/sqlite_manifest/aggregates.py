@@ -39,7 +39,7 @@ class Aggregates(SqliteCore):
         after = DIR_STATS.decode(self._db.execute(
             f"""
             UPDATE nodes SET
-                artifacts = (version_id IS NOT NULL),
+                artifacts = CASE WHEN version_id IS NULL THEN 0 ELSE 1 END,
                 logical_bytes = coalesce(
                     (SELECT size FROM versions v WHERE v.id = nodes.version_id), 0),
                 first_write_ns = (SELECT min(created_ns) FROM versions v WHERE v.node_id = ?1),

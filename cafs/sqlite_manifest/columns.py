@@ -143,9 +143,9 @@ NEW_BLOB = ("sha256", "size", "stored_size", "encoding", "refcount", "created_ns
 # damaged blob whose file was just written again is sound again.
 UPSERT_BLOB = (
     insert_sql("blobs", NEW_BLOB)
-    + " ON CONFLICT (sha256) DO UPDATE SET refcount = refcount + excluded.refcount, "
+    + " ON CONFLICT (sha256) DO UPDATE SET refcount = blobs.refcount + excluded.refcount, "
     "stored_size = excluded.stored_size, encoding = excluded.encoding, "
-    "damaged_ns = CASE WHEN :fresh THEN NULL ELSE damaged_ns END"
+    "damaged_ns = CASE WHEN :fresh THEN NULL ELSE blobs.damaged_ns END"
 )
 
 # What a blob's refcount must be: the live artifacts (files and symlinks) whose current version

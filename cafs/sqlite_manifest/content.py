@@ -84,6 +84,7 @@ class SqliteContent(Rows):
         reference; the new blob gains one.
         """
         with self._transaction() as db:
+            self._lock_rows([new.node_id], stored.digest)
             if db.execute("SELECT 1 FROM nodes WHERE id = ?", (new.node_id,)).fetchone() is None:
                 raise Corrupt(f"node {new.node_id} vanished while being published")
             self._record_version(stored, new)

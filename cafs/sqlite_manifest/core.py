@@ -264,6 +264,17 @@ class SqliteCore:
             newest = max(newest, *state)
         return int(newest)
 
+    def _lock_rows(self, nodes: list[int], digest: str | None = None) -> None:
+        """Lock the rows a change reads and then writes, in one fixed order: nothing to do
+        here (BEGIN IMMEDIATE holds the whole database); a server back end locks rows."""
+
+    def _last_node_id(self) -> int:
+        """The largest node id ever given (AUTOINCREMENT's counter): an import gives its
+        nodes the ids after it."""
+        return int(self._db.execute(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'nodes'), 0), "
+            "(SELECT coalesce(max(id), 0) FROM nodes))").fetchone()[0])
+
     def check_integrity(self) -> list[str]:
         rows = self._db.execute("PRAGMA quick_check").fetchall()
         return [] if rows == [("ok",)] else [row[0] for row in rows]

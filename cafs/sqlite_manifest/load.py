@@ -60,7 +60,8 @@ class SqliteImport(Rows):
             # continued, as a publish there would. Looked up per artifact only if some history
             # is parked below the new execution at all (usually none: one indexed probe).
             prefix = f"runs/{name}/"
-            rows = _TreeRows(db, self._parked_at if self._parked_below(prefix) else None)
+            rows = _TreeRows(db, self._parked_at if self._parked_below(prefix) else None,
+                             self._last_node_id())
             top_id = rows.directory(RUNS_INODE, name, top)
             rows.flush()
             if sealed is not None:
@@ -191,12 +192,10 @@ class _TreeRows:
     BATCH = 4096
 
     def __init__(self, db: sqlite3.Connection,
-                 parked_at: Callable[[str], int | None] | None) -> None:
+                 parked_at: Callable[[str], int | None] | None, last_node_id: int) -> None:
         self._db = db
         self._parked_at = parked_at
-        self._next_node = db.execute(
-            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'nodes'), 0), "
-            "(SELECT coalesce(max(id), 0) FROM nodes))").fetchone()[0] + 1
+        self._next_node = last_node_id + 1
         self._next_version = db.execute(
             "SELECT coalesce(max(id), 0) FROM versions").fetchone()[0] + 1
         self._next_history = db.execute(

@@ -57,22 +57,26 @@ class SqliteMaintenance(Rows):
         blobs = db.execute(
             f"""
             WITH flags AS (
-                SELECT b.size, b.stored_size, b.refcount > 0 AS live,
-                       EXISTS (SELECT 1 FROM versions v WHERE v.blob_id = b.id) AS versioned,
-                       EXISTS (SELECT 1 FROM versions v
+                SELECT b.size, b.stored_size,
+                       CASE WHEN b.refcount > 0 THEN 1 ELSE 0 END AS live,
+                       CASE WHEN EXISTS (SELECT 1 FROM versions v WHERE v.blob_id = b.id)
+                            THEN 1 ELSE 0 END AS versioned,
+                       CASE WHEN EXISTS (SELECT 1 FROM versions v
                                LEFT JOIN histories h ON h.id = v.history_id
-                               WHERE v.blob_id = b.id AND (h.id IS NULL OR {HELD})) AS kept
+                               WHERE v.blob_id = b.id AND (h.id IS NULL OR {HELD}))
+                            THEN 1 ELSE 0 END AS kept
                 FROM blobs b
-            )
+            ),
+            -- 1/0 flags (portable SQL: PostgreSQL does no arithmetic on booleans)
+            sets AS (SELECT size, stored_size, live, (1 - live) * versioned AS old,
+                            (1 - live) * (1 - kept) AS gone FROM flags)
             SELECT coalesce(sum(live), 0), coalesce(sum(size * live), 0),
                    coalesce(sum(stored_size * live), 0),
-                   coalesce(sum(NOT live AND versioned), 0),
-                   coalesce(sum(size * (NOT live AND versioned)), 0),
-                   coalesce(sum(stored_size * (NOT live AND versioned)), 0),
-                   coalesce(sum(NOT live AND NOT kept), 0),
-                   coalesce(sum(size * (NOT live AND NOT kept)), 0),
-                   coalesce(sum(stored_size * (NOT live AND NOT kept)), 0)
-            FROM flags
+                   coalesce(sum(old), 0), coalesce(sum(size * old), 0),
+                   coalesce(sum(stored_size * old), 0),
+                   coalesce(sum(gone), 0), coalesce(sum(size * gone), 0),
+                   coalesce(sum(stored_size * gone), 0)
+            FROM sets
             """
         ).fetchone()
         history_versions = db.execute(
@@ -102,9 +106,10 @@ class SqliteMaintenance(Rows):
             ),
             held AS (SELECT blob_id, count(*) AS uses FROM cur GROUP BY blob_id)
             SELECT * FROM
-                (SELECT count(*), coalesce(sum(size), 0) FROM cur),
+                (SELECT count(*), coalesce(sum(size), 0) FROM cur) AS mine,
                 (SELECT coalesce(sum(b.size), 0), coalesce(sum(b.stored_size), 0)
                  FROM held JOIN blobs b ON b.id = held.blob_id WHERE b.refcount <= held.uses)
+                AS only_mine
             """,
             {"top": top},
         ).fetchone()
@@ -180,7 +185,8 @@ class SqliteMaintenance(Rows):
         rows = self._db.execute(
             f"""
             WITH fresh AS (
-                SELECT n.id, (n.version_id IS NOT NULL) AS a, coalesce(cv.size, 0) AS b,
+                SELECT n.id, CASE WHEN n.version_id IS NULL THEN 0 ELSE 1 END AS a,
+                       coalesce(cv.size, 0) AS b,
                        (SELECT min(created_ns) FROM versions v WHERE v.node_id = n.id) AS f,
                        (SELECT max(created_ns) FROM versions v WHERE v.node_id = n.id) AS l
                 FROM nodes n LEFT JOIN versions cv ON cv.id = n.version_id

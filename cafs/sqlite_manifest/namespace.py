@@ -120,12 +120,15 @@ class SqliteNamespace(Rows):
     def remove_node(self, node: Node, now_ns: int) -> None:
         """Unlink a file or remove an (empty) directory: the versions stay as history."""
         with self._transaction():
+            self._lock_rows([node.ino, node.parent])
             self._drop_node(node, now_ns)
             self._touch(node.parent, now_ns)
 
     def rename(self, node: Node, new_parent: int, new_name: str, replaced: Node | None,
                now_ns: int) -> None:
         with self._transaction() as db:
+            self._lock_rows([node.ino, node.parent, new_parent]
+                            + ([replaced.ino] if replaced is not None else []))
             if replaced is not None:
                 self._drop_node(replaced, now_ns)
             db.execute(

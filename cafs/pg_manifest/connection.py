@@ -1,0 +1,443 @@
+"""One PostgreSQL connection with the face of sqlite3.Connection the manifest's parts use.
+
+Owns: connecting (libpq URL; the password only from the environment, a service or password
+file), the session settings (READ COMMITTED, statement_timeout, synchronous_commit on), the
+timeouts that bound a hung server (connect, TCP keep-alives, and a watchdog that shuts the
+socket down when a statement outlives its deadline: a server that accepts bytes and never
+answers defeats every server-side timeout), reconnecting, transactions with their COMMIT
+resolved after a dropped connection (pg_xact_status of the transaction's id), and `execute` /
+`executemany` / `lastrowid` / `rowcount` / `total_changes` as sqlite3 has them, the SQL
+translated by cafs.pg_manifest.dialect. Must not know the manifest's tables beyond the id
+sequences, nor turn errors into ManifestError (cafs.pg_manifest.core does).
+
+Concurrency rule: as the SQLite manifest's — one connection, used from one thread; the watchdog
+thread only ever shuts the socket down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg.adapt import Loader
+from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
+
+from cafs.pg_manifest.dialect import explicit_id_table, insert_table, translate
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How long a manifest call may wait (seconds)."""
+
+    connect: int  # to connect (TCP and the start-up exchange)
+    statement: int  # server side: a statement that runs longer is cancelled (statement_timeout)
+    deadline: float  # client side: no answer at all (a hung server or network)
+    call: float  # one manifest call, its retries and reconnects included
+
+
+# The daemon: every manifest call runs on its event loop today, and the service watchdog fires
+# after 30 s without a ping, so a whole call, retries included, stays well below that.
+DAEMON = Bounds(connect=2, statement=3, deadline=4.0, call=8.0)
+# An admin command on an unmounted store (fsck --full, gc, stats over millions of rows): its
+# whole-manifest queries may run minutes; a dead server still ends it.
+ADMIN = Bounds(connect=5, statement=900, deadline=960.0, call=3600.0)
+
+
+class CommitLost(Exception):
+    """The connection dropped during COMMIT and the transaction did not land: safe to retry."""
+
+
+class CommitUnknown(Exception):
+    """The connection dropped during COMMIT and the server could not be asked in time whether
+    the transaction landed."""
+
+
+class _IntegralNumeric(Loader):
+    """sum() of BIGINT is NUMERIC in PostgreSQL: integral values come back as int, as
+    SQLite's do (a Decimal in a size or a count would leak into records and JSON)."""
+
+    def load(self, data: Any) -> Any:
+        text = bytes(data)
+        if text.lstrip(b"-").isdigit():
+            return int(text)
+        return Decimal(text.decode())
+
+
+class Cursor:
+    """The rows of one statement, already fetched (psycopg's client-side cursor); or, for a
+    change whose answer nobody waits for (see PgConnection._pipelined), its row count once
+    the pipeline has delivered it."""
+
+    def __init__(self, rows: list[tuple[Any, ...]], rowcount: int, lastrowid: int | None,
+                 pending: tuple[PgConnection, psycopg.Cursor[Any]] | None = None):
+        self._rows = rows
+        self._next = 0
+        self._rowcount = rowcount
+        self._pending = pending
+        self.lastrowid = lastrowid
+
+    @property
+    def rowcount(self) -> int:
+        if self._pending is not None:
+            owner, cursor = self._pending
+            owner.flush()
+            self._rowcount, self._pending = cursor.rowcount, None
+        return self._rowcount
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        rows, self._next = self._rows[self._next:], len(self._rows)
+        return rows
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        while (row := self.fetchone()) is not None:
+            yield row
+
+
+class _Watchdog:
+    """Shuts a connection's socket down once the statement it runs passes its deadline."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._deadline: float | None = None
+        self._fd = -1
+        self.fired = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cafs-pg-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self, fd: int, deadline: float) -> None:
+        with self._lock:
+            self._fd, self._deadline, self.fired = fd, deadline, False
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._deadline = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            with self._lock:
+                if self._deadline is None or time.monotonic() < self._deadline:
+                    continue
+                self._deadline = None
+                self.fired = True
+                try:
+                    sock = socket.socket(fileno=os.dup(self._fd))
+                except OSError:
+                    continue
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
+                sock.close()
+
+
+class PgConnection:
+    """sqlite3.Connection's face over one psycopg connection (autocommit outside the
+    transactions the manifest opens)."""
+
+    def __init__(self, url: str, *, readonly: bool = False, bounds: Bounds = ADMIN) -> None:
+        self.url = url
+        self.readonly = readonly
+        self.bounds = bounds
+        self._changed = 0  # rows changed, as sqlite3's total_changes
+        self.in_transaction = False
+        self.deadline: float | None = None  # of the manifest call in progress
+        # The last call failed for want of the server: the next ones make one quick attempt
+        # each (a connect), not a whole call's worth of retries, until one succeeds. One
+        # filesystem request makes several manifest calls; against a dead server only the
+        # first may wait the full bound.
+        self.down = False
+        self._explicit_ids: set[str] = set()
+        self._xid = ""  # of the transaction in progress
+        # Inside a transaction, changes whose answer nobody reads (UPDATE, DELETE, INSERT
+        # without RETURNING) go out in a pipeline without a round trip each: the server
+        # answers them with the next statement whose rows are read, or with COMMIT. An error
+        # of one is raised there; the whole call is then retried as any other.
+        self._pipeline: Any = None
+        self._pipeline_scope: Any = None
+        self._queued: list[psycopg.Cursor[Any]] = []
+        self._conn: psycopg.Connection[Any] | None = None
+        self.closed = False  # by its owner: never connects again
+        self._watchdog = _Watchdog()
+        self.connect()
+
+    # -- the connection ---------------------------------------------------------------------
+
+    def connect(self) -> None:
+        self.close_quietly()
+        if self.closed:
+            raise psycopg.InterfaceError("the manifest was closed")
+        if self.deadline is not None and self.deadline - time.monotonic() < self.bounds.connect:
+            # A connect may take its whole timeout: none is started that would end after the
+            # call's deadline.
+            raise psycopg.OperationalError("manifest: no time left to reconnect in this call")
+        bounds = self.bounds
+        options = (f"-c statement_timeout={bounds.statement * 1000} "
+                   "-c synchronous_commit=on -c default_transaction_isolation=read\\ committed "
+                   f"-c idle_in_transaction_session_timeout={int(bounds.call * 1000)}")
+        if self.readonly:
+            options += " -c default_transaction_read_only=on"
+        conn = psycopg.connect(
+            self.url, autocommit=True, connect_timeout=bounds.connect, options=options,
+            application_name="cafs", keepalives=1, keepalives_idle=5, keepalives_interval=2,
+            keepalives_count=2, tcp_user_timeout=int(bounds.deadline * 1000),
+            prepare_threshold=2)  # hot statements prepared once per connection
+        conn.adapters.register_dumper(int, Int8Dumper)
+        conn.adapters.register_dumper(int, Int8BinaryDumper)
+        conn.adapters.register_loader("numeric", _IntegralNumeric)
+        self._conn = conn
+        self.in_transaction = False
+        self._explicit_ids.clear()
+
+    def close_quietly(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        self.closed = True
+        self.close_quietly()
+        self._watchdog.stop()
+
+    @property
+    def total_changes(self) -> int:
+        self.flush()
+        return self._changed
+
+    @property
+    def usable(self) -> bool:
+        return self._conn is not None and not self._conn.closed and not self._conn.broken
+
+    def _live(self) -> psycopg.Connection[Any]:
+        if self.closed:
+            raise psycopg.InterfaceError("the manifest was closed")
+        if not self.usable:
+            if self.in_transaction:  # the transaction went with the connection
+                raise psycopg.OperationalError("the connection to the manifest was lost")
+            self.connect()
+        assert self._conn is not None
+        return self._conn
+
+    def _remaining(self) -> float:
+        if self.deadline is None:
+            return self.bounds.deadline
+        return max(0.0, min(self.bounds.deadline, self.deadline - time.monotonic()))
+
+    def _run(self, sql: str, params: Any, many: bool = False, lazy: bool = False) -> Cursor:
+        conn = self._live()
+        remaining = self._remaining()
+        if remaining <= 0:
+            raise psycopg.OperationalError("manifest: out of time for this call")
+        self._watchdog.arm(conn.pgconn.socket, time.monotonic() + remaining)
+        try:
+            if self._pipeline is not None:
+                cur = conn.cursor()
+                if many:
+                    cur.executemany(sql, params)
+                    self._queued.append(cur)
+                    return Cursor([], 0, None, (self, cur))
+                cur.execute(sql, params)
+                if lazy:
+                    self._queued.append(cur)
+                    return Cursor([], 0, None, (self, cur))
+                return Cursor(cur.fetchall(), cur.rowcount, None)
+            with conn.cursor() as cur:
+                if many:
+                    cur.executemany(sql, params)
+                    return Cursor([], cur.rowcount, None)
+                cur.execute(sql, params)
+                while cur.description is None and cur.nextset():  # several statements: the
+                    pass  # rows are the first that has any
+                rows = cur.fetchall() if cur.description is not None else []
+                return Cursor(rows, cur.rowcount, None)
+        except psycopg.Error:
+            if self._watchdog.fired:
+                conn.close()
+            raise
+        finally:
+            self._watchdog.disarm()
+
+    def flush(self) -> None:
+        """Wait for the answers of every change sent in the pipeline (their row counts)."""
+        if self._pipeline is None or not self._queued:
+            return
+        conn = self._live()
+        self._watchdog.arm(conn.pgconn.socket, time.monotonic() + max(0.1, self._remaining()))
+        try:
+            self._pipeline.sync()
+        except psycopg.Error:
+            if self._watchdog.fired:
+                conn.close()
+            raise
+        finally:
+            self._watchdog.disarm()
+        self._count_queued()
+
+    def _count_queued(self) -> None:
+        for cur in self._queued:
+            self._changed += max(cur.rowcount, 0)
+        self._queued.clear()
+
+    def _leave_pipeline(self, *, quietly: bool) -> None:
+        scope, self._pipeline, self._pipeline_scope = self._pipeline_scope, None, None
+        if scope is None:
+            return
+        try:
+            scope.__exit__(None, None, None)
+        except psycopg.Error:
+            self._queued.clear()
+            if not quietly:
+                raise
+        self._count_queued()
+
+    # -- sqlite3.Connection's face ----------------------------------------------------------
+
+    def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = (), *,
+                answer: bool = True) -> Cursor:
+        """`answer=False`: the caller reads nothing back (a row lock taken with FOR UPDATE):
+        inside a transaction it goes out in the pipeline like a change."""
+        statement = translate(sql)
+        text, values = statement.sql, _values(statement.order, params)
+        table = insert_table(sql)
+        lazy = (statement.quiet or not answer) and table not in _ID_TABLES
+        if table in _ID_TABLES:
+            text += " RETURNING id"
+        explicit = explicit_id_table(sql)
+        if explicit is not None:
+            self._explicit_ids.add(explicit)
+        if not self.in_transaction and text.lstrip()[:6].upper() in ("SELECT", "WITH R"):
+            cursor = self._read(text, values)
+        else:
+            cursor = self._run(text, values, lazy=lazy)
+        if table is not None and cursor._rows:
+            cursor.lastrowid = int(cursor._rows[-1][0])
+            cursor._rows = []
+        if not lazy:  # (a pipelined change counts once its answer arrives)
+            self._changed += max(cursor.rowcount, 0)
+        return cursor
+
+    def _read(self, text: str, values: Any) -> Cursor:
+        """A read outside a transaction is repeated on a new connection if the old one
+        dropped: reads change nothing, so running one twice is harmless."""
+        while True:
+            try:
+                return self._run(text, values)
+            except psycopg.OperationalError:
+                if self.deadline is None or time.monotonic() >= self.deadline - 0.1:
+                    raise
+                time.sleep(0.05)
+                try:
+                    self.connect()
+                except psycopg.OperationalError:
+                    continue
+
+    def execute_raw(self, sql: str) -> None:
+        """A statement (or several) as PostgreSQL spells it, without parameters: migrations."""
+        self._run(sql, None)
+
+    def executemany(self, sql: str, rows: Iterable[Any]) -> Cursor:
+        statement = translate(sql)
+        explicit = explicit_id_table(sql)
+        if explicit is not None:
+            self._explicit_ids.add(explicit)
+        values = [_values(statement.order, row) for row in rows]
+        if not values:
+            return Cursor([], 0, None)
+        return self._run(statement.sql, values, many=True)
+
+    # -- transactions -----------------------------------------------------------------------
+
+    def begin(self, *, pipelined: bool = True) -> None:
+        # The transaction's id, for resolving its COMMIT if the connection drops then, comes
+        # in the same round trip (no parameters: one simple query of two statements).
+        row = self._run("BEGIN; SELECT pg_current_xact_id()::text", None).fetchone()
+        assert row is not None
+        self._xid = str(row[0])
+        self.in_transaction = True
+        self._explicit_ids.clear()
+        self._queued.clear()
+        if pipelined:
+            self._pipeline_scope = self._live().pipeline()
+            self._pipeline = self._pipeline_scope.__enter__()
+
+    def rollback(self) -> None:
+        self.in_transaction = False
+        self._leave_pipeline(quietly=True)
+        if self.usable:
+            try:
+                self._run("ROLLBACK", ())
+            except psycopg.Error:
+                self.close_quietly()
+
+    def commit(self) -> None:
+        """COMMIT; if the connection drops on the way, ask the server on a new connection
+        whether the transaction landed: the caller gets an answer only once that is known."""
+        for table in sorted(self._explicit_ids):
+            # Ids an import gave itself: the sequence moves past them (never back: node ids
+            # are inode numbers, never reused).
+            self._run(f"SELECT setval('{table}_id_seq', GREATEST((SELECT coalesce(max(id), 0) "
+                      f"FROM {table}), (SELECT last_value FROM {table}_id_seq)))", ())
+        try:
+            self._run("COMMIT", (), lazy=True)  # its answer, and every pending one, at once
+            self._leave_pipeline(quietly=False)
+        except psycopg.OperationalError:
+            self.in_transaction = False
+            self._pipeline = self._pipeline_scope = None
+            self._queued.clear()
+            self.close_quietly()
+            self._resolve(self._xid)
+        finally:
+            self.in_transaction = False
+
+    def _resolve(self, xid: str) -> None:
+        # The answer may take a little longer than the call's own deadline: a caller told
+        # "failed" about a change that landed would be told a lie.
+        end = max(self.deadline or 0.0, time.monotonic() + self.bounds.connect * 2 + 0.5)
+        saved, self.deadline = self.deadline, end
+        try:
+            self._ask_status(xid, end)
+        finally:
+            self.deadline = saved
+
+    def _ask_status(self, xid: str, end: float) -> None:
+        while time.monotonic() < end:
+            try:
+                if not self.usable:
+                    self.connect()
+                row = self._run("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
+            except psycopg.OperationalError:
+                time.sleep(0.1)
+                continue
+            status = row[0] if row else None
+            if status == "committed":
+                return
+            if status == "aborted" or status is None:
+                raise CommitLost(f"transaction {xid} did not commit")
+            time.sleep(0.05)  # still in progress on the server
+        raise CommitUnknown(f"transaction {xid}: the connection dropped during COMMIT and "
+                            "the server did not answer whether it landed")
+
+
+_ID_TABLES = ("nodes", "versions", "histories", "blobs")
+
+
+def _values(order: tuple[int, ...] | None, params: Any) -> Any:
+    if order is None:
+        return params
+    return [params[index] for index in order]

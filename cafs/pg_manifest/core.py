@@ -1,0 +1,275 @@
+"""The PostgreSQL manifest's core: what differs from SQLite's connection, and the retry rule.
+
+Owns: opening a manifest on PostgreSQL (connecting, applying cafs.pg_manifest.schema's
+migrations under an advisory lock), transactions (READ COMMITTED; the COMMIT resolved after a
+dropped connection), the rows a change locks first (nodes, then blobs, each by id, FOR UPDATE),
+sync and the durable point, the checks SQLite answers with PRAGMAs, backups (PostgreSQL's job:
+pg_dump), and the rule that every public method of the manifest is one call that is retried
+whole (bounded in attempts and in time) on a deadlock, a serialization failure, a unique
+violation or a dropped connection as long as none of its transactions committed, and that no
+psycopg error leaves it: each becomes a ManifestError with an errno (EIO; ENOSPC when the
+server's disk is full). Must not know the namespace's rules, touch blob files, FUSE or trio.
+
+Why retry a whole call: a transaction is the body of a method (`with self._transaction():`
+around Python code), so the unit that can run again from the start is the method. A call whose
+transaction committed is never run again; its later reads (the node it returns) are repeated
+statement by statement instead (cafs.pg_manifest.connection).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import inspect
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import psycopg
+import psycopg.errors
+
+from cafs.errors import ManifestError, NeedsRepair, StoreError
+from cafs.pg_manifest import schema
+from cafs.pg_manifest.connection import (
+    ADMIN,
+    DAEMON,
+    CommitLost,
+    CommitUnknown,
+    PgConnection,
+)
+from cafs.sqlite_manifest.core import SqliteCore
+
+ATTEMPTS = 5  # of one call: the first and four retries, all inside CALL_BUDGET
+_RETRYABLE = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected,
+              psycopg.errors.UniqueViolation, psycopg.OperationalError, CommitLost)
+_MIGRATION_LOCK = 0x63616673  # 'cafs': one opener at a time migrates
+
+
+def pg_error(exc: BaseException) -> ManifestError:
+    """A failed PostgreSQL call as an error with an errno: ENOSPC when the server's disk is
+    full, EIO otherwise. The message never holds the connection string."""
+    full = isinstance(exc, psycopg.errors.DiskFull)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ManifestError(f"manifest (PostgreSQL): {text}", errno.ENOSPC if full else errno.EIO)
+
+
+def redact(url: str) -> str:
+    """A connection URL fit for a message or a log: no password in it."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        return "postgresql://(unparsable URL)"
+    host, port, db = info.get("host", ""), info.get("port", ""), info.get("dbname", "")
+    user = info.get("user")
+    return (f"postgresql://{str(user) + '@' if user else ''}{host}"
+            f"{':' + str(port) if port else ''}/{db}")
+
+
+def has_password(url: str) -> bool:
+    try:
+        return bool(psycopg.conninfo.conninfo_to_dict(url).get("password"))
+    except psycopg.Error:
+        return False
+
+
+def _retrying(method: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def generator(self: PgCore, *args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from method(self, *args, **kwargs)
+            except (psycopg.Error, CommitLost, CommitUnknown) as exc:
+                raise pg_error(exc) from exc
+        return generator
+
+    @functools.wraps(method)
+    def call(self: PgCore, *args: Any, **kwargs: Any) -> Any:
+        db = self._pg
+        if db.deadline is not None:  # inside another call: that one retries
+            return method(self, *args, **kwargs)
+        budget = db.bounds.connect + 0.5 if db.down else db.bounds.call
+        db.deadline = time.monotonic() + budget
+        try:
+            for attempt in range(ATTEMPTS):
+                committed = self._changes
+                try:
+                    result = method(self, *args, **kwargs)
+                    db.down = False
+                    return result
+                except (psycopg.Error, CommitLost, CommitUnknown) as exc:
+                    last = attempt == ATTEMPTS - 1 or time.monotonic() > db.deadline - 0.2
+                    if (not isinstance(exc, _RETRYABLE) or self._changes != committed
+                            or last):
+                        if isinstance(exc, psycopg.OperationalError | CommitUnknown):
+                            db.down = True
+                        raise pg_error(exc) from exc
+                    if db.in_transaction:
+                        db.rollback()
+                    time.sleep(min(0.02 * 2 ** attempt, 0.5) * (0.5 + random.random()))
+            raise AssertionError("unreachable")
+        finally:
+            db.deadline = None
+    return call
+
+
+def _guard(cls: type) -> None:
+    """Every public method of the manifest, wherever in the parts it is defined."""
+    for name in dir(cls):
+        value = getattr(cls, name)
+        if name.startswith("_") or not inspect.isfunction(value):
+            continue
+        setattr(cls, name, _retrying(value))
+
+
+class PgCore(SqliteCore):
+    """The connection and transactions of a manifest on PostgreSQL; the SQLite parts' queries
+    run on it unchanged (see cafs.pg_manifest.dialect)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _guard(cls)
+
+    def __init__(self, url: str, *, readonly: bool = False,
+                 low_on_space: Callable[[], bool] | None = None,
+                 new_schema_ok: bool = True, serving: bool = False) -> None:
+        """`serving`: a daemon's manifest, whose every wait is bounded in seconds (see
+        cafs.pg_manifest.connection.DAEMON); else an admin command's, patient with long
+        queries."""
+        self.url = url
+        self.path = Path("/")  # no file: see copy_to
+        self.readonly = readonly
+        self._low_on_space = None
+        self._changes = 0
+        self._free_bytes = None
+        self._page_size = 0
+        try:
+            self._pg = PgConnection(url, readonly=readonly, bounds=DAEMON if serving else ADMIN)
+            self._db = cast(Any, self._pg)
+            self._migrate(new_schema_ok)
+            self._pg.execute("SELECT count(*) FROM nodes WHERE id = 0")
+        except psycopg.Error as exc:
+            raise StoreError(f"{redact(url)}: cannot open the manifest: "
+                             f"{pg_error(exc)}") from exc
+
+    def _migrate(self, new_schema_ok: bool) -> None:
+        done: set[str] = set()
+        conn = self._pg
+        conn.deadline = time.monotonic() + conn.bounds.call
+        try:
+            exists = conn.execute("SELECT to_regclass('cafs_migrations') IS NOT NULL").fetchone()
+            if exists and exists[0]:
+                done = {row[0] for row in conn.execute("SELECT name FROM cafs_migrations")}
+            if all(name in done for name in schema.NAMES):
+                return
+            if not done and not new_schema_ok:
+                # A database without cafs's tables, for a store whose blob files exist: a typo
+                # in the URL, or a dropped database. A new manifest would call every blob
+                # garbage (gc would delete them): refuse, as for a missing manifest.sqlite.
+                raise NeedsRepair(
+                    f"{redact(self.url)} holds no cafs manifest, yet the store has blob files; "
+                    "refusing to start a new manifest over them (check the URL, or restore "
+                    "the database with pg_restore)")
+            if self.readonly:
+                raise StoreError(f"{redact(self.url)}: the manifest has no cafs schema yet (or "
+                                 "an older one): mount the store once to create it")
+            conn.begin(pipelined=False)  # DDL, several statements a text
+            try:
+                conn.execute(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+                conn.execute("CREATE TABLE IF NOT EXISTS cafs_migrations (name TEXT PRIMARY "
+                             "KEY, applied_ns BIGINT NOT NULL)")
+                done = {row[0] for row in conn.execute("SELECT name FROM cafs_migrations")}
+                for name, migration in schema.MIGRATIONS:
+                    if name in done:
+                        continue
+                    migration(conn.execute_raw)
+                    conn.execute("INSERT INTO cafs_migrations (name, applied_ns) VALUES (?, ?)",
+                                 (name, time.time_ns()))
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+        finally:
+            conn.deadline = None
+
+    # -- what SQLite's core does with PRAGMAs and files -------------------------------------
+
+    def limit_wal(self, size: int) -> None:
+        """No WAL of ours: PostgreSQL's lives on its server."""
+
+    def claim_free_pages(self, size: int) -> bool:
+        """The manifest takes no space on the store's filesystem."""
+        return True
+
+    def start_wal(self) -> None:
+        """No WAL of ours to start."""
+
+    def _has_column(self, table: str, column: str) -> bool:
+        return self._db.execute(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name = ? AND column_name = ?", (table, column)).fetchone() is not None
+
+    def _has_table(self, table: str) -> bool:
+        return self._db.execute("SELECT to_regclass(?) IS NOT NULL", (table,)).fetchone()[0]
+
+    def close(self) -> None:
+        self._pg.close()
+
+    def admin(self) -> Any:
+        raise ManifestError("the manifest is on PostgreSQL: inspect it with psql", errno.ENOTSUP)
+
+    @contextmanager
+    def _transaction(self, *, commit: bool = True) -> Iterator[Any]:
+        """One transaction (READ COMMITTED); `commit=False` rolls it back (a dry run). A COMMIT
+        whose connection dropped is resolved before this returns (cafs.pg_manifest.connection).
+        """
+        db = self._pg
+        db.begin()
+        try:
+            yield db
+            if not commit:
+                db.rollback()
+                return
+            db.commit()
+        except BaseException:
+            if db.in_transaction:
+                db.rollback()
+            raise
+        self._changes += 1
+
+    def _lock_rows(self, nodes: list[int], digest: str | None = None) -> None:
+        """Before a change that reads rows and then writes them: lock them in the one order
+        every change uses (nodes, then blobs, each by id), so two changes never wait for each
+        other in a circle. The blobs: the current content of these nodes and `digest`'s."""
+        db = self._pg  # the locks are taken in the pipeline: the server runs them in order
+        db.execute("SELECT id FROM nodes WHERE id = ANY(?) ORDER BY id FOR UPDATE",
+                   (sorted(set(nodes)),), answer=False)
+        db.execute("SELECT b.id FROM blobs b WHERE b.id IN (SELECT v.blob_id FROM nodes n JOIN "
+                   "versions v ON v.id = n.version_id WHERE n.id = ANY(?)) OR b.sha256 = ? "
+                   "ORDER BY b.id FOR UPDATE", (sorted(set(nodes)), digest), answer=False)
+
+    def sync(self, durable_ns: int | None = None) -> None:
+        """Every commit is durable already (synchronous_commit on): this records the durable
+        point (every blob stored before it is on disk), one small transaction."""
+        with self._transaction() as db:
+            db.execute("UPDATE store_state SET synced_ns = coalesce(?, synced_ns)",
+                       (durable_ns,))
+
+    def check_integrity(self) -> list[str]:
+        """PostgreSQL checks its own pages (and its WAL) on every read; there is no whole-file
+        check to run from here. Answers that the server is reachable and the schema there."""
+        self._db.execute("SELECT count(*) FROM store_state").fetchone()
+        return []
+
+    def copy_to(self, target: Path) -> None:
+        """Backups of a manifest on PostgreSQL are PostgreSQL's: pg_dump (or its base backups
+        and WAL archiving). cafs makes none."""
+        raise ManifestError("the manifest is on PostgreSQL: back it up with pg_dump "
+                            "(cafs makes no copy of it)", errno.ENOTSUP)
+
+    def _last_node_id(self) -> int:
+        return int(self._db.execute(
+            "SELECT GREATEST((SELECT last_value FROM nodes_id_seq), "
+            "(SELECT coalesce(max(id), 0) FROM nodes))").fetchone()[0])

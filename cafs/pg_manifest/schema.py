@@ -1,0 +1,273 @@
+"""The PostgreSQL manifest's schema and its migrations.
+
+Owns: the tables, indexes and views of a manifest on PostgreSQL, with the same columns and the
+same meaning as the SQLite manifest's (cafs/schema.py, after all of its migrations: this
+schema starts at today's final shape), every integer BIGINT, every column documented by
+COMMENT ON (`\\d+ nodes` in psql shows them), and its own numbered migrations recorded in
+cafs_migrations. Must not hold the manifest's queries.
+
+Differences, each because PostgreSQL needs it: ids are identity columns (nodes start at 16, as
+SQLite's AUTOINCREMENT counter does, and never go back); names and paths are COLLATE "C" (byte
+order, as SQLite compares them: listings and range scans over paths agree on both); tags are
+indexed by name only (a value of up to 64 KiB does not fit a B-tree entry).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cafs.model import FIRST_NODE_ID
+
+COMMENTS: dict[tuple[str, str | None], str] = {
+    ('blobs', None):
+        'one row per distinct content in blobs/',
+    ('blobs', 'id'):
+        'stable id; blobs/<sha256> in the mount is inode 2^48 + id',
+    ('blobs', 'sha256'):
+        '64 lowercase hex: SHA-256 of the UNCOMPRESSED bytes; the file is blobs/<sha256[0:2]>/<sha256>',
+    ('blobs', 'size'):
+        'uncompressed bytes',
+    ('blobs', 'stored_size'):
+        'bytes of the blob file on disk',
+    ('blobs', 'encoding'):
+        'raw+xxh64: the bytes, then XXH64 per 64 KiB block and a footer; zstd: seekable format (independent frames of <= 1 MiB, each with a checksum, + seek table); raw: the bytes alone (blobs stored before raw+xxh64)',
+    ('blobs', 'refcount'):
+        'live artifacts whose current version is this content; 0 = only history (or nothing) holds it',
+    ('blobs', 'created_ns'):
+        'when this content was first stored (ns since the epoch)',
+    ('nodes', None):
+        'the live namespace under runs/: one row per directory or artifact',
+    ('nodes', 'id'):
+        'the inode number; AUTOINCREMENT so a number is never reused',
+    ('nodes', 'parent_id'):
+        'nodes.id of the parent directory; 2 (runs/) for executions',
+    ('nodes', 'name'):
+        "one path component: UTF-8, 1..255 bytes, no '/' or NUL",
+    ('nodes', 'kind'):
+        "execution = runs/<exec>, layer = runs/<exec>/<layer>, dir = sub-directory inside a layer, file = artifact, symlink = symbolic link inside a layer (its versions' blobs hold the target bytes; mode is always 0777)",
+    ('nodes', 'mode'):
+        'permission bits (no file type bits; no setuid/setgid)',
+    ('nodes', 'uid'):
+        'owner: the creator, or as set by chown',
+    ('nodes', 'gid'):
+        'group owner',
+    ('nodes', 'mtime_ns'):
+        'modification time (ns), settable with touch',
+    ('nodes', 'ctime_ns'):
+        'status change time (ns)',
+    ('nodes', 'nlink'):
+        'files: 1; directories: 2 + number of sub-directories',
+    ('nodes', 'version_id'):
+        'files: versions.id of the current content; NULL for directories, and for a file whose first write is still open (such rows are removed at start-up)',
+    ('versions', None):
+        "one row per publish of an artifact's content; history stays until gc",
+    ('versions', 'id'):
+        'version id; increases with every publish',
+    ('versions', 'node_id'):
+        'nodes.id of the artifact it was published to (that node may since be deleted)',
+    ('versions', 'path'):
+        "the artifact's path at publish time, relative to the mount: runs/<exec>/<layer>/...",
+    ('versions', 'blob_id'):
+        'the content',
+    ('versions', 'size'):
+        'uncompressed bytes (= blobs.size)',
+    ('versions', 'mode'):
+        'permission bits at publish',
+    ('versions', 'uid'):
+        "the writer's uid",
+    ('versions', 'gid'):
+        "the writer's gid",
+    ('versions', 'mtime_ns'):
+        'modification time at publish (ns)',
+    ('versions', 'ctime_ns'):
+        'status change time at publish (ns)',
+    ('versions', 'content_type'):
+        'MIME type guessed from the name, NULL if unknown',
+    ('versions', 'created_ns'):
+        'when this version was published (ns)',
+    ('versions', 'replaced_ns'):
+        'when a newer version, an unlink or a rename over it replaced it; NULL while current',
+    ('tags', None):
+        'user xattrs (user.* other than user.cafs.*) on artifacts and directories',
+    ('tags', 'node_id'):
+        'nodes.id the tag is on',
+    ('tags', 'name'):
+        "full xattr name, e.g. 'user.stage'",
+    ('tags', 'value'):
+        'the xattr value, bytes as given (at most 64 KiB, enforced by the kernel)',
+    ('store_state', None):
+        'one row: the manifest as a whole',
+    ('store_state', 'id'):
+        'always 1',
+    ('store_state', 'synced_ns'):
+        'when a commit with synchronous=FULL last made every earlier commit durable against power loss (an fsync through the mount)',
+    ('store_state', 'checked_ns'):
+        'when a daemon last started on this manifest after checking it (and its WAL) intact: orphan blob files older than this are what a crash left; newer ones, with no commit after them, may hold artifacts whose rows were lost',
+    ('histories', None):
+        'one row per path history: the versions one path has held',
+    ('histories', 'id'):
+        'history id (nodes.history_id, versions.history_id); held while a node has it, else parked',
+    ('histories', 'path'):
+        "its home path (runs/<exec>/<layer>/...) where that differs from its newest version's path (NULL: that path): set when its artifact moved there by a rename, or was removed there after its directory moved; where it is parked",
+    ('histories', 'last_number'):
+        'the number its newest version got: the next gets last_number + 1; never decreases, so gc never renumbers and no number is given twice',
+    ('blobs', 'damaged_ns'):
+        'set by fsck --repair when the file is missing or its bytes do not hash to sha256: reads of artifacts holding it fail with EIO until the same content is written or imported again; NULL = sound',
+    ('nodes', 'sealed_ns'):
+        'executions: when cafs seal made the run immutable (every change inside it is EROFS); NULL = open',
+    ('nodes', 'root_sha256'):
+        "executions, once sealed: SHA-256 over the sorted lines '<path below the execution>\\0<sha256>\\n' of its artifacts",
+    ('nodes', 'artifacts'):
+        'files: 1 once published (version_id set), else 0; directories: the published artifacts below them, at any depth (= sum over the children)',
+    ('nodes', 'logical_bytes'):
+        'files: the size of the current version (0 before the first publish); directories: the sum over the children',
+    ('nodes', 'first_write_ns'):
+        'files: the oldest created_ns of the versions whose node_id is this node (history included, until gc drops it); directories: the minimum over the children; NULL when there is none',
+    ('nodes', 'last_write_ns'):
+        'as first_write_ns, the newest',
+    ('nodes', 'history_id'):
+        'files: histories.id of the path history this artifact continues; set at its first publish, or when it moves onto a path that has one; NULL for directories and for files never published',
+    ('versions', 'history_id'):
+        'histories.id of the path history this version belongs to; it moves with its artifact through renames',
+    ('versions', 'number'):
+        'its number in that history: 1..n in the order versions joined it; stable (gc removes rows, never renumbers)',
+    ('nodes', 'atime_ns'):
+        'access time (ns) as last set explicitly (touch -a, utimensat); NULL = never set, and stat shows mtime_ns. Reads never change it (the mount is noatime)',
+}
+COMMENTS[("nodes", "id")] = ("the inode number; an identity column whose sequence never goes "
+                             "back, so a number is never reused")
+COMMENTS[("store_state", "synced_ns")] = (
+    "the durable point: every blob stored before it is on disk (a group sync or fsync through "
+    "the mount); PostgreSQL commits are durable themselves (synchronous_commit on)")
+
+_TABLES = f"""
+CREATE TABLE blobs (
+    id          BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    sha256      TEXT   NOT NULL UNIQUE,
+    size        BIGINT NOT NULL,
+    stored_size BIGINT NOT NULL,
+    encoding    TEXT   NOT NULL CHECK (encoding IN ('raw', 'raw+xxh64', 'zstd')),
+    refcount    BIGINT NOT NULL DEFAULT 0 CHECK (refcount >= 0),
+    created_ns  BIGINT NOT NULL,
+    damaged_ns  BIGINT
+);
+CREATE TABLE nodes (
+    id          BIGINT GENERATED BY DEFAULT AS IDENTITY (START WITH {FIRST_NODE_ID}) PRIMARY KEY,
+    parent_id   BIGINT NOT NULL,
+    name        TEXT COLLATE "C" NOT NULL,
+    kind        TEXT   NOT NULL
+                CHECK (kind IN ('execution', 'layer', 'dir', 'file', 'symlink')),
+    mode        BIGINT NOT NULL,
+    uid         BIGINT NOT NULL,
+    gid         BIGINT NOT NULL,
+    mtime_ns    BIGINT NOT NULL,
+    ctime_ns    BIGINT NOT NULL,
+    nlink       BIGINT NOT NULL DEFAULT 1,
+    version_id  BIGINT,
+    sealed_ns   BIGINT,
+    root_sha256 TEXT,
+    artifacts   BIGINT NOT NULL DEFAULT 0,
+    logical_bytes BIGINT NOT NULL DEFAULT 0,
+    first_write_ns BIGINT,
+    last_write_ns BIGINT,
+    history_id  BIGINT,
+    atime_ns    BIGINT,
+    UNIQUE (parent_id, name)
+);
+CREATE TABLE versions (
+    id           BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    node_id      BIGINT NOT NULL,
+    path         TEXT COLLATE "C" NOT NULL,
+    blob_id      BIGINT NOT NULL REFERENCES blobs(id),
+    size         BIGINT NOT NULL,
+    mode         BIGINT NOT NULL,
+    uid          BIGINT NOT NULL,
+    gid          BIGINT NOT NULL,
+    mtime_ns     BIGINT NOT NULL,
+    ctime_ns     BIGINT NOT NULL,
+    content_type TEXT,
+    created_ns   BIGINT NOT NULL,
+    replaced_ns  BIGINT,
+    history_id   BIGINT,
+    number       BIGINT
+);
+CREATE TABLE tags (
+    node_id BIGINT NOT NULL,
+    name    TEXT COLLATE "C" NOT NULL,
+    value   BYTEA  NOT NULL,
+    PRIMARY KEY (node_id, name)
+);
+CREATE TABLE store_state (
+    id          BIGINT PRIMARY KEY CHECK (id = 1),
+    synced_ns   BIGINT,
+    checked_ns  BIGINT
+);
+INSERT INTO store_state (id) VALUES (1);
+CREATE TABLE histories (
+    id          BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    path        TEXT COLLATE "C",
+    last_number BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX versions_node ON versions(node_id);
+CREATE INDEX versions_blob ON versions(blob_id);
+CREATE INDEX nodes_unpublished ON nodes(id) WHERE kind = 'file' AND version_id IS NULL;
+CREATE INDEX tags_name ON tags(name);
+CREATE INDEX versions_path ON versions(path);
+CREATE INDEX nodes_first_write ON nodes(parent_id, first_write_ns);
+CREATE INDEX nodes_last_write ON nodes(parent_id, last_write_ns);
+CREATE UNIQUE INDEX versions_history ON versions(history_id, number);
+CREATE INDEX nodes_history ON nodes(history_id) WHERE history_id IS NOT NULL;
+CREATE INDEX histories_path ON histories(path) WHERE path IS NOT NULL;
+CREATE INDEX versions_path_time ON versions(path, created_ns);
+CREATE INDEX blobs_unreferenced ON blobs(id) WHERE refcount = 0;
+CREATE VIEW executions AS
+SELECT id, name, uid, gid, mode, mtime_ns, ctime_ns FROM nodes WHERE kind = 'execution';
+CREATE VIEW layers AS
+SELECT l.id, e.name AS execution, l.name, l.uid, l.gid, l.mode, l.mtime_ns, l.ctime_ns
+FROM nodes l JOIN nodes e ON e.id = l.parent_id WHERE l.kind = 'layer';
+CREATE VIEW artifacts AS
+WITH RECURSIVE paths(id, path, execution, layer) AS (
+    SELECT id, 'runs/' || name, name, NULL::text COLLATE "C" FROM nodes WHERE parent_id = 2
+    UNION ALL
+    SELECT n.id, p.path || '/' || n.name, p.execution, coalesce(p.layer, n.name)
+    FROM nodes n JOIN paths p ON n.parent_id = p.id
+)
+SELECT p.path, p.execution, p.layer, n.id AS node_id, v.id AS version_id, b.sha256, v.size,
+       b.stored_size, b.encoding, n.mode, n.uid, n.gid, n.mtime_ns, n.ctime_ns, v.content_type,
+       v.created_ns AS published_ns
+FROM paths p
+JOIN nodes n ON n.id = p.id
+JOIN versions v ON v.id = n.version_id
+JOIN blobs b ON b.id = v.blob_id
+WHERE n.kind = 'file';
+"""
+
+_VIEW_COMMENTS = {
+    "executions": "executions: the directories runs/<exec>",
+    "layers": "layers: the directories runs/<exec>/<layer>",
+    "artifacts": "every live artifact with its path and current content",
+}
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def m001_initial(execute: Callable[[str], Any]) -> None:
+    """Today's final shape of the SQLite schema (its m001..m009), with every comment."""
+    execute(_TABLES)
+    for (table, column), comment in COMMENTS.items():
+        target = f"TABLE {table}" if column is None else f"COLUMN {table}.{column}"
+        execute(f"COMMENT ON {target} IS {_quote(comment)}")
+    for view, comment in _VIEW_COMMENTS.items():
+        execute(f"COMMENT ON VIEW {view} IS {_quote(comment)}")
+
+
+# Numbered, applied in order, each once, each in the transaction that records it. Never edit
+# an applied one: add the next.
+MIGRATIONS: list[tuple[str, Callable[[Callable[[str], Any]], None]]] = [
+    ("m001_initial", m001_initial),
+]
+
+NAMES = [name for name, _ in MIGRATIONS]
