@@ -69,13 +69,11 @@ class Rows(Aggregates):
 
     def _upsert_blob(self, stored: StoredBlob, now_ns: int, *, references: int) -> int:
         """The blob's row, made if new; it gains `references` live artifacts. Returns its id."""
-        self._db.execute(UPSERT_BLOB, {
+        return int(self._db.execute(UPSERT_BLOB + " RETURNING id", {
             "sha256": stored.digest, "size": stored.size, "stored_size": stored.stored_size,
             "encoding": stored.encoding, "refcount": references, "created_ns": now_ns,
             "fresh": stored.fresh,
-        })
-        return int(self._db.execute(
-            "SELECT id FROM blobs WHERE sha256 = ?", (stored.digest,)).fetchone()[0])
+        }).fetchone()[0])
 
     def _retire_current(self, node_id: int, now_ns: int) -> None:
         """The node's current version (if any) becomes history: marked replaced, and its blob
