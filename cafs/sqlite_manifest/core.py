@@ -38,9 +38,10 @@ from cafs.errors import ManifestError, StoreError, translating
 log = logging.getLogger(__name__)
 # SQLite's own autocheckpoint threshold (pages), what limit_wal leaves on a roomy filesystem.
 DEFAULT_WAL_PAGES = 1000
-# A background checkpoint is asked for after this many commits (~15 WAL pages each for a
-# small file's publish: about SQLite's 1000-page cadence).
-CHECKPOINT_EVERY_COMMITS = 64
+# A background checkpoint is asked for after this many commits (a small file's create and
+# publish write ~25 WAL pages together: one checkpoint per ~100 files, ~3,000 pages, well
+# inside the writer's own bound of ten times SQLite's 1000 pages).
+CHECKPOINT_EVERY_COMMITS = 256
 
 
 def manifest_error(exc: sqlite3.Error) -> ManifestError:

@@ -103,9 +103,9 @@ class SqliteNamespace(Rows):
             node_id = self._insert_node(parent_id, name, kind, mode=mode, uid=uid, gid=gid,
                                         mtime_ns=now_ns, ctime_ns=now_ns)
             self._touch(parent_id, now_ns)
-        node = self.node(node_id)
-        assert node is not None
-        return node
+        # The row just written, without reading it back (a query per create).
+        return Node(ino=node_id, parent=parent_id, name=name, kind=kind, mode=mode, uid=uid,
+                    gid=gid, mtime_ns=now_ns, ctime_ns=now_ns, nlink=2 if kind.is_dir else 1)
 
     def set_attrs(self, node_id: int, *, mode: int, uid: int, gid: int, mtime_ns: int,
                   ctime_ns: int, atime_ns: int | None = None) -> None:
