@@ -232,6 +232,11 @@ class SqliteCore:
         self._db.execute(f"PRAGMA wal_autocheckpoint = {10 * pages}")
         if self._checkpointer is None:
             self._checkpointer = Checkpointer(self.path)
+            # Once now, at open: what is in the WAL (a new store's schema, its migrations)
+            # goes into the database file, as SQLite's first autocheckpoint used to put it
+            # there early, so a store whose WAL is lost later still opens and fsck can say
+            # what went missing.
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def claim_free_pages(self, size: int) -> bool:
         """Whether a change adding about `size` bytes fits into the free pages inside
