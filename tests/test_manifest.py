@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -186,3 +188,47 @@ def test_no_module_outside_the_manifest_speaks_sql() -> None:
                      text, re.M) or ".execute(" in text:
             offenders.append(str(source.relative_to(root)))
     assert offenders == []
+
+
+def test_checkpoints_run_in_their_own_thread_and_the_wal_goes_at_close(tmp_path: Path) -> None:
+    """On a roomy filesystem the WAL is copied into the database file by a thread of its own
+    (every 256 commits), not inside a commit on the caller's thread; SQLite's own checkpoint
+    only bounds the WAL at ten times its usual size. Closing leaves no WAL."""
+    path = tmp_path / "manifest.sqlite"
+    manifest = Manifest(path)
+    manifest.limit_wal(1 << 30)
+    assert manifest.admin().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 10_000
+    size = path.stat().st_size
+    for index in range(300):  # every one a commit
+        make_file(manifest, f"f{index}.csv")
+    deadline = time.monotonic() + 20
+    while path.stat().st_size == size and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.stat().st_size > size, "no checkpoint reached the database file"
+    assert any(thread.name == "cafs-checkpoint" for thread in threading.enumerate())
+    manifest.close()
+    assert not any(thread.name == "cafs-checkpoint" for thread in threading.enumerate())
+    assert not path.with_name("manifest.sqlite-wal").exists()
+    assert len(Manifest(path).children(manifest_layer(path), -1, 1000)) == 300
+
+
+def manifest_layer(path: Path) -> int:
+    reopened = Manifest(path)
+    execution = reopened.child(RUNS_INODE, "e1")
+    assert execution is not None
+    layer = reopened.child(execution.ino, "train")
+    assert layer is not None
+    reopened.close()
+    return layer.ino
+
+
+def test_a_small_filesystem_checkpoints_inline_within_its_share(tmp_path: Path) -> None:
+    """Where the reserve is small, limit_wal keeps SQLite's own checkpoint at a quarter of it,
+    on the writer's thread, as before: the WAL never outgrows what the reserve allows."""
+    manifest = Manifest(tmp_path / "manifest.sqlite")
+    manifest.limit_wal(64 * 4096)
+    assert manifest.admin().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 64
+    for index in range(300):
+        make_file(manifest, f"f{index}.csv")
+    assert not any(thread.name == "cafs-checkpoint" for thread in threading.enumerate())
+    manifest.close()
