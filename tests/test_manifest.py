@@ -195,6 +195,7 @@ def test_checkpoints_run_in_their_own_thread_and_the_wal_goes_at_close(tmp_path:
     (every 256 commits), not inside a commit on the caller's thread; SQLite's own checkpoint
     only bounds the WAL at ten times its usual size. Closing leaves no WAL."""
     path = tmp_path / "manifest.sqlite"
+    others = checkpoint_threads()  # of manifests other tests left open
     manifest = Manifest(path)
     manifest.limit_wal(1 << 30)
     assert manifest.admin().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 10_000
@@ -205,11 +206,15 @@ def test_checkpoints_run_in_their_own_thread_and_the_wal_goes_at_close(tmp_path:
     while path.stat().st_size == size and time.monotonic() < deadline:
         time.sleep(0.05)
     assert path.stat().st_size > size, "no checkpoint reached the database file"
-    assert any(thread.name == "cafs-checkpoint" for thread in threading.enumerate())
+    assert checkpoint_threads() - others
     manifest.close()
-    assert not any(thread.name == "cafs-checkpoint" for thread in threading.enumerate())
+    assert not checkpoint_threads() - others
     assert not path.with_name("manifest.sqlite-wal").exists()
     assert len(Manifest(path).children(manifest_layer(path), -1, 1000)) == 300
+
+
+def checkpoint_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name == "cafs-checkpoint"}
 
 
 def manifest_layer(path: Path) -> int:
@@ -225,10 +230,11 @@ def manifest_layer(path: Path) -> int:
 def test_a_small_filesystem_checkpoints_inline_within_its_share(tmp_path: Path) -> None:
     """Where the reserve is small, limit_wal keeps SQLite's own checkpoint at a quarter of it,
     on the writer's thread, as before: the WAL never outgrows what the reserve allows."""
+    others = checkpoint_threads()
     manifest = Manifest(tmp_path / "manifest.sqlite")
     manifest.limit_wal(64 * 4096)
     assert manifest.admin().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 64
     for index in range(300):
         make_file(manifest, f"f{index}.csv")
-    assert not any(thread.name == "cafs-checkpoint" for thread in threading.enumerate())
+    assert not checkpoint_threads() - others
     manifest.close()
