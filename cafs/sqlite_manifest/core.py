@@ -205,6 +205,13 @@ class SqliteCore:
                              "cafs fsck --repair) to upgrade it")
         self._changes = 0
         self._checkpointer: Checkpointer | None = None
+        # A write transaction left open by a deferred change (see _transaction): committed with
+        # the next change that commits. The node ids inserted since the last commit: if they
+        # are lost with it, no later node may take their numbers (the kernel may know them);
+        # _id_floor then lifts AUTOINCREMENT's counter above them.
+        self._pending = False
+        self._uncommitted_ids: list[int] = []
+        self._id_floor = 0
         self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         # Bytes of free pages inside the file not yet promised (claim_free_pages); None: re-read
         # the free list (every commit may have used or freed pages).
@@ -268,6 +275,8 @@ class SqliteCore:
                                 (table,)).fetchone() is not None
 
     def close(self) -> None:
+        with suppress(ManifestError):  # a new file's row, unpublished: start-up drops it anyway
+            self.commit_pending()
         if self._checkpointer is not None:
             self._checkpointer.stop()
             self._checkpointer = None
@@ -279,29 +288,103 @@ class SqliteCore:
         return Database(self._db)
 
     @contextmanager
-    def _transaction(self, *, commit: bool = True) -> Iterator[sqlite3.Connection]:
-        """One write transaction; `commit=False` rolls it back at the end (a dry run)."""
+    def _transaction(self, *, commit: bool = True, defer: bool = False
+                     ) -> Iterator[sqlite3.Connection]:
+        """One write transaction; `commit=False` rolls it back at the end (a dry run).
+
+        `defer=True`: the change is made but its commit waits for the next change that commits
+        (or commit_pending), which then commits both at once, one commit instead of two. Only
+        for changes nothing relies on after a crash: a new file's row before its first publish
+        (start-up removes such rows anyway). While a deferred change is open, every change runs
+        in a savepoint of that transaction: a change that fails is undone alone."""
+        db = self._db
         try:
-            if self._low_on_space is not None and self._low_on_space():
-                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                if not commit:
-                    self._db.execute("ROLLBACK")
-                    return
-                self._db.execute("COMMIT")
-            except BaseException:
-                # SQLite may already have rolled back (I/O error, disk full): then this fails.
-                with suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-                raise
+            if self._pending and self._low_on_space is not None and self._low_on_space():
+                self.commit_pending()  # the checkpoint below needs no transaction open
+            if self._pending:
+                db.execute("SAVEPOINT change")
+                try:
+                    yield db
+                    if not commit:
+                        self._undo_change()
+                        return
+                    db.execute("RELEASE change")
+                except BaseException:
+                    self._undo_change()
+                    raise
+                if not defer:
+                    self.commit_pending()
+            else:
+                if self._low_on_space is not None and self._low_on_space():
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    if self._id_floor:
+                        self._lift_ids()
+                    yield db
+                    if not commit:
+                        db.execute("ROLLBACK")
+                        return
+                    if defer:
+                        self._pending = True
+                    else:
+                        db.execute("COMMIT")
+                        self._committed()
+                except BaseException:
+                    # SQLite may already have rolled back (I/O error, disk full): then this
+                    # fails.
+                    with suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                    self._lost()
+                    raise
         except sqlite3.Error as exc:
             raise manifest_error(exc) from exc
         self._changes += 1
         self._free_bytes = None
         if self._checkpointer is not None and not self._changes % CHECKPOINT_EVERY_COMMITS:
             self._checkpointer.request()
+
+    def commit_pending(self) -> None:
+        """Commit a transaction a deferred change left open (see _transaction), if any."""
+        if not self._pending:
+            return
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            self._lost()
+            raise manifest_error(exc) from exc
+        self._committed()
+
+    def _undo_change(self) -> None:
+        """A change inside the open transaction failed: undo it alone. If SQLite rolled the
+        whole transaction back (an I/O error, a full disk), the deferred changes are lost."""
+        with suppress(sqlite3.Error):
+            self._db.execute("ROLLBACK TO change")
+            self._db.execute("RELEASE change")
+        if not self._db.in_transaction:
+            self._lost()
+
+    def _committed(self) -> None:
+        self._pending = False
+        self._uncommitted_ids.clear()
+
+    def _lost(self) -> None:
+        """The open transaction was rolled back: the node ids it gave out stay unused."""
+        self._pending = False
+        if self._uncommitted_ids:
+            self._id_floor = max(self._id_floor, *self._uncommitted_ids)
+            self._uncommitted_ids.clear()
+
+    def _lift_ids(self) -> None:
+        """Inside a new transaction: AUTOINCREMENT's counter above every id given out and lost
+        (it is part of the transaction, so a rollback took it back too)."""
+        db = self._db
+        if not db.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'nodes'",
+                          (self._id_floor,)).rowcount:
+            db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('nodes', ?)",
+                       (self._id_floor,))
 
     def sync(self, durable_ns: int | None = None) -> None:
         """Make every committed transaction durable against power loss: one commit with
@@ -310,6 +393,7 @@ class SqliteCore:
         as the new durable point: every blob stored before it is on disk; an fsync of one file
         leaves the point where it was."""
         db = self._db
+        self.commit_pending()
         db.execute("PRAGMA synchronous = FULL")
         try:
             db.execute("BEGIN IMMEDIATE")
