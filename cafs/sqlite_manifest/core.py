@@ -20,6 +20,7 @@ next opener of the manifest would then believe it is alone and delete the WAL.
 from __future__ import annotations
 
 import errno
+import functools
 import inspect
 import logging
 import os
@@ -54,10 +55,34 @@ def manifest_error(exc: sqlite3.Error) -> ManifestError:
 _guarded = translating(sqlite3.Error, manifest_error)
 
 
+def _abandoning(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A failed SQLite call while a deferred change holds the transaction open (see
+    SqliteCore._transaction) rolls that transaction back: after an I/O error SQLite wants a
+    ROLLBACK before anything else, and a read failing there must not leave it half done."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def generator(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from method(self, *args, **kwargs)
+            except ManifestError as exc:
+                self._abandon_after(exc)
+                raise
+        return generator
+
+    @functools.wraps(method)
+    def plain(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except ManifestError as exc:
+            self._abandon_after(exc)
+            raise
+    return plain
+
+
 def _guard_public_methods(cls: type) -> None:
     for name, value in list(vars(cls).items()):
         if not name.startswith("_") and inspect.isfunction(value):
-            setattr(cls, name, _guarded(value))
+            setattr(cls, name, _abandoning(_guarded(value)))
 
 
 def copy_manifest(source: Path, target: Path, *, readonly_source: bool = True) -> None:
@@ -306,11 +331,11 @@ class SqliteCore:
                 try:
                     yield db
                     if not commit:
-                        self._undo_change()
+                        self._undo_change(None)
                         return
                     db.execute("RELEASE change")
-                except BaseException:
-                    self._undo_change()
+                except BaseException as exc:
+                    self._undo_change(exc)
                     raise
                 if not defer:
                     self.commit_pending()
@@ -357,13 +382,34 @@ class SqliteCore:
             raise manifest_error(exc) from exc
         self._committed()
 
-    def _undo_change(self) -> None:
-        """A change inside the open transaction failed: undo it alone. If SQLite rolled the
-        whole transaction back (an I/O error, a full disk), the deferred changes are lost."""
-        with suppress(sqlite3.Error):
-            self._db.execute("ROLLBACK TO change")
-            self._db.execute("RELEASE change")
-        if not self._db.in_transaction:
+    def _undo_change(self, exc: BaseException | None) -> None:
+        """A change inside the open transaction failed (or was a dry run): undo it alone. An
+        error of SQLite itself other than a broken constraint (I/O, a full disk, a damaged
+        page) rolls the whole transaction back, deferred changes included: after such an error
+        SQLite wants a ROLLBACK, and going on inside the transaction (measured, under injected
+        I/O faults) reads pages it calls malformed."""
+        db = self._db
+        cause = exc.__cause__ if isinstance(exc, ManifestError) else exc  # a public read's
+        whole = isinstance(cause, sqlite3.Error) and not isinstance(cause, sqlite3.IntegrityError)
+        if not whole:
+            try:
+                db.execute("ROLLBACK TO change")
+                db.execute("RELEASE change")
+            except sqlite3.Error:
+                whole = True
+        if whole or not db.in_transaction:
+            with suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            self._lost()
+
+    def _abandon_after(self, exc: ManifestError) -> None:
+        """See _abandoning: a SQLite error other than a broken constraint, while a deferred
+        change is open, ends the open transaction (rolled back, its new ids never reused)."""
+        cause = exc.__cause__
+        if (self._pending and isinstance(cause, sqlite3.Error)
+                and not isinstance(cause, sqlite3.IntegrityError)):
+            with suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
             self._lost()
 
     def _committed(self) -> None:
