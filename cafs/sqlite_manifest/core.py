@@ -8,7 +8,11 @@ built on it (see `__init_subclass__`) turns one into a ManifestError with an err
 
 Concurrency rule: one connection, used from one thread. Every method that changes anything is one
 transaction (`with self._transaction():`) and never yields to an event loop in between, so the
-changes of one filesystem operation are atomic without locks.
+changes of one filesystem operation are atomic without locks. One exception, for speed: a new
+file's row (add_node of a file) leaves its transaction open, and the next change that commits
+(its publish, a group sync, anything) commits it too; meanwhile each change is a savepoint, and
+a SQLite error rolls the whole transaction back (see _transaction, _abandoning). WAL checkpoints
+run in a thread of their own (Checkpointer).
 
 Durability: WAL with synchronous=NORMAL — a commit survives a crash of the process; `sync()`
 makes everything committed so far survive power loss too, through SQLite itself (one small
