@@ -420,7 +420,12 @@ class OpenFiles:
         close() returned long ago, so a failure here can only be logged."""
         handle = self.table.handles.get(fh)
         try:
+            # Not while another open still writes into the same content (two O_TRUNC
+            # rewriters): the last of them to finish publishes, as at FLUSH. Seen under load:
+            # the first rewriter's RELEASE, right after its close, published the second's
+            # bytes in progress.
             if (handle is not None and self._unflushed(handle)
+                    and not self._others_writing(handle)
                     and not self.processes.killed_by_signal(handle.opener)):
                 await self.publisher.publish(handle.inode, handle.caller, handle)
         except (OSError, CafsError) as exc:
