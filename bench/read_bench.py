@@ -11,6 +11,10 @@ targets of issue 14): warm re-read and cold read of the corpus (cat of everythin
 find -printf walk (size, mtime), ls -l of the 10,000-entry layer, the large artifact read
 sequentially cold and warm, random 4 KiB reads in the zstd artifact, cold.
 
+Each figure is also measured on the floor (bench/floor_fs.py): a pyfuse3 passthrough of the plain
+directory with cafs's mount and reply options that does nothing else, interleaved in the same
+runs. cafs/floor is what cafs itself costs; floor/plain is what FUSE and pyfuse3 cost.
+
 "Cold" drops the page cache (echo 3 > drop_caches, which needs root) and, for cafs, remounts
 first so the daemon's own caches are empty too. The load average is printed with the table:
 on a shared machine, read the ratios, not the seconds.
@@ -121,12 +125,41 @@ def random_reads(path: Path, count: int, seed: int = 1) -> None:
         os.close(fd)
 
 
+class Floor:
+    """bench/floor_fs.py serving `source` at `mountpoint`, in its own process."""
+
+    def __init__(self, source: Path, mountpoint: Path) -> None:
+        self.source, self.mountpoint = source, mountpoint
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Floor:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("floor_fs.py")), str(self.source),
+             str(self.mountpoint)])
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(self.mountpoint):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the floor filesystem did not mount")
+            time.sleep(0.02)
+        os.stat(self.mountpoint)  # served: read-ahead is set right after this answer
+        time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=True)
+            self.process.wait()
+            self.process = None
+
+
 class Bench:
-    def __init__(self, work: Path, repeat: int) -> None:
+    def __init__(self, work: Path, repeat: int, floor: bool) -> None:
         self.work = work
         self.repeat = repeat
         self.plain = work / "plain"
         self.mount = Mounted(work / "store", work / "mnt")
+        self.floor = Floor(self.plain, work / "floor") if floor else None
         self.rows: list[dict[str, object]] = []
         self.loads: list[float] = []
 
@@ -134,36 +167,58 @@ class Bench:
         self.mount.__exit__()
         self.mount.__enter__()
 
+    def roots(self) -> list[Path]:
+        return [self.plain, self.mount.mountpoint] + (
+            [self.floor.mountpoint] if self.floor is not None else [])
+
+    def remount_floor(self) -> None:
+        assert self.floor is not None
+        self.floor.__exit__()
+        self.floor.__enter__()
+
     def measure(self, figure: str, work: Callable[[Path], object], *, cold: bool,
                 target: str, limit: float | None, unit: str = "s",
                 per: float | None = None) -> None:
-        """Best of `repeat` runs of work() on each side, interleaved (plain, cafs, plain, ...).
+        """Best of `repeat` runs of work() on each side, interleaved (plain, floor, cafs, ...).
         `limit`: the target as a ratio cafs/plain (time) or, with `per`, a rate floor."""
-        best = {"plain": float("inf"), "cafs": float("inf")}
         roots = {"plain": self.plain, "cafs": self.mount.mountpoint}
+        if self.floor is not None:
+            roots = {"plain": self.plain, "floor": self.floor.mountpoint,
+                     "cafs": self.mount.mountpoint}
+        best = dict.fromkeys(roots, float("inf"))
         for _ in range(self.repeat):
             for side, root in roots.items():
                 if cold:
                     if side == "cafs":
                         self.remount()
+                    elif side == "floor":
+                        self.remount_floor()
                     drop_caches()
                 start = time.perf_counter()
                 work(root)
                 best[side] = min(best[side], time.perf_counter() - start)
             self.loads.append(os.getloadavg()[0])
         ratio = best["cafs"] / best["plain"]
+        floor_ratio = best["floor"] / best["plain"] if "floor" in best else None
         if per is not None:  # a rate: higher is better
-            plain, cafs = per / best["plain"], per / best["cafs"]
-            met = None if limit is None else cafs >= limit
-            shown = f"{plain:>12,.0f} {cafs:>12,.0f} {unit:<8}"
+            shown_of = {side: per / seconds for side, seconds in best.items()}
+            met = None if limit is None else shown_of["cafs"] >= limit
+            fmt = "{:>11,.0f}"
         else:
-            plain, cafs = best["plain"], best["cafs"]
+            shown_of = dict(best)
             met = None if limit is None else ratio <= limit
-            shown = f"{plain:>12.3f} {cafs:>12.3f} {unit:<8}"
+            fmt = "{:>11.3f}"
+        shown = " ".join(fmt.format(shown_of.get(side, float("nan")))
+                         for side in ("plain", "floor", "cafs"))
+        floors = ("" if floor_ratio is None else
+                  f"{floor_ratio:>6.2f}x {best['cafs'] / best['floor']:>6.2f}x")
         verdict = "" if met is None else ("met" if met else "MISSED")
-        print(f"  {figure:<44} {shown} {ratio:>6.2f}x  {target} {verdict}", flush=True)
-        self.rows.append({"figure": figure, "plain": plain, "cafs": cafs, "unit": unit,
-                          "time_ratio": ratio, "target": target, "met": met})
+        print(f"  {figure:<44} {shown} {unit:<8} {ratio:>6.2f}x {floors:>15}  {target} {verdict}",
+              flush=True)
+        self.rows.append({"figure": figure, "unit": unit, **shown_of, "time_ratio": ratio,
+                          "floor_ratio": floor_ratio, "cafs_over_floor":
+                          None if floor_ratio is None else best["cafs"] / best["floor"],
+                          "target": target, "met": met})
 
 
 def main() -> None:
@@ -178,6 +233,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/cafs-bench"))
     parser.add_argument("--json", type=Path, default=Path("bench-results/read.json"))
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor filesystem")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("note: not root: the page cache cannot be dropped; 'cold' figures are warm")
@@ -190,7 +246,7 @@ def main() -> None:
     write_text(source / "zstd" / "l" / "big.csv", args.zstd_mib * MIB)
     print(f"corpus: {args.files} files, {total / MB:.0f} MB; a {args.small:,}-entry layer; "
           f"{args.big_mib} MiB raw and {args.zstd_mib} MiB text artifacts, in {work}")
-    bench = Bench(work, args.repeat)
+    bench = Bench(work, args.repeat, floor=not args.no_floor)
     bench.plain.mkdir()
     bench.mount.__enter__()
     try:
@@ -198,20 +254,24 @@ def main() -> None:
             root.mkdir(exist_ok=True)
             sh("cp", "-r", *sorted(str(p) for p in source.iterdir()), str(root))
         shutil.rmtree(source)
+        if bench.floor is not None:
+            bench.floor.__enter__()
         big = bench.mount.mountpoint / "runs/big/l/big.bin"
         zst = bench.mount.mountpoint / "runs/zstd/l/big.csv"
         print(f"encodings: big {os.getxattr(big, 'user.cafs.encoding').decode()}, "
               f"text {os.getxattr(zst, 'user.cafs.encoding').decode()}; "
               f"load average {os.getloadavg()[0]:.1f}")
-        print(f"  {'figure':<44} {'plain':>12} {'cafs':>12} {'unit':<8} {'ratio':>7}  target")
+        print(f"  {'figure':<44} {'plain':>11} {'floor':>11} {'cafs':>11} {'unit':<8} "
+              f"{'c/plain':>7} {'f/plain':>7} {'c/floor':>7}  target")
         corpus = Path("runs/corpus")
-        cat_all(bench.plain / corpus)  # warm both
-        cat_all(bench.mount.mountpoint / corpus)
+        for root in bench.roots():  # warm all
+            cat_all(root / corpus)
         bench.measure("warm re-read of the corpus (cat)", lambda r: cat_all(r / corpus),
                       cold=False, target="<= 1.5x", limit=1.5)
         bench.measure("cold read of the corpus (cat)", lambda r: cat_all(r / corpus),
                       cold=True, target="<= 1.7x", limit=1.7)
-        find_walk(bench.mount.mountpoint / "runs")
+        for root in bench.roots():
+            find_walk(root / "runs")
         bench.measure("find -printf walk (size, mtime)", lambda r: find_walk(r / "runs"),
                       cold=False, target="<= 2.5x", limit=2.5)
         layer = Path("runs/small/layer")
@@ -224,7 +284,8 @@ def main() -> None:
         bench.measure(f"{args.big_mib} MiB artifact, sequential, cold",
                       lambda r: seq_read(r / big_rel), cold=True, target=">= 70% (<= 1.43x)",
                       limit=1 / 0.7)
-        seq_read(bench.mount.mountpoint / big_rel)
+        for root in bench.roots():
+            seq_read(root / big_rel)
         bench.measure(f"{args.big_mib} MiB artifact, sequential, warm",
                       lambda r: seq_read(r / big_rel), cold=False, target=">= 90% (<= 1.11x)",
                       limit=1 / 0.9)
@@ -234,6 +295,8 @@ def main() -> None:
                       cold=True, target=">= 5,000/s", limit=5000, unit="reads/s",
                       per=args.random_reads)
     finally:
+        if bench.floor is not None:
+            bench.floor.__exit__()
         bench.mount.__exit__()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

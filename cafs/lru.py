@@ -34,11 +34,16 @@ class Lru(Generic[K, V]):
         self._size = size
         self._used = 0
         self._items: OrderedDict[K, V] = OrderedDict()
-        self._guard: AbstractContextManager[object] = (
-            threading.Lock() if threadsafe else nullcontext())
+        self._lock = threading.Lock() if threadsafe else None
+        self._guard: AbstractContextManager[object] = self._lock or nullcontext()
 
     def get(self, key: K) -> V | None:
-        with self._guard:
+        if self._lock is None:  # the hot path of every stat, lookup and open: no context
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+        with self._lock:
             value = self._items.get(key)
             if value is not None:
                 self._items.move_to_end(key)

@@ -55,7 +55,7 @@ from cafs.runtime import KernelNotifier
 from cafs.virtual import VirtualNodes, is_made_up
 
 if TYPE_CHECKING:
-    from cafs.openfiles import OpenTable
+    from cafs.openfiles import OpenInode, OpenTable
 
 # About what one new row (a name, a version, a tag without its bytes) adds to the manifest's
 # files: WAL frames of the pages it touches. Charged to the part of the reserve that growth of
@@ -63,16 +63,31 @@ if TYPE_CHECKING:
 # tags or versions stops while deletes and gc still commit.
 ROW_COST = 16 << 10
 READDIR_PAGE = 512
+# Attributes kept with their nodes (NodeCache.attr): a 10,000-entry `ls -l` fits; ~150 bytes each.
+ATTRS_KEPT = 32_768
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 
 class NodeCache:
-    """Bounded LRU of nodes by inode and of directory entries by (parent, name)."""
+    """Bounded LRU of nodes by inode and of directory entries by (parent, name), and the
+    attributes last computed for a node object (nodes are immutable: a change makes a new one,
+    so a memo kept with the very object it was computed from is never stale)."""
 
     def __init__(self, max_entries: int) -> None:
         self._nodes: Lru[int, Node] = Lru(max_entries)
         self._entries: Lru[tuple[int, str], int] = Lru(max_entries)
+        self._attrs: dict[int, tuple[Node, Attr]] = {}
+        self._max_attrs = min(max_entries, ATTRS_KEPT)
+
+    def attr(self, node: Node) -> Attr | None:
+        memo = self._attrs.get(node.ino)
+        return memo[1] if memo is not None and memo[0] is node else None
+
+    def keep_attr(self, node: Node, attr: Attr) -> None:
+        if len(self._attrs) >= self._max_attrs:  # cheaper than an LRU per stat; refilled
+            self._attrs.clear()
+        self._attrs[node.ino] = (node, attr)
 
     def node(self, ino: int) -> Node | None:
         return self._nodes.get(ino)
@@ -295,7 +310,7 @@ class Namespace:
     def _abandoned(self, node: Node) -> bool:
         """A file row with no version that nobody has open: its first write failed and the
         manifest could not even drop the row (start-up will). Never visible."""
-        return (node.kind is Kind.FILE and node.version_id is None
+        return (node.version_id is None and node.kind is Kind.FILE
                 and self.opened.inode(node.ino) is None)
 
     def execution_of(self, node: Node) -> Node | None:
@@ -329,11 +344,21 @@ class Namespace:
         return self.attr(self.node(ino), caller)
 
     def attr(self, node: Node, caller: Caller | None = None) -> Attr:
+        known = self.cache.attr(node)  # never a record's
+        opened = self.opened.inode(node.ino)
+        if opened is None:
+            if known is None:
+                known = self._attr(node, caller, None)
+                if node.kind is not Kind.RECORD:  # else a function of the node alone
+                    self.cache.keep_attr(node, known)
+            return known
+        return self._attr(node, caller, opened)
+
+    def _attr(self, node: Node, caller: Caller | None, opened: OpenInode | None) -> Attr:
         size, stored, mtime = node.size, node.blob.stored_size if node.blob else 0, node.mtime_ns
         ctime = node.ctime_ns
         if node.kind is Kind.RECORD:  # the size of the record the caller would read
             size = stored = len(self.record_bytes(node, caller))
-        opened = self.opened.inode(node.ino)
         if opened is not None:
             node = opened.node if opened.unlinked else node
             ctime = node.ctime_ns
@@ -390,9 +415,10 @@ class Namespace:
                         self.cache.put(node)
                     self.pages.keep(ino, after, page)
                 listing.keep(after, page)
+            cached = self.cache.node
             for node in page:
-                current = self._current(node)
-                if current is None or self._abandoned(current):
+                current = node if cached(node.ino) is node else self._current(node)
+                if current is None or (current.version_id is None and self._abandoned(current)):
                     continue
                 yield current.name.encode(), self.attr(current), current.ino
             if len(listing.page) < READDIR_PAGE:

@@ -27,7 +27,7 @@ import mimetypes
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 # Heavy work on more than this many bytes goes to a worker thread; below it, the thread hop
 # costs more than the work (measured: offloading every 128 KiB step halved read throughput).
 OFFLOAD_BYTES = 1 << 20
+# A READ up to this size that must wait for the disk is read on the event loop when nothing
+# else waits for it (Runtime.run_short): a random 4 KiB read is one frame or block.
+INLINE_READ_BYTES = 128 << 10
 DEFAULT_MAX_OPEN_FILES = 10_000
 # Readers of closed files kept open for the next open of the same content (at most this many,
 # fewer under a small max_open_files: they count against it and go first when it is reached).
@@ -337,6 +340,9 @@ class OpenFiles:
         self.table = table
         self.publisher = publisher
         self.max_artifact_size = max_artifact_size
+        # A runtime may run short calls on the loop when it is idle (cafs.daemon.TrioRuntime)
+        self._run_short: Callable[..., Awaitable[bytes]] = getattr(
+            runtime, "run_short", runtime.run_in_thread)
 
     # -- opening and closing --------------------------------------------------------------
 
@@ -506,6 +512,8 @@ class OpenFiles:
             return data
         inode.readers_in_threads += 1
         try:
+            if size <= INLINE_READ_BYTES:
+                return await self._run_short(reader.read, offset, size)
             return await self.runtime.run_in_thread(reader.read, offset, size)
         finally:
             inode.readers_in_threads -= 1

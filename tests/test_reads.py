@@ -228,3 +228,34 @@ def test_sequential_and_random_reads_of_large_artifacts(mount: Mount) -> None:
             rnd.seek(at)
             assert rnd.read(5000) == text[at:at + 5000]
         assert bytes(got) == text
+
+
+def test_a_short_read_waits_in_a_thread_only_while_a_request_is_queued() -> None:
+    """A small READ that must wait for the disk runs on the event loop when no request waits
+    in /dev/fuse (the thread hop costs more than the read), in a worker thread when one does
+    (it must not wait behind the disk). A pipe stands in for /dev/fuse."""
+    import threading
+
+    import trio
+
+    from cafs.daemon import TrioRuntime
+
+    runtime = TrioRuntime()
+    readable, writable = os.pipe()
+    try:
+        runtime.watch_requests(readable)
+
+        async def where() -> str:
+            return await runtime.run_short(lambda: threading.current_thread().name)
+
+        main = threading.current_thread().name
+        assert trio.run(where) == main  # nothing queued: on the loop
+        os.write(writable, b"request")
+        assert trio.run(where) != main  # a request waits: in a worker thread
+        os.read(readable, 7)
+        assert trio.run(where) == main
+        assert trio.run(TrioRuntime().run_short, lambda: threading.current_thread().name) \
+            != main  # no /dev/fuse known: always a thread, as before
+    finally:
+        os.close(readable)
+        os.close(writable)

@@ -48,6 +48,8 @@ def _find_syncfs() -> Callable[[int], int] | None:
 
 
 _libc_syncfs = _find_syncfs()
+# Blob files up to this size are read whole into the page cache when opened (see open).
+WHOLE_BLOB_AHEAD = 1 << 20
 
 
 class LocalBlobStore:
@@ -196,6 +198,11 @@ class LocalBlobStore:
                 raise  # the daemon is short of resources; the blob is fine
             raise Corrupt(f"blob {digest}: {exc.strerror}") from exc
         try:
+            # A small blob is asked for whole before its footer is read: one disk read brings
+            # footer, sums and content, and the READ that opened it (the first) is answered
+            # from the page cache on the event loop, with no hop to a worker thread.
+            if os.fstat(fd).st_size <= WHOLE_BLOB_AHEAD:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             if known is Encoding.RAW_CHECKED:
                 return CheckedRawReader(fd, digest)
             if known is Encoding.ZSTD:
