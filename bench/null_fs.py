@@ -10,7 +10,6 @@ With --keep-bytes, writes are copied into a temp file (pwrite), the least a stor
 from __future__ import annotations
 
 import argparse
-import errno
 import itertools
 import os
 import stat
@@ -41,7 +40,7 @@ class NullFs(pyfuse3.Operations):
         out.st_mode = (stat.S_IFDIR | 0o755) if is_dir else (stat.S_IFREG | 0o644)
         out.st_nlink = 2 if is_dir else 1
         out.st_size = self.sizes.get(ino, 0)
-        out.st_blksize = 128 * 1024
+        out.st_blksize = 1 << 20  # as cafs (cafs.ops.BLOCK_SIZE): cp writes 1 MiB at once
         out.entry_timeout = out.attr_timeout = 300
         now = time.time_ns()
         out.st_atime_ns = out.st_mtime_ns = out.st_ctime_ns = now
@@ -51,8 +50,11 @@ class NullFs(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         ino = self.children.get(parent_inode, {}).get(name)
-        if ino is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+        if ino is None:  # a negative entry the kernel keeps, as cafs answers (cafs.ops.absent)
+            out = pyfuse3.EntryAttributes()
+            out.st_ino = 0
+            out.entry_timeout = 300
+            return out
         return self._attr(ino)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -125,9 +127,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("mountpoint")
     parser.add_argument("--keep-bytes", action="store_true")
+    parser.add_argument("--writeback", action="store_true",
+                        help="ask for the kernel's writeback cache (FUSE_CAP_WRITEBACK_CACHE)")
     args = parser.parse_args()
-    pyfuse3.init(NullFs(args.keep_bytes), args.mountpoint,
-                 {"fsname=nullfs", "subtype=nullfs", "default_permissions"})
+    operations = NullFs(args.keep_bytes)
+    operations.enable_writeback_cache = args.writeback
+    # The mount options of cafs (cafs.daemon.fuse_options), so the floor pays what cafs pays.
+    pyfuse3.init(operations, args.mountpoint,
+                 {"fsname=nullfs", "subtype=nullfs", "default_permissions", "nodev", "nosuid",
+                  "noatime"})
     try:
         trio.run(pyfuse3.main)
     finally:

@@ -156,15 +156,18 @@ def make_incompressible(path: Path, size: int) -> None:
 class NullMount:
     """bench/null_fs.py mounted at `mountpoint` while inside the `with`: the floor."""
 
-    def __init__(self, mountpoint: Path, keep_bytes: bool = False) -> None:
+    def __init__(self, mountpoint: Path, keep_bytes: bool = False,
+                 writeback: bool = False) -> None:
         self.mountpoint = mountpoint
         self.keep_bytes = keep_bytes
+        self.writeback = writeback
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Path:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         script = Path(__file__).with_name("null_fs.py")
         extra = ["--keep-bytes"] if self.keep_bytes else []
+        extra += ["--writeback"] if self.writeback else []
         self._proc = subprocess.Popen([sys.executable, str(script), str(self.mountpoint),
                                        *extra])
         deadline = time.monotonic() + 30

@@ -507,9 +507,15 @@ class Namespace:
              want_dir: bool) -> Node:
         parent, name, kind = self.place_new(parent_ino, raw_name, want_dir, caller.uid)
         self.space.take_metadata(ROW_COST)
-        node = self.manifest.add_node(parent.ino, name, kind, mode, caller.uid, caller.gid,
-                                      time.time_ns())
+        now = time.time_ns()
+        node = self.manifest.add_node(parent.ino, name, kind, mode, caller.uid, caller.gid, now)
         self.directory_changed(parent.ino)
+        if parent.ino != RUNS_INODE:
+            # The directory as add_node left it (its times, a sub-directory's link), kept in
+            # the cache: the publish that follows a create looks it up again (is the run
+            # sealed?), and reading it back cost a query per file.
+            self.cache.put(replace(parent, mtime_ns=now, ctime_ns=now,
+                                   nlink=parent.nlink + kind.is_dir))
         self.cache.put(node)
         return node
 

@@ -280,29 +280,27 @@ class Publisher:
         if inode.unlinked:  # unlinked while the blob was being written: nothing to record
             return
         # From here on no await: the manifest change and the swap of readers are atomic. The
-        # new reader is opened first: once the version is committed nothing may fail.
+        # new content's reader is opened at its first READ (reader_of), like any open's: most
+        # files written are closed and released at once, and opening it here cost an open,
+        # a footer read and a close per small file. Its descriptor is counted already
+        # (open_inode), and gc leaves an unopened blob of an open file alone.
         now = time.time_ns()
         node = inode.node
         with self.fails(inode, None):
-            new_reader = self.blobs.open(digest, stored.encoding, size=stored.size)
-            try:
-                new_node = self.manifest.publish(stored, NewVersion(
-                    node_id=node.ino, mode=node.mode, uid=writer.uid, gid=writer.gid,
-                    mtime_ns=inode.mtime_ns or now, ctime_ns=now,
-                    content_type=mimetypes.guess_type(node.name)[0], now_ns=now,
-                    collapses=handle.published_version if handle else None,
-                ))
-            except BaseException:
-                # The temp may already be the blob file (renamed): it must take no more
-                # writes. The blob stays as an orphan that gc or fsck --repair removes.
-                new_reader.close()
-                raise
+            # On failure the temp may already be the blob file (renamed): it takes no more
+            # writes, and the blob stays as an orphan that gc or fsck --repair removes.
+            new_node = self.manifest.publish(stored, NewVersion(
+                node_id=node.ino, mode=node.mode, uid=writer.uid, gid=writer.gid,
+                mtime_ns=inode.mtime_ns or now, ctime_ns=now,
+                content_type=mimetypes.guess_type(node.name)[0], now_ns=now,
+                collapses=handle.published_version if handle else None,
+            ))
         if handle is not None:
             handle.published_version = new_node.version_id
         if known is not None and known.damaged:  # healed: other artifacts hold it too
             self.tree.nodes_changed(self.manifest.nodes_holding_blobs([known.blob_id]))
         old_reader = inode.reader
-        inode.reader = new_reader
+        inode.reader = None
         inode.damaged = False
         if old_reader is not None:
             old_reader.close()
@@ -430,7 +428,12 @@ class OpenFiles:
         close() returned long ago, so a failure here can only be logged."""
         handle = self.table.handles.get(fh)
         try:
+            # Not while another open still writes into the same content (two O_TRUNC
+            # rewriters): the last of them to finish publishes, as at FLUSH. Seen under load:
+            # the first rewriter's RELEASE, right after its close, published the second's
+            # bytes in progress.
             if (handle is not None and self._unflushed(handle)
+                    and not self._others_writing(handle)
                     and not self.processes.killed_by_signal(handle.opener)):
                 await self.publisher.publish(handle.inode, handle.caller, handle)
         except (OSError, CafsError) as exc:

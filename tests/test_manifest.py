@@ -4,12 +4,15 @@ must do is in test_manifest_contract.py."""
 from __future__ import annotations
 
 import re
+import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from cafs.digest import digest_of_bytes
-from cafs.errors import StoreError
+from cafs.errors import ManifestError, StoreError
 from cafs.manifest import Manifest, NewVersion
 from cafs.model import RUNS_INODE, Kind, StoredBlob
 
@@ -105,3 +108,112 @@ def test_no_module_outside_the_manifest_speaks_sql() -> None:
                      text, re.M) or ".execute(" in text:
             offenders.append(str(source.relative_to(root)))
     assert offenders == []
+
+
+def test_checkpoints_run_in_their_own_thread_and_the_wal_goes_at_close(tmp_path: Path) -> None:
+    """On a roomy filesystem the WAL is copied into the database file by a thread of its own
+    (every 256 commits), not inside a commit on the caller's thread; SQLite's own checkpoint
+    only bounds the WAL at ten times its usual size. Closing leaves no WAL."""
+    path = tmp_path / "manifest.sqlite"
+    others = checkpoint_threads()  # of manifests other tests left open
+    manifest = Manifest(path)
+    manifest.limit_wal(1 << 30)
+    assert manifest.admin().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 10_000
+    size = path.stat().st_size
+    layer = manifest.node(manifest.node(make_file(manifest)).parent)  # type: ignore[union-attr]
+    assert layer is not None
+    for index in range(300):  # every one a commit
+        manifest.add_node(layer.ino, f"d{index}", Kind.DIR, 0o755, 0, 0, 1)
+    deadline = time.monotonic() + 20
+    while path.stat().st_size == size and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.stat().st_size > size, "no checkpoint reached the database file"
+    assert checkpoint_threads() - others
+    manifest.close()
+    assert not checkpoint_threads() - others
+    assert not path.with_name("manifest.sqlite-wal").exists()
+    assert len(Manifest(path).children(manifest_layer(path), -1, 1000)) == 301
+
+
+def checkpoint_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name == "cafs-checkpoint"}
+
+
+def manifest_layer(path: Path) -> int:
+    reopened = Manifest(path)
+    execution = reopened.child(RUNS_INODE, "e1")
+    assert execution is not None
+    layer = reopened.child(execution.ino, "train")
+    assert layer is not None
+    reopened.close()
+    return layer.ino
+
+
+def test_a_small_filesystem_checkpoints_inline_within_its_share(tmp_path: Path) -> None:
+    """Where the reserve is small, limit_wal keeps SQLite's own checkpoint at a quarter of it,
+    on the writer's thread, as before: the WAL never outgrows what the reserve allows."""
+    others = checkpoint_threads()
+    manifest = Manifest(tmp_path / "manifest.sqlite")
+    manifest.limit_wal(64 * 4096)
+    assert manifest.admin().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 64
+    make_file(manifest)
+    execution = manifest.child(RUNS_INODE, "e1")
+    assert execution is not None
+    for index in range(300):
+        manifest.add_node(execution.ino, f"l{index}", Kind.LAYER, 0o755, 0, 0, 1)
+    assert not checkpoint_threads() - others
+    manifest.close()
+
+
+def committed_names(path: Path) -> set[str]:
+    """The names another connection sees: what is committed."""
+    other = sqlite3.connect(path)
+    try:
+        return {row[0] for row in other.execute("SELECT name FROM nodes")}
+    finally:
+        other.close()
+
+
+def test_a_new_file_row_commits_with_its_first_publish(tmp_path: Path) -> None:
+    """A new file's row waits for the next commit: its create and first publish are one
+    commit. A directory commits at once."""
+    path = tmp_path / "manifest.sqlite"
+    manifest = Manifest(path)
+    node_id = make_file(manifest)
+    assert {"e1", "train"} <= committed_names(path)
+    assert "a.csv" not in committed_names(path)
+    manifest.publish(stored(b"x"), version(node_id))
+    assert "a.csv" in committed_names(path)
+    manifest.close()
+
+
+def test_a_failed_change_leaves_a_pending_new_file_alone(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.sqlite"
+    manifest = Manifest(path)
+    first = make_file(manifest, "a.csv")
+    layer = manifest.node(first)
+    assert layer is not None
+    with pytest.raises(ManifestError):  # the namespace checks first; the row is unique too
+        manifest.add_node(layer.parent, "a.csv", Kind.DIR, 0o755, 0, 0, 1)
+    second = make_file(manifest, "b.csv")
+    manifest.publish(stored(b"x"), version(second))
+    assert {"a.csv", "b.csv"} <= committed_names(path)
+    manifest.close()
+
+
+def test_the_ids_of_lost_new_files_are_never_given_again(tmp_path: Path) -> None:
+    """If the transaction holding new files' rows is lost (its commit failed), the kernel may
+    still know their inode numbers: the next node gets a number above them."""
+    path = tmp_path / "manifest.sqlite"
+    manifest = Manifest(path)
+    lost = make_file(manifest, "lost.csv")
+    manifest._db.execute("ROLLBACK")  # what SQLite does when a commit fails
+    manifest._lost()
+    assert "lost.csv" not in committed_names(path)
+    again = make_file(manifest, "again.csv")
+    assert again > lost
+    manifest.publish(stored(b"y"), version(again))
+    manifest.close()
+    reopened = Manifest(path)
+    assert make_file(reopened, "later.csv") > lost
+    reopened.close()

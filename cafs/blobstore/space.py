@@ -61,7 +61,13 @@ class SpaceGuard:
         """Account for a manifest change that grows the store by about `size` bytes;
         OutOfSpace once it would eat into the half of the reserve kept for deletes and gc.
         A change that fits into free pages of the manifest (deletes and gc leave them) takes
-        no room on the filesystem."""
+        no room on the filesystem. While free space is well above the reserve the manifest is
+        not asked (a query per create and per publish, for a question only a full disk needs)."""
+        with self._lock:
+            self._refresh(size)
+            if self._free - size >= self.reserve:
+                self._free -= size
+                return
         if self.manifest_room is not None and self.manifest_room(size):
             return
         self._take(size, 2)

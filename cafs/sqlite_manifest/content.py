@@ -9,21 +9,29 @@ store does, before publish is called).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 from cafs import crashpoints
 from cafs.digest import Digest
 from cafs.errors import Corrupt
-from cafs.manifest_api import NewVersion
+from cafs.manifest_api import DirStats, NewVersion
 from cafs.model import SYMLINK_MODE, BlobRef, Kind, Node, StoredBlob, Version
 from cafs.sqlite_manifest.columns import (
+    AGGREGATES,
     BLOB,
+    DIR_STATS,
     INSERT_VERSION,
+    NODE,
     VERSION,
     chunks,
     marks,
     version_values,
 )
 from cafs.sqlite_manifest.rows import Rows
+
+_AGGREGATES_OF_N = ", ".join(f"n.{column}" for column in AGGREGATES)
+# A node's aggregates read after its NODE columns and its history id.
+DIR_STATS_AFTER_NODE = DIR_STATS.at(NODE.width + 1)
 
 
 class SqliteContent(Rows):
@@ -83,16 +91,28 @@ class SqliteContent(Rows):
         The artifact's previous version, if any, is marked replaced and its blob loses a
         reference; the new blob gains one.
         """
+        published: Node | None = None
         with self._transaction() as db:
             self._lock_rows([new.node_id], stored.digest)
-            if db.execute("SELECT 1 FROM nodes WHERE id = ?", (new.node_id,)).fetchone() is None:
+            row = db.execute(f"SELECT {NODE.select}, n.history_id, {_AGGREGATES_OF_N} "
+                             "FROM nodes n WHERE n.id = ?", (new.node_id,)).fetchone()
+            if row is None:
                 raise Corrupt(f"node {new.node_id} vanished while being published")
-            self._record_version(stored, new)
+            node = NODE.decode(row, None)
+            if node.version_id is None and row[NODE.width] is None and new.collapses is None:
+                version_id, blob = self._record_first_version(
+                    stored, new, node.parent, DIR_STATS_AFTER_NODE.decode(row))
+                # The row as it now is, without reading it back (a query per publish).
+                published = replace(node, version_id=version_id, blob=blob,
+                                    mtime_ns=new.mtime_ns, ctime_ns=new.ctime_ns)
+            else:
+                self._record_version(stored, new)
             crashpoints.reached("before-manifest-commit")
         crashpoints.reached("after-manifest-commit")
-        node = self.node(new.node_id)
-        assert node is not None
-        return node
+        if published is None:
+            published = self.node(new.node_id)
+            assert published is not None
+        return published
 
     def add_symlink(self, parent_id: int, name: str, stored: StoredBlob, *, uid: int, gid: int,
                     now_ns: int) -> Node:
@@ -137,6 +157,43 @@ class SqliteContent(Rows):
             (version_id, new.mtime_ns, new.ctime_ns, new.node_id),
         )
         self._aggregate_file(new.node_id)
+
+    def _record_first_version(self, stored: StoredBlob, new: NewVersion, parent_id: int,
+                              before: DirStats) -> tuple[int, BlobRef]:
+        """_record_version for a file's first publish (the node holds no version and no
+        history: a file just created), in half the statements (a small file's publish is
+        most of its cost): nothing to retire, a new history numbered 1 unless one is parked
+        at its path, and the node's aggregates set directly (this is its only version)."""
+        db = self._db
+        path = self.path_of(new.node_id)
+        blob = self._upsert_blob_ref(stored, new.now_ns, references=1)
+        blob_id = blob.blob_id
+        history = self._parked_at(path)
+        if history is None:
+            history = int(db.execute("INSERT INTO histories (last_number) VALUES (1) "
+                                     "RETURNING id").fetchone()[0])
+            number = 1
+        else:
+            db.execute("UPDATE histories SET path = NULL WHERE id = ? AND path IS NOT NULL",
+                       (history,))
+            number = self._next_number(history)
+        version_id = db.execute(INSERT_VERSION, version_values(
+            node_id=new.node_id, path=path, blob_id=blob_id, size=stored.size,
+            mode=new.mode, uid=new.uid, gid=new.gid, mtime_ns=new.mtime_ns,
+            ctime_ns=new.ctime_ns, content_type=new.content_type, created_ns=new.now_ns,
+            history_id=history, number=number,
+        )).lastrowid
+        assert version_id is not None
+        after = DirStats(1, stored.size, new.now_ns, new.now_ns)
+        db.execute(
+            "UPDATE nodes SET version_id = ?, history_id = ?, mtime_ns = ?, ctime_ns = ?, "
+            "artifacts = ?, logical_bytes = ?, first_write_ns = ?, last_write_ns = ? "
+            "WHERE id = ?",
+            (version_id, history, new.mtime_ns, new.ctime_ns, after.artifacts,
+             after.logical_bytes, after.first_write_ns, after.last_write_ns, new.node_id),
+        )
+        self._aggregate_up(parent_id, before, after)
+        return version_id, blob
 
     def history(self, node_id: int | None, path: str) -> list[Version]:
         """The versions of the artifact at `path`, by number: the history the node there

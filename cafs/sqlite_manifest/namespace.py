@@ -99,13 +99,16 @@ class SqliteNamespace(Rows):
 
     def add_node(self, parent_id: int, name: str, kind: Kind, mode: int, uid: int, gid: int,
                  now_ns: int) -> Node:
-        with self._transaction():
+        # A new file's row is committed with its first publish (or whatever commits next): one
+        # commit per small file instead of two. Lost in a crash before that, it would have been
+        # removed at start-up anyway (it has no version).
+        with self._transaction(defer=kind is Kind.FILE):
             node_id = self._insert_node(parent_id, name, kind, mode=mode, uid=uid, gid=gid,
                                         mtime_ns=now_ns, ctime_ns=now_ns)
             self._touch(parent_id, now_ns)
-        node = self.node(node_id)
-        assert node is not None
-        return node
+        # The row just written, without reading it back (a query per create).
+        return Node(ino=node_id, parent=parent_id, name=name, kind=kind, mode=mode, uid=uid,
+                    gid=gid, mtime_ns=now_ns, ctime_ns=now_ns, nlink=2 if kind.is_dir else 1)
 
     def set_attrs(self, node_id: int, *, mode: int, uid: int, gid: int, mtime_ns: int,
                   ctime_ns: int, atime_ns: int | None = None) -> None:

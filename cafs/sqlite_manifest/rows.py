@@ -10,7 +10,7 @@ whether a change is allowed (the vfs core does).
 
 from __future__ import annotations
 
-from cafs.model import Kind, Node, StoredBlob
+from cafs.model import BlobRef, Kind, Node, StoredBlob
 from cafs.sqlite_manifest.aggregates import Aggregates
 from cafs.sqlite_manifest.columns import (
     HELD,
@@ -63,19 +63,25 @@ class Rows(Aggregates):
         node_id = self._db.execute(INSERT_NODE, node_values(
             parent_id, name, kind, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns,
             ctime_ns=ctime_ns)).lastrowid or 0
+        self._uncommitted_ids.append(node_id)
         if kind.is_dir:
             self._adjust_nlink(parent_id, +1)
         return node_id
 
     def _upsert_blob(self, stored: StoredBlob, now_ns: int, *, references: int) -> int:
         """The blob's row, made if new; it gains `references` live artifacts. Returns its id."""
-        # RETURNING gives the id whether the row was made or updated: one round trip where
-        # the manifest is on a server.
-        return int(self._db.execute(UPSERT_BLOB + " RETURNING id", {
+        return self._upsert_blob_ref(stored, now_ns, references=references).blob_id
+
+    def _upsert_blob_ref(self, stored: StoredBlob, now_ns: int, *, references: int) -> BlobRef:
+        """_upsert_blob, returning the row as it now is. RETURNING gives it whether the row
+        was made or updated: one round trip where the manifest is on a server."""
+        blob_id, damaged_ns = self._db.execute(UPSERT_BLOB + " RETURNING id, damaged_ns", {
             "sha256": stored.digest, "size": stored.size, "stored_size": stored.stored_size,
             "encoding": stored.encoding, "refcount": references, "created_ns": now_ns,
             "fresh": stored.fresh,
-        }).fetchone()[0])
+        }).fetchone()
+        return BlobRef(int(blob_id), stored.digest, stored.size, stored.stored_size,
+                       stored.encoding, damaged_ns is not None)
 
     def _retire_current(self, node_id: int, now_ns: int) -> None:
         """The node's current version (if any) becomes history: marked replaced, and its blob
