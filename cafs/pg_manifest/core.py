@@ -221,10 +221,12 @@ class PgCore(SqliteCore):
         raise ManifestError("the manifest is on PostgreSQL: inspect it with psql", errno.ENOTSUP)
 
     @contextmanager
-    def _transaction(self, *, commit: bool = True) -> Iterator[Any]:
+    def _transaction(self, *, commit: bool = True, defer: bool = False) -> Iterator[Any]:
         """One transaction (READ COMMITTED); `commit=False` rolls it back (a dry run). A COMMIT
         whose connection dropped is resolved before this returns (cafs.pg_manifest.connection).
-        """
+        `defer` (SQLite's one commit for a new file's row and its first publish) is not taken
+        here: a transaction left open across requests would hold its row locks, and other
+        hosts' changes would wait for them; every change commits at once."""
         db = self._pg
         db.begin()
         try:
