@@ -271,6 +271,10 @@ class PgCore(SqliteCore):
         raise ManifestError("the manifest is on PostgreSQL: back it up with pg_dump "
                             "(cafs makes no copy of it)", errno.ENOTSUP)
 
+    def _new_node_id(self, node_id: int) -> None:
+        """Nothing to remember: an identity column never gives an id twice, even one whose
+        transaction rolled back."""
+
     def _last_node_id(self) -> int:
         return int(self._db.execute(
             "SELECT GREATEST((SELECT last_value FROM nodes_id_seq), "

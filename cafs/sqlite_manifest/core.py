@@ -488,6 +488,11 @@ class SqliteCore:
         """Lock the rows a change reads and then writes, in one fixed order: nothing to do
         here (BEGIN IMMEDIATE holds the whole database); a server back end locks rows."""
 
+    def _new_node_id(self, node_id: int) -> None:
+        """A node id given out in the open transaction: if it is lost, no later node may get
+        it (see _lift_ids)."""
+        self._uncommitted_ids.append(node_id)
+
     def _last_node_id(self) -> int:
         """The largest node id ever given (AUTOINCREMENT's counter): an import gives its
         nodes the ids after it."""

@@ -63,7 +63,7 @@ class Rows(Aggregates):
         node_id = self._db.execute(INSERT_NODE, node_values(
             parent_id, name, kind, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns,
             ctime_ns=ctime_ns)).lastrowid or 0
-        self._uncommitted_ids.append(node_id)
+        self._new_node_id(node_id)
         if kind.is_dir:
             self._adjust_nlink(parent_id, +1)
         return node_id
