@@ -359,10 +359,10 @@ def start_pg_cluster(root: Path) -> PgCluster:
     return cluster
 
 
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PgCluster]:
-    """One cluster for the session (initdb + start ~1.5 s), stopped at its end."""
-    root = Path(tempfile.mkdtemp(prefix="cafs-pg-"))
+@contextlib.contextmanager
+def running_pg_cluster(prefix: str) -> Iterator[PgCluster]:
+    """A new cluster in a temp directory (initdb + start ~1.5 s), stopped and removed after."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         cluster = start_pg_cluster(root)
         try:
@@ -371,6 +371,13 @@ def pg_cluster() -> Iterator[PgCluster]:
             cluster.stop("immediate")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One cluster for the session, stopped at its end."""
+    with running_pg_cluster("cafs-pg-") as cluster:
+        yield cluster
 
 
 @pytest.fixture

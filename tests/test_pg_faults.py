@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from backends import PgCluster, start_pg_cluster, wait_for_pg
+from backends import PgCluster, running_pg_cluster, wait_for_pg
 from conftest import Mount, write_artifact
 from tcp_proxy import TcpProxy
 
@@ -180,15 +177,8 @@ def accept_manifest_errors(mount: Mount) -> None:
 @pytest.fixture
 def own_cluster() -> Iterator[PgCluster]:
     """A cluster of this test's own: it is restarted under a mount."""
-    root = Path(tempfile.mkdtemp(prefix="cafs-pg-own-"))
-    try:
-        cluster = start_pg_cluster(root)
-        try:
-            yield cluster
-        finally:
-            cluster.stop("immediate")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with running_pg_cluster("cafs-pg-own-") as cluster:
+        yield cluster
 
 
 def test_a_postgresql_restart_during_writes_on_a_mount(

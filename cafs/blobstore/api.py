@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 from cafs.blobstore.fileio import CHUNK
-from cafs.digest import Digest
+from cafs.digest import Digest, digest_of_chunks
 from cafs.model import StoredBlob
 
 if TYPE_CHECKING:
@@ -63,6 +63,14 @@ def read_chunks(reader: BlobReader, start: int = 0) -> Iterator[bytes]:
             return
         yield chunk
         offset += len(chunk)
+
+
+def digest_of_reader(reader: BlobReader) -> tuple[Digest, int]:
+    """The SHA-256 and length of all the reader's bytes (checked on the way); closes it."""
+    try:
+        return digest_of_chunks(read_chunks(reader))
+    finally:
+        reader.close()
 
 
 class Blobs(Protocol):

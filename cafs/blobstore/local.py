@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from cafs import crashpoints
-from cafs.blobstore.api import BlobReader, Blobs, Encoding, read_chunks
+from cafs.blobstore.api import BlobReader, Blobs, Encoding, digest_of_reader
 from cafs.blobstore.fileio import fsync_dir
 from cafs.blobstore.raw import RawReader
 from cafs.blobstore.raw_xxh64 import CheckedRawReader
@@ -36,7 +36,7 @@ from cafs.blobstore.zstd_seekable import (
     ZstdReader,
     new_frame_cache,
 )
-from cafs.digest import Digest, digest_of_chunks, is_digest
+from cafs.digest import Digest, is_digest
 from cafs.errors import Corrupt
 from cafs.model import StoredBlob
 
@@ -284,11 +284,7 @@ class LocalBlobStore:
 
     def compute_digest(self, digest: Digest, encoding: str) -> tuple[Digest, int]:
         """Re-hash a blob's uncompressed bytes (checks frame checksums on the way)."""
-        reader = self.open(digest, encoding, from_disk=True)
-        try:
-            return digest_of_chunks(read_chunks(reader))
-        finally:
-            reader.close()
+        return digest_of_reader(self.open(digest, encoding, from_disk=True))
 
     def delete(self, digest: Digest) -> None:
         os.unlink(self.path_of(digest))

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cafs import crashpoints
-from cafs.blobstore.api import BlobReader, Blobs, Encoding, read_chunks
+from cafs.blobstore.api import BlobReader, Blobs, Encoding, digest_of_reader, read_chunks
 from cafs.blobstore.cache import BlobCache
 from cafs.blobstore.local import LocalBlobStore, reader_of_fd
 from cafs.blobstore.s3_objects import Exists, S3Location, S3Objects, Unavailable
@@ -259,11 +259,8 @@ class S3BlobStore:
                 self.objects.get_into(BLOBS + digest, fd)
             except FileNotFoundError:
                 raise Corrupt(f"blob {digest} is missing from {self.location}") from None
-            reader = reader_of_fd(os.dup(fd), digest, encoding, self.frame_cache, from_disk=True)
-            try:
-                actual, _ = digest_of_chunks(read_chunks(reader))
-            finally:
-                reader.close()
+            actual, _ = digest_of_reader(reader_of_fd(os.dup(fd), digest, encoding,
+                                                      self.frame_cache, from_disk=True))
             if actual != digest:
                 raise Corrupt(f"blob {digest}: the object in {self.location} hashes to {actual}")
         finally:
@@ -310,11 +307,7 @@ class S3BlobStore:
 
     def compute_digest(self, digest: Digest, encoding: str) -> tuple[Digest, int]:
         """Re-hash the object in the bucket (not the cache): what fsck --full checks."""
-        reader = self.open(digest, encoding, from_disk=True)
-        try:
-            return digest_of_chunks(read_chunks(reader))
-        finally:
-            reader.close()
+        return digest_of_reader(self.open(digest, encoding, from_disk=True))
 
     def delete(self, digest: Digest) -> None:
         try:
