@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+import pg_bench  # noqa: E402
 import write_figures  # noqa: E402
 from backends import (  # noqa: E402
     S3_ACCESS_KEY,
@@ -141,18 +142,30 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--creates", type=int, default=500)
     parser.add_argument("--puts", type=int, default=300)
+    parser.add_argument("--postgresql", action="store_true",
+                        help="the remote mount's manifest on PostgreSQL as well")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cafs-s3-bench-", dir="/var/tmp"))
+    os.chmod(work, 0o755)  # the PostgreSQL cluster's directory lies below it
     (work / "weed").mkdir()
     server = start_weed(work / "weed")
     os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = (S3_ACCESS_KEY,
                                                                             S3_SECRET_KEY)
+    stack = contextlib.ExitStack()
     try:
         print(f"load average at the start: {write_figures.load_average()}")
+        remote_flags: tuple[str, ...] = ()
+        if args.postgresql:
+            (work / "pgroot").mkdir()
+            port = stack.enter_context(pg_bench.cluster(work / "pgroot"))
+            subprocess.run([str(pg_bench.pg_bindir() / "createdb"), "-h", "127.0.0.1", "-p",
+                            str(port), "-U", "postgres", "cafs"], check=True)
+            remote_flags = ("--manifest", f"postgresql://postgres@127.0.0.1:{port}/cafs")
+            print("the remote mount: manifest on PostgreSQL, blobs on S3")
         corpus = work / "corpus"
         files, total = make_corpus(corpus, args.scale)
         print(f"corpus: {files} files, {total / MB:.1f} MB")
-        s3_flags = ("--blobs", server.url("bench"))
+        s3_flags = ("--blobs", server.url("bench"), *remote_flags)
         boto_ms, lean_ms = put_costs(server, args.puts)
         print(f"  one 4 KiB PUT, median: boto3 {boto_ms:.2f} ms, lean client {lean_ms:.2f} ms")
         with mounted(work / "local", work / "mlocal") as local, \
@@ -197,6 +210,7 @@ def main() -> None:
             "s", "same as local", best(warm["s3"]) <= 1.15 * best(warm["local"]))
         print(f"load average at the end: {write_figures.load_average()}")
     finally:
+        stack.close()
         stop_weed(server)
         shutil.rmtree(work, ignore_errors=True)
 
