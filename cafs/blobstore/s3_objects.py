@@ -102,15 +102,27 @@ def read_credentials(location: S3Location) -> tuple[str, str]:
     if location.credentials is not None:
         path = location.credentials
         try:
-            info = os.stat(path)
+            # One descriptor: the file checked is the file read (a link is judged by its
+            # target, as secret mounts make them).
+            with open(path, encoding="utf-8", errors="replace") as file:
+                info = os.fstat(file.fileno())
+                if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO) or info.st_uid != os.geteuid() \
+                        or not stat.S_ISREG(info.st_mode):
+                    raise InvalidArgument(
+                        f"blobs: credentials file {path} must belong to this user and be "
+                        "readable by no one else (chmod 600)")
+                text = file.read()
         except OSError as exc:
             raise InvalidArgument(f"blobs: credentials file {path}: {exc.strerror}") from None
-        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO) or info.st_uid != os.geteuid():
-            raise InvalidArgument(
-                f"blobs: credentials file {path} must belong to this user and be readable by "
-                "no one else (chmod 600)")
-        parser = configparser.ConfigParser()
-        parser.read(path)
+        # Raw: a '%' in a secret is a character; configparser's errors quote the offending
+        # line, which may be the secret, so only the line number goes out.
+        parser = configparser.RawConfigParser()
+        try:
+            parser.read_string(text, source=str(path))
+        except configparser.Error as exc:
+            line = getattr(exc, "lineno", None) or getattr(exc, "errors", [(0,)])[0][0]
+            raise InvalidArgument(f"blobs: credentials file {path} is not an INI file with a "
+                                  f"[default] section (line {line})") from None
         section = parser["default"] if parser.has_section("default") else None
         if section is None or "aws_access_key_id" not in section \
                 or "aws_secret_access_key" not in section:
