@@ -21,6 +21,19 @@ def test_a_url_with_a_password_is_refused(tmp_path: Path) -> None:
     assert "secret" not in result.stderr
 
 
+@pytest.mark.parametrize("url", [
+    "postgresql://cafs@127.0.0.1:1/db?passw%6Frd=S3CRET",  # libpq decodes the key
+    "postgresql:///db?host=127.0.0.1&user=cafs&%70assword=S3CRET",
+    "postgresql://cafs@127.0.0.1:1/db?sslpassword=S3CRET",
+])
+def test_a_password_in_the_url_is_refused_however_it_is_spelled(tmp_path: Path,
+                                                                url: str) -> None:
+    result = cafs("stats", "--store", str(tmp_path / "s"), "--manifest", url, check=False)
+    assert result.returncode == 2 and "password" in result.stderr
+    assert "S3CRET" not in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_password_in_the_configuration_file_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "cafs.toml"
     config.write_text('manifest = "postgresql://cafs:secret@127.0.0.1:1/db"\n')
