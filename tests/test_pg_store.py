@@ -34,6 +34,25 @@ def test_a_password_in_the_url_is_refused_however_it_is_spelled(tmp_path: Path,
     assert not (tmp_path / "s").exists()
 
 
+def test_a_password_in_cafs_manifest_is_refused_and_never_recorded(
+        tmp_path: Path, pg_cluster: PgCluster) -> None:
+    """$CAFS_MANIFEST set by hand goes through the same check as --manifest: the password
+    would otherwise land in manifest.url and in every message that names the URL."""
+    import os
+
+    url = pg_cluster.url(pg_cluster.new_database()).replace("postgres@", "postgres:S3CRET@")
+    store = tmp_path / "s"
+    env = {**os.environ, "CAFS_MANIFEST": url}
+    (tmp_path / "m").mkdir()
+    result = cafs("mount", "--store", str(store), str(tmp_path / "m"), env=env, check=False)
+    if result.returncode == 0:
+        cafs("umount", str(tmp_path / "m"))
+    url_file = store / "manifest.url"
+    assert not url_file.exists() or "S3CRET" not in url_file.read_text()
+    assert result.returncode == 2 and "password" in result.stderr
+    assert "S3CRET" not in result.stderr
+
+
 def test_a_password_in_the_configuration_file_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "cafs.toml"
     config.write_text('manifest = "postgresql://cafs:secret@127.0.0.1:1/db"\n')
