@@ -425,3 +425,30 @@ def test_a_credentials_symlink_is_judged_by_the_file_read(tmp_path: Path) -> Non
     target.chmod(0o640)
     with pytest.raises(InvalidArgument, match="chmod 600"):
         read_credentials(location)
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("s3://b/p?endpoint=127.0.0.1:9", "http"),  # no scheme: boto3 raised ValueError
+    ("s3://b/p?endpoint=ftp://127.0.0.1:9", "http"),
+    ("s3://b/p?endpoint=http://127.0.0.1:99999", "port"),
+    ("s3://b/p?endpoint=http://127.0.0.1:abc", "port"),
+    ("s3://b/p?endpoint=http://:9", "host"),
+    ("s3://b/p?endpoint=", "endpoint"),
+    ("s3://b/p?region=", "region"),
+    ("s3://b/p?endpoint=http://127.0.0.1:9&endpoint=http://127.0.0.1:8", "once"),
+])
+def test_a_mistyped_blobs_url_is_refused_when_parsed(url: str, says: str) -> None:
+    with pytest.raises(InvalidArgument, match=says):
+        S3Location.parse(url)
+
+
+def test_a_mistyped_endpoint_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
+    from conftest import cafs
+
+    (tmp_path / "m").mkdir()
+    result = cafs("mount", "--store", str(tmp_path / "s"), "--blobs",
+                  "s3://b/p?endpoint=127.0.0.1:9", str(tmp_path / "m"), check=False)
+    if result.returncode == 0:
+        cafs("umount", str(tmp_path / "m"))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "unexpected" not in result.stderr

@@ -72,13 +72,19 @@ class S3Location:
             raise InvalidArgument(
                 f"blobs: unknown URL parameter {unknown[0]!r} (allowed: endpoint, region, "
                 "credentials); credentials never go in the URL")
+        twice = sorted(name for name, values in query.items() if len(values) > 1)
+        if twice:
+            raise InvalidArgument(f"blobs: URL parameter {twice[0]!r} may be given only once")
+        empty = sorted(name for name, values in query.items() if not values[0])
+        if empty:
+            raise InvalidArgument(f"blobs: URL parameter {empty[0]!r} is empty")
         bucket = parts.netloc
         if not bucket:
             raise InvalidArgument("blobs: the s3:// URL names no bucket")
         prefix = parts.path.strip("/")
         endpoint = query.get("endpoint", [None])[0]
-        if endpoint is not None and urlsplit(endpoint).username is not None:
-            raise InvalidArgument("blobs: the endpoint must not carry credentials")
+        if endpoint is not None:
+            _check_endpoint(endpoint)
         credentials = query.get("credentials", [None])[0]
         return cls(bucket, f"{prefix}/" if prefix else "", endpoint,
                    query.get("region", ["us-east-1"])[0],
@@ -90,6 +96,24 @@ class S3Location:
     def __str__(self) -> str:
         where = f" at {self.endpoint}" if self.endpoint else ""
         return f"s3://{self.bucket}/{self.prefix}{where}"
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """A typo here would surface only at the first request, as boto3's ValueError or a
+    resolution error: refused now, in one line, before anything runs."""
+    parts = urlsplit(endpoint)
+    if parts.username is not None:
+        raise InvalidArgument("blobs: the endpoint must not carry credentials")
+    if parts.scheme not in ("http", "https"):
+        raise InvalidArgument(f"blobs: the endpoint {endpoint!r} must be an http:// or "
+                              "https://HOST[:PORT] URL")
+    if not parts.hostname:
+        raise InvalidArgument(f"blobs: the endpoint {endpoint!r} names no host")
+    try:
+        parts.port  # noqa: B018 (raises on a port that is no number or out of range)
+    except ValueError:
+        raise InvalidArgument(f"blobs: the endpoint {endpoint!r} has no valid port "
+                              "(1-65535)") from None
 
 
 def _redacted(url: str) -> str:
