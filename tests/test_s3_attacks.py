@@ -1,0 +1,91 @@
+"""A careless configuration of the S3 store's cache under a real mount (a real `weed mini`):
+a cache of size 0 or of a few bytes still reads every artifact right, concurrently, and keeps
+no more than it was given."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from backends import WeedServer
+from conftest import Mount, require_fuse, unmount_whatever_state
+
+
+def _mount(tmp_path: Path, weed: WeedServer, monkeypatch: pytest.MonkeyPatch,
+           cache_size: int) -> Mount:
+    require_fuse()
+    config = tmp_path / "cafs.toml"
+    config.write_text(f'blobs = "{weed.url(weed.new_prefix())}"\n'
+                      f'cache_dir = "{tmp_path / "cache"}"\ncache_size = {cache_size}\n')
+    monkeypatch.setenv("CAFS_CONFIG", str(config))
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir(exist_ok=True)
+    mounted = Mount(tmp_path / "store", mountpoint)
+    mounted.start()
+    return mounted
+
+
+def _cached_bytes(tmp_path: Path) -> int:
+    total = 0
+    with os.scandir(tmp_path / "cache") as entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):  # evicted meanwhile
+                total += entry.stat().st_size
+    return total
+
+
+@pytest.fixture
+def tiny_cache(tmp_path: Path, weed: WeedServer,
+               monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Mount]:
+    mounted = _mount(tmp_path, weed, monkeypatch, request.param)
+    try:
+        yield mounted
+    finally:
+        unmount_whatever_state(mounted.mountpoint)
+    assert mounted.log_problems() == []
+    report = mounted.fsck("--full")
+    assert report.returncode == 0, report.stdout + report.stderr
+
+
+@pytest.mark.parametrize("tiny_cache", [0, 1, 5000], indirect=True)
+def test_a_tiny_cache_reads_everything_right_and_keeps_no_more(
+        tiny_cache: Mount, tmp_path: Path, weed: WeedServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = tiny_cache.layer()
+    files = {f"f{i}.bin": os.urandom(1000 + 70_000 * i) for i in range(6)}
+    for name, data in files.items():
+        (layer / name).write_bytes(data)
+    # A new mount: nothing is in the kernel's page cache, every read goes to the daemon.
+    tiny_cache.stop()
+    tiny_cache.start()
+    layer = tiny_cache.layer()
+    failures: list[str] = []
+
+    def read_all() -> None:
+        for name, data in files.items():
+            try:
+                got = (layer / name).read_bytes()
+            except OSError as exc:
+                failures.append(f"{name}: {exc}")
+                continue
+            if hashlib.sha256(got).digest() != hashlib.sha256(data).digest():
+                failures.append(f"{name}: wrong bytes")
+
+    readers = [threading.Thread(target=read_all) for _ in range(4)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    assert failures == []
+    capacity = int((tmp_path / "cafs.toml").read_text().split("cache_size = ")[1])
+    # The kernel sends RELEASE after close returns: the last pins go a moment later.
+    deadline = time.monotonic() + 5
+    while _cached_bytes(tmp_path) > capacity and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _cached_bytes(tmp_path) <= capacity
