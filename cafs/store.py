@@ -470,7 +470,8 @@ class Store:
         if create:
             blobs.create_layout()
         manifest = PgManifest(location, readonly=not create,
-                              new_schema_ok=not blobs.has_blob_files(), serving=serving)
+                              new_schema_ok=not blobs.has_blob_files(), serving=serving,
+                              adopting=not (root / MANIFEST_URL_NAME).exists())
         if create:
             _record_location(root, location)
         return cls(root, manifest, blobs, lock_fd)

@@ -164,3 +164,45 @@ def test_admin_commands_on_postgresql_stores(
     finally:
         cafs("umount", str(second.mountpoint))
     assert second.log_problems() == [] and first.log_problems() == []
+
+
+def test_another_stores_database_is_refused_for_a_new_store_directory(
+        tmp_path: Path, pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second store directory given the first one's database would mount the first one's
+    artifacts over its own blobs (every read EIO; its fsck --repair would mark them all damaged
+    in the first store's manifest), with a lock of its own beside the first one's daemon."""
+    from conftest import Mount, require_fuse
+
+    require_fuse()
+    monkeypatch.setenv("CAFS_CONFIG", "")
+    url = pg_cluster.url(pg_cluster.new_database())
+    first = Mount(tmp_path / "a", tmp_path / "ma")
+    first.mountpoint.mkdir()
+    cafs("mount", "--manifest", url, "--store", str(first.store), str(first.mountpoint))
+    try:
+        (first.layer() / "f").write_bytes(b"x" * 5000)
+        (tmp_path / "mb").mkdir()
+        result = cafs("mount", "--manifest", url, "--store", str(tmp_path / "b"),
+                      str(tmp_path / "mb"), check=False)
+        if result.returncode == 0:
+            cafs("umount", str(tmp_path / "mb"))
+        assert result.returncode == 3, result.stderr
+        assert "already holds" in result.stderr and "manifest.url" in result.stderr
+        assert not (tmp_path / "b" / "manifest.url").exists()
+        assert (first.layer() / "f").read_bytes() == b"x" * 5000
+    finally:
+        cafs("umount", str(first.mountpoint))
+    assert cafs("fsck", "--full", "--store", str(first.store), check=False).returncode == 0
+
+
+def test_a_database_with_an_empty_manifest_is_taken(
+        tmp_path: Path, pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first mount that stopped after making the schema and before recording manifest.url
+    left an empty manifest: the next mount takes it."""
+    from cafs.store import Store
+
+    monkeypatch.setenv("CAFS_MANIFEST", pg_cluster.url(pg_cluster.new_database()))
+    Store.open(tmp_path / "s").close()
+    (tmp_path / "s" / "manifest.url").unlink()
+    Store.open(tmp_path / "s").close()
+    assert (tmp_path / "s" / "manifest.url").exists()

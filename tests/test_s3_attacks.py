@@ -5,8 +5,10 @@ no more than it was given."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -89,3 +91,45 @@ def test_a_tiny_cache_reads_everything_right_and_keeps_no_more(
     while _cached_bytes(tmp_path) > capacity and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _cached_bytes(tmp_path) <= capacity
+
+
+@pytest.fixture
+def full_cache_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB filesystem for the cache: full at the first download."""
+    disk = tmp_path / "cache"
+    disk.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(disk)],
+                   check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_cache_on_a_full_disk_fails_reads_cleanly_and_recovers(
+        tmp_path: Path, weed: WeedServer, monkeypatch: pytest.MonkeyPatch,
+        full_cache_disk: Path) -> None:
+    mounted = _mount(tmp_path, weed, monkeypatch, 10 << 20)
+    try:
+        layer = mounted.layer()
+        data = os.urandom(600_000)
+        (layer / "big.bin").write_bytes(data)  # published; its cache copy does not fit
+        mounted.stop()
+        mounted.start()
+        layer = mounted.layer()
+        try:
+            got = (layer / "big.bin").read_bytes()
+        except OSError as exc:
+            got = None
+            assert exc.errno in (errno.EIO, errno.ENOSPC), exc
+        assert got is None or got == data
+        assert [entry.name for entry in full_cache_disk.iterdir()] == []  # no temp left
+        assert (layer / "big.bin").stat().st_size == len(data)  # the daemon still serves
+        subprocess.run(["mount", "-o", "remount,size=4m", str(full_cache_disk)], check=True)
+        time.sleep(2.5)  # past the retry pause of a failed fetch
+        assert (layer / "big.bin").read_bytes() == data
+    finally:
+        unmount_whatever_state(mounted.mountpoint)
+    problems = mounted.log_problems(accept=True)
+    assert not any("Traceback" in line or "unexpected" in line for line in problems), problems
+    assert "Traceback" not in mounted.log()
