@@ -133,3 +133,46 @@ def test_a_cache_on_a_full_disk_fails_reads_cleanly_and_recovers(
     problems = mounted.log_problems(accept=True)
     assert not any("Traceback" in line or "unexpected" in line for line in problems), problems
     assert "Traceback" not in mounted.log()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "swap"])
+@pytest.mark.parametrize("compressible", [False, True], ids=["raw+xxh64", "zstd"])
+def test_a_cache_file_cut_or_swapped_under_an_open_reader_never_gives_wrong_bytes(
+        tmp_path: Path, weed: WeedServer, monkeypatch: pytest.MonkeyPatch, damage: str,
+        compressible: bool) -> None:
+    from test_reads import drop_caches
+
+    mounted = _mount(tmp_path, weed, monkeypatch, 64 << 20)
+    try:
+        layer = mounted.layer()
+        data = (b"".join(f"{i},{i * 7 % 1000}\n".encode() for i in range(400_000))
+                if compressible else os.urandom(3_000_000))
+        other = os.urandom(len(data) // 3)  # (one of the same size would pass: see README)
+        (layer / "victim").write_bytes(data)
+        (layer / "other").write_bytes(other)
+        digest = os.getxattr(layer / "victim", "user.cafs.sha256").decode()
+        cached = tmp_path / "cache" / digest
+        drop_caches()
+        with open(layer / "victim", "rb", buffering=0) as reader:
+            head = reader.read(65536)
+            assert head == data[:65536]
+            if damage == "truncate":
+                os.truncate(cached, cached.stat().st_size // 2)
+            else:  # another blob's file under this digest's name
+                other_digest = os.getxattr(layer / "other", "user.cafs.sha256").decode()
+                os.link(tmp_path / "cache" / other_digest, tmp_path / "cache" / "x")
+                os.rename(tmp_path / "cache" / "x", cached)
+            drop_caches()
+            try:
+                rest = reader.read()
+            except OSError as exc:
+                assert exc.errno == errno.EIO
+            else:
+                assert head + rest == data
+        drop_caches()
+        assert (layer / "victim").read_bytes() == data  # fetched again
+    finally:
+        unmount_whatever_state(mounted.mountpoint)
+    mounted.log_problems(accept=True)
+    report = mounted.fsck("--full")
+    assert report.returncode == 0, report.stdout + report.stderr
