@@ -166,6 +166,11 @@ def settings_from(config: Path | None) -> Settings:
         settings = replace(settings, **given)
     if settings.manifest and not os.environ.get("CAFS_MANIFEST"):  # --manifest goes first
         os.environ["CAFS_MANIFEST"] = settings.manifest
+    if os.environ.get("CAFS_MANIFEST"):  # set by hand, it has not met --manifest's check
+        try:
+            check_manifest_location(os.environ["CAFS_MANIFEST"])
+        except CafsError as exc:
+            raise click.UsageError(str(exc)) from None
     if settings.blobs:  # refused here, before the URL goes anywhere (a child's argv, a log)
         from cafs.blobstore.s3_objects import S3Location
 

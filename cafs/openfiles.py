@@ -472,7 +472,10 @@ class OpenFiles:
             inode.temp = None
         if inode.reader is not None:
             blob = inode.node.blob
-            if blob is not None and not inode.damaged and not inode.unlinked:
+            # Not on a remote store: an idle reader pins its file in the cache, and 32 of
+            # them would hold the cache above its cache_size (reopening a cached file is local).
+            if blob is not None and not inode.damaged and not inode.unlinked \
+                    and not self.blobs.remote:
                 self.table.idle.give(blob.digest, inode.reader)
             else:
                 inode.reader.close()

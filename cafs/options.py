@@ -15,7 +15,7 @@ import types
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from cafs.errors import InvalidArgument
 from cafs.rules import DEFAULT_MAX_ARTIFACT_SIZE
@@ -111,7 +111,10 @@ def check_manifest_location(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("postgresql", "postgres"):
         raise InvalidArgument(f"manifest: {value!r} is not a postgresql://USER@HOST:PORT/DB URL")
-    secret = "password=" in parts.query.lower() or ":" in parts.netloc.rpartition("@")[0]
+    # Keys as libpq reads them: percent-decoded (passw%6Frd= is password=); sslpassword too.
+    keys = {unquote(key).lower() for key, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    secret = any(key.endswith("password") for key in keys) \
+        or ":" in unquote(parts.netloc.rpartition("@")[0])
     if secret:
         raise InvalidArgument(
             "manifest: the URL holds a password; give it through PGPASSWORD, a libpq service "

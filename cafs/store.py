@@ -22,6 +22,7 @@ from cafs.blobstore import Blobs, BlobsSpec, open_blob_store
 from cafs.errors import CafsError, NeedsRepair, StoreBusy, StoreError
 from cafs.manifest import Manifest, copy_manifest
 from cafs.model import BlobRef
+from cafs.options import check_manifest_location
 from cafs.wal import check_wal, wal_path
 
 MANIFEST_NAME = "manifest.sqlite"
@@ -258,6 +259,8 @@ def manifest_location(root: Path) -> str | None:
     a store whose manifest is manifest.sqlite, is refused: either would start a second, empty
     manifest beside the blobs."""
     given = os.environ.get("CAFS_MANIFEST") or None
+    if given:  # set by hand, it has not met --manifest's check: no password gets recorded
+        check_manifest_location(given)
     try:
         fd = open_store_file(root / MANIFEST_URL_NAME, os.O_RDONLY)
     except FileNotFoundError:
@@ -467,7 +470,8 @@ class Store:
         if create:
             blobs.create_layout()
         manifest = PgManifest(location, readonly=not create,
-                              new_schema_ok=not blobs.has_blob_files(), serving=serving)
+                              new_schema_ok=not blobs.has_blob_files(), serving=serving,
+                              adopting=not (root / MANIFEST_URL_NAME).exists())
         if create:
             _record_location(root, location)
         return cls(root, manifest, blobs, lock_fd)

@@ -257,15 +257,22 @@ class StoredBlobs:
 def another_store_env(directory: Path) -> dict[str, str] | None:
     """The environment for commands on a second store in the same test: with remote back
     ends, a configuration of its own (a fresh S3 prefix: a prefix belongs to one store, and
-    cafs refuses a new manifest beside blobs it does not know). None in local mode."""
+    cafs refuses a new manifest beside blobs it does not know; a fresh database: cafs refuses
+    a new store on a database that holds another store's artifacts). None in local mode."""
+    lines: list[str] = []
+    cluster: PgCluster | None = current_pg.get("cluster")
+    if cluster is not None:
+        lines.append(f'manifest = "{cluster.url(cluster.new_database())}"')
     server: WeedServer | None = current_s3.get("server")  # type: ignore[assignment]
-    if server is None:
+    if server is not None:
+        saved = dict(current_s3)
+        lines += s3_config_lines(server)
+        current_s3.clear()
+        current_s3.update(saved)  # StoredBlobs keeps meaning the test's first store
+    if not lines:
         return None
-    saved = dict(current_s3)
     path = directory / "cafs-other.toml"
-    path.write_text("".join(f"{line}\n" for line in s3_config_lines(server)))
-    current_s3.clear()
-    current_s3.update(saved)  # StoredBlobs keeps meaning the test's first store
+    path.write_text("".join(f"{line}\n" for line in lines))
     return {**os.environ, "CAFS_CONFIG": str(path)}
 
 
@@ -281,6 +288,11 @@ def current_blobs_spec():  # type: ignore[no-untyped-def]
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------
+
+
+# The cluster the current test's configuration names a database of (set by conftest's
+# test_backend in CAFS_TEST_BACKEND=postgresql[+s3]).
+current_pg: dict[str, PgCluster] = {}
 
 
 def pg_bindir() -> Path:

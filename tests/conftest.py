@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from backends import BACKEND, current_s3, pg_cluster, pg_url, s3_config_lines, uses  # noqa: F401  (fixtures for every test file)
+from backends import BACKEND, current_pg, current_s3, pg_cluster, pg_url, s3_config_lines, uses  # noqa: F401  (fixtures for every test file)
 from backends import weed as weed  # the session's S3 server, for every test that asks
 
 CAFS = [sys.executable, "-m", "cafs"]
@@ -258,11 +258,13 @@ def test_backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     """CAFS_TEST_BACKEND (see backends.py): a per-test cafs.toml naming fresh remote back
     ends, in CAFS_CONFIG for every `cafs ...` the test runs. Nothing in `local` mode."""
     current_s3.clear()
+    current_pg.clear()
     if BACKEND == "local":
         return
     lines: list[str] = []
     if uses("postgresql"):
         lines.append(f'manifest = "{request.getfixturevalue("pg_url")}"')
+        current_pg["cluster"] = request.getfixturevalue("pg_cluster")
     if uses("s3"):
         lines += s3_config_lines(request.getfixturevalue("weed"))
     path = tmp_path_factory.mktemp("backend") / "cafs.toml"

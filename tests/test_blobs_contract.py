@@ -383,3 +383,72 @@ def test_a_credentials_file_others_may_read_is_refused(tmp_path: Path,
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     with pytest.raises(InvalidArgument, match="AWS_ACCESS_KEY_ID"):
         read_credentials(S3Location.parse("s3://bucket/p"))
+
+
+@pytest.mark.parametrize("text", [
+    # No [default] header: configparser quotes the offending line, secret and all.
+    "aws_secret_access_key = TOPSECRET99\naws_access_key_id = k\n",
+    # A line that is no key = value: quoted as well.
+    "[default]\naws_access_key_id = k\nTOPSECRET99\n",
+    # A '%' in a secret: interpolation would refuse (and quote) it.
+    "[default]\naws_access_key_id = k\naws_secret_access_key = TOP%SECRET99\n",
+])
+def test_a_malformed_credentials_file_is_a_clear_error_that_quotes_no_secret(
+        tmp_path: Path, text: str) -> None:
+    from cafs.blobstore.s3_objects import read_credentials
+
+    path = tmp_path / "credentials"
+    path.write_text(text)
+    path.chmod(0o600)
+    location = S3Location.parse(f"s3://bucket/p?credentials={path}")
+    if "%" in text:  # a valid file: the secret is taken as written
+        assert read_credentials(location) == ("k", "TOP%SECRET99")
+        return
+    with pytest.raises(InvalidArgument) as caught:
+        read_credentials(location)
+    assert "TOPSECRET99" not in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_a_credentials_symlink_is_judged_by_the_file_read(tmp_path: Path) -> None:
+    """A link (as secret mounts make) to a private file works; a link to a file others may
+    read is refused like the file itself."""
+    from cafs.blobstore.s3_objects import read_credentials
+
+    target = tmp_path / "real"
+    target.write_text("[default]\naws_access_key_id = k\naws_secret_access_key = s\n")
+    target.chmod(0o600)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    location = S3Location.parse(f"s3://bucket/p?credentials={link}")
+    assert read_credentials(location) == ("k", "s")
+    target.chmod(0o640)
+    with pytest.raises(InvalidArgument, match="chmod 600"):
+        read_credentials(location)
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("s3://b/p?endpoint=127.0.0.1:9", "http"),  # no scheme: boto3 raised ValueError
+    ("s3://b/p?endpoint=ftp://127.0.0.1:9", "http"),
+    ("s3://b/p?endpoint=http://127.0.0.1:99999", "port"),
+    ("s3://b/p?endpoint=http://127.0.0.1:abc", "port"),
+    ("s3://b/p?endpoint=http://:9", "host"),
+    ("s3://b/p?endpoint=", "endpoint"),
+    ("s3://b/p?region=", "region"),
+    ("s3://b/p?endpoint=http://127.0.0.1:9&endpoint=http://127.0.0.1:8", "once"),
+])
+def test_a_mistyped_blobs_url_is_refused_when_parsed(url: str, says: str) -> None:
+    with pytest.raises(InvalidArgument, match=says):
+        S3Location.parse(url)
+
+
+def test_a_mistyped_endpoint_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
+    from conftest import cafs
+
+    (tmp_path / "m").mkdir()
+    result = cafs("mount", "--store", str(tmp_path / "s"), "--blobs",
+                  "s3://b/p?endpoint=127.0.0.1:9", str(tmp_path / "m"), check=False)
+    if result.returncode == 0:
+        cafs("umount", str(tmp_path / "m"))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "unexpected" not in result.stderr

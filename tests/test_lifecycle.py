@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from backends import StoredBlobs, another_store_env, current_blobs_spec, uses
+from backends import StoredBlobs, another_store_env, current_blobs_spec
 from conftest import (
     CAFS,
     Mount,
@@ -391,8 +391,6 @@ def test_fsck_detects_and_repairs_each_kind_of_damage(mount: Mount, mounted: boo
 # -- export and import --------------------------------------------------------------------
 
 
-@pytest.mark.skipif(uses("postgresql"),
-                    reason="two stores in one test would share the test's one database")
 def test_export_then_import_into_another_store(mount: Mount, tmp_path: Path,
                                                source_tree: Path) -> None:
     run = mount.runs / "e1"

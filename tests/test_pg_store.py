@@ -21,6 +21,38 @@ def test_a_url_with_a_password_is_refused(tmp_path: Path) -> None:
     assert "secret" not in result.stderr
 
 
+@pytest.mark.parametrize("url", [
+    "postgresql://cafs@127.0.0.1:1/db?passw%6Frd=S3CRET",  # libpq decodes the key
+    "postgresql:///db?host=127.0.0.1&user=cafs&%70assword=S3CRET",
+    "postgresql://cafs@127.0.0.1:1/db?sslpassword=S3CRET",
+])
+def test_a_password_in_the_url_is_refused_however_it_is_spelled(tmp_path: Path,
+                                                                url: str) -> None:
+    result = cafs("stats", "--store", str(tmp_path / "s"), "--manifest", url, check=False)
+    assert result.returncode == 2 and "password" in result.stderr
+    assert "S3CRET" not in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_password_in_cafs_manifest_is_refused_and_never_recorded(
+        tmp_path: Path, pg_cluster: PgCluster) -> None:
+    """$CAFS_MANIFEST set by hand goes through the same check as --manifest: the password
+    would otherwise land in manifest.url and in every message that names the URL."""
+    import os
+
+    url = pg_cluster.url(pg_cluster.new_database()).replace("postgres@", "postgres:S3CRET@")
+    store = tmp_path / "s"
+    env = {**os.environ, "CAFS_MANIFEST": url}
+    (tmp_path / "m").mkdir()
+    result = cafs("mount", "--store", str(store), str(tmp_path / "m"), env=env, check=False)
+    if result.returncode == 0:
+        cafs("umount", str(tmp_path / "m"))
+    url_file = store / "manifest.url"
+    assert not url_file.exists() or "S3CRET" not in url_file.read_text()
+    assert result.returncode == 2 and "password" in result.stderr
+    assert "S3CRET" not in result.stderr
+
+
 def test_a_password_in_the_configuration_file_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "cafs.toml"
     config.write_text('manifest = "postgresql://cafs:secret@127.0.0.1:1/db"\n')
@@ -132,3 +164,45 @@ def test_admin_commands_on_postgresql_stores(
     finally:
         cafs("umount", str(second.mountpoint))
     assert second.log_problems() == [] and first.log_problems() == []
+
+
+def test_another_stores_database_is_refused_for_a_new_store_directory(
+        tmp_path: Path, pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second store directory given the first one's database would mount the first one's
+    artifacts over its own blobs (every read EIO; its fsck --repair would mark them all damaged
+    in the first store's manifest), with a lock of its own beside the first one's daemon."""
+    from conftest import Mount, require_fuse
+
+    require_fuse()
+    monkeypatch.setenv("CAFS_CONFIG", "")
+    url = pg_cluster.url(pg_cluster.new_database())
+    first = Mount(tmp_path / "a", tmp_path / "ma")
+    first.mountpoint.mkdir()
+    cafs("mount", "--manifest", url, "--store", str(first.store), str(first.mountpoint))
+    try:
+        (first.layer() / "f").write_bytes(b"x" * 5000)
+        (tmp_path / "mb").mkdir()
+        result = cafs("mount", "--manifest", url, "--store", str(tmp_path / "b"),
+                      str(tmp_path / "mb"), check=False)
+        if result.returncode == 0:
+            cafs("umount", str(tmp_path / "mb"))
+        assert result.returncode == 3, result.stderr
+        assert "already holds" in result.stderr and "manifest.url" in result.stderr
+        assert not (tmp_path / "b" / "manifest.url").exists()
+        assert (first.layer() / "f").read_bytes() == b"x" * 5000
+    finally:
+        cafs("umount", str(first.mountpoint))
+    assert cafs("fsck", "--full", "--store", str(first.store), check=False).returncode == 0
+
+
+def test_a_database_with_an_empty_manifest_is_taken(
+        tmp_path: Path, pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first mount that stopped after making the schema and before recording manifest.url
+    left an empty manifest: the next mount takes it."""
+    from cafs.store import Store
+
+    monkeypatch.setenv("CAFS_MANIFEST", pg_cluster.url(pg_cluster.new_database()))
+    Store.open(tmp_path / "s").close()
+    (tmp_path / "s" / "manifest.url").unlink()
+    Store.open(tmp_path / "s").close()
+    assert (tmp_path / "s" / "manifest.url").exists()

@@ -259,8 +259,6 @@ def test_root_hash_tells_a_symlink_from_a_file(mount: Mount) -> None:
         cafs("unseal", str(mount.runs / run))
 
 
-@pytest.mark.skipif(uses("postgresql"),
-                    reason="two stores in one test would share the test's one database")
 def test_export_import_round_trip(layer: Path, mount: Mount, tmp_path: Path) -> None:
     (layer / "model.bin").write_bytes(b"weights")
     (layer / "d").mkdir()

@@ -57,8 +57,10 @@ def open_blob_store(root: Path, spec: BlobsSpec | None = None, *,
         return LocalBlobStore(root, level=level)
     from cafs.blobstore.s3 import DEFAULT_CACHE_SIZE, S3BlobStore, S3Location
 
+    # 0 is a size (keep only what open files read), not "the default".
+    size = DEFAULT_CACHE_SIZE if spec.cache_size is None else spec.cache_size
     return S3BlobStore(root, S3Location.parse(spec.url), cache_dir=spec.cache_dir,
-                       cache_size=spec.cache_size or DEFAULT_CACHE_SIZE, level=level)
+                       cache_size=size, level=level)
 
 # The encodings by their old names (tests and callers import these).
 RAW = Encoding.RAW

@@ -43,8 +43,9 @@ class BlobCache:
         self._serial = 0
 
     def load(self) -> None:
-        """Make the directory (0700) and learn what it holds: temps of fetches a stopped daemon
-        left are removed; files are ordered by when they came in (mtime)."""
+        """Make the directory (0700) and learn what it holds: temps of fetches a stopped process
+        left are removed (not those of a live one); files are ordered by when they came in
+        (mtime)."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = os.lstat(self.directory)
         # Files the daemon trusts as checked land here: nobody else may plant or swap them.
@@ -56,8 +57,9 @@ class BlobCache:
         with os.scandir(self.directory) as entries:
             for entry in entries:
                 if entry.name.startswith(FETCH_PREFIX):
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
+                    if not _fetcher_alive(entry.name):  # one cache_dir may serve several stores
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.path)
                 elif is_digest(entry.name) and entry.is_file(follow_symlinks=False):
                     info = entry.stat(follow_symlinks=False)
                     found.append((info.st_mtime_ns, entry.name, info.st_size))
@@ -165,6 +167,21 @@ class BlobCache:
             self._bytes -= self._sizes.pop(digest)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path(digest))
+
+
+def _fetcher_alive(name: str) -> bool:
+    """Whether the process that named this temp (fetch-<pid>-...) still runs: another store's
+    daemon (one configuration file names one cache_dir for all) may be downloading into it."""
+    pid = name[len(FETCH_PREFIX):].split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid() or int(pid) <= 0:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _copy_fd(source_fd: int, target: Path) -> None:

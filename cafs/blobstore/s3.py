@@ -209,12 +209,20 @@ class S3BlobStore:
         with self._fetching_lock:
             return self._fetching.setdefault(digest, threading.Lock())
 
-    def cached_reader(self, digest: Digest, encoding: Encoding) -> BlobReader | None:
-        """A reader of the cached file, or None if the cache does not hold it. Local I/O."""
+    def cached_reader(self, digest: Digest, encoding: Encoding,
+                      size: int | None = None) -> BlobReader | None:
+        """A reader of the cached file, or None if the cache does not hold it. Local I/O.
+        Corrupt if its content size is not `size` (the manifest's): block checks prove a file
+        whole, not that it is this digest's, and a file put under another's name reads as a
+        whole blob of the wrong size."""
         fd = self.cache.open_fd(digest)
         if fd is None:
             return None
-        return reader_of_fd(fd, digest, encoding, self.frame_cache)
+        reader = reader_of_fd(fd, digest, encoding, self.frame_cache)
+        if size is not None and size >= 0 and reader.size != size:
+            reader.close()
+            raise Corrupt(f"blob {digest}: its cached copy holds {reader.size} bytes, not {size}")
+        return reader
 
     def fetch(self, digest: Digest, encoding: Encoding, *, again: bool = False) -> None:
         """Bring the blob into the cache: download into a temp there, check it whole against
@@ -370,10 +378,11 @@ class S3Reader:
         self._refetched = False
         self._closed = False
         store.cache.pin(digest)
+        self._expected = size  # the manifest's: a cached file of another size is not this blob
         self.size = size if size is not None else -1
         # Opening the cached file is local and quick: done now if the cache holds it.
         with contextlib.suppress(Corrupt):
-            self._inner = store.cached_reader(digest, encoding)
+            self._inner = store.cached_reader(digest, encoding, size)
             if self._inner is not None:
                 self.size = self._inner.size
 
@@ -385,7 +394,8 @@ class S3Reader:
         with self._lock:
             if self._inner is None:
                 try:
-                    self._inner = self._store.cached_reader(self._digest, self._encoding)
+                    self._inner = self._store.cached_reader(self._digest, self._encoding,
+                                                               self._expected)
                 except Corrupt:
                     self._inner = None
                     self._refetch_locked()
@@ -396,10 +406,10 @@ class S3Reader:
             return self._inner
 
     def _open_cached(self) -> BlobReader:
-        inner = self._store.cached_reader(self._digest, self._encoding)
+        inner = self._store.cached_reader(self._digest, self._encoding, self._expected)
         if inner is None:  # evicted at once (a cache smaller than the blob): fetch again
             self._store.fetch(self._digest, self._encoding)
-            inner = self._store.cached_reader(self._digest, self._encoding)
+            inner = self._store.cached_reader(self._digest, self._encoding, self._expected)
         if inner is None:
             raise Corrupt(f"blob {self._digest}: the cache cannot hold it")
         return inner

@@ -72,13 +72,19 @@ class S3Location:
             raise InvalidArgument(
                 f"blobs: unknown URL parameter {unknown[0]!r} (allowed: endpoint, region, "
                 "credentials); credentials never go in the URL")
+        twice = sorted(name for name, values in query.items() if len(values) > 1)
+        if twice:
+            raise InvalidArgument(f"blobs: URL parameter {twice[0]!r} may be given only once")
+        empty = sorted(name for name, values in query.items() if not values[0])
+        if empty:
+            raise InvalidArgument(f"blobs: URL parameter {empty[0]!r} is empty")
         bucket = parts.netloc
         if not bucket:
             raise InvalidArgument("blobs: the s3:// URL names no bucket")
         prefix = parts.path.strip("/")
         endpoint = query.get("endpoint", [None])[0]
-        if endpoint is not None and urlsplit(endpoint).username is not None:
-            raise InvalidArgument("blobs: the endpoint must not carry credentials")
+        if endpoint is not None:
+            _check_endpoint(endpoint)
         credentials = query.get("credentials", [None])[0]
         return cls(bucket, f"{prefix}/" if prefix else "", endpoint,
                    query.get("region", ["us-east-1"])[0],
@@ -92,6 +98,24 @@ class S3Location:
         return f"s3://{self.bucket}/{self.prefix}{where}"
 
 
+def _check_endpoint(endpoint: str) -> None:
+    """A typo here would surface only at the first request, as boto3's ValueError or a
+    resolution error: refused now, in one line, before anything runs."""
+    parts = urlsplit(endpoint)
+    if parts.username is not None:
+        raise InvalidArgument("blobs: the endpoint must not carry credentials")
+    if parts.scheme not in ("http", "https"):
+        raise InvalidArgument(f"blobs: the endpoint {endpoint!r} must be an http:// or "
+                              "https://HOST[:PORT] URL")
+    if not parts.hostname:
+        raise InvalidArgument(f"blobs: the endpoint {endpoint!r} names no host")
+    try:
+        parts.port  # noqa: B018 (raises on a port that is no number or out of range)
+    except ValueError:
+        raise InvalidArgument(f"blobs: the endpoint {endpoint!r} has no valid port "
+                              "(1-65535)") from None
+
+
 def _redacted(url: str) -> str:
     return url.split("?", 1)[0].split("@")[-1]
 
@@ -102,15 +126,27 @@ def read_credentials(location: S3Location) -> tuple[str, str]:
     if location.credentials is not None:
         path = location.credentials
         try:
-            info = os.stat(path)
+            # One descriptor: the file checked is the file read (a link is judged by its
+            # target, as secret mounts make them).
+            with open(path, encoding="utf-8", errors="replace") as file:
+                info = os.fstat(file.fileno())
+                if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO) or info.st_uid != os.geteuid() \
+                        or not stat.S_ISREG(info.st_mode):
+                    raise InvalidArgument(
+                        f"blobs: credentials file {path} must belong to this user and be "
+                        "readable by no one else (chmod 600)")
+                text = file.read()
         except OSError as exc:
             raise InvalidArgument(f"blobs: credentials file {path}: {exc.strerror}") from None
-        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO) or info.st_uid != os.geteuid():
-            raise InvalidArgument(
-                f"blobs: credentials file {path} must belong to this user and be readable by "
-                "no one else (chmod 600)")
-        parser = configparser.ConfigParser()
-        parser.read(path)
+        # Raw: a '%' in a secret is a character; configparser's errors quote the offending
+        # line, which may be the secret, so only the line number goes out.
+        parser = configparser.RawConfigParser()
+        try:
+            parser.read_string(text, source=str(path))
+        except configparser.Error as exc:
+            line = getattr(exc, "lineno", None) or getattr(exc, "errors", [(0,)])[0][0]
+            raise InvalidArgument(f"blobs: credentials file {path} is not an INI file with a "
+                                  f"[default] section (line {line})") from None
         section = parser["default"] if parser.has_section("default") else None
         if section is None or "aws_access_key_id" not in section \
                 or "aws_secret_access_key" not in section:

@@ -134,10 +134,12 @@ class PgCore(SqliteCore):
 
     def __init__(self, url: str, *, readonly: bool = False,
                  low_on_space: Callable[[], bool] | None = None,
-                 new_schema_ok: bool = True, serving: bool = False) -> None:
+                 new_schema_ok: bool = True, serving: bool = False,
+                 adopting: bool = False) -> None:
         """`serving`: a daemon's manifest, whose every wait is bounded in seconds (see
         cafs.pg_manifest.connection.DAEMON); else an admin command's, patient with long
-        queries."""
+        queries. `adopting`: the store has not recorded this database yet, so one that holds
+        artifacts already is another store's (refused)."""
         self.url = url
         self.path = Path("/")  # no file: see copy_to
         self.readonly = readonly
@@ -150,9 +152,21 @@ class PgCore(SqliteCore):
             self._db = cast(Any, self._pg)
             self._migrate(new_schema_ok)
             self._pg.execute("SELECT count(*) FROM nodes WHERE id = 0")
+            # An empty manifest is taken: a first mount may stop between making the schema
+            # and recording manifest.url.
+            row = self._pg.execute(
+                "SELECT EXISTS (SELECT 1 FROM versions) OR EXISTS (SELECT 1 FROM blobs)"
+            ).fetchone() if adopting else None
+            taken = bool(row and row[0])
         except psycopg.Error as exc:
             raise StoreError(f"{redact(url)}: cannot open the manifest: "
                              f"{pg_error(exc)}") from exc
+        if taken:
+            self._pg.close()
+            raise StoreError(
+                f"{redact(url)} already holds the manifest of another store (artifacts this "
+                "store never recorded); refusing to share it. If this store directory was "
+                "made anew for that manifest, write the URL into its manifest.url")
 
     def _migrate(self, new_schema_ok: bool) -> None:
         done: set[str] = set()
