@@ -239,13 +239,26 @@ class PgConnection:
             return self.bounds.deadline
         return max(0.0, min(self.bounds.deadline, self.deadline - time.monotonic()))
 
+    @contextlib.contextmanager
+    def _watched(self, conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
+        """Talk to the server under the watchdog: past `seconds` it shuts the socket, and the
+        connection it broke is closed (a later call reconnects)."""
+        self._watchdog.arm(conn.pgconn.socket, time.monotonic() + seconds)
+        try:
+            yield
+        except psycopg.Error:
+            if self._watchdog.fired:
+                conn.close()
+            raise
+        finally:
+            self._watchdog.disarm()
+
     def _run(self, sql: str, params: Any, many: bool = False, lazy: bool = False) -> Cursor:
         conn = self._live()
         remaining = self._remaining()
         if remaining <= 0:
             raise psycopg.OperationalError("manifest: out of time for this call")
-        self._watchdog.arm(conn.pgconn.socket, time.monotonic() + remaining)
-        try:
+        with self._watched(conn, remaining):
             if self._pipeline is not None:
                 cur = conn.cursor()
                 if many:
@@ -266,27 +279,14 @@ class PgConnection:
                     pass  # rows are the first that has any
                 rows = cur.fetchall() if cur.description is not None else []
                 return Cursor(rows, cur.rowcount, None)
-        except psycopg.Error:
-            if self._watchdog.fired:
-                conn.close()
-            raise
-        finally:
-            self._watchdog.disarm()
 
     def flush(self) -> None:
         """Wait for the answers of every change sent in the pipeline (their row counts)."""
         if self._pipeline is None or not self._queued:
             return
         conn = self._live()
-        self._watchdog.arm(conn.pgconn.socket, time.monotonic() + max(0.1, self._remaining()))
-        try:
+        with self._watched(conn, max(0.1, self._remaining())):
             self._pipeline.sync()
-        except psycopg.Error:
-            if self._watchdog.fired:
-                conn.close()
-            raise
-        finally:
-            self._watchdog.disarm()
         self._count_queued()
 
     def _count_queued(self) -> None:
