@@ -27,7 +27,7 @@ import mimetypes
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -342,9 +342,6 @@ class OpenFiles:
         self.table = table
         self.publisher = publisher
         self.max_artifact_size = max_artifact_size
-        # A runtime may run short calls on the loop when it is idle (cafs.daemon.TrioRuntime)
-        self._run_short: Callable[..., Awaitable[bytes]] = getattr(
-            runtime, "run_short", runtime.run_in_thread)
 
     # -- opening and closing --------------------------------------------------------------
 
@@ -520,7 +517,7 @@ class OpenFiles:
             # On a remote store a read the cache cannot answer downloads the whole blob:
             # never on the event loop.
             if size <= INLINE_READ_BYTES and not self.blobs.remote:
-                return await self._run_short(reader.read, offset, size)
+                return await self.runtime.run_short(reader.read, offset, size)
             return await self.runtime.run_in_thread(reader.read, offset, size)
         finally:
             inode.readers_in_threads -= 1

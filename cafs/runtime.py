@@ -21,6 +21,11 @@ class Runtime(Protocol):
 
     async def run_in_thread(self, fn: Callable[..., T], *args: object) -> T: ...
 
+    async def run_short(self, fn: Callable[..., T], *args: object) -> T:
+        """A short blocking call (one small read of a local blob file): in a worker thread,
+        or on the loop's own thread where that is cheaper and nothing waits (TrioRuntime)."""
+        ...
+
 
 class KernelNotifier(Protocol):
     """Tells the kernel to drop what it cached about a node or a name (changed behind it)."""

@@ -29,6 +29,9 @@ class Runtime:
     async def run_in_thread(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args)
 
+    async def run_short(self, fn: Callable[..., T], *args: object) -> T:
+        return await trio.to_thread.run_sync(fn, *args)
+
 
 @pytest.fixture
 def vfs(tmp_path: Path) -> Vfs:
