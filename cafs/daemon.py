@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -221,6 +221,9 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             store.sync_durable()
         except CafsError as exc:
             log.warning("cannot record the start-up check in the manifest: %s", exc)
+        if store.manifest_url is not None:  # other hosts may serve this manifest too
+            cast(Any, store.manifest).start_session(socket.gethostname(), str(cfg.mountpoint),
+                                                    os.getpid())
         # With a group sync, a close() needs no fsync (see LocalBlobStore.sync_each_publish).
         store.blobs.sync_each_publish = cfg.settings.sync_interval <= 0
         kernel = PyfuseKernel()
@@ -252,6 +255,11 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         except (OSError, CafsError) as exc:
             log.warning("cannot sync the store at unmount: %s", exc)
         _backup(store)
+        if store.manifest_url is not None:
+            try:
+                cast(Any, store.manifest).end_session()
+            except CafsError as exc:  # it expires: other hosts clean after it
+                log.warning("cannot end this mount's session: %s", exc)
         store.mark_clean()
         log.info("unmounted %s", cfg.mountpoint)
     finally:

@@ -471,7 +471,8 @@ class Store:
             blobs.create_layout()
         manifest = PgManifest(location, readonly=not create,
                               new_schema_ok=not blobs.has_blob_files(), serving=serving,
-                              adopting=not (root / MANIFEST_URL_NAME).exists())
+                              adopting=not (root / MANIFEST_URL_NAME).exists(),
+                              blobs_where=blobs.where)
         if create:
             _record_location(root, location)
         return cls(root, manifest, blobs, lock_fd)

@@ -135,11 +135,14 @@ class PgCore(SqliteCore):
     def __init__(self, url: str, *, readonly: bool = False,
                  low_on_space: Callable[[], bool] | None = None,
                  new_schema_ok: bool = True, serving: bool = False,
-                 adopting: bool = False) -> None:
+                 adopting: bool = False, blobs_where: str | None = None) -> None:
         """`serving`: a daemon's manifest, whose every wait is bounded in seconds (see
         cafs.pg_manifest.connection.DAEMON); else an admin command's, patient with long
         queries. `adopting`: the store has not recorded this database yet, so one that holds
-        artifacts already is another store's (refused)."""
+        artifacts already is another store's (refused), unless it is the same store mounted
+        from another host: its blobs are where `blobs_where` says, in shared storage.
+        `blobs_where` (the opener's blob store, Blobs.where) must be where the database
+        records its blobs to be; the first opener records it."""
         self.url = url
         self.path = Path("/")  # no file: see copy_to
         self.readonly = readonly
@@ -147,6 +150,7 @@ class PgCore(SqliteCore):
         self._changes = 0
         self._free_bytes = None
         self._page_size = 0
+        self.session_id: int | None = None  # see start_session
         try:
             self._pg = PgConnection(url, readonly=readonly, bounds=DAEMON if serving else ADMIN)
             self._db = cast(Any, self._pg)
@@ -158,6 +162,8 @@ class PgCore(SqliteCore):
                 "SELECT EXISTS (SELECT 1 FROM versions) OR EXISTS (SELECT 1 FROM blobs)"
             ).fetchone() if adopting else None
             taken = bool(row and row[0])
+            if blobs_where is not None:
+                taken = self._check_blobs_where(blobs_where, taken) and taken
         except psycopg.Error as exc:
             raise StoreError(f"{redact(url)}: cannot open the manifest: "
                              f"{pg_error(exc)}") from exc
@@ -167,6 +173,49 @@ class PgCore(SqliteCore):
                 f"{redact(url)} already holds the manifest of another store (artifacts this "
                 "store never recorded); refusing to share it. If this store directory was "
                 "made anew for that manifest, write the URL into its manifest.url")
+
+    def _check_blobs_where(self, where: str, taken: bool) -> bool:
+        """Refuse an opener whose blobs are elsewhere than the ones this manifest names (its
+        every blob would look missing, and gc would delete what the other one stored).
+        Returns whether a database holding artifacts is still another store's: False when
+        this opener joins it from another host (same shared blobs)."""
+        recorded = self._recorded_blobs()
+        if recorded is None and not self.readonly and not taken:
+            with self._transaction() as db:
+                db.execute("INSERT INTO cafs_store (key, value) VALUES ('blobs', ?) "
+                           "ON CONFLICT (key) DO NOTHING", (where,))
+            recorded = self._recorded_blobs()
+        if recorded is not None and recorded != where:
+            self._pg.close()
+            raise StoreError(f"{redact(self.url)} is the manifest of a store whose blobs are "
+                             f"at {recorded}, not {where}: set blobs in cafs.toml or pass "
+                             "--blobs to match")
+        return recorded is None or not recorded.startswith("s3://")
+
+    def _recorded_blobs(self) -> str | None:
+        row = self._pg.execute("SELECT value FROM cafs_store WHERE key = 'blobs'").fetchone()
+        return None if row is None else str(row[0])
+
+    # -- sessions: the mounts serving this manifest, on any host ----------------------------
+
+    def start_session(self, host: str, mountpoint: str, pid: int) -> int:
+        """Register a mount serving this manifest; returns its session id."""
+        with self._transaction() as db:
+            row = db.execute("INSERT INTO cafs_sessions (host, mountpoint, pid) VALUES (?, ?, ?) "
+                             "RETURNING id", (host, mountpoint, pid)).fetchone()
+        self.session_id = int(row[0])
+        return self.session_id
+
+    def beat(self) -> None:
+        """The session's heartbeat: it is alive as of now (server clock)."""
+        with self._transaction() as db:
+            db.execute("UPDATE cafs_sessions SET beat_at = now() WHERE id = ?",
+                       (self.session_id,))
+
+    def end_session(self) -> None:
+        """A clean unmount: the session is gone, nothing of it needs cleaning by others."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM cafs_sessions WHERE id = ?", (self.session_id,))
 
     def _migrate(self, new_schema_ok: bool) -> None:
         done: set[str] = set()

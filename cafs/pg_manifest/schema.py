@@ -264,10 +264,51 @@ def m001_initial(execute: Callable[[str], Any]) -> None:
         execute(f"COMMENT ON VIEW {view} IS {_quote(comment)}")
 
 
+_SHARED = """
+CREATE TABLE cafs_store (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE cafs_sessions (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    host TEXT NOT NULL,
+    mountpoint TEXT NOT NULL,
+    pid BIGINT NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    beat_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+"""
+
+SHARED_COMMENTS: dict[tuple[str, str | None], str] = {
+    ("cafs_store", None): "facts about the store as a whole, the same for every host mounting it",
+    ("cafs_store", "key"): "blobs: where the blobs live (s3://bucket/prefix, or blobs/ for a "
+                           "store whose blobs are on one host's disk)",
+    ("cafs_store", "value"): "the fact",
+    ("cafs_sessions", None): "one row per mount serving this manifest, on any host; a row whose "
+                             "beat_at is older than the session timeout belongs to a dead mount",
+    ("cafs_sessions", "id"): "the session id; never reused",
+    ("cafs_sessions", "host"): "the host name of the mounting machine",
+    ("cafs_sessions", "mountpoint"): "where that host mounts the store",
+    ("cafs_sessions", "pid"): "the daemon's process id on that host",
+    ("cafs_sessions", "started_at"): "when the mount started (server clock)",
+    ("cafs_sessions", "beat_at"): "the mount's last heartbeat (server clock)",
+}
+
+
+def m002_shared(execute: Callable[[str], Any]) -> None:
+    """Several hosts on one manifest: where the blobs are (every host must agree) and the
+    mounts serving it."""
+    execute(_SHARED)
+    for (table, column), comment in SHARED_COMMENTS.items():
+        target = f"TABLE {table}" if column is None else f"COLUMN {table}.{column}"
+        execute(f"COMMENT ON {target} IS {_quote(comment)}")
+
+
 # Numbered, applied in order, each once, each in the transaction that records it. Never edit
 # an applied one: add the next.
 MIGRATIONS: list[tuple[str, Callable[[Callable[[str], Any]], None]]] = [
     ("m001_initial", m001_initial),
+    ("m002_shared", m002_shared),
 ]
 
 NAMES = [name for name, _ in MIGRATIONS]
