@@ -15,6 +15,7 @@ import fcntl
 import os
 import stat
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,9 @@ MANIFEST_NAME = "manifest.sqlite"
 # store was first mounted with, so every later opener finds the same manifest (and one given
 # another by mistake is refused, never started fresh).
 MANIFEST_URL_NAME = "manifest.url"
+# A store's id, for a manifest.sqlite store (a manifest on PostgreSQL keeps its own): shared
+# blob storage records the one store it belongs to (Blobs.claim).
+STORE_ID_NAME = "store-id"
 LOCK_NAME = "lock"
 LOG_NAME = "daemon.log"
 # The blob store's directories. cafs.blobstore sits below this module and makes them under the
@@ -63,6 +67,7 @@ LAYOUT = {
     MANIFEST_NAME + "-wal": stat.S_IFREG,  # SQLite's WAL and its shared-memory index
     MANIFEST_NAME + "-shm": stat.S_IFREG,
     MANIFEST_URL_NAME: stat.S_IFREG,
+    STORE_ID_NAME: stat.S_IFREG,
     LOCK_NAME: stat.S_IFREG,
     LOG_NAME: stat.S_IFREG,
     DIRTY_NAME: stat.S_IFREG,
@@ -284,6 +289,40 @@ def manifest_location(root: Path) -> str | None:
     return location
 
 
+def _local_store_id(root: Path, *, create: bool) -> str | None:
+    """The id of a store whose manifest is manifest.sqlite, made at its first read-write
+    open; None if it has none yet and this open is read-only."""
+    path = root / STORE_ID_NAME
+    try:
+        fd = open_store_file(path, os.O_RDONLY)
+    except FileNotFoundError:
+        if not create:
+            return None
+        try:
+            fd = open_store_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:  # another opener made it a moment ago
+            return _local_store_id(root, create=False)
+        made = str(uuid.uuid4())
+        try:
+            os.write(fd, f"{made}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return made
+    try:
+        return os.read(fd, 256).decode(errors="replace").strip() or None
+    finally:
+        os.close(fd)
+
+
+def _claim(blobs: Blobs, store_id: str, manifest: Manifest, *, create: bool) -> None:
+    try:
+        blobs.claim(store_id, create=create)
+    except BaseException:
+        manifest.close()
+        raise
+
+
 def has_manifest(root: Path) -> bool:
     """Whether the store has a manifest: its file, or one on PostgreSQL."""
     return (root / MANIFEST_NAME).exists() or manifest_location(root) is not None
@@ -435,6 +474,10 @@ class Store:
             if location is not None:
                 return cls._open_remote(root, location, blob_store, lock_fd, create=create,
                                         serving=serving)
+            # First: a new store on another store's shared blobs is refused as that, not as a
+            # store whose manifest went missing.
+            known_id = _local_store_id(root, create=False)
+            blob_store.claim(known_id, create=False)
             # Only while no daemon writes the WAL (we hold the lock, or nobody does): a WAL being
             # appended to can show a frame half written.
             check_manifest_files(root, blob_store, wal=lock or store_holder(root) is None,
@@ -446,6 +489,9 @@ class Store:
                 raise StoreError(f"no store at {root} (no {MANIFEST_NAME})")
             manifest = Manifest(root / MANIFEST_NAME, readonly=not create,
                                 low_on_space=blob_store.space.low)
+            store_id = known_id or _local_store_id(root, create=create)
+            if store_id is not None:
+                _claim(blob_store, store_id, manifest, create=create)
             if lock and create:  # before a daemon's dirty marker says a WAL must exist
                 manifest.start_wal()
             if create:
@@ -473,6 +519,8 @@ class Store:
                               new_schema_ok=not blobs.has_blob_files(), serving=serving,
                               adopting=not (root / MANIFEST_URL_NAME).exists(),
                               blobs_where=blobs.where)
+        if manifest.store_id is not None:
+            _claim(blobs, manifest.store_id, manifest, create=create)
         if create:
             _record_location(root, location)
         return cls(root, manifest, blobs, lock_fd)

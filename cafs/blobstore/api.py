@@ -159,6 +159,13 @@ class Blobs(Protocol):
         """True if any blob is stored (stops at the first one found)."""
         ...
 
+    def claim(self, store_id: str | None, *, create: bool) -> None:
+        """Shared blob storage belongs to one store (its id: every host mounting that store
+        gives the same): the first opener records `store_id` there (`create`), a later one
+        with another id (or with none yet: a new store) is refused with StoreError. Storage
+        only one store can see (blobs/) claims nothing."""
+        ...
+
     def clean_tmp(self) -> int:
         """Remove every temp: writes in progress when the daemon stopped. Returns how many."""
         ...

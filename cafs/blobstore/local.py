@@ -235,6 +235,9 @@ class LocalBlobStore:
 
     # -- administration -------------------------------------------------------------------
 
+    def claim(self, store_id: str | None, *, create: bool) -> None:
+        """blobs/ is in the store's own directory: no other store can name it."""
+
     def has_blob_files(self) -> bool:
         """True if any blob file exists (stops at the first one found)."""
         try:

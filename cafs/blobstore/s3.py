@@ -39,11 +39,12 @@ from cafs.blobstore.space import SpaceGuard
 from cafs.blobstore.temp import TempBlob
 from cafs.blobstore.zstd_seekable import DEFAULT_LEVEL, FrameCache, new_frame_cache
 from cafs.digest import Digest, digest_of_chunks, is_digest
-from cafs.errors import Corrupt
+from cafs.errors import Corrupt, StoreError
 from cafs.model import StoredBlob
 
 BLOBS = "blobs/"
 QUARANTINE = "quarantine/"
+OWNER = "store-id"  # the id of the store whose blobs these are (see claim)
 ENCODING_KEY = "cafs-encoding"  # user metadata: the object's encoding
 DEFAULT_CACHE_SIZE = 10 << 30
 RETRY_AFTER = 0.5  # seconds after a failed fetch in which a read of it fails at once
@@ -305,6 +306,29 @@ class S3BlobStore:
     def iter_digests(self) -> Iterator[Digest]:
         for digest, _, _ in self.blob_files():
             yield digest
+
+    def claim(self, store_id: str | None, *, create: bool) -> None:
+        """The object `store-id` beside blobs/ names the one store whose blobs these are: two
+        stores on one prefix would each take the other's blobs for orphans, and gc would
+        delete them. Written once, by the first opener (a PUT that never replaces)."""
+        try:
+            owner = self._owner()
+            if owner is None and create and store_id is not None:
+                with contextlib.suppress(Exists):  # a racing opener wrote it first
+                    self.objects.put_small_new(OWNER, f"{store_id}\n".encode())
+                owner = self._owner()
+        except Unavailable as exc:
+            raise StoreError(f"cannot check whose blobs {self.where} holds: {exc}") from None
+        if owner is not None and owner != store_id:
+            raise StoreError(f"{self.where} holds the blobs of another store (id {owner}): give "
+                             "each store its own prefix, or to mount that store on this host "
+                             "name its manifest too (manifest = ...)")
+
+    def _owner(self) -> str | None:
+        try:
+            return self.objects.get_small(OWNER).decode(errors="replace").strip()
+        except FileNotFoundError:
+            return None
 
     def has_blob_files(self) -> bool:
         return any(is_digest(item["Key"][len(BLOBS):])

@@ -280,6 +280,22 @@ class S3Objects:
                 body.close()
         raise last if isinstance(last, Unavailable) else self._failed(f"GET {name}", last)  # type: ignore[arg-type]
 
+    def put_small_new(self, name: str, data: bytes) -> None:
+        """Store a small object unless the key exists (Exists)."""
+        self._call(f"PUT {name}", self._client.put_object, Bucket=self.location.bucket,
+                   Key=self.location.key(name), Body=data, IfNoneMatch="*")
+
+    def get_small(self, name: str, limit: int = 4096) -> bytes:
+        """A small object's bytes (at most `limit`); FileNotFoundError if there is none."""
+        answer = self._call(f"GET {name}", self._client.get_object,
+                            Bucket=self.location.bucket, Key=self.location.key(name))
+        try:
+            return bytes(answer["Body"].read(limit))
+        except (self._boto_error, OSError) as exc:
+            raise self._failed(f"GET {name}", exc) from None
+        finally:
+            answer["Body"].close()
+
     def delete(self, name: str) -> None:
         self._call(f"DELETE {name}", self._client.delete_object,
                    Bucket=self.location.bucket, Key=self.location.key(name))

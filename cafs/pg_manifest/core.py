@@ -23,6 +23,7 @@ import functools
 import inspect
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -151,6 +152,8 @@ class PgCore(SqliteCore):
         self._free_bytes = None
         self._page_size = 0
         self.session_id: int | None = None  # see start_session
+        # The store's id, the same on every host (cafs_store); its shared blobs carry it.
+        self.store_id: str | None = None
         try:
             self._pg = PgConnection(url, readonly=readonly, bounds=DAEMON if serving else ADMIN)
             self._db = cast(Any, self._pg)
@@ -179,12 +182,13 @@ class PgCore(SqliteCore):
         every blob would look missing, and gc would delete what the other one stored).
         Returns whether a database holding artifacts is still another store's: False when
         this opener joins it from another host (same shared blobs)."""
-        recorded = self._recorded_blobs()
+        recorded = self._recorded("blobs")
         if recorded is None and not self.readonly and not taken:
-            with self._transaction() as db:
-                db.execute("INSERT INTO cafs_store (key, value) VALUES ('blobs', ?) "
-                           "ON CONFLICT (key) DO NOTHING", (where,))
-            recorded = self._recorded_blobs()
+            with self._transaction() as db:  # racing first openers: one set of facts wins
+                db.execute("INSERT INTO cafs_store (key, value) VALUES ('blobs', ?), ('id', ?) "
+                           "ON CONFLICT (key) DO NOTHING", (where, str(uuid.uuid4())))
+            recorded = self._recorded("blobs")
+        self.store_id = self._recorded("id")
         if recorded is not None and recorded != where:
             self._pg.close()
             raise StoreError(f"{redact(self.url)} is the manifest of a store whose blobs are "
@@ -192,8 +196,8 @@ class PgCore(SqliteCore):
                              "--blobs to match")
         return recorded is None or not recorded.startswith("s3://")
 
-    def _recorded_blobs(self) -> str | None:
-        row = self._pg.execute("SELECT value FROM cafs_store WHERE key = 'blobs'").fetchone()
+    def _recorded(self, key: str) -> str | None:
+        row = self._pg.execute("SELECT value FROM cafs_store WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
     # -- sessions: the mounts serving this manifest, on any host ----------------------------
