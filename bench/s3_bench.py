@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,6 +134,51 @@ def put_costs(server: WeedServer, count: int) -> tuple[float, float]:
     return statistics.median(boto_times) * 1000, statistics.median(lean_times) * 1000
 
 
+def servers_alone(server: WeedServer, pg_port: int | None, writers: int, count: int) -> float:
+    """The ceiling a create on these servers can reach: per file, what a publish cannot do
+    without (one 4 KiB PUT with If-None-Match: * on a kept-alive connection, and with
+    PostgreSQL one durable one-row commit), with nothing of cafs around it; `writers` threads,
+    each its own connections. Files per second over all of them."""
+    import psycopg
+
+    host = f"127.0.0.1:{server.port}"
+    url = None if pg_port is None else f"postgresql://postgres@127.0.0.1:{pg_port}/cafs"
+    if url is not None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS bench_floor (id BIGINT PRIMARY KEY)")
+    failures: list[BaseException] = []
+
+    def writer(index: int) -> None:
+        conn = http.client.HTTPConnection(host, timeout=5)
+        db = None if url is None else psycopg.connect(url)
+        try:
+            for i in range(count):
+                key = f"bench-floor/{writers}/{index}/{i}/{time.time_ns()}"
+                status = lean_put(conn, host, key, os.urandom(4096))
+                assert status == 200, status
+                if db is not None:
+                    db.execute("INSERT INTO bench_floor (id) VALUES (%s)",
+                               (time.time_ns() * 8 + index,))
+                    db.commit()
+        except BaseException as exc:  # reported by the caller
+            failures.append(exc)
+        finally:
+            conn.close()
+            if db is not None:
+                db.close()
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(writers)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if failures:
+        raise failures[0]
+    return writers * count / elapsed
+
+
 # -- the figures -------------------------------------------------------------------------------
 
 
@@ -155,6 +201,7 @@ def main() -> None:
     try:
         print(f"load average at the start: {write_figures.load_average()}")
         remote_flags: tuple[str, ...] = ()
+        port: int | None = None
         if args.postgresql:
             (work / "pgroot").mkdir()
             port = stack.enter_context(pg_bench.cluster(work / "pgroot"))
@@ -191,6 +238,12 @@ def main() -> None:
                                        ("weed", server.process.pid))}
                 print(f"    CPU ms per create: local daemon {spent['local']:.2f}, S3 daemon "
                       f"{spent['s3']:.2f}, weed {spent['weed']:.2f}")
+                ceiling = max(servers_alone(server, port, writers, args.creates)
+                              for _ in range(args.repeat))
+                print(f"    the servers alone (a PUT{' + a commit' if port else ''} per file, "
+                      f"no cafs): {ceiling:.0f} files/s; cafs reaches "
+                      f"{rate['s3'] / ceiling:.0%} of it; the target is "
+                      f"{'beyond' if ceiling < goal else 'within'} the servers' reach")
         cold: dict[str, list[float]] = {"local": [], "s3": []}
         warm: dict[str, list[float]] = {"local": [], "s3": []}
         for _ in range(args.repeat):

@@ -489,7 +489,9 @@ class Store:
                 raise StoreError(f"no store at {root} (no {MANIFEST_NAME})")
             manifest = Manifest(root / MANIFEST_NAME, readonly=not create,
                                 low_on_space=blob_store.space.low)
-            store_id = known_id or _local_store_id(root, create=create)
+            # Only shared storage (not blobs/, which is this directory's own) is claimed.
+            store_id = known_id or (_local_store_id(root, create=create)
+                                    if blob_store.where != LOCAL_WHERE else None)
             if store_id is not None:
                 _claim(blob_store, store_id, manifest, create=create)
             if lock and create:  # before a daemon's dirty marker says a WAL must exist
