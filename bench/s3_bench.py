@@ -145,7 +145,8 @@ def servers_alone(server: WeedServer, pg_port: int | None, writers: int, count: 
     url = None if pg_port is None else f"postgresql://postgres@127.0.0.1:{pg_port}/cafs"
     if url is not None:
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS bench_floor (id BIGINT PRIMARY KEY)")
+            conn.execute("CREATE TABLE IF NOT EXISTS bench_floor (id BIGINT GENERATED ALWAYS "
+                         "AS IDENTITY PRIMARY KEY, at_ns BIGINT NOT NULL)")
     failures: list[BaseException] = []
 
     def writer(index: int) -> None:
@@ -157,8 +158,8 @@ def servers_alone(server: WeedServer, pg_port: int | None, writers: int, count: 
                 status = lean_put(conn, host, key, os.urandom(4096))
                 assert status == 200, status
                 if db is not None:
-                    db.execute("INSERT INTO bench_floor (id) VALUES (%s)",
-                               (time.time_ns() * 8 + index,))
+                    db.execute("INSERT INTO bench_floor (at_ns) VALUES (%s)",
+                               (time.time_ns(),))
                     db.commit()
         except BaseException as exc:  # reported by the caller
             failures.append(exc)
@@ -237,7 +238,9 @@ def main() -> None:
                                        ("s3", daemon_pid(work / "s3")),
                                        ("weed", server.process.pid))}
                 print(f"    CPU ms per create: local daemon {spent['local']:.2f}, S3 daemon "
-                      f"{spent['s3']:.2f}, weed {spent['weed']:.2f}")
+                      f"{spent['s3']:.2f}, weed {spent['weed']:.2f}; the S3 server alone "
+                      f"would need {spent['weed'] * goal / 1000:.1f} of this machine's "
+                      f"{os.cpu_count()} cores at {goal}/s")
                 ceiling = max(servers_alone(server, port, writers, args.creates)
                               for _ in range(args.repeat))
                 print(f"    the servers alone (a PUT{' + a commit' if port else ''} per file, "
