@@ -409,7 +409,8 @@ def gc(store: Path | None, config: Path | None, dry_run: bool, keep_versions: in
     """
     result = run_admin(store_root(store, config), "gc",
                        {"keep_versions": keep_versions, "dry_run": dry_run,
-                        "orphan_grace": grace_seconds(orphan_grace, config)}, GcReport)
+                        "orphan_grace": grace_seconds(orphan_grace, config),
+                        "gc_grace": settings_from(config).gc_grace}, GcReport)
     if as_json:
         emit_json(result)
         return

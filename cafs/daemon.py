@@ -31,6 +31,7 @@ from cafs.errors import CafsError, MountError, StoreError
 from cafs.mountpoint import check_mountpoint
 from cafs.ops import CafsOperations
 from cafs.options import MountConfig
+from cafs.sessions import SessionKeeper, beat_interval
 from cafs.store import Store, check_placement, mount_owner, real_store_path
 from cafs.vfs import Vfs
 from cafs.writers import Processes
@@ -210,6 +211,12 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             if problems:  # the dirty marker stays: the store needs attention
                 raise StoreError(f"store {cfg.store} needs repair ({problems[0]}; "
                                  f"{len(problems)} problems): run cafs fsck")
+        if store.manifest_url is not None:  # other hosts may serve this manifest too
+            # Start-up recovery then removes this mount's own earlier unfinished files and
+            # dead sessions', never those of a mount alive on another host.
+            shared = cast(Any, store.manifest)
+            shared.set_session_timeout(cfg.settings.session_timeout)
+            shared.set_session_where(socket.gethostname(), str(cfg.mountpoint))
         recovery = store.recover()
         if recovery.temp_files or recovery.unpublished:
             log.info("recovered after an unclean stop: removed %d temp files and %d unfinished "
@@ -221,9 +228,7 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             store.sync_durable()
         except CafsError as exc:
             log.warning("cannot record the start-up check in the manifest: %s", exc)
-        if store.manifest_url is not None:  # other hosts may serve this manifest too
-            cast(Any, store.manifest).start_session(socket.gethostname(), str(cfg.mountpoint),
-                                                    os.getpid())
+        keeper = _start_session(store, cfg)
         # With a group sync, a close() needs no fsync (see LocalBlobStore.sync_each_publish).
         store.blobs.sync_each_publish = cfg.settings.sync_interval <= 0
         kernel = PyfuseKernel()
@@ -239,7 +244,7 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             raise MountError(f"cannot mount {cfg.mountpoint}: {exc}") from None
         runtime.watch_requests(fuse_device_fd())
         try:
-            trio.run(_main_loop, cfg, on_ready, store, vfs, kernel, processes)
+            trio.run(_main_loop, cfg, on_ready, store, vfs, kernel, processes, keeper)
         except BaseException:
             # Unmount only after a clean stop. After a failure the mount must stay a dead mount
             # (ENOTCONN) until an operator or the unit's ExecStopPost clears it: unmounted,
@@ -255,15 +260,38 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         except (OSError, CafsError) as exc:
             log.warning("cannot sync the store at unmount: %s", exc)
         _backup(store)
-        if store.manifest_url is not None:
-            try:
-                cast(Any, store.manifest).end_session()
-            except CafsError as exc:  # it expires: other hosts clean after it
-                log.warning("cannot end this mount's session: %s", exc)
+        if keeper is not None:
+            keeper.end()
         store.mark_clean()
         log.info("unmounted %s", cfg.mountpoint)
     finally:
         store.close()
+
+
+def _start_session(store: Store, cfg: MountConfig) -> SessionKeeper | None:
+    """Register this mount with a manifest other hosts may serve (PostgreSQL), over a
+    connection of its own for the heartbeats; None on SQLite."""
+    if store.manifest_url is None:
+        return None
+    from cafs.pg_manifest import PgManifest  # psycopg only for stores that use it
+    own = PgManifest(store.manifest_url, serving=True)
+    keeper = SessionKeeper(store.manifest, own, str(cfg.mountpoint), os.getpid(),
+                           cfg.settings.session_timeout)
+    try:
+        keeper.start()
+    except BaseException:
+        own.close()
+        raise
+    return keeper
+
+
+async def _keep_session(keeper: SessionKeeper) -> None:
+    """Beat every few seconds, in a worker thread (its own connection): a slow server never
+    holds up the event loop; a failed beat is logged and tried again (SessionKeeper.tick)."""
+    interval = beat_interval(keeper.timeout)
+    while True:
+        await trio.sleep(interval)
+        await trio.to_thread.run_sync(keeper.tick)
 
 
 def _roll_back_unsynced(store: Store) -> None:
@@ -281,7 +309,8 @@ def _roll_back_unsynced(store: Store) -> None:
 
 
 async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Store, vfs: Vfs,
-                     kernel: PyfuseKernel, processes: Processes) -> None:
+                     kernel: PyfuseKernel, processes: Processes,
+                     keeper: SessionKeeper | None = None) -> None:
     async def run_admin(command: str, args: dict[str, Any], files: list[IO[bytes]],
                         progress: Callable[[str, int, int], None]) -> dict[str, Any]:
         admin = Admin(store, TrioRuntime(), vfs, mounted=True, progress=progress,
@@ -293,6 +322,8 @@ async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Stor
         nursery.start_soon(kernel.run)
         nursery.start_soon(serve_control, store.root, run_admin)
         nursery.start_soon(_announce_ready, cfg.mountpoint, on_ready, processes)
+        if keeper is not None:
+            nursery.start_soon(_keep_session, keeper)
         interval = watchdog_interval()
         if interval is not None:
             nursery.start_soon(_ping_watchdog, interval)
