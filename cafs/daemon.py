@@ -31,7 +31,7 @@ from cafs.errors import CafsError, MountError, StoreError
 from cafs.mountpoint import check_mountpoint
 from cafs.ops import CafsOperations
 from cafs.options import MountConfig
-from cafs.sessions import SessionKeeper, beat_interval
+from cafs.sessions import SessionKeeper
 from cafs.store import Store, check_placement, mount_owner, real_store_path
 from cafs.vfs import Vfs
 from cafs.writers import Processes
@@ -244,7 +244,7 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             raise MountError(f"cannot mount {cfg.mountpoint}: {exc}") from None
         runtime.watch_requests(fuse_device_fd())
         try:
-            trio.run(_main_loop, cfg, on_ready, store, vfs, kernel, processes, keeper)
+            trio.run(_main_loop, cfg, on_ready, store, vfs, kernel, processes)
         except BaseException:
             # Unmount only after a clean stop. After a failure the mount must stay a dead mount
             # (ENOTCONN) until an operator or the unit's ExecStopPost clears it: unmounted,
@@ -282,16 +282,8 @@ def _start_session(store: Store, cfg: MountConfig) -> SessionKeeper | None:
     except BaseException:
         own.close()
         raise
+    keeper.run()  # beats in a thread of its own (see cafs.sessions)
     return keeper
-
-
-async def _keep_session(keeper: SessionKeeper) -> None:
-    """Beat every few seconds, in a worker thread (its own connection): a slow server never
-    holds up the event loop; a failed beat is logged and tried again (SessionKeeper.tick)."""
-    interval = beat_interval(keeper.timeout)
-    while True:
-        await trio.sleep(interval)
-        await trio.to_thread.run_sync(keeper.tick)
 
 
 def _roll_back_unsynced(store: Store) -> None:
@@ -309,8 +301,7 @@ def _roll_back_unsynced(store: Store) -> None:
 
 
 async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Store, vfs: Vfs,
-                     kernel: PyfuseKernel, processes: Processes,
-                     keeper: SessionKeeper | None = None) -> None:
+                     kernel: PyfuseKernel, processes: Processes) -> None:
     async def run_admin(command: str, args: dict[str, Any], files: list[IO[bytes]],
                         progress: Callable[[str, int, int], None]) -> dict[str, Any]:
         admin = Admin(store, TrioRuntime(), vfs, mounted=True, progress=progress,
@@ -322,8 +313,6 @@ async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Stor
         nursery.start_soon(kernel.run)
         nursery.start_soon(serve_control, store.root, run_admin)
         nursery.start_soon(_announce_ready, cfg.mountpoint, on_ready, processes)
-        if keeper is not None:
-            nursery.start_soon(_keep_session, keeper)
         interval = watchdog_interval()
         if interval is not None:
             nursery.start_soon(_ping_watchdog, interval)

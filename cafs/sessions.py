@@ -4,9 +4,11 @@ dead mounts.
 Owns: registering the mount (cafs_sessions), beating every few seconds, noticing that another
 host declared this mount dead (its row is gone: it was paused or cut off longer than the
 timeout, and its unfinished files were removed) and registering again, and removing what dead
-sessions left. All of it over a connection of its own, in a worker thread: a slow or
-unreachable server never holds up the event loop, and a failed beat is logged once and tried
-again at the next interval, never fatal. Must not know FUSE.
+sessions left. All of it over a connection of its own, in a thread of its own: a slow or
+unreachable server never holds up the event loop, a busy or stalled event loop (a long
+request, a blocking call) never stops the beats (only a dead, stopped or cut-off process
+does), and a failed beat is logged once and tried again at the next interval, never fatal.
+Must not know FUSE or trio.
 
 Why register again rather than stop: the files this mount had finished are safe (published
 rows belong to nobody); only its unfinished ones were removed, and their publishes fail with
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from typing import Any
 
 from cafs.errors import CafsError
@@ -44,6 +47,8 @@ class SessionKeeper:
         self.pid = pid
         self.timeout = timeout
         self._failing: str | None = None  # the last failure logged, so it is logged once
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         own.set_session_timeout(timeout)
         main.set_session_timeout(timeout)
 
@@ -52,8 +57,19 @@ class SessionKeeper:
         self.main.session_id = session
         return session
 
+    def run(self) -> None:
+        """Beat every beat_interval() in a thread of its own, until end()."""
+        self._thread = threading.Thread(target=self._beat_until_stopped, name="cafs-session",
+                                        daemon=True)
+        self._thread.start()
+
+    def _beat_until_stopped(self) -> None:
+        interval = beat_interval(self.timeout)
+        while not self._stop.wait(interval):
+            self.tick()
+
     def tick(self) -> None:
-        """One beat, then the clean-up of dead sessions. Runs in a worker thread."""
+        """One beat, then the clean-up of dead sessions."""
         try:
             alive = self.own.beat()
             if not alive:
@@ -77,6 +93,10 @@ class SessionKeeper:
             self._failing = None
 
     def end(self) -> None:
+        """A clean unmount: stop beating, and remove the session row."""
+        self._stop.set()
+        if self._thread is not None:  # a beat in progress ends within the call bound
+            self._thread.join()
         try:
             self.own.end_session()
         except CafsError as exc:  # it expires: other hosts clean after it
