@@ -281,10 +281,11 @@ class Maintenance(AdminContext):
         """Drop superseded versions beyond the retention and the history of deleted artifacts,
         then every blob nothing references (rows, then files), and orphan blob files.
 
-        On a manifest several hosts share: one gc at a time over the whole store (Busy if
-        another runs, on any host), a blob goes only once its last reference went `gc_grace`
-        seconds ago (readers on other hosts may still hold it), orphans only once older than
-        that too, and never one a write in flight on any host pins."""
+        On a manifest several hosts may share (PostgreSQL): one gc at a time over the whole
+        store (Busy if another runs, on any host), and never a blob a write in flight on any
+        host pins; with blobs in shared storage (S3) too, a blob goes only once its last
+        reference went `gc_grace` seconds ago (readers on other hosts may still hold it), and
+        orphans only once older than that as well."""
         if keep_versions is not None and keep_versions < 0:
             raise InvalidArgument("--keep-versions must be 0 or more")
         manifest = self.manifest
@@ -292,8 +293,11 @@ class Maintenance(AdminContext):
             raise Busy("another cafs gc is running on this store (on this host or another): "
                        "try again when it ends")
         try:
-            manifest.set_gc_grace(gc_grace)
-            if manifest.shared:
+            # Other hosts can serve only a manifest on a server with blobs in shared storage:
+            # a PostgreSQL manifest over one host's blobs/ keeps single-host gc.
+            several_hosts = manifest.shared and self.blobs.remote
+            manifest.set_gc_grace(gc_grace if several_hosts else 0)
+            if several_hosts:
                 orphan_grace = max(orphan_grace, gc_grace)
             return await self._gc(keep_versions, dry_run, orphan_grace)
         finally:

@@ -356,7 +356,7 @@ class Sharing(Protocol):
         ...
 
     def unpublished_is_mine(self, node_id: int) -> bool:
-        """Whether this mount may drop the unfinished file: its own, or no live mount's."""
+        """Whether this mount may drop the unfinished file: only one it created itself."""
         ...
 
     def pin(self, digest: str) -> None:

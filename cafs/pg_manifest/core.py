@@ -309,11 +309,15 @@ class PgCore(SqliteCore):
         self._session_where = (host, mountpoint)
 
     def unpublished_is_mine(self, node_id: int) -> bool:
-        """Whether this mount may drop the unfinished file `node_id`: one it created, or one
-        no session owns. A live session's on another host is a file being written there."""
+        """Whether this mount may drop the unfinished file `node_id`: only one its own
+        session created. Another live session's is a file being written on another host (it
+        may be published the next moment: a row read a moment ago proves nothing); a dead
+        session's, or one no session owns, is left to the clean-up of dead sessions and to
+        start-up recovery."""
         row = self._db.execute("SELECT session_id FROM cafs_unfinished WHERE node_id = ?",
                                (node_id,)).fetchone()
-        return row is None or (self.session_id is not None and int(row[0]) == self.session_id)
+        return row is not None and self.session_id is not None \
+            and int(row[0]) == self.session_id
 
     def _new_node_id(self, node_id: int) -> None:
         """A new file's row belongs to this mount's session until its first publish (the
