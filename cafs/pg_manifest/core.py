@@ -160,7 +160,7 @@ class PgCore(SqliteCore):
         self.session_id: int | None = None  # see start_session
         self._session_where = ("", "")  # host, mountpoint: see set_session_where
         self._session_timeout = 60.0
-        self._gc_grace = 3600.0
+        self._gc_grace = 0.0  # gc sets it (Maintenance.gc): a policy, not the manifest's
         try:
             self._pg = PgConnection(url, readonly=readonly, bounds=DAEMON if serving else ADMIN)
             self._db = cast(Any, self._pg)
@@ -376,7 +376,8 @@ class PgCore(SqliteCore):
         reader on another host may still read them meanwhile), that no host pins."""
         rows = self._db.execute(
             f"SELECT {BLOB.select} FROM blobs b WHERE refcount = 0 AND "
-            "coalesce(unreferenced_at, '-infinity') <= now() - make_interval(secs => ?) "
+            "coalesce(unreferenced_ns, 0) <= (extract(epoch FROM now()) * 1e9)::bigint "
+            "- (? * 1e9)::bigint "
             "AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.blob_id = b.id) "
             "AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' "
             f"AND l.classid = {_PIN_CLASS} AND l.objsubid = 2 "

@@ -319,18 +319,18 @@ END $$;
 CREATE TRIGGER nodes_published AFTER UPDATE OF version_id ON nodes FOR EACH ROW
     WHEN (OLD.version_id IS NULL AND NEW.version_id IS NOT NULL)
     EXECUTE FUNCTION cafs_published();
-ALTER TABLE blobs ADD COLUMN unreferenced_at TIMESTAMPTZ;
-UPDATE blobs SET unreferenced_at = now() WHERE refcount = 0;
+ALTER TABLE blobs ADD COLUMN unreferenced_ns BIGINT;
+UPDATE blobs SET unreferenced_ns = (extract(epoch FROM now()) * 1e9)::bigint WHERE refcount = 0;
 CREATE FUNCTION cafs_unreferenced() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.refcount > 0 THEN
-        NEW.unreferenced_at := NULL;
-    ELSIF TG_OP = 'INSERT' OR OLD.refcount > 0 OR NEW.unreferenced_at IS NULL THEN
-        NEW.unreferenced_at := now();
+        NEW.unreferenced_ns := NULL;
+    ELSIF TG_OP = 'INSERT' OR OLD.refcount > 0 OR NEW.unreferenced_ns IS NULL THEN
+        NEW.unreferenced_ns := (extract(epoch FROM now()) * 1e9)::bigint;
     END IF;
     RETURN NEW;
 END $$;
-CREATE TRIGGER blobs_unreferenced_at BEFORE INSERT OR UPDATE OF refcount ON blobs
+CREATE TRIGGER blobs_unreferenced BEFORE INSERT OR UPDATE OF refcount ON blobs
     FOR EACH ROW EXECUTE FUNCTION cafs_unreferenced();
 """
 
@@ -341,9 +341,10 @@ SESSIONS_COMMENTS: dict[tuple[str, str | None], str] = {
                                "(trigger nodes_published), with the node, or with the session",
     ("cafs_unfinished", "node_id"): "nodes.id of the unpublished file",
     ("cafs_unfinished", "session_id"): "cafs_sessions.id of the mount creating it",
-    ("blobs", "unreferenced_at"): "when refcount last dropped to 0 (server clock; set by the "
-                                  "trigger blobs_unreferenced_at); gc deletes the blob only "
-                                  "once this is older than gc_grace. NULL while referenced",
+    ("blobs", "unreferenced_ns"): "when refcount last dropped to 0 (ns since the epoch, the "
+                                  "server's clock; set by the trigger blobs_unreferenced): gc "
+                                  "deletes the blob only once this is older than gc_grace. "
+                                  "NULL while referenced",
 }
 
 
