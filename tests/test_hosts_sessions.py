@@ -15,6 +15,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -94,9 +96,36 @@ def test_a_file_being_written_on_a_is_invisible_on_b_and_kept_while_a_lives(
     assert "last beat" in cafs("stats", "--store", str(b.store), env=b.command_env()).stdout
 
 
-def test_a_dead_mounts_unfinished_files_are_removed_by_the_other_host(
+def test_a_dead_mount_is_cleaned_after_by_the_other_host_and_a_paused_one_comes_back(
         quick_hosts: list[Host], shared: Shared) -> None:
+    """A stopped (SIGSTOP) longer than the timeout: B removes its session and the file it was
+    writing; A notices at its next beat, registers again and writes as before, while that
+    file's close() fails (EIO). Then A is killed with a file half written: B removes A's
+    session and the file once the timeout passed."""
     a, b = quick_hosts
+    pid = a.daemon_pid()
+    # The writer is a process of its own: a descriptor into a stopped mount held by this one
+    # would hang every subprocess it starts (the child closes it, and the close waits).
+    paused = subprocess.Popen(
+        [sys.executable, "-c", "import sys; f = open(sys.argv[1], 'wb'); f.write(b'half'); "
+         "f.flush(); print('written', flush=True); sys.stdin.readline(); f.close()",
+         str(a.layer() / "paused")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert paused.stdout is not None and paused.stdout.readline() == "written\n"
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for("B to remove A's session", lambda: len(sessions(shared)) == 1)
+        assert shared.count("SELECT count(*) FROM cafs_unfinished") == 0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for("A to register again", lambda: len(sessions(shared)) == 2)
+    assert "declared dead by another host" in a.log()
+    _, errors = paused.communicate("close\n", timeout=30)
+    assert paused.returncode != 0 and "[Errno 5]" in errors, errors  # EIO: its row is gone
+    a.log_problems(accept=True)  # that failed publish is logged as an error
+    (a.layer() / "after").write_bytes(b"after")
+    assert (b.runs / "e1" / "train" / "after").read_bytes() == b"after"
+
     writer = open(a.layer() / "never-closed", "wb")  # noqa: SIM115 (its mount dies under it)
     writer.write(b"half")
     writer.flush()
@@ -104,31 +133,13 @@ def test_a_dead_mounts_unfinished_files_are_removed_by_the_other_host(
     a.kill9()
     with contextlib.suppress(OSError):
         writer.close()
-    # B finds A's session dead and removes its row, with the file A left unfinished.
     wait_for("B to remove A's dead session", lambda: len(sessions(shared)) == 1)
     assert sessions(shared)[0][1] == str(b.mountpoint)
     assert shared.count("SELECT count(*) FROM nodes WHERE kind = 'file' "
                         "AND version_id IS NULL") == 0
     assert "removed 1 dead sessions of other mounts and 1 files" in b.log()
     a.start()
-    assert os.listdir(a.layer()) == []
-
-
-def test_a_mount_paused_past_its_timeout_registers_again(
-        quick_hosts: list[Host], shared: Shared) -> None:
-    """A stopped longer than the timeout: B removes its session; A notices at its next beat,
-    registers again, and writes as before."""
-    a, b = quick_hosts
-    pid = a.daemon_pid()
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        wait_for("B to remove A's session", lambda: len(sessions(shared)) == 1)
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    wait_for("A to register again", lambda: len(sessions(shared)) == 2)
-    assert "declared dead by another host" in a.log()
-    (a.layer() / "after").write_bytes(b"after")
-    assert (b.runs / "e1" / "train" / "after").read_bytes() == b"after"
+    assert sorted(os.listdir(a.layer())) == ["after"]
 
 
 def test_kill_9_of_a_at_each_crash_point_b_sees_nothing_partial_and_gc_collects(
@@ -198,7 +209,7 @@ def test_gc_on_b_never_deletes_content_a_publish_in_flight_on_a_references(
     # (1) A held after its dedup check, its pin taken.
     unreferenced()
     a.stop()
-    a.start(env={"CAFS_PAUSE_AT": "after-dedup-check:4"})
+    a.start(env={"CAFS_PAUSE_AT": "after-dedup-check:3"})
     writer = write_in_background("second")
     wait_for("A to hold", lambda: "pause point after-dedup-check" in a.log())
     report = gc(b)
