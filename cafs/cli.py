@@ -40,6 +40,7 @@ from cafs.cli_common import (
 )
 from cafs.config import config_path, config_source
 from cafs.errors import CafsError, MountError, StoreError
+from cafs.model import SessionInfo
 from cafs.mountpoint import check_mountpoint
 from cafs.options import MountConfig, mount_option_args, mount_options_help, parse_mount_options
 from cafs.store import (
@@ -47,6 +48,7 @@ from cafs.store import (
     LOG_NAME,
     MANIFEST_NAME,
     MANIFEST_URL_NAME,
+    Store,
     check_placement,
     manifest_location,
     open_log,
@@ -246,13 +248,17 @@ def status(store: Path | None, config: Path | None, as_json: bool) -> None:
         holder, exists = None, None
     mounted = [str(point) for point, source in mounts_of_type("fuse.cafs")
                if source == str(root)]
-    result = {
+    result: dict[str, object] = {
         "config": str(used) if used else None, "config_source": config_why,
         "store": str(root), "store_source": store_why,
         "store_exists": exists,
         "mountpoint": str(settings.mountpoint) if settings.mountpoint else None,
         "mounted_at": mounted, "daemon_pid": holder.pid if holder else None,
     }
+    sessions: list[SessionInfo] | None = None
+    if exists and (root / MANIFEST_URL_NAME).exists():  # several hosts may mount it
+        sessions = _live_sessions(root, config, settings.session_timeout)
+        result["sessions"] = _sessions_json(sessions)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -266,6 +272,40 @@ def status(store: Path | None, config: Path | None, as_json: bool) -> None:
                    + (f" by pid {holder.pid}" if holder and holder.pid else ""))
     else:
         click.echo("mounted     no")
+    if sessions is not None:
+        _echo_sessions(sessions)
+
+
+def _live_sessions(root: Path, config: Path | None,
+                   timeout: float) -> list[SessionInfo] | None:
+    """The live mounts of a manifest on PostgreSQL, on any host; None if it cannot be read
+    (status reports, it does not fail)."""
+    try:
+        opened = Store.open(root, create=False, blobs=blobs_spec(settings_from(config)))
+        try:
+            return opened.manifest.live_sessions(timeout)
+        finally:
+            opened.close()
+    except CafsError as exc:
+        click.echo(f"sessions    cannot be read: {exc}", err=True)
+        return None
+
+
+def _sessions_json(sessions: list[SessionInfo] | None) -> list[dict[str, object]] | None:
+    if sessions is None:
+        return None
+    return [{"session": s.session_id, "host": s.host, "mountpoint": s.mountpoint, "pid": s.pid,
+             "since": s.started_at, "last_beat": s.beat_at,
+             "last_beat_age": round(s.beat_age, 3)} for s in sessions]
+
+
+def _echo_sessions(sessions: list[SessionInfo]) -> None:
+    """One line per live mount of a shared manifest (host, mountpoint, since, last beat)."""
+    click.echo(f"sessions    {len(sessions)} live mounts of this manifest, on any host")
+    for s in sessions:
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(s.started_at))
+        click.echo(f"  {s.host}:{s.mountpoint}  pid {s.pid}, since {since}, "
+                   f"last beat {s.beat_age:.1f} s ago")
 
 
 def process_alive(pid: int) -> bool:
@@ -304,6 +344,8 @@ def stats(store: Path | None, config: Path | None, as_json: bool, path: str | No
     with open_store(store, config) as opened:
         totals = opened.manifest.totals()
         space = opened.manifest.space()
+        shared = opened.manifest.shared
+        sessions = opened.manifest.live_sessions(settings_from(config).session_timeout)
     result = {
         "artifacts": totals.artifacts,
         "executions": totals.executions,
@@ -324,6 +366,8 @@ def stats(store: Path | None, config: Path | None, as_json: bool, path: str | No
         "compression_ratio": _ratio(space.live_unique_bytes, space.live_stored_bytes),
         "space_ratio": _ratio(totals.logical_bytes, space.live_stored_bytes),
     }
+    if shared:  # a manifest on PostgreSQL: the mounts serving it
+        result["sessions"] = _sessions_json(sessions)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -342,6 +386,8 @@ def stats(store: Path | None, config: Path | None, as_json: bool, path: str | No
                f"{space.reclaimable_blobs} blobs, {space.reclaimable_versions} versions of "
                "deleted artifacts (orphan blob files aside: cafs fsck lists them)")
     click.echo(f"on disk       {human_size(totals.stored_bytes)} in {totals.blobs} blobs")
+    if shared:
+        _echo_sessions(sessions)
 
 
 def _dir_stats(path: str, store: Path | None, config: Path | None, as_json: bool) -> None:

@@ -405,11 +405,16 @@ def gc(store: Path | None, config: Path | None, dry_run: bool, keep_versions: in
     Blob files no manifest row names (orphans) are removed only once older than the grace
     period: a young orphan may be an artifact whose manifest row was lost (restore a backup).
 
+    On a manifest several hosts share (PostgreSQL), one gc runs at a time over the whole
+    store: another one exits 1 saying so; with blobs on S3, a blob goes only gc_grace seconds
+    (configuration key) after its last reference went, and orphans only once that old too.
+
     Example: cafs gc --keep-versions 3 --dry-run
     """
     result = run_admin(store_root(store, config), "gc",
                        {"keep_versions": keep_versions, "dry_run": dry_run,
-                        "orphan_grace": grace_seconds(orphan_grace, config)}, GcReport)
+                        "orphan_grace": grace_seconds(orphan_grace, config),
+                        "gc_grace": settings_from(config).gc_grace}, GcReport)
     if as_json:
         emit_json(result)
         return

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
 from cafs.errors import InvalidArgument
 
@@ -25,9 +26,15 @@ POINTS = (
     "before-manifest-commit",  # the version's rows are written, the transaction is still open
     "after-manifest-commit",   # committed; the writer's close() has not returned yet
     "inside-gc",               # gc removed blob rows and has not yet removed their files
+    "gc-before-delete",        # gc locked a batch against pins (S3), deletes not yet sent
+    "after-dedup-check",       # a publish found its content stored; its version not recorded
     "raise-in-main-loop",      # the daemon's main loop fails, once it serves (raises, no kill)
 )
 ENVIRONMENT = "CAFS_CRASH_AT"
+# `CAFS_PAUSE_AT=<point>:<seconds>`: the first time the point is passed, the thread stops there
+# that long (the daemon's event loop with it), so a test can make a race happen: another host
+# acts while this one is held between two steps.
+PAUSE_ENVIRONMENT = "CAFS_PAUSE_AT"
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +65,23 @@ class InjectedFailure(RuntimeError):
     """What a raise-* point raises: deliberately no CafsError, as unexpected as a bug."""
 
 
+def _parse_pause(value: str) -> tuple[str, float] | None:
+    name, _, seconds = value.partition(":")
+    try:
+        return (name, float(seconds)) if name in POINTS else None
+    except ValueError:
+        return None
+
+
+_pause = _parse_pause(os.environ.get(PAUSE_ENVIRONMENT, ""))
+
+
 def reached(point: str) -> None:
+    global _pause
+    if _pause is not None and _pause[0] == point:
+        seconds, _pause = _pause[1], None
+        log.warning("pause point %s reached: holding %.1f s", point, seconds)
+        time.sleep(seconds)
     if _armed is None or _armed[0] != point:
         return
     _passed[point] = _passed.get(point, 0) + 1

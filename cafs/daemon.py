@@ -31,6 +31,7 @@ from cafs.errors import CafsError, MountError, StoreError
 from cafs.mountpoint import check_mountpoint
 from cafs.ops import CafsOperations
 from cafs.options import MountConfig
+from cafs.sessions import SessionKeeper
 from cafs.store import Store, check_placement, mount_owner, real_store_path
 from cafs.vfs import Vfs
 from cafs.writers import Processes
@@ -210,6 +211,12 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             if problems:  # the dirty marker stays: the store needs attention
                 raise StoreError(f"store {cfg.store} needs repair ({problems[0]}; "
                                  f"{len(problems)} problems): run cafs fsck")
+        if store.manifest_url is not None:  # other hosts may serve this manifest too
+            # Start-up recovery then removes this mount's own earlier unfinished files and
+            # dead sessions', never those of a mount alive on another host.
+            shared = cast(Any, store.manifest)
+            shared.set_session_timeout(cfg.settings.session_timeout)
+            shared.set_session_where(socket.gethostname(), str(cfg.mountpoint))
         recovery = store.recover()
         if recovery.temp_files or recovery.unpublished:
             log.info("recovered after an unclean stop: removed %d temp files and %d unfinished "
@@ -221,9 +228,7 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             store.sync_durable()
         except CafsError as exc:
             log.warning("cannot record the start-up check in the manifest: %s", exc)
-        if store.manifest_url is not None:  # other hosts may serve this manifest too
-            cast(Any, store.manifest).start_session(socket.gethostname(), str(cfg.mountpoint),
-                                                    os.getpid())
+        keeper = _start_session(store, cfg)
         # With a group sync, a close() needs no fsync (see LocalBlobStore.sync_each_publish).
         store.blobs.sync_each_publish = cfg.settings.sync_interval <= 0
         kernel = PyfuseKernel()
@@ -255,15 +260,30 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         except (OSError, CafsError) as exc:
             log.warning("cannot sync the store at unmount: %s", exc)
         _backup(store)
-        if store.manifest_url is not None:
-            try:
-                cast(Any, store.manifest).end_session()
-            except CafsError as exc:  # it expires: other hosts clean after it
-                log.warning("cannot end this mount's session: %s", exc)
+        if keeper is not None:
+            keeper.end()
         store.mark_clean()
         log.info("unmounted %s", cfg.mountpoint)
     finally:
         store.close()
+
+
+def _start_session(store: Store, cfg: MountConfig) -> SessionKeeper | None:
+    """Register this mount with a manifest other hosts may serve (PostgreSQL), over a
+    connection of its own for the heartbeats; None on SQLite."""
+    if store.manifest_url is None:
+        return None
+    from cafs.pg_manifest import PgManifest  # psycopg only for stores that use it
+    own = PgManifest(store.manifest_url, serving=True)
+    keeper = SessionKeeper(store.manifest, own, str(cfg.mountpoint), os.getpid(),
+                           cfg.settings.session_timeout)
+    try:
+        keeper.start()
+    except BaseException:
+        own.close()
+        raise
+    keeper.run()  # beats in a thread of its own (see cafs.sessions)
+    return keeper
 
 
 def _roll_back_unsynced(store: Store) -> None:

@@ -31,7 +31,7 @@ from cafs import crashpoints
 from cafs.admin_context import AdminContext, JsonResult, Live, Progress
 from cafs.blobstore import Blobs
 from cafs.digest import Digest
-from cafs.errors import InvalidArgument, StoreError
+from cafs.errors import Busy, InvalidArgument, StoreError
 from cafs.manifest import Manifest, RepairPlan
 from cafs.model import BlobRef
 from cafs.store import Store
@@ -41,6 +41,9 @@ DELETE_BATCH = 256
 # may be the only copy of an artifact whose manifest row was lost (a damaged WAL, a restored
 # backup), and fsck lists those until then.
 DEFAULT_ORPHAN_GRACE = 7 * 24 * 3600
+# On a manifest several hosts share, a blob whose last reference went is deleted only this
+# long after (a reader on another host may have it open; its kernel may still cache it).
+DEFAULT_GC_GRACE = 3600
 CHECK_PAGE = 256
 
 
@@ -179,11 +182,17 @@ def delete_unreferenced_now(store: Store, live: Live, digests: list[str]) -> set
 
 
 def _delete_batch(store: Store, live: Live, batch: list[str]) -> set[str]:
-    return _delete_each(store.blobs, _unneeded(store, live, batch))
+    locked = store.manifest.lock_for_delete(batch)
+    try:
+        return _delete_each(store.blobs, _unneeded(store, live, locked))
+    finally:
+        store.manifest.unlock_deleted(locked)
 
 
 def _unneeded(store: Store, live: Live, batch: list[str]) -> list[Digest]:
-    """The digests of `batch` no manifest row names and no write in flight pins."""
+    """The digests of `batch` no manifest row names and no write in flight pins. On a shared
+    manifest `batch` must be locked against other hosts' pins first (lock_for_delete): a row
+    committed before that is seen here, and a publish after it waits for the delete."""
     needed = store.manifest.known_digests(batch) | live.pinned_digests()
     return [Digest(digest) for digest in batch if digest not in needed]
 
@@ -267,11 +276,35 @@ class Maintenance(AdminContext):
     """fsck --repair and gc on a store, mounted (in the daemon) or not (under its lock)."""
 
     async def gc(self, keep_versions: int | None = None, dry_run: bool = False,
-                 orphan_grace: int = DEFAULT_ORPHAN_GRACE) -> GcReport:
+                 orphan_grace: int = DEFAULT_ORPHAN_GRACE,
+                 gc_grace: int = DEFAULT_GC_GRACE) -> GcReport:
         """Drop superseded versions beyond the retention and the history of deleted artifacts,
-        then every blob nothing references (rows, then files), and orphan blob files."""
+        then every blob nothing references (rows, then files), and orphan blob files.
+
+        On a manifest several hosts may share (PostgreSQL): one gc at a time over the whole
+        store (Busy if another runs, on any host), and never a blob a write in flight on any
+        host pins; with blobs in shared storage (S3) too, a blob goes only once its last
+        reference went `gc_grace` seconds ago (readers on other hosts may still hold it), and
+        orphans only once older than that as well."""
         if keep_versions is not None and keep_versions < 0:
             raise InvalidArgument("--keep-versions must be 0 or more")
+        manifest = self.manifest
+        if not manifest.gc_lock():
+            raise Busy("another cafs gc is running on this store (on this host or another): "
+                       "try again when it ends")
+        try:
+            # Other hosts can serve only a manifest on a server with blobs in shared storage:
+            # a PostgreSQL manifest over one host's blobs/ keeps single-host gc.
+            several_hosts = manifest.shared and self.blobs.remote
+            manifest.set_gc_grace(gc_grace if several_hosts else 0)
+            if several_hosts:
+                orphan_grace = max(orphan_grace, gc_grace)
+            return await self._gc(keep_versions, dry_run, orphan_grace)
+        finally:
+            manifest.gc_unlock()
+
+    async def _gc(self, keep_versions: int | None, dry_run: bool,
+                  orphan_grace: int) -> GcReport:
         manifest = self.manifest
         drop: list[int] = []
         kept: Counter[int] = Counter()
@@ -369,11 +402,18 @@ class Maintenance(AdminContext):
             batch = digests[start:start + DELETE_BATCH]
             if self.blobs.remote:
                 # Chosen on the loop; from then on a publish of one of them waits until its
-                # object is gone and uploads it anew (see S3BlobStore.deleting), so the
-                # deletes themselves may wait for the network in a worker thread.
-                doomed = _unneeded(self.store, self.live, batch)
-                self.blobs.deleting(doomed)
-                removed |= await self.runtime.run_in_thread(_delete_each, self.blobs, doomed)
+                # object is gone and uploads it anew (see S3BlobStore.deleting; on another
+                # host, the lock taken here), so the deletes themselves may wait for the
+                # network in a worker thread.
+                locked = self.manifest.lock_for_delete(batch)
+                try:
+                    doomed = _unneeded(self.store, self.live, locked)
+                    self.blobs.deleting(doomed)
+                    crashpoints.reached("gc-before-delete")
+                    removed |= await self.runtime.run_in_thread(_delete_each, self.blobs,
+                                                                doomed)
+                finally:
+                    self.manifest.unlock_deleted(locked)
             else:
                 removed |= _delete_batch(self.store, self.live, batch)
             self.progress("removing blobs", min(start + DELETE_BATCH, len(digests)),

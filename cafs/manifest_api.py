@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cafs.digest import Digest
-from cafs.model import BlobRef, Kind, Node, StoredBlob, TreeEntry, Version
+from cafs.model import BlobRef, Kind, Node, SessionInfo, StoredBlob, TreeEntry, Version
 
 # -- records ------------------------------------------------------------------------------
 
@@ -344,5 +344,44 @@ class Import(Protocol):
         ...
 
 
-class Manifest(Namespace, Content, Maintenance, Import, Protocol):
+class Sharing(Protocol):
+    """Several hosts on one manifest (PostgreSQL): who serves it, who owns an unfinished file,
+    pins of writes in flight and gc's locks, visible to every host. On SQLite (one mount)
+    each is a no-op with the answer one host implies."""
+
+    shared: bool  # other hosts may serve this manifest
+
+    def live_sessions(self, timeout: float | None = None) -> list[SessionInfo]:
+        """The mounts serving this manifest that beat within `timeout` seconds."""
+        ...
+
+    def unpublished_is_mine(self, node_id: int) -> bool:
+        """Whether this mount may drop the unfinished file: only one it created itself."""
+        ...
+
+    def pin(self, digest: str) -> None:
+        """Before a publish looks for, stores and references this content: no gc on any
+        host deletes its blob until unpin()."""
+        ...
+
+    def unpin(self, digest: str) -> None: ...
+
+    def gc_lock(self) -> bool:
+        """Take the store-wide gc lock; False if another gc holds it."""
+        ...
+
+    def gc_unlock(self) -> None: ...
+
+    def lock_for_delete(self, digests: list[str]) -> list[str]:
+        """The digests no host pins, locked against pins until unlock_deleted()."""
+        ...
+
+    def unlock_deleted(self, digests: list[str]) -> None: ...
+
+    def set_gc_grace(self, seconds: float) -> None:
+        """gc deletes a blob only once its last reference went this long ago."""
+        ...
+
+
+class Manifest(Namespace, Content, Maintenance, Import, Sharing, Protocol):
     """The whole manifest: what a store hands to the filesystem core and the admin code."""

@@ -77,6 +77,19 @@ _NOT_DIRS = frozenset((Kind.FILE, Kind.SYMLINK, Kind.BLOB, Kind.RECORD))
 
 
 @dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One mount serving a manifest shared by several hosts (PostgreSQL only)."""
+
+    session_id: int
+    host: str
+    mountpoint: str
+    pid: int
+    started_at: float  # seconds since the epoch, server clock
+    beat_at: float  # its last heartbeat, server clock
+    beat_age: float  # seconds since that beat, by the server's clock
+
+
+@dataclass(frozen=True, slots=True)
 class BlobRef:
     """One stored content, as the manifest records it."""
 

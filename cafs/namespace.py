@@ -300,9 +300,12 @@ class Namespace:
             raise NotFound(name)
         if self._abandoned(node):
             # Seen again, so try again to drop it: create, mkdir and rename may then reuse
-            # the name. If the manifest still cannot, start-up will.
+            # the name. If the manifest still cannot, start-up will. On a shared manifest,
+            # only this mount's own: another host's is a file being written there (hidden
+            # here until published; its host, or whoever finds that host dead, removes it).
             with suppress(CafsError):
-                self.remove(node)
+                if self.manifest.unpublished_is_mine(node.ino):
+                    self.remove(node)
             raise NotFound(name)
         self.cache.put(node)
         return node

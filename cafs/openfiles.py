@@ -32,6 +32,7 @@ from contextlib import AbstractAsyncContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from cafs import crashpoints
 from cafs.blobstore import BlobReader, Blobs, TempBlob
 from cafs.blobstore.readers import IdleReaders
 from cafs.digest import Digest
@@ -256,9 +257,20 @@ class Publisher:
             self.pinned[digest] += 1
             began = time.time_ns()
             self._began[began] += 1
+            shared_pin = False
             try:
+                # Pinned for every host's gc too (a no-op on SQLite), before the store is
+                # asked whether it has this content.
+                with self.fails(inode, None):
+                    self.manifest.pin(digest)
+                shared_pin = True
                 await self._publish_pinned(inode, temp, digest, writer, handle)
             finally:
+                if shared_pin:
+                    try:
+                        self.manifest.unpin(digest)
+                    except CafsError as exc:  # the lock went with a broken connection
+                        log.debug("unpin %s: %s", digest, exc)
                 self.pinned[digest] -= 1
                 if not self.pinned[digest]:
                     del self.pinned[digest]
@@ -277,6 +289,8 @@ class Publisher:
         pinned throughout, so gc leaves its blob file alone."""
         with self.fails(inode, None):
             stored, known = await self._store(temp, digest)
+        if not stored.fresh:
+            crashpoints.reached("after-dedup-check")
         if inode.unlinked:  # unlinked while the blob was being written: nothing to record
             return
         # From here on no await: the manifest change and the swap of readers are atomic. The

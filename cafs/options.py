@@ -102,6 +102,14 @@ class Settings:
     orphan_grace: int | None = option(
         None, "gc and fsck --repair keep orphan blob files this long (default 7 days)",
         unit="SECONDS", flag="--orphan-grace")
+    session_timeout: int = option(
+        60, "a manifest on PostgreSQL: a mount whose heartbeats stop this long is dead, and "
+        "any other host removes the files it left unfinished; default 60", unit="SECONDS",
+        mount=True)
+    gc_grace: int = option(
+        3600, "a manifest on PostgreSQL: gc deletes a blob only this long after its last "
+        "reference went (and orphan objects only once this old); default 3600",
+        unit="SECONDS")
 
 
 def check_manifest_location(value: str) -> str:

@@ -34,7 +34,7 @@ RANKS: list[tuple[str, list[str]]] = [
     # The filesystem core and what sits beside it: no pyfuse3, no trio, no daemon.
     ("core", ["vfs", "vfs.*", "vfs_*", "namespace", "openfiles", "xattrs", "virtual",
               "visibility", "symlinks", "records", "bundle", "bundle_*", "store", "fsck", "admin",
-              "admin_*", "maintenance", "lifecycle", "transfer", "control"]),
+              "admin_*", "maintenance", "lifecycle", "transfer", "control", "sessions"]),
     # `cafs ui`, the web view: over the core like the admin commands; no trio, no pyfuse3.
     ("ui", ["ui", "ui.*"]),
     ("ops", ["ops", "control_server"]),

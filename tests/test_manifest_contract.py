@@ -236,6 +236,86 @@ def test_gc_removes_history_and_unreferenced_blobs(manifest: Manifest) -> None:
     assert manifest.aggregate_drift() == (0, []) and manifest.dangling() == []
 
 
+def test_gc_grace_keeps_a_blob_whose_last_reference_went_recently(manifest: Manifest) -> None:
+    """On a shared manifest gc waits out the grace after a blob's refcount dropped to 0 (the
+    server's clock); one host's manifest has no other readers to wait for."""
+    gone = manifest.publish(stored(b"removed"), version(make_file(manifest), 1))
+    manifest.remove_node(gone, 2)
+    manifest.set_gc_grace(3600)
+    kept = manifest.collect([v for v, _, _ in manifest.superseded_versions()],
+                            keep_blobs=set(), dry_run=False)
+    assert kept.blobs == ([] if manifest.shared else kept.blobs)
+    manifest.set_gc_grace(0)
+    plan = manifest.collect([], keep_blobs=set(), dry_run=False)
+    assert [blob.digest for blob in plan.blobs + kept.blobs] == [digest_of_bytes(b"removed")]
+
+
+def test_pins_of_another_connection_keep_blobs_from_gc(manifest: Manifest, tmp_path: Path,
+                                                        request: pytest.FixtureRequest) -> None:
+    """A write in flight on another host (here: another connection) pins its digest: gc's
+    collect leaves that blob and lock_for_delete refuses it until unpinned."""
+    if not manifest.shared:
+        assert manifest.lock_for_delete(["ab" * 32]) == ["ab" * 32]
+        return
+    other = PgManifest(request.getfixturevalue("pg_url"))
+    try:
+        gone = manifest.publish(stored(b"pinned"), version(make_file(manifest), 1))
+        manifest.remove_node(gone, 2)
+        digest = digest_of_bytes(b"pinned")
+        other.pin(digest)
+        assert manifest.collect([v for v, _, _ in manifest.superseded_versions()],
+                                keep_blobs=set(), dry_run=False).blobs == []
+        assert manifest.lock_for_delete([digest, "ab" * 32]) == ["ab" * 32]
+        manifest.unlock_deleted(["ab" * 32])
+        other.unpin(digest)
+        assert manifest.lock_for_delete([digest]) == [digest]
+        manifest.unlock_deleted([digest])
+        assert manifest.gc_lock() and not other.gc_lock()
+        manifest.gc_unlock()
+        assert other.gc_lock()
+        other.gc_unlock()
+    finally:
+        other.close()
+
+
+def test_unfinished_files_belong_to_their_session(manifest: Manifest,
+                                                  request: pytest.FixtureRequest) -> None:
+    """A new file's row is its session's until published; a dead session's unfinished files
+    go with it; start-up recovery never removes a live session's."""
+    if not manifest.shared:
+        assert manifest.unpublished_is_mine(make_file(manifest))
+        return
+    pg: Any = manifest
+    other: Any = PgManifest(request.getfixturevalue("pg_url"))
+    try:
+        pg.set_session_timeout(1)
+        other.set_session_timeout(1)
+        pg.start_session("a", "/mnt/a", 1)
+        other.start_session("b", "/mnt/b", 2)
+        mine = make_file(manifest, "mine")
+        theirs = other.add_node(manifest.child(RUNS_INODE, "e1").ino, "theirs", Kind.FILE,
+                                0o644, 0, 0, 1).ino
+        published = make_file(manifest, "published")
+        manifest.publish(stored(b"x"), version(published, 1))
+        assert manifest.unpublished_is_mine(mine) and not manifest.unpublished_is_mine(theirs)
+        assert not manifest.unpublished_is_mine(published)
+        pg.set_session_where("a", "/mnt/a")
+        assert manifest.remove_unpublished() == 0  # its own live session's, and b's: kept
+        assert [row[0] for row in raw(manifest, "SELECT node_id FROM cafs_unfinished "
+                                                "ORDER BY node_id")] == [mine, theirs]
+        # b's beats stopped 5 s ago (the timeout is 1 s):
+        raw(manifest, "UPDATE cafs_sessions SET beat_at = now() - interval '5 seconds' "
+                      "WHERE id = ?", other.session_id)
+        assert manifest.reap_dead_sessions() == (1, 1)  # type: ignore[attr-defined]
+        assert manifest.node(theirs) is None and manifest.node(mine) is not None
+        assert other.beat() is False  # declared dead: it must register again
+        with pytest.raises(ManifestError):  # a create in the dead session is refused
+            other.add_node(manifest.child(RUNS_INODE, "e1").ino, "late", Kind.FILE,
+                           0o644, 0, 0, 1)
+    finally:
+        other.close()
+
+
 def test_sealing_symlinks_and_stats(manifest: Manifest) -> None:
     node = manifest.publish(stored(b"12345"), version(make_file(manifest), 5))
     layer = manifest.resolve("runs/e1/train")

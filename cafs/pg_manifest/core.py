@@ -33,6 +33,7 @@ import psycopg
 import psycopg.errors
 
 from cafs.errors import ManifestError, NeedsRepair, StoreError
+from cafs.model import BlobRef, SessionInfo
 from cafs.pg_manifest import schema
 from cafs.pg_manifest.connection import (
     ADMIN,
@@ -41,12 +42,18 @@ from cafs.pg_manifest.connection import (
     CommitUnknown,
     PgConnection,
 )
+from cafs.sqlite_manifest.columns import BLOB, GC_BATCH
 from cafs.sqlite_manifest.core import SqliteCore
 
 ATTEMPTS = 5  # of one call: the first and four retries, all inside CALL_BUDGET
 _RETRYABLE = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected,
               psycopg.errors.UniqueViolation, psycopg.OperationalError, CommitLost)
 _MIGRATION_LOCK = 0x63616673  # 'cafs': one opener at a time migrates
+# Advisory lock keys (two int4 keys): a class, then the digest's first 31 bits. Two digests
+# sharing a key only make gc skip a blob one more time.
+_PIN_CLASS = 0x63616670  # 'cafp': writes in flight (shared) and gc deleting a blob (exclusive)
+_GC_CLASS = 0x63616667  # 'cafg': one gc at a time
+_PIN_KEY = "(('x' || substr(?, 1, 8))::bit(32)::int & 2147483647)"
 
 
 def pg_error(exc: BaseException) -> ManifestError:
@@ -154,6 +161,9 @@ class PgCore(SqliteCore):
         self.session_id: int | None = None  # see start_session
         # The store's id, the same on every host (cafs_store); its shared blobs carry it.
         self.store_id: str | None = None
+        self._session_where = ("", "")  # host, mountpoint: see set_session_where
+        self._session_timeout = 60.0
+        self._gc_grace = 0.0  # gc sets it (Maintenance.gc): a policy, not the manifest's
         try:
             self._pg = PgConnection(url, readonly=readonly, bounds=DAEMON if serving else ADMIN)
             self._db = cast(Any, self._pg)
@@ -201,6 +211,13 @@ class PgCore(SqliteCore):
         return None if row is None else str(row[0])
 
     # -- sessions: the mounts serving this manifest, on any host ----------------------------
+    # Every comparison of times is the server's (now()): host clocks never matter.
+
+    shared = True
+
+    def set_session_timeout(self, seconds: float) -> None:
+        """A session whose last beat is older than this is dead (default 60 s)."""
+        self._session_timeout = float(seconds)
 
     def start_session(self, host: str, mountpoint: str, pid: int) -> int:
         """Register a mount serving this manifest; returns its session id."""
@@ -208,18 +225,170 @@ class PgCore(SqliteCore):
             row = db.execute("INSERT INTO cafs_sessions (host, mountpoint, pid) VALUES (?, ?, ?) "
                              "RETURNING id", (host, mountpoint, pid)).fetchone()
         self.session_id = int(row[0])
+        self._session_where = (host, mountpoint)
         return self.session_id
 
-    def beat(self) -> None:
-        """The session's heartbeat: it is alive as of now (server clock)."""
+    def beat(self) -> bool:
+        """The session's heartbeat: it is alive as of now (server clock). False if its row is
+        gone: another host found it dead (its beats stopped longer than the timeout) and
+        removed it with its unfinished files."""
         with self._transaction() as db:
-            db.execute("UPDATE cafs_sessions SET beat_at = now() WHERE id = ?",
-                       (self.session_id,))
+            row = db.execute("UPDATE cafs_sessions SET beat_at = now() WHERE id = ? "
+                             "RETURNING id", (self.session_id,)).fetchone()
+        return row is not None
 
     def end_session(self) -> None:
         """A clean unmount: the session is gone, nothing of it needs cleaning by others."""
         with self._transaction() as db:
             db.execute("DELETE FROM cafs_sessions WHERE id = ?", (self.session_id,))
+
+    def live_sessions(self, timeout: float | None = None) -> list[SessionInfo]:
+        """The mounts serving this manifest that beat within `timeout` seconds (default: the
+        session timeout), oldest first."""
+        rows = self._db.execute(
+            "SELECT id, host, mountpoint, pid, extract(epoch FROM started_at), "
+            "extract(epoch FROM beat_at), extract(epoch FROM now() - beat_at) "
+            "FROM cafs_sessions WHERE beat_at >= now() - make_interval(secs => ?) ORDER BY id",
+            (self._session_timeout if timeout is None else timeout,)).fetchall()
+        return [SessionInfo(int(r[0]), str(r[1]), str(r[2]), int(r[3]), float(r[4]),
+                            float(r[5]), float(r[6])) for r in rows]
+
+    def reap_dead_sessions(self) -> tuple[int, int]:
+        """Remove the sessions whose beats stopped longer than the timeout ago, with the
+        files they left unfinished (their tags too); their pins (advisory locks) went with
+        their connections. Any live host runs this. Returns (sessions, files) removed.
+
+        The dead rows are locked first (FOR UPDATE): a session that beats again meanwhile
+        waits, then finds its row gone (beat() says so) instead of living on without the
+        files removed here."""
+        with self._transaction() as db:
+            dead = [int(row[0]) for row in db.execute(
+                "SELECT id FROM cafs_sessions WHERE beat_at < now() - make_interval(secs => ?) "
+                "AND id IS DISTINCT FROM ? ORDER BY id FOR UPDATE SKIP LOCKED",
+                (self._session_timeout, self.session_id)).fetchall()]
+            files = self._remove_unfinished_of(dead) if dead else 0
+            if dead:
+                db.execute("DELETE FROM cafs_sessions WHERE id = ANY(?)", (dead,))
+        return len(dead), files
+
+    def _remove_unfinished_of(self, sessions: list[int]) -> int:
+        nodes = [int(row[0]) for row in self._pg.execute(
+            "SELECT u.node_id FROM cafs_unfinished u JOIN nodes n ON n.id = u.node_id "
+            "WHERE u.session_id = ANY(?) AND n.kind = 'file' AND n.version_id IS NULL "
+            "ORDER BY u.node_id FOR UPDATE OF n", (sessions,)).fetchall()]
+        if nodes:
+            self._pg.execute("DELETE FROM tags WHERE node_id = ANY(?)", (nodes,))
+            self._pg.execute("DELETE FROM nodes WHERE id = ANY(?)", (nodes,))
+        return len(nodes)
+
+    def remove_unpublished(self) -> int:
+        """Start-up after a crash, on a manifest other hosts may serve: drop the unfinished
+        files of this mount's own earlier sessions (same host and mountpoint: it crashed),
+        of dead sessions, and those no session owns (left before sessions existed, or by a
+        roll-back); never a live session's: those are files being written on another host."""
+        host, mountpoint = self._session_where
+        removed = 0
+        with self._transaction() as db:
+            earlier = [int(row[0]) for row in db.execute(
+                "SELECT id FROM cafs_sessions WHERE host = ? AND mountpoint = ? "
+                "AND id IS DISTINCT FROM ? ORDER BY id FOR UPDATE",
+                (host, mountpoint, self.session_id)).fetchall()] if host else []
+            if earlier:
+                removed += self._remove_unfinished_of(earlier)
+                db.execute("DELETE FROM cafs_sessions WHERE id = ANY(?)", (earlier,))
+        removed += self.reap_dead_sessions()[1]
+        while True:
+            with self._transaction() as db:
+                cursor = db.execute(
+                    "DELETE FROM nodes WHERE id IN (SELECT n.id FROM nodes n WHERE "
+                    "n.kind = 'file' AND n.version_id IS NULL AND NOT EXISTS (SELECT 1 FROM "
+                    "cafs_unfinished u WHERE u.node_id = n.id) LIMIT ?)", (GC_BATCH,))
+            removed += cursor.rowcount
+            if cursor.rowcount < GC_BATCH:
+                return removed
+
+    def set_session_where(self, host: str, mountpoint: str) -> None:
+        """Who this mount is, before its session starts: start-up recovery removes the
+        unfinished files of this host's earlier sessions at this mountpoint."""
+        self._session_where = (host, mountpoint)
+
+    def unpublished_is_mine(self, node_id: int) -> bool:
+        """Whether this mount may drop the unfinished file `node_id`: only one its own
+        session created. Another live session's is a file being written on another host (it
+        may be published the next moment: a row read a moment ago proves nothing); a dead
+        session's, or one no session owns, is left to the clean-up of dead sessions and to
+        start-up recovery."""
+        row = self._db.execute("SELECT session_id FROM cafs_unfinished WHERE node_id = ?",
+                               (node_id,)).fetchone()
+        return row is not None and self.session_id is not None \
+            and int(row[0]) == self.session_id
+
+    def _new_node_id(self, node_id: int) -> None:
+        """A new file's row belongs to this mount's session until its first publish (the
+        trigger nodes_published then drops the link), in the same transaction: no other host
+        shows or removes it meanwhile. A directory's id is not recorded (kind filter). An
+        identity column never gives an id twice, so nothing else needs remembering. Fails
+        (foreign key) once the session was found dead and removed: no create lands in it."""
+        if self.session_id is not None:
+            self._pg.execute("INSERT INTO cafs_unfinished (node_id, session_id) SELECT id, ? "
+                             "FROM nodes WHERE id = ? AND kind = 'file' AND version_id IS NULL",
+                             (self.session_id, node_id), answer=False)
+
+    # -- pins and gc across hosts: advisory locks, gone with the connection that took them --
+
+    def pin(self, digest: str) -> None:
+        """A write in flight is about to look for this content, store it and reference it:
+        every host's gc leaves its blob alone until unpin(). A shared advisory lock on the
+        digest's key, on this connection: it waits only while a gc deletes that very blob."""
+        self._db.execute(f"SELECT pg_advisory_lock_shared({_PIN_CLASS}, {_PIN_KEY})", (digest,))
+
+    def unpin(self, digest: str) -> None:
+        self._db.execute(f"SELECT pg_advisory_unlock_shared({_PIN_CLASS}, {_PIN_KEY})",
+                         (digest,))
+
+    def gc_lock(self) -> bool:
+        """One gc at a time over the whole store, on any host: False if another holds it."""
+        row = self._db.execute(f"SELECT pg_try_advisory_lock({_GC_CLASS}, 0)").fetchone()
+        return bool(row[0])
+
+    def gc_unlock(self) -> None:
+        self._db.execute(f"SELECT pg_advisory_unlock({_GC_CLASS}, 0)")
+
+    def lock_for_delete(self, digests: list[str]) -> list[str]:
+        """Of `digests`, those no write in flight on any host pins, each locked against pins
+        until unlock_deleted(): a publish that comes now waits, then finds the blob gone and
+        stores it anew."""
+        if not digests:
+            return []
+        rows = self._db.execute(
+            f"SELECT d FROM unnest(?::text[]) d WHERE pg_try_advisory_lock({_PIN_CLASS}, "
+            f"{_PIN_KEY.replace('?', 'd')})", (digests,)).fetchall()
+        return [str(row[0]) for row in rows]
+
+    def unlock_deleted(self, digests: list[str]) -> None:
+        if digests:
+            self._db.execute(f"SELECT pg_advisory_unlock({_PIN_CLASS}, "
+                             f"{_PIN_KEY.replace('?', 'd')}) FROM unnest(?::text[]) d",
+                             (digests,))
+
+    def set_gc_grace(self, seconds: float) -> None:
+        """gc deletes a blob only once its last reference went this long ago."""
+        self._gc_grace = float(seconds)
+
+    def _unreferenced_blobs(self, keep_blobs: set[str]) -> list[BlobRef]:
+        """Blobs nothing references, whose last reference went more than gc_grace ago (a
+        reader on another host may still read them meanwhile), that no host pins."""
+        rows = self._db.execute(
+            f"SELECT {BLOB.select} FROM blobs b WHERE refcount = 0 AND "
+            "coalesce(unreferenced_ns, 0) <= (extract(epoch FROM now()) * 1e9)::bigint "
+            "- (? * 1e9)::bigint "
+            "AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.blob_id = b.id) "
+            "AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' "
+            f"AND l.classid = {_PIN_CLASS} AND l.objsubid = 2 "
+            f"AND l.objid::text::bigint = {_PIN_KEY.replace('?', 'b.sha256')} AND l.database "
+            "= (SELECT oid FROM pg_database WHERE datname = current_database())) ORDER BY id",
+            (self._gc_grace,)).fetchall()
+        return [blob for blob in map(BLOB.decode, rows) if blob.digest not in keep_blobs]
 
     def _migrate(self, new_schema_ok: bool) -> None:
         done: set[str] = set()
@@ -337,10 +506,6 @@ class PgCore(SqliteCore):
         and WAL archiving). cafs makes none."""
         raise ManifestError("the manifest is on PostgreSQL: back it up with pg_dump "
                             "(cafs makes no copy of it)", errno.ENOTSUP)
-
-    def _new_node_id(self, node_id: int) -> None:
-        """Nothing to remember: an identity column never gives an id twice, even one whose
-        transaction rolled back."""
 
     def _last_node_id(self) -> int:
         return int(self._db.execute(

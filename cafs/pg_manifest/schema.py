@@ -304,11 +304,65 @@ def m002_shared(execute: Callable[[str], Any]) -> None:
         execute(f"COMMENT ON {target} IS {_quote(comment)}")
 
 
+_SESSIONS = """
+CREATE TABLE cafs_unfinished (
+    node_id BIGINT PRIMARY KEY REFERENCES nodes(id) ON DELETE CASCADE,
+    session_id BIGINT NOT NULL REFERENCES cafs_sessions(id) ON DELETE CASCADE
+);
+CREATE INDEX cafs_unfinished_session ON cafs_unfinished(session_id);
+CREATE INDEX cafs_sessions_beat ON cafs_sessions(beat_at);
+CREATE FUNCTION cafs_published() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM cafs_unfinished WHERE node_id = NEW.id;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER nodes_published AFTER UPDATE OF version_id ON nodes FOR EACH ROW
+    WHEN (OLD.version_id IS NULL AND NEW.version_id IS NOT NULL)
+    EXECUTE FUNCTION cafs_published();
+ALTER TABLE blobs ADD COLUMN unreferenced_ns BIGINT;
+UPDATE blobs SET unreferenced_ns = (extract(epoch FROM now()) * 1e9)::bigint WHERE refcount = 0;
+CREATE FUNCTION cafs_unreferenced() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.refcount > 0 THEN
+        NEW.unreferenced_ns := NULL;
+    ELSIF TG_OP = 'INSERT' OR OLD.refcount > 0 OR NEW.unreferenced_ns IS NULL THEN
+        NEW.unreferenced_ns := (extract(epoch FROM now()) * 1e9)::bigint;
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER blobs_unreferenced BEFORE INSERT OR UPDATE OF refcount ON blobs
+    FOR EACH ROW EXECUTE FUNCTION cafs_unreferenced();
+"""
+
+SESSIONS_COMMENTS: dict[tuple[str, str | None], str] = {
+    ("cafs_unfinished", None): "files being created: a node row with no version yet, and the "
+                               "session (mount) writing it; no other host shows or removes it "
+                               "while that session lives. The row goes at the first publish "
+                               "(trigger nodes_published), with the node, or with the session",
+    ("cafs_unfinished", "node_id"): "nodes.id of the unpublished file",
+    ("cafs_unfinished", "session_id"): "cafs_sessions.id of the mount creating it",
+    ("blobs", "unreferenced_ns"): "when refcount last dropped to 0 (ns since the epoch, the "
+                                  "server's clock; set by the trigger blobs_unreferenced): gc "
+                                  "deletes the blob only once this is older than gc_grace. "
+                                  "NULL while referenced",
+}
+
+
+def m003_sessions(execute: Callable[[str], Any]) -> None:
+    """Sessions own their unfinished files; blobs remember when they lost their last
+    reference (gc's grace period, on every host)."""
+    execute(_SESSIONS)
+    for (table, column), comment in SESSIONS_COMMENTS.items():
+        target = f"TABLE {table}" if column is None else f"COLUMN {table}.{column}"
+        execute(f"COMMENT ON {target} IS {_quote(comment)}")
+
+
 # Numbered, applied in order, each once, each in the transaction that records it. Never edit
 # an applied one: add the next.
 MIGRATIONS: list[tuple[str, Callable[[Callable[[str], Any]], None]]] = [
     ("m001_initial", m001_initial),
     ("m002_shared", m002_shared),
+    ("m003_sessions", m003_sessions),
 ]
 
 NAMES = [name for name, _ in MIGRATIONS]

@@ -39,6 +39,7 @@ from sqlite_utils import Database
 
 from cafs import schema
 from cafs.errors import ManifestError, StoreError, translating
+from cafs.model import SessionInfo
 
 log = logging.getLogger(__name__)
 # SQLite's own autocheckpoint threshold (pages), what limit_wal leaves on a roomy filesystem.
@@ -487,6 +488,42 @@ class SqliteCore:
     def _lock_rows(self, nodes: list[int], digest: str | None = None) -> None:
         """Lock the rows a change reads and then writes, in one fixed order: nothing to do
         here (BEGIN IMMEDIATE holds the whole database); a server back end locks rows."""
+
+    # -- several hosts: a manifest on SQLite serves one mount, so none of this applies ----
+
+    shared = False
+
+    def live_sessions(self, timeout: float | None = None) -> list[SessionInfo]:
+        """Mounts registered with the manifest: none on SQLite (one host, one mount)."""
+        return []
+
+    def unpublished_is_mine(self, node_id: int) -> bool:
+        """Every unfinished file is this mount's own (no other mount shares the file)."""
+        return True
+
+    def pin(self, digest: str) -> None:
+        """Writes in flight are pinned in the daemon's memory (Publisher.pinned): enough
+        when one daemon serves the manifest."""
+
+    def unpin(self, digest: str) -> None:
+        """See pin."""
+
+    def gc_lock(self) -> bool:
+        """The store's lock already keeps gc to one daemon."""
+        return True
+
+    def gc_unlock(self) -> None:
+        """See gc_lock."""
+
+    def lock_for_delete(self, digests: list[str]) -> list[str]:
+        """No other host pins anything: every digest may go."""
+        return list(digests)
+
+    def unlock_deleted(self, digests: list[str]) -> None:
+        """See lock_for_delete."""
+
+    def set_gc_grace(self, seconds: float) -> None:
+        """Unreferenced blobs go at once on one host: no reader elsewhere needs them."""
 
     def _new_node_id(self, node_id: int) -> None:
         """A node id given out in the open transaction: if it is lost, no later node may get
