@@ -37,7 +37,6 @@ import psycopg.errors
 from cafs.errors import AlreadyExists, Busy, NotFound, ReadOnly
 from cafs.model import RUNS_INODE, Kind, Node
 from cafs.pg_manifest.core import PgCore
-from cafs.sqlite_manifest.columns import GC_BATCH
 from cafs.sqlite_manifest.namespace import SqliteNamespace
 
 # The node and every directory above it up to its execution, locked in id order (rows as
@@ -71,6 +70,14 @@ class _ChainMoved(Exception):
 
 class PgWriters(PgCore, SqliteNamespace):
     """The namespace's changes where several hosts write: see the module docstring."""
+
+    # Start-up removes files whose first write never completed and that no mount writes: a
+    # row another host writes is its create in progress (a dead mount's writers go with its
+    # session).
+    _delete_unpublished = (
+        "DELETE FROM nodes WHERE id IN (SELECT n.id FROM nodes n WHERE n.kind = 'file' AND "
+        "n.version_id IS NULL AND NOT EXISTS (SELECT 1 FROM cafs_writers w WHERE "
+        "w.node_id = n.id) LIMIT ?)")
 
     @property
     def shared(self) -> bool:
@@ -189,18 +196,3 @@ class PgWriters(PgCore, SqliteNamespace):
                        "WHERE id = ? AND kind = 'execution'",
                        (now_ns, hashed, now_ns, execution_id))
         return hashed
-
-    def remove_unpublished(self) -> int:
-        """Start-up: files whose first write never completed and that no mount writes (a row
-        another host is writing is its create in progress; a dead mount's writers go with its
-        session)."""
-        removed = 0
-        while True:
-            with self._transaction() as db:
-                cursor = db.execute(
-                    "DELETE FROM nodes WHERE id IN (SELECT n.id FROM nodes n WHERE n.kind = "
-                    "'file' AND n.version_id IS NULL AND NOT EXISTS (SELECT 1 FROM "
-                    "cafs_writers w WHERE w.node_id = n.id) LIMIT ?)", (GC_BATCH,))
-            removed += cursor.rowcount
-            if cursor.rowcount < GC_BATCH:
-                return removed

@@ -26,6 +26,9 @@ from cafs.sqlite_manifest.rows import Rows
 
 
 class SqliteNamespace(Rows):
+    # Start-up's removal of unfinished files, a batch at a time (see remove_unpublished).
+    _delete_unpublished = DELETE_UNPUBLISHED
+
     # -- reads ----------------------------------------------------------------------------
 
     def children(self, parent_id: int, after_id: int, limit: int) -> list[Node]:
@@ -154,7 +157,7 @@ class SqliteNamespace(Rows):
         removed = 0
         while True:
             with self._transaction() as db:
-                cursor = db.execute(DELETE_UNPUBLISHED, (GC_BATCH,))
+                cursor = db.execute(self._delete_unpublished, (GC_BATCH,))
             removed += cursor.rowcount
             if cursor.rowcount < GC_BATCH:
                 return removed
