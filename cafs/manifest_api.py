@@ -107,6 +107,9 @@ class NewVersion:
     now_ns: int
     # An earlier version published through the same open file: it leaves history.
     collapses: int | None = None
+    # The writer's last close: where hosts share the manifest, this mount stops being the
+    # file's writer in the same transaction (see Writers.close_writer).
+    ends_writer: bool = False
 
 
 @dataclass(frozen=True)

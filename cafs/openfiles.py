@@ -305,12 +305,15 @@ class Publisher:
                     mtime_ns=inode.mtime_ns or now, ctime_ns=now,
                     content_type=mimetypes.guess_type(node.name)[0], now_ns=now,
                     collapses=handle.published_version if handle else None,
+                    ends_writer=self._last_writer(inode, handle),
                 ))
             except NotFound:
                 self._removed_elsewhere(inode, temp)
                 return
         if handle is not None:
             handle.published_version = new_node.version_id
+        if self._last_writer(inode, handle):
+            inode.registered = False  # ended in the publish's transaction
         if known is not None and known.damaged:  # healed: other artifacts hold it too
             self.tree.nodes_changed(self.manifest.nodes_holding_blobs([known.blob_id]))
         old_reader = inode.reader
@@ -326,6 +329,14 @@ class Publisher:
         # No kernel cache invalidation here: the content changed through this kernel (its page
         # cache saw every write, atomic O_TRUNC truncated it, writes invalidated attributes).
         # Measured: invalidating each published inode cost ~1.1 ms per small file.
+
+    @staticmethod
+    def _last_writer(inode: OpenInode, handle: Handle | None) -> bool:
+        """This publish is at the last close of the last writer of the file on this mount
+        (writes through a mapping after it publish again at release, unrecorded)."""
+        return (inode.registered and handle is not None and handle.finished
+                and not any(other.writable and not other.finished
+                            for other in inode.handles if other is not handle))
 
     def _removed_elsewhere(self, inode: OpenInode, temp: TempBlob) -> None:
         """The file was removed on another host while this one wrote it: as for a file

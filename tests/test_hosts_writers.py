@@ -105,6 +105,8 @@ def test_both_hosts_write_one_path_at_once(hosts: list[Host]) -> None:
     # Each host reads a whole version (which one it has seen is the change feed's business).
     for path in (path_a, path_b):
         assert sha(path.read_bytes()) in {v["sha256"] for v in versions}
+    # Every writer ended with its close (in the publish's transaction).
+    assert manifest_sql(a.store, "SELECT count(*) FROM cafs_writers") == [(0,)]
 
 
 def test_identical_content_on_both_hosts_is_one_object(hosts: list[Host],
@@ -265,6 +267,7 @@ def test_seal_refuses_a_run_another_host_writes_in(hosts: list[Host]) -> None:
     rows = manifest_sql(a.store, "SELECT path, sha256 FROM artifacts WHERE execution = 'e1'")
     assert root == root_hash([(path.split("/", 2)[2], digest) for path, digest in rows])
     assert sorted(os.listdir(a.runs / "e1" / "train")) == ["done.bin", "new.bin"]
+    assert manifest_sql(a.store, "SELECT count(*) FROM cafs_writers") == [(0,)]
 
 
 def test_seal_and_a_writer_on_another_host_never_both_win(hosts: list[Host]) -> None:

@@ -111,12 +111,16 @@ class SqliteContent(Rows):
                                     mtime_ns=new.mtime_ns, ctime_ns=new.ctime_ns)
             else:
                 self._record_version(stored, new)
+            self._version_recorded(new)
             crashpoints.reached("before-manifest-commit")
         crashpoints.reached("after-manifest-commit")
         if published is None:
             published = self.node(new.node_id)
             assert published is not None
         return published
+
+    def _version_recorded(self, new: NewVersion) -> None:
+        """Inside a publish's transaction, after its rows: nothing more on one host."""
 
     def add_symlink(self, parent_id: int, name: str, stored: StoredBlob, *, uid: int, gid: int,
                     now_ns: int) -> Node:
