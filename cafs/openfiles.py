@@ -482,7 +482,8 @@ class OpenFiles:
         the file's writer (unless it is already), which also tells whether its run was sealed
         on another host (ReadOnly) or it was removed there (NotFound), and gives the version
         it holds now: a rewrite that keeps the content (no O_TRUNC) starts from the newest
-        version, whichever host published it. Returns the node and whether it registered."""
+        version, whichever host published it (unless the file is open here already). Returns
+        the node and whether it registered."""
         opened = self.table.inode(node.ino)
         if opened is not None and opened.registered:
             return node, False
@@ -491,30 +492,22 @@ class OpenFiles:
         except ReadOnly:
             self.tree.sealed_elsewhere(node)
             raise
-        except NotFound:
-            self.kernel_forget(node)
+        except NotFound:  # removed on another host
+            self.tree.kernel.entry_gone(node.parent, node.name)
+            self.tree.forget_removed(node)
             raise
         if current is None:  # a single host: nothing recorded
             return node, False
-        if current is not node and current.version_id != node.version_id:
-            self._newer_elsewhere(current, opened)
+        if current.version_id != node.version_id:
+            if opened is not None:
+                # Open here (readers): they keep the version they opened, and this write
+                # starts from it too; the other host's version stays in history.
+                return opened.node, True
+            # Another host published a version this host had not seen: serve it from now
+            # on, and the kernel drops the old one's size and pages.
+            self.tree.cache.put(current)
+            self.tree.kernel.inode_changed(current.ino)
         return current, True
-
-    def _newer_elsewhere(self, current: Node, opened: OpenInode | None) -> None:
-        """Another host published a version this host had not seen: serve it from now on."""
-        self.tree.cache.put(current)
-        self.tree.kernel.inode_changed(current.ino)  # sizes and pages of the old version
-        if opened is not None and opened.temp is None:
-            old_reader, opened.reader = opened.reader, None
-            opened.node = current
-            opened.damaged = current.blob is not None and current.blob.damaged
-            if old_reader is not None and not opened.readers_in_threads:
-                old_reader.close()
-
-    def kernel_forget(self, node: Node) -> None:
-        """The file is gone from the manifest (removed on another host)."""
-        self.tree.kernel.entry_gone(node.parent, node.name)
-        self.tree.forget_removed(node)
 
     def _end_writer_of(self, ino: int) -> None:
         try:
