@@ -167,6 +167,32 @@ def test_a_file_removed_on_another_host_while_written_publishes_nothing(
     assert not os.path.exists(a.runs / "e1" / "train" / "doomed.bin")
 
 
+def test_mv_over_a_name_made_on_the_other_host_replaces_it(hosts: list[Host]) -> None:
+    """B's kernel remembers `f` as absent; A makes it; `mv g f` on B replaces A's file as a
+    rename over a file does (rsync's and editors' saves), never EIO."""
+    a, b = hosts
+    a.layer()
+    layer_b = b.runs / "e1" / "train"
+    assert not (layer_b / "f").exists()
+    write(a.runs / "e1" / "train" / "f", b"from a")
+    write(layer_b / "g", b"from b")
+    subprocess.run(["mv", str(layer_b / "g"), str(layer_b / "f")], check=True)
+    versions = log(a, a.runs / "e1" / "train" / "f")
+    assert [v["sha256"] for v in versions] == [sha(b"from a"), sha(b"from b")]
+    assert versions[-1]["current"]
+    rows = manifest_sql(a.store, "SELECT path FROM artifacts WHERE execution = 'e1'")
+    assert rows == [("runs/e1/train/f",)]
+    # A directory in the way is refused (EEXIST if B had not seen it, else EISDIR), not
+    # replaced, and never EIO.
+    assert not (layer_b / "d").exists()
+    os.mkdir(a.runs / "e1" / "train" / "d")
+    write(layer_b / "h", b"h")
+    with pytest.raises(OSError) as refused:
+        os.rename(layer_b / "h", layer_b / "d")
+    assert refused.value.errno in (errno.EEXIST, errno.EISDIR)
+    assert (layer_b / "h").read_bytes() == b"h"
+
+
 # -- creating one name on both hosts -------------------------------------------------------
 
 

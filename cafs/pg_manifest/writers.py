@@ -135,6 +135,26 @@ class PgWriters(PgCore, SqliteNamespace):
                         nlink=2 if kind.is_dir else 1)
         raise NotFound(f"{name}: its directory kept moving")
 
+    def rename(self, node: Node, new_parent: int, new_name: str, replaced: Node | None,
+               now_ns: int) -> None:
+        """As on one host; a target name another host made, unseen here (or made again since
+        this host saw it), is replaced as rename(2) replaces one when both are files, and is
+        EEXIST otherwise (never EIO after retries that cannot succeed)."""
+        for _ in range(_CHAIN_ATTEMPTS):
+            try:
+                SqliteNamespace.rename(self, node, new_parent, new_name, replaced, now_ns)
+                return
+            except psycopg.errors.UniqueViolation as exc:
+                if exc.diag.constraint_name != _NAME_TAKEN:
+                    raise
+            target = self.child(new_parent, new_name)
+            if target is not None and target.ino == node.ino:
+                return
+            if target is not None and (target.kind.is_dir or node.kind.is_dir):
+                raise AlreadyExists(f"{new_name}: made meanwhile on another host")
+            replaced = target
+        raise AlreadyExists(f"{new_name}: made meanwhile on another host")
+
     def open_writer(self, node: Node) -> Node | None:
         if self.session_id is None:
             return None
