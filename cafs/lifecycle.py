@@ -176,11 +176,18 @@ class Lifecycle(AdminContext):
         writers = self.live.writers_in(execution.ino)
         if writers:
             raise Busy(f"{path} has {writers} files open for writing; close them first")
-        artifacts = self._artifacts_of(execution)
-        root = root_hash(artifacts)
-        self.manifest.seal(execution.ino, root, time.time_ns())
+        counted: list[int] = []
+
+        def root() -> str:
+            # Inside the seal's transaction: on a manifest hosts share, after it found no
+            # writer on any host, so no publish lands between this hash and the seal.
+            artifacts = self._artifacts_of(execution)
+            counted[:] = [len(artifacts)]
+            return root_hash(artifacts)
+
+        hashed = self.manifest.seal(execution.ino, root, time.time_ns())
         self.live.nodes_changed([execution.ino])
-        return Sealed(path, root, len(artifacts), already=False)
+        return Sealed(path, hashed, counted[0], already=False)
 
     async def unseal(self, path: str) -> Unsealed:
         execution = self._execution(path)

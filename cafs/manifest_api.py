@@ -15,7 +15,7 @@ disk is full, EIO otherwise), never as the driver's own exception.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -107,6 +107,9 @@ class NewVersion:
     now_ns: int
     # An earlier version published through the same open file: it leaves history.
     collapses: int | None = None
+    # The writer's last close: where hosts share the manifest, this mount stops being the
+    # file's writer in the same transaction (see Writers.close_writer).
+    ends_writer: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,13 @@ class Namespace(Protocol):
         ...
 
     def add_node(self, parent_id: int, name: str, kind: Kind, mode: int, uid: int, gid: int,
-                 now_ns: int) -> Node: ...
+                 now_ns: int) -> Node:
+        """A new directory or (unpublished) file. AlreadyExists if the name is taken, though
+        this host did not see it (another host made it, or is creating it). Where hosts share
+        the manifest, a file is recorded open for writing by this mount in the same
+        transaction (close_writer ends it), and a sealed run refuses it (ReadOnly) there too."""
+        ...
+
     def set_attrs(self, node_id: int, *, mode: int, uid: int, gid: int, mtime_ns: int,
                   ctime_ns: int, atime_ns: int | None = None) -> None: ...
 
@@ -164,7 +173,12 @@ class Namespace(Protocol):
         """Drop files whose first write never completed (start-up after a crash)."""
         ...
 
-    def seal(self, execution_id: int, root: str, now_ns: int) -> None: ...
+    def seal(self, execution_id: int, root: Callable[[], str], now_ns: int) -> str:
+        """Seal a run with the root hash `root()` computes, called inside the transaction that
+        seals it, once no file in the run is open for writing on any host (else Busy): no
+        publish lands between the hash and the seal. Returns the root."""
+        ...
+
     def unseal(self, execution_id: int, now_ns: int) -> None: ...
     def root_of(self, execution_id: int) -> str | None: ...
 
@@ -188,6 +202,39 @@ class Namespace(Protocol):
     def set_tag(self, node_id: int, name: str, value: bytes, now_ns: int) -> None: ...
     def remove_tag(self, node_id: int, name: str, now_ns: int) -> bool: ...
     def nodes_tagged(self, name: str, value: bytes | None) -> set[int]: ...
+
+
+class Writers(Protocol):
+    """Files open for writing, as every host serving the manifest sees them (cafs seal, the
+    creates two hosts race for). A manifest only one host serves (SQLite) records nothing:
+    its daemon's open-file table is the whole truth, and these calls cost nothing there."""
+
+    # Other hosts may serve this manifest: a file row without a version may be another
+    # host's create in progress (never this host's to remove), a name may appear or go
+    # behind this host's back. (Declared once, in Sharing.)
+    shared: bool
+
+    def open_writer(self, node: Node) -> Node | None:
+        """This mount opens an existing file for writing: recorded for every host, in a
+        transaction that fails with ReadOnly if its run is sealed and NotFound if it was
+        removed. Returns the node with its current version (`node` itself if no other host
+        published since this host read it); None where nothing is recorded (a single host)."""
+        ...
+
+    def close_writer(self, node_id: int) -> None:
+        """This mount no longer holds the file open for writing."""
+        ...
+
+    def drop_abandoned(self, node: Node, now_ns: int) -> bool:
+        """A file this mount created (or joined) whose write failed or never published: ends
+        this mount's writer and removes the row if it still has no version and no other host
+        writes it. Returns whether the row is gone (by this call or before it)."""
+        ...
+
+    def writers_in(self, execution_id: int) -> int:
+        """Files below a run open for writing on any host (0 on a single host: its daemon
+        counts its own)."""
+        ...
 
 
 class Content(Protocol):
@@ -383,5 +430,5 @@ class Sharing(Protocol):
         ...
 
 
-class Manifest(Namespace, Content, Maintenance, Import, Sharing, Protocol):
+class Manifest(Namespace, Writers, Content, Maintenance, Import, Sharing, Protocol):
     """The whole manifest: what a store hands to the filesystem core and the admin code."""

@@ -300,11 +300,11 @@ class Namespace:
             raise NotFound(name)
         if self._abandoned(node):
             # Seen again, so try again to drop it: create, mkdir and rename may then reuse
-            # the name. If the manifest still cannot, start-up will. On a shared manifest,
-            # only this mount's own: another host's is a file being written there (hidden
-            # here until published; its host, or whoever finds that host dead, removes it).
-            with suppress(CafsError):
-                if self.manifest.unpublished_is_mine(node.ino):
+            # the name. If the manifest still cannot, start-up will. Where hosts share the
+            # manifest it may be another host's create in progress: invisible, never dropped
+            # here (a create of the name then writes it too, see OpenFiles.create).
+            if not self.manifest.shared:
+                with suppress(CafsError):
                     self.remove(node)
             raise NotFound(name)
         self.cache.put(node)
@@ -511,7 +511,16 @@ class Namespace:
         parent, name, kind = self.place_new(parent_ino, raw_name, want_dir, caller.uid)
         self.space.take_metadata(ROW_COST)
         now = time.time_ns()
-        node = self.manifest.add_node(parent.ino, name, kind, mode, caller.uid, caller.gid, now)
+        try:
+            node = self.manifest.add_node(parent.ino, name, kind, mode, caller.uid,
+                                          caller.gid, now)
+        except AlreadyExists:
+            # Made on another host, unseen here: the kernel may remember the name as absent.
+            self.kernel.entry_gone(parent.ino, name)
+            raise
+        except ReadOnly:
+            self.sealed_elsewhere(parent)  # sealed on another host
+            raise
         self.directory_changed(parent.ino)
         if parent.ino != RUNS_INODE:
             # The directory as add_node left it (its times, a sub-directory's link), kept in
@@ -554,9 +563,20 @@ class Namespace:
     def remove(self, node: Node) -> None:
         """Drop a name; an open file lives on, unlinked, until its last release."""
         self.manifest.remove_node(node, time.time_ns())
+        self.forget_removed(node)
+
+    def forget_removed(self, node: Node) -> None:
+        """A node the manifest no longer has: forget it here."""
         self.cache.drop(node.ino)
         self.directory_changed(node.parent)
         self._unlinked_while_open(node)
+
+    def sealed_elsewhere(self, node: Node) -> None:
+        """The manifest refused a change below `node` because its run is sealed, which this
+        host had not seen (another host sealed it): forget the run as cached here."""
+        run = self.execution_of(node)
+        if run is not None:
+            self.nodes_changed([run.ino])
 
     def _unlinked_while_open(self, node: Node) -> None:
         opened = self.opened.inode(node.ino)

@@ -37,16 +37,19 @@ from cafs.blobstore import BlobReader, Blobs, TempBlob
 from cafs.blobstore.readers import IdleReaders
 from cafs.digest import Digest
 from cafs.errors import (
+    AlreadyExists,
     BadHandle,
     CafsError,
     Damaged,
     FileTooBig,
     IsADirectory,
+    NotFound,
+    ReadOnly,
     TooManyOpenFiles,
 )
 from cafs.manifest import Manifest, NewVersion
 from cafs.model import Attr, BlobRef, Caller, Kind, Node, StoredBlob
-from cafs.namespace import ROW_COST, Namespace, refuse_fixed_change
+from cafs.namespace import ROW_COST, Namespace, lookup_name, refuse_fixed_change
 from cafs.runtime import KernelNotifier, Runtime
 from cafs.virtual import MemoryReader
 from cafs.writers import NoProcesses, Processes
@@ -85,6 +88,9 @@ class OpenInode:
     # hold at once (see OpenFiles.open_inode), so a write or publish never meets the cap.
     descriptors: int = 0
     readers_in_threads: int = 0  # reads running in worker threads: the reader stays open
+    # The manifest records this mount writing it (hosts share the manifest): ended when its
+    # last writable handle goes (OpenFiles.end_writer).
+    registered: bool = False
 
 
 @dataclass(eq=False)
@@ -230,15 +236,19 @@ class Publisher:
             self.drop_if_unpublished(inode)
 
     def drop_if_unpublished(self, inode: OpenInode) -> None:
-        """A file created but never published (its writer failed) must not stay visible."""
+        """A file created but never published (its writer failed) must not stay visible.
+        Where hosts share the manifest, another host may be writing it too: it stays then."""
         node = inode.node
         if node.kind is Kind.FILE and node.version_id is None and not inode.unlinked:
+            gone = self.manifest.drop_abandoned(node, time.time_ns())
+            inode.registered = False  # drop_abandoned ended this mount's writer
+            if gone:
+                self.kernel.entry_gone(node.parent, node.name)
+                self.tree.forget_removed(node)
+                return
             current = self.manifest.node(node.ino)
             if current is not None and current.version_id is not None:
                 inode.node = current  # published after all (a failure came after the commit)
-                return
-            self.kernel.entry_gone(node.parent, node.name)
-            self.tree.remove(node)
 
     async def publish(self, inode: OpenInode, writer: Caller, handle: Handle | None = None
                       ) -> None:
@@ -303,14 +313,21 @@ class Publisher:
         with self.fails(inode, None):
             # On failure the temp may already be the blob file (renamed): it takes no more
             # writes, and the blob stays as an orphan that gc or fsck --repair removes.
-            new_node = self.manifest.publish(stored, NewVersion(
-                node_id=node.ino, mode=node.mode, uid=writer.uid, gid=writer.gid,
-                mtime_ns=inode.mtime_ns or now, ctime_ns=now,
-                content_type=mimetypes.guess_type(node.name)[0], now_ns=now,
-                collapses=handle.published_version if handle else None,
-            ))
+            try:
+                new_node = self.manifest.publish(stored, NewVersion(
+                    node_id=node.ino, mode=node.mode, uid=writer.uid, gid=writer.gid,
+                    mtime_ns=inode.mtime_ns or now, ctime_ns=now,
+                    content_type=mimetypes.guess_type(node.name)[0], now_ns=now,
+                    collapses=handle.published_version if handle else None,
+                    ends_writer=self._last_writer(inode, handle),
+                ))
+            except NotFound:
+                self._removed_elsewhere(inode, temp)
+                return
         if handle is not None:
             handle.published_version = new_node.version_id
+        if self._last_writer(inode, handle):
+            inode.registered = False  # ended in the publish's transaction
         if known is not None and known.damaged:  # healed: other artifacts hold it too
             self.tree.nodes_changed(self.manifest.nodes_holding_blobs([known.blob_id]))
         old_reader = inode.reader
@@ -326,6 +343,27 @@ class Publisher:
         # No kernel cache invalidation here: the content changed through this kernel (its page
         # cache saw every write, atomic O_TRUNC truncated it, writes invalidated attributes).
         # Measured: invalidating each published inode cost ~1.1 ms per small file.
+
+    @staticmethod
+    def _last_writer(inode: OpenInode, handle: Handle | None) -> bool:
+        """This publish is at the last close of the last writer of the file on this mount
+        (writes through a mapping after it publish again at release, unrecorded)."""
+        return (inode.registered and handle is not None and handle.finished
+                and not any(other.writable and not other.finished
+                            for other in inode.handles if other is not handle))
+
+    def _removed_elsewhere(self, inode: OpenInode, temp: TempBlob) -> None:
+        """The file was removed on another host while this one wrote it: as for a file
+        unlinked here while open, the write publishes nothing (its blob is an orphan)."""
+        node = inode.node
+        log.info("%s (inode %d) was removed on another host while written here: nothing "
+                 "published", node.name, node.ino)
+        temp.discard()
+        inode.temp = None
+        inode.mtime_ns = inode.changed_ns = None
+        inode.registered = False  # the writer's row went with the node
+        self.kernel.entry_gone(node.parent, node.name)
+        self.tree.forget_removed(node)
 
     async def _store(self, temp: TempBlob, digest: Digest) -> tuple[StoredBlob, BlobRef | None]:
         """The blob of `digest`, written from the temp unless the store has it intact; and
@@ -359,21 +397,68 @@ class OpenFiles:
 
     # -- opening and closing --------------------------------------------------------------
 
-    def create(self, parent_ino: int, raw_name: bytes, mode: int,
-               caller: Caller, flags: int = os.O_RDWR) -> tuple[int, Attr]:
+    async def create(self, parent_ino: int, raw_name: bytes, mode: int,
+                     caller: Caller, flags: int = os.O_RDWR) -> tuple[int, Attr]:
         # Checked before the row exists: a refused create leaves nothing behind.
         self.table.room(None, descriptors_wanted(Kind.FILE, writable=True))
-        node = self.tree.add_file(parent_ino, raw_name, mode, caller)
-        inode = self.open_inode(node, writable=True)
+        for _ in range(3):
+            try:
+                node = self.tree.add_file(parent_ino, raw_name, mode, caller)
+            except AlreadyExists:
+                if flags & os.O_EXCL or not self.tree.manifest.shared:
+                    raise
+                # Another host made the name (this kernel took it for absent): a create
+                # without O_EXCL opens it, as open(2) would, and this write becomes a version.
+                existing = self.tree.manifest.child(parent_ino, lookup_name(raw_name))
+                if existing is None:
+                    continue  # removed meanwhile: make it again
+                if existing.kind.is_dir:
+                    raise IsADirectory() from None
+                if existing.kind is not Kind.FILE:
+                    raise
+                if existing.version_id is not None:
+                    self.tree.cache.put(existing)
+                    fh = await self.open(existing.ino, flags, caller)
+                    return fh, self.tree.attr(self.table.handle(fh).inode.node)
+                joined = self._join_created(existing)  # another host's create in progress
+                if joined is None:
+                    continue
+                return self._new_content(joined, caller, flags, registered=True)
+            return self._new_content(node, caller, flags, registered=self.tree.manifest.shared)
+        raise AlreadyExists(f"{raw_name!r}: made and removed on other hosts meanwhile")
+
+    def _join_created(self, node: Node) -> Node | None:
+        """Write a file another host is creating (no version yet): recorded as this mount's
+        writer too, so neither host drops the row while the other writes it. None if it was
+        removed meanwhile."""
+        try:
+            self.tree.manifest.open_writer(node)
+        except NotFound:
+            return None
+        self.tree.cache.put(node)
+        return node
+
+    def _new_content(self, node: Node, caller: Caller, flags: int, *,
+                     registered: bool) -> tuple[int, Attr]:
+        """The handle of a file just created: an empty temp, published at close even if
+        nothing is written to it (touch)."""
+        try:
+            inode = self.open_inode(node, writable=True)
+        except BaseException:
+            if registered:
+                with suppress(CafsError):
+                    self.tree.manifest.drop_abandoned(node, time.time_ns())
+            raise
+        inode.registered = inode.registered or registered
         handle = self.table.new_handle(inode, writable=True, caller=caller)
         self._note_opener(handle, flags)
-        try:
-            inode.temp = self.blobs.new_temp(streaming=True)
-        except OSError:
-            self.release(handle.fh)
-            raise
-        inode.temp_serial += 1
-        # A new file is published at close even if nothing is written to it (touch).
+        if inode.temp is None:
+            try:
+                inode.temp = self.blobs.new_temp(streaming=True)
+            except OSError:
+                self.release(handle.fh)
+                raise
+            inode.temp_serial += 1
         handle.wrote_serial = inode.temp_serial
         return handle.fh, self.tree.attr(node)
 
@@ -382,10 +467,18 @@ class OpenFiles:
         if node.kind.is_dir:
             raise IsADirectory()
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        registering = False
         if writable:
             refuse_fixed_change(node)
             self.tree.check_unsealed(node)
-        inode = self.open_inode(node, writable, caller)
+            node, registering = self._register_writer(node)
+        try:
+            inode = self.open_inode(node, writable, caller)
+        except BaseException:
+            if registering:
+                self._end_writer_of(node.ino)
+            raise
+        inode.registered = inode.registered or registering
         handle = self.table.new_handle(inode, writable, caller)
         if writable:
             self._note_opener(handle, flags)
@@ -397,6 +490,51 @@ class OpenFiles:
                 self.release(handle.fh)
                 raise
         return handle.fh
+
+    def _register_writer(self, node: Node) -> tuple[Node, bool]:
+        """Before an open for writing: where hosts share the manifest, record this mount as
+        the file's writer (unless it is already), which also tells whether its run was sealed
+        on another host (ReadOnly) or it was removed there (NotFound), and gives the version
+        it holds now: a rewrite that keeps the content (no O_TRUNC) starts from the newest
+        version, whichever host published it (unless the file is open here already). Returns
+        the node and whether it registered."""
+        opened = self.table.inode(node.ino)
+        if opened is not None and opened.registered:
+            return node, False
+        try:
+            current = self.tree.manifest.open_writer(node)
+        except ReadOnly:
+            self.tree.sealed_elsewhere(node)
+            raise
+        except NotFound:  # removed on another host
+            self.tree.kernel.entry_gone(node.parent, node.name)
+            self.tree.forget_removed(node)
+            raise
+        if current is None:  # a single host: nothing recorded
+            return node, False
+        if current.version_id != node.version_id:
+            if opened is not None:
+                # Open here (readers): they keep the version they opened, and this write
+                # starts from it too; the other host's version stays in history.
+                return opened.node, True
+            # Another host published a version this host had not seen: serve it from now
+            # on, and the kernel drops the old one's size and pages.
+            self.tree.cache.put(current)
+            self.tree.kernel.inode_changed(current.ino)
+        return current, True
+
+    def _end_writer_of(self, ino: int) -> None:
+        try:
+            self.tree.manifest.close_writer(ino)
+        except CafsError as exc:  # it goes with this mount's session at the latest
+            log.warning("inode %d: cannot record that this mount stopped writing it: %s",
+                        ino, exc)
+
+    def end_writer(self, inode: OpenInode) -> None:
+        """The inode's last writable handle is gone: this mount no longer writes it."""
+        if inode.registered and not any(handle.writable for handle in inode.handles):
+            inode.registered = False
+            self._end_writer_of(inode.node.ino)
 
     def _note_opener(self, handle: Handle, flags: int) -> None:
         """Remember which process opened a file for writing (OPEN and CREATE carry the
@@ -470,6 +608,8 @@ class OpenFiles:
         inode.handles.remove(handle)
         if not inode.handles:
             self.close_inode(inode)
+        elif handle.writable:
+            self.end_writer(inode)
 
     def close_inode(self, inode: OpenInode) -> None:
         if inode.handles:
@@ -492,6 +632,7 @@ class OpenFiles:
                 inode.reader.close()
             inode.reader = None
         self.publisher.drop_if_unpublished(inode)
+        self.end_writer(inode)
 
     def reader_of(self, inode: OpenInode) -> BlobReader | None:
         """The reader of the inode's content, opened (or taken from the idle ones) at its
@@ -574,7 +715,16 @@ class OpenFiles:
         if handle is not None:
             _check_writable(handle)
         transient = self.table.inode(node.ino) is None
-        inode = self.open_inode(node, writable=True)
+        registering = False
+        if handle is None:  # truncate(2) on a path: a writer for as long as it takes
+            node, registering = self._register_writer(node)
+        try:
+            inode = self.open_inode(node, writable=True)
+        except BaseException:
+            if registering:
+                self._end_writer_of(node.ino)
+            raise
+        inode.registered = inode.registered or registering
         try:
             async with inode.lock:
                 had_temp = inode.temp is not None
@@ -591,6 +741,8 @@ class OpenFiles:
         finally:
             if transient:
                 self.close_inode(inode)
+            else:
+                self.end_writer(inode)
 
     async def _ensure_temp(self, inode: OpenInode, *, keep_content: bool) -> None:
         """Give the inode a temp to write into; copy-on-write of the current content."""

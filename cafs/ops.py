@@ -172,7 +172,7 @@ class CafsOperations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                            pyfuse3.EntryAttributes]:
-        fh, attr = self.vfs.create(parent_inode, name, mode, flags, caller(ctx))
+        fh, attr = await self.vfs.create(parent_inode, name, mode, flags, caller(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry(attr)
 
     @translated

@@ -165,9 +165,9 @@ class Vfs:
 
     # -- open files -----------------------------------------------------------------------
 
-    def create(self, parent_ino: int, raw_name: bytes, mode: int, flags: int,
-               caller: Caller) -> tuple[int, Attr]:
-        return self.files.create(parent_ino, raw_name, mode, caller, flags)
+    async def create(self, parent_ino: int, raw_name: bytes, mode: int, flags: int,
+                     caller: Caller) -> tuple[int, Attr]:
+        return await self.files.create(parent_ino, raw_name, mode, caller, flags)
 
     async def open(self, ino: int, flags: int, caller: Caller) -> int:
         return await self.files.open(ino, flags, caller)

@@ -109,7 +109,7 @@ def test_aggregates_equal_a_recomputation_through_every_change(opened: Store) ->
     # fsync then close: the close's version replaces the fsync's (history collapses), so the
     # file's oldest version goes and the times of every directory above it move.
     async def fsync_then_close() -> None:
-        fh, _ = vfs.create(d["e1/train/sub/deep"], b"fs", 0o644, os.O_WRONLY, ALICE)
+        fh, _ = await vfs.create(d["e1/train/sub/deep"], b"fs", 0o644, os.O_WRONLY, ALICE)
         await vfs.write(fh, 0, b"first")
         await vfs.fsync(fh)
         await vfs.write(fh, 5, b" and more")

@@ -46,7 +46,7 @@ def layer(vfs: Vfs) -> int:
 
 def write_file(vfs: Vfs, parent: int, name: bytes, data: bytes) -> int:
     async def go() -> int:
-        fh, attr = vfs.create(parent, name, 0o644, os.O_WRONLY, ALICE)
+        fh, attr = await vfs.create(parent, name, 0o644, os.O_WRONLY, ALICE)
         await vfs.write(fh, 0, data)
         await vfs.flush(fh)
         vfs.release(fh)
@@ -71,8 +71,8 @@ def expect_errno(code: int, fn: Callable[[], object]) -> None:
 
 def test_layout_rules(vfs: Vfs) -> None:
     parent = layer(vfs)
-    expect_errno(errno.EPERM, lambda: vfs.create(RUNS_INODE, b"f", 0o644, 0, ALICE))
-    expect_errno(errno.EPERM, lambda: vfs.create(ROOT_INODE, b"f", 0o644, 0, ALICE))
+    expect_errno(errno.EPERM, lambda: trio.run(vfs.create, RUNS_INODE, b"f", 0o644, 0, ALICE))
+    expect_errno(errno.EPERM, lambda: trio.run(vfs.create, ROOT_INODE, b"f", 0o644, 0, ALICE))
     expect_errno(errno.EPERM, lambda: vfs.mkdir(ROOT_INODE, b"d", 0o755, ALICE))
     expect_errno(errno.EROFS, lambda: vfs.mkdir(BLOBS_INODE, b"d", 0o755, ALICE))
     expect_errno(errno.EEXIST, lambda: vfs.mkdir(RUNS_INODE, b"e1", 0o755, ALICE))
@@ -101,7 +101,7 @@ def test_failed_write_is_sticky_and_nothing_is_published(vfs: Vfs) -> None:
     parent = layer(vfs)
 
     async def go() -> None:
-        fh, _attr = vfs.create(parent, b"broken", 0o644, os.O_WRONLY, ALICE)
+        fh, _attr = await vfs.create(parent, b"broken", 0o644, os.O_WRONLY, ALICE)
         await vfs.write(fh, 0, b"good start")
         inode = vfs._handles[fh].inode
         assert inode.temp is not None

@@ -275,7 +275,10 @@ class PgCore(SqliteCore):
         nodes = [int(row[0]) for row in self._pg.execute(
             "SELECT u.node_id FROM cafs_unfinished u JOIN nodes n ON n.id = u.node_id "
             "WHERE u.session_id = ANY(?) AND n.kind = 'file' AND n.version_id IS NULL "
-            "ORDER BY u.node_id FOR UPDATE OF n", (sessions,)).fetchall()]
+            # A live host that joined the create (a plain create of the same name) writes it:
+            "AND NOT EXISTS (SELECT 1 FROM cafs_writers w WHERE w.node_id = n.id "
+            "AND w.session_id <> ALL(?)) "
+            "ORDER BY u.node_id FOR UPDATE OF n", (sessions, sessions)).fetchall()]
         if nodes:
             self._pg.execute("DELETE FROM tags WHERE node_id = ANY(?)", (nodes,))
             self._pg.execute("DELETE FROM nodes WHERE id = ANY(?)", (nodes,))
@@ -302,7 +305,8 @@ class PgCore(SqliteCore):
                 cursor = db.execute(
                     "DELETE FROM nodes WHERE id IN (SELECT n.id FROM nodes n WHERE "
                     "n.kind = 'file' AND n.version_id IS NULL AND NOT EXISTS (SELECT 1 FROM "
-                    "cafs_unfinished u WHERE u.node_id = n.id) LIMIT ?)", (GC_BATCH,))
+                    "cafs_unfinished u WHERE u.node_id = n.id) AND NOT EXISTS (SELECT 1 FROM "
+                    "cafs_writers w WHERE w.node_id = n.id) LIMIT ?)", (GC_BATCH,))
             removed += cursor.rowcount
             if cursor.rowcount < GC_BATCH:
                 return removed

@@ -2,10 +2,10 @@
 
 Owns: putting the parts together — SqliteManifest's namespace, tags, content, maintenance and
 import parts (one set of queries; cafs.pg_manifest.dialect spells them for PostgreSQL) on
-PgCore's connection, transactions and retries — and the static proof that it implements
-cafs.manifest_api.Manifest. It is a SqliteManifest in Python's eyes, so every caller typed
-against the manifest cafs opens takes it. Must not hold SQL of its own. The web view's page
-queries (cafs ui) are SQLite's: here they refuse, clearly.
+PgCore's connection, transactions and retries, with PgWriters' changes for several hosts —
+and the static proof that it implements cafs.manifest_api.Manifest. It is a SqliteManifest in
+Python's eyes, so every caller typed against the manifest cafs opens takes it. Must not hold
+SQL of its own. The web view's page queries (cafs ui) are SQLite's: here they refuse, clearly.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from cafs import manifest_api
 from cafs.errors import ManifestError
-from cafs.pg_manifest.core import PgCore
+from cafs.pg_manifest.writers import PgWriters
 from cafs.sqlite_manifest.manifest import SqliteManifest
 
 
@@ -24,7 +24,7 @@ def _no_web_view() -> NoReturn:
                         "PostgreSQL", errno.ENOTSUP)
 
 
-class PgManifest(PgCore, SqliteManifest):
+class PgManifest(PgWriters, SqliteManifest):
     """A manifest in a PostgreSQL database (`manifest = "postgresql://..."`): the same rows
     and meaning as manifest.sqlite (see cafs.pg_manifest.schema). Opened by cafs.store."""
 

@@ -357,12 +357,45 @@ def m003_sessions(execute: Callable[[str], Any]) -> None:
         execute(f"COMMENT ON {target} IS {_quote(comment)}")
 
 
+_WRITERS = """
+CREATE TABLE cafs_writers (
+    session_id BIGINT NOT NULL REFERENCES cafs_sessions(id) ON DELETE CASCADE,
+    node_id BIGINT NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+    opened_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (session_id, node_id)
+);
+CREATE INDEX cafs_writers_node ON cafs_writers(node_id);
+"""
+
+WRITERS_COMMENTS: dict[tuple[str, str | None], str] = {
+    ("cafs_writers", None): "files open for writing, on any host: one row per mount (session) "
+                            "and file while that mount holds it open for writing. cafs seal "
+                            "refuses a run holding one; a file row with no version and no "
+                            "writer is an abandoned create",
+    ("cafs_writers", "session_id"): "the mount writing it (cafs_sessions.id): its rows go with "
+                                    "its session, so a dead host's writers vanish when its "
+                                    "session is removed",
+    ("cafs_writers", "node_id"): "the file (nodes.id); the row goes with the node (removed on "
+                                 "another host: nothing of that write will be published)",
+    ("cafs_writers", "opened_at"): "when this mount first opened it for writing (server clock)",
+}
+
+
+def m005_writers(execute: Callable[[str], Any]) -> None:
+    """Writers on several hosts: the files each mount holds open for writing, seen by all."""
+    execute(_WRITERS)
+    for (table, column), comment in WRITERS_COMMENTS.items():
+        target = f"TABLE {table}" if column is None else f"COLUMN {table}.{column}"
+        execute(f"COMMENT ON {target} IS {_quote(comment)}")
+
+
 # Numbered, applied in order, each once, each in the transaction that records it. Never edit
 # an applied one: add the next.
 MIGRATIONS: list[tuple[str, Callable[[Callable[[str], Any]], None]]] = [
     ("m001_initial", m001_initial),
     ("m002_shared", m002_shared),
     ("m003_sessions", m003_sessions),
+    ("m005_writers", m005_writers),
 ]
 
 NAMES = [name for name, _ in MIGRATIONS]

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from cafs import crashpoints
 from cafs.digest import Digest
-from cafs.errors import Corrupt
+from cafs.errors import NotFound
 from cafs.manifest_api import DirStats, NewVersion
 from cafs.model import SYMLINK_MODE, BlobRef, Kind, Node, StoredBlob, Version
 from cafs.sqlite_manifest.columns import (
@@ -96,9 +96,13 @@ class SqliteContent(Rows):
             self._lock_rows([new.node_id], stored.digest)
             row = db.execute(f"SELECT {NODE.select}, n.history_id, {_AGGREGATES_OF_N} "
                              "FROM nodes n WHERE n.id = ?", (new.node_id,)).fetchone()
-            if row is None:
-                raise Corrupt(f"node {new.node_id} vanished while being published")
+            if row is None:  # removed on another host while this one wrote it
+                raise NotFound(f"node {new.node_id} was removed while being published")
             node = NODE.decode(row, None)
+            if new.collapses is not None and node.version_id != new.collapses:
+                # Another writer (on another host) published after this open's earlier
+                # version: that one stays in history, in its place, and this one follows.
+                new = replace(new, collapses=None)
             if node.version_id is None and row[NODE.width] is None and new.collapses is None:
                 version_id, blob = self._record_first_version(
                     stored, new, node.parent, DIR_STATS_AFTER_NODE.decode(row))
@@ -107,12 +111,16 @@ class SqliteContent(Rows):
                                     mtime_ns=new.mtime_ns, ctime_ns=new.ctime_ns)
             else:
                 self._record_version(stored, new)
+            self._version_recorded(new)
             crashpoints.reached("before-manifest-commit")
         crashpoints.reached("after-manifest-commit")
         if published is None:
             published = self.node(new.node_id)
             assert published is not None
         return published
+
+    def _version_recorded(self, new: NewVersion) -> None:
+        """Inside a publish's transaction, after its rows: nothing more on one host."""
 
     def add_symlink(self, parent_id: int, name: str, stored: StoredBlob, *, uid: int, gid: int,
                     now_ns: int) -> Node:

@@ -8,7 +8,7 @@ change is allowed (names, kinds, permissions, sealed runs: the vfs core does).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from cafs.model import RUNS_INODE, Kind, Node
 from cafs.sqlite_manifest.columns import (
@@ -26,6 +26,9 @@ from cafs.sqlite_manifest.rows import Rows
 
 
 class SqliteNamespace(Rows):
+    # Start-up's removal of unfinished files, a batch at a time (see remove_unpublished).
+    _delete_unpublished = DELETE_UNPUBLISHED
+
     # -- reads ----------------------------------------------------------------------------
 
     def children(self, parent_id: int, after_id: int, limit: int) -> list[Node]:
@@ -154,18 +157,40 @@ class SqliteNamespace(Rows):
         removed = 0
         while True:
             with self._transaction() as db:
-                cursor = db.execute(DELETE_UNPUBLISHED, (GC_BATCH,))
+                cursor = db.execute(self._delete_unpublished, (GC_BATCH,))
             removed += cursor.rowcount
             if cursor.rowcount < GC_BATCH:
                 return removed
 
-    def seal(self, execution_id: int, root: str, now_ns: int) -> None:
+    def seal(self, execution_id: int, root: Callable[[], str], now_ns: int) -> str:
         with self._transaction() as db:
+            hashed = root()  # one host: its daemon counted its writers before
             db.execute(
                 "UPDATE nodes SET sealed_ns = ?, root_sha256 = ?, ctime_ns = ? "
                 "WHERE id = ? AND kind = 'execution'",
-                (now_ns, root, now_ns, execution_id),
+                (now_ns, hashed, now_ns, execution_id),
             )
+        return hashed
+
+    # -- writers: one host (see cafs.manifest_api.Writers) ----------------------------------
+
+    def open_writer(self, node: Node) -> Node | None:
+        return None
+
+    def close_writer(self, node_id: int) -> None:
+        return None
+
+    def drop_abandoned(self, node: Node, now_ns: int) -> bool:
+        current = self.node(node.ino)
+        if current is None:
+            return True
+        if current.version_id is not None:
+            return False
+        self.remove_node(node, now_ns)
+        return True
+
+    def writers_in(self, execution_id: int) -> int:
+        return 0
 
     def unseal(self, execution_id: int, now_ns: int) -> None:
         with self._transaction() as db:
