@@ -204,6 +204,10 @@ class PgCore(SqliteCore):
             row = db.execute("INSERT INTO cafs_sessions (host, mountpoint, pid) VALUES (?, ?, ?) "
                              "RETURNING id", (host, mountpoint, pid)).fetchone()
         self.session_id = int(row[0])
+        # Changes made from now on carry the session (cafs_changes.origin): this mount's own
+        # feed skips them. Set on this connection now and on every reconnect.
+        self._pg.session = self.session_id
+        self._pg.execute_raw(f"SET cafs.session = '{self.session_id}'")
         return self.session_id
 
     def beat(self) -> None:
