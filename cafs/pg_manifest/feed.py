@@ -104,12 +104,16 @@ class ChangeFeed:
             self.close()
             raise FeedError(f"change feed: connection lost: {exc}") from exc
         got, self._heard = self._heard, False
-        while conn.pgconn.notifies() is not None:
-            got = True
+        while (notify := conn.pgconn.notifies()) is not None:
+            got = got or self._theirs(notify.extra)
         return got
 
-    def _hear(self, _notify: psycopg.Notify) -> None:
-        self._heard = True
+    def _hear(self, notify: psycopg.Notify) -> None:
+        self._heard = self._heard or self._theirs(notify.payload.encode())
+
+    def _theirs(self, payload: bytes) -> bool:
+        """A notification of another mount's changes (the payload: the writer's session)."""
+        return self.session_id is None or payload != str(self.session_id).encode()
 
     def read(self) -> Batch:
         """The changes committed since the last read, by other mounts (see the module

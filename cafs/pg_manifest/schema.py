@@ -304,6 +304,8 @@ def m002_shared(execute: Callable[[str], Any]) -> None:
         execute(f"COMMENT ON {target} IS {_quote(comment)}")
 
 
+# One NOTIFY per transaction (PostgreSQL folds identical ones), its payload the writing mount's
+# session: a mount wakes only for the others' changes.
 _CHANGES = """
 CREATE TABLE cafs_changes (
     xid         xid8 NOT NULL DEFAULT pg_current_xact_id(),
@@ -333,7 +335,7 @@ BEGIN
         INSERT INTO cafs_changes (what, id, parent_id, name, old_parent_id, old_name)
         VALUES ('moved', NEW.id, NEW.parent_id, NEW.name, OLD.parent_id, OLD.name);
     END IF;
-    PERFORM pg_notify('cafs_changes', '');
+    PERFORM pg_notify('cafs_changes', coalesce(current_setting('cafs.session', true), ''));
     RETURN NULL;
 END $$;
 
@@ -341,7 +343,7 @@ CREATE FUNCTION cafs_changes_tags() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO cafs_changes (what, id)
     VALUES ('tags', CASE WHEN TG_OP = 'DELETE' THEN OLD.node_id ELSE NEW.node_id END);
-    PERFORM pg_notify('cafs_changes', '');
+    PERFORM pg_notify('cafs_changes', coalesce(current_setting('cafs.session', true), ''));
     RETURN NULL;
 END $$;
 
@@ -352,7 +354,7 @@ BEGIN
     ELSE
         INSERT INTO cafs_changes (what, id, name) VALUES ('damage', NEW.id, NEW.sha256);
     END IF;
-    PERFORM pg_notify('cafs_changes', '');
+    PERFORM pg_notify('cafs_changes', coalesce(current_setting('cafs.session', true), ''));
     RETURN NULL;
 END $$;
 
