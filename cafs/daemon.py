@@ -355,7 +355,8 @@ async def follow_changes(feed: ChangeFeed, vfs: Vfs, poll: float = FEED_POLL) ->
             elif batch.changes:
                 vfs.changed_elsewhere(batch.changes)
             failing = False
-            await trio.to_thread.run_sync(feed.trim)
+            if feed.trim_due:
+                await trio.to_thread.run_sync(feed.trim)
             with trio.move_on_after(poll):
                 while not feed.notified():
                     await trio.lowlevel.wait_readable(feed.socket)

@@ -9,8 +9,8 @@ Why snapshots and not a counter: a row gets its number when it is written, but l
 transaction commits, and commits land out of order; a reader that remembered "the highest
 number seen" would skip a slow transaction's rows for good. So each read takes the rows whose
 transaction is visible in this read's snapshot and was not in the previous read's: every
-committed change is read exactly once, whatever the order of commits. A read covers one
-snapshot (one REPEATABLE READ transaction) for that reason.
+committed change is read exactly once, whatever the order of commits. A read is one
+statement for that reason (one snapshot, one round trip).
 
 Gaps: rows are kept TRIM_AFTER seconds. A reader that has not read for longer than KEEP_UP
 (disconnected, or stuck) may have lost rows to the trim, and a NOTIFY sent while disconnected
@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psycopg
@@ -120,29 +119,27 @@ class ChangeFeed:
         docstring); `flush` after a (re)connect or a silence that may hide a gap."""
         conn = self._live()
         flush = self._snapshot is None or time.monotonic() - self._read_at > KEEP_UP
+        # One statement, so one snapshot: the rows it scans are exactly those of the
+        # transactions its pg_current_snapshot() shows committed (a statement's active
+        # snapshot in READ COMMITTED), and the next read starts from that one.
+        previous = self._snapshot or "1:1:"
         try:
-            with conn.transaction():
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                now = conn.execute("SELECT pg_current_snapshot()::text, "
-                                   "pg_snapshot_xmin(pg_current_snapshot())::text").fetchone()
-                assert now is not None
-                rows: Iterable[tuple[object, ...]] = []
-                if not flush:
-                    # origin NULL: a client that is no mount (an admin command).
-                    rows = conn.execute(
-                        "SELECT what, id, parent_id, name, old_parent_id, old_name "
-                        "FROM cafs_changes WHERE xid >= pg_snapshot_xmin(%s::pg_snapshot) "
-                        "AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot) "
-                        "AND (origin IS NULL OR origin <> %s)",
-                        (self._snapshot, self._snapshot, self.session_id or 0)).fetchall()
+            rows = conn.execute(
+                "WITH now AS (SELECT pg_current_snapshot() AS snapshot) "
+                "SELECT now.snapshot::text, pg_snapshot_xmin(now.snapshot)::text, c.what, c.id, "
+                "c.parent_id, c.name, c.old_parent_id, c.old_name FROM now LEFT JOIN "
+                "cafs_changes c ON NOT %s AND c.xid >= pg_snapshot_xmin(%s::pg_snapshot) "
+                "AND NOT pg_visible_in_snapshot(c.xid, %s::pg_snapshot) "
+                "AND (c.origin IS NULL OR c.origin <> %s)",  # NULL: not a mount (admin)
+                (flush, previous, previous, self.session_id or 0)).fetchall()
         except psycopg.Error as exc:
             self.close()
             raise FeedError(f"change feed: read failed: {exc}") from exc
-        self._snapshot = str(now[0])
+        self._snapshot = str(rows[0][0])
         self._read_at = time.monotonic()
-        self._sample(str(now[1]))
-        changes = tuple(Change(str(r[0]), int(str(r[1])), _int(r[2]), _str(r[3]), _int(r[4]),
-                               _str(r[5])) for r in rows)
+        self._sample(str(rows[0][1]))
+        changes = tuple(Change(str(r[2]), int(str(r[3])), _int(r[4]), _str(r[5]), _int(r[6]),
+                               _str(r[7])) for r in rows if r[2] is not None)
         return Batch(changes=changes, flush=flush)
 
     def _sample(self, xmin: str) -> None:
@@ -150,11 +147,15 @@ class ChangeFeed:
         if not self._xmins or now - self._xmins[-1][0] >= TRIM_EVERY:
             self._xmins.append((now, xmin))
 
+    @property
+    def trim_due(self) -> bool:
+        return time.monotonic() - self._trimmed_at >= TRIM_EVERY
+
     def trim(self) -> int:
         """Delete the rows of transactions older than TRIM_AFTER (every mount does, now and
         then; they agree, so it does not matter which); returns how many went."""
         now = time.monotonic()
-        if now - self._trimmed_at < TRIM_EVERY:
+        if not self.trim_due:
             return 0
         self._trimmed_at = now
         cutoff = None
