@@ -134,6 +134,37 @@ def manifest_rate(url: str, files: int, writers: int, tag: str) -> float:
     return files * writers / seconds
 
 
+def feed_cost(a: Path, pids: dict[str, int], port: int, args: argparse.Namespace,
+              label: str) -> None:
+    """4 KiB creates per second on A with the feed's triggers on and off, interleaved, best
+    of args.repeat; and the CPU each daemon spent per create."""
+    for writers in (1, 4):
+        rates: dict[str, list[float]] = {"feed": [], "no feed": []}
+        cpu = {(name, host): 0.0 for name in rates for host in pids}
+        for round_no in range(args.repeat):
+            for name, on in (("feed", True), ("no feed", False)):
+                feed_triggers(port, on)
+                target = a / "runs" / (f"c{len(pids)}-{writers}-{name.replace(' ', '')}-"
+                                       f"{round_no}")
+                target.mkdir()
+                before = {host: cpu_seconds(pid) for host, pid in pids.items()}
+                rate = write_figures.create_rate({name: target}, args.creates, writers, 1)
+                for host, pid in pids.items():
+                    cpu[name, host] += cpu_seconds(pid) - before[host]
+                rates[name].append(rate[name])
+        feed_triggers(port, True)
+        with_feed, without = max(rates["feed"]), max(rates["no feed"])
+        loss = (1 - with_feed / without) * 100
+        print(f"  4 KiB creates on A, {writers} writer(s), {label}: with the feed "
+              f"{with_feed:,.0f}/s, without {without:,.0f}/s: {loss:+.1f}% lost "
+              f"(target <= 10%: {'met' if loss <= 10 else 'MISSED'}); all rounds: "
+              f"{_rounded(rates['feed'])} vs {_rounded(rates['no feed'])}")
+        made = args.creates * writers * args.repeat
+        print("    daemon CPU ms per create, with / without the feed: " + ", ".join(
+            f"{host} {cpu['feed', host] / made * 1000:.2f} / "
+            f"{cpu['no feed', host] / made * 1000:.2f}" for host in pids))
+
+
 def _rounded(values: list[float]) -> str:
     return "/".join(f"{value:.0f}" for value in values)
 
@@ -166,45 +197,24 @@ def main() -> None:
         flags = ("--manifest", f"postgresql://postgres@127.0.0.1:{port}/cafs",
                  "--blobs", server.url("hosts"))
         a = stack.enter_context(mounted(work / "store-a", work / "ma", *flags))
-        b = stack.enter_context(mounted(work / "store-b", work / "mb", *flags))
-        times = close_to_open(a, b, args.rounds, args.size)
-        every = [t for values in times.values() for t in values]
-        for kind, values in [*times.items(), ("all", every)]:
-            median, p99 = statistics.median(values) * 1000, percentile(values, 0.99) * 1000
-            print(f"  close on A -> open+read on B, {kind:<9} ({len(values)}, "
-                  f"{args.size >> 10} KiB): median {median:7.2f} ms, p99 {p99:7.2f} ms, "
-                  f"max {max(values) * 1000:7.2f} ms")
-        median, p99 = statistics.median(every) * 1000, percentile(every, 0.99) * 1000
-        print(f"  target median <= 100 ms: {'met' if median <= 100 else 'MISSED'}; "
-              f"p99 <= 1000 ms: {'met' if p99 <= 1000 else 'MISSED'}")
-        pids = {"A": daemon_pid(work / "store-a"), "B": daemon_pid(work / "store-b")}
-        for writers in (1, 4):
-            rates: dict[str, list[float]] = {"feed": [], "no feed": []}
-            cpu = {(name, host): 0.0 for name in rates for host in pids}
-            for round_no in range(args.repeat):
-                for name, on in (("feed", True), ("no feed", False)):
-                    feed_triggers(port, on)
-                    target = a / "runs" / f"c{writers}-{name.replace(' ', '')}-{round_no}"
-                    target.mkdir()
-                    before = {host: cpu_seconds(pid) for host, pid in pids.items()}
-                    rate = write_figures.create_rate({name: target}, args.creates, writers, 1)
-                    for host, pid in pids.items():
-                        cpu[name, host] += cpu_seconds(pid) - before[host]
-                    rates[name].append(rate[name])
-            feed_triggers(port, True)
-            with_feed, without = max(rates["feed"]), max(rates["no feed"])
-            loss = (1 - with_feed / without) * 100
-            print(f"  4 KiB creates on A, {writers} writer(s), B following: with the feed "
-                  f"{with_feed:,.0f}/s, without {without:,.0f}/s: {loss:+.1f}% lost "
-                  f"(target <= 10%: {'met' if loss <= 10 else 'MISSED'}); all rounds: "
-                  f"{_rounded(rates['feed'])} vs {_rounded(rates['no feed'])}")
-            made = args.creates * writers * args.repeat
-            print("    daemon CPU ms per create, with / without the feed: " + ", ".join(
-                f"{host} {cpu['feed', host] / made * 1000:.2f} / "
-                f"{cpu['no feed', host] / made * 1000:.2f}" for host in pids))
+        pids = {"A": daemon_pid(work / "store-a")}
+        with mounted(work / "store-b", work / "mb", *flags) as b:
+            times = close_to_open(a, b, args.rounds, args.size)
+            every = [t for values in times.values() for t in values]
+            for kind, values in [*times.items(), ("all", every)]:
+                median, p99 = statistics.median(values) * 1000, percentile(values, 0.99) * 1000
+                print(f"  close on A -> open+read on B, {kind:<9} ({len(values)}, "
+                      f"{args.size >> 10} KiB): median {median:7.2f} ms, p99 {p99:7.2f} ms, "
+                      f"max {max(values) * 1000:7.2f} ms")
+            median, p99 = statistics.median(every) * 1000, percentile(every, 0.99) * 1000
+            print(f"  target median <= 100 ms: {'met' if median <= 100 else 'MISSED'}; "
+                  f"p99 <= 1000 ms: {'met' if p99 <= 1000 else 'MISSED'}")
+            feed_cost(a, {**pids, "B": daemon_pid(work / "store-b")}, port, args,
+                      "B following on this machine")
+        feed_cost(a, pids, port, args, "A alone")
         url = f"postgresql://postgres@127.0.0.1:{port}/cafs"
         for writers in (1, 4):
-            rates = {"feed": [], "no feed": []}
+            rates: dict[str, list[float]] = {"feed": [], "no feed": []}
             for round_no in range(args.repeat):
                 for name, on in (("feed", True), ("no feed", False)):
                     feed_triggers(port, on)

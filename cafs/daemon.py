@@ -327,7 +327,7 @@ async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Stor
 
 
 FEED_POLL = 1.0  # seconds: the change feed is read at least this often, notified or not
-FEED_GAP = 0.01  # seconds: and at most this often
+FEED_GAP = 0.05  # seconds: and at most this often
 
 
 async def follow_changes(feed: ChangeFeed, vfs: Vfs, poll: float = FEED_POLL) -> None:
@@ -344,7 +344,8 @@ async def follow_changes(feed: ChangeFeed, vfs: Vfs, poll: float = FEED_POLL) ->
             if not feed.connected:
                 await trio.to_thread.run_sync(feed.connect)
             # Notifications that come closer together are read together: a busy writer on
-            # another host costs this mount at most 1 / FEED_GAP reads a second.
+            # another host costs this mount at most 1 / FEED_GAP reads a second (a lone
+            # change is read at once: the last read is long past).
             await trio.sleep_until(read_at + FEED_GAP)
             read_at = trio.current_time()
             batch = await trio.to_thread.run_sync(feed.read)
