@@ -321,19 +321,25 @@ def test_the_feed_reads_every_commit_once_whatever_the_order_they_land_in(
     reader.close()
 
 
-def test_the_feed_notifies_once_skips_its_own_changes_and_flushes_after_a_reconnect(
-        pg_url: str) -> None:
+def test_the_feed_wakes_for_other_mounts_changes_only_and_flushes_after_a_gap(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = PgManifest(pg_url)
     session = manifest.start_session("here", "/mnt", os.getpid())
     reader = ChangeFeed(pg_url, session_id=session)
     reader.connect()
     reader.read()
     manifest.add_node(2, "mine", Kind.EXECUTION, 0o755, 0, 0, time.time_ns())
+    time.sleep(0.3)
+    assert not reader.notified()  # its own change: no wake-up
     with psycopg.connect(pg_url, autocommit=True) as other:
         _insert_dir(other, "theirs")
     within(2.0, lambda: reader.notified())
-    assert _names(reader.read()) == ["theirs"]  # its own changes: skipped
+    assert _names(reader.read()) == ["theirs"]  # its own changes are not read either
     reader.connect()  # a reconnect: notifications were lost meanwhile
+    assert reader.read().flush
+    assert not reader.read().flush
+    monkeypatch.setattr(feed, "KEEP_UP", 0.0)  # silent longer than rows are surely kept
+    time.sleep(0.01)
     assert reader.read().flush
     manifest.close()
     reader.close()
