@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Any, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -31,10 +31,12 @@ from cafs.errors import CafsError, MountError, StoreError
 from cafs.mountpoint import check_mountpoint
 from cafs.ops import CafsOperations
 from cafs.options import MountConfig
-from cafs.pg_manifest.feed import ChangeFeed, FeedError
 from cafs.store import Store, check_placement, mount_owner, real_store_path
 from cafs.vfs import Vfs
 from cafs.writers import Processes
+
+if TYPE_CHECKING:
+    from cafs.pg_manifest.feed import ChangeFeed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -239,6 +241,7 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         if store.manifest_url is not None:  # other hosts may serve this manifest too
             session = cast(Any, store.manifest).start_session(
                 socket.gethostname(), str(cfg.mountpoint), os.getpid())
+            from cafs.pg_manifest.feed import ChangeFeed  # psycopg only where it is used
             feed = ChangeFeed(store.manifest_url, session)
         # With a group sync, a close() needs no fsync (see LocalBlobStore.sync_each_publish).
         store.blobs.sync_each_publish = cfg.settings.sync_interval <= 0
@@ -337,6 +340,8 @@ async def follow_changes(feed: ChangeFeed, vfs: Vfs, poll: float = FEED_POLL) ->
     a silence that may hide a gap, the first read says flush: every cache goes. Reads run in a
     worker thread (a hung server must not stall requests); the caches are changed on the
     event loop, between requests."""
+    from cafs.pg_manifest.feed import FeedError
+
     failing = False
     read_at = 0.0
     while True:
