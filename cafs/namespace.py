@@ -672,8 +672,9 @@ class Namespace:
         dropped whole: they summarize many rows."""
         removed: list[BlobRef] = []
         for change in changes:
-            if change.what == "tags":
-                continue  # xattrs are read from the manifest at each call; records go below
+            if change.what == "tags":  # read from the manifest at each call; records below
+                self.cache.drop(change.id)
+                continue
             if change.what == "blob":
                 removed.append(BlobRef(change.id, Digest(change.name or ""), 0, 0, "raw"))
             elif change.what == "damage":

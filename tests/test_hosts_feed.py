@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import subprocess
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from backends import PgCluster, WeedServer, running_pg_cluster, wait_for_pg
-from conftest import require_fuse, unmount_whatever_state
+from conftest import cafs, require_fuse, unmount_whatever_state
 from hosts import Host
 from hosts import hosts as hosts  # the fixture
 from tcp_proxy import TcpProxy
@@ -360,3 +361,35 @@ def test_old_change_rows_are_trimmed(pg_url: str, monkeypatch: pytest.MonkeyPatc
         count = other.execute("SELECT count(*) FROM cafs_changes").fetchone()
         assert count is not None and count[0] == 1
     reader.close()
+
+
+def test_tags_and_records_changed_on_a_show_on_b(hosts: list[Host]) -> None:
+    """What b computes or caches from many rows (a layer's .record.json) and the user tags it
+    reads follow a's changes too."""
+    a, b = hosts
+    layer_a = a.layer()
+    (layer_a / "one").write_bytes(b"1")
+    record_b = b.runs / "e1" / "train" / ".record.json"
+    within(SOON, lambda: json.loads(record_b.read_bytes())["artifacts"] == 1)
+    (layer_a / "two").write_bytes(b"22")
+    within(SOON, lambda: json.loads(record_b.read_bytes())["artifacts"] == 2)
+    subprocess.run(["setfattr", "-n", "user.stage", "-v", "eval", str(layer_a / "one")],
+                   check=True)
+    file_b = b.runs / "e1" / "train" / "one"
+    within(SOON, lambda: os.getxattr(file_b, "user.stage") == b"eval")
+    within(SOON, lambda: json.loads(record_b.read_bytes())["logical_bytes"] == 3)
+
+
+def test_a_run_sealed_on_a_refuses_changes_on_b(hosts: list[Host]) -> None:
+    a, b = hosts
+    (a.layer() / "f").write_bytes(b"f")
+    target = b.runs / "e1" / "train" / "f"
+    within(SOON, lambda: target.read_bytes() == b"f")
+    assert (target.parent / "g").write_bytes(b"g") == 1  # b may write while it is open
+    cafs("seal", str(a.runs / "e1"), env=a.command_env())
+    record = b.runs / "e1" / ".record.json"
+    within(SOON, lambda: json.loads(record.read_bytes())["sealed"] is True)
+    with pytest.raises(OSError) as refused:
+        (target.parent / "h").write_bytes(b"h")
+    assert refused.value.errno == errno.EROFS
+    assert sorted(os.listdir(target.parent)) == ["f", "g"]
