@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Any, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -35,6 +35,9 @@ from cafs.sessions import SessionKeeper
 from cafs.store import Store, check_placement, mount_owner, real_store_path
 from cafs.vfs import Vfs
 from cafs.writers import Processes
+
+if TYPE_CHECKING:
+    from cafs.pg_manifest.feed import ChangeFeed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -137,8 +140,21 @@ class PyfuseKernel:
 
     async def run(self) -> None:
         async for ino in self._receive:
-            with contextlib.suppress(OSError):  # ENOENT: the kernel holds nothing for it
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
+            # Whatever else is queued goes in the same trip to a worker thread: another host's
+            # busy writer (the change feed) queues a few inodes per file it makes.
+            batch = {ino}
+            while len(batch) < 1000:
+                try:
+                    batch.add(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await trio.to_thread.run_sync(_invalidate_inodes, batch)
+
+
+def _invalidate_inodes(inodes: set[int]) -> None:
+    for ino in inodes:
+        with contextlib.suppress(OSError):  # ENOENT: the kernel holds nothing for it
+            pyfuse3.invalidate_inode(ino)
 
 
 class SystemdNotifier:
@@ -229,6 +245,10 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         except CafsError as exc:
             log.warning("cannot record the start-up check in the manifest: %s", exc)
         keeper = _start_session(store, cfg)
+        feed = None
+        if keeper is not None:  # other hosts may serve this manifest too
+            from cafs.pg_manifest.feed import ChangeFeed  # psycopg only where it is used
+            feed = ChangeFeed(str(store.manifest_url), keeper.session)
         # With a group sync, a close() needs no fsync (see LocalBlobStore.sync_each_publish).
         store.blobs.sync_each_publish = cfg.settings.sync_interval <= 0
         kernel = PyfuseKernel()
@@ -237,14 +257,14 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         vfs = Vfs(store.manifest, store.blobs, runtime,
                   max_artifact_size=cfg.settings.max_artifact_size, kernel=kernel,
                   max_open_files=open_files_cap(cfg.settings.max_open_files),
-                  processes=processes)
+                  processes=processes, shared=feed is not None)
         try:
             pyfuse3.init(CafsOperations(vfs), str(cfg.mountpoint), fuse_options(cfg))
         except RuntimeError as exc:
             raise MountError(f"cannot mount {cfg.mountpoint}: {exc}") from None
         runtime.watch_requests(fuse_device_fd())
         try:
-            trio.run(_main_loop, cfg, on_ready, store, vfs, kernel, processes)
+            trio.run(_main_loop, cfg, on_ready, store, vfs, kernel, processes, feed)
         except BaseException:
             # Unmount only after a clean stop. After a failure the mount must stay a dead mount
             # (ENOTCONN) until an operator or the unit's ExecStopPost clears it: unmounted,
@@ -252,6 +272,8 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             pyfuse3.close(unmount=False)
             raise
         pyfuse3.close(unmount=True)
+        if feed is not None:
+            feed.close()
         # Unmounted, no write is in progress: a temp still here is one whose removal failed.
         with contextlib.suppress(OSError):
             store.blobs.clean_tmp()
@@ -301,7 +323,8 @@ def _roll_back_unsynced(store: Store) -> None:
 
 
 async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Store, vfs: Vfs,
-                     kernel: PyfuseKernel, processes: Processes) -> None:
+                     kernel: PyfuseKernel, processes: Processes,
+                     feed: ChangeFeed | None = None) -> None:
     async def run_admin(command: str, args: dict[str, Any], files: list[IO[bytes]],
                         progress: Callable[[str, int, int], None]) -> dict[str, Any]:
         admin = Admin(store, TrioRuntime(), vfs, mounted=True, progress=progress,
@@ -313,6 +336,8 @@ async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Stor
         nursery.start_soon(kernel.run)
         nursery.start_soon(serve_control, store.root, run_admin)
         nursery.start_soon(_announce_ready, cfg.mountpoint, on_ready, processes)
+        if feed is not None:
+            nursery.start_soon(follow_changes, feed, vfs)
         interval = watchdog_interval()
         if interval is not None:
             nursery.start_soon(_ping_watchdog, interval)
@@ -323,6 +348,52 @@ async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Stor
             nursery.start_soon(_backup_periodically, store, cfg.settings.backup_interval)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+FEED_POLL = 1.0  # seconds: the change feed is read at least this often, notified or not
+FEED_GAP = 0.05  # seconds: and at most this often
+
+
+async def follow_changes(feed: ChangeFeed, vfs: Vfs, poll: float = FEED_POLL) -> None:
+    """Keep this mount's caches true to what other hosts' mounts change (close-to-open):
+    read the change feed whenever a NOTIFY arrives, and every `poll` seconds anyway (a push
+    only speeds up the poll: notifications are lost while disconnected). After a reconnect or
+    a silence that may hide a gap, the first read says flush: every cache goes. Reads run in a
+    worker thread (a hung server must not stall requests); the caches are changed on the
+    event loop, between requests."""
+    from cafs.pg_manifest.feed import FeedError
+
+    failing = False
+    read_at = 0.0
+    while True:
+        try:
+            if not feed.connected:
+                await trio.to_thread.run_sync(feed.connect)
+            # Notifications that come closer together are read together: a busy writer on
+            # another host costs this mount at most 1 / FEED_GAP reads a second (a lone
+            # change is read at once: the last read is long past).
+            await trio.sleep_until(read_at + FEED_GAP)
+            read_at = trio.current_time()
+            batch = await trio.to_thread.run_sync(feed.read)
+            if batch.flush:
+                vfs.forget_everything()
+                if failing:
+                    log.info("change feed: reconnected; every cache flushed")
+            elif batch.changes:
+                vfs.changed_elsewhere(batch.changes)
+            failing = False
+            if feed.trim_due:
+                await trio.to_thread.run_sync(feed.trim)
+            with trio.move_on_after(poll):
+                while not feed.notified():
+                    await trio.lowlevel.wait_readable(feed.socket)
+        except FeedError as exc:
+            if not failing:
+                log.warning("%s; retrying every %.0f s (other hosts' changes show once their "
+                            "kernel timeouts pass)", exc, poll)
+            failing = True
+            feed.close()
+            await trio.sleep(poll)
 
 
 def _backup(store: Store) -> bool:

@@ -215,3 +215,18 @@ class AttrChanges:
     size: int | None = None
     mtime_ns: int | None = None
     atime_ns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One row another mount changed in a shared manifest (its change feed): what the caches
+    of this mount must forget. `what`: added, removed, changed (attributes or current
+    version), moved (id = the node), tags (a node's user xattrs), blob (a content removed;
+    id = blobs.id, name = its sha256), damage (a content marked damaged or healed)."""
+
+    what: str
+    id: int
+    parent_id: int | None = None  # node: its directory after the change
+    name: str | None = None  # node: its name after the change; blob: the sha256
+    old_parent_id: int | None = None  # node moved or renamed: where it was
+    old_name: str | None = None

@@ -23,6 +23,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from cafs.blobstore import SpaceGuard
+from cafs.digest import Digest
 from cafs.errors import (
     AlreadyExists,
     CafsError,
@@ -47,6 +48,7 @@ from cafs.model import (
     AttrChanges,
     BlobRef,
     Caller,
+    Change,
     Kind,
     Node,
 )
@@ -107,6 +109,11 @@ class NodeCache:
     def drop_entry(self, parent: int, name: str) -> None:
         self._entries.pop((parent, name))
 
+    def clear(self) -> None:
+        self._nodes.clear()
+        self._entries.clear()
+        self._attrs.clear()
+
 
 class Listing:
     """One opendir of a stored directory: the page of children last read from the manifest.
@@ -156,6 +163,9 @@ class Pages:
 
     def drop(self, ino: int) -> None:
         self._dirs.pop(ino)
+
+    def clear(self) -> None:
+        self._dirs.clear()
 
 
 def lookup_name(raw: bytes) -> str:
@@ -237,8 +247,13 @@ class PlacementRefusals:
 
 class Namespace:
     def __init__(self, manifest: Manifest, space: SpaceGuard, virtual: VirtualNodes,
-                 opened: OpenTable, kernel: KernelNotifier, cache_entries: int) -> None:
+                 opened: OpenTable, kernel: KernelNotifier, cache_entries: int,
+                 shared: bool = False) -> None:
         self.manifest = manifest
+        # Other hosts' mounts change this manifest too (PostgreSQL): a row seen without a
+        # version may be a file another host is writing, and the kernel is told which version
+        # of each file its attributes describe (OpenTable.told).
+        self.shared = shared
         self.space = space
         self.virtual = virtual
         self.opened = opened
@@ -347,6 +362,14 @@ class Namespace:
         return self.attr(self.node(ino), caller)
 
     def attr(self, node: Node, caller: Caller | None = None) -> Attr:
+        if self.shared and node.kind is Kind.FILE:
+            # What the kernel will hold (see OpenFiles.open); while an older, longer version
+            # is still read here, the kernel must not cut those reads at the new size.
+            self.opened.tell(node.ino, node.version_id)
+            longer = self.opened.older_open_size(node)
+            if longer > node.size:
+                return replace(self._attr(node, caller, self.opened.inode(node.ino)),
+                               size=longer)
         known = self.cache.attr(node)  # never a record's
         opened = self.opened.inode(node.ino)
         if opened is None:
@@ -661,3 +684,58 @@ class Namespace:
 
     def statfs(self) -> os.statvfs_result:
         return self.space.statvfs()
+
+    # -- changes made by other mounts of a shared manifest (its change feed) --------------
+
+    def changed_elsewhere(self, changes: Iterable[Change]) -> None:
+        """Rows another mount changed: forget what this mount cached of them and tell the
+        kernel (queued: this runs outside any request). Records and per-user answers are
+        dropped whole: they summarize many rows."""
+        removed: list[BlobRef] = []
+        for change in changes:
+            if change.what == "tags":  # read from the manifest at each call; records below
+                self.cache.drop(change.id)
+                continue
+            if change.what == "blob":
+                removed.append(BlobRef(change.id, Digest(change.name or ""), 0, 0, "raw"))
+            elif change.what == "damage":
+                self.forget_everything()  # every artifact holding it reads or fails anew
+            else:
+                self._node_changed_elsewhere(change)
+        if removed:
+            self.blobs_removed(removed)
+        self.virtual.forget()
+
+    def _node_changed_elsewhere(self, change: Change) -> None:
+        ino = change.id
+        self.cache.drop(ino)
+        self.opened.told.pop(ino, None)
+        self.kernel.inode_changed(ino)
+        if change.what == "changed":
+            return  # same name, same place: listings and the kernel's entry stand
+        if change.what == "removed":
+            opened = self.opened.inode(ino)
+            if opened is not None and not opened.unlinked:
+                # As an unlink here: open descriptors read on; a write in progress here has
+                # nothing left to publish to.
+                opened.unlinked = True
+                opened.node = replace(opened.node, nlink=0)
+        places = [(change.parent_id, change.name), (change.old_parent_id, change.old_name)]
+        for parent, name in places:
+            if parent is None or name is None:
+                continue
+            self.cache.drop_entry(parent, name)
+            self.directory_changed(parent)
+            # A name gone, or one that came where the kernel remembers its absence.
+            self.kernel.entry_gone(parent, name)
+
+    def forget_everything(self) -> None:
+        """Every cached node, listing, record and page-cache promise may be stale (the change
+        feed reconnected or may have missed rows): forget them. The kernel's entries and
+        attributes of runs/ expire within a second on a shared manifest (cafs.ops); pages are
+        kept only for versions it is told of again (OpenFiles.open)."""
+        self.cache.clear()
+        self.pages.clear()
+        self.virtual.forget()
+        self.opened.told.clear()
+        self.opened.idle.clear()

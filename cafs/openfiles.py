@@ -67,6 +67,9 @@ DEFAULT_MAX_OPEN_FILES = 10_000
 # Readers of closed files kept open for the next open of the same content (at most this many,
 # fewer under a small max_open_files: they count against it and go first when it is reached).
 IDLE_READERS = 32
+# Inodes whose version the kernel was last told of (OpenTable.told), at most; then forgotten
+# whole, and an open of a forgotten one bypasses the page cache once (direct_io).
+TOLD_KEPT = 65_536
 
 
 @dataclass(eq=False)
@@ -91,6 +94,9 @@ class OpenInode:
     # The manifest records this mount writing it (hosts share the manifest): ended when its
     # last writable handle goes (OpenFiles.end_writer).
     registered: bool = False
+    # A newer version was opened since on a shared manifest: this one serves only the handles
+    # that opened it, and is no longer the table's entry for its inode.
+    superseded: bool = False
 
 
 @dataclass(eq=False)
@@ -112,6 +118,10 @@ class Handle:
     accmode: int = os.O_RDWR
     # Its opener has closed it (or is gone): it no longer holds back another writer's publish.
     finished: bool = False
+    # What the kernel is told at open (OpenFiles.open): keep the pages it cached of the file,
+    # or read through it, past the page cache and the size it holds (another host's version).
+    keep_cache: bool = True
+    direct_io: bool = False
 
 
 def descriptors_wanted(kind: Kind, writable: bool) -> int:
@@ -144,9 +154,41 @@ class OpenTable:
         self.descriptors = 0  # the sum of OpenInode.descriptors
         self.idle = IdleReaders(min(IDLE_READERS, max_open_files // 4))
         self._next_fh = 1
+        # Shared manifests only: inode -> the version (versions.id) of the attributes last
+        # given to the kernel, hence of any page it caches (libfuse's auto_inval_data drops
+        # pages whenever new attributes show another size or mtime). The change feed forgets
+        # an inode changed elsewhere; open compares with the current version.
+        self.told: dict[int, int | None] = {}
+        # Inodes with a superseded OpenInode still open: the page cache may hold its bytes.
+        self.superseded: dict[int, list[OpenInode]] = {}
 
     def inode(self, ino: int) -> OpenInode | None:
         return self.inodes.get(ino)
+
+    def tell(self, ino: int, version: int | None) -> None:
+        if len(self.told) >= TOLD_KEPT:
+            self.told.clear()
+        self.told[ino] = version
+
+    def supersede(self, inode: OpenInode) -> None:
+        """A newer version of the inode is opened: `inode` keeps its handles, and the next
+        open of the inode gets an OpenInode of its own."""
+        if self.inodes.get(inode.node.ino) is inode:
+            del self.inodes[inode.node.ino]
+        if not inode.superseded:
+            inode.superseded = True
+            self.superseded.setdefault(inode.node.ino, []).append(inode)
+
+    def older_open_size(self, node: Node) -> int:
+        """The largest size of an older version of `node` open here (0: none). The kernel
+        keeps one size per file and cuts reads through its page cache there: a descriptor
+        still reading a longer version would end early."""
+        inodes = list(self.superseded.get(node.ino, ()))
+        current = self.inodes.get(node.ino)
+        if current is not None and current.temp is None:
+            inodes.append(current)
+        return max((inode.node.size for inode in inodes
+                    if inode.node.version_id != node.version_id), default=0)
 
     def handle(self, fh: int) -> Handle:
         try:
@@ -340,6 +382,8 @@ class Publisher:
         inode.mtime_ns = inode.changed_ns = None
         inode.node = new_node
         self.tree.cache.put(new_node)
+        if self.tree.shared:  # the kernel saw every write: its pages are this version's
+            self.tree.opened.tell(new_node.ino, new_node.version_id)
         # No kernel cache invalidation here: the content changed through this kernel (its page
         # cache saw every write, atomic O_TRUNC truncated it, writes invalidated attributes).
         # Measured: invalidating each published inode cost ~1.1 ms per small file.
@@ -388,6 +432,7 @@ class OpenFiles:
                  publisher: Publisher, max_artifact_size: int,
                  processes: Processes | NoProcesses | None = None) -> None:
         self.tree = tree
+        self.shared = tree.shared
         self.processes = processes or NoProcesses()
         self.blobs = blobs
         self.runtime = runtime
@@ -468,6 +513,8 @@ class OpenFiles:
             raise IsADirectory()
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         registering = False
+        if self.shared and node.kind is Kind.FILE:
+            node = self._current(node)
         if writable:
             refuse_fixed_change(node)
             self.tree.check_unsealed(node)
@@ -480,6 +527,8 @@ class OpenFiles:
             raise
         inode.registered = inode.registered or registering
         handle = self.table.new_handle(inode, writable, caller)
+        if self.shared and node.kind is Kind.FILE:
+            self._page_cache(handle)
         if writable:
             self._note_opener(handle, flags)
         # libfuse negotiates atomic O_TRUNC: truncation arrives here, not as setattr(size=0).
@@ -535,6 +584,60 @@ class OpenFiles:
         if inode.registered and not any(handle.writable for handle in inode.handles):
             inode.registered = False
             self._end_writer_of(inode.node.ino)
+
+    def _current(self, node: Node) -> Node:
+        """Close-to-open on a shared manifest: the file's current version, asked of the
+        manifest (one indexed read), whatever this mount cached; ENOENT if another host
+        removed it. An open inode of an older version keeps its handles (they read on what
+        they opened) and leaves the table to the new one."""
+        existing = self.table.inode(node.ino)
+        if existing is not None and (existing.temp is not None or existing.unlinked
+                                     or any(h.writable for h in existing.handles)):
+            return existing.node  # a write in progress here: what this host shows
+        current = self.tree.manifest.node(node.ino)
+        if current is None:
+            self.tree.cache.drop(node.ino)
+            raise NotFound(f"{node.name}: removed by another mount")
+        if current != node:
+            self.tree.cache.put(current)
+        if existing is not None and existing.node.version_id != current.version_id:
+            self.table.supersede(existing)
+        return current
+
+    def _page_cache(self, handle: Handle) -> None:
+        """Keep the kernel's pages only if they are of the version this open serves: the
+        kernel was told of this version (its size, so its pages), and no older one is still
+        open here (its reads fill the same page cache). Otherwise read past the page cache and
+        the size the kernel holds (direct_io), and have the kernel drop both after this
+        request."""
+        node = handle.inode.node
+        if (self.table.told.get(node.ino, -1) == node.version_id
+                and node.ino not in self.table.superseded):
+            return
+        handle.keep_cache, handle.direct_io = False, True
+        self.publisher.kernel.inode_changed(node.ino)
+
+    def _forget_older_pages(self, inode: OpenInode) -> None:
+        """The last handle of a version other than the one the kernel was last told of is
+        gone: its reads may have filled the page cache with its bytes, and the size the kernel
+        holds may be its (older_open_size). Both are dropped."""
+        ino = inode.node.ino
+        if inode.superseded:
+            inode.superseded = False
+            older = self.table.superseded.get(ino, [])
+            if inode in older:
+                older.remove(inode)
+            if not older:
+                self.table.superseded.pop(ino, None)
+        elif self.table.told.get(ino, -1) == inode.node.version_id:
+            return
+        self.table.told.pop(ino, None)
+        self.publisher.kernel.inode_changed(ino)
+
+    def page_cache(self, fh: int) -> tuple[bool, bool]:
+        """(keep_cache, direct_io) for the kernel's answer to this open."""
+        handle = self.table.handle(fh)
+        return handle.keep_cache, handle.direct_io
 
     def _note_opener(self, handle: Handle, flags: int) -> None:
         """Remember which process opened a file for writing (OPEN and CREATE carry the
@@ -614,6 +717,8 @@ class OpenFiles:
     def close_inode(self, inode: OpenInode) -> None:
         if inode.handles:
             return
+        if self.shared:
+            self._forget_older_pages(inode)
         if inode.readers_in_threads:  # the last of them closes it (see read)
             self.table.forget(inode)
             return

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from cafs.errors import CafsError, Damaged
-from cafs.model import MAX_NAME_BYTES, Attr, AttrChanges, Caller
+from cafs.model import BLOB_INODE_BASE, MAX_NAME_BYTES, Attr, AttrChanges, Caller
 from cafs.vfs import Vfs
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 # caches when it does: so the kernel may keep entries and attributes for a long time.
 ENTRY_TIMEOUT = 300.0
 ATTR_TIMEOUT = 300.0
+# A shared manifest (several hosts): names and attributes under runs/ change on other hosts.
+# The change feed invalidates them within milliseconds; this bounds what a lost notification
+# or a reconnect can leave stale (new and removed names show within a second). blobs/<sha256>
+# never changes: it keeps the long ones.
+SHARED_TIMEOUT = 1.0
 # st_blksize: what cp, Python's buffered files and friends use as their I/O size. 1 MiB, the
 # largest WRITE the kernel sends us (max_write): `cp` of a file up to 1 MiB is then one WRITE
 # request, not eight of 128 KiB, and every request costs a round trip through the daemon.
@@ -71,13 +76,17 @@ def _brief(args: tuple[Any, ...]) -> str:
     return "(" + ", ".join(shown) + ")"
 
 
-def entry(attr: Attr) -> pyfuse3.EntryAttributes:
+def entry(attr: Attr, shared: bool = False) -> pyfuse3.EntryAttributes:
     out = pyfuse3.EntryAttributes()
     out.st_ino = attr.ino
     out.generation = 0
     # A computed file (a record) changes with the manifest: the kernel must ask every time.
-    out.entry_timeout = 0 if attr.volatile else ENTRY_TIMEOUT
-    out.attr_timeout = 0 if attr.volatile else ATTR_TIMEOUT
+    if attr.volatile:
+        out.entry_timeout = out.attr_timeout = 0
+    elif shared and attr.ino < BLOB_INODE_BASE:
+        out.entry_timeout = out.attr_timeout = SHARED_TIMEOUT
+    else:
+        out.entry_timeout, out.attr_timeout = ENTRY_TIMEOUT, ATTR_TIMEOUT
     out.st_mode = attr.mode
     out.st_nlink = attr.nlink
     out.st_uid = attr.uid
@@ -92,12 +101,12 @@ def entry(attr: Attr) -> pyfuse3.EntryAttributes:
     return out
 
 
-def absent() -> pyfuse3.EntryAttributes:
+def absent(shared: bool = False) -> pyfuse3.EntryAttributes:
     """A negative entry: inode 0 with a timeout makes the kernel remember that the name does
     not exist (instead of asking again at every open or stat of it)."""
     out = pyfuse3.EntryAttributes()
     out.st_ino = 0
-    out.entry_timeout = ENTRY_TIMEOUT
+    out.entry_timeout = SHARED_TIMEOUT if shared else ENTRY_TIMEOUT
     return out
 
 
@@ -122,6 +131,7 @@ class CafsOperations(pyfuse3.Operations):
     def __init__(self, vfs: Vfs) -> None:
         super().__init__()
         self.vfs = vfs
+        self.shared = vfs.shared
         self._entries: dict[int, tuple[Attr, pyfuse3.EntryAttributes]] = {}
 
     def entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
@@ -129,7 +139,7 @@ class CafsOperations(pyfuse3.Operations):
         memo = self._entries.get(attr.ino)
         if memo is not None and memo[0] is attr:
             return memo[1]
-        out = entry(attr)
+        out = entry(attr, self.shared)
         if not attr.volatile:
             if len(self._entries) >= ENTRY_MEMO:
                 self._entries.clear()
@@ -140,7 +150,7 @@ class CafsOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
         attr = self.vfs.lookup_entry(parent_inode, name, caller(ctx))
-        return self.entry(attr) if attr is not None else absent()
+        return self.entry(attr) if attr is not None else absent(self.shared)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None  # nothing to free: see the module docstring of cafs.vfs
@@ -161,19 +171,19 @@ class CafsOperations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
         )
-        return entry(await self.vfs.setattr(inode, changes, fh, caller(ctx)))
+        return entry(await self.vfs.setattr(inode, changes, fh, caller(ctx)), self.shared)
 
     @translated
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return entry(self.vfs.mkdir(parent_inode, name, mode, caller(ctx)))
+        return entry(self.vfs.mkdir(parent_inode, name, mode, caller(ctx)), self.shared)
 
     @translated
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                            pyfuse3.EntryAttributes]:
         fh, attr = await self.vfs.create(parent_inode, name, mode, flags, caller(ctx))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry(attr)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry(attr, self.shared)
 
     @translated
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
@@ -183,7 +193,7 @@ class CafsOperations(pyfuse3.Operations):
     @translated
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return entry(self.vfs.symlink(parent_inode, name, target, caller(ctx)))
+        return entry(self.vfs.symlink(parent_inode, name, target, caller(ctx)), self.shared)
 
     @translated
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -192,7 +202,7 @@ class CafsOperations(pyfuse3.Operations):
     @translated
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return entry(self.vfs.link(inode, new_parent_inode, new_name))
+        return entry(self.vfs.link(inode, new_parent_inode, new_name), self.shared)
 
     @translated
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -212,11 +222,13 @@ class CafsOperations(pyfuse3.Operations):
                    ) -> pyfuse3.FileInfo:
         # keep_cache: the kernel sees every change of content (writes go through it; admin
         # commands that change things behind it invalidate the inode), so cached pages stay
-        # right across opens.
+        # right across opens. On a shared manifest, only while they are of the version this
+        # open serves (Vfs.page_cache).
         fh = await self.vfs.open(inode, flags, caller(ctx))
         if self.vfs.is_computed(inode):  # its bytes are fixed per open: no page cache at all
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        keep, direct = self.vfs.page_cache(fh)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=direct)
 
     @translated
     async def read(self, fh: int, off: int, size: int) -> bytes:

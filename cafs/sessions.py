@@ -49,10 +49,21 @@ class SessionKeeper:
         self._failing: str | None = None  # the last failure logged, so it is logged once
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.session = 0  # the session registered at start-up
         own.set_session_timeout(timeout)
         main.set_session_timeout(timeout)
 
     def start(self) -> int:
+        """Register the mount (at start-up, before the event loop runs): the main connection's
+        changes carry this session from now on (see PgCore.adopt_session)."""
+        self.session = int(self.own.start_session(self.host, self.mountpoint, self.pid))
+        self.main.adopt_session(self.session)
+        return self.session
+
+    def _register_again(self) -> int:
+        """From the beat thread: the main connection is the event loop's, so only the id its
+        creates record changes; its changes keep carrying the first session's id, which is
+        the one this mount's change feed skips (see cafs.pg_manifest.feed)."""
         session = int(self.own.start_session(self.host, self.mountpoint, self.pid))
         self.main.session_id = session
         return session
@@ -74,7 +85,7 @@ class SessionKeeper:
             alive = self.own.beat()
             if not alive:
                 old = self.own.session_id
-                session = self.start()
+                session = self._register_again()
                 log.warning("this mount's session %s was declared dead by another host (no "
                             "heartbeat for %.0f s); its unfinished files were removed: "
                             "registered again as session %d", old, self.timeout, session)

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from cafs.blobstore import Blobs
 from cafs.errors import BadHandle, NotFound
 from cafs.manifest import Manifest
-from cafs.model import Attr, AttrChanges, BlobRef, Caller, Kind, Node
+from cafs.model import Attr, AttrChanges, BlobRef, Caller, Change, Kind, Node
 from cafs.namespace import Listing, Namespace, refuse_fixed_change
 from cafs.openfiles import (
     DEFAULT_MAX_OPEN_FILES,
@@ -64,18 +64,22 @@ class Vfs:
         cache_entries: int = 100_000,
         kernel: KernelNotifier | None = None,
         processes: Processes | None = None,
+        shared: bool = False,
     ) -> None:
+        """`shared`: other hosts' mounts change the manifest too (PostgreSQL): opens check
+        the current version, and the daemon feeds in their changes (changed_elsewhere)."""
         self.manifest = manifest
         self.blobs = blobs
         self.runtime = runtime
         self.max_artifact_size = max_artifact_size
         self.max_open_files = max_open_files
+        self.shared = shared
         self.kernel = kernel or NoKernel()
         self.visibility = Visibility(manifest)
         self.virtual = VirtualNodes(manifest, self.visibility)
         self.table = OpenTable(max_open_files)
         self.tree = Namespace(manifest, blobs.space, self.virtual, self.table, self.kernel,
-                              cache_entries)
+                              cache_entries, shared)
         self.publisher = Publisher(self.tree, manifest, blobs, runtime, self.kernel)
         self.files = OpenFiles(self.tree, blobs, runtime, self.table, self.publisher,
                                max_artifact_size, processes)
@@ -172,6 +176,10 @@ class Vfs:
     async def open(self, ino: int, flags: int, caller: Caller) -> int:
         return await self.files.open(ino, flags, caller)
 
+    def page_cache(self, fh: int) -> tuple[bool, bool]:
+        """(keep_cache, direct_io) for the kernel's answer to the open of `fh`."""
+        return self.files.page_cache(fh)
+
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         return await self.files.read(fh, offset, size)
 
@@ -224,6 +232,14 @@ class Vfs:
 
     def blobs_removed(self, blobs: Iterable[BlobRef]) -> None:
         self.tree.blobs_removed(blobs)
+
+    # -- what other hosts' mounts changed (the daemon follows the change feed) ------------
+
+    def changed_elsewhere(self, changes: Iterable[Change]) -> None:
+        self.tree.changed_elsewhere(changes)
+
+    def forget_everything(self) -> None:
+        self.tree.forget_everything()
 
     # -- for tests that look inside -------------------------------------------------------
 

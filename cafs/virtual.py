@@ -116,6 +116,13 @@ class VirtualNodes:
         """An execution came or went: runs/' link count is counted again when next asked."""
         self._runs_nlink = None
 
+    def forget(self) -> None:
+        """Another mount changed the manifest: records are keyed on this process's count of
+        changes (Manifest.changes), which did not move, so they go; and per-user answers."""
+        self.records.clear()
+        self._runs_nlink = None
+        self.visibility.forget()
+
     def root_child(self, name: str) -> Node:
         if name == "runs":
             return self.runs()

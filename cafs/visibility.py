@@ -25,6 +25,10 @@ class Visibility:
         # (execution, sealed_ns, uid, gid) -> may that user read every file of the run.
         self._root_readers: Lru[tuple[int, int, int, int], bool] = Lru(ROOT_READERS_CACHED)
 
+    def forget(self) -> None:
+        """Modes or owners may have changed elsewhere (another host's mount)."""
+        self._root_readers.clear()
+
     def sees_sharing(self, caller: Caller | None) -> bool:
         """Whether `caller` may learn which contents other artifacts hold as well: refcounts,
         the unique bytes of records. Those answer "does anyone store this?" about content the

@@ -30,3 +30,15 @@ def test_bench_harness_runs_on_a_tiny_corpus(tmp_path: Path) -> None:
     for row in report["rows"]:
         assert row["cafs"] > 0, row
     assert not list((tmp_path / "work").iterdir())  # cleaned up, nothing left mounted
+
+
+def test_the_hosts_bench_runs_on_a_few_files() -> None:
+    """scripts/bench --hosts: two hosts on one store (its own PostgreSQL and S3 servers)."""
+    require_fuse()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "hosts_bench.py"), "--rounds", "3",
+         "--creates", "5", "--repeat", "1"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "close on A -> open+read on B, all" in result.stdout
+    assert "manifest alone (row + publish), 4 writer(s)" in result.stdout

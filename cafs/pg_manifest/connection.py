@@ -173,6 +173,9 @@ class PgConnection:
         self._queued: list[psycopg.Cursor[Any]] = []
         self._conn: psycopg.Connection[Any] | None = None
         self.closed = False  # by its owner: never connects again
+        # The mount's session id, set on every connection as cafs.session: the change feed's
+        # triggers record it, so a mount skips its own changes (cafs.pg_manifest.feed).
+        self.session: int | None = None
         self._watchdog = _Watchdog()
         self.connect()
 
@@ -192,6 +195,8 @@ class PgConnection:
                    f"-c idle_in_transaction_session_timeout={int(bounds.call * 1000)}")
         if self.readonly:
             options += " -c default_transaction_read_only=on"
+        if self.session is not None:
+            options += f" -c cafs.session={int(self.session)}"
         conn = psycopg.connect(
             self.url, autocommit=True, connect_timeout=bounds.connect, options=options,
             application_name="cafs", keepalives=1, keepalives_idle=5, keepalives_interval=2,

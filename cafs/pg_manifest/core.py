@@ -226,7 +226,20 @@ class PgCore(SqliteCore):
                              "RETURNING id", (host, mountpoint, pid)).fetchone()
         self.session_id = int(row[0])
         self._session_where = (host, mountpoint)
+        # Changes made from now on carry the session (cafs_changes.origin): this mount's own
+        # feed skips them. Set on this connection now and on every reconnect.
+        self._pg.session = self.session_id
+        self._pg.execute_raw(f"SET cafs.session = '{self.session_id}'")
         return self.session_id
+
+    def adopt_session(self, session_id: int) -> None:
+        """This connection's changes are the mount's of `session_id` (registered on another
+        connection, see cafs.sessions): creates record it, and the change feed's rows carry
+        it (cafs_changes.origin), so the mount's own feed skips them. Only from the thread
+        that uses this manifest."""
+        self.session_id = session_id
+        self._pg.session = session_id
+        self._pg.execute_raw(f"SET cafs.session = '{int(session_id)}'")
 
     def beat(self) -> bool:
         """The session's heartbeat: it is alive as of now (server clock). False if its row is

@@ -389,12 +389,117 @@ def m005_writers(execute: Callable[[str], Any]) -> None:
         execute(f"COMMENT ON {target} IS {_quote(comment)}")
 
 
+# One NOTIFY per transaction (PostgreSQL folds identical ones), its payload the writing mount's
+# session: a mount wakes only for the others' changes.
+_CHANGES = """
+CREATE TABLE cafs_changes (
+    xid         xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    origin      BIGINT DEFAULT nullif(current_setting('cafs.session', true), '')::bigint,
+    what        TEXT NOT NULL
+                CHECK (what IN ('added', 'removed', 'changed', 'moved', 'tags', 'blob', 'damage')),
+    id          BIGINT NOT NULL,
+    parent_id   BIGINT,
+    name        TEXT COLLATE "C",
+    old_parent_id BIGINT,
+    old_name    TEXT COLLATE "C"
+);
+CREATE INDEX cafs_changes_xid ON cafs_changes (xid);
+
+CREATE FUNCTION cafs_changes_node() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        INSERT INTO cafs_changes (what, id, parent_id, name)
+        VALUES ('removed', OLD.id, OLD.parent_id, OLD.name);
+    ELSIF TG_OP = 'INSERT' THEN
+        INSERT INTO cafs_changes (what, id, parent_id, name)
+        VALUES ('added', NEW.id, NEW.parent_id, NEW.name);
+    ELSIF OLD.parent_id = NEW.parent_id AND OLD.name = NEW.name THEN
+        INSERT INTO cafs_changes (what, id, parent_id, name)
+        VALUES ('changed', NEW.id, NEW.parent_id, NEW.name);
+    ELSE
+        INSERT INTO cafs_changes (what, id, parent_id, name, old_parent_id, old_name)
+        VALUES ('moved', NEW.id, NEW.parent_id, NEW.name, OLD.parent_id, OLD.name);
+    END IF;
+    PERFORM pg_notify('cafs_changes', coalesce(current_setting('cafs.session', true), ''));
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION cafs_changes_tags() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO cafs_changes (what, id)
+    VALUES ('tags', CASE WHEN TG_OP = 'DELETE' THEN OLD.node_id ELSE NEW.node_id END);
+    PERFORM pg_notify('cafs_changes', coalesce(current_setting('cafs.session', true), ''));
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION cafs_changes_blob() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        INSERT INTO cafs_changes (what, id, name) VALUES ('blob', OLD.id, OLD.sha256);
+    ELSE
+        INSERT INTO cafs_changes (what, id, name) VALUES ('damage', NEW.id, NEW.sha256);
+    END IF;
+    PERFORM pg_notify('cafs_changes', coalesce(current_setting('cafs.session', true), ''));
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER cafs_changes_node_added_removed AFTER INSERT OR DELETE ON nodes
+    FOR EACH ROW EXECUTE FUNCTION cafs_changes_node();
+CREATE TRIGGER cafs_changes_node_changed AFTER UPDATE ON nodes FOR EACH ROW
+    WHEN ((OLD.parent_id, OLD.name, OLD.mode, OLD.uid, OLD.gid, OLD.mtime_ns, OLD.ctime_ns,
+           OLD.nlink, OLD.version_id, OLD.sealed_ns, OLD.root_sha256, OLD.atime_ns)
+          IS DISTINCT FROM
+          (NEW.parent_id, NEW.name, NEW.mode, NEW.uid, NEW.gid, NEW.mtime_ns, NEW.ctime_ns,
+           NEW.nlink, NEW.version_id, NEW.sealed_ns, NEW.root_sha256, NEW.atime_ns))
+    EXECUTE FUNCTION cafs_changes_node();
+CREATE TRIGGER cafs_changes_tags_changed AFTER INSERT OR UPDATE OR DELETE ON tags
+    FOR EACH ROW EXECUTE FUNCTION cafs_changes_tags();
+CREATE TRIGGER cafs_changes_blob_removed AFTER DELETE ON blobs
+    FOR EACH ROW EXECUTE FUNCTION cafs_changes_blob();
+CREATE TRIGGER cafs_changes_blob_damage AFTER UPDATE ON blobs FOR EACH ROW
+    WHEN (OLD.damaged_ns IS DISTINCT FROM NEW.damaged_ns)
+    EXECUTE FUNCTION cafs_changes_blob();
+"""
+
+CHANGES_COMMENTS: dict[tuple[str, str | None], str] = {
+    ("cafs_changes", None): "the change feed: one row per namespace row a transaction changed "
+                            "(written by triggers on nodes, tags and blobs, each transaction "
+                            "also NOTIFYing cafs_changes once); every mount follows it to drop "
+                            "what it cached. Rows older than a few minutes are trimmed",
+    ("cafs_changes", "xid"): "the writing transaction: a reader takes the rows of the "
+                             "transactions its last snapshot did not see (commits land out of "
+                             "order, so no counter would do)",
+    ("cafs_changes", "origin"): "cafs_sessions.id of the mount that made the change (the "
+                                "cafs.session setting of its connection); NULL: another client",
+    ("cafs_changes", "what"): "added, removed, changed (its attributes or current version), "
+                              "moved (renamed, or into another directory): a row of nodes "
+                              "(id = nodes.id); tags: a node's user xattrs (id = nodes.id); "
+                              "blob: a content removed (id = blobs.id, name = sha256); "
+                              "damage: a content marked damaged or healed",
+    ("cafs_changes", "id"): "the node or blob changed",
+    ("cafs_changes", "parent_id"): "a node: its directory (after the change)",
+    ("cafs_changes", "name"): "a node: its name (after the change); blob, damage: the sha256",
+    ("cafs_changes", "old_parent_id"): "moved: the directory it left",
+    ("cafs_changes", "old_name"): "moved: the name it left",
+}
+
+
+def m004_changes(execute: Callable[[str], Any]) -> None:
+    """The change feed that keeps every mount's caches close-to-open (see
+    cafs.pg_manifest.feed): triggers record what each transaction changed."""
+    execute(_CHANGES)
+    for (table, column), comment in CHANGES_COMMENTS.items():
+        target = f"TABLE {table}" if column is None else f"COLUMN {table}.{column}"
+        execute(f"COMMENT ON {target} IS {_quote(comment)}")
+
+
 # Numbered, applied in order, each once, each in the transaction that records it. Never edit
 # an applied one: add the next.
 MIGRATIONS: list[tuple[str, Callable[[Callable[[str], Any]], None]]] = [
     ("m001_initial", m001_initial),
     ("m002_shared", m002_shared),
     ("m003_sessions", m003_sessions),
+    ("m004_changes", m004_changes),
     ("m005_writers", m005_writers),
 ]
 
