@@ -397,6 +397,9 @@ class Sharing(Protocol):
     each is a no-op with the answer one host implies."""
 
     shared: bool  # other hosts may serve this manifest
+    # This mount's session (None on SQLite); a new one after other hosts declared the mount
+    # dead and removed what it was writing (see cafs.sessions).
+    session_id: int | None
 
     def live_sessions(self, timeout: float | None = None) -> list[SessionInfo]:
         """The mounts serving this manifest that beat within `timeout` seconds."""

@@ -43,6 +43,7 @@ from cafs.errors import (
     Damaged,
     FileTooBig,
     IsADirectory,
+    ManifestError,
     NotFound,
     ReadOnly,
     TooManyOpenFiles,
@@ -97,6 +98,10 @@ class OpenInode:
     # A newer version was opened since on a shared manifest: this one serves only the handles
     # that opened it, and is no longer the table's entry for its inode.
     superseded: bool = False
+    # The mount's session when this inode was opened (hosts sharing the manifest): a file that
+    # vanished from the manifest while the session changed was removed by the clean-up of a
+    # mount declared dead, not by anyone's rm (see Publisher.publish).
+    session: int | None = None
 
 
 @dataclass(eq=False)
@@ -296,6 +301,8 @@ class Publisher:
                       ) -> None:
         async with inode.lock:
             temp = inode.temp
+            if temp is not None and inode.unlinked:
+                self.check_session(inode)
             if temp is None or inode.unlinked:
                 return
             with self.fails(inode, None):
@@ -344,6 +351,7 @@ class Publisher:
         if not stored.fresh:
             crashpoints.reached("after-dedup-check")
         if inode.unlinked:  # unlinked while the blob was being written: nothing to record
+            self.check_session(inode)
             return
         # From here on no await: the manifest change and the swap of readers are atomic. The
         # new content's reader is opened at its first READ (reader_of), like any open's: most
@@ -364,6 +372,7 @@ class Publisher:
                     ends_writer=self._last_writer(inode, handle),
                 ))
             except NotFound:
+                self.check_session(inode)
                 self._removed_elsewhere(inode, temp)
                 return
         if handle is not None:
@@ -387,6 +396,16 @@ class Publisher:
         # No kernel cache invalidation here: the content changed through this kernel (its page
         # cache saw every write, atomic O_TRUNC truncated it, writes invalidated attributes).
         # Measured: invalidating each published inode cost ~1.1 ms per small file.
+
+    def check_session(self, inode: OpenInode) -> None:
+        """A file removed while written here publishes nothing, and its writer's close()
+        succeeds as after an unlink, unless the removal was the clean-up of this mount by
+        another host that found it dead (paused or cut off past session_timeout): then the
+        writer must hear that its bytes are lost (EIO)."""
+        if inode.session != self.manifest.session_id:
+            raise ManifestError(f"{inode.node.name}: this mount was declared dead by another "
+                                "host (no heartbeat within session_timeout) and the file it "
+                                "was writing was removed; nothing published")
 
     @staticmethod
     def _last_writer(inode: OpenInode, handle: Handle | None) -> bool:
@@ -658,7 +677,8 @@ class OpenFiles:
         extra = self.table.room(node.ino, descriptors_wanted(node.kind, writable))
         inode = self.table.inode(node.ino)
         if inode is None:
-            inode = OpenInode(node=node, lock=self.runtime.new_lock())
+            inode = OpenInode(node=node, lock=self.runtime.new_lock(),
+                              session=self.tree.manifest.session_id)
             if node.blob is not None and node.blob.damaged:
                 inode.damaged = True  # opening works (rewriting it heals it); reading fails
             # The blob is opened at the first READ (reader_of), not here: a re-read the page
@@ -879,6 +899,9 @@ class OpenFiles:
         if handle.error is not None:
             raise CafsError("an earlier write to this file failed", handle.error)
         inode = handle.inode
+        if handle.writable and inode.unlinked and inode.temp is not None \
+                and not self._opener_holds(handle):
+            self.publisher.check_session(inode)  # removed by a clean-up after this mount
         if not self._unflushed(handle) or self._opener_holds(handle):
             return
         handle.finished = True

@@ -492,6 +492,7 @@ class SqliteCore:
     # -- several hosts: a manifest on SQLite serves one mount, so none of this applies ----
 
     shared = False
+    session_id: int | None = None
 
     def live_sessions(self, timeout: float | None = None) -> list[SessionInfo]:
         """Mounts registered with the manifest: none on SQLite (one host, one mount)."""
