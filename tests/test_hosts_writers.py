@@ -365,6 +365,8 @@ class Soak:
         self.lock = threading.Lock()
         self.published: dict[str, list[str]] = {}  # path below the layer: hashes, each close
         self.attempted: dict[str, set[str]] = {}  # every hash a writer tried there
+        self.recent: dict[str, list[bytes]] = {}  # the newest versions' bytes, per path
+        self.torn: list[str] = []  # how each read that was no version came about
         self.reads: list[tuple[str, str | None]] = []  # (path, hash or None for ENOENT)
         self.failures: list[str] = []
         self.excl = Counter[str]()
@@ -383,6 +385,9 @@ class Soak:
         data = rng.randbytes(size)
         digest = sha(data)
         self.note(rel, digest, published=False)
+        with self.lock:  # the newest versions' bytes: a failure tells how a bad read was made
+            recent = self.recent.setdefault(rel, [])
+            recent[:] = [*recent[-15:], data]
         target = self.layer(host) / rel
         if rng.random() < 0.2:  # an ordinary tool
             source = self.hosts[host].mountpoint.parent / f"src-{threading.get_ident()}"
@@ -459,6 +464,8 @@ class Soak:
                 continue
             with self.lock:
                 self.reads.append((rel, sha(data)))
+                if sha(data) not in self.attempted.get(rel, set()):
+                    self.torn.append(describe_bad_read(rel, data, self.recent.get(rel, [])))
 
     def run(self) -> None:
         self.hosts["a"].layer("soak", "l")
@@ -490,7 +497,8 @@ class Soak:
         assert found, "the readers read nothing"
         torn = [(rel, digest) for rel, digest in self.reads
                 if digest is not None and digest not in self.attempted.get(rel, set())]
-        assert not torn, f"{len(torn)} reads were not a version written there: {torn[:5]}"
+        assert not torn, (f"{len(torn)} reads were not a version written there: {torn[:5]}; "
+                          f"how: {self.torn[:5]}")
         # Every version is in history, whole, numbered 1..n: all paths at once from the
         # manifest, and `cafs log` on both hosts for the paths both wrote.
         a, b = self.hosts["a"], self.hosts["b"]
@@ -533,3 +541,19 @@ def test_soak_short(hosts: list[Host]) -> None:
 def test_soak_long(hosts: list[Host]) -> None:
     """Minutes of it (CAFS_SOAK_SECONDS, default 300)."""
     run_soak(hosts, float(os.environ.get("CAFS_SOAK_SECONDS", "300")))
+
+
+def describe_bad_read(rel: str, data: bytes, versions: list[bytes]) -> str:
+    """How a read that is no version relates to the newest versions written: their sizes,
+    whether it is a prefix of one, one followed by zeros, or where it first differs."""
+    parts = []
+    for version in versions:
+        if data == version[:len(data)]:
+            parts.append(f"{len(version)}:prefix")
+        elif data[:len(version)] == version and not data[len(version):].strip(b"\0"):
+            parts.append(f"{len(version)}:then-zeros")
+        else:
+            differs = next((i for i, (x, y) in enumerate(zip(version, data)) if x != y),
+                           min(len(version), len(data)))
+            parts.append(f"{len(version)}:differs-at-{differs}")
+    return f"{rel}: read {len(data)} bytes; newest versions {parts}"
