@@ -553,7 +553,7 @@ def describe_bad_read(rel: str, data: bytes, versions: list[bytes]) -> str:
         elif data[:len(version)] == version and not data[len(version):].strip(b"\0"):
             parts.append(f"{len(version)}:then-zeros")
         else:
-            differs = next((i for i, (x, y) in enumerate(zip(version, data, strict=False)) if x != y),
-                           min(len(version), len(data)))
+            pairs = enumerate(zip(version, data, strict=False))
+            differs = next((i for i, (x, y) in pairs if x != y), min(len(version), len(data)))
             parts.append(f"{len(version)}:differs-at-{differs}")
     return f"{rel}: read {len(data)} bytes; newest versions {parts}"
