@@ -363,13 +363,21 @@ class Namespace:
 
     def attr(self, node: Node, caller: Caller | None = None) -> Attr:
         if self.shared and node.kind is Kind.FILE:
-            # What the kernel will hold (see OpenFiles.open); while an older, longer version
-            # is still read here, the kernel must not cut those reads at the new size.
+            # What the kernel will hold (see OpenFiles.open). While an older version is
+            # still read here through the page cache, the kernel's one size must be the size
+            # of what those reads get (the largest such): not a shorter newer one's, or they
+            # would end early; not a longer newer one's, or they would read zeros from their
+            # end up to it (seen in the soak: a short version, then zeros up to a page or a
+            # read-ahead boundary).
+            # Opens of the newer version read past the page cache and that size (direct_io,
+            # OpenFiles._page_cache) until the older version's last handle is gone.
             self.opened.tell(node.ino, node.version_id)
-            longer = self.opened.older_open_size(node)
-            if longer > node.size:
-                return replace(self._attr(node, caller, self.opened.inode(node.ino)),
-                               size=longer)
+            older = self.opened.older_open_size(node)
+            if older is not None:
+                current = self.opened.inode(node.ino)
+                attr = self._attr(node, caller, current)
+                writing = current is not None and current.temp is not None
+                return replace(attr, size=max(older, attr.size) if writing else older)
         known = self.cache.attr(node)  # never a record's
         opened = self.opened.inode(node.ino)
         if opened is None:

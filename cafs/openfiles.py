@@ -184,16 +184,18 @@ class OpenTable:
             inode.superseded = True
             self.superseded.setdefault(inode.node.ino, []).append(inode)
 
-    def older_open_size(self, node: Node) -> int:
-        """The largest size of an older version of `node` open here (0: none). The kernel
-        keeps one size per file and cuts reads through its page cache there: a descriptor
-        still reading a longer version would end early."""
+    def older_open_size(self, node: Node) -> int | None:
+        """The largest size of another version of `node` open here (None: none). The kernel
+        keeps one size per file, and reads through its page cache end there: a descriptor
+        still reading a longer version would end early, and one reading a shorter version
+        would read zeros past its end (the kernel's cut at a short READ does not hold when
+        its attributes changed meanwhile)."""
         inodes = list(self.superseded.get(node.ino, ()))
         current = self.inodes.get(node.ino)
         if current is not None and current.temp is None:
             inodes.append(current)
         return max((inode.node.size for inode in inodes
-                    if inode.node.version_id != node.version_id), default=0)
+                    if inode.node.version_id != node.version_id), default=None)
 
     def handle(self, fh: int) -> Handle:
         try:

@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -393,3 +394,45 @@ def test_a_run_sealed_on_a_refuses_changes_on_b(hosts: list[Host]) -> None:
         (target.parent / "h").write_bytes(b"h")
     assert refused.value.errno == errno.EROFS
     assert sorted(os.listdir(target.parent)) == ["f", "g"]
+
+
+def test_b_rereading_a_file_a_keeps_rewriting_reads_only_whole_versions(
+        hosts: list[Host]) -> None:
+    """Reads on b while a rewrites the file, shorter and longer by turns: every read on b is
+    a version a wrote (it failed: a short version read on b when a longer one came went on
+    to the longer size as zeros, up to a page or a read-ahead boundary)."""
+    a, b = hosts
+    path_a = a.layer("e1", "train") / "f"
+    path_b = b.runs / "e1" / "train" / "f"
+    written = {b"first"}
+    path_a.write_bytes(b"first")
+    within(SOON, lambda: path_b.exists())
+    stop = threading.Event()
+    bad: list[str] = []
+
+    def write() -> None:
+        index = 0
+        while not stop.is_set():
+            data = os.urandom((index % 2) * 1_200_000 + 1000 + index)
+            written.add(data)
+            path_a.write_bytes(data)
+            index += 1
+
+    def read() -> None:
+        while not stop.is_set():
+            data = path_b.read_bytes()
+            if data not in written:
+                how = [("prefix" if v.startswith(data) else "then-zeros"
+                        if data.startswith(v) and not data[len(v):].strip(b"\0") else "")
+                       + f" of {len(v)}" for v in list(written)]
+                bad.append(f"read {len(data)} bytes: {[h for h in how if h[0] != ' ']}")
+
+    threads = [threading.Thread(target=write), threading.Thread(target=read),
+               threading.Thread(target=read)]
+    for thread in threads:
+        thread.start()
+    time.sleep(float(os.environ.get("CAFS_REREAD_SECONDS", "15")))
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not bad, bad[:5]
