@@ -254,12 +254,18 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _comment_on(execute: Callable[[str], Any],
+                comments: dict[tuple[str, str | None], str]) -> None:
+    """COMMENT ON each table (column None) or column: `\\d+` in psql shows what it means."""
+    for (table, column), comment in comments.items():
+        target = f"TABLE {table}" if column is None else f"COLUMN {table}.{column}"
+        execute(f"COMMENT ON {target} IS {_quote(comment)}")
+
+
 def m001_initial(execute: Callable[[str], Any]) -> None:
     """Today's final shape of the SQLite schema (its m001..m009), with every comment."""
     execute(_TABLES)
-    for (table, column), comment in COMMENTS.items():
-        target = f"TABLE {table}" if column is None else f"COLUMN {table}.{column}"
-        execute(f"COMMENT ON {target} IS {_quote(comment)}")
+    _comment_on(execute, COMMENTS)
     for view, comment in _VIEW_COMMENTS.items():
         execute(f"COMMENT ON VIEW {view} IS {_quote(comment)}")
 
@@ -299,9 +305,7 @@ def m002_shared(execute: Callable[[str], Any]) -> None:
     """Several hosts on one manifest: where the blobs are (every host must agree) and the
     mounts serving it."""
     execute(_SHARED)
-    for (table, column), comment in SHARED_COMMENTS.items():
-        target = f"TABLE {table}" if column is None else f"COLUMN {table}.{column}"
-        execute(f"COMMENT ON {target} IS {_quote(comment)}")
+    _comment_on(execute, SHARED_COMMENTS)
 
 
 _SESSIONS = """
@@ -352,9 +356,7 @@ def m003_sessions(execute: Callable[[str], Any]) -> None:
     """Sessions own their unfinished files; blobs remember when they lost their last
     reference (gc's grace period, on every host)."""
     execute(_SESSIONS)
-    for (table, column), comment in SESSIONS_COMMENTS.items():
-        target = f"TABLE {table}" if column is None else f"COLUMN {table}.{column}"
-        execute(f"COMMENT ON {target} IS {_quote(comment)}")
+    _comment_on(execute, SESSIONS_COMMENTS)
 
 
 _WRITERS = """
@@ -384,9 +386,7 @@ WRITERS_COMMENTS: dict[tuple[str, str | None], str] = {
 def m005_writers(execute: Callable[[str], Any]) -> None:
     """Writers on several hosts: the files each mount holds open for writing, seen by all."""
     execute(_WRITERS)
-    for (table, column), comment in WRITERS_COMMENTS.items():
-        target = f"TABLE {table}" if column is None else f"COLUMN {table}.{column}"
-        execute(f"COMMENT ON {target} IS {_quote(comment)}")
+    _comment_on(execute, WRITERS_COMMENTS)
 
 
 # One NOTIFY per transaction (PostgreSQL folds identical ones), its payload the writing mount's
@@ -488,9 +488,7 @@ def m004_changes(execute: Callable[[str], Any]) -> None:
     """The change feed that keeps every mount's caches close-to-open (see
     cafs.pg_manifest.feed): triggers record what each transaction changed."""
     execute(_CHANGES)
-    for (table, column), comment in CHANGES_COMMENTS.items():
-        target = f"TABLE {table}" if column is None else f"COLUMN {table}.{column}"
-        execute(f"COMMENT ON {target} IS {_quote(comment)}")
+    _comment_on(execute, CHANGES_COMMENTS)
 
 
 # Numbered, applied in order, each once, each in the transaction that records it. Never edit
