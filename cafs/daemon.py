@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import pyfuse3
 import trio
@@ -230,9 +230,8 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         if store.manifest_url is not None:  # other hosts may serve this manifest too
             # Start-up recovery then removes this mount's own earlier unfinished files and
             # dead sessions', never those of a mount alive on another host.
-            shared = cast(Any, store.manifest)
-            shared.set_session_timeout(cfg.settings.session_timeout)
-            shared.set_session_where(socket.gethostname(), str(cfg.mountpoint))
+            store.manifest.set_session_timeout(cfg.settings.session_timeout)
+            store.manifest.set_session_where(socket.gethostname(), str(cfg.mountpoint))
         recovery = store.recover()
         if recovery.temp_files or recovery.unpublished:
             log.info("recovered after an unclean stop: removed %d temp files and %d unfinished "

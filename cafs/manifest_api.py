@@ -401,6 +401,15 @@ class Sharing(Protocol):
     # dead and removed what it was writing (see cafs.sessions).
     session_id: int | None
 
+    def set_session_timeout(self, seconds: float) -> None:
+        """A session whose last beat is older than this is dead."""
+        ...
+
+    def set_session_where(self, host: str, mountpoint: str) -> None:
+        """Where this mount runs: start-up recovery removes the unfinished files of its own
+        earlier sessions there (they crashed), never a live one's."""
+        ...
+
     def live_sessions(self, timeout: float | None = None) -> list[SessionInfo]:
         """The mounts serving this manifest that beat within `timeout` seconds."""
         ...

@@ -494,6 +494,12 @@ class SqliteCore:
     shared = False
     session_id: int | None = None
 
+    def set_session_timeout(self, seconds: float) -> None:
+        """One mount, no sessions."""
+
+    def set_session_where(self, host: str, mountpoint: str) -> None:
+        """One mount, no sessions."""
+
     def live_sessions(self, timeout: float | None = None) -> list[SessionInfo]:
         """Mounts registered with the manifest: none on SQLite (one host, one mount)."""
         return []
