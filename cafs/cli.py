@@ -465,10 +465,16 @@ for _command in cli_admin.COMMANDS:
 
 
 def helper_form(argv: list[str]) -> list[str]:
-    """mount(8) runs `cafs STORE MOUNTPOINT -o OPTS` (via mount.fuse3): make it `cafs mount`."""
+    """mount(8) runs `cafs STORE MOUNTPOINT -o OPTS` (via mount.fuse3): make it `cafs mount`.
+
+    Only when the first word names a store (a path, or with mount options): a mistyped command
+    (`cafs unmount /mnt`) gets click's "No such command" and its suggestion, not a mount of a
+    store called "unmount"."""
     commands = cli.commands  # type: ignore[attr-defined]
-    if len(argv) >= 2 and argv[0] not in commands and not argv[0].startswith("-"):
-        return ["mount", "--store", argv[0], *argv[1:]]
+    first = argv[0] if argv else ""
+    if (len(argv) >= 2 and first not in commands and not first.startswith("-")
+            and ("/" in first or os.path.exists(first) or "-o" in argv[2:])):
+        return ["mount", "--store", first, *argv[1:]]
     return argv
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import Mount, cafs, require_fuse, sh, small_tmpfs
+from conftest import CAFS, Mount, cafs, require_fuse, sh, small_tmpfs
 
 from cafs import schema
-from cafs.cli import cli
+from cafs.cli import cli, helper_form
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess[str], code: int, words: str) -> None:
@@ -35,6 +35,22 @@ def test_every_command_has_help_with_an_example() -> None:
 def test_missing_mountpoint(tmp_path: Path) -> None:
     result = cafs("mount", "--store", str(tmp_path / "s"), str(tmp_path / "nope"), check=False)
     assert_clean_failure(result, 4, "does not exist")
+
+
+def test_a_mistyped_command_is_not_taken_for_a_store(tmp_path: Path) -> None:
+    """`cafs unmount MNT` once ran as mount(8)'s helper form, mounting a store named
+    "unmount" in the working directory (or saying MNT was already mounted). It is a usage
+    error that names the command it meant; the helper form still takes a path."""
+    (tmp_path / "mnt").mkdir()
+    result = subprocess.run([*CAFS, "unmount", str(tmp_path / "mnt")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "No such command 'unmount'" in result.stderr and "umount" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "unmount").exists()
+    assert helper_form(["store", "mnt", "-o", "rw"])[:3] == ["mount", "--store", "store"]
+    assert helper_form(["/srv/cafs", "/mnt/a"])[:3] == ["mount", "--store", "/srv/cafs"]
+    assert helper_form(["unmount", "/mnt/a"]) == ["unmount", "/mnt/a"]
 
 
 def test_store_inside_mountpoint_and_the_reverse(tmp_path: Path) -> None:
