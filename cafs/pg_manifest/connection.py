@@ -385,20 +385,27 @@ class PgConnection:
         if remaining <= 0:
             raise psycopg.OperationalError("manifest: out of time for this call")
         with self._watched(conn, remaining):
-            if not name:
-                numbered = _numbered(text)
-                if numbered is None:
-                    self._prepared[text] = None
-                    return None
-                name = f"cafs_read_{len(self._prepared)}".encode()
-                result = pgconn.prepare(name, numbered.encode(), None)
+            for _ in range(2):
+                if not name:
+                    numbered = _numbered(text)
+                    if numbered is None:
+                        self._prepared[text] = None
+                        return None
+                    name = f"cafs_read_{len(self._prepared)}".encode()
+                    result = pgconn.prepare(name, numbered.encode(), None)
+                    _check(pgconn, result)
+                    if result.status != pq.ExecStatus.COMMAND_OK:  # not preparable: psycopg's
+                        self._prepared[text] = None
+                        return None
+                    self._prepared[text] = name
+                result = pgconn.exec_prepared(name, params)  # type: ignore[arg-type]  # None: NULL
                 _check(pgconn, result)
-                if result.status != pq.ExecStatus.COMMAND_OK:  # not preparable: psycopg's
-                    self._prepared[text] = None
-                    return None
-                self._prepared[text] = name
-            result = pgconn.exec_prepared(name, params)  # type: ignore[arg-type]  # None: NULL
-            _check(pgconn, result)
+                if result.error_field(pq.DiagnosticField.SQLSTATE) != _NO_SUCH_STATEMENT:
+                    break
+                # psycopg deallocates every prepared statement of the session after a ROLLBACK
+                # (DEALLOCATE ALL, its own and ours): prepared again, once.
+                self._prepared.clear()
+                name = b""
             if result.status != pq.ExecStatus.TUPLES_OK:
                 raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
             loader = self._loader
@@ -494,6 +501,7 @@ class PgConnection:
 
 
 _ID_TABLES = ("nodes", "versions", "histories", "blobs")
+_NO_SUCH_STATEMENT = b"26000"  # invalid_sql_statement_name: a prepared statement is gone
 
 
 def _text_params(values: Any) -> list[bytes | None] | None:
