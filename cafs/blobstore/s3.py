@@ -38,7 +38,13 @@ from cafs.blobstore.raw_xxh64 import BlockSums, checked_raw_size
 from cafs.blobstore.s3_objects import Exists, S3Location, S3Objects, Unavailable
 from cafs.blobstore.space import SpaceGuard
 from cafs.blobstore.temp import TempBlob
-from cafs.blobstore.zstd_seekable import DEFAULT_LEVEL, FrameCache, SeekTable, new_frame_cache
+from cafs.blobstore.zstd_seekable import (
+    DEFAULT_LEVEL,
+    FrameCache,
+    SeekTable,
+    StreamCheck,
+    new_frame_cache,
+)
 from cafs.digest import Digest, digest_of_chunks, is_digest
 from cafs.errors import Corrupt, StoreError
 from cafs.model import StoredBlob
@@ -272,21 +278,28 @@ class S3BlobStore:
                           size: int | None) -> None:
         """Download into `path` and prove it the digest's blob before anyone reads it.
 
-        Raw encodings are checked while the bytes arrive (SHA-256 of the content, and the
-        raw+xxh64 trailer must be exactly the one that content makes), not re-read after.
-        A zstd blob is checked after, frame by frame; the frames it decompresses then enter
-        the shared frame cache once the whole blob proved right, so the reads that follow
-        do not decompress them again. Either way no byte of it is served before the whole
-        blob is proved."""
+        It is checked while the bytes arrive, not re-read after: raw encodings by the
+        SHA-256 of the content (and the raw+xxh64 trailer must be exactly the one that
+        content makes); zstd frame by frame as each arrives whole (and the seek table must
+        list exactly those frames), its frames then entering the shared frame cache, so
+        the reads that follow do not decompress them again. Should that check not prove
+        the blob, the whole file is checked again as fsck would (that says what is wrong).
+        No byte of it is served before the whole blob is proved."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
-            check = _RawCheck(encoding, size) if _RawCheck.applies(encoding, size) else None
+            raw = _RawCheck(encoding, size) if _RawCheck.applies(encoding, size) else None
+            frames = StreamCheck(self.frame_cache.capacity // 2) \
+                if encoding is Encoding.ZSTD else None
             try:
-                got = self.objects.get_into(BLOBS + digest, fd, check)
+                got = self.objects.get_into(BLOBS + digest, fd, raw or frames)
             except FileNotFoundError:
                 raise Corrupt(f"blob {digest} is missing from {self.location}") from None
-            if check is not None and check.proves(digest, got):
+            if raw is not None and raw.proves(digest, got):
+                return
+            if frames is not None and frames.proves(digest, fd, got):
+                for key, frame in frames.frames(digest):
+                    self.frame_cache.put(key, frame)
                 return
             staged = self._staging_cache(fd, encoding)
             actual, _ = digest_of_reader(reader_of_fd(os.dup(fd), digest, encoding, staged,
