@@ -182,6 +182,41 @@ def servers_alone(server: WeedServer, pg_port: int | None, writers: int, count: 
 
 # -- the figures -------------------------------------------------------------------------------
 
+FIGURES = ("puts", "ingest", "creates", "reads")
+
+
+def fresh_ingest_seconds(work: Path, scale: float, targets: dict[str, Path],
+                         repeats: int) -> dict[str, float]:
+    """As write_figures.ingest_seconds, but each round copies a corpus of its own (another
+    seed): every file is new content on both stores, nothing is a dedup hit, so every blob of
+    the remote store is uploaded within the copy (the same corpus again only checks that the
+    blobs are there)."""
+    corpora = []
+    for round_no in range(repeats):
+        corpus = work / f"fresh-corpus{round_no}"
+        make_corpus(corpus, scale, seed=1000 + round_no)
+        corpora.append(corpus)
+
+    def one(name: str, target: Path, round_no: int) -> float:
+        layer = target / f"fresh{round_no}" / "layer"
+        layer.mkdir(parents=True)
+        sources = sorted(str(path) for path in corpora[round_no].iterdir())
+        start = time.perf_counter()
+        subprocess.run(["cp", "-r", *sources, str(layer)], check=True)
+        return time.perf_counter() - start
+    return write_figures.best_of(repeats, targets, one)
+
+
+def daemon_cpu(stores: dict[str, Path]) -> dict[str, float]:
+    return {name: cpu_seconds(daemon_pid(store)) for name, store in stores.items()}
+
+
+def cpu_line(what: str, before: dict[str, float], after: dict[str, float], per: int,
+             unit: str) -> None:
+    spent = {name: (after[name] - before[name]) / per * 1000 for name in before}
+    print(f"    daemon CPU ms per {unit} ({what}): "
+          + ", ".join(f"{name} {ms:.2f}" for name, ms in spent.items()), flush=True)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -191,7 +226,10 @@ def main() -> None:
     parser.add_argument("--puts", type=int, default=300)
     parser.add_argument("--postgresql", action="store_true",
                         help="the remote mount's manifest on PostgreSQL as well")
+    parser.add_argument("--only", action="append", choices=FIGURES, default=None,
+                        help="only these figures (repeatable; default: all of them)")
     args = parser.parse_args()
+    only = set(args.only or FIGURES)
     work = Path(tempfile.mkdtemp(prefix="cafs-s3-bench-", dir="/var/tmp"))
     os.chmod(work, 0o755)  # the PostgreSQL cluster's directory lies below it
     (work / "weed").mkdir()
@@ -214,18 +252,39 @@ def main() -> None:
         files, total = make_corpus(corpus, args.scale)
         print(f"corpus: {files} files, {total / MB:.1f} MB")
         s3_flags = ("--blobs", server.url("bench"), *remote_flags)
-        boto_ms, lean_ms = put_costs(server, args.puts)
-        print(f"  one 4 KiB PUT, median: boto3 {boto_ms:.2f} ms, lean client {lean_ms:.2f} ms")
+        if "puts" in only:
+            boto_ms, lean_ms = put_costs(server, args.puts)
+            print(f"  one 4 KiB PUT, median: boto3 {boto_ms:.2f} ms, lean client "
+                  f"{lean_ms:.2f} ms")
+        stores = {"local": work / "local", "s3": work / "s3"}
         with mounted(work / "local", work / "mlocal") as local, \
                 mounted(work / "s3", work / "ms3", *s3_flags) as s3:
             targets = {"local": local / "runs", "s3": s3 / "runs"}
             for target in targets.values():
                 (target / "bench").mkdir(parents=True)
-            seconds = write_figures.ingest_seconds(corpus, {k: v / "bench" for k, v in
-                                                            targets.items()}, args.repeat)
-            row(f"ingest: cp -r {files} files, {total / MB:.0f} MB", seconds["local"],
-                seconds["s3"], "s", "<= 1.5x", seconds["s3"] <= 1.5 * seconds["local"])
+                (target / "fresh").mkdir(parents=True)
+            if "ingest" in only or "reads" in only:  # the reads read what ingest wrote
+                before_cpu = daemon_cpu(stores)
+                seconds = write_figures.ingest_seconds(corpus, {k: v / "bench" for k, v in
+                                                                targets.items()}, args.repeat)
+                    # Round 0 stores the corpus; later rounds copy the same bytes (dedup hits):
+                # the best round is one of those.
+                row(f"ingest: cp -r {files} files, {total / MB:.0f} MB (same corpus)",
+                    seconds["local"], seconds["s3"], "s", "<= 1.5x",
+                    seconds["s3"] <= 1.5 * seconds["local"])
+                cpu_line("all rounds", before_cpu, daemon_cpu(stores), files * args.repeat,
+                         "file")
+            if "ingest" in only:
+                before_cpu = daemon_cpu(stores)
+                seconds = fresh_ingest_seconds(work, args.scale, {k: v / "fresh" for k, v in
+                                                                  targets.items()}, args.repeat)
+                row(f"ingest, new content each round: {files} files", seconds["local"],
+                    seconds["s3"], "s", "<= 1.5x", seconds["s3"] <= 1.5 * seconds["local"])
+                cpu_line("all rounds", before_cpu, daemon_cpu(stores), files * args.repeat,
+                         "file")
             for writers, goal in ((1, 500), (4, 1500)):
+                if "creates" not in only:
+                    break
                 before = {name: cpu_seconds(pid) for name, pid in
                           (("local", daemon_pid(work / "local")), ("s3", daemon_pid(work / "s3")),
                            ("weed", server.process.pid))}
@@ -249,21 +308,34 @@ def main() -> None:
                       f"{'beyond' if ceiling < goal else 'within'} the servers' reach")
         cold: dict[str, list[float]] = {"local": [], "s3": []}
         warm: dict[str, list[float]] = {"local": [], "s3": []}
-        for _ in range(args.repeat):
+        cpu: dict[str, dict[str, float]] = {"cold": {"local": 0.0, "s3": 0.0},
+                                            "warm": {"local": 0.0, "s3": 0.0}}
+        for _ in range(args.repeat if "reads" in only else 0):
             for name, store, flags in (("local", work / "local", ()),
                                        ("s3", work / "s3", s3_flags)):
                 if name == "s3":
                     shutil.rmtree(store / "cache")  # an empty cache: every blob is fetched
                 with mounted(store, work / f"m{name}", *flags) as mountpoint:
-                    for figures in (cold, warm):  # the second read: the cache holds it all
-                        drop_caches()
+                    pid = daemon_pid(store)
+                    for kind, figures in (("cold", cold), ("warm", warm)):
+                        drop_caches()  # the second read: the cache holds it all
+                        cpu_at = cpu_seconds(pid)
                         start = time.perf_counter()
                         read_tree(mountpoint / "runs" / "bench")
                         figures[name].append(time.perf_counter() - start)
+                        cpu[kind][name] += cpu_seconds(pid) - cpu_at
+        if "reads" not in only:
+            print(f"load average at the end: {write_figures.load_average()}")
+            return
         row("cold read (empty cache, page cache dropped)", best(cold["local"]),
             best(cold["s3"]), "s", "<= 2.0x", best(cold["s3"]) <= 2 * best(cold["local"]))
         row("warm read (cached, page cache dropped)", best(warm["local"]), best(warm["s3"]),
             "s", "same as local", best(warm["s3"]) <= 1.15 * best(warm["local"]))
+        read_files = files * args.repeat * args.repeat  # every ingest round, each pass
+        for kind in ("cold", "warm"):
+            print(f"    daemon CPU ms per file read ({kind}): "
+                  + ", ".join(f"{name} {seconds / read_files * 1000:.2f}"
+                              for name, seconds in cpu[kind].items()), flush=True)
         print(f"load average at the end: {write_figures.load_average()}")
     finally:
         stack.close()

@@ -797,8 +797,9 @@ class OpenFiles:
         inode.readers_in_threads += 1
         try:
             # On a remote store a read the cache cannot answer downloads the whole blob:
-            # never on the event loop.
-            if size <= INLINE_READ_BYTES and not self.blobs.remote:
+            # never on the event loop. One whose blob the cache holds is a local read.
+            downloads = self.blobs.remote and not getattr(reader, "cached", False)
+            if size <= INLINE_READ_BYTES and not downloads:
                 return await self.runtime.run_short(reader.read, offset, size)
             return await self.runtime.run_in_thread(reader.read, offset, size)
         finally:

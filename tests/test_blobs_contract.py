@@ -211,6 +211,45 @@ def test_a_damaged_object_gives_corrupt_never_wrong_bytes(tmp_path: Path,
         assert found != (digest, len(data))
 
 
+@pytest.mark.parametrize("where", ["block sums", "footer"])
+def test_damage_past_the_content_of_a_raw_object_is_never_admitted(
+        tmp_path: Path, weed: WeedServer, where: str) -> None:
+    """A raw+xxh64 object is checked while it downloads (its content's SHA-256): its trailer
+    must still be the one its content makes, or the file never enters the cache."""
+    store = s3_store(tmp_path, weed)
+    data = os.urandom(300_000)
+    digest, encoding, stored_size = put(store, data)
+    assert encoding == Encoding.RAW_CHECKED
+    key = store.location.key("blobs/" + digest)
+    body = bytearray(weed.client().get_object(Bucket=S3_BUCKET, Key=key)["Body"].read())
+    body[len(data) + 3 if where == "block sums" else stored_size - 2] ^= 0xFF
+    weed.client().put_object(Bucket=S3_BUCKET, Key=key, Body=bytes(body))
+    store.cache.drop(digest)
+    with pytest.raises(Corrupt):
+        read_all(store, digest, encoding, len(data))
+    assert not store.cache.holds(digest)
+
+
+def test_a_fetched_zstd_blob_is_decompressed_once_for_its_check_and_its_reads(
+        tmp_path: Path, weed: WeedServer) -> None:
+    """The frames the whole-blob check decompressed enter the shared frame cache once the
+    blob proved right: the reads that follow find them there."""
+    prefix = weed.new_prefix()
+    data = text(700_000, seed=21)
+    digest, encoding, _ = put(s3_store(tmp_path / "a", weed, prefix=prefix), data)
+    assert encoding == Encoding.ZSTD
+    store = s3_store(tmp_path / "b", weed, prefix=prefix)
+    store.fetch(digest, Encoding.ZSTD, size=len(data))
+    cached = {key for key, _ in store.frame_cache.items() if key[0] == digest}
+    assert len(cached) > 1 and (digest, len(cached) - 1) in cached  # every frame
+    reader = store.open(digest, encoding, size=len(data))
+    try:  # no read waits: no decompression, no disk
+        assert reader.read_nowait(0, 10) == data[:10]
+        assert reader.read_nowait(len(data) - 5, 5) == data[-5:]
+    finally:
+        reader.close()
+
+
 def test_the_cache_stays_under_its_bound_and_keeps_what_readers_use(
         tmp_path: Path, weed: WeedServer) -> None:
     store = s3_store(tmp_path, weed, cache_size=1_000_000)

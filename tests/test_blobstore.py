@@ -20,6 +20,7 @@ from cafs.blobstore import (
     Encoding,
     checked_raw_size,
 )
+from cafs.blobstore.zstd_seekable import StreamCheck
 from cafs.digest import Digest, digest_of_chunks
 from cafs.errors import Corrupt
 
@@ -194,3 +195,48 @@ def test_digest_of_chunks_is_sha256_and_continues_a_running_hash() -> None:
     assert digest_of_chunks(chunks) == (hashlib.sha256(b"".join(chunks)).hexdigest(), 100_003)
     running = hashlib.sha256(b"head")
     assert digest_of_chunks([b"tail"], into=running)[0] == hashlib.sha256(b"headtail").hexdigest()
+
+
+def _streamed(check: StreamCheck, raw: bytes, piece: int) -> None:
+    for offset in range(0, len(raw), piece):
+        check(offset, memoryview(raw[offset:offset + piece]))
+
+
+@pytest.mark.parametrize("piece", [1, 4096, 1 << 20])
+def test_a_zstd_blob_is_checked_while_it_arrives_in_any_pieces(
+        blobs: BlobStore, tmp_path: Path, piece: int) -> None:
+    """The check of a download (S3 cache): frames decompressed as they arrive whole; the
+    blob is proved only if the content hashes to its digest and the seek table lists
+    exactly those frames. Starting over at offset 0 forgets what came before."""
+    data = text(300_001)
+    digest, encoding = put(blobs, data)
+    assert encoding == ZSTD
+    path = blobs.path_of(digest)
+    raw = path.read_bytes()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        check = StreamCheck(keep=1 << 30)
+        _streamed(check, raw[:1000], 100)  # a first attempt cut off ...
+        _streamed(check, raw, piece)  # ... then the whole, from offset 0
+        assert check.proves(digest, fd, len(raw))
+        assert b"".join(frame for _, frame in check.frames(digest)) == data
+        assert not check.proves(Digest("0" * 64), fd, len(raw))
+        some = StreamCheck(keep=100_000)  # keeps the first frames that fit
+        _streamed(some, raw, piece)
+        assert some.proves(digest, fd, len(raw))
+        assert 0 < sum(len(frame) for _, frame in some.frames(digest)) <= 100_000
+    finally:
+        os.close(fd)
+    # A frame's bytes; in the seek table, the last frame's checksum and a compressed size.
+    for where in (len(raw) // 3, len(raw) - 12, len(raw) - 30):
+        damaged = bytearray(raw)
+        damaged[where] ^= 0x01
+        copy = tmp_path / "damaged"
+        copy.write_bytes(bytes(damaged))
+        fd = os.open(copy, os.O_RDONLY)
+        try:
+            check = StreamCheck(keep=1 << 30)
+            _streamed(check, bytes(damaged), piece)
+            assert not check.proves(digest, fd, len(damaged))
+        finally:
+            os.close(fd)

@@ -281,3 +281,29 @@ def test_a_deadlock_victim_is_retried_whole(pg_cluster: PgCluster, pg_url: str) 
     assert manifest.history(node_id, "runs/e1/l/a")[-1].digest == digest
     assert manifest.refcount(outcome[0].blob.blob_id) == 2 and manifest.refcount_drift() == []
     manifest.close()
+
+
+def test_point_reads_survive_a_rollback_and_a_dropped_connection(
+        pg_cluster: PgCluster, proxy: TcpProxy, proxied_url: str) -> None:
+    """Reads outside a transaction run on statements prepared once per connection (libpq
+    directly). psycopg deallocates every prepared statement of the session after a ROLLBACK,
+    and a new connection has none: either way the next read prepares again and answers."""
+    conn = PgConnection(proxied_url, bounds=DAEMON)
+    try:
+        conn.execute_raw("CREATE TABLE point (id BIGINT PRIMARY KEY, name TEXT)")
+        conn.execute_raw("INSERT INTO point VALUES (1, 'one'), (2, NULL)")
+        select = "SELECT name, id FROM point WHERE id = ?"
+        for _ in range(3):
+            assert conn.execute(select, (1,)).fetchone() == ("one", 1)
+        assert conn._prepared  # the fast path served it
+        conn.begin(pipelined=False)
+        for _ in range(3):  # inside a transaction: psycopg's path, which prepares it too
+            assert conn.execute(select, (1,)).fetchone() == ("one", 1)
+        conn.rollback()  # psycopg then deallocates all (its statements and ours)
+        assert conn.execute(select, (2,)).fetchone() == (None, 2)
+        proxy.drop()  # the connection breaks under the next read, which reconnects
+        conn.deadline = time.monotonic() + 5
+        assert conn.execute(select, (1,)).fetchone() == ("one", 1)
+        assert conn.execute("SELECT count(*) FROM point WHERE name LIKE '%n%'").fetchone() == (1,)
+    finally:
+        conn.close()

@@ -33,11 +33,18 @@ from typing import TYPE_CHECKING
 from cafs import crashpoints
 from cafs.blobstore.api import BlobReader, Blobs, Encoding, digest_of_reader, read_chunks
 from cafs.blobstore.cache import BlobCache
-from cafs.blobstore.local import LocalBlobStore, reader_of_fd
+from cafs.blobstore.local import WHOLE_BLOB_AHEAD, LocalBlobStore, reader_of_fd
+from cafs.blobstore.raw_xxh64 import BlockSums, checked_raw_size
 from cafs.blobstore.s3_objects import Exists, S3Location, S3Objects, Unavailable
 from cafs.blobstore.space import SpaceGuard
 from cafs.blobstore.temp import TempBlob
-from cafs.blobstore.zstd_seekable import DEFAULT_LEVEL, FrameCache, new_frame_cache
+from cafs.blobstore.zstd_seekable import (
+    DEFAULT_LEVEL,
+    FrameCache,
+    SeekTable,
+    StreamCheck,
+    new_frame_cache,
+)
 from cafs.digest import Digest, digest_of_chunks, is_digest
 from cafs.errors import Corrupt, StoreError
 from cafs.model import StoredBlob
@@ -219,17 +226,24 @@ class S3BlobStore:
         fd = self.cache.open_fd(digest)
         if fd is None:
             return None
+        # As the local store does (LocalBlobStore.open): a small blob is asked for whole
+        # before its footer is read, one disk read for footer, sums and content.
+        with contextlib.suppress(OSError):
+            if os.fstat(fd).st_size <= WHOLE_BLOB_AHEAD:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         reader = reader_of_fd(fd, digest, encoding, self.frame_cache)
         if size is not None and size >= 0 and reader.size != size:
             reader.close()
             raise Corrupt(f"blob {digest}: its cached copy holds {reader.size} bytes, not {size}")
         return reader
 
-    def fetch(self, digest: Digest, encoding: Encoding, *, again: bool = False) -> None:
+    def fetch(self, digest: Digest, encoding: Encoding, *, again: bool = False,
+              size: int | None = None) -> None:
         """Bring the blob into the cache: download into a temp there, check it whole against
         the digest (and the encoding's checks), then rename it into place. `again`: the cached
-        file proved damaged: drop it and fetch anew. Corrupt if the object is missing or its
-        bytes are wrong; Unavailable if the service fails."""
+        file proved damaged: drop it and fetch anew. `size`: the content's size as the
+        manifest knows it (lets a raw blob be checked while it downloads). Corrupt if the
+        object is missing or its bytes are wrong; Unavailable if the service fails."""
         asked = time.monotonic()
         with self._lock_of(digest):
             if again:
@@ -246,7 +260,7 @@ class S3BlobStore:
                 raise failed[1]
             temp = self.cache.temp_path()
             try:
-                self._download_checked(digest, encoding, temp)
+                self._download_checked(digest, encoding, temp, size)
                 self.cache.admit(digest, temp)
                 self._failed.pop(digest, None)
             except Unavailable as exc:
@@ -260,20 +274,55 @@ class S3BlobStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
 
-    def _download_checked(self, digest: Digest, encoding: Encoding, path: Path) -> None:
+    def _download_checked(self, digest: Digest, encoding: Encoding, path: Path,
+                          size: int | None) -> None:
+        """Download into `path` and prove it the digest's blob before anyone reads it.
+
+        It is checked while the bytes arrive, not re-read after: raw encodings by the
+        SHA-256 of the content (and the raw+xxh64 trailer must be exactly the one that
+        content makes); zstd frame by frame as each arrives whole (and the seek table must
+        list exactly those frames), its frames then entering the shared frame cache, so
+        the reads that follow do not decompress them again. Should that check not prove
+        the blob, the whole file is checked again as fsck would (that says what is wrong).
+        No byte of it is served before the whole blob is proved."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
+            raw = _RawCheck(encoding, size) if _RawCheck.applies(encoding, size) else None
+            frames = StreamCheck(self.frame_cache.capacity // 2) \
+                if encoding is Encoding.ZSTD else None
             try:
-                self.objects.get_into(BLOBS + digest, fd)
+                got = self.objects.get_into(BLOBS + digest, fd, raw or frames)
             except FileNotFoundError:
                 raise Corrupt(f"blob {digest} is missing from {self.location}") from None
-            actual, _ = digest_of_reader(reader_of_fd(os.dup(fd), digest, encoding,
-                                                      self.frame_cache, from_disk=True))
+            if raw is not None and raw.proves(digest, got):
+                return
+            if frames is not None and frames.proves(digest, fd, got):
+                for key, frame in frames.frames(digest):
+                    self.frame_cache.put(key, frame)
+                return
+            staged = self._staging_cache(fd, encoding)
+            actual, _ = digest_of_reader(reader_of_fd(os.dup(fd), digest, encoding, staged,
+                                                      from_disk=staged.capacity == 0))
             if actual != digest:
                 raise Corrupt(f"blob {digest}: the object in {self.location} hashes to {actual}")
+            for key, frame in staged.items():
+                self.frame_cache.put(key, frame)
         finally:
             os.close(fd)
+
+    def _staging_cache(self, fd: int, encoding: Encoding) -> FrameCache:
+        """Where checking a zstd blob keeps the frames it decompressed: all of them if the
+        blob fits in half the frame cache, else none (they would only push each other out)."""
+        budget = self.frame_cache.capacity // 2
+        if encoding is Encoding.ZSTD and budget > 0:
+            try:
+                plain = SeekTable.read_from(fd, os.fstat(fd).st_size).plain_size
+            except (Corrupt, OSError):
+                plain = budget + 1  # the check itself reports it
+            if plain <= budget:
+                return new_frame_cache(budget)
+        return new_frame_cache(0)
 
     def _fresh_reader(self, digest: Digest, encoding: Encoding) -> BlobReader:
         """A reader of the object downloaded now into a temp (unlinked at once: the reader
@@ -379,6 +428,57 @@ class S3BlobStore:
         return name
 
 
+class _RawCheck:
+    """Checks a raw or raw+xxh64 object while it downloads (the pieces come in order; offset
+    0 starts over): SHA-256 of the content, and the block-sum trailer, which must be byte
+    for byte the one that content makes (so its footer's size, block size and magic too)."""
+
+    def __init__(self, encoding: Encoding, size: int | None) -> None:
+        self._checked = encoding is Encoding.RAW_CHECKED
+        self._size = size
+        self._start()
+
+    @staticmethod
+    def applies(encoding: Encoding, size: int | None) -> bool:
+        return encoding is Encoding.RAW or (encoding is Encoding.RAW_CHECKED
+                                             and size is not None and size >= 0)
+
+    def _start(self) -> None:
+        self._sha256 = hashlib.sha256()
+        self._blocks = BlockSums()
+        self._trailer = bytearray()
+        self._received = 0
+
+    def __call__(self, offset: int, data: memoryview) -> None:
+        if offset == 0:
+            self._start()
+        if offset != self._received:  # never expected: proves() then says no
+            self._received = -1
+            return
+        content = len(data)
+        if self._checked:
+            assert self._size is not None
+            content = max(0, min(len(data), self._size - offset))
+        if content:
+            piece = data[:content]
+            self._sha256.update(piece)
+            if self._checked:
+                self._blocks.update(piece)
+        if content < len(data):
+            self._trailer += data[content:]
+        self._received += len(data)
+
+    def proves(self, digest: Digest, received: int) -> bool:
+        """True if what arrived (`received` bytes) is the digest's blob, whole."""
+        if received != self._received or self._sha256.hexdigest() != digest:
+            return False
+        if not self._checked:
+            return True
+        assert self._size is not None
+        return (received == checked_raw_size(self._size)
+                and bytes(self._trailer) == self._blocks.trailer(self._size))
+
+
 def _md5_of(fd: int) -> str:
     hasher = hashlib.md5(usedforsecurity=False)
     offset = 0
@@ -424,7 +524,7 @@ class S3Reader:
                     self._inner = None
                     self._refetch_locked()
                 if self._inner is None:
-                    self._store.fetch(self._digest, self._encoding)
+                    self._store.fetch(self._digest, self._encoding, size=self._expected)
                     self._inner = self._open_cached()
                 self.size = self._inner.size
             return self._inner
@@ -432,7 +532,7 @@ class S3Reader:
     def _open_cached(self) -> BlobReader:
         inner = self._store.cached_reader(self._digest, self._encoding, self._expected)
         if inner is None:  # evicted at once (a cache smaller than the blob): fetch again
-            self._store.fetch(self._digest, self._encoding)
+            self._store.fetch(self._digest, self._encoding, size=self._expected)
             inner = self._store.cached_reader(self._digest, self._encoding, self._expected)
         if inner is None:
             raise Corrupt(f"blob {self._digest}: the cache cannot hold it")
@@ -446,7 +546,7 @@ class S3Reader:
         old, self._inner = self._inner, None
         if old is not None:
             old.close()
-        self._store.fetch(self._digest, self._encoding, again=True)
+        self._store.fetch(self._digest, self._encoding, again=True, size=self._expected)
         self._inner = self._open_cached()
 
     def read(self, offset: int, length: int) -> bytes:
@@ -460,6 +560,11 @@ class S3Reader:
                 assert self._inner is not None
                 fresh = self._inner
             return fresh.read(offset, length)
+
+    @property
+    def cached(self) -> bool:
+        """Its blob file is open: reads are local (no download), as on the local store."""
+        return self._inner is not None
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         inner = self._inner

@@ -16,16 +16,17 @@ uses a stricter client (one attempt, 0.5 s / 1 s).
 from __future__ import annotations
 
 import configparser
+import errno
 import http.client
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from cafs.blobstore.s3_put import LeanPut, PutRefused
+from cafs.blobstore.s3_put import BodyCut, LeanClient, PutRefused
 from cafs.errors import CafsError, InvalidArgument
 
 CONNECT_TIMEOUT = 1.0
@@ -184,9 +185,10 @@ class S3Objects:
             return session.client("s3", endpoint_url=location.endpoint, config=config)
 
         self._client = client(CONNECT_TIMEOUT, READ_TIMEOUT, ATTEMPTS)
-        # Every create waits for one PUT: on an endpoint we name, the lean client (see
-        # cafs.blobstore.s3_put for what it saves); AWS itself (no endpoint) through boto3.
-        self._lean = None if location.endpoint is None else LeanPut(
+        # Every create waits for one PUT, every read of an uncached blob for one GET: on an
+        # endpoint we name, the lean client (see cafs.blobstore.s3_put for what it saves);
+        # AWS itself (no endpoint) through boto3.
+        self._lean = None if location.endpoint is None else LeanClient(
             location.endpoint, location.bucket, location.region, key, secret,
             connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT, attempts=ATTEMPTS)
         self._quick = client(0.5, 1.0, 1)
@@ -251,34 +253,71 @@ class S3Objects:
                                             Key=self.location.key(name))
         return answer
 
-    def get_into(self, name: str, fd: int) -> int:
-        """Download the object into the file at `fd` (truncated first); its size. A body cut
-        off mid-stream is fetched again from the start, DOWNLOAD_ATTEMPTS times in all."""
+    def get_into(self, name: str, fd: int,
+                 piece: Callable[[int, memoryview], None] | None = None) -> int:
+        """Download the object into the file at `fd` (truncated first); its size. `piece`
+        sees each piece written, with its offset (a check that runs while the bytes arrive;
+        offset 0 starts it over). A body cut off mid-stream is fetched again from the start,
+        DOWNLOAD_ATTEMPTS times in all."""
         last: BaseException | None = None
         for _ in range(DOWNLOAD_ATTEMPTS):
             os.ftruncate(fd, 0)
-            answer = self._call(f"GET {name}", self._client.get_object,
-                                Bucket=self.location.bucket, Key=self.location.key(name))
-            body = answer["Body"]
             try:
-                offset = 0
-                while piece := body.read(PIECE):
-                    written = os.pwrite(fd, piece, offset)
-                    if written != len(piece):
-                        raise OSError("short write into the cache")
-                    offset += written
-                if offset != answer.get("ContentLength", offset):
-                    raise self._failed(f"GET {name}", EOFError("body shorter than its length"))
-                return offset
-            except (self._boto_error, Unavailable, ConnectionError, TimeoutError) as exc:
-                last = exc
-            except OSError as exc:
-                if exc.errno is not None:  # the local disk: not the network's fault
-                    raise
-                last = exc
-            finally:
-                body.close()
-        raise last if isinstance(last, Unavailable) else self._failed(f"GET {name}", last)  # type: ignore[arg-type]
+                if self._lean is not None:
+                    return self._lean_get_into(name, fd, piece)
+                return self._boto_get_into(name, fd, piece)
+            except _Cut as exc:
+                last = exc.__cause__
+        raise self._failed(f"GET {name}", last or EOFError("body cut off"))
+
+    def _lean_get_into(self, name: str, fd: int,
+                       piece: Callable[[int, memoryview], None] | None) -> int:
+        def write(offset: int, data: memoryview) -> None:
+            try:
+                _write_all(fd, data, offset)
+            except OSError as exc:  # the local disk: not the network's fault
+                raise _LocalWrite() from exc
+            if piece is not None:
+                piece(offset, data)
+
+        assert self._lean is not None
+        try:
+            status, size = self._lean.get(self.location.key(name), write)
+        except _LocalWrite as exc:
+            assert exc.__cause__ is not None
+            raise exc.__cause__ from None
+        except BodyCut as exc:
+            raise _Cut() from exc
+        except (OSError, http.client.HTTPException, PutRefused) as exc:
+            raise self._failed(f"GET {name}", exc) from None
+        if status == 404:
+            raise FileNotFoundError(name)
+        return size
+
+    def _boto_get_into(self, name: str, fd: int,
+                       piece: Callable[[int, memoryview], None] | None) -> int:
+        answer = self._call(f"GET {name}", self._client.get_object,
+                            Bucket=self.location.bucket, Key=self.location.key(name))
+        body = answer["Body"]
+        try:
+            offset = 0
+            while True:
+                try:
+                    data = body.read(PIECE)
+                except (self._boto_error, ConnectionError, TimeoutError, OSError) as exc:
+                    raise _Cut() from exc
+                if not data:
+                    break
+                view = memoryview(data)
+                _write_all(fd, view, offset)
+                if piece is not None:
+                    piece(offset, view)
+                offset += len(data)
+            if offset != answer.get("ContentLength", offset):
+                raise _Cut() from EOFError("body shorter than its length")
+            return offset
+        finally:
+            body.close()
 
     def put_small_new(self, name: str, data: bytes) -> None:
         """Store a small object unless the key exists (Exists)."""
@@ -320,3 +359,16 @@ class S3Objects:
                 return
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
+
+class _Cut(Exception):
+    """A download's body broke off (its cause says how): fetched again from the start."""
+
+
+class _LocalWrite(Exception):
+    """Writing a downloaded piece into the local file failed (its cause): no retry."""
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    written = os.pwrite(fd, data, offset)
+    if written != len(data):
+        raise OSError(errno.EIO, "short write into the cache")

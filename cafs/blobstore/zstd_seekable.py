@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import hashlib
 import itertools
 import os
 import struct
@@ -27,6 +28,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import xxhash
 import zstandard
@@ -353,6 +355,100 @@ class SeekTable:
         if table.compressed_offsets[-1] != start - 8:
             raise Corrupt("seek table does not match the frames")
         return table
+
+
+class StreamCheck:
+    """Checks a seekable zstd blob while its bytes arrive, in order (offset 0 starts over):
+    each frame is decompressed as soon as it is whole, its plain bytes hashed (SHA-256 of the
+    content) and its size and checksum noted; at the end the seek table must list exactly
+    those frames. Frames of up to `keep` plain bytes in all are kept, for the frame cache
+    once the blob proved right (frames()). Used where a download is checked (the S3 cache):
+    the check overlaps the transfer instead of following it."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._decompressor = zstandard.ZstdDecompressor()  # its own: a decompressobj holds it
+        self._start()
+
+    def _start(self) -> None:
+        self._sha256 = hashlib.sha256()
+        self._entries: list[tuple[int, int, int]] = []
+        self._kept: list[bytes] = []
+        self._kept_bytes = 0
+        self._frame: Any = None  # the decompressor of the frame in progress
+        self._frame_in = 0  # its compressed bytes so far
+        self._frame_out: list[bytes] = []
+        self._head = b""  # the first bytes of a frame, before its magic is known
+        self._table = False  # the seek table's skippable frame began: the rest is it
+        self._received = 0
+        self._broken = False
+
+    def __call__(self, offset: int, data: memoryview) -> None:
+        if offset == 0:
+            self._start()
+        if self._broken:
+            return
+        if offset != self._received:
+            self._broken = True
+            return
+        self._received += len(data)
+        try:
+            self._feed(bytes(data))
+        except zstandard.ZstdError:
+            self._broken = True  # the full check after the download says what is wrong
+
+    def _feed(self, data: bytes) -> None:
+        while data and not self._table:
+            if self._frame is None:
+                data = self._head + data
+                if len(data) < 4:
+                    self._head = data
+                    return
+                self._head = b""
+                if struct.unpack_from("<I", data)[0] == _SKIPPABLE_MAGIC:
+                    self._table = True
+                    return
+                self._frame = self._decompressor.decompressobj()
+                self._frame_in = 0
+                self._frame_out = []
+            frame = self._frame
+            self._frame_out.append(frame.decompress(data))
+            if not frame.eof:
+                self._frame_in += len(data)
+                return
+            rest = frame.unused_data
+            self._frame_in += len(data) - len(rest)
+            self._frame_done()
+            data = rest
+
+    def _frame_done(self) -> None:
+        plain = b"".join(self._frame_out)
+        self._frame, self._frame_out = None, []
+        self._sha256.update(plain)
+        self._entries.append((self._frame_in, len(plain), _frame_checksum(plain)))
+        if self._kept_bytes + len(plain) <= self._keep:
+            self._kept.append(plain)
+            self._kept_bytes += len(plain)
+
+    def proves(self, digest: Digest, fd: int, received: int) -> bool:
+        """True if the `received` bytes (also in the file at `fd`) are the digest's blob,
+        whole: frames and seek table."""
+        if self._broken or not self._table or received != self._received:
+            return False
+        try:
+            table = SeekTable.read_from(fd, received)
+        except (Corrupt, OSError):
+            return False
+        listed = list(zip(
+            [b - a for a, b in itertools.pairwise(table.compressed_offsets)],
+            [b - a for a, b in itertools.pairwise(table.plain_offsets)],
+            table.checksums, strict=True))
+        return listed == self._entries and self._sha256.hexdigest() == digest
+
+    def frames(self, digest: Digest) -> Iterator[tuple[tuple[str, int], bytes]]:
+        """The frames kept, as the frame cache keys them (only once proves() said True)."""
+        for index, plain in enumerate(self._kept):
+            yield (digest, index), plain
 
 
 class _Prefetcher:
