@@ -207,6 +207,56 @@ def fresh_ingest_seconds(work: Path, scale: float, targets: dict[str, Path],
     return write_figures.best_of(repeats, targets, one)
 
 
+def servers_alone_ingest(server: WeedServer, pg_port: int | None, corpus: Path, work: Path,
+                         repeats: int) -> float:
+    """The ceiling of an ingest of `corpus` on these servers: its files encoded as cafs
+    stores them (a scratch local store: the object is the same bytes as the blob file), then
+    what a publish cannot do without, file after file as `cp -r` closes them: one PUT with
+    If-None-Match: * on a kept-alive connection, and with PostgreSQL one durable commit.
+    Nothing of cafs is timed (no FUSE, hashing or compression). Seconds, best of `repeats`."""
+    import psycopg
+
+    from cafs.blobstore import BlobStore
+
+    (work / "ceiling-store").mkdir()
+    scratch = BlobStore(work / "ceiling-store")
+    scratch.create_layout()
+    bodies = []
+    for path in sorted(corpus.rglob("*")):
+        if path.is_file():
+            temp = scratch.new_temp()
+            temp.write(0, path.read_bytes())
+            digest = temp.digest()
+            scratch.publish(temp, digest)
+            temp.discard()
+            bodies.append(scratch.path_of(digest).read_bytes())
+    url = None if pg_port is None else f"postgresql://postgres@127.0.0.1:{pg_port}/cafs"
+    if url is not None:
+        with psycopg.connect(url, autocommit=True) as setup:
+            setup.execute("CREATE TABLE IF NOT EXISTS bench_floor (id BIGINT GENERATED "
+                          "ALWAYS AS IDENTITY PRIMARY KEY, at_ns BIGINT NOT NULL)")
+    host = f"127.0.0.1:{server.port}"
+    times = []
+    for round_no in range(repeats):
+        conn = http.client.HTTPConnection(host, timeout=30)
+        db = None if url is None else psycopg.connect(url)
+        try:
+            start = time.perf_counter()
+            for index, body in enumerate(bodies):
+                status = lean_put(conn, host, f"bench-ingest/{round_no}/{index}/"
+                                  f"{time.time_ns()}", body)
+                assert status == 200, status
+                if db is not None:
+                    db.execute("INSERT INTO bench_floor (at_ns) VALUES (%s)", (time.time_ns(),))
+                    db.commit()
+            times.append(time.perf_counter() - start)
+        finally:
+            conn.close()
+            if db is not None:
+                db.close()
+    return min(times)
+
+
 def daemon_cpu(stores: dict[str, Path]) -> dict[str, float]:
     return {name: cpu_seconds(daemon_pid(store)) for name, store in stores.items()}
 
@@ -282,6 +332,13 @@ def main() -> None:
                     seconds["s3"], "s", "<= 1.5x", seconds["s3"] <= 1.5 * seconds["local"])
                 cpu_line("all rounds", before_cpu, daemon_cpu(stores), files * args.repeat,
                          "file")
+                ceiling = servers_alone_ingest(server, port, work / "fresh-corpus0", work,
+                                               args.repeat)
+                print(f"    the servers alone (the encoded blobs PUT one after another"
+                      f"{', a commit each' if port else ''}; no cafs): {ceiling:.2f} s = "
+                      f"{ceiling / seconds['local']:.2f}x the local store's ingest; the target "
+                      f"is {'beyond' if ceiling > 1.5 * seconds['local'] else 'within'} the "
+                      "servers' reach", flush=True)
             for writers, goal in ((1, 500), (4, 1500)):
                 if "creates" not in only:
                     break
