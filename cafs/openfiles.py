@@ -777,7 +777,7 @@ class OpenFiles:
 
     # -- reading and writing --------------------------------------------------------------
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         inode = self.table.handle(fh).inode
         # Reads see the bytes written so far. A temp being published keeps its descriptor open
         # until the new blob replaces it, so this never reads a closed file.

@@ -505,9 +505,15 @@ class ZstdReader:
                 if future is not None:
                     self._ahead.append(future)
 
+    def idle(self) -> None:
+        """Read-ahead not started yet is cancelled."""
+        for future in self._ahead:
+            future.cancel()
+        self._ahead = []
+        self._next = -1
+
     def close(self) -> None:
         # Read-ahead not started yet is cancelled; one running keeps the descriptor open
         # until it is done (SharedFd).
-        for future in self._ahead:
-            future.cancel()
+        self.idle()
         self._fd.close()
