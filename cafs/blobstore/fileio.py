@@ -188,6 +188,11 @@ class DirectReads:
         self._retired: list[mmap.mmap] = []  # handed out; free once unreferenced
         self.streams = 0
 
+    def spare(self) -> bool:
+        """Whether another stream may start now."""
+        with self._lock:
+            return self.streams < self._max_streams
+
     def open(self, fd: int) -> SharedFd | None:
         """A descriptor of the same file as `fd` that reads past the page cache; None if the
         streams' budget is spent or the filesystem cannot (tmpfs refuses O_DIRECT)."""

@@ -138,9 +138,11 @@ class CheckedRawReader:
         return data
 
     def _start_stream(self, offset: int) -> None:
+        if not direct_reads.spare():
+            return  # as many streams as allowed run now: the page cache, and later again
         direct = direct_reads.open(self._fd.fd)
         if direct is None:
-            self._streams = False  # no O_DIRECT here (or no budget now): the page cache
+            self._streams = False  # no O_DIRECT on this filesystem: the page cache
             return
         self._stream = _Stream(self, direct, offset // DIRECT_CHUNK)
 
