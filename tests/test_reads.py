@@ -263,12 +263,15 @@ def test_a_short_read_waits_in_a_thread_only_while_a_request_is_queued() -> None
 
         main = threading.current_thread().name
         assert trio.run(where) == main  # nothing queued: on the loop
+        assert not runtime.requests_waiting()  # (a small READ then skips read_nowait)
         os.write(writable, b"request")
+        assert runtime.requests_waiting()
         assert trio.run(where) != main  # a request waits: in a worker thread
         os.read(readable, 7)
         assert trio.run(where) == main
         assert trio.run(TrioRuntime().run_short, lambda: threading.current_thread().name) \
             != main  # no /dev/fuse known: always a thread, as before
+        assert TrioRuntime().requests_waiting()
     finally:
         os.close(readable)
         os.close(writable)
