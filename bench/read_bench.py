@@ -1,7 +1,10 @@
 """Read-side benchmark (scripts/bench --read): reads and metadata of a cafs mount against a
 plain directory on the same disk, interleaved in one run, best of N.
 
-Usage: scripts/bench --read [--files N] [--big-mib N] [--repeat N] [--workdir DIR] [--json FILE]
+Usage: scripts/bench --read [--only FIGURES] [--files N] [--big-mib N] [--repeat N]
+                            [--workdir DIR] [--json FILE]
+--only takes a comma-separated subset of: warm, cold, find, ls, big, bigwarm, random (default:
+all); only the data those figures read is made.
 
 The corpus is shaped like pipeline output: ~600 files of 10 KB-1 MB (CSV shards, JSON,
 random weights; ~300 MB), a layer of 10,000 small files, one large random artifact (1 GiB:
@@ -34,9 +37,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cafs_bench import MB, Mounted, csv_text, drop_caches
+from cafs_bench import MB, Mounted, csv_text, daemon_pid, drop_caches
 
 MIB = 1 << 20
+FIGURES = ("warm", "cold", "find", "ls", "big", "bigwarm", "random")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_corpus(root: Path, files: int, seed: int = 14) -> int:
@@ -186,6 +196,7 @@ class Bench:
             roots = {"plain": self.plain, "floor": self.floor.mountpoint,
                      "cafs": self.mount.mountpoint}
         best = dict.fromkeys(roots, float("inf"))
+        cpu = dict.fromkeys(roots, float("inf"))  # the daemon's CPU seconds in its best run
         for _ in range(self.repeat):
             for side, root in roots.items():
                 if cold:
@@ -194,9 +205,14 @@ class Bench:
                     elif side == "floor":
                         self.remount_floor()
                     drop_caches()
+                pid = self.server_pid(side)
+                cpu_before = cpu_seconds(pid) if pid else 0.0
                 start = time.perf_counter()
                 work(root)
-                best[side] = min(best[side], time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                if elapsed < best[side]:
+                    best[side] = elapsed
+                    cpu[side] = cpu_seconds(pid) - cpu_before if pid else float("nan")
             self.loads.append(os.getloadavg()[0])
         ratio = best["cafs"] / best["plain"]
         floor_ratio = best["floor"] / best["plain"] if "floor" in best else None
@@ -213,12 +229,27 @@ class Bench:
         floors = ("" if floor_ratio is None else
                   f"{floor_ratio:>6.2f}x {best['cafs'] / best['floor']:>6.2f}x")
         verdict = "" if met is None else ("met" if met else "MISSED")
-        print(f"  {figure:<44} {shown} {unit:<8} {ratio:>6.2f}x {floors:>15}  {target} {verdict}",
-              flush=True)
+        cpu_ms = ("" if per is None else "  daemon CPU/op: " + ", ".join(
+            f"{side} {cpu[side] * 1e6 / per:.0f} us" for side in ("floor", "cafs") if side in cpu))
+        if per is None:
+            cpu_ms = "  daemon CPU: " + ", ".join(
+                f"{side} {cpu[side] * 1e3:.0f} ms" for side in ("floor", "cafs") if side in cpu)
+        print(f"  {figure:<44} {shown} {unit:<8} {ratio:>6.2f}x {floors:>15}  {target} {verdict}"
+              f"{cpu_ms}", flush=True)
         self.rows.append({"figure": figure, "unit": unit, **shown_of, "time_ratio": ratio,
                           "floor_ratio": floor_ratio, "cafs_over_floor":
                           None if floor_ratio is None else best["cafs"] / best["floor"],
-                          "target": target, "met": met})
+                          "target": target, "met": met,
+                          "daemon_cpu_s": {side: cpu[side] for side in cpu if side != "plain"},
+                          "load": os.getloadavg()[0]})
+
+    def server_pid(self, side: str) -> int | None:
+        """The process that serves `side` (its CPU is what the figure costs it), if any."""
+        if side == "cafs":
+            return daemon_pid(self.mount.store)
+        if side == "floor" and self.floor is not None and self.floor.process is not None:
+            return self.floor.process.pid
+        return None
 
 
 def main() -> None:
@@ -234,16 +265,23 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("bench-results/read.json"))
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor filesystem")
+    parser.add_argument("--only", default=",".join(FIGURES),
+                        help=f"comma-separated figures to run, of {', '.join(FIGURES)}")
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if only - set(FIGURES):
+        parser.error(f"--only: unknown figures {', '.join(sorted(only - set(FIGURES)))}")
     if os.geteuid() != 0:
         print("note: not root: the page cache cannot be dropped; 'cold' figures are warm")
 
     work = args.workdir / f"read-{os.getpid()}"
     source = work / "source"
-    total = make_corpus(source / "corpus", args.files)
-    make_small_layer(source / "small" / "layer", args.small)
-    write_random(source / "big" / "l" / "big.bin", args.big_mib * MIB)
-    write_text(source / "zstd" / "l" / "big.csv", args.zstd_mib * MIB)
+    total = make_corpus(source / "corpus", args.files if only & {"warm", "cold", "find"} else 1)
+    make_small_layer(source / "small" / "layer", args.small if only & {"find", "ls"} else 1)
+    write_random(source / "big" / "l" / "big.bin",
+                 args.big_mib * MIB if only & {"big", "bigwarm"} else MIB)
+    write_text(source / "zstd" / "l" / "big.csv",
+               args.zstd_mib * MIB if "random" in only else MIB)
     print(f"corpus: {args.files} files, {total / MB:.0f} MB; a {args.small:,}-entry layer; "
           f"{args.big_mib} MiB raw and {args.zstd_mib} MiB text artifacts, in {work}")
     bench = Bench(work, args.repeat, floor=not args.no_floor)
@@ -264,36 +302,41 @@ def main() -> None:
         print(f"  {'figure':<44} {'plain':>11} {'floor':>11} {'cafs':>11} {'unit':<8} "
               f"{'c/plain':>7} {'f/plain':>7} {'c/floor':>7}  target")
         corpus = Path("runs/corpus")
-        for root in bench.roots():  # warm all
-            cat_all(root / corpus)
-        bench.measure("warm re-read of the corpus (cat)", lambda r: cat_all(r / corpus),
-                      cold=False, target="<= 1.5x", limit=1.5)
-        bench.measure("cold read of the corpus (cat)", lambda r: cat_all(r / corpus),
-                      cold=True, target="<= 1.7x", limit=1.7)
-        for root in bench.roots():
-            find_walk(root / "runs")
-        bench.measure("find -printf walk (size, mtime)", lambda r: find_walk(r / "runs"),
-                      cold=False, target="<= 2.5x", limit=2.5)
+        if "warm" in only:
+            for root in bench.roots():  # warm all
+                cat_all(root / corpus)
+            bench.measure("warm re-read of the corpus (cat)", lambda r: cat_all(r / corpus),
+                          cold=False, target="<= 1.5x", limit=1.5)
+        if "cold" in only:
+            bench.measure("cold read of the corpus (cat)", lambda r: cat_all(r / corpus),
+                          cold=True, target="<= 1.7x", limit=1.7)
+        if "find" in only:
+            for root in bench.roots():
+                find_walk(root / "runs")
+            bench.measure("find -printf walk (size, mtime)", lambda r: find_walk(r / "runs"),
+                          cold=False, target="<= 2.5x", limit=2.5)
         layer = Path("runs/small/layer")
-        bench.measure(f"ls -l of a {args.small:,}-entry layer, cold", lambda r: ls_l(r / layer),
-                      cold=True, target="<= 1.5x", limit=1.5)
-        bench.measure(f"ls -l of a {args.small:,}-entry layer, warm", lambda r: ls_l(r / layer),
-                      cold=False, target="<= 1.5x", limit=1.5)
+        if "ls" in only:
+            bench.measure(f"ls -l of a {args.small:,}-entry layer, cold",
+                          lambda r: ls_l(r / layer), cold=True, target="<= 1.5x", limit=1.5)
+            bench.measure(f"ls -l of a {args.small:,}-entry layer, warm",
+                          lambda r: ls_l(r / layer), cold=False, target="<= 1.5x", limit=1.5)
         big_rel = Path("runs/big/l/big.bin")
-        size_mb = args.big_mib * MIB / MB
-        bench.measure(f"{args.big_mib} MiB artifact, sequential, cold",
-                      lambda r: seq_read(r / big_rel), cold=True, target=">= 70% (<= 1.43x)",
-                      limit=1 / 0.7)
-        for root in bench.roots():
-            seq_read(root / big_rel)
-        bench.measure(f"{args.big_mib} MiB artifact, sequential, warm",
-                      lambda r: seq_read(r / big_rel), cold=False, target=">= 90% (<= 1.11x)",
-                      limit=1 / 0.9)
-        del size_mb
-        bench.measure(f"random 4 KiB reads, {args.zstd_mib} MiB zstd artifact, cold",
-                      lambda r: random_reads(r / "runs/zstd/l/big.csv", args.random_reads),
-                      cold=True, target=">= 5,000/s", limit=5000, unit="reads/s",
-                      per=args.random_reads)
+        if "big" in only:
+            bench.measure(f"{args.big_mib} MiB artifact, sequential, cold",
+                          lambda r: seq_read(r / big_rel), cold=True,
+                          target=">= 70% (<= 1.43x)", limit=1 / 0.7)
+        if "bigwarm" in only:
+            for root in bench.roots():
+                seq_read(root / big_rel)
+            bench.measure(f"{args.big_mib} MiB artifact, sequential, warm",
+                          lambda r: seq_read(r / big_rel), cold=False,
+                          target=">= 90% (<= 1.11x)", limit=1 / 0.9)
+        if "random" in only:
+            bench.measure(f"random 4 KiB reads, {args.zstd_mib} MiB zstd artifact, cold",
+                          lambda r: random_reads(r / "runs/zstd/l/big.csv", args.random_reads),
+                          cold=True, target=">= 5,000/s", limit=5000, unit="reads/s",
+                          per=args.random_reads)
     finally:
         if bench.floor is not None:
             bench.floor.__exit__()

@@ -96,9 +96,12 @@ class TrioRuntime:
         wake-ups (~160 us per cold 4 KiB read, measured under load); in a worker thread
         otherwise, so it never holds up a request already waiting. (pyfuse3 always has one
         task runnable, its next reader of /dev/fuse: trio's run queue says nothing here.)"""
-        if self._requests is not None and not self._requests.poll(0):
+        if not self.requests_waiting():
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args)
+
+    def requests_waiting(self) -> bool:
+        return self._requests is None or bool(self._requests.poll(0))
 
     async def checkpoint(self) -> None:
         await trio.sleep(0)

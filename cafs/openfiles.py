@@ -777,7 +777,7 @@ class OpenFiles:
 
     # -- reading and writing --------------------------------------------------------------
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         inode = self.table.handle(fh).inode
         # Reads see the bytes written so far. A temp being published keeps its descriptor open
         # until the new blob replaces it, so this never reads a closed file.
@@ -788,6 +788,12 @@ class OpenFiles:
         reader = self.reader_of(inode)
         if reader is None:
             return b""
+        if size <= INLINE_READ_BYTES and not self.blobs.remote \
+                and not self.runtime.requests_waiting():
+            # Read on the loop whatever it waits for (Runtime.run_short): nothing else waits,
+            # and asking first whether the bytes are at hand costs a cold random read a probe
+            # and a second pass through the reader.
+            return reader.read(offset, size)
         # What the page cache or the frame cache holds is answered at once; a read that would
         # wait for the disk or decompress goes to a worker thread, and the event loop serves
         # other requests meanwhile (the kernel sends read-ahead READs of the same file too).

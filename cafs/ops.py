@@ -232,7 +232,9 @@ class CafsOperations(pyfuse3.Operations):
 
     @translated
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.vfs.read(fh, off, size)
+        # A memoryview (of a stream's buffer, see raw_xxh64) is sent as it is: pyfuse3 replies
+        # with any buffer, before anything else runs on the event loop.
+        return await self.vfs.read(fh, off, size)  # type: ignore[return-value]
 
     @translated
     async def write(self, fh: int, off: int, buf: bytes) -> int:

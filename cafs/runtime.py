@@ -26,6 +26,10 @@ class Runtime(Protocol):
         or on the loop's own thread where that is cheaper and nothing waits (TrioRuntime)."""
         ...
 
+    def requests_waiting(self) -> bool:
+        """Whether a request waits to be served now (True where that cannot be known)."""
+        ...
+
 
 class KernelNotifier(Protocol):
     """Tells the kernel to drop what it cached about a node or a name (changed behind it)."""

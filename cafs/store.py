@@ -11,6 +11,7 @@ and start-up recovery. Must not know FUSE, trio or the daemon.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
@@ -636,6 +637,8 @@ class Store:
         except CafsError as exc:
             return f"blob {blob.digest}: unreadable: {exc}"
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise  # the process is short of resources, the blob is fine: no damage
             return f"blob {blob.digest}: unreadable: {exc.strerror}"
         if digest != blob.digest or size != blob.size:
             return f"blob {blob.digest}: content hashes to {digest}"

@@ -180,7 +180,7 @@ class Vfs:
         """(keep_cache, direct_io) for the kernel's answer to the open of `fh`."""
         return self.files.page_cache(fh)
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         return await self.files.read(fh, offset, size)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:

@@ -66,6 +66,9 @@ class MemoryReader(BlobReader):
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         return self._data[offset:offset + length]
 
+    def idle(self) -> None:
+        """Nothing held but the bytes."""
+
     def close(self) -> None:
         return None
 

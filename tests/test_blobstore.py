@@ -16,10 +16,12 @@ from cafs.blobstore import (
     RAW,
     RAW_CHECKED,
     ZSTD,
+    BlobReader,
     BlobStore,
     Encoding,
     checked_raw_size,
 )
+from cafs.blobstore.fileio import direct_reads
 from cafs.blobstore.zstd_seekable import StreamCheck
 from cafs.digest import Digest, digest_of_chunks
 from cafs.errors import Corrupt
@@ -195,6 +197,72 @@ def test_digest_of_chunks_is_sha256_and_continues_a_running_hash() -> None:
     assert digest_of_chunks(chunks) == (hashlib.sha256(b"".join(chunks)).hexdigest(), 100_003)
     running = hashlib.sha256(b"head")
     assert digest_of_chunks([b"tail"], into=running)[0] == hashlib.sha256(b"headtail").hexdigest()
+
+
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (only this file's: no root, no other reader's
+    cache disturbed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_in_order(reader: BlobReader, size: int, step: int) -> list[bytes | memoryview]:
+    """What the daemon does for READs in order: read_nowait, else read (in a thread there)."""
+    got = []
+    for offset in range(0, size, step):
+        data = reader.read_nowait(offset, step)
+        got.append(reader.read(offset, step) if data is None else data)
+    return got
+
+
+def test_a_large_cold_blob_read_in_order_streams_past_the_page_cache(blobs: BlobStore) -> None:
+    data = random.Random(7).randbytes(21 << 20 | 12345)  # not a whole number of chunks
+    digest, encoding = put(blobs, data)
+    assert encoding == RAW_CHECKED
+    evict(blobs.path_of(digest))
+    reader = blobs.open(digest, encoding)
+    try:
+        got = read_in_order(reader, len(data), 1 << 20)
+        # Served by the stream: views of its buffers, which stay as they were for as long as
+        # they are held, however far the stream has gone on (buffers are reused only once
+        # nothing refers to them).
+        assert any(isinstance(part, memoryview) for part in got)
+        assert b"".join(got) == data
+        assert all(bytes(part) == data[i << 20:(i + 1) << 20] for i, part in enumerate(got))
+        # Kept idle (its file closed), it lets its stream go: buffers and direct descriptor.
+        assert direct_reads.streams == 1
+        reader.idle()
+        assert direct_reads.streams == 0
+        assert reader.read(5 << 20, 1 << 20) == data[5 << 20:6 << 20]
+    finally:
+        reader.close()
+    assert direct_reads.streams == 0
+
+
+def test_a_damaged_block_of_a_streamed_blob_is_an_error_not_wrong_bytes(
+        blobs: BlobStore) -> None:
+    data = random.Random(8).randbytes(20 << 20)
+    digest, encoding = put(blobs, data)
+    path = blobs.path_of(digest)
+    at = 13 * (1 << 20) + 777
+    with open(path, "r+b") as f:  # in place, as a disk's bit rot would be
+        f.seek(at)
+        f.write(bytes([data[at] ^ 0x10]))
+    evict(path)
+    reader = blobs.open(digest, encoding)
+    got = bytearray()
+    try:
+        with pytest.raises(Corrupt, match="fails its checksum"):
+            for offset in range(0, len(data), 1 << 20):
+                part = reader.read_nowait(offset, 1 << 20)
+                got += reader.read(offset, 1 << 20) if part is None else part
+    finally:
+        reader.close()
+    assert len(got) <= at and data.startswith(got)
 
 
 def _streamed(check: StreamCheck, raw: bytes, piece: int) -> None:

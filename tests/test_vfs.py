@@ -32,6 +32,9 @@ class Runtime:
     async def run_short(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args)
 
+    def requests_waiting(self) -> bool:
+        return True
+
 
 @pytest.fixture
 def vfs(tmp_path: Path) -> Vfs:

@@ -45,9 +45,16 @@ class BlobReader(Protocol):
         their checksum."""
         ...
 
-    def read_nowait(self, offset: int, length: int) -> bytes | None:
-        """As read, if the bytes are at hand (page cache, decompressed frames) so no wait for
-        the disk or decompression is needed; else None: read() them in a worker thread."""
+    def read_nowait(self, offset: int, length: int) -> bytes | memoryview | None:
+        """As read, if the bytes are at hand (page cache, decompressed frames, a stream's
+        chunks) so no wait for the disk or decompression is needed; else None: read() them in
+        a worker thread. A memoryview (a read-only view of a reader's buffer, which it reuses
+        only once the view is gone) is meant to be handed on, not kept."""
+        ...
+
+    def idle(self) -> None:
+        """No file reads through it now (it is kept for the next open): let go of what only
+        reads in progress need (read-ahead, a stream's buffers); its descriptor stays."""
         ...
 
     def close(self) -> None: ...

@@ -36,5 +36,8 @@ class RawReader:
         self._sequential.seen(offset, length)
         return data
 
+    def idle(self) -> None:
+        """Nothing held beyond the descriptor."""
+
     def close(self) -> None:
         self._fd.close()

@@ -17,13 +17,23 @@ gets, or know about the layout.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import xxhash
 
-from cafs.blobstore.fileio import ZEROS, Sequential, SharedFd, pread_nowait
+from cafs.blobstore.fileio import (
+    DIRECT_CHUNK,
+    ZEROS,
+    Sequential,
+    SharedFd,
+    direct_reads,
+    pread_nowait,
+)
 from cafs.digest import Digest
 from cafs.errors import Corrupt
 
@@ -34,6 +44,11 @@ _BLOCK_SUM = struct.Struct("<Q")
 _FOOTER = struct.Struct("<QII")  # content size, block size, magic
 _MAGIC = 0xCAF5B10C
 _ZERO_BLOCK_SUM = xxhash.xxh64_intdigest(bytes(CHECK_BLOCK_SIZE))
+# A blob at least this large that is read in order from a part the page cache lacks streams:
+# its next STREAM_AHEAD chunks (of DIRECT_CHUNK bytes) are read past the page cache and checked
+# in worker threads, ahead of the READs that will ask for them (see _Stream).
+STREAM_MIN_SIZE = 8 << 20
+STREAM_AHEAD = 2
 
 
 def checked_raw_size(size: int) -> int:
@@ -89,20 +104,52 @@ class CheckedRawReader:
             raise Corrupt(f"blob {digest}: checksum footer does not match the file")
         self.size = size
         self._sequential = Sequential(self._fd)
+        self._stream: _Stream | None = None
+        self._streams = size >= STREAM_MIN_SIZE  # False once streaming is not possible
 
     def read(self, offset: int, length: int) -> bytes:
+        stream = self._stream
+        if stream is not None:
+            data = stream.read(offset, length, wait=True)
+            if data is not None:
+                return bytes(data)  # (a memoryview of a stream's buffer: see read_nowait)
+            self._end_stream(stream)  # a read elsewhere: the page cache serves it
         self._sequential.seen(offset, length)
         return self._read(offset, length, os.pread)  # type: ignore[arg-type]
 
-    def read_nowait(self, offset: int, length: int) -> bytes | None:
-        """The bytes if the page cache holds them (and their sums) now; None if reading them
-        would wait for the disk: then the caller reads in a worker thread."""
+    def read_nowait(self, offset: int, length: int) -> bytes | memoryview | None:
+        """The bytes if the page cache holds them (and their sums) now, or a stream has read
+        them ahead (then a read-only memoryview of its buffer, valid for as long as it is
+        referenced); None if reading them would wait for the disk: then the caller reads in a
+        worker thread. A large blob read in order from a part the page cache lacks starts
+        streaming here."""
+        stream = self._stream
+        if stream is not None:
+            if stream.covers(offset, length):
+                return stream.read(offset, length, wait=False)
+            self._end_stream(stream)
         try:
             data = self._read(offset, length, pread_nowait)
         except BlockingIOError:
+            if self._streams and offset < self.size and self._sequential.follows(offset):
+                self._start_stream(offset)
             return None
         self._sequential.seen(offset, length)
         return data
+
+    def _start_stream(self, offset: int) -> None:
+        if not direct_reads.spare():
+            return  # as many streams as allowed run now: the page cache, and later again
+        direct = direct_reads.open(self._fd.fd)
+        if direct is None:
+            self._streams = False  # no O_DIRECT on this filesystem: the page cache
+            return
+        self._stream = _Stream(self, direct, offset // DIRECT_CHUNK)
+
+    def _end_stream(self, stream: _Stream) -> None:
+        if self._stream is stream:
+            self._stream = None
+        stream.close()
 
     def _read(self, offset: int, length: int, pread: Callable[[int, int, int], bytes]) -> bytes:
         end = min(offset + length, self.size)
@@ -113,18 +160,164 @@ class CheckedRawReader:
         stop = min((last + 1) * CHECK_BLOCK_SIZE, self.size)
         with self._fd as fd:
             data = pread(fd, stop - start, start)
-            sums = pread(fd, (last - first + 1) * _BLOCK_SUM.size,
-                         self.size + first * _BLOCK_SUM.size)
-        if len(data) != stop - start or len(sums) != (last - first + 1) * _BLOCK_SUM.size:
+            sums = self._sums(first, last, pread, fd)
+        if len(data) != stop - start:
             raise Corrupt(f"blob {self._digest}: shorter than its footer says")
-        view = memoryview(data)
-        for index, (expected,) in enumerate(_BLOCK_SUM.iter_unpack(sums)):
-            block = view[index * CHECK_BLOCK_SIZE:(index + 1) * CHECK_BLOCK_SIZE]
-            if xxhash.xxh64_intdigest(block) != expected:
-                raise Corrupt(f"blob {self._digest}: block {first + index} fails its checksum")
+        self._check(memoryview(data), first, sums)
         if offset == start and end == stop:
             return data
         return data[offset - start:end - start]
 
+    def _sums(self, first: int, last: int, pread: Callable[[int, int, int], bytes],
+              fd: int) -> bytes:
+        """The sums of blocks first..last, read from the table after the content."""
+        sums = pread(fd, (last - first + 1) * _BLOCK_SUM.size,
+                     self.size + first * _BLOCK_SUM.size)
+        if len(sums) != (last - first + 1) * _BLOCK_SUM.size:
+            raise Corrupt(f"blob {self._digest}: shorter than its footer says")
+        return sums
+
+    def _check(self, view: memoryview, first: int, sums: bytes) -> None:
+        """Corrupt unless each block of `view` (block `first` onwards) matches its sum."""
+        for index, (expected,) in enumerate(_BLOCK_SUM.iter_unpack(sums)):
+            block = view[index * CHECK_BLOCK_SIZE:(index + 1) * CHECK_BLOCK_SIZE]
+            if xxhash.xxh64_intdigest(block) != expected:
+                raise Corrupt(f"blob {self._digest}: block {first + index} fails its checksum")
+
+    def load_chunk(self, direct: SharedFd, index: int) -> _Chunk:
+        """Chunk `index` (DIRECT_CHUNK bytes from index * DIRECT_CHUNK) read past the page
+        cache through `direct` and checked (a worker thread of the stream runs this)."""
+        start = index * DIRECT_CHUNK
+        stop = min(start + DIRECT_CHUNK, self.size)
+        first, last = start // CHECK_BLOCK_SIZE, (stop - 1) // CHECK_BLOCK_SIZE
+        with self._fd as fd:
+            sums = self._sums(first, last, os.pread, fd)  # type: ignore[arg-type]
+        buffer, got = direct_reads.read(direct, stop - start, start)
+        try:
+            if got != stop - start:
+                raise Corrupt(f"blob {self._digest}: shorter than its footer says")
+            with memoryview(buffer) as whole:
+                self._check(whole[:got], first, sums)
+            return _Chunk(buffer, got)
+        except BaseException:
+            direct_reads.retire(buffer)
+            raise
+
+    def idle(self) -> None:
+        """A stream ends: its buffers and direct descriptor go."""
+        stream = self._stream
+        if stream is not None:
+            self._end_stream(stream)
+
     def close(self) -> None:
+        self.idle()
         self._fd.close()
+
+
+class _Chunk:
+    """A stream's chunk, read and checked: its bytes are a read-only view of a direct read's
+    buffer, handed out in slices until the stream drops it (retire)."""
+
+    def __init__(self, buffer: mmap.mmap, length: int) -> None:
+        self.buffer = buffer
+        self.view = memoryview(buffer).toreadonly()[:length]
+        self.retired = False
+
+    def retire(self) -> None:
+        """Slices handed out stay valid; the buffer is reused once none is left."""
+        if not self.retired:
+            self.retired = True
+            self.view.release()
+            direct_reads.retire(self.buffer)
+
+
+class _Stream:
+    """The chunks of a blob being read ahead of a reader going through it in order: past the
+    page cache, checked, in worker threads (fileio.DirectReads). A READ the stream covers takes
+    its bytes from here; one elsewhere (a jump) ends the stream, and reads go through the page
+    cache again. A chunk that fails its checks fails the READs that need it (Corrupt: EIO);
+    any other error of a direct read ends the stream and the page cache path reads again."""
+
+    def __init__(self, reader: CheckedRawReader, direct: SharedFd, first: int) -> None:
+        self._reader = reader
+        self._direct = direct
+        # READs in worker threads and on the event loop; reentrant: a dropped chunk's read
+        # that is done already retires it at once, under the lock (_drop)
+        self._lock = threading.RLock()
+        self._chunks: dict[int, Future[_Chunk]] = {}
+        self._next = first  # the next chunk to submit
+        self._end = -(-reader.size // DIRECT_CHUNK)  # chunks in the blob
+        self._closed = False
+
+    def covers(self, offset: int, length: int) -> bool:
+        """A read at `offset` is the stream's: it starts in a chunk submitted (and not yet
+        left behind) or in the next one to submit."""
+        index = offset // DIRECT_CHUNK
+        with self._lock:
+            low = min(self._chunks, default=self._next)
+            return (not self._closed and low <= index <= self._next
+                    and offset < self._reader.size)
+
+    def read(self, offset: int, length: int, *, wait: bool) -> bytes | memoryview | None:
+        """The bytes, once their chunks are read and checked; without `wait`, None while one
+        is still being read. Also None (even waiting) if the read is not the stream's."""
+        if not self.covers(offset, length):
+            return None
+        end = min(offset + length, self._reader.size)
+        first, last = offset // DIRECT_CHUNK, (end - 1) // DIRECT_CHUNK
+        futures = self._window(first, last)
+        if not wait and not all(future.done() for future in futures):
+            return None
+        chunks = []
+        for future in futures:
+            try:
+                chunks.append(future.result())
+            except Corrupt:
+                raise
+            except Exception:  # not the blob's fault (the direct read failed): page cache
+                self.close()
+                return None
+        with self._lock:  # a chunk is retired under the lock: its view stays valid here
+            if any(chunk.retired for chunk in chunks):
+                return None
+            parts = []
+            for index, chunk in zip(range(first, last + 1), chunks, strict=True):
+                base = index * DIRECT_CHUNK
+                parts.append(chunk.view[max(offset, base) - base:min(end, base + DIRECT_CHUNK)
+                                        - base])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _window(self, first: int, last: int) -> list[Future[_Chunk]]:
+        """The futures of chunks first..last, submitting what is missing and the chunks
+        STREAM_AHEAD past them; chunks before `first` - 1 are dropped (read already: the
+        kernel keeps them in the mount's page cache)."""
+        with self._lock:
+            for index in [index for index in self._chunks if index < first - 1]:
+                self._drop(self._chunks.pop(index))
+            stop = min(self._end, last + 1 + STREAM_AHEAD)
+            for index in range(first, stop):
+                if index not in self._chunks:
+                    self._chunks[index] = direct_reads.submit(
+                        self._reader.load_chunk, self._direct, index)
+            self._next = max(self._next, stop)
+            return [self._chunks[index] for index in range(first, last + 1)]
+
+    def _drop(self, future: Future[_Chunk]) -> None:
+        if not future.cancel():
+            future.add_done_callback(self._retire)  # now, or once its read is done
+
+    def _retire(self, future: Future[_Chunk]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            with self._lock:  # never while a READ slices its view (read)
+                future.result().retire()
+
+    def close(self) -> None:
+        """Ends the stream: chunks not started are cancelled, the others' buffers retired
+        (at once or when their read ends); a running read keeps the direct descriptor open
+        until it is done (SharedFd)."""
+        with self._lock:
+            self._closed = True
+            for future in self._chunks.values():
+                self._drop(future)
+            self._chunks.clear()
+        self._direct.close()

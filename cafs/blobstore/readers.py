@@ -33,6 +33,7 @@ class IdleReaders:
         if self.capacity <= 0 or digest in self._idle:
             reader.close()
             return
+        reader.idle()
         self._idle[digest] = reader
         self.shrink(self.capacity)
 

@@ -566,7 +566,7 @@ class S3Reader:
         """Its blob file is open: reads are local (no download), as on the local store."""
         return self._inner is not None
 
-    def read_nowait(self, offset: int, length: int) -> bytes | None:
+    def read_nowait(self, offset: int, length: int) -> bytes | memoryview | None:
         inner = self._inner
         if inner is None:
             return None
@@ -574,6 +574,11 @@ class S3Reader:
             return inner.read_nowait(offset, length)
         except Corrupt:
             return None  # read() in a worker thread fetches the blob again
+
+    def idle(self) -> None:
+        inner = self._inner
+        if inner is not None:
+            inner.idle()
 
     def close(self) -> None:
         with self._lock:

@@ -39,11 +39,14 @@ from cafs.digest import Digest
 from cafs.errors import Corrupt
 from cafs.lru import Lru
 
-# 128 KiB: a random 4 KiB read decompresses and checks 128 KiB, not 1 MiB (~8x more random
-# reads per second), and at zstd's level 3 text compresses no worse (measured on CSV and JSON
-# shards: 0.39-0.44 of the size at 128 KiB against 0.41-0.45 at 1 MiB). Blobs written with
-# other frame sizes stay readable: the seek table gives each frame's size.
-DEFAULT_FRAME_SIZE = 128 << 10
+# 64 KiB: a random 4 KiB read decompresses and checks a whole frame, and that was the largest
+# part of its cost at 128 KiB (perf on the daemon: ~90-100 us of ~250 us per cold read; a
+# 64 KiB frame takes half that, a 32 KiB one ~40 us), while at zstd's level 3 text compresses
+# no worse (measured on CSV and JSON shards: 0.39-0.44 of the size at 128 KiB against
+# 0.41-0.45 at 1 MiB; the bench's CSV: 0.390 at 64 KiB, 0.398 at 128 KiB). A hole costs a
+# 20-byte frame and a 12-byte seek-table entry per frame: 2.1 MB per 4 GiB. Blobs written
+# with other frame sizes stay readable: the seek table gives each frame's size.
+DEFAULT_FRAME_SIZE = 64 << 10
 # A sequential reader gets the frames of the next this many bytes decompressed and checked
 # ahead, in worker threads, while the kernel still asks for the current ones.
 READ_AHEAD_BYTES = 2 << 20
@@ -477,8 +480,7 @@ class _Prefetcher:
     def wait(self, key: tuple[str, int]) -> None:
         """Wait for the frame if it is being decompressed ahead (its errors are the caller's
         to meet again: it reads the frame itself if the cache does not have it then)."""
-        with self._lock:
-            future = self.pending.get(key)
+        future = self.pending.get(key)  # (one dict lookup: atomic; no lock on the hot path)
         if future is not None:
             with contextlib.suppress(BaseException):
                 future.result()
@@ -601,9 +603,15 @@ class ZstdReader:
                 if future is not None:
                     self._ahead.append(future)
 
+    def idle(self) -> None:
+        """Read-ahead not started yet is cancelled."""
+        for future in self._ahead:
+            future.cancel()
+        self._ahead = []
+        self._next = -1
+
     def close(self) -> None:
         # Read-ahead not started yet is cancelled; one running keeps the descriptor open
         # until it is done (SharedFd).
-        for future in self._ahead:
-            future.cancel()
+        self.idle()
         self._fd.close()
