@@ -180,6 +180,54 @@ def servers_alone(server: WeedServer, pg_port: int | None, writers: int, count: 
     return writers * count / elapsed
 
 
+class Statements:
+    """What the remote mount asked of PostgreSQL (pg_stat_statements, and the database's
+    commits), per create."""
+
+    def __init__(self, port: int) -> None:
+        import psycopg
+
+        self.url = f"postgresql://postgres@127.0.0.1:{port}/cafs"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        self.commits = 0
+
+    def _commits(self) -> int:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute("SELECT xact_commit FROM pg_stat_database "
+                               "WHERE datname = 'cafs'").fetchone()
+        return int(row[0]) if row else 0
+
+    def reset(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_statements_reset()")
+        time.sleep(0.6)  # the statistics collector's last report
+        self.commits = self._commits()
+
+    def report(self, creates: int) -> None:
+        import psycopg
+
+        time.sleep(0.6)
+        commits = self._commits() - self.commits
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT calls, query FROM pg_stat_statements s JOIN pg_database d ON "
+                "d.oid = s.dbid WHERE d.datname = 'cafs' AND query NOT LIKE '%pg_stat%' "
+                "ORDER BY calls DESC").fetchall()
+        total = sum(int(calls) for calls, _ in rows)
+        print(f"    PostgreSQL per create: {total / creates:.1f} statements, "
+              f"{commits / creates:.2f} commits")
+        if os.environ.get("CAFS_BENCH_STATEMENTS"):
+            for calls, query in rows:
+                if calls / creates >= 0.05:
+                    print(f"      {calls / creates:5.2f}  {' '.join(query.split())[:150]}")
+
+
 # -- the figures -------------------------------------------------------------------------------
 
 
@@ -191,6 +239,12 @@ def main() -> None:
     parser.add_argument("--puts", type=int, default=300)
     parser.add_argument("--postgresql", action="store_true",
                         help="the remote mount's manifest on PostgreSQL as well")
+    parser.add_argument("--creates-only", action="store_true",
+                        help="only the 4 KiB creates (no ingest, reads or PUT costs)")
+    parser.add_argument("--writers", type=int, nargs="+", default=[1, 4],
+                        help="the create figures' numbers of writers")
+    parser.add_argument("--no-ceiling", action="store_true",
+                        help="skip the servers-alone ceiling of each create figure")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cafs-s3-bench-", dir="/var/tmp"))
     os.chmod(work, 0o755)  # the PostgreSQL cluster's directory lies below it
@@ -205,27 +259,36 @@ def main() -> None:
         port: int | None = None
         if args.postgresql:
             (work / "pgroot").mkdir()
-            port = stack.enter_context(pg_bench.cluster(work / "pgroot"))
+            port = stack.enter_context(pg_bench.cluster(
+                work / "pgroot", "-c shared_preload_libraries=pg_stat_statements"))
             subprocess.run([str(pg_bench.pg_bindir() / "createdb"), "-h", "127.0.0.1", "-p",
                             str(port), "-U", "postgres", "cafs"], check=True)
             remote_flags = ("--manifest", f"postgresql://postgres@127.0.0.1:{port}/cafs")
             print("the remote mount: manifest on PostgreSQL, blobs on S3")
+            statements = Statements(port)
         corpus = work / "corpus"
-        files, total = make_corpus(corpus, args.scale)
-        print(f"corpus: {files} files, {total / MB:.1f} MB")
+        if not args.creates_only:
+            files, total = make_corpus(corpus, args.scale)
+            print(f"corpus: {files} files, {total / MB:.1f} MB")
         s3_flags = ("--blobs", server.url("bench"), *remote_flags)
-        boto_ms, lean_ms = put_costs(server, args.puts)
-        print(f"  one 4 KiB PUT, median: boto3 {boto_ms:.2f} ms, lean client {lean_ms:.2f} ms")
+        if not args.creates_only:
+            boto_ms, lean_ms = put_costs(server, args.puts)
+            print(f"  one 4 KiB PUT, median: boto3 {boto_ms:.2f} ms, lean client "
+                  f"{lean_ms:.2f} ms")
         with mounted(work / "local", work / "mlocal") as local, \
                 mounted(work / "s3", work / "ms3", *s3_flags) as s3:
             targets = {"local": local / "runs", "s3": s3 / "runs"}
             for target in targets.values():
                 (target / "bench").mkdir(parents=True)
-            seconds = write_figures.ingest_seconds(corpus, {k: v / "bench" for k, v in
-                                                            targets.items()}, args.repeat)
-            row(f"ingest: cp -r {files} files, {total / MB:.0f} MB", seconds["local"],
-                seconds["s3"], "s", "<= 1.5x", seconds["s3"] <= 1.5 * seconds["local"])
-            for writers, goal in ((1, 500), (4, 1500)):
+            if not args.creates_only:
+                seconds = write_figures.ingest_seconds(
+                    corpus, {k: v / "bench" for k, v in targets.items()}, args.repeat)
+                row(f"ingest: cp -r {files} files, {total / MB:.0f} MB", seconds["local"],
+                    seconds["s3"], "s", "<= 1.5x", seconds["s3"] <= 1.5 * seconds["local"])
+            for writers in args.writers:
+                goal = 500 if writers == 1 else 1500
+                if port is not None:
+                    statements.reset()
                 before = {name: cpu_seconds(pid) for name, pid in
                           (("local", daemon_pid(work / "local")), ("s3", daemon_pid(work / "s3")),
                            ("weed", server.process.pid))}
@@ -241,12 +304,19 @@ def main() -> None:
                       f"{spent['s3']:.2f}, weed {spent['weed']:.2f}; the S3 server alone "
                       f"would need {spent['weed'] * goal / 1000:.1f} of this machine's "
                       f"{os.cpu_count()} cores at {goal}/s")
+                if port is not None:
+                    statements.report(files_each)
+                print(f"    load average: {write_figures.load_average()}")
+                if args.no_ceiling:
+                    continue
                 ceiling = max(servers_alone(server, port, writers, args.creates)
                               for _ in range(args.repeat))
                 print(f"    the servers alone (a PUT{' + a commit' if port else ''} per file, "
                       f"no cafs): {ceiling:.0f} files/s; cafs reaches "
                       f"{rate['s3'] / ceiling:.0%} of it; the target is "
                       f"{'beyond' if ceiling < goal else 'within'} the servers' reach")
+        if args.creates_only:
+            return
         cold: dict[str, list[float]] = {"local": [], "s3": []}
         warm: dict[str, list[float]] = {"local": [], "s3": []}
         for _ in range(args.repeat):

@@ -423,7 +423,10 @@ class Sharing(Protocol):
         host deletes its blob until unpin()."""
         ...
 
-    def unpin(self, digest: str) -> None: ...
+    def unpin(self, digest: str) -> None:
+        """The pin goes; on PostgreSQL with this manifest's next statement (in its round
+        trip), at the latest with the group sync's."""
+        ...
 
     def gc_lock(self) -> bool:
         """Take the store-wide gc lock; False if another gc holds it."""

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from cafs import crashpoints
@@ -323,7 +323,7 @@ class Publisher:
                 # Pinned for every host's gc too (a no-op on SQLite), before the store is
                 # asked whether it has this content.
                 with self.fails(inode, None):
-                    self.manifest.pin(digest)
+                    await self._ask(self.manifest.pin, digest)
                 shared_pin = True
                 await self._publish_pinned(inode, temp, digest, writer, handle)
             finally:
@@ -338,6 +338,14 @@ class Publisher:
                 self._began[began] -= 1
                 if not self._began[began]:
                     del self._began[began]
+
+    async def _ask(self, call: Callable[..., T], *args: object) -> T:
+        """A manifest call of the publish. On a manifest behind a server each waits for round
+        trips: in a worker thread (the manifest takes one call at a time), so the event loop
+        serves other writers meanwhile; on SQLite at once."""
+        if self.manifest.shared:
+            return await self.runtime.run_in_thread(call, *args)
+        return call(*args)
 
     def durable_point(self) -> int:
         """Now, or the start of the oldest publish still in flight if earlier: what a group
@@ -355,10 +363,9 @@ class Publisher:
         if inode.unlinked:  # unlinked while the blob was being written: nothing to record
             self.check_session(inode)
             return
-        # From here on no await: the manifest change and the swap of readers are atomic. The
-        # new content's reader is opened at its first READ (reader_of), like any open's: most
-        # files written are closed and released at once, and opening it here cost an open,
-        # a footer read and a close per small file. Its descriptor is counted already
+        # The new content's reader is opened at its first READ (reader_of), like any open's:
+        # most files written are closed and released at once, and opening it here cost an
+        # open, a footer read and a close per small file. Its descriptor is counted already
         # (open_inode), and gc leaves an unopened blob of an open file alone.
         now = time.time_ns()
         node = inode.node
@@ -366,7 +373,7 @@ class Publisher:
             # On failure the temp may already be the blob file (renamed): it takes no more
             # writes, and the blob stays as an orphan that gc or fsck --repair removes.
             try:
-                new_node = self.manifest.publish(stored, NewVersion(
+                new_node = await self._ask(self.manifest.publish, stored, NewVersion(
                     node_id=node.ino, mode=node.mode, uid=writer.uid, gid=writer.gid,
                     mtime_ns=inode.mtime_ns or now, ctime_ns=now,
                     content_type=mimetypes.guess_type(node.name)[0], now_ns=now,
@@ -377,6 +384,14 @@ class Publisher:
                 self.check_session(inode)
                 self._removed_elsewhere(inode, temp)
                 return
+        # From here on no await: the swap of readers is atomic. (Writes wait for the inode's
+        # lock; reads meanwhile read the temp, the same bytes.) While a worker thread
+        # published, the event loop may have renamed, unlinked or chmod-ed the node: its
+        # view of the node wins, with the version just published.
+        if inode.node is not node:
+            new_node = replace(inode.node, version_id=new_node.version_id, blob=new_node.blob,
+                               mtime_ns=new_node.mtime_ns,
+                               ctime_ns=max(new_node.ctime_ns, inode.node.ctime_ns))
         if handle is not None:
             handle.published_version = new_node.version_id
         if self._last_writer(inode, handle):
@@ -392,7 +407,8 @@ class Publisher:
         inode.temp = None
         inode.mtime_ns = inode.changed_ns = None
         inode.node = new_node
-        self.tree.cache.put(new_node)
+        if not inode.unlinked:
+            self.tree.cache.put(new_node)
         if self.tree.shared:  # the kernel saw every write: its pages are this version's
             self.tree.opened.tell(new_node.ino, new_node.version_id)
         # No kernel cache invalidation here: the content changed through this kernel (its page
@@ -435,7 +451,7 @@ class Publisher:
         what the manifest knew of that content before."""
         # A version row (a dedup hit or an empty file writes no blob bytes to charge).
         self.blobs.space.take_metadata(ROW_COST)
-        known = self.manifest.blob(digest)
+        known = await self._ask(self.manifest.blob, digest)
         if known is not None and not known.damaged and self.blobs.has(digest):
             return StoredBlob(digest, known.size, known.stored_size, known.encoding,
                               fresh=False), known
