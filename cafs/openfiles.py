@@ -323,9 +323,11 @@ class Publisher:
                 # Pinned for every host's gc too (a no-op on SQLite), before the store is
                 # asked whether it has this content.
                 with self.fails(inode, None):
-                    await self._ask(self.manifest.pin, digest)
+                    # (What the manifest knows of the content is asked in the same call: one
+                    # trip to a worker thread, see _ask.)
+                    known = await self._ask(self._pin_and_look, digest)
                 shared_pin = True
-                await self._publish_pinned(inode, temp, digest, writer, handle)
+                await self._publish_pinned(inode, temp, digest, known, writer, handle)
             finally:
                 if shared_pin:
                     try:
@@ -338,6 +340,15 @@ class Publisher:
                 self._began[began] -= 1
                 if not self._began[began]:
                     del self._began[began]
+
+    def _pin_and_look(self, digest: Digest) -> BlobRef | None:
+        """Pin the digest (see publish), then what the manifest knows of that content."""
+        self.manifest.pin(digest)
+        try:
+            return self.manifest.blob(digest)
+        except BaseException:
+            self.manifest.unpin(digest)
+            raise
 
     async def _ask(self, call: Callable[..., T], *args: object) -> T:
         """A manifest call of the publish. On a manifest behind a server each waits for round
@@ -353,11 +364,12 @@ class Publisher:
         return min(self._began, default=time.time_ns())
 
     async def _publish_pinned(self, inode: OpenInode, temp: TempBlob, digest: Digest,
-                              writer: Caller, handle: Handle | None) -> None:
+                              known: BlobRef | None, writer: Caller, handle: Handle | None
+                              ) -> None:
         """Store the blob (unless the store has it) and record the version. The digest is
         pinned throughout, so gc leaves its blob file alone."""
         with self.fails(inode, None):
-            stored, known = await self._store(temp, digest)
+            stored = await self._store(temp, digest, known)
         if not stored.fresh:
             crashpoints.reached("after-dedup-check")
         if inode.unlinked:  # unlinked while the blob was being written: nothing to record
@@ -446,20 +458,20 @@ class Publisher:
         self.kernel.entry_gone(node.parent, node.name)
         self.tree.forget_removed(node)
 
-    async def _store(self, temp: TempBlob, digest: Digest) -> tuple[StoredBlob, BlobRef | None]:
-        """The blob of `digest`, written from the temp unless the store has it intact; and
-        what the manifest knew of that content before."""
+    async def _store(self, temp: TempBlob, digest: Digest, known: BlobRef | None
+                     ) -> StoredBlob:
+        """The blob of `digest`, written from the temp unless the store has it intact
+        (`known`: what the manifest knew of that content before)."""
         # A version row (a dedup hit or an empty file writes no blob bytes to charge).
         self.blobs.space.take_metadata(ROW_COST)
-        known = await self._ask(self.manifest.blob, digest)
         if known is not None and not known.damaged and self.blobs.has(digest):
             return StoredBlob(digest, known.size, known.stored_size, known.encoding,
-                              fresh=False), known
+                              fresh=False)
         if known is not None:  # damage: the bytes just written can restore it
             log.warning("blob %s was missing or damaged; restored from a new write", digest)
         # A remote store's publish waits for the network: always in a worker thread.
         size = OFFLOAD_BYTES if self.blobs.remote else temp.size
-        return await offload(self.runtime, size, self.blobs.publish, temp, digest), known
+        return await offload(self.runtime, size, self.blobs.publish, temp, digest)
 
 
 class OpenFiles:
