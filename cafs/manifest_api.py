@@ -425,7 +425,12 @@ class Sharing(Protocol):
 
     def unpin(self, digest: str) -> None:
         """The pin goes; on PostgreSQL with this manifest's next statement (in its round
-        trip), at the latest with the group sync's."""
+        trip), or at send_pending."""
+        ...
+
+    def send_pending(self) -> None:
+        """Send what waits for this manifest's next statement (unpins), if anything does: the
+        daemon calls it when its connection has been idle a moment. No-op on SQLite."""
         ...
 
     def gc_lock(self) -> bool:

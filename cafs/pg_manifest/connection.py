@@ -99,7 +99,8 @@ class Cursor:
             if cursor.pgresult is None:  # not arrived with an earlier answer
                 owner.flush()
             self._rowcount, self._pending = cursor.rowcount, None
-            if cursor.description is not None:
+            result = cursor.pgresult
+            if result is not None and result.nfields:  # (cheaper than building description)
                 self._rows = cursor.fetchall()
 
     def fetchone(self) -> tuple[Any, ...] | None:
@@ -310,6 +311,11 @@ class PgConnection:
         if the connection drops before then (as the session state it would change is)."""
         statement = translate(sql)
         self._outbox.append((statement.sql, _values(statement.order, params)))  # (atomic)
+
+    @property
+    def pending(self) -> bool:
+        """Statements wait for the next one (see `later`)."""
+        return bool(self._outbox)
 
     def _send_queued(self) -> None:
         """Inside the pipeline: what `later` kept, first."""

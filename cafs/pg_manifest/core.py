@@ -378,15 +378,19 @@ class PgCore(SqliteCore):
         self._db.execute(f"SELECT pg_advisory_lock_shared({_PIN_CLASS}, {_PIN_KEY})", (digest,))
 
     def unpin(self, digest: str) -> None:
-        """Sent with the next statement on this connection (the next create's, the group
-        sync's within sync_interval, or any other), not in a round trip of its own: until then
-        gc on any host leaves this one blob alone a little longer, which is all a pin does.
-        Takes no lock (only queues): the event loop never waits here for a publish in a
-        worker thread."""
+        """Sent with the next statement on this connection (the next create's, or any other),
+        not in a round trip of its own; on an idle connection the daemon sends it within a
+        second (send_pending). Until then gc on any host leaves this one blob alone a little
+        longer, which is all a pin does. Takes no lock (only queues): the event loop never
+        waits here for a publish in a worker thread."""
         self._pg.later(f"SELECT pg_advisory_unlock_shared({_PIN_CLASS}, {_PIN_KEY})",
                        (digest,))
 
     unpin.touches_no_connection = True  # type: ignore[attr-defined]
+
+    def send_pending(self) -> None:
+        if self._pg.pending:
+            self._pg.execute("SELECT 1")  # carries them, in its round trip
 
     def gc_lock(self) -> bool:
         """One gc at a time over the whole store, on any host: False if another holds it."""
