@@ -346,7 +346,7 @@ class Publisher:
         self.manifest.pin(digest)
         try:
             return self.manifest.blob(digest)
-        except BaseException:
+        except BaseException:  # (a pin that failed was not taken)
             self.manifest.unpin(digest)
             raise
 

@@ -201,6 +201,9 @@ class PgConnection:
 
     def connect(self) -> None:
         self.close_quietly()
+        # What `later` kept was about the old connection's session (its advisory locks went
+        # with it): sent on a new one, an unlock could release a pin taken there since.
+        self._outbox.clear()
         if self.closed:
             raise psycopg.InterfaceError("the manifest was closed")
         if self.deadline is not None and self.deadline - time.monotonic() < self.bounds.connect:
@@ -316,6 +319,9 @@ class PgConnection:
     def pending(self) -> bool:
         """Statements wait for the next one (see `later`)."""
         return bool(self._outbox)
+
+    def drop_pending(self) -> None:
+        self._outbox.clear()
 
     def _send_queued(self) -> None:
         """Inside the pipeline: what `later` kept, first."""

@@ -102,7 +102,14 @@ def _retrying(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def call(self: PgCore, *args: Any, **kwargs: Any) -> Any:
+        failures = self._failures
         with self._lock:
+            if self._failures != failures and self._pg.down and self._pg.deadline is None:
+                # The server failed another call while this one waited for it (calls come
+                # from worker threads too): fail at once, as that call did, rather than
+                # queue one more attempt behind it. The next call tries again.
+                raise pg_error(psycopg.OperationalError(
+                    "the server did not answer the call before this one"))
             return _call(self, method, *args, **kwargs)
     return call
 
@@ -127,6 +134,7 @@ def _call(self: PgCore, method: Callable[..., Any], *args: Any, **kwargs: Any) -
                         or last):
                     if isinstance(exc, psycopg.OperationalError | CommitUnknown):
                         db.down = True
+                        self._failures += 1
                     raise pg_error(exc) from exc
                 if db.in_transaction:
                     db.rollback()
@@ -169,6 +177,7 @@ class PgCore(SqliteCore):
         # cafs.openfiles.Publisher) as well as from the event loop: one at a time on the one
         # connection. Re-entrant: a call may make others (they join its deadline).
         self._lock = threading.RLock()
+        self._failures = 0  # calls failed for want of the server (see _retrying)
         self.url = url
         self.path = Path("/")  # no file: see copy_to
         self.readonly = readonly
@@ -389,8 +398,12 @@ class PgCore(SqliteCore):
     unpin.touches_no_connection = True  # type: ignore[attr-defined]
 
     def send_pending(self) -> None:
-        if self._pg.pending:
-            self._pg.execute("SELECT 1")  # carries them, in its round trip
+        if not self._pg.pending:
+            return
+        if not self._pg.usable:  # the pins went with the connection: nothing to send
+            self._pg.drop_pending()
+            return
+        self._pg.execute("SELECT 1")  # carries them, in its round trip
 
     def gc_lock(self) -> bool:
         """One gc at a time over the whole store, on any host: False if another holds it."""
