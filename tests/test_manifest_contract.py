@@ -78,6 +78,10 @@ def test_publish_counts_references_and_keeps_history(manifest: Manifest) -> None
     assert manifest.known_digests([digest_of_bytes(b"same"), "0" * 64]) == {
         digest_of_bytes(b"same")}
     assert isinstance(totals.logical_bytes, int) and totals.logical_bytes == 4 + 5
+    # A first publish (its own statements on PostgreSQL) leaves what a later one does.
+    assert raw(manifest, "SELECT path, number FROM versions WHERE node_id = ?", b) == [
+        ("runs/e1/train/b.csv", 1)]
+    assert manifest.aggregate_drift() == (0, [])
 
 
 def test_removing_a_file_drops_its_reference(manifest: Manifest) -> None:
