@@ -430,6 +430,8 @@ async def _send_pending_periodically(store: Store, interval: float = 0.5) -> Non
     `interval` seconds (other hosts' gc then sees the pin gone). In a worker thread."""
     while True:
         await trio.sleep(interval)
+        if not store.manifest.has_pending():
+            continue
         try:
             await trio.to_thread.run_sync(store.manifest.send_pending)
         except CafsError as exc:  # the server is away: the pins went with the connection

@@ -428,6 +428,10 @@ class Sharing(Protocol):
         trip), or at send_pending."""
         ...
 
+    def has_pending(self) -> bool:
+        """Something waits for this manifest's next statement (an unpin); never waits."""
+        ...
+
     def send_pending(self) -> None:
         """Send what waits for this manifest's next statement (unpins), if anything does: the
         daemon calls it when its connection has been idle a moment. No-op on SQLite."""

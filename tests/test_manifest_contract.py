@@ -278,8 +278,9 @@ def test_pins_of_another_connection_keep_blobs_from_gc(manifest: Manifest, tmp_p
         assert manifest.lock_for_delete([digest, "ab" * 32]) == ["ab" * 32]
         manifest.unlock_deleted(["ab" * 32])
         other.unpin(digest)  # sent with that connection's next statement...
-        assert manifest.lock_for_delete([digest]) == []
+        assert manifest.lock_for_delete([digest]) == [] and other.has_pending()
         other.send_pending()  # ...or when the daemon finds it idle
+        assert not other.has_pending()
         assert manifest.lock_for_delete([digest]) == [digest]
         manifest.unlock_deleted([digest])
         assert manifest.gc_lock() and not other.gc_lock()

@@ -397,6 +397,11 @@ class PgCore(SqliteCore):
 
     unpin.touches_no_connection = True  # type: ignore[attr-defined]
 
+    def has_pending(self) -> bool:
+        return self._pg.pending
+
+    has_pending.touches_no_connection = True  # type: ignore[attr-defined]
+
     def send_pending(self) -> None:
         if not self._pg.pending:
             return

@@ -515,6 +515,9 @@ class SqliteCore:
     def unpin(self, digest: str) -> None:
         """See pin."""
 
+    def has_pending(self) -> bool:
+        return False
+
     def send_pending(self) -> None:
         """Nothing waits: see pin."""
 
