@@ -46,8 +46,9 @@ def as_postgres(*args: str) -> None:
 
 
 @contextmanager
-def cluster(root: Path) -> Iterator[int]:
-    """A cluster as an operator would run one for cafs: fsync on (durable commits)."""
+def cluster(root: Path, *options: str) -> Iterator[int]:
+    """A cluster as an operator would run one for cafs: fsync on (durable commits).
+    `options`: more server settings (`-c name=value`)."""
     bindir, data, port = pg_bindir(), root / "pg", free_port()
     data.mkdir()
     shutil.chown(root, "postgres")
@@ -55,7 +56,8 @@ def cluster(root: Path) -> Iterator[int]:
     as_postgres(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
                 "-E", "UTF8", "--locale=C")
     as_postgres(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(data / "log"), "-w", "-o",
-                f"-c listen_addresses=127.0.0.1 -p {port} -k {data}", "start")
+                " ".join((f"-c listen_addresses=127.0.0.1 -p {port} -k {data}", *options)),
+                "start")
     try:
         yield port
     finally:

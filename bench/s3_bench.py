@@ -180,6 +180,54 @@ def servers_alone(server: WeedServer, pg_port: int | None, writers: int, count: 
     return writers * count / elapsed
 
 
+class Statements:
+    """What the remote mount asked of PostgreSQL (pg_stat_statements, and the database's
+    commits), per create."""
+
+    def __init__(self, port: int) -> None:
+        import psycopg
+
+        self.url = f"postgresql://postgres@127.0.0.1:{port}/cafs"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        self.commits = 0
+
+    def _commits(self) -> int:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute("SELECT xact_commit FROM pg_stat_database "
+                               "WHERE datname = 'cafs'").fetchone()
+        return int(row[0]) if row else 0
+
+    def reset(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_statements_reset()")
+        time.sleep(0.6)  # the statistics collector's last report
+        self.commits = self._commits()
+
+    def report(self, creates: int) -> None:
+        import psycopg
+
+        time.sleep(0.6)
+        commits = self._commits() - self.commits
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT calls, query FROM pg_stat_statements s JOIN pg_database d ON "
+                "d.oid = s.dbid WHERE d.datname = 'cafs' AND query NOT LIKE '%pg_stat%' "
+                "ORDER BY calls DESC").fetchall()
+        total = sum(int(calls) for calls, _ in rows)
+        print(f"    PostgreSQL per create: {total / creates:.1f} statements, "
+              f"{commits / creates:.2f} commits")
+        if os.environ.get("CAFS_BENCH_STATEMENTS"):
+            for calls, query in rows:
+                if calls / creates >= 0.05:
+                    print(f"      {calls / creates:5.2f}  {' '.join(query.split())[:150]}")
+
+
 # -- the figures -------------------------------------------------------------------------------
 
 FIGURES = ("puts", "ingest", "creates", "reads")
@@ -278,6 +326,10 @@ def main() -> None:
                         help="the remote mount's manifest on PostgreSQL as well")
     parser.add_argument("--only", action="append", choices=FIGURES, default=None,
                         help="only these figures (repeatable; default: all of them)")
+    parser.add_argument("--writers", type=int, nargs="+", default=[1, 4],
+                        help="the create figures' numbers of writers")
+    parser.add_argument("--no-ceiling", action="store_true",
+                        help="skip the servers-alone ceiling of each create figure")
     args = parser.parse_args()
     only = set(args.only or FIGURES)
     work = Path(tempfile.mkdtemp(prefix="cafs-s3-bench-", dir="/var/tmp"))
@@ -293,14 +345,18 @@ def main() -> None:
         port: int | None = None
         if args.postgresql:
             (work / "pgroot").mkdir()
-            port = stack.enter_context(pg_bench.cluster(work / "pgroot"))
+            port = stack.enter_context(pg_bench.cluster(
+                work / "pgroot", "-c shared_preload_libraries=pg_stat_statements"))
             subprocess.run([str(pg_bench.pg_bindir() / "createdb"), "-h", "127.0.0.1", "-p",
                             str(port), "-U", "postgres", "cafs"], check=True)
             remote_flags = ("--manifest", f"postgresql://postgres@127.0.0.1:{port}/cafs")
             print("the remote mount: manifest on PostgreSQL, blobs on S3")
+            statements = Statements(port)
         corpus = work / "corpus"
-        files, total = make_corpus(corpus, args.scale)
-        print(f"corpus: {files} files, {total / MB:.1f} MB")
+        files, total = 0, 0
+        if only & {"ingest", "reads"}:
+            files, total = make_corpus(corpus, args.scale)
+            print(f"corpus: {files} files, {total / MB:.1f} MB")
         s3_flags = ("--blobs", server.url("bench"), *remote_flags)
         if "puts" in only:
             boto_ms, lean_ms = put_costs(server, args.puts)
@@ -339,9 +395,10 @@ def main() -> None:
                       f"{ceiling / seconds['local']:.2f}x the local store's ingest; the target "
                       f"is {'beyond' if ceiling > 1.5 * seconds['local'] else 'within'} the "
                       "servers' reach", flush=True)
-            for writers, goal in ((1, 500), (4, 1500)):
-                if "creates" not in only:
-                    break
+            for writers in args.writers if "creates" in only else []:
+                goal = 500 if writers == 1 else 1500
+                if port is not None:
+                    statements.reset()
                 before = {name: cpu_seconds(pid) for name, pid in
                           (("local", daemon_pid(work / "local")), ("s3", daemon_pid(work / "s3")),
                            ("weed", server.process.pid))}
@@ -357,6 +414,11 @@ def main() -> None:
                       f"{spent['s3']:.2f}, weed {spent['weed']:.2f}; the S3 server alone "
                       f"would need {spent['weed'] * goal / 1000:.1f} of this machine's "
                       f"{os.cpu_count()} cores at {goal}/s")
+                if port is not None:
+                    statements.report(files_each)
+                print(f"    load average: {write_figures.load_average()}")
+                if args.no_ceiling:
+                    continue
                 ceiling = max(servers_alone(server, port, writers, args.creates)
                               for _ in range(args.repeat))
                 print(f"    the servers alone (a PUT{' + a commit' if port else ''} per file, "

@@ -348,6 +348,8 @@ async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Stor
                                vfs.publisher.durable_point)
         if cfg.settings.backup_interval > 0:
             nursery.start_soon(_backup_periodically, store, cfg.settings.backup_interval)
+        if store.manifest.shared:
+            nursery.start_soon(_send_pending_periodically, store)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -423,6 +425,20 @@ async def _backup_periodically(store: Store, interval: float) -> None:
         changes = store.manifest.changes
         if changes != backed_up_at and await trio.to_thread.run_sync(_backup, store):
             backed_up_at = changes
+
+
+async def _send_pending_periodically(store: Store, interval: float = 0.5) -> None:
+    """A manifest on a server sends some statements (a publish's unpin) with the next one
+    instead of in a round trip of their own: when the mount goes idle, they go within
+    `interval` seconds (other hosts' gc then sees the pin gone). In a worker thread."""
+    while True:
+        await trio.sleep(interval)
+        if not store.manifest.has_pending():
+            continue
+        try:
+            await trio.to_thread.run_sync(store.manifest.send_pending)
+        except CafsError as exc:  # the server is away: the pins went with the connection
+            log.debug("sending pending statements: %s", exc)
 
 
 async def _sync_periodically(store: Store, interval: float,

@@ -423,7 +423,19 @@ class Sharing(Protocol):
         host deletes its blob until unpin()."""
         ...
 
-    def unpin(self, digest: str) -> None: ...
+    def unpin(self, digest: str) -> None:
+        """The pin goes; on PostgreSQL with this manifest's next statement (in its round
+        trip), or at send_pending."""
+        ...
+
+    def has_pending(self) -> bool:
+        """Something waits for this manifest's next statement (an unpin); never waits."""
+        ...
+
+    def send_pending(self) -> None:
+        """Send what waits for this manifest's next statement (unpins), if anything does: the
+        daemon calls it when its connection has been idle a moment. No-op on SQLite."""
+        ...
 
     def gc_lock(self) -> bool:
         """Take the store-wide gc lock; False if another gc holds it."""

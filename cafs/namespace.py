@@ -509,7 +509,7 @@ class Namespace:
     # -- making and removing names --------------------------------------------------------
 
     def _new_child_kind(self, parent: Node, name: str, want_dir: bool,
-                        caller_uid: int | None = None) -> Kind:
+                        caller_uid: int | None = None, *, ask: bool = True) -> Kind:
         if parent.kind is Kind.BLOBS:
             raise ReadOnly("blobs/ is read-only")
         if not parent.kind.is_dir:
@@ -522,6 +522,12 @@ class Namespace:
             self.refusals.refused(parent, f"{'directory' if want_dir else 'file'} {name!r}",
                                   caller_uid)
             raise NotPermitted(f"no {what} may be made in {where}")
+        if not ask:  # the cache only: the caller's insert is refused if the name is taken
+            ino = self.cache.entry(parent.ino, name)
+            cached = self.cache.node(ino) if ino is not None else None
+            if cached is not None and not self._abandoned(cached):
+                raise AlreadyExists(name)
+            return kind
         try:
             self.child(parent, name)
         except NotFound:
@@ -529,17 +535,24 @@ class Namespace:
         raise AlreadyExists(name)
 
     def place_new(self, parent_ino: int, raw_name: bytes, want_dir: bool,
-                  caller_uid: int | None = None) -> tuple[Node, str, Kind]:
+                  caller_uid: int | None = None, *, ask: bool = True
+                  ) -> tuple[Node, str, Kind]:
         """The directory, name and kind for a new node, checked (name, sealed run, placement,
-        not taken). A symlink asks as a file does (want_dir False): same places, same errnos."""
+        not taken). A symlink asks as a file does (want_dir False): same places, same errnos.
+        `ask=False`: whether the name is taken is asked of the cache only (the caller's
+        add_node refuses a taken name itself)."""
         parent = self.node(parent_ino)
         name = new_name(raw_name)
         self.check_unsealed(parent)
-        return parent, name, self._new_child_kind(parent, name, want_dir, caller_uid)
+        return parent, name, self._new_child_kind(parent, name, want_dir, caller_uid, ask=ask)
 
     def _add(self, parent_ino: int, raw_name: bytes, mode: int, caller: Caller,
              want_dir: bool) -> Node:
-        parent, name, kind = self.place_new(parent_ino, raw_name, want_dir, caller.uid)
+        # Where hosts share the manifest, add_node refuses a name taken (AlreadyExists, from
+        # the unique index), on this host or another: the kernel's LOOKUP of the name has just
+        # asked the manifest, and asking again cost a round trip per create.
+        parent, name, kind = self.place_new(parent_ino, raw_name, want_dir, caller.uid,
+                                            ask=not self.manifest.shared)
         self.space.take_metadata(ROW_COST)
         now = time.time_ns()
         try:

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from cafs import crashpoints
@@ -323,9 +323,11 @@ class Publisher:
                 # Pinned for every host's gc too (a no-op on SQLite), before the store is
                 # asked whether it has this content.
                 with self.fails(inode, None):
-                    self.manifest.pin(digest)
+                    # (What the manifest knows of the content is asked in the same call: one
+                    # trip to a worker thread, see _ask.)
+                    known = await self._ask(self._pin_and_look, digest)
                 shared_pin = True
-                await self._publish_pinned(inode, temp, digest, writer, handle)
+                await self._publish_pinned(inode, temp, digest, known, writer, handle)
             finally:
                 if shared_pin:
                     try:
@@ -339,26 +341,43 @@ class Publisher:
                 if not self._began[began]:
                     del self._began[began]
 
+    def _pin_and_look(self, digest: Digest) -> BlobRef | None:
+        """Pin the digest (see publish), then what the manifest knows of that content."""
+        self.manifest.pin(digest)
+        try:
+            return self.manifest.blob(digest)
+        except BaseException:  # (a pin that failed was not taken)
+            self.manifest.unpin(digest)
+            raise
+
+    async def _ask(self, call: Callable[..., T], *args: object) -> T:
+        """A manifest call of the publish. On a manifest behind a server each waits for round
+        trips: in a worker thread (the manifest takes one call at a time), so the event loop
+        serves other writers meanwhile; on SQLite at once."""
+        if self.manifest.shared:
+            return await self.runtime.run_in_thread(call, *args)
+        return call(*args)
+
     def durable_point(self) -> int:
         """Now, or the start of the oldest publish still in flight if earlier: what a group
         sync may record as the time before which everything committed is on disk."""
         return min(self._began, default=time.time_ns())
 
     async def _publish_pinned(self, inode: OpenInode, temp: TempBlob, digest: Digest,
-                              writer: Caller, handle: Handle | None) -> None:
+                              known: BlobRef | None, writer: Caller, handle: Handle | None
+                              ) -> None:
         """Store the blob (unless the store has it) and record the version. The digest is
         pinned throughout, so gc leaves its blob file alone."""
         with self.fails(inode, None):
-            stored, known = await self._store(temp, digest)
+            stored = await self._store(temp, digest, known)
         if not stored.fresh:
             crashpoints.reached("after-dedup-check")
         if inode.unlinked:  # unlinked while the blob was being written: nothing to record
             self.check_session(inode)
             return
-        # From here on no await: the manifest change and the swap of readers are atomic. The
-        # new content's reader is opened at its first READ (reader_of), like any open's: most
-        # files written are closed and released at once, and opening it here cost an open,
-        # a footer read and a close per small file. Its descriptor is counted already
+        # The new content's reader is opened at its first READ (reader_of), like any open's:
+        # most files written are closed and released at once, and opening it here cost an
+        # open, a footer read and a close per small file. Its descriptor is counted already
         # (open_inode), and gc leaves an unopened blob of an open file alone.
         now = time.time_ns()
         node = inode.node
@@ -366,7 +385,7 @@ class Publisher:
             # On failure the temp may already be the blob file (renamed): it takes no more
             # writes, and the blob stays as an orphan that gc or fsck --repair removes.
             try:
-                new_node = self.manifest.publish(stored, NewVersion(
+                new_node = await self._ask(self.manifest.publish, stored, NewVersion(
                     node_id=node.ino, mode=node.mode, uid=writer.uid, gid=writer.gid,
                     mtime_ns=inode.mtime_ns or now, ctime_ns=now,
                     content_type=mimetypes.guess_type(node.name)[0], now_ns=now,
@@ -377,6 +396,14 @@ class Publisher:
                 self.check_session(inode)
                 self._removed_elsewhere(inode, temp)
                 return
+        # From here on no await: the swap of readers is atomic. (Writes wait for the inode's
+        # lock; reads meanwhile read the temp, the same bytes.) While a worker thread
+        # published, the event loop may have renamed, unlinked or chmod-ed the node: its
+        # view of the node wins, with the version just published.
+        if inode.node is not node:
+            new_node = replace(inode.node, version_id=new_node.version_id, blob=new_node.blob,
+                               mtime_ns=new_node.mtime_ns,
+                               ctime_ns=max(new_node.ctime_ns, inode.node.ctime_ns))
         if handle is not None:
             handle.published_version = new_node.version_id
         if self._last_writer(inode, handle):
@@ -392,7 +419,8 @@ class Publisher:
         inode.temp = None
         inode.mtime_ns = inode.changed_ns = None
         inode.node = new_node
-        self.tree.cache.put(new_node)
+        if not inode.unlinked:
+            self.tree.cache.put(new_node)
         if self.tree.shared:  # the kernel saw every write: its pages are this version's
             self.tree.opened.tell(new_node.ino, new_node.version_id)
         # No kernel cache invalidation here: the content changed through this kernel (its page
@@ -430,20 +458,20 @@ class Publisher:
         self.kernel.entry_gone(node.parent, node.name)
         self.tree.forget_removed(node)
 
-    async def _store(self, temp: TempBlob, digest: Digest) -> tuple[StoredBlob, BlobRef | None]:
-        """The blob of `digest`, written from the temp unless the store has it intact; and
-        what the manifest knew of that content before."""
+    async def _store(self, temp: TempBlob, digest: Digest, known: BlobRef | None
+                     ) -> StoredBlob:
+        """The blob of `digest`, written from the temp unless the store has it intact
+        (`known`: what the manifest knew of that content before)."""
         # A version row (a dedup hit or an empty file writes no blob bytes to charge).
         self.blobs.space.take_metadata(ROW_COST)
-        known = self.manifest.blob(digest)
         if known is not None and not known.damaged and self.blobs.has(digest):
             return StoredBlob(digest, known.size, known.stored_size, known.encoding,
-                              fresh=False), known
+                              fresh=False)
         if known is not None:  # damage: the bytes just written can restore it
             log.warning("blob %s was missing or damaged; restored from a new write", digest)
         # A remote store's publish waits for the network: always in a worker thread.
         size = OFFLOAD_BYTES if self.blobs.remote else temp.size
-        return await offload(self.runtime, size, self.blobs.publish, temp, digest), known
+        return await offload(self.runtime, size, self.blobs.publish, temp, digest)
 
 
 class OpenFiles:

@@ -78,6 +78,10 @@ def test_publish_counts_references_and_keeps_history(manifest: Manifest) -> None
     assert manifest.known_digests([digest_of_bytes(b"same"), "0" * 64]) == {
         digest_of_bytes(b"same")}
     assert isinstance(totals.logical_bytes, int) and totals.logical_bytes == 4 + 5
+    # A first publish (its own statements on PostgreSQL) leaves what a later one does.
+    assert raw(manifest, "SELECT path, number FROM versions WHERE node_id = ?", b) == [
+        ("runs/e1/train/b.csv", 1)]
+    assert manifest.aggregate_drift() == (0, [])
 
 
 def test_removing_a_file_drops_its_reference(manifest: Manifest) -> None:
@@ -273,7 +277,10 @@ def test_pins_of_another_connection_keep_blobs_from_gc(manifest: Manifest, tmp_p
                                 keep_blobs=set(), dry_run=False).blobs == []
         assert manifest.lock_for_delete([digest, "ab" * 32]) == ["ab" * 32]
         manifest.unlock_deleted(["ab" * 32])
-        other.unpin(digest)
+        other.unpin(digest)  # sent with that connection's next statement...
+        assert manifest.lock_for_delete([digest]) == [] and other.has_pending()
+        other.send_pending()  # ...or when the daemon finds it idle
+        assert not other.has_pending()
         assert manifest.lock_for_delete([digest]) == [digest]
         manifest.unlock_deleted([digest])
         assert manifest.gc_lock() and not other.gc_lock()

@@ -16,6 +16,7 @@ thread only ever shuts the socket down.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import socket
@@ -88,19 +89,31 @@ class Cursor:
 
     @property
     def rowcount(self) -> int:
-        if self._pending is not None:
-            owner, cursor = self._pending
-            owner.flush()
-            self._rowcount, self._pending = cursor.rowcount, None
+        self._arrive()
         return self._rowcount
 
+    def _arrive(self) -> None:
+        """A statement sent in the pipeline without waiting (see PgConnection.execute's
+        `wait`): its answer, fetched at the first look at it (with every answer before it, in
+        one round trip)."""
+        if self._pending is not None:
+            owner, cursor = self._pending
+            if cursor.pgresult is None:  # not arrived with an earlier answer
+                owner.flush()
+            self._rowcount, self._pending = cursor.rowcount, None
+            result = cursor.pgresult
+            if result is not None and result.nfields:  # (cheaper than building description)
+                self._rows = cursor.fetchall()
+
     def fetchone(self) -> tuple[Any, ...] | None:
+        self._arrive()
         if self._next >= len(self._rows):
             return None
         self._next += 1
         return self._rows[self._next - 1]
 
     def fetchall(self) -> list[tuple[Any, ...]]:
+        self._arrive()
         rows, self._next = self._rows[self._next:], len(self._rows)
         return rows
 
@@ -173,6 +186,11 @@ class PgConnection:
         self._pipeline: Any = None
         self._pipeline_scope: Any = None
         self._queued: list[psycopg.Cursor[Any]] = []
+        self._xid_cursor: Cursor | None = None  # the transaction id's answer, not yet read
+        # Statements whose answer nobody waits for, sent with the next statement on this
+        # connection (in its round trip): see `later`.
+        # (A deque: `later` may append from another thread than the one sending.)
+        self._outbox: collections.deque[tuple[str, Any]] = collections.deque()
         self._conn: psycopg.Connection[Any] | None = None
         # Reads outside a transaction go straight to libpq (see _read_prepared): per
         # statement text, its prepared statement's name on this connection, or None where
@@ -190,6 +208,9 @@ class PgConnection:
 
     def connect(self) -> None:
         self.close_quietly()
+        # What `later` kept was about the old connection's session (its advisory locks went
+        # with it): sent on a new one, an unlock could release a pin taken there since.
+        self._outbox.clear()
         if self.closed:
             raise psycopg.InterfaceError("the manifest was closed")
         if self.deadline is not None and self.deadline - time.monotonic() < self.bounds.connect:
@@ -272,6 +293,8 @@ class PgConnection:
         remaining = self._remaining()
         if remaining <= 0:
             raise psycopg.OperationalError("manifest: out of time for this call")
+        if self._outbox and self._pipeline is None:
+            return self._run_after_outbox(conn, remaining, sql, params, many)
         with self._watched(conn, remaining):
             if self._pipeline is not None:
                 cur = conn.cursor()
@@ -294,9 +317,58 @@ class PgConnection:
                 rows = cur.fetchall() if cur.description is not None else []
                 return Cursor(rows, cur.rowcount, None)
 
+    def later(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """Send `sql` (a statement whose answer nobody reads, such as an unlock) with the next
+        statement on this connection, in its round trip, instead of in one of its own. Lost
+        if the connection drops before then (as the session state it would change is)."""
+        statement = translate(sql)
+        self._outbox.append((statement.sql, _values(statement.order, params)))  # (atomic)
+
+    @property
+    def pending(self) -> bool:
+        """Statements wait for the next one (see `later`)."""
+        return bool(self._outbox)
+
+    def drop_pending(self) -> None:
+        self._outbox.clear()
+
+    def _send_queued(self) -> None:
+        """Inside the pipeline: what `later` kept, first."""
+        for sql, params in self._taken():
+            self._run(sql, params, lazy=True)
+
+    def _taken(self) -> list[tuple[str, Any]]:
+        taken = []
+        while self._outbox:
+            taken.append(self._outbox.popleft())
+        return taken
+
+    def _run_after_outbox(self, conn: psycopg.Connection[Any], remaining: float, sql: str,
+                          params: Any, many: bool) -> Cursor:
+        """A statement outside a transaction, after the statements `later` kept: in one
+        pipeline, so one round trip. (Several statements in one text cannot go through a
+        pipeline: the kept ones then go first, each on its own.)"""
+        outbox = self._taken()
+        if params is None or many:
+            with self._watched(conn, remaining):
+                for text, values in outbox:
+                    conn.execute(text, values)
+            return self._run(sql, params, many)
+        with self._watched(conn, remaining), conn.pipeline() as pipeline:
+            for text, values in outbox:
+                conn.cursor().execute(text, values)
+            cur = conn.cursor()
+            cur.execute(sql, params)
+            pipeline.sync()
+            rows = cur.fetchall() if cur.description is not None else []
+            return Cursor(rows, cur.rowcount, None)
+
     def flush(self) -> None:
         """Wait for the answers of every change sent in the pipeline (their row counts)."""
         if self._pipeline is None or not self._queued:
+            return
+        if all(cur.pgresult is not None for cur in self._queued):  # arrived with others
+            self._count_queued()
             return
         conn = self._live()
         with self._watched(conn, max(0.1, self._remaining())):
@@ -323,9 +395,15 @@ class PgConnection:
     # -- sqlite3.Connection's face ----------------------------------------------------------
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = (), *,
-                answer: bool = True) -> Cursor:
+                answer: bool = True, wait: bool = True) -> Cursor:
         """`answer=False`: the caller reads nothing back (a row lock taken with FOR UPDATE):
-        inside a transaction it goes out in the pipeline like a change."""
+        inside a transaction it goes out in the pipeline like a change. `wait=False`, inside
+        a transaction: the statement goes out now and its rows are fetched at the first look
+        at them, so statements that do not need each other's answers share one round trip
+        (no lastrowid: a RETURNING clause of its own gives ids)."""
+        if not wait and self._pipeline is not None:
+            statement = translate(sql)
+            return self._run(statement.sql, _values(statement.order, params), lazy=True)
         statement = translate(sql)
         text, values = statement.sql, _values(statement.order, params)
         table = insert_table(sql)
@@ -371,7 +449,8 @@ class PgConnection:
         cursor such a point read cost 100-150 us of CPU on the event loop; through libpq
         directly, 15-25 us (measured on loopback, interleaved). Same statement, same
         server, same loaders, same watchdog: only the client's layers are skipped."""
-        if self._pipeline is not None or self.in_transaction or self._loader is None:
+        if (self._pipeline is not None or self.in_transaction or self._loader is None
+                or self._outbox):  # what `later` kept goes first, in psycopg's pipeline
             return None
         params = _text_params(values)
         if params is None:
@@ -430,17 +509,28 @@ class PgConnection:
     # -- transactions -----------------------------------------------------------------------
 
     def begin(self, *, pipelined: bool = True) -> None:
-        # The transaction's id, for resolving its COMMIT if the connection drops then, comes
-        # in the same round trip (no parameters: one simple query of two statements).
-        row = self._run("BEGIN; SELECT pg_current_xact_id()::text", None).fetchone()
-        assert row is not None
-        self._xid = str(row[0])
-        self.in_transaction = True
+        """BEGIN, and the transaction's id for resolving its COMMIT if the connection drops
+        then. Pipelined: both go out without a round trip of their own; the id arrives with
+        the transaction's first answer (commit waits for it if none came)."""
         self._explicit_ids.clear()
         self._queued.clear()
-        if pipelined:
-            self._pipeline_scope = self._live().pipeline()
-            self._pipeline = self._pipeline_scope.__enter__()
+        if not pipelined:  # one simple query of two statements, one round trip
+            row = self._run("BEGIN; SELECT pg_current_xact_id()::text", None).fetchone()
+            assert row is not None
+            self._xid, self._xid_cursor = str(row[0]), None
+            self.in_transaction = True
+            return
+        conn = self._live()
+        self._pipeline_scope = conn.pipeline()
+        self._pipeline = self._pipeline_scope.__enter__()
+        try:
+            self._send_queued()
+            self._run("BEGIN", None, lazy=True)
+            self._xid_cursor = self._run("SELECT pg_current_xact_id()::text", None, lazy=True)
+        except BaseException:
+            self._leave_pipeline(quietly=True)
+            raise
+        self.in_transaction = True
 
     def rollback(self) -> None:
         self.in_transaction = False
@@ -459,6 +549,11 @@ class PgConnection:
             # are inode numbers, never reused).
             self._run(f"SELECT setval('{table}_id_seq', GREATEST((SELECT coalesce(max(id), 0) "
                       f"FROM {table}), (SELECT last_value FROM {table}_id_seq)))", ())
+        if self._xid_cursor is not None:
+            # No answer came in this transaction yet: the id must be known before COMMIT.
+            row = self._xid_cursor.fetchone()
+            assert row is not None
+            self._xid, self._xid_cursor = str(row[0]), None
         try:
             self._run("COMMIT", (), lazy=True)  # its answer, and every pending one, at once
             self._leave_pipeline(quietly=False)

@@ -22,6 +22,7 @@ import errno
 import functools
 import inspect
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -87,47 +88,68 @@ def _retrying(method: Callable[..., Any]) -> Callable[..., Any]:
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
         def generator(self: PgCore, *args: Any, **kwargs: Any) -> Any:
-            try:
-                yield from method(self, *args, **kwargs)
-            except (psycopg.Error, CommitLost, CommitUnknown) as exc:
-                raise pg_error(exc) from exc
+            steps = method(self, *args, **kwargs)
+            while True:
+                try:
+                    with self._lock:  # (the rows are read at once: nothing open across yields)
+                        item = next(steps)
+                except StopIteration:
+                    return
+                except (psycopg.Error, CommitLost, CommitUnknown) as exc:
+                    raise pg_error(exc) from exc
+                yield item
         return generator
 
     @functools.wraps(method)
     def call(self: PgCore, *args: Any, **kwargs: Any) -> Any:
-        db = self._pg
-        if db.deadline is not None:  # inside another call: that one retries
-            return method(self, *args, **kwargs)
-        budget = db.bounds.connect + 0.5 if db.down else db.bounds.call
-        db.deadline = time.monotonic() + budget
-        try:
-            for attempt in range(ATTEMPTS):
-                committed = self._changes
-                try:
-                    result = method(self, *args, **kwargs)
-                    db.down = False
-                    return result
-                except (psycopg.Error, CommitLost, CommitUnknown) as exc:
-                    last = attempt == ATTEMPTS - 1 or time.monotonic() > db.deadline - 0.2
-                    if (not isinstance(exc, _RETRYABLE) or self._changes != committed
-                            or last):
-                        if isinstance(exc, psycopg.OperationalError | CommitUnknown):
-                            db.down = True
-                        raise pg_error(exc) from exc
-                    if db.in_transaction:
-                        db.rollback()
-                    time.sleep(min(0.02 * 2 ** attempt, 0.5) * (0.5 + random.random()))
-            raise AssertionError("unreachable")
-        finally:
-            db.deadline = None
+        failures = self._failures
+        with self._lock:
+            if self._failures != failures and self._pg.down and self._pg.deadline is None:
+                # The server failed another call while this one waited for it (calls come
+                # from worker threads too): fail at once, as that call did, rather than
+                # queue one more attempt behind it. The next call tries again.
+                raise pg_error(psycopg.OperationalError(
+                    "the server did not answer the call before this one"))
+            return _call(self, method, *args, **kwargs)
     return call
+
+
+def _call(self: PgCore, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """One call with its retries, under the manifest's lock."""
+    db = self._pg
+    if db.deadline is not None:  # inside another call: that one retries
+        return method(self, *args, **kwargs)
+    budget = db.bounds.connect + 0.5 if db.down else db.bounds.call
+    db.deadline = time.monotonic() + budget
+    try:
+        for attempt in range(ATTEMPTS):
+            committed = self._changes
+            try:
+                result = method(self, *args, **kwargs)
+                db.down = False
+                return result
+            except (psycopg.Error, CommitLost, CommitUnknown) as exc:
+                last = attempt == ATTEMPTS - 1 or time.monotonic() > db.deadline - 0.2
+                if (not isinstance(exc, _RETRYABLE) or self._changes != committed
+                        or last):
+                    if isinstance(exc, psycopg.OperationalError | CommitUnknown):
+                        db.down = True
+                        self._failures += 1
+                    raise pg_error(exc) from exc
+                if db.in_transaction:
+                    db.rollback()
+                time.sleep(min(0.02 * 2 ** attempt, 0.5) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+    finally:
+        db.deadline = None
 
 
 def _guard(cls: type) -> None:
     """Every public method of the manifest, wherever in the parts it is defined."""
     for name in dir(cls):
         value = getattr(cls, name)
-        if name.startswith("_") or not inspect.isfunction(value):
+        if name.startswith("_") or not inspect.isfunction(value) \
+                or getattr(value, "touches_no_connection", False):
             continue
         setattr(cls, name, _retrying(value))
 
@@ -151,6 +173,11 @@ class PgCore(SqliteCore):
         from another host: its blobs are where `blobs_where` says, in shared storage.
         `blobs_where` (the opener's blob store, Blobs.where) must be where the database
         records its blobs to be; the first opener records it."""
+        # Calls may come from worker threads (the daemon's publishes, see
+        # cafs.openfiles.Publisher) as well as from the event loop: one at a time on the one
+        # connection. Re-entrant: a call may make others (they join its deadline).
+        self._lock = threading.RLock()
+        self._failures = 0  # calls failed for want of the server (see _retrying)
         self.url = url
         self.path = Path("/")  # no file: see copy_to
         self.readonly = readonly
@@ -360,8 +387,28 @@ class PgCore(SqliteCore):
         self._db.execute(f"SELECT pg_advisory_lock_shared({_PIN_CLASS}, {_PIN_KEY})", (digest,))
 
     def unpin(self, digest: str) -> None:
-        self._db.execute(f"SELECT pg_advisory_unlock_shared({_PIN_CLASS}, {_PIN_KEY})",
-                         (digest,))
+        """Sent with the next statement on this connection (the next create's, or any other),
+        not in a round trip of its own; on an idle connection the daemon sends it within a
+        second (send_pending). Until then gc on any host leaves this one blob alone a little
+        longer, which is all a pin does. Takes no lock (only queues): the event loop never
+        waits here for a publish in a worker thread."""
+        self._pg.later(f"SELECT pg_advisory_unlock_shared({_PIN_CLASS}, {_PIN_KEY})",
+                       (digest,))
+
+    unpin.touches_no_connection = True  # type: ignore[attr-defined]
+
+    def has_pending(self) -> bool:
+        return self._pg.pending
+
+    has_pending.touches_no_connection = True  # type: ignore[attr-defined]
+
+    def send_pending(self) -> None:
+        if not self._pg.pending:
+            return
+        if not self._pg.usable:  # the pins went with the connection: nothing to send
+            self._pg.drop_pending()
+            return
+        self._pg.execute("SELECT 1")  # carries them, in its round trip
 
     def gc_lock(self) -> bool:
         """One gc at a time over the whole store, on any host: False if another holds it."""

@@ -2,7 +2,8 @@
 
 Owns: putting the parts together — SqliteManifest's namespace, tags, content, maintenance and
 import parts (one set of queries; cafs.pg_manifest.dialect spells them for PostgreSQL) on
-PgCore's connection, transactions and retries, with PgWriters' changes for several hosts —
+PgCore's connection, transactions and retries, with PgWriters' changes for several hosts and
+PgContent's first publish in fewer round trips —
 and the static proof that it implements cafs.manifest_api.Manifest. It is a SqliteManifest in
 Python's eyes, so every caller typed against the manifest cafs opens takes it. Must not hold
 SQL of its own. The web view's page queries (cafs ui) are SQLite's: here they refuse, clearly.
@@ -15,6 +16,7 @@ from typing import Any, NoReturn
 
 from cafs import manifest_api
 from cafs.errors import ManifestError
+from cafs.pg_manifest.content import PgContent
 from cafs.pg_manifest.writers import PgWriters
 from cafs.sqlite_manifest.manifest import SqliteManifest
 
@@ -24,7 +26,7 @@ def _no_web_view() -> NoReturn:
                         "PostgreSQL", errno.ENOTSUP)
 
 
-class PgManifest(PgWriters, SqliteManifest):
+class PgManifest(PgWriters, PgContent, SqliteManifest):
     """A manifest in a PostgreSQL database (`manifest = "postgresql://..."`): the same rows
     and meaning as manifest.sqlite (see cafs.pg_manifest.schema). Opened by cafs.store."""
 

@@ -32,6 +32,7 @@ transaction more than on one host; an existing file opened for writing costs one
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import psycopg.errors
@@ -63,6 +64,21 @@ WITH RECURSIVE up(node_id, id) AS (
 )
 SELECT count(DISTINCT node_id) FROM up WHERE id = ?
 """
+# A new file's row, with its writer and its unfinished mark (both this mount's session), and
+# its directory's times: one statement (the SQLite parts' queries make four).
+_NEW_FILE = """
+WITH n AS (
+    INSERT INTO nodes (parent_id, name, kind, mode, uid, gid, mtime_ns, ctime_ns, nlink)
+    VALUES (:parent_id, :name, 'file', :mode, :uid, :gid, :now, :now, 1) RETURNING id
+), w AS (
+    INSERT INTO cafs_writers (session_id, node_id) SELECT :session, id FROM n
+), u AS (
+    INSERT INTO cafs_unfinished (node_id, session_id) SELECT id, :session FROM n
+), t AS (
+    UPDATE nodes SET mtime_ns = :now, ctime_ns = :now WHERE id = :parent_id
+)
+SELECT id FROM n
+"""
 _NAME_TAKEN = "nodes_parent_id_name_key"  # UNIQUE (parent_id, name)
 _CHAIN_ATTEMPTS = 5
 
@@ -86,7 +102,12 @@ class PgWriters(PgCore, SqliteNamespace):
         """Inside a transaction: lock `node_id` and its directories up to its execution (FOR
         KEY SHARE). Returns (the execution's id, the node's version id). NotFound if the node
         is gone; ReadOnly if the run is sealed; _ChainMoved if a rename raced."""
-        rows = {row[0]: row for row in self._pg.execute(_CHAIN, (node_id,))}
+        return self._check_chain(node_id,
+                                 {row[0]: row for row in self._pg.execute(_CHAIN, (node_id,))})
+
+    def _check_chain(self, node_id: int, rows: dict[int, tuple[Any, ...]]
+                     ) -> tuple[int, int | None]:
+        """_lock_chain's verdict on the rows its statement locked."""
         if node_id not in rows:
             raise NotFound(f"node {node_id} was removed")
         current = node_id
@@ -110,14 +131,19 @@ class PgWriters(PgCore, SqliteNamespace):
         for _ in range(_CHAIN_ATTEMPTS):
             try:
                 with self._transaction() as db:
-                    if parent_id != RUNS_INODE:
-                        self._lock_chain(parent_id)
-                    node_id = self._insert_node(parent_id, name, kind, mode=mode, uid=uid,
-                                                gid=gid, mtime_ns=now_ns, ctime_ns=now_ns)
-                    self._touch(parent_id, now_ns)
-                    if kind is Kind.FILE and self.session_id is not None:
-                        db.execute("INSERT INTO cafs_writers (session_id, node_id) "
-                                   "VALUES (?, ?)", (self.session_id, node_id))
+                    if kind is Kind.FILE and self.session_id is not None \
+                            and parent_id != RUNS_INODE:
+                        node_id = self._add_file(parent_id, name, mode, uid, gid, now_ns)
+                    else:
+                        if parent_id != RUNS_INODE:
+                            self._lock_chain(parent_id)
+                        node_id = self._insert_node(parent_id, name, kind, mode=mode,
+                                                    uid=uid, gid=gid, mtime_ns=now_ns,
+                                                    ctime_ns=now_ns)
+                        self._touch(parent_id, now_ns)
+                        if kind is Kind.FILE and self.session_id is not None:
+                            db.execute("INSERT INTO cafs_writers (session_id, node_id) "
+                                       "VALUES (?, ?)", (self.session_id, node_id))
             except _ChainMoved:
                 continue
             except psycopg.errors.UniqueViolation as exc:
@@ -130,6 +156,20 @@ class PgWriters(PgCore, SqliteNamespace):
                         uid=uid, gid=gid, mtime_ns=now_ns, ctime_ns=now_ns,
                         nlink=2 if kind.is_dir else 1)
         raise NotFound(f"{name}: its directory kept moving")
+
+    def _add_file(self, parent_id: int, name: str, mode: int, uid: int, gid: int,
+                  now_ns: int) -> int:
+        """add_node's rows for a new file in this mount's session, the chain locked first:
+        both statements in one round trip. (The chain's answer is read first: a sealed run or
+        a moved directory is refused as before, and the insert goes with the roll-back.)"""
+        chain = self._pg.execute(_CHAIN, (parent_id,), wait=False)
+        made = self._pg.execute(_NEW_FILE, {
+            "parent_id": parent_id, "name": name, "mode": mode, "uid": uid, "gid": gid,
+            "now": now_ns, "session": self.session_id}, wait=False)
+        self._check_chain(parent_id, {row[0]: row for row in chain})
+        row = made.fetchone()
+        assert row is not None
+        return int(row[0])
 
     def rename(self, node: Node, new_parent: int, new_name: str, replaced: Node | None,
                now_ns: int) -> None:

@@ -515,6 +515,12 @@ class SqliteCore:
     def unpin(self, digest: str) -> None:
         """See pin."""
 
+    def has_pending(self) -> bool:
+        return False
+
+    def send_pending(self) -> None:
+        """Nothing waits: see pin."""
+
     def gc_lock(self) -> bool:
         """The store's lock already keeps gc to one daemon."""
         return True
