@@ -81,13 +81,5 @@ class PgContent(PgCore, SqliteContent):
             version_id = int(db.execute(INSERT_VERSION, {
                 **values, "history_id": history, "number": self._next_number(history),
             }).lastrowid or 0)
-        after = DirStats(1, stored.size, new.now_ns, new.now_ns)
-        db.execute(
-            "UPDATE nodes SET version_id = ?, history_id = ?, mtime_ns = ?, ctime_ns = ?, "
-            "artifacts = ?, logical_bytes = ?, first_write_ns = ?, last_write_ns = ? "
-            "WHERE id = ?",
-            (version_id, history, new.mtime_ns, new.ctime_ns, after.artifacts,
-             after.logical_bytes, after.first_write_ns, after.last_write_ns, new.node_id),
-        )
-        self._aggregate_up(parent_id, before, after)
+        self._point_at_first_version(new, version_id, history, stored.size, parent_id, before)
         return version_id, blob

@@ -192,8 +192,15 @@ class SqliteContent(Rows):
             history_id=history, number=number,
         )).lastrowid
         assert version_id is not None
-        after = DirStats(1, stored.size, new.now_ns, new.now_ns)
-        db.execute(
+        self._point_at_first_version(new, version_id, history, stored.size, parent_id, before)
+        return version_id, blob
+
+    def _point_at_first_version(self, new: NewVersion, version_id: int, history: int,
+                                size: int, parent_id: int, before: DirStats) -> None:
+        """A new file's node names its first version and counts as one artifact; its
+        directories' aggregates grow by it (both manifests' first publish ends so)."""
+        after = DirStats(1, size, new.now_ns, new.now_ns)
+        self._db.execute(
             "UPDATE nodes SET version_id = ?, history_id = ?, mtime_ns = ?, ctime_ns = ?, "
             "artifacts = ?, logical_bytes = ?, first_write_ns = ?, last_write_ns = ? "
             "WHERE id = ?",
@@ -201,7 +208,6 @@ class SqliteContent(Rows):
              after.logical_bytes, after.first_write_ns, after.last_write_ns, new.node_id),
         )
         self._aggregate_up(parent_id, before, after)
-        return version_id, blob
 
     def history(self, node_id: int | None, path: str) -> list[Version]:
         """The versions of the artifact at `path`, by number: the history the node there
