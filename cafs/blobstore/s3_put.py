@@ -116,21 +116,12 @@ class LeanClient:
 
     def _put_once(self, key: str, fd: int, size: int, metadata: dict[str, str],
                   if_absent: bool) -> tuple[int, bytes]:
-        path = quote(f"{self._base}/{self._bucket}/{key}", safe="/-_.~")
-        headers = {"host": self._host, "x-amz-content-sha256": "UNSIGNED-PAYLOAD",
-                   "x-amz-date": datetime.datetime.now(datetime.UTC).strftime(
-                       "%Y%m%dT%H%M%SZ"),
-                   "content-length": str(size)}
+        headers = {"x-amz-content-sha256": "UNSIGNED-PAYLOAD", "content-length": str(size)}
         if if_absent:
             headers["if-none-match"] = "*"
         for name, value in metadata.items():
             headers[f"x-amz-meta-{name.lower()}"] = value
-        headers["authorization"] = self._authorization("PUT", path, headers)
-        conn = self._connection()
-        conn.putrequest("PUT", path, skip_host=True, skip_accept_encoding=True)
-        for name, value in headers.items():
-            conn.putheader(name, value)
-        conn.endheaders()
+        conn = self._request("PUT", key, headers)
         offset = 0
         while offset < size:
             piece = os.pread(fd, min(PIECE, size - offset), offset)
@@ -143,6 +134,21 @@ class LeanClient:
         if response.will_close:
             self._drop()
         return response.status, body
+
+    def _request(self, method: str, key: str, headers: dict[str, str]
+                 ) -> http.client.HTTPConnection:
+        """Send a signed request's line and headers (`headers` plus host, date and
+        authorization) on this thread's connection, and return it for the body and answer."""
+        path = quote(f"{self._base}/{self._bucket}/{key}", safe="/-_.~")
+        headers = {"host": self._host, **headers, "x-amz-date": datetime.datetime.now(
+            datetime.UTC).strftime("%Y%m%dT%H%M%SZ")}
+        headers["authorization"] = self._authorization(method, path, headers)
+        conn = self._connection()
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        return conn
 
     def get(self, key: str, piece: Callable[[int, memoryview], None]) -> tuple[int, int]:
         """Download the object: `piece(offset, bytes)` for each piece of its body, in order
@@ -177,16 +183,7 @@ class LeanClient:
 
     def _get_once(self, key: str, piece: Callable[[int, memoryview], None]
                   ) -> tuple[int, int, bytes]:
-        path = quote(f"{self._base}/{self._bucket}/{key}", safe="/-_.~")
-        headers = {"host": self._host, "x-amz-content-sha256": _EMPTY_SHA256,
-                   "x-amz-date": datetime.datetime.now(datetime.UTC).strftime(
-                       "%Y%m%dT%H%M%SZ")}
-        headers["authorization"] = self._authorization("GET", path, headers)
-        conn = self._connection()
-        conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
-        for name, value in headers.items():
-            conn.putheader(name, value)
-        conn.endheaders()
+        conn = self._request("GET", key, {"x-amz-content-sha256": _EMPTY_SHA256})
         response = conn.getresponse()
         if response.status != 200:
             body = response.read()
