@@ -520,6 +520,12 @@ def write_rows(report: Report, work: Path, files: int, creates: int, dd_mib: int
             targets["floor"] = stack.enter_context(write_figures.NullMount(work / "nullmnt"))
             targets["floor-wb"] = stack.enter_context(
                 write_figures.NullMount(work / "nullwbmnt", writeback=True))
+            # The least a daemon whose close() survives kill -9 must do (null_fs.py --journal).
+            targets["journal"] = stack.enter_context(
+                write_figures.NullMount(work / "nulljmnt", journal=True))
+            # ... and that applies the journal to blob files and SQLite in a thread, in groups.
+            targets["applied"] = stack.enter_context(
+                write_figures.NullMount(work / "nullamnt", journal=True, apply=True))
         if files:
             seconds = write_figures.ingest_seconds(corpus, targets, repeat)
             ratio = seconds["cafs"] / seconds["plain"]
@@ -530,6 +536,10 @@ def write_rows(report: Report, work: Path, files: int, creates: int, dd_mib: int
                                seconds["floor"]))
                 report.add(Row("floor: the same, writeback cache on", "s", seconds["plain"],
                                seconds["floor-wb"]))
+                report.add(Row("floor: the same, bytes hashed and journaled at close", "s",
+                               seconds["plain"], seconds["journal"]))
+                report.add(Row("floor: journaled, then applied in a thread", "s",
+                               seconds["plain"], seconds["applied"]))
         if creates:
             for writers, target in ((1, 2500), (4, 5000)):
                 rate = write_figures.create_rate(targets, creates, writers, repeat)
@@ -541,6 +551,10 @@ def write_rows(report: Report, work: Path, files: int, creates: int, dd_mib: int
                                    rate["plain"], rate["floor"]))
                     report.add(Row("floor: the same, writeback cache on", "files/s",
                                    rate["plain"], rate["floor-wb"]))
+                    report.add(Row("floor: the same, bytes hashed and journaled at close",
+                                   "files/s", rate["plain"], rate["journal"]))
+                    report.add(Row("floor: journaled, then applied in a thread", "files/s",
+                                   rate["plain"], rate["applied"]))
         if dd_mib:
             rate = write_figures.dd_rate(source, targets, repeat)
             report.add(Row(f"write: dd bs=1M of {dd_mib} MiB incompressible", "MB/s",

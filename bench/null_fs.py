@@ -5,15 +5,28 @@ bytes are dropped), flush/fsync/release do nothing. Whatever the write figures s
 mount is what FUSE plus pyfuse3's event loop cost on this machine: no filesystem written in
 pyfuse3 can do better. Run: python bench/null_fs.py MOUNTPOINT (unmount with fusermount3 -u).
 With --keep-bytes, writes are copied into a temp file (pwrite), the least a store must do.
+With --journal, the least a store whose close() survives kill -9 must do, without a temp file:
+a file's bytes are kept in memory and hashed (SHA-256) as they arrive, and its last close
+appends one record (parent, name, size, digest, bytes) to an append-only journal with one
+write(2). What it reaches bounds any Python daemon that publishes at close, however its
+manifest and blobs are applied later. With --journal --apply, a thread also applies the
+journaled closes as a store must, in groups: each content to a blob file named by its digest
+(no fsync) and three rows (blob, node, version) to SQLite, one commit per group: the best case of
+a write path that answers close() from the journal and applies it off the event loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import os
+import queue
+import shutil
+import sqlite3
 import stat
 import tempfile
+import threading
 import time
 
 import pyfuse3
@@ -23,7 +36,7 @@ import trio
 class NullFs(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(self, keep_bytes: bool) -> None:
+    def __init__(self, scratch: str, keep_bytes: bool, journal: bool = False) -> None:
         super().__init__()
         self.keep_bytes = keep_bytes
         self.numbers = itertools.count(pyfuse3.ROOT_INODE + 1)
@@ -31,7 +44,64 @@ class NullFs(pyfuse3.Operations):
         self.children: dict[int, dict[bytes, int]] = {pyfuse3.ROOT_INODE: {}}
         self.sizes: dict[int, int] = {}
         self.fds: dict[int, int] = {}
-        self.scratch = tempfile.mkdtemp(prefix="nullfs-")
+        self.scratch = scratch
+        self.names: dict[int, tuple[int, bytes]] = {}  # inode -> (parent, name), for --journal
+        self.buffers: dict[int, tuple[bytearray, hashlib._Hash]] = {}  # handle -> bytes, hash
+        self.journal = (os.open(os.path.join(self.scratch, "journal"),
+                                os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                        if journal else None)
+        self.applied: queue.SimpleQueue[tuple[int, bytes, bytes, str] | None] | None = None
+        self.applier: threading.Thread | None = None
+
+    def start_applying(self) -> None:
+        """The --apply thread: journaled closes to blob files and SQLite rows, in groups."""
+        self.applied = queue.SimpleQueue()
+        self.applier = threading.Thread(target=self._apply, args=(self.applied,))
+        self.applier.start()
+
+    def stop_applying(self) -> None:
+        """What was journaled is applied, then the thread ends."""
+        if self.applied is not None and self.applier is not None:
+            self.applied.put(None)
+            self.applier.join()
+
+    def _apply(self, closes: queue.SimpleQueue[tuple[int, bytes, bytes, str] | None]) -> None:
+        db = sqlite3.connect(os.path.join(self.scratch, "manifest.sqlite"))
+        db.executescript(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+            "CREATE TABLE blobs (id INTEGER PRIMARY KEY, sha256 TEXT UNIQUE, size INTEGER);"
+            "CREATE TABLE nodes (id INTEGER PRIMARY KEY, parent INTEGER, name BLOB, "
+            "version_id INTEGER, UNIQUE (parent, name));"
+            "CREATE TABLE versions (id INTEGER PRIMARY KEY, node_id INTEGER, blob_id INTEGER,"
+            " size INTEGER, mtime_ns INTEGER);")
+        blobs = os.path.join(self.scratch, "blobs")
+        while True:
+            group = [closes.get()]  # what has come meanwhile, up to 256; None: stop after it
+            while group[-1] is not None and len(group) < 256:
+                try:
+                    group.append(closes.get_nowait())
+                except queue.Empty:
+                    break
+            stop = group[-1] is None
+            with db:
+                for parent, name, data, digest in filter(None, group):
+                    path = os.path.join(blobs, digest[:2], digest)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
+                    os.write(fd, data)
+                    os.close(fd)
+                    db.execute("INSERT OR IGNORE INTO blobs (sha256, size) VALUES (?, ?)",
+                               (digest, len(data)))
+                    node = db.execute("INSERT INTO nodes (parent, name) VALUES (?, ?) ON CONFLICT"
+                                      " DO UPDATE SET name = name RETURNING id",
+                                      (parent, name)).fetchone()[0]
+                    version = db.execute(
+                        "INSERT INTO versions (node_id, blob_id, size, mtime_ns) SELECT ?, id, ?, ?"
+                        " FROM blobs WHERE sha256 = ? RETURNING id",
+                        (node, len(data), time.time_ns(), digest)).fetchone()[0]
+                    db.execute("UPDATE nodes SET version_id = ? WHERE id = ?", (version, node))
+            if stop:
+                return
 
     def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
         out = pyfuse3.EntryAttributes()
@@ -90,6 +160,9 @@ class NullFs(pyfuse3.Operations):
         self.children[parent_inode][name] = ino
         self.sizes[ino] = 0
         fh = next(self.handles)
+        if self.journal is not None:
+            self.names[ino] = (parent_inode, name)
+            self.buffers[fh] = (bytearray(), hashlib.sha256())
         if self.keep_bytes:
             self.fds[fh] = os.open(os.path.join(self.scratch, str(fh)),
                                    os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -104,6 +177,10 @@ class NullFs(pyfuse3.Operations):
         fd = self.fds.get(fh & 0xFFFFFFFF)
         if fd is not None:
             os.pwrite(fd, buf, off)
+        kept = self.buffers.get(fh & 0xFFFFFFFF)
+        if kept is not None:  # sequential writes only: what the create and cp figures do
+            kept[0][off:off + len(buf)] = buf
+            kept[1].update(buf)
         self.sizes[ino] = max(self.sizes.get(ino, 0), off + len(buf))
         return len(buf)
 
@@ -117,6 +194,14 @@ class NullFs(pyfuse3.Operations):
         return None
 
     async def release(self, fh: int) -> None:
+        kept = self.buffers.pop(fh & 0xFFFFFFFF, None)
+        if kept is not None and self.journal is not None:
+            parent, name = self.names[fh >> 32]
+            data, digest = kept
+            header = b"%d %d %d %s " % (parent, len(name), len(data), digest.hexdigest().encode())
+            os.write(self.journal, header + name + bytes(data))
+            if self.applied is not None:
+                self.applied.put((parent, name, bytes(data), digest.hexdigest()))
         fd = self.fds.pop(fh & 0xFFFFFFFF, None)
         if fd is not None:
             os.close(fd)
@@ -126,11 +211,21 @@ class NullFs(pyfuse3.Operations):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("mountpoint")
+    parser.add_argument("--scratch", help="where temp files, the journal and what --apply "
+                        "writes go, kept (default: a temp directory, removed at exit)")
     parser.add_argument("--keep-bytes", action="store_true")
+    parser.add_argument("--journal", action="store_true",
+                        help="keep bytes in memory, hash them, append a record per last close")
+    parser.add_argument("--apply", action="store_true",
+                        help="with --journal: apply closes to blob files and SQLite in a thread")
     parser.add_argument("--writeback", action="store_true",
                         help="ask for the kernel's writeback cache (FUSE_CAP_WRITEBACK_CACHE)")
     args = parser.parse_args()
-    operations = NullFs(args.keep_bytes)
+    scratch = args.scratch or tempfile.mkdtemp(prefix="nullfs-")
+    os.makedirs(scratch, exist_ok=True)
+    operations = NullFs(scratch, args.keep_bytes, args.journal)
+    if args.journal and args.apply:
+        operations.start_applying()
     operations.enable_writeback_cache = args.writeback
     # The mount options of cafs (cafs.daemon.fuse_options), so the floor pays what cafs pays.
     pyfuse3.init(operations, args.mountpoint,
@@ -140,6 +235,9 @@ def main() -> None:
         trio.run(pyfuse3.main)
     finally:
         pyfuse3.close(unmount=True)
+        operations.stop_applying()
+        if not args.scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

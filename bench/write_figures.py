@@ -157,9 +157,11 @@ class NullMount:
     """bench/null_fs.py mounted at `mountpoint` while inside the `with`: the floor."""
 
     def __init__(self, mountpoint: Path, keep_bytes: bool = False,
-                 writeback: bool = False) -> None:
+                 writeback: bool = False, journal: bool = False, apply: bool = False) -> None:
         self.mountpoint = mountpoint
+        self.apply = apply
         self.keep_bytes = keep_bytes
+        self.journal = journal
         self.writeback = writeback
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -168,6 +170,8 @@ class NullMount:
         script = Path(__file__).with_name("null_fs.py")
         extra = ["--keep-bytes"] if self.keep_bytes else []
         extra += ["--writeback"] if self.writeback else []
+        extra += ["--journal"] if self.journal else []
+        extra += ["--apply"] if self.apply else []
         self._proc = subprocess.Popen([sys.executable, str(script), str(self.mountpoint),
                                        *extra])
         deadline = time.monotonic() + 30

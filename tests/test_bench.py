@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import require_fuse
@@ -42,3 +46,35 @@ def test_the_hosts_bench_runs_on_a_few_files() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "close on A -> open+read on B, all" in result.stdout
     assert "manifest alone (row + publish), 4 writer(s)" in result.stdout
+
+
+def test_the_journaled_floor_keeps_and_applies_every_close(tmp_path: Path) -> None:
+    """bench/null_fs.py --journal --apply, the write figures' best case of a journaled write
+    path: every closed file is in its journal, in a blob file named by its SHA-256, and in its
+    SQLite rows, once it has unmounted."""
+    require_fuse()
+    mountpoint, scratch = tmp_path / "mnt", tmp_path / "scratch"
+    mountpoint.mkdir()
+    daemon = subprocess.Popen([sys.executable, str(ROOT / "bench" / "null_fs.py"), str(mountpoint),
+                               "--journal", "--apply", "--scratch", str(scratch)])
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mountpoint):
+            assert daemon.poll() is None and time.monotonic() < deadline, "null_fs did not mount"
+            time.sleep(0.05)
+        contents = {f"f{i}".encode(): os.urandom(4096 + i) for i in range(300)}
+        for name, data in contents.items():
+            (mountpoint / name.decode()).write_bytes(data)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
+        assert daemon.wait(timeout=30) == 0
+    journal = (scratch / "journal").read_bytes()
+    for data in contents.values():
+        assert data in journal
+    db = sqlite3.connect(scratch / "manifest.sqlite")
+    rows = db.execute("SELECT n.name, b.sha256 FROM nodes n JOIN versions v ON v.id = n.version_id"
+                      " JOIN blobs b ON b.id = v.blob_id").fetchall()
+    assert {bytes(name): digest for name, digest in rows} == {
+        name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+    for name, digest in rows:
+        assert (scratch / "blobs" / digest[:2] / digest).read_bytes() == contents[bytes(name)]
