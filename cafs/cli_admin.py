@@ -449,7 +449,8 @@ def fsck(store: Path | None, config: Path | None, full: bool, repair: bool,
     Example: cafs fsck --store /srv/cafs --full
     """
     if repair:
-        _repair(store_root(store, config), as_json, grace_seconds(orphan_grace, config))
+        _repair(store_root(store, config), as_json, grace_seconds(orphan_grace, config),
+                settings_from(config).gc_grace)
         return
     progress = TerminalProgress()
     with open_store(store, config) as opened:
@@ -480,8 +481,9 @@ def fsck(store: Path | None, config: Path | None, full: bool, repair: bool,
         sys.exit(EXIT_FAILED)
 
 
-def _repair(root: Path, as_json: bool, orphan_grace: int) -> None:
-    result = run_admin(root, "repair", {"orphan_grace": orphan_grace}, RepairReport)
+def _repair(root: Path, as_json: bool, orphan_grace: int, gc_grace: int) -> None:
+    result = run_admin(root, "repair", {"orphan_grace": orphan_grace, "gc_grace": gc_grace},
+                       RepairReport)
     if as_json:
         emit_json(result)
         return

@@ -293,9 +293,7 @@ class Maintenance(AdminContext):
             raise Busy("another cafs gc is running on this store (on this host or another): "
                        "try again when it ends")
         try:
-            # Other hosts can serve only a manifest on a server with blobs in shared storage:
-            # a PostgreSQL manifest over one host's blobs/ keeps single-host gc.
-            several_hosts = manifest.shared and self.blobs.remote
+            several_hosts = self._several_hosts()
             manifest.set_gc_grace(gc_grace if several_hosts else 0)
             if several_hosts:
                 orphan_grace = max(orphan_grace, gc_grace)
@@ -338,9 +336,19 @@ class Maintenance(AdminContext):
         return GcReport(dry_run, plan.versions, len(plan.blobs), removed_orphans, young,
                         reclaimed, tuple(blob.digest for blob in plan.blobs))
 
-    async def repair(self, orphan_grace: int = DEFAULT_ORPHAN_GRACE) -> RepairReport:
+    def _several_hosts(self) -> bool:
+        """Other hosts can serve only a manifest on a server with blobs in shared storage: a
+        PostgreSQL manifest over one host's blobs/ keeps single-host rules."""
+        return self.manifest.shared and self.blobs.remote
+
+    async def repair(self, orphan_grace: int = DEFAULT_ORPHAN_GRACE,
+                     gc_grace: int = DEFAULT_GC_GRACE) -> RepairReport:
         """fsck --repair: check every blob file (re-hashing it), then fix what can be fixed in
-        one manifest transaction; move files whose bytes are wrong to quarantine/."""
+        one manifest transaction; move files whose bytes are wrong to quarantine/. Orphans go
+        as in gc: with several hosts, only once older than `gc_grace` too (a reader elsewhere
+        may still read an object whose row gc removed a moment ago)."""
+        if self._several_hosts():
+            orphan_grace = max(orphan_grace, gc_grace)
         manifest = self.manifest
         problems = manifest.check_integrity()
         if problems:

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from conftest import cafs, sha, wait_dead
@@ -172,7 +173,15 @@ def test_kill_9_of_a_at_each_crash_point_b_sees_nothing_partial_and_gc_collects(
                         "AND version_id IS NULL") == 0
     assert shared.count("SELECT count(*) FROM cafs_unfinished") == 0
     # The object uploaded before the commit (after-blob-rename) is an orphan: kept while
-    # young, collected once older than gc_grace, even with --orphan-grace 0.
+    # young, collected once older than gc_grace, even with --orphan-grace 0. fsck --repair
+    # keeps the same grace (asked here with gc_grace = 3600, so the orphans are young).
+    assert len(orphans(b)) >= 1
+    patient = Path(b.env["CAFS_CONFIG"]).with_name("patient.toml")
+    patient.write_text(Path(b.env["CAFS_CONFIG"]).read_text().replace("gc_grace = 2",
+                                                                       "gc_grace = 3600"))
+    repaired = cafs("fsck", "--repair", "--store", str(b.store), "--json", "--orphan-grace", "0",
+                    env={**b.command_env(), "CAFS_CONFIG": str(patient)})
+    assert json.loads(repaired.stdout)["orphan_files_removed"] == 0
     assert len(orphans(b)) >= 1
     time.sleep(2.5)
     report = gc(b, "--orphan-grace", "0")
