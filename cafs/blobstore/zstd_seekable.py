@@ -507,35 +507,50 @@ class ZstdReader:
         key = (self._digest, index)
         data = self._cache.get(key)
         if data is None:
-            _prefetch.wait(key)
-            data = self._cache.get(key)
-        return self._decompress(index) if data is None else data
+            if key in _prefetch.pending:  # being decompressed ahead: wait, not twice
+                _prefetch.wait(key)
+                data = self._cache.get(key)
+            if data is None:
+                data = self._load(index, key, os.pread)
+        return data
 
-    def _decompress(self, index: int, pread: Callable[[int, int, int], bytes] = os.pread
-                    ) -> bytes:
-        """Frame `index` from the file, checked, into the cache (never waits for read-ahead:
-        read-ahead runs this itself). With pread_nowait: BlockingIOError if its compressed
-        bytes are not in the page cache."""
+    def _decompress(self, index: int) -> bytes:
+        """Frame `index`, checked, into the cache unless it is there (read-ahead runs this;
+        it never waits for other read-ahead)."""
         key = (self._digest, index)
         data = self._cache.get(key)
-        if data is None:
-            table = self.table
-            start = table.compressed_offsets[index]
-            with self._fd as fd:
-                compressed = pread(fd, table.compressed_offsets[index + 1] - start, start)
-            expected_size = table.plain_offsets[index + 1] - table.plain_offsets[index]
-            try:
-                # Frames compressed while written carry no content size in their header.
-                data = _decompressor().decompress(compressed, max_output_size=expected_size)
-            except zstandard.ZstdError as exc:
-                raise Corrupt(f"blob {self._digest}: frame {index}: {exc}") from exc
-            if len(data) != expected_size or _frame_checksum(data) != table.checksums[index]:
-                raise Corrupt(f"blob {self._digest}: frame {index} fails its checksum")
-            self._cache.put(key, data)
+        return self._load(index, key, os.pread) if data is None else data
+
+    def _load(self, index: int, key: tuple[str, int],
+              pread: Callable[[int, int, int], bytes]) -> bytes:
+        """Frame `index` from the file, checked, into the cache (the caller looked there).
+        With pread_nowait: BlockingIOError if its compressed bytes are not in the page
+        cache."""
+        table = self.table
+        start = table.compressed_offsets[index]
+        with self._fd as fd:
+            compressed = pread(fd, table.compressed_offsets[index + 1] - start, start)
+        expected_size = table.plain_offsets[index + 1] - table.plain_offsets[index]
+        try:
+            # Frames compressed while written carry no content size in their header.
+            data = _decompressor().decompress(compressed, max_output_size=expected_size)
+        except zstandard.ZstdError as exc:
+            raise Corrupt(f"blob {self._digest}: frame {index}: {exc}") from exc
+        if len(data) != expected_size or _frame_checksum(data) != table.checksums[index]:
+            raise Corrupt(f"blob {self._digest}: frame {index} fails its checksum")
+        self._cache.put(key, data)
         return data
 
     def read(self, offset: int, length: int) -> bytes:
         sequential = offset in (self._next, 0)  # from the start: most files are read whole
+        plain_offsets = self.table.plain_offsets
+        index = bisect.bisect_right(plain_offsets, offset) - 1
+        end = offset + length
+        if not sequential and index < len(plain_offsets) - 1 and end <= plain_offsets[index + 1]:
+            # One frame, read at random (a small READ of a large file): the fewest steps.
+            frame_start = plain_offsets[index]
+            self._next = end
+            return self.frame(index)[offset - frame_start : end - frame_start]
         data = self._read(offset, length, self.frame)
         assert data is not None
         self._next = offset + len(data)
@@ -558,14 +573,15 @@ class ZstdReader:
         """The frame if it is decompressed already, or if it is small and its compressed
         bytes are in the page cache: decompressing up to INLINE_FRAME_BYTES costs less than
         the hop to a worker thread (a random 4 KiB read of a cold blob is one such frame)."""
-        data = self._cache.get((self._digest, index))
+        key = (self._digest, index)
+        data = self._cache.get(key)
         if data is not None or self._reads_ahead is False:
             return data
         table = self.table
         if table.plain_offsets[index + 1] - table.plain_offsets[index] > INLINE_FRAME_BYTES:
             return None
         try:
-            return self._decompress(index, pread_nowait)
+            return self._load(index, key, pread_nowait)
         except BlockingIOError:
             return None
 
