@@ -561,10 +561,17 @@ class S3Reader:
                 fresh = self._inner
             return fresh.read(offset, length)
 
-    @property
-    def cached(self) -> bool:
-        """Its blob file is open: reads are local (no download), as on the local store."""
-        return self._inner is not None
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """As read, from the cached file this reader has open (local I/O, may wait for the
+        disk), never a download: None if it has none open yet, or if the bytes fail their
+        check (read() in a worker thread then fetches the blob again)."""
+        inner = self._inner
+        if inner is None:
+            return None
+        try:
+            return inner.read(offset, length)
+        except Corrupt:
+            return None
 
     def read_nowait(self, offset: int, length: int) -> bytes | memoryview | None:
         inner = self._inner
