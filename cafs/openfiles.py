@@ -778,10 +778,9 @@ class OpenFiles:
             inode.temp = None
         if inode.reader is not None:
             blob = inode.node.blob
-            # Not on a remote store: an idle reader pins its file in the cache, and 32 of
-            # them would hold the cache above its cache_size (reopening a cached file is local).
-            if blob is not None and not inode.damaged and not inode.unlinked \
-                    and not self.blobs.remote:
+            # On a remote store too: an idle reader keeps its cached file pinned only within
+            # a share of the cache's size (S3Reader.idle), else it lets go of the file.
+            if blob is not None and not inode.damaged and not inode.unlinked:
                 self.table.idle.give(blob.digest, inode.reader)
             else:
                 inode.reader.close()
