@@ -778,10 +778,9 @@ class OpenFiles:
             inode.temp = None
         if inode.reader is not None:
             blob = inode.node.blob
-            # Not on a remote store: an idle reader pins its file in the cache, and 32 of
-            # them would hold the cache above its cache_size (reopening a cached file is local).
-            if blob is not None and not inode.damaged and not inode.unlinked \
-                    and not self.blobs.remote:
+            # On a remote store too: an idle reader keeps its cached file pinned only within
+            # a share of the cache's size (S3Reader.idle), else it lets go of the file.
+            if blob is not None and not inode.damaged and not inode.unlinked:
                 self.table.idle.give(blob.digest, inode.reader)
             else:
                 inode.reader.close()
@@ -816,12 +815,17 @@ class OpenFiles:
         reader = self.reader_of(inode)
         if reader is None:
             return b""
-        if size <= INLINE_READ_BYTES and not self.blobs.remote \
-                and not self.runtime.requests_waiting():
+        if size <= INLINE_READ_BYTES and not self.runtime.requests_waiting():
             # Read on the loop whatever it waits for (Runtime.run_short): nothing else waits,
             # and asking first whether the bytes are at hand costs a cold random read a probe
-            # and a second pass through the reader.
-            return reader.read(offset, size)
+            # and a second pass through the reader. On a remote store only a blob its cache
+            # holds, never a download (read_cached: None if the read needs one).
+            if not self.blobs.remote:
+                return reader.read(offset, size)
+            read_cached = getattr(reader, "read_cached", None)
+            data = None if read_cached is None else read_cached(offset, size)
+            if data is not None:
+                return data
         # What the page cache or the frame cache holds is answered at once; a read that would
         # wait for the disk or decompress goes to a worker thread, and the event loop serves
         # other requests meanwhile (the kernel sends read-ahead READs of the same file too).
@@ -830,10 +834,9 @@ class OpenFiles:
             return data
         inode.readers_in_threads += 1
         try:
-            # On a remote store a read the cache cannot answer downloads the whole blob:
-            # never on the event loop. One whose blob the cache holds is a local read.
-            downloads = self.blobs.remote and not getattr(reader, "cached", False)
-            if size <= INLINE_READ_BYTES and not downloads:
+            # On a remote store read() may download the whole blob (or fetch a damaged cached
+            # file again): never on the event loop.
+            if size <= INLINE_READ_BYTES and not self.blobs.remote:
                 return await self.runtime.run_short(reader.read, offset, size)
             return await self.runtime.run_in_thread(reader.read, offset, size)
         finally:

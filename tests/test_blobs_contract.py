@@ -271,6 +271,53 @@ def test_the_cache_stays_under_its_bound_and_keeps_what_readers_use(
     assert store.cache.bytes <= 1_000_000
 
 
+def test_an_idle_reader_keeps_its_file_only_within_a_share_of_the_cache(
+        tmp_path: Path, weed: WeedServer) -> None:
+    """Readers of closed files are kept for the next open (IdleReaders): on S3 one keeps its
+    cached file open and pinned only while idle readers pin at most a quarter of the cache;
+    past that it lets go of both, and reopens the file when used again."""
+    store = s3_store(tmp_path, weed, cache_size=1_000_000)
+    (small, small_encoding, _), (large, large_encoding, _) = (
+        put(store, os.urandom(200_000)), put(store, os.urandom(300_000)))
+    kept = store.open(small, small_encoding, size=200_000)
+    let_go = store.open(large, large_encoding, size=300_000)
+    kept.read(0, 10)
+    let_go.read(0, 10)
+    kept.idle()  # 200 KB of the 250 KB share
+    let_go.idle()  # 300 KB more would pass it: closed, unpinned
+    others = [put(store, os.urandom(300_000)) for _ in range(3)]  # push both towards eviction
+    for digest, encoding, _ in others:
+        read_all(store, digest, encoding, 300_000)
+    assert store.cache.holds(small)  # pinned while idle
+    assert not store.cache.holds(large)  # evicted: nothing held it
+    assert store.cache.bytes <= 1_000_000
+    # Used again, each reads its blob: the one that let go fetches it anew.
+    assert kept.read(0, 200_000) == read_all(store, small, small_encoding, 200_000)
+    assert len(let_go.read(0, 300_000)) == 300_000
+    kept.close()
+    let_go.close()
+    held = store.cache.hold_idle(small)  # what they pinned while idle was given back
+    assert held is not None
+    store.cache.end_idle(held)
+
+
+def test_a_reader_used_again_after_idle_fetches_a_damaged_file_again(
+        tmp_path: Path, weed: WeedServer) -> None:
+    """Each open may fetch a damaged cached file again once: a reader kept idle after one
+    such fetch does so again when the file is damaged anew, as a new reader would."""
+    store = s3_store(tmp_path, weed)
+    data = os.urandom(300_000)
+    digest, encoding, _ = put(store, data)
+    reader = store.open(digest, encoding, size=len(data))
+    try:
+        for _ in range(2):
+            corrupt_file(store.cache.path(digest))
+            assert b"".join(read_chunks(reader)) == data
+            reader.idle()
+    finally:
+        reader.close()
+
+
 def test_concurrent_readers_of_one_blob_fetch_it_once(tmp_path: Path, weed: WeedServer) -> None:
     prefix = weed.new_prefix()
     data = text(2_000_000, seed=17)

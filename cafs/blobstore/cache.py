@@ -26,6 +26,9 @@ from cafs.digest import Digest, is_digest
 from cafs.errors import StoreError
 
 FETCH_PREFIX = "fetch-"
+# Idle readers (of closed files, kept open for the next open) pin at most this share of the
+# capacity: the rest stays for the files being read.
+IDLE_SHARE = 4
 
 
 class BlobCache:
@@ -40,6 +43,7 @@ class BlobCache:
         self._sizes: OrderedDict[str, int] = OrderedDict()  # digest -> bytes; LRU first
         self._pins: Counter[str] = Counter()
         self._bytes = 0
+        self._idle_bytes = 0  # of files idle readers keep pinned (hold_idle)
         self._serial = 0
 
     def load(self) -> None:
@@ -153,6 +157,22 @@ class BlobCache:
             if self._pins[digest] <= 0:
                 del self._pins[digest]
             self._evict()
+
+    def hold_idle(self, digest: str) -> int | None:
+        """An idle reader asks to keep its pin on the digest's file: the file's bytes if that
+        keeps what idle readers pin within capacity // IDLE_SHARE (give them back with
+        end_idle), else None (it unpins and closes the file)."""
+        with self._lock:
+            size = self._sizes.get(digest)
+            if size is None or self._idle_bytes + size > self.capacity // IDLE_SHARE:
+                return None
+            self._idle_bytes += size
+            return size
+
+    def end_idle(self, held: int) -> None:
+        """An idle reader that held `held` bytes (hold_idle) is in use again, or closed."""
+        with self._lock:
+            self._idle_bytes -= held
 
     def _evict(self) -> None:
         """Under the lock: least recently used first, skipping pinned files, until the bytes

@@ -490,7 +490,12 @@ def _md5_of(fd: int) -> str:
 
 class S3Reader:
     """A BlobReader over the cached file, opened at the first read that needs it. It pins the
-    digest in the cache while open, so eviction never takes a file it reads."""
+    digest in the cache while open, so eviction never takes a file it reads.
+
+    Kept idle for the next open of the same content (idle()), it keeps its file open and
+    pinned only while the files idle readers pin stay within a share of the cache
+    (BlobCache.hold_idle); otherwise it closes the file and unpins, and opens it again when
+    used. Used again, it is as a new reader: pinned, and a damaged file is fetched again once."""
 
     def __init__(self, store: S3BlobStore, digest: Digest, encoding: Encoding,
                  size: int | None) -> None:
@@ -501,17 +506,60 @@ class S3Reader:
         self._lock = threading.Lock()
         self._refetched = False
         self._closed = False
+        self._idle = False
+        self._held: int | None = None  # bytes it pins while idle (BlobCache.hold_idle)
         store.cache.pin(digest)
+        self._pinned = True
         self._expected = size  # the manifest's: a cached file of another size is not this blob
         self.size = size if size is not None else -1
-        # Opening the cached file is local and quick: done now if the cache holds it.
+        self._open_if_cached()
+
+    def _open_if_cached(self) -> None:
+        """Opening the cached file is local and quick: done now if the cache holds it."""
         with contextlib.suppress(Corrupt):
-            self._inner = store.cached_reader(digest, encoding, size)
+            self._inner = self._store.cached_reader(self._digest, self._encoding,
+                                                    self._expected)
             if self._inner is not None:
                 self.size = self._inner.size
 
+    def idle(self) -> None:
+        with self._lock:
+            if self._closed or self._idle:
+                return
+            self._idle = True
+            inner = self._inner
+            if inner is not None:
+                self._held = self._store.cache.hold_idle(self._digest)
+            keep = self._held is not None
+            if not keep:  # beyond the idle share: let go of the file and its pin
+                self._inner, self._pinned = None, False
+        if keep:
+            assert inner is not None
+            inner.idle()
+            return
+        if inner is not None:
+            inner.close()
+        self._store.cache.unpin(self._digest)
+
+    def _resume(self) -> None:
+        """Used again after idle(): pinned as a new reader is, its idle bytes given back."""
+        with self._lock:
+            if not self._idle or self._closed:
+                return
+            self._idle = False
+            self._refetched = False  # a new open: a damaged file is fetched again once more
+            if self._held is not None:
+                self._store.cache.end_idle(self._held)
+                self._held = None
+            if not self._pinned:
+                self._store.cache.pin(self._digest)
+                self._pinned = True
+                self._open_if_cached()
+
     def load(self) -> BlobReader:
         """The reader of the cached file, fetching the blob first if the cache lacks it."""
+        if self._idle:
+            self._resume()
         inner = self._inner
         if inner is not None:
             return inner
@@ -561,12 +609,23 @@ class S3Reader:
                 fresh = self._inner
             return fresh.read(offset, length)
 
-    @property
-    def cached(self) -> bool:
-        """Its blob file is open: reads are local (no download), as on the local store."""
-        return self._inner is not None
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """As read, from the cached file this reader has open (local I/O, may wait for the
+        disk), never a download: None if it has none open yet, or if the bytes fail their
+        check (read() in a worker thread then fetches the blob again)."""
+        if self._idle:
+            self._resume()
+        inner = self._inner
+        if inner is None:
+            return None
+        try:
+            return inner.read(offset, length)
+        except Corrupt:
+            return None
 
     def read_nowait(self, offset: int, length: int) -> bytes | memoryview | None:
+        if self._idle:
+            self._resume()
         inner = self._inner
         if inner is None:
             return None
@@ -575,20 +634,20 @@ class S3Reader:
         except Corrupt:
             return None  # read() in a worker thread fetches the blob again
 
-    def idle(self) -> None:
-        inner = self._inner
-        if inner is not None:
-            inner.idle()
-
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             inner, self._inner = self._inner, None
+            held, self._held = self._held, None
+            pinned, self._pinned = self._pinned, False
         if inner is not None:
             inner.close()
-        self._store.cache.unpin(self._digest)
+        if held is not None:
+            self._store.cache.end_idle(held)
+        if pinned:
+            self._store.cache.unpin(self._digest)
 
 
 if TYPE_CHECKING:  # mypy holds the implementation to the protocol, member by member

@@ -191,8 +191,11 @@ class LeanClient:
                 self._drop()
             return response.status, 0, body
         length = response.getheader("content-length")
-        buffer = bytearray(PIECE)
-        view = memoryview(buffer)
+        # This thread's buffer, reused: a new 1 MiB buffer per GET costs its pages' faults
+        # and zeroing (up to 1 ms of CPU measured here), and pieces live only during the call.
+        view: memoryview | None = getattr(self._local, "buffer", None)
+        if view is None:
+            view = self._local.buffer = memoryview(bytearray(PIECE))
         offset = 0
         while count := response.readinto(view):
             piece(offset, view[:count])
