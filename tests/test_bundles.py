@@ -693,6 +693,21 @@ def test_sizes_are_held_to_the_stores_maximum(unstarted_mount: Mount, tmp_path: 
     assert not unstarted_mount.log_problems()
 
 
+def test_a_pax_size_is_read_as_the_decimal_it_is(mount: Mount) -> None:
+    """Export writes a blob of 8 GiB or more with its size in a pax record (ustar's octal field
+    cannot hold it), and pax numbers are decimal: 10737418240 (10 GiB, digits 8 and 9) was
+    refused as "not an octal number", so no run holding such an artifact could be imported
+    again. Small sizes in pax records stand in for the big ones: 19 (a 9) and 10 (octal 8)."""
+    nine, ten = b"nineteen bytes long", b"ten bytes!"
+    members = format2_members(*format2_records(good_header({"a.bin": nine, "b.bin": ten})))
+    for data in (nine, ten):
+        members.append(member(f"blobs/{sha(data)}", data, pax_headers={"size": str(len(data))}))
+    result = run_import(mount.store, tar_bytes(members), "--as", "pax")
+    assert result.returncode == 0, result.stderr
+    assert (mount.runs / "pax" / "train" / "a.bin").read_bytes() == nine
+    assert (mount.runs / "pax" / "train" / "b.bin").read_bytes() == ten
+
+
 def test_imported_history_cannot_turn_gc_against_the_current_version(mount: Mount) -> None:
     """History as export writes it for a path an artifact was renamed onto (earlier versions
     without replaced_ns); modes with setuid. What gc trusts is derived: `gc --keep-versions 0`
