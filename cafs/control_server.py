@@ -214,7 +214,11 @@ async def _run_request(conn: trio.socket.SocketType, handler: Handler,
                 await _send(conn, {"progress": list(sent)})
 
     read_only = command in READ_ONLY_COMMANDS
-    async with contextlib.nullcontext() if read_only else one_at_a_time:
+    if not read_only and not await _take_turn(conn, one_at_a_time):
+        log.info("admin command %s dropped: its client went away while it waited for its turn",
+                 command)
+        return  # the caller closes its files
+    try:
         if not read_only:
             log.info("admin command %s %s", command, json.dumps(request.get("args", {})))
         async with trio.open_nursery() as nursery:
@@ -242,6 +246,31 @@ async def _run_request(conn: trio.socket.SocketType, handler: Handler,
         if latest and latest != sent:  # the last step too: a terminal then shows 100%
             await _send(conn, {"progress": list(latest)})
         await _send(conn, reply)
+    finally:
+        if not read_only:
+            one_at_a_time.release()
+
+
+async def _take_turn(conn: trio.socket.SocketType, one_at_a_time: trio.Lock) -> bool:
+    """Take the admin lock, or give up (False, without it) once the client has hung up: it
+    sends nothing after its request, so a read that ends means it is gone. A queued command
+    must not outlive its client: `cafs export -o - | cafs import -` on one store queues the
+    import behind the export that fills its pipe, and after the user's ^C the daemon's copy
+    of the import's input would keep the export blocked, and every admin command behind it,
+    until unmount. Dropped, its descriptors close and the export fails with a broken pipe."""
+    turn = False
+    async with trio.open_nursery() as nursery:
+        async def give_up_on_hang_up() -> None:
+            with contextlib.suppress(OSError):
+                while await conn.recv(4096):
+                    pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(give_up_on_hang_up)
+        await one_at_a_time.acquire()
+        turn = True
+        nursery.cancel_scope.cancel()
+    return turn
 
 
 def _writable(fd: int) -> bool:

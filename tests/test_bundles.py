@@ -708,6 +708,37 @@ def test_a_pax_size_is_read_as_the_decimal_it_is(mount: Mount) -> None:
     assert (mount.runs / "pax" / "train" / "b.bin").read_bytes() == ten
 
 
+def test_an_export_piped_into_an_import_of_one_store_does_not_wedge_the_daemon(
+        mount: Mount) -> None:
+    """`cafs export runs/e1 -o - | cafs import - --as e2` on one mounted store waits for ever:
+    the daemon runs one admin command at a time, the export fills the pipe, and the import,
+    which alone would read it, waits for its turn. The user's ^C ends both clients; the
+    daemon, which held the queued import's end of the pipe, kept the export blocked on it and
+    every later admin command (gc, seal, ...) waiting behind it until unmounted. A queued
+    command whose client has gone is dropped with its descriptors: the export then fails
+    (broken pipe) and the admin commands work again."""
+    (mount.layer() / "big.bin").write_bytes(os.urandom(1 << 20))  # more than a pipe holds
+    export = subprocess.Popen([*CAFS, "export", str(mount.runs / "e1"), "-o", "-"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while "admin command export" not in mount.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert export.stdout is not None
+    importer = subprocess.Popen([*CAFS, "import", "-", "--as", "e2", "--store", str(mount.store)],
+                                stdin=export.stdout, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    export.stdout.close()
+    time.sleep(2)
+    assert export.poll() is None and importer.poll() is None  # the wait itself is inherent
+    for client in (importer, export):  # ^C
+        client.kill()
+        client.wait()
+    result = cafs("gc", "--dry-run", "--store", str(mount.store), check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not (mount.runs / "e2").exists()
+    assert (mount.layer() / "big.bin").stat().st_size == 1 << 20
+
+
 def test_imported_history_cannot_turn_gc_against_the_current_version(mount: Mount) -> None:
     """History as export writes it for a path an artifact was renamed onto (earlier versions
     without replaced_ns); modes with setuid. What gc trusts is derived: `gc --keep-versions 0`
