@@ -191,9 +191,8 @@ async def _serve_connection(conn: trio.socket.SocketType, handler: Handler,
             with contextlib.suppress(OSError):
                 await _send(conn, {"error": f"bad request: {exc}", "errno": errno.EINVAL})
         finally:
-            for file in files:
-                with contextlib.suppress(OSError):
-                    file.close()
+            with trio.CancelScope(shield=True):
+                await _close_files(files)
 
 
 async def _run_request(conn: trio.socket.SocketType, handler: Handler,
@@ -241,8 +240,10 @@ async def _run_request(conn: trio.socket.SocketType, handler: Handler,
                 reply = {"error": f"{command} failed unexpectedly ({exc}); see the daemon log",
                          "errno": errno.EIO}
             nursery.cancel_scope.cancel()
-        for file in files:  # flush an export before the client is told it is done
-            file.close()
+        failed = await _close_files(files)  # an export is flushed before the client hears
+        if failed is not None and "result" in reply:
+            log.warning("admin command %s failed: closing its file: %s", command, failed)
+            reply = {"error": f"{command} failed: {failed}", "errno": failed.errno or errno.EIO}
         if latest and latest != sent:  # the last step too: a terminal then shows 100%
             await _send(conn, {"progress": list(latest)})
         await _send(conn, reply)
@@ -271,6 +272,23 @@ async def _take_turn(conn: trio.socket.SocketType, one_at_a_time: trio.Lock) -> 
         turn = True
         nursery.cancel_scope.cancel()
     return turn
+
+
+async def _close_files(files: list[IO[bytes]]) -> OSError | None:
+    """Close the caller's files in a worker thread, never on the event loop: one may be a file
+    of this very mount (a bundle kept in a layer, an export written into one), and its close
+    sends this daemon a FLUSH that only the event loop answers. The kernel waits for that
+    answer even through SIGKILL: closed on the loop, the daemon and its mount hung for good.
+    Returns the first close that failed (an export's last bytes not written)."""
+    def close_all() -> OSError | None:
+        failed = None
+        for file in files:
+            try:
+                file.close()
+            except OSError as exc:
+                failed = failed or exc
+        return failed
+    return await trio.to_thread.run_sync(close_all)
 
 
 def _writable(fd: int) -> bool:

@@ -739,6 +739,24 @@ def test_an_export_piped_into_an_import_of_one_store_does_not_wedge_the_daemon(
     assert (mount.layer() / "big.bin").stat().st_size == 1 << 20
 
 
+def test_a_bundle_kept_in_the_mount_exports_and_imports(mount: Mount) -> None:
+    """A bundle is a file like any other, so people keep it in the mount: `cafs export -o`
+    into a layer, `cafs import` from one. The daemon closed the descriptors passed to it on
+    its event loop, and closing a file of its own mount sends it a FLUSH it could then never
+    answer: the daemon hung for good (unkillable: the kernel waits for a FLUSH's answer even
+    after SIGKILL) and the whole mount with it."""
+    data = os.urandom(300_000)
+    (mount.layer() / "model.bin").write_bytes(data)
+    kept = mount.layer("keep", "bundles")
+    cafs("export", str(mount.runs / "e1"), "-o", str(kept / "e1.tar"), timeout=60)
+    cafs("import", str(kept / "e1.tar"), "--as", "e2", "--store", str(mount.store), timeout=60)
+    assert (mount.runs / "e2" / "train" / "model.bin").read_bytes() == data
+    result = cafs("import", str(mount.layer() / "model.bin"), "--as", "e3", "--store",
+                  str(mount.store), check=False, timeout=60)  # refused; its descriptor closed
+    assert result.returncode == 1 and "not a cafs bundle" in result.stderr, result.stderr
+    assert sorted(os.listdir(mount.runs)) == ["e1", "e2", "keep"]
+
+
 def test_imported_history_cannot_turn_gc_against_the_current_version(mount: Mount) -> None:
     """History as export writes it for a path an artifact was renamed onto (earlier versions
     without replaced_ns); modes with setuid. What gc trusts is derived: `gc --keep-versions 0`
