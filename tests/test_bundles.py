@@ -757,6 +757,23 @@ def test_a_bundle_kept_in_the_mount_exports_and_imports(mount: Mount) -> None:
     assert sorted(os.listdir(mount.runs)) == ["e1", "e2", "keep"]
 
 
+def test_export_to_a_device_writes_to_it_and_leaves_it_a_device(mount: Mount,
+                                                                 tmp_path: Path) -> None:
+    """`-o FILE` is written as FILE.partial-PID and renamed over FILE when complete, which is
+    right for a regular file only: `cafs export ... -o /dev/full` (a char device, here a node
+    of our own) ran as root replaced the device with a regular file and exited 0. A FILE
+    that exists and is not a regular file is written directly, and its errors are the
+    command's (ENOSPC: exit 1)."""
+    (mount.layer() / "model.bin").write_bytes(os.urandom(100_000))
+    full = tmp_path / "full"
+    os.mknod(full, stat.S_IFCHR | 0o666, os.makedev(1, 7))  # what /dev/full is
+    result = cafs("export", str(mount.runs / "e1"), "-o", str(full), check=False, timeout=60)
+    assert stat.S_ISCHR(full.lstat().st_mode)
+    assert result.returncode == 1 and "No space left on device" in result.stderr, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["full", "mnt", "store"]
+    mount.log_problems(accept=True)  # the daemon logged the export's failure as a warning
+
+
 def test_imported_history_cannot_turn_gc_against_the_current_version(mount: Mount) -> None:
     """History as export writes it for a path an artifact was renamed onto (earlier versions
     without replaced_ns); modes with setuid. What gc trusts is derived: `gc --keep-versions 0`
