@@ -514,6 +514,13 @@ HOSTILE_2: dict[str, tuple[Callable[[], bytes], str]] = {
                                      "not an object"),
     "a header over its bound": (lambda: format2(set_in("execution", pad="x" * (5 << 20))),
                                 "a version 2 header holds at most"),
+    # said plainly: what is wrong and where, not a Python exception's name
+    "a line without a mode": (lambda: format2(lambda h, r, b: r[1].pop("mode")),
+                              "line 2 of cafs-entries.jsonl is malformed: missing 'mode'"),
+    "tags that are not an object": (lambda: format2(set_in("a.txt", tags=["user.k"])),
+                                    "bundle is malformed: train/a.txt: tags is not an object"),
+    "a tag that is not base64": (lambda: format2(set_in("a.txt", tags={"user.k": "!!"})),
+                                 "train/a.txt: tag 'user.k' is not base64 text"),
     # counts that lie
     "more entries than declared": (lambda: format2(set_in("header", entries=2)),
                                    "declares 2 entries"),
