@@ -521,7 +521,9 @@ def _checked(check: Callable[..., Any], where: str, *args: Any) -> Any:
         raise BadBundle(f"{exc} ({where})") from None
     except CafsError as exc:  # a rule of cafs.rules: say where
         raise BadBundle(f"bundle refused: {exc} ({where})") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except KeyError as exc:
+        raise BadBundle(f"{where} is malformed: missing {exc}") from None
+    except (ValueError, TypeError, AttributeError) as exc:
         raise BadBundle(f"{where} is malformed: {type(exc).__name__}: {exc}") from None
 
 
@@ -657,7 +659,10 @@ def _entry(raw: dict[str, Any], kind: Kind, rel: str) -> TreeEntry:
     for name, value in _object(raw.get("tags", {}), f"{where}: tags").items():
         if not isinstance(value, str):
             raise BadBundle(f"{where}: tag {name!r} is not base64 text")
-        tags[name] = base64.b64decode(value, validate=True)
+        try:
+            tags[name] = base64.b64decode(value, validate=True)
+        except ValueError:  # binascii.Error
+            raise BadBundle(f"{where}: tag {name!r} is not base64 text") from None
     try:
         check_tags(tags)
     except CafsError as exc:
@@ -726,13 +731,13 @@ def _size(value: object, what: str, max_size: int) -> int:
 
 def _object(value: object, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise BadBundle(f"bundle header is malformed: {what} is not an object")
+        raise BadBundle(f"bundle is malformed: {what} is not an object")
     return value
 
 
 def _list(value: object, what: str) -> list[Any]:
     if not isinstance(value, list):
-        raise BadBundle(f"bundle header is malformed: {what} is not a list")
+        raise BadBundle(f"bundle is malformed: {what} is not a list")
     return value
 
 

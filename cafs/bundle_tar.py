@@ -137,7 +137,7 @@ class TarReader:
             if pax is not None:
                 name = pax.get("path", name)
                 if "size" in pax:
-                    size = _number(pax["size"].encode(), "size")
+                    size = _decimal(pax["size"], "size")
             self._left, self._padding = size, -size % BLOCK
             return Member(name, size)
 
@@ -219,6 +219,13 @@ def _number(field: bytes, what: str) -> int:
     if len(digits) > 24 or not all(48 <= byte <= 55 for byte in digits):
         raise BadBundle(f"bundle is damaged: a tar header's {what} is not an octal number")
     return int(digits, 8)
+
+
+def _decimal(text: str, what: str) -> int:
+    """A number in a pax record: decimal, unlike the header's octal fields."""
+    if not text or len(text) > 24 or not all("0" <= char <= "9" for char in text):
+        raise BadBundle(f"bundle is damaged: a pax record's {what} is not a decimal number")
+    return int(text)
 
 
 def _parse_pax(data: bytes) -> dict[str, str]:

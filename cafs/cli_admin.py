@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -528,6 +529,14 @@ def export(store: Path | None, config: Path | None, output: str, as_json: bool,
         if out.isatty():
             raise click.UsageError("refusing to write a bundle to a terminal; use -o FILE")
         result = run_admin(root, "export", {"path": rel}, Exported, [out])
+    elif _exists_but_not_regular(output):
+        # A device, a FIFO, a /dev/fd/N pipe: written to as it is (renaming a temp over it
+        # would replace a device node with a regular file); its errors are the command's.
+        try:
+            with open(output, "wb") as out:
+                result = run_admin(root, "export", {"path": rel}, Exported, [out])
+        except OSError as exc:
+            fail(f"cannot write {output}: {exc.strerror}", EXIT_FAILED)
     else:
         # Written under a temporary name, renamed when complete: never a partial bundle.
         partial = Path(f"{output}.partial-{os.getpid()}")
@@ -544,6 +553,13 @@ def export(store: Path | None, config: Path | None, output: str, as_json: bool,
         return
     click.echo(f"exported {path}: {result.artifacts} artifacts, {result.blobs} blobs, "
                f"{human_size(result.content_bytes)}", err=output == "-")
+
+
+def _exists_but_not_regular(path: str) -> bool:
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 @click.command(name="import")

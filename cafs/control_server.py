@@ -191,9 +191,8 @@ async def _serve_connection(conn: trio.socket.SocketType, handler: Handler,
             with contextlib.suppress(OSError):
                 await _send(conn, {"error": f"bad request: {exc}", "errno": errno.EINVAL})
         finally:
-            for file in files:
-                with contextlib.suppress(OSError):
-                    file.close()
+            with trio.CancelScope(shield=True):
+                await _close_files(files)
 
 
 async def _run_request(conn: trio.socket.SocketType, handler: Handler,
@@ -214,7 +213,11 @@ async def _run_request(conn: trio.socket.SocketType, handler: Handler,
                 await _send(conn, {"progress": list(sent)})
 
     read_only = command in READ_ONLY_COMMANDS
-    async with contextlib.nullcontext() if read_only else one_at_a_time:
+    if not read_only and not await _take_turn(conn, one_at_a_time):
+        log.info("admin command %s dropped: its client went away while it waited for its turn",
+                 command)
+        return  # the caller closes its files
+    try:
         if not read_only:
             log.info("admin command %s %s", command, json.dumps(request.get("args", {})))
         async with trio.open_nursery() as nursery:
@@ -237,11 +240,55 @@ async def _run_request(conn: trio.socket.SocketType, handler: Handler,
                 reply = {"error": f"{command} failed unexpectedly ({exc}); see the daemon log",
                          "errno": errno.EIO}
             nursery.cancel_scope.cancel()
-        for file in files:  # flush an export before the client is told it is done
-            file.close()
+        failed = await _close_files(files)  # an export is flushed before the client hears
+        if failed is not None and "result" in reply:
+            log.warning("admin command %s failed: closing its file: %s", command, failed)
+            reply = {"error": f"{command} failed: {failed}", "errno": failed.errno or errno.EIO}
         if latest and latest != sent:  # the last step too: a terminal then shows 100%
             await _send(conn, {"progress": list(latest)})
         await _send(conn, reply)
+    finally:
+        if not read_only:
+            one_at_a_time.release()
+
+
+async def _take_turn(conn: trio.socket.SocketType, one_at_a_time: trio.Lock) -> bool:
+    """Take the admin lock, or give up (False, without it) once the client has hung up: it
+    sends nothing after its request, so a read that ends means it is gone. A queued command
+    must not outlive its client: `cafs export -o - | cafs import -` on one store queues the
+    import behind the export that fills its pipe, and after the user's ^C the daemon's copy
+    of the import's input would keep the export blocked, and every admin command behind it,
+    until unmount. Dropped, its descriptors close and the export fails with a broken pipe."""
+    turn = False
+    async with trio.open_nursery() as nursery:
+        async def give_up_on_hang_up() -> None:
+            with contextlib.suppress(OSError):
+                while await conn.recv(4096):
+                    pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(give_up_on_hang_up)
+        await one_at_a_time.acquire()
+        turn = True
+        nursery.cancel_scope.cancel()
+    return turn
+
+
+async def _close_files(files: list[IO[bytes]]) -> OSError | None:
+    """Close the caller's files in a worker thread, never on the event loop: one may be a file
+    of this very mount (a bundle kept in a layer, an export written into one), and its close
+    sends this daemon a FLUSH that only the event loop answers. The kernel waits for that
+    answer even through SIGKILL: closed on the loop, the daemon and its mount hung for good.
+    Returns the first close that failed (an export's last bytes not written)."""
+    def close_all() -> OSError | None:
+        failed = None
+        for file in files:
+            try:
+                file.close()
+            except OSError as exc:
+                failed = failed or exc
+        return failed
+    return await trio.to_thread.run_sync(close_all)
 
 
 def _writable(fd: int) -> bool:

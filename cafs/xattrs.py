@@ -15,6 +15,7 @@ import time
 from cafs.blobstore import SpaceGuard
 from cafs.errors import (
     AccessDenied,
+    BadName,
     NoAttribute,
     NotPermitted,
     NotSupported,
@@ -37,16 +38,19 @@ def _has_tags(node: Node) -> bool:
     return node.kind in (Kind.EXECUTION, Kind.LAYER, Kind.DIR, Kind.FILE)
 
 
-def _xattr_name(raw: bytes) -> str:
+def _xattr_name(raw: bytes, setting: bool = False) -> str:
     """The name of a user.* attribute. cafs keeps no other: EOPNOTSUPP (not ENODATA, EPERM
     or EROFS) for those, from get, set and remove alike, lets tools such as ls remember that
     for the whole mount instead of asking for security.selinux and system.posix_acl_access on
-    every file (two round trips per entry of `ls -l`)."""
+    every file (two round trips per entry of `ls -l`). A name that is not UTF-8 is never kept:
+    setting one is EILSEQ (as a file name is), getting or removing one ENODATA."""
     if not raw.startswith(USER_PREFIX.encode()):
         raise NotSupported("only user.* attributes are kept")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
+        if setting:
+            raise BadName("attribute names must be UTF-8") from None
         raise NoAttribute("attribute names must be UTF-8") from None
 
 
@@ -86,7 +90,7 @@ class Xattrs:
         return [name.encode() for name in names]
 
     def setxattr(self, ino: int, raw_name: bytes, value: bytes) -> None:
-        name = _xattr_name(raw_name)
+        name = _xattr_name(raw_name, setting=True)
         node = self._changeable(ino, name)
         names_bytes, values_bytes = self.manifest.tag_usage(ino, excluding=name)
         if not tag_space_left(names_bytes + len(raw_name) + 1, values_bytes + len(value)):

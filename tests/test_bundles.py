@@ -514,6 +514,13 @@ HOSTILE_2: dict[str, tuple[Callable[[], bytes], str]] = {
                                      "not an object"),
     "a header over its bound": (lambda: format2(set_in("execution", pad="x" * (5 << 20))),
                                 "a version 2 header holds at most"),
+    # said plainly: what is wrong and where, not a Python exception's name
+    "a line without a mode": (lambda: format2(lambda h, r, b: r[1].pop("mode")),
+                              "line 2 of cafs-entries.jsonl is malformed: missing 'mode'"),
+    "tags that are not an object": (lambda: format2(set_in("a.txt", tags=["user.k"])),
+                                    "bundle is malformed: train/a.txt: tags is not an object"),
+    "a tag that is not base64": (lambda: format2(set_in("a.txt", tags={"user.k": "!!"})),
+                                 "train/a.txt: tag 'user.k' is not base64 text"),
     # counts that lie
     "more entries than declared": (lambda: format2(set_in("header", entries=2)),
                                    "declares 2 entries"),
@@ -691,6 +698,87 @@ def test_sizes_are_held_to_the_stores_maximum(unstarted_mount: Mount, tmp_path: 
     refused(unstarted_mount.store, data, "maximum artifact size", "--config", str(config))
     assert run_import(unstarted_mount.store, data).returncode == 0  # the default: 256 GiB
     assert not unstarted_mount.log_problems()
+
+
+def test_a_pax_size_is_read_as_the_decimal_it_is(mount: Mount) -> None:
+    """Export writes a blob of 8 GiB or more with its size in a pax record (ustar's octal field
+    cannot hold it), and pax numbers are decimal: 10737418240 (10 GiB, digits 8 and 9) was
+    refused as "not an octal number", so no run holding such an artifact could be imported
+    again. Small sizes in pax records stand in for the big ones: 19 (a 9) and 10 (octal 8)."""
+    nine, ten = b"nineteen bytes long", b"ten bytes!"
+    members = format2_members(*format2_records(good_header({"a.bin": nine, "b.bin": ten})))
+    for data in (nine, ten):
+        members.append(member(f"blobs/{sha(data)}", data, pax_headers={"size": str(len(data))}))
+    result = run_import(mount.store, tar_bytes(members), "--as", "pax")
+    assert result.returncode == 0, result.stderr
+    assert (mount.runs / "pax" / "train" / "a.bin").read_bytes() == nine
+    assert (mount.runs / "pax" / "train" / "b.bin").read_bytes() == ten
+
+
+def test_an_export_piped_into_an_import_of_one_store_does_not_wedge_the_daemon(
+        mount: Mount) -> None:
+    """`cafs export runs/e1 -o - | cafs import - --as e2` on one mounted store waits for ever:
+    the daemon runs one admin command at a time, the export fills the pipe, and the import,
+    which alone would read it, waits for its turn. The user's ^C ends both clients; the
+    daemon, which held the queued import's end of the pipe, kept the export blocked on it and
+    every later admin command (gc, seal, ...) waiting behind it until unmounted. A queued
+    command whose client has gone is dropped with its descriptors: the export then fails
+    (broken pipe) and the admin commands work again."""
+    (mount.layer() / "big.bin").write_bytes(os.urandom(1 << 20))  # more than a pipe holds
+    export = subprocess.Popen([*CAFS, "export", str(mount.runs / "e1"), "-o", "-"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while "admin command export" not in mount.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert export.stdout is not None
+    importer = subprocess.Popen([*CAFS, "import", "-", "--as", "e2", "--store", str(mount.store)],
+                                stdin=export.stdout, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    export.stdout.close()
+    time.sleep(2)
+    assert export.poll() is None and importer.poll() is None  # the wait itself is inherent
+    for client in (importer, export):  # ^C
+        client.kill()
+        client.wait()
+    result = cafs("gc", "--dry-run", "--store", str(mount.store), check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not (mount.runs / "e2").exists()
+    assert (mount.layer() / "big.bin").stat().st_size == 1 << 20
+
+
+def test_a_bundle_kept_in_the_mount_exports_and_imports(mount: Mount) -> None:
+    """A bundle is a file like any other, so people keep it in the mount: `cafs export -o`
+    into a layer, `cafs import` from one. The daemon closed the descriptors passed to it on
+    its event loop, and closing a file of its own mount sends it a FLUSH it could then never
+    answer: the daemon hung for good (unkillable: the kernel waits for a FLUSH's answer even
+    after SIGKILL) and the whole mount with it."""
+    data = os.urandom(300_000)
+    (mount.layer() / "model.bin").write_bytes(data)
+    kept = mount.layer("keep", "bundles")
+    cafs("export", str(mount.runs / "e1"), "-o", str(kept / "e1.tar"), timeout=60)
+    cafs("import", str(kept / "e1.tar"), "--as", "e2", "--store", str(mount.store), timeout=60)
+    assert (mount.runs / "e2" / "train" / "model.bin").read_bytes() == data
+    result = cafs("import", str(mount.layer() / "model.bin"), "--as", "e3", "--store",
+                  str(mount.store), check=False, timeout=60)  # refused; its descriptor closed
+    assert result.returncode == 1 and "not a cafs bundle" in result.stderr, result.stderr
+    assert sorted(os.listdir(mount.runs)) == ["e1", "e2", "keep"]
+
+
+def test_export_to_a_device_writes_to_it_and_leaves_it_a_device(mount: Mount,
+                                                                 tmp_path: Path) -> None:
+    """`-o FILE` is written as FILE.partial-PID and renamed over FILE when complete, which is
+    right for a regular file only: `cafs export ... -o /dev/full` (a char device, here a node
+    of our own) ran as root replaced the device with a regular file and exited 0. A FILE
+    that exists and is not a regular file is written directly, and its errors are the
+    command's (ENOSPC: exit 1)."""
+    (mount.layer() / "model.bin").write_bytes(os.urandom(100_000))
+    full = tmp_path / "full"
+    os.mknod(full, stat.S_IFCHR | 0o666, os.makedev(1, 7))  # what /dev/full is
+    result = cafs("export", str(mount.runs / "e1"), "-o", str(full), check=False, timeout=60)
+    assert stat.S_ISCHR(full.lstat().st_mode)
+    assert result.returncode == 1 and "No space left on device" in result.stderr, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["full", "mnt", "store"]
+    mount.log_problems(accept=True)  # the daemon logged the export's failure as a warning
 
 
 def test_imported_history_cannot_turn_gc_against_the_current_version(mount: Mount) -> None:

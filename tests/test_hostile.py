@@ -122,6 +122,18 @@ def test_xattrs_at_and_over_the_limits(mount: Mount) -> None:
     assert "user.cafs.size" in sh(f"getfattr -d -m - {path}").stdout.decode()
 
 
+def test_an_xattr_name_that_is_not_utf8(mount: Mount) -> None:
+    """Tag names are text, as file names are: setting one that is not UTF-8 is EILSEQ, as
+    creating such a file is (it was ENODATA, "No data available", an errno setxattr never
+    gives); reading or removing it is ENODATA: no such attribute exists."""
+    path = mount.layer() / "tagged"
+    path.write_bytes(b"data")
+    expect_errno(errno.EILSEQ, os.setxattr, path, b"user.\xff", b"v")
+    expect_errno(errno.ENODATA, os.getxattr, path, b"user.\xff")
+    expect_errno(errno.ENODATA, os.removexattr, path, b"user.\xff")
+    assert not [name for name in os.listxattr(path) if not name.startswith("user.cafs.")]
+
+
 def test_special_files_and_links_are_refused(mount: Mount) -> None:
     layer = mount.layer()
     (layer / "real").write_bytes(b"x")
