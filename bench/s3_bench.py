@@ -45,14 +45,22 @@ CAFS = [sys.executable, "-m", "cafs"]
 
 
 @contextlib.contextmanager
-def mounted(store: Path, mountpoint: Path, *flags: str) -> Iterator[Path]:
+def mounted(store: Path, mountpoint: Path, *flags: str,
+            cafs: list[str] | None = None) -> Iterator[Path]:
+    """`cafs`: the command to mount with (default: this checkout's)."""
+    command = cafs or CAFS
     mountpoint.mkdir(parents=True, exist_ok=True)
-    subprocess.run([*CAFS, "mount", "--store", str(store), *flags, str(mountpoint)],
+    subprocess.run([*command, "mount", "--store", str(store), *flags, str(mountpoint)],
                    check=True)
     try:
         yield mountpoint
     finally:
-        subprocess.run([*CAFS, "umount", str(mountpoint)], check=True)
+        subprocess.run([*command, "umount", str(mountpoint)], check=True)
+
+
+def checkout_cafs(checkout: Path) -> list[str]:
+    """The cafs of another checkout (its own .venv, its own code)."""
+    return [str(checkout / ".venv" / "bin" / "python"), "-m", "cafs"]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -330,6 +338,10 @@ def main() -> None:
                         help="the create figures' numbers of writers")
     parser.add_argument("--no-ceiling", action="store_true",
                         help="skip the servers-alone ceiling of each create figure")
+    parser.add_argument("--against", type=Path, action="append", default=[],
+                        help="creates only: also mount the remote store with the cafs of this "
+                             "checkout (its .venv), interleaved with this one's (before/after; "
+                             "repeatable)")
     args = parser.parse_args()
     only = set(args.only or FIGURES)
     work = Path(tempfile.mkdtemp(prefix="cafs-s3-bench-", dir="/var/tmp"))
@@ -363,9 +375,25 @@ def main() -> None:
             print(f"  one 4 KiB PUT, median: boto3 {boto_ms:.2f} ms, lean client "
                   f"{lean_ms:.2f} ms")
         stores = {"local": work / "local", "s3": work / "s3"}
-        with mounted(work / "local", work / "mlocal") as local, \
+        against = contextlib.ExitStack()
+        others: dict[str, Path] = {}  # name: its mountpoint
+        for index, checkout in enumerate(args.against):  # each its own database and bucket
+            name = f"against{index}"
+            other_flags: tuple[str, ...] = ("--blobs", server.url(f"bench-{name}"))
+            if port is not None:
+                subprocess.run([str(pg_bench.pg_bindir() / "createdb"), "-h", "127.0.0.1",
+                                "-p", str(port), "-U", "postgres", f"cafs_{name}"], check=True)
+                other_flags += ("--manifest",
+                                f"postgresql://postgres@127.0.0.1:{port}/cafs_{name}")
+            others[name] = against.enter_context(mounted(
+                work / f"s3{name}", work / f"ms3{name}", *other_flags,
+                cafs=checkout_cafs(checkout)))
+            stores[name] = work / f"s3{name}"
+            print(f"  '{name}': the remote mount with the cafs of {checkout}")
+        with against, mounted(work / "local", work / "mlocal") as local, \
                 mounted(work / "s3", work / "ms3", *s3_flags) as s3:
             targets = {"local": local / "runs", "s3": s3 / "runs"}
+            targets.update({name: mountpoint / "runs" for name, mountpoint in others.items()})
             for target in targets.values():
                 (target / "bench").mkdir(parents=True)
                 (target / "fresh").mkdir(parents=True)
@@ -408,10 +436,18 @@ def main() -> None:
                 before = {name: cpu_seconds(pid) for name, pid in
                           (("local", daemon_pid(work / "local")), ("s3", daemon_pid(work / "s3")),
                            ("weed", server.process.pid))}
+                for name in others:
+                    before[name] = cpu_seconds(daemon_pid(stores[name]))
                 rate = write_figures.create_rate(targets, args.creates, writers, args.repeat)
                 row(f"4 KiB creates, {writers} writer(s)", rate["local"], rate["s3"],
                     "files/s", f">= {goal}/s", rate["s3"] >= goal)
                 files_each = args.creates * writers * args.repeat
+                for name, checkout in zip(others, args.against, strict=True):
+                    other_ms = (cpu_seconds(daemon_pid(stores[name])) - before.pop(name)) \
+                        / files_each * 1000
+                    print(f"    {name} ({checkout}): {rate[name]:.2f} files/s, daemon CPU "
+                          f"{other_ms:.2f} ms per create (this checkout: {rate['s3']:.2f} "
+                          "files/s)")
                 spent = {name: (cpu_seconds(pid) - before[name]) / files_each * 1000 for
                          name, pid in (("local", daemon_pid(work / "local")),
                                        ("s3", daemon_pid(work / "s3")),
