@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import hashlib
 import itertools
 import os
@@ -38,27 +39,28 @@ from cafs.digest import Digest
 from cafs.errors import Corrupt
 from cafs.lru import Lru
 
-# 32 KiB: a cold random 4 KiB read decompresses and checks a whole frame, and that was most of
-# its cost (64 KiB: zstd ~67-100 us of the daemon's ~160-180 us per read on this VM; 32 KiB:
-# ~35-40 us). Smaller frames cost sequential reads and size little so far (the bench's CSV,
-# in-process: 16 / 32 / 64 KiB decompress and check in 24 / 37 / 68 us, 6.0 / 4.6 / 4.2 us per
-# 4 KiB, and store 0.399 / 0.378 / 0.386 of its size) but 16 KiB saves a random read only
-# ~13 us more. Holes do not follow it (HOLE_FRAME_SIZE). Blobs written with other frame sizes
-# stay readable: the seek table gives each frame's size.
-DEFAULT_FRAME_SIZE = 32 << 10
+# 64 KiB: a random 4 KiB read decompresses and checks a whole frame, and that was the largest
+# part of its cost at 128 KiB (perf on the daemon: ~90-100 us of ~250 us per cold read; a
+# 64 KiB frame takes half that), while at zstd's level 3 text compresses no worse (measured on
+# CSV and JSON shards: 0.39-0.44 of the size at 128 KiB against 0.41-0.45 at 1 MiB; the
+# bench's CSV: 0.390 at 64 KiB, 0.398 at 128 KiB). 32 KiB was measured and not taken: a frame
+# decompresses and checks in 37 us instead of 68 (in-process), but on the mount the daemon's
+# CPU per cold random read moved little (medians -14 to +5 us in four interleaved runs) while a
+# cold sequential read of a 256 MiB text artifact took 10-27% longer, even with read-ahead in
+# tasks of several frames; 16 KiB did no better on random reads and stored 0.42 instead of 0.40
+# of the text. Blobs written with other frame sizes stay readable: the seek table gives each
+# frame's size.
+DEFAULT_FRAME_SIZE = 64 << 10
 # A run of zeros without data (a hole of the temp, e.g. from truncate) of a frame or more is
 # one frame of up to this many bytes, ending on a frame boundary: a zero frame is ~26 bytes and
-# a seek-table entry 12 whatever its length, so a 4 GiB hole stores 0.6 MB (at 32 KiB per
-# frame it would be 4.2 MB, over the 0.05% a hole may cost). A random read inside one costs
-# what one in a 64 KiB frame of zeros did (decompressing and checking 256 KiB of zeros: ~36 us);
-# 1 MiB would store 0.25 MB but double that read's CPU (~120 us to decompress and check).
+# a seek-table entry 12 whatever its length, so a 4 GiB hole stores 0.6 MB (2.1 MB in 64 KiB
+# frames; 4.2 MB in 32 KiB ones, over the 0.05% a hole may cost). A random read inside one
+# costs what one in a 64 KiB frame of zeros did (~120 us of the daemon's CPU per cold 4 KiB
+# read, against ~260 us with 1 MiB hole frames, which store 0.25 MB).
 HOLE_FRAME_SIZE = 256 << 10
 # A sequential reader gets the frames of the next this many bytes decompressed and checked
 # ahead, in worker threads, while the kernel still asks for the current ones.
 READ_AHEAD_BYTES = 2 << 20
-# ... in tasks of this many bytes of consecutive frames, each one pread and one future: per
-# frame the pool's future and the pread cost more than decompressing a 32 KiB frame saves.
-READ_AHEAD_TASK_BYTES = 256 << 10
 # A frame this small is decompressed on the event loop when its compressed bytes are cached:
 # ~0.1 ms, less than the hop to a worker thread.
 INLINE_FRAME_BYTES = 128 << 10
@@ -483,27 +485,22 @@ class _Prefetcher:
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self.pending: dict[tuple[str, int], Future[None]] = {}
+        self.pending: dict[tuple[str, int], Future[bytes]] = {}
 
-    def submit(self, keys: list[tuple[str, int]],
-               work: Callable[[list[int]], None]) -> Future[None] | None:
-        """work(indices) in a worker thread for those of `keys` not pending already."""
+    def submit(self, key: tuple[str, int], work: Callable[[], bytes]) -> Future[bytes] | None:
         with self._lock:
-            todo = [key for key in keys if key not in self.pending]
-            if not todo:
+            if key in self.pending:
                 return None
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(2, thread_name_prefix="cafs-unzstd")
-            future = self._pool.submit(work, [index for _, index in todo])
-            for key in todo:
-                self.pending[key] = future
-        future.add_done_callback(lambda _: self._done(todo))
+            future = self._pool.submit(work)
+            self.pending[key] = future
+        future.add_done_callback(lambda _: self._done(key))
         return future
 
-    def _done(self, keys: list[tuple[str, int]]) -> None:
+    def _done(self, key: tuple[str, int]) -> None:
         with self._lock:
-            for key in keys:
-                self.pending.pop(key, None)
+            self.pending.pop(key, None)
 
     def wait(self, key: tuple[str, int]) -> None:
         """Wait for the frame if it is being decompressed ahead (its errors are the caller's
@@ -529,7 +526,7 @@ class ZstdReader:
         self.table = SeekTable.read_from(fd, os.fstat(fd).st_size)
         self.size = self.table.plain_size
         self._next = -1  # where the last read ended: a read starting there is sequential
-        self._ahead: list[Future[None]] = []  # its frames being decompressed ahead
+        self._ahead: list[Future[bytes]] = []  # its frames being decompressed ahead
 
     def frame(self, index: int) -> bytes:
         key = (self._digest, index)
@@ -542,21 +539,12 @@ class ZstdReader:
                 data = self._load(index, key, os.pread)
         return data
 
-    def _decompress(self, indices: list[int]) -> None:
-        """Frames `indices` (in order, near each other), checked, into the cache unless they
-        are there: one pread for all (read-ahead runs this; it never waits for other
-        read-ahead). A damaged frame is left out: the read that needs it meets the damage."""
-        indices = [index for index in indices if (self._digest, index) not in self._cache]
-        if not indices:
-            return
-        offsets = self.table.compressed_offsets
-        base = offsets[indices[0]]
-        with self._fd as fd:
-            compressed = memoryview(os.pread(fd, offsets[indices[-1] + 1] - base, base))
-        for index in indices:
-            with contextlib.suppress(Corrupt):
-                self._check(index, (self._digest, index),
-                            compressed[offsets[index] - base : offsets[index + 1] - base])
+    def _decompress(self, index: int) -> bytes:
+        """Frame `index`, checked, into the cache unless it is there (read-ahead runs this;
+        it never waits for other read-ahead)."""
+        key = (self._digest, index)
+        data = self._cache.get(key)
+        return self._load(index, key, os.pread) if data is None else data
 
     def _load(self, index: int, key: tuple[str, int],
               pread: Callable[[int, int, int], bytes]) -> bytes:
@@ -567,11 +555,6 @@ class ZstdReader:
         start = table.compressed_offsets[index]
         with self._fd as fd:
             compressed = pread(fd, table.compressed_offsets[index + 1] - start, start)
-        return self._check(index, key, compressed)
-
-    def _check(self, index: int, key: tuple[str, int], compressed: bytes | memoryview) -> bytes:
-        """Frame `index` decompressed from its compressed bytes, checked, into the cache."""
-        table = self.table
         expected_size = table.plain_offsets[index + 1] - table.plain_offsets[index]
         try:
             # Frames compressed while written carry no content size in their header.
@@ -617,8 +600,8 @@ class ZstdReader:
         the hop to a worker thread (a random 4 KiB read of a cold blob is one such frame)."""
         key = (self._digest, index)
         data = self._cache.get(key)
-        if data is not None or self._reads_ahead is False or key in _prefetch.pending:
-            return data  # (one being decompressed ahead is waited for in a thread, not redone)
+        if data is not None or self._reads_ahead is False:
+            return data
         table = self.table
         if table.plain_offsets[index + 1] - table.plain_offsets[index] > INLINE_FRAME_BYTES:
             return None
@@ -654,21 +637,12 @@ class ZstdReader:
             return
         last = table.frame_at(min(self.size - 1, offset + READ_AHEAD_BYTES))
         self._ahead = [future for future in self._ahead if not future.done()]
-        task: list[tuple[str, int]] = []
-        task_start = 0
-        for index in range(table.frame_at(offset), last + 2):
+        for index in range(table.frame_at(offset), last + 1):
             key = (self._digest, index)
-            if index <= last and key not in self._cache and key not in _prefetch.pending:
-                if not task:
-                    task_start = table.plain_offsets[index]
-                task.append(key)
-                if table.plain_offsets[index + 1] - task_start < READ_AHEAD_TASK_BYTES:
-                    continue
-            if task:  # a run of frames ended: a task for it
-                future = _prefetch.submit(task, self._decompress)
+            if key not in self._cache:
+                future = _prefetch.submit(key, functools.partial(self._decompress, index))
                 if future is not None:
                     self._ahead.append(future)
-                task = []
 
     def idle(self) -> None:
         """Read-ahead not started yet is cancelled."""
