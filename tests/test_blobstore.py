@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import random
 from pathlib import Path
@@ -22,9 +23,16 @@ from cafs.blobstore import (
     checked_raw_size,
 )
 from cafs.blobstore.fileio import direct_reads
-from cafs.blobstore.zstd_seekable import StreamCheck
+from cafs.blobstore.zstd_seekable import (
+    DEFAULT_FRAME_SIZE,
+    HOLE_FRAME_SIZE,
+    StreamCheck,
+    ZstdReader,
+)
 from cafs.digest import Digest, digest_of_chunks
 from cafs.errors import Corrupt
+
+MIB = 1 << 20
 
 
 @pytest.fixture
@@ -159,6 +167,109 @@ def test_a_flipped_byte_in_a_blob_is_an_error_not_wrong_bytes(blobs: BlobStore,
     reader.close()
     with pytest.raises(Corrupt):
         blobs.compute_digest(digest, encoding)
+
+
+@pytest.mark.parametrize("frame_size", [32 * 1024, 128 * 1024])
+def test_blobs_written_in_other_frame_sizes_stay_readable_and_checked(tmp_path: Path,
+                                                                      frame_size: int) -> None:
+    data = text(1_000_003)
+    other = BlobStore(tmp_path, frame_size=frame_size, frame_cache_bytes=0)
+    other.create_layout()
+    digest, encoding = put(other, data)
+    store = BlobStore(tmp_path, frame_cache_bytes=1 << 20)  # today's frames: DEFAULT_FRAME_SIZE
+    reader = store.open(digest, encoding)
+    assert isinstance(reader, ZstdReader)
+    assert reader.table.plain_offsets[1] == frame_size
+    rng = random.Random(2)
+    for _ in range(200):
+        offset = rng.randrange(len(data))
+        length = rng.choice([1, 4096, 32768, 65537, 200_000])
+        assert reader.read(offset, length) == data[offset:offset + length]
+    reader.close()
+    new_digest, _ = put(store, data[:-1])
+    new_reader = store.open(new_digest, encoding)
+    assert isinstance(new_reader, ZstdReader)
+    assert new_reader.table.plain_offsets[1] == DEFAULT_FRAME_SIZE
+    new_reader.close()
+    path = store.path_of(digest)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    store.frame_cache = type(store.frame_cache)(1 << 20)
+    reader = store.open(digest, encoding)
+    with pytest.raises(Corrupt):
+        reader.read(0, len(data))
+    reader.close()
+
+
+def test_a_hole_is_few_large_frames_and_reads_back_checked(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path, frame_cache_bytes=0)
+    blobs.create_layout()
+    temp = blobs.new_temp()
+    head, island = text(100_000), text(200_000)
+    expected = bytearray(9 * MIB + 123)
+    temp.write(0, head)
+    temp.truncate(len(expected))
+    temp.write(5 * MIB - 7, island)  # data between holes, off the frame grid
+    expected[:len(head)] = head
+    expected[5 * MIB - 7:5 * MIB - 7 + len(island)] = island
+    digest = temp.digest()
+    stored = blobs.publish(temp, digest)
+    temp.discard()
+    assert stored.encoding == ZSTD
+    reader = blobs.open(digest, ZSTD)
+    assert isinstance(reader, ZstdReader)
+    table = reader.table
+    sizes = [b - a for a, b in itertools.pairwise(table.plain_offsets)]
+    # Data frames on the grid of DEFAULT_FRAME_SIZE; each hole in frames of up to
+    # HOLE_FRAME_SIZE that end on that grid, or at the end.
+    assert max(sizes) == HOLE_FRAME_SIZE
+    assert all(start % DEFAULT_FRAME_SIZE == 0 for start in table.plain_offsets[:-1])
+    assert len(sizes) < 60, sizes  # 9 MiB in 64 KiB frames would be 145
+    assert reader.read(0, len(expected)) == bytes(expected)
+    rng = random.Random(3)
+    for _ in range(100):
+        offset = rng.randrange(len(expected))
+        assert reader.read(offset, 4096) == bytes(expected[offset:offset + 4096])
+    reader.close()
+    # A damaged hole frame is an error too, not zeros.
+    hole = sizes.index(HOLE_FRAME_SIZE)
+    path = blobs.path_of(digest)
+    raw = bytearray(path.read_bytes())
+    raw[table.compressed_offsets[hole + 1] - 5] ^= 0x01
+    path.write_bytes(bytes(raw))
+    reader = blobs.open(digest, ZSTD)
+    with pytest.raises(Corrupt):
+        reader.read(table.plain_offsets[hole] + 12_345, 4096)
+    reader.close()
+
+
+def test_read_ahead_serves_checked_frames_and_leaves_a_damaged_one_to_its_read(
+        tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path, frame_cache_bytes=16 * MIB)
+    blobs.create_layout()
+    data = text(3 * MIB)
+    digest, encoding = put(blobs, data)
+    blobs.frame_cache = type(blobs.frame_cache)(16 * MIB)  # nothing cached from the write
+    reader = blobs.open(digest, encoding)
+    assert isinstance(reader, ZstdReader)
+    table = reader.table
+    damaged = 41  # inside a read-ahead task of several frames
+    with open(blobs.path_of(digest), "r+b") as f:  # in place: the reader's descriptor sees it
+        at = (table.compressed_offsets[damaged] + table.compressed_offsets[damaged + 1]) // 2
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x40]))
+    bad_start, bad_end = table.plain_offsets[damaged], table.plain_offsets[damaged + 1]
+    step = 100_000
+    for offset in range(0, len(data), step):  # in order: read-ahead runs
+        if offset < bad_end and offset + step > bad_start:
+            with pytest.raises(Corrupt):
+                reader.read(offset, step)
+        else:
+            assert reader.read(offset, step) == data[offset:offset + step]
+    reader.close()
 
 
 def test_missing_blob_is_an_io_error(blobs: BlobStore) -> None:

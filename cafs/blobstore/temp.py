@@ -220,9 +220,10 @@ class TempBlob:
                 return offset
             raise
 
-    def is_hole(self, start: int, length: int) -> bool:
-        """True if [start, start+length) is surely zeros without data (a hole)."""
-        return self._next_data(start, start + length) >= start + length
+    def hole_length(self, start: int, limit: int) -> int:
+        """How many bytes from `start` (at most `limit`) are surely zeros without data (a
+        hole): 0 where data starts at `start`."""
+        return self._next_data(start, start + limit) - start
 
     def fed_whole(self) -> bool:
         """Waits until the bytes fed so far are consumed; True if they are the whole content

@@ -41,12 +41,23 @@ from cafs.lru import Lru
 
 # 64 KiB: a random 4 KiB read decompresses and checks a whole frame, and that was the largest
 # part of its cost at 128 KiB (perf on the daemon: ~90-100 us of ~250 us per cold read; a
-# 64 KiB frame takes half that, a 32 KiB one ~40 us), while at zstd's level 3 text compresses
-# no worse (measured on CSV and JSON shards: 0.39-0.44 of the size at 128 KiB against
-# 0.41-0.45 at 1 MiB; the bench's CSV: 0.390 at 64 KiB, 0.398 at 128 KiB). A hole costs a
-# 20-byte frame and a 12-byte seek-table entry per frame: 2.1 MB per 4 GiB. Blobs written
-# with other frame sizes stay readable: the seek table gives each frame's size.
+# 64 KiB frame takes half that), while at zstd's level 3 text compresses no worse (measured on
+# CSV and JSON shards: 0.39-0.44 of the size at 128 KiB against 0.41-0.45 at 1 MiB; the
+# bench's CSV: 0.390 at 64 KiB, 0.398 at 128 KiB). 32 KiB was measured and not taken: a frame
+# decompresses and checks in 37 us instead of 68 (in-process), but on the mount the daemon's
+# CPU per cold random read moved little (medians -14 to +5 us in four interleaved runs) while a
+# cold sequential read of a 256 MiB text artifact took 10-27% longer, even with read-ahead in
+# tasks of several frames; 16 KiB did no better on random reads and stored 0.42 instead of 0.40
+# of the text. Blobs written with other frame sizes stay readable: the seek table gives each
+# frame's size.
 DEFAULT_FRAME_SIZE = 64 << 10
+# A run of zeros without data (a hole of the temp, e.g. from truncate) of a frame or more is
+# one frame of up to this many bytes, ending on a frame boundary: a zero frame is ~26 bytes and
+# a seek-table entry 12 whatever its length, so a 4 GiB hole stores 0.6 MB (2.1 MB in 64 KiB
+# frames; 4.2 MB in 32 KiB ones, over the 0.05% a hole may cost). A random read inside one
+# costs what one in a 64 KiB frame of zeros did (~120 us of the daemon's CPU per cold 4 KiB
+# read, against ~260 us with 1 MiB hole frames, which store 0.25 MB).
+HOLE_FRAME_SIZE = 256 << 10
 # A sequential reader gets the frames of the next this many bytes decompressed and checked
 # ahead, in worker threads, while the kernel still asks for the current ones.
 READ_AHEAD_BYTES = 2 << 20
@@ -70,9 +81,9 @@ _CHECKSUM_FLAG = 0x80
 MAX_STREAMS = 32
 MAX_HELD_BYTES = 128 << 20
 MAX_HELD_PER_STREAM = 16 << 20
-# Zero frames kept compressed, one per distinct length (full frames share one; only a hole
-# at a blob's end gives another length).
-_ZERO_FRAMES_KEPT = 16
+# Zero frames kept compressed, one per distinct length (full hole frames share one; a shorter
+# hole, or one at a blob's end, gives another length).
+_ZERO_FRAMES_KEPT = 64
 
 # Decompressed frames by (digest, frame index), bounded by bytes; shared by every reader.
 FrameCache = Lru[tuple[str, int], bytes]
@@ -235,10 +246,12 @@ class SeekableWriter:
             if frames is not None:  # compressed while written: nothing left to compress
                 return self._write_blob(temp, iter(frames), new_temp)
         # Judge by the first frame: incompressible data stops here and pays nothing more.
-        first = self._zero_frame(temp, 0) or self._compress_frame(temp, 0)
+        spans = self._spans(temp)
+        start, length, hole = next(spans)
+        first = self._zero_frame(length) if hole else self._compress_frame(temp, start, length)
         if len(first[0]) > first[1] * WORTHWHILE_RATIO:
             return None
-        with contextlib.closing(self._compressed_frames(temp)) as rest:
+        with contextlib.closing(self._compressed_frames(temp, spans)) as rest:
             return self._write_blob(temp, itertools.chain([first], rest), new_temp)
 
     def _write_blob(self, temp: TempBlob, frames: Iterator[Frame],
@@ -266,16 +279,28 @@ class SeekableWriter:
             raise
         return out
 
-    def _compress_frame(self, temp: TempBlob, start: int) -> Frame:
-        plain = temp.read(start, self.frame_size)
+    def _spans(self, temp: TempBlob) -> Iterator[tuple[int, int, bool]]:
+        """(start, length, hole) of each frame of the temp, in order: `frame_size` bytes, or
+        where a hole of at least that starts, the hole as one frame of up to HOLE_FRAME_SIZE
+        that ends on the frame grid (or at the end), so the data after it is framed as usual."""
+        step, size = self.frame_size, temp.size
+        longest = max(HOLE_FRAME_SIZE, step)
+        start = 0
+        while start < size:
+            length = min(step, size - start)
+            hole = temp.hole_length(start, min(longest, size - start))
+            if hole >= length:
+                length = hole if start + hole == size else hole - hole % step
+            yield start, length, hole >= length
+            start += length
+
+    def _compress_frame(self, temp: TempBlob, start: int, length: int) -> Frame:
+        plain = temp.read(start, length)
         return _compressor(self.level).compress(plain), len(plain), _frame_checksum(plain)
 
-    def _zero_frame(self, temp: TempBlob, start: int) -> Frame | None:
-        """The frame at `start` if it lies in a hole: zeros compress to the same frame every
-        time, so it is compressed once (per size) and reused."""
-        length = min(self.frame_size, temp.size - start)
-        if not temp.is_hole(start, length):
-            return None
+    def _zero_frame(self, length: int) -> Frame:
+        """A frame of `length` zeros (a hole): zeros compress to the same frame every time, so
+        it is compressed once (per length) and reused."""
         frame = self._zero_frames.get(length)
         if frame is None:
             plain = bytes(length)
@@ -283,24 +308,24 @@ class SeekableWriter:
             self._zero_frames.put(length, frame)
         return frame
 
-    def _compressed_frames(self, temp: TempBlob) -> Generator[Frame]:
-        """Every frame of the temp after the first, compressed, in order.
+    def _compressed_frames(self, temp: TempBlob,
+                           spans: Iterator[tuple[int, int, bool]]) -> Generator[Frame]:
+        """The frames of `spans` (the rest of the temp), compressed, in order.
 
         In parallel on all cores (frames are independent and zstd releases the GIL), with a
         bounded number in flight so memory stays a few frames whatever the blob's size."""
-        starts = range(self.frame_size, temp.size, self.frame_size)  # the first is done already
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="cafs-zstd")
         in_flight: deque[Future[Frame]] = deque()
         try:
-            for start in starts:
-                zeros = self._zero_frame(temp, start)
-                if zeros is not None:
+            for start, length, hole in spans:
+                if hole:
                     done: Future[Frame] = Future()
-                    done.set_result(zeros)
+                    done.set_result(self._zero_frame(length))
                     in_flight.append(done)
                 else:
-                    in_flight.append(self._pool.submit(self._compress_frame, temp, start))
+                    in_flight.append(
+                        self._pool.submit(self._compress_frame, temp, start, length))
                 if len(in_flight) >= 2 * self._threads:
                     yield in_flight.popleft().result()
             while in_flight:
