@@ -110,6 +110,10 @@ class NewVersion:
     # The writer's last close: where hosts share the manifest, this mount stops being the
     # file's writer in the same transaction (see Writers.close_writer).
     ends_writer: bool = False
+    # What pin() answered for this content: on a server, the publish fails (EIO) if that pin
+    # went with a dropped connection, since gc on another host may have taken the blob since.
+    # None: the caller pinned nothing (a single-host tool, a test).
+    pin: int | None = None
 
 
 @dataclass(frozen=True)
@@ -418,14 +422,15 @@ class Sharing(Protocol):
         """Whether this mount may drop the unfinished file: only one it created itself."""
         ...
 
-    def pin(self, digest: str) -> None:
+    def pin(self, digest: str) -> int:
         """Before a publish looks for, stores and references this content: no gc on any
-        host deletes its blob until unpin()."""
+        host deletes its blob until unpin(). Answers the pin's token (for unpin and
+        NewVersion.pin)."""
         ...
 
-    def unpin(self, digest: str) -> None:
+    def unpin(self, digest: str, pin: int) -> None:
         """The pin goes; on PostgreSQL with this manifest's next statement (in its round
-        trip), or at send_pending."""
+        trip), or at send_pending; nothing to send if it went with its connection."""
         ...
 
     def has_pending(self) -> bool:

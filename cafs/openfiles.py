@@ -318,20 +318,20 @@ class Publisher:
             self.pinned[digest] += 1
             began = time.time_ns()
             self._began[began] += 1
-            shared_pin = False
+            pin: int | None = None
             try:
                 # Pinned for every host's gc too (a no-op on SQLite), before the store is
                 # asked whether it has this content.
                 with self.fails(inode, None):
                     # (What the manifest knows of the content is asked in the same call: one
                     # trip to a worker thread, see _ask.)
-                    known = await self._ask(self._pin_and_look, digest)
-                shared_pin = True
-                await self._publish_pinned(inode, temp, digest, known, writer, handle)
+                    taken, known = await self._ask(self._pin_and_look, digest)
+                pin = taken
+                await self._publish_pinned(inode, temp, digest, known, writer, handle, taken)
             finally:
-                if shared_pin:
+                if pin is not None:
                     try:
-                        self.manifest.unpin(digest)
+                        self.manifest.unpin(digest, pin)
                     except CafsError as exc:  # the lock went with a broken connection
                         log.debug("unpin %s: %s", digest, exc)
                 self.pinned[digest] -= 1
@@ -341,13 +341,14 @@ class Publisher:
                 if not self._began[began]:
                     del self._began[began]
 
-    def _pin_and_look(self, digest: Digest) -> BlobRef | None:
-        """Pin the digest (see publish), then what the manifest knows of that content."""
-        self.manifest.pin(digest)
+    def _pin_and_look(self, digest: Digest) -> tuple[int, BlobRef | None]:
+        """Pin the digest (see publish), then what the manifest knows of that content; with
+        the pin's token."""
+        pin = self.manifest.pin(digest)
         try:
-            return self.manifest.blob(digest)
+            return pin, self.manifest.blob(digest)
         except BaseException:  # (a pin that failed was not taken)
-            self.manifest.unpin(digest)
+            self.manifest.unpin(digest, pin)
             raise
 
     async def _ask(self, call: Callable[..., T], *args: object) -> T:
@@ -364,8 +365,8 @@ class Publisher:
         return min(self._began, default=time.time_ns())
 
     async def _publish_pinned(self, inode: OpenInode, temp: TempBlob, digest: Digest,
-                              known: BlobRef | None, writer: Caller, handle: Handle | None
-                              ) -> None:
+                              known: BlobRef | None, writer: Caller, handle: Handle | None,
+                              pin: int) -> None:
         """Store the blob (unless the store has it) and record the version. The digest is
         pinned throughout, so gc leaves its blob file alone."""
         with self.fails(inode, None):
@@ -390,7 +391,7 @@ class Publisher:
                     mtime_ns=inode.mtime_ns or now, ctime_ns=now,
                     content_type=mimetypes.guess_type(node.name)[0], now_ns=now,
                     collapses=handle.published_version if handle else None,
-                    ends_writer=self._last_writer(inode, handle),
+                    ends_writer=self._last_writer(inode, handle), pin=pin,
                 ))
             except NotFound:
                 self.check_session(inode)

@@ -12,6 +12,7 @@ host acts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -243,3 +244,45 @@ def test_gc_on_b_never_deletes_content_a_publish_in_flight_on_a_references(
     assert sha((b.runs / "e1" / "train" / "third").read_bytes()) == digest
     assert shared.count(blob_rows) == 1
     assert orphans(a) == []
+
+
+def test_a_publish_whose_pin_went_with_a_dropped_connection_fails_and_gc_loses_nothing(
+        quick_hosts: list[Host], shared: Shared) -> None:
+    """A found the content stored (a dedup hit) and pinned it; then its connection to
+    PostgreSQL dropped, and the pin with it. B's gc may now collect that blob, object and
+    row: A's publish must not then record a version naming it. A's close fails (EIO),
+    nothing is visible, nothing is lost, fsck is clean, and A writes again normally."""
+    a, b = quick_hosts
+    data = os.urandom(120_000)
+    digest = sha(data)
+    (a.layer() / "first").write_bytes(data)
+    (a.layer() / "first").unlink()
+    time.sleep(2.5)  # past gc_grace: the unreferenced blob is collectable
+    a.stop()
+    a.start(env={"CAFS_PAUSE_AT": "after-dedup-check:6"})
+    outcome: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            (a.layer() / "second").write_bytes(data)
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    wait_for("A to hold", lambda: "pause point after-dedup-check" in a.log())
+    cut = shared.sql("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
+                     "locktype = 'advisory' AND mode = 'ShareLock'")
+    assert cut == [["t"]], cut  # A's pin, on the connection it was taken on
+    assert gc(b)["blobs_removed"] == 1  # nothing pins it any more
+    writer.join(timeout=30)
+    assert len(outcome) == 1 and isinstance(outcome[0], OSError), outcome
+    assert outcome[0].errno == errno.EIO
+    assert not (b.runs / "e1" / "train" / "second").exists()
+    assert shared.count(f"SELECT count(*) FROM blobs WHERE sha256 = '{digest}'") == 0
+    a.log_problems(accept=True)
+    check = cafs("fsck", "--store", str(b.store), "--json", check=False, env=b.command_env())
+    assert json.loads(check.stdout)["damage"] == [], check.stdout
+    (a.layer() / "second").write_bytes(data)  # stored anew
+    assert sha((b.runs / "e1" / "train" / "second").read_bytes()) == digest

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from backends import PgCluster
 
@@ -272,12 +274,12 @@ def test_pins_of_another_connection_keep_blobs_from_gc(manifest: Manifest, tmp_p
         gone = manifest.publish(stored(b"pinned"), version(make_file(manifest), 1))
         manifest.remove_node(gone, 2)
         digest = digest_of_bytes(b"pinned")
-        other.pin(digest)
+        pin = other.pin(digest)
         assert manifest.collect([v for v, _, _ in manifest.superseded_versions()],
                                 keep_blobs=set(), dry_run=False).blobs == []
         assert manifest.lock_for_delete([digest, "ab" * 32]) == ["ab" * 32]
         manifest.unlock_deleted(["ab" * 32])
-        other.unpin(digest)  # sent with that connection's next statement...
+        other.unpin(digest, pin)  # sent with that connection's next statement...
         assert manifest.lock_for_delete([digest]) == [] and other.has_pending()
         other.send_pending()  # ...or when the daemon finds it idle
         assert not other.has_pending()
@@ -289,6 +291,33 @@ def test_pins_of_another_connection_keep_blobs_from_gc(manifest: Manifest, tmp_p
         other.gc_unlock()
     finally:
         other.close()
+
+
+def test_a_publish_whose_pin_went_with_its_connection_fails_and_records_nothing(
+        manifest: Manifest, request: pytest.FixtureRequest) -> None:
+    """A pin is a lock of the connection that took it. If that connection drops before the
+    publish commits (the publish reconnects), gc on another host may have deleted the blob
+    meanwhile: the publish fails with EIO and records nothing, and the dead pin's unpin sends
+    nothing on the new connection (it would release another publish's pin there)."""
+    digest = digest_of_bytes(b"pinned then cut")
+    node_id = make_file(manifest)
+    pin = manifest.pin(digest)
+    if manifest.shared:
+        with psycopg.connect(request.getfixturevalue("pg_url"), autocommit=True) as admin:
+            cut = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
+                                "locktype = 'advisory' AND mode = 'ShareLock'").fetchall()
+        assert cut == [(True,)]
+        with pytest.raises(ManifestError) as failed:
+            manifest.publish(stored(b"pinned then cut"),
+                             replace(version(node_id), pin=pin))
+        assert failed.value.errno == errno.EIO
+        assert manifest.node(node_id).version_id is None and manifest.blob(digest) is None
+        manifest.unpin(digest, pin)
+        assert not manifest.has_pending()  # nothing to release on the new connection
+        pin = manifest.pin(digest)
+    published = manifest.publish(stored(b"pinned then cut"), replace(version(node_id), pin=pin))
+    manifest.unpin(digest, pin)
+    assert published.version_id is not None and published.blob.digest == digest
 
 
 def test_unfinished_files_belong_to_their_session(manifest: Manifest,

@@ -202,6 +202,7 @@ class PgConnection:
         # triggers record it, so a mount skips its own changes (cafs.pg_manifest.feed).
         self.session: int | None = None
         self._watchdog = _Watchdog()
+        self.serial = 0
         self.connect()
 
     # -- the connection ---------------------------------------------------------------------
@@ -234,6 +235,8 @@ class PgConnection:
         conn.adapters.register_dumper(int, Int8BinaryDumper)
         conn.adapters.register_loader("numeric", _IntegralNumeric)
         self._conn = conn
+        # Which connection this is: a session's advisory locks (pins) live exactly as long.
+        self.serial += 1
         self._prepared.clear()
         self._loader = Transformer(conn)  # the connection's loaders (_IntegralNumeric too)
         self.in_transaction = False

@@ -380,20 +380,33 @@ class PgCore(SqliteCore):
 
     # -- pins and gc across hosts: advisory locks, gone with the connection that took them --
 
-    def pin(self, digest: str) -> None:
+    def pin(self, digest: str) -> int:
         """A write in flight is about to look for this content, store it and reference it:
         every host's gc leaves its blob alone until unpin(). A shared advisory lock on the
-        digest's key, on this connection: it waits only while a gc deletes that very blob."""
+        digest's key, on this connection: it waits only while a gc deletes that very blob.
+        The token is the connection's serial: the lock lives exactly as long as it."""
         self._db.execute(f"SELECT pg_advisory_lock_shared({_PIN_CLASS}, {_PIN_KEY})", (digest,))
+        return self._pg.serial
 
-    def unpin(self, digest: str) -> None:
+    def unpin(self, digest: str, pin: int) -> None:
         """Sent with the next statement on this connection (the next create's, or any other),
         not in a round trip of its own; on an idle connection the daemon sends it within a
         second (send_pending). Until then gc on any host leaves this one blob alone a little
         longer, which is all a pin does. Takes no lock (only queues): the event loop never
-        waits here for a publish in a worker thread."""
-        self._pg.later(f"SELECT pg_advisory_unlock_shared({_PIN_CLASS}, {_PIN_KEY})",
-                       (digest,))
+        waits here for a publish in a worker thread. A pin taken on an earlier connection went
+        with it: its unlock, sent on this one, would release another publish's pin."""
+        if pin == self._pg.serial:
+            self._pg.later(f"SELECT pg_advisory_unlock_shared({_PIN_CLASS}, {_PIN_KEY})",
+                           (digest,))
+
+    def _check_pin(self, pin: int | None) -> None:
+        """Inside a publish's transaction: the content's pin must still be held. If the
+        connection dropped since pin() (this call reconnected, or another did), gc on another
+        host may have deleted the blob meanwhile, and the version would name nothing: fail
+        (EIO at the writer's close, nothing published) rather than guess."""
+        if pin is not None and pin != self._pg.serial:
+            raise ManifestError("the connection to PostgreSQL dropped during a publish: the "
+                                "pin on its content went with it; nothing published", errno.EIO)
 
     unpin.touches_no_connection = True  # type: ignore[attr-defined]
 
@@ -540,6 +553,10 @@ class PgCore(SqliteCore):
                 db.rollback()
             raise
         self._changes += 1
+
+    def _abandon_after(self, exc: ManifestError) -> None:
+        """No transaction is ever left open across calls here (see _transaction): a failed
+        call has nothing of SQLite's deferred change to end."""
 
     def _lock_rows(self, nodes: list[int], digest: str | None = None) -> None:
         """Before a change that reads rows and then writes them: lock them in the one order

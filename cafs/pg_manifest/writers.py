@@ -221,6 +221,7 @@ class PgWriters(PgCore, SqliteNamespace):
                        (self.session_id, node_id))
 
     def _version_recorded(self, new: NewVersion) -> None:
+        self._check_pin(new.pin)  # before the COMMIT: the blob must still be there
         # The writer's last close publishes: its writer row goes in the same transaction
         # (a close_writer of its own would cost a transaction per file written).
         if new.ends_writer and self.session_id is not None:

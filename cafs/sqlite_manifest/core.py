@@ -508,11 +508,12 @@ class SqliteCore:
         """Every unfinished file is this mount's own (no other mount shares the file)."""
         return True
 
-    def pin(self, digest: str) -> None:
+    def pin(self, digest: str) -> int:
         """Writes in flight are pinned in the daemon's memory (Publisher.pinned): enough
         when one daemon serves the manifest."""
+        return 0
 
-    def unpin(self, digest: str) -> None:
+    def unpin(self, digest: str, pin: int) -> None:
         """See pin."""
 
     def has_pending(self) -> bool:
