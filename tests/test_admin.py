@@ -180,7 +180,7 @@ def version(content: bytes) -> dict[str, Any]:
             [{"sha256": sha(b"x"), "size": 1}]), "reserved"),
     (header([entry("train", "layer", tags={"trusted.x": base64.b64encode(b"v").decode()})]),
      "not a user tag"),
-    (header([entry("train", "layer", tags={"user.x": "not base64!"})]), "malformed"),
+    (header([entry("train", "layer", tags={"user.x": "not base64!"})]), "not base64 text"),
     (header([], name="a/b"), "bad name"),
     (b"{not json", "malformed"),
     (json.dumps({"format": "zip"}).encode(), "unknown bundle format"),
