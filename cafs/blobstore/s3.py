@@ -556,11 +556,15 @@ class S3Reader:
                 self._pinned = True
                 self._open_if_cached()
 
-    def load(self) -> BlobReader:
-        """The reader of the cached file, fetching the blob first if the cache lacks it."""
+    def _current(self) -> BlobReader | None:
+        """The cached file's reader if one is open, after resuming an idle reader."""
         if self._idle:
             self._resume()
-        inner = self._inner
+        return self._inner
+
+    def load(self) -> BlobReader:
+        """The reader of the cached file, fetching the blob first if the cache lacks it."""
+        inner = self._current()
         if inner is not None:
             return inner
         with self._lock:
@@ -613,9 +617,7 @@ class S3Reader:
         """As read, from the cached file this reader has open (local I/O, may wait for the
         disk), never a download: None if it has none open yet, or if the bytes fail their
         check (read() in a worker thread then fetches the blob again)."""
-        if self._idle:
-            self._resume()
-        inner = self._inner
+        inner = self._current()
         if inner is None:
             return None
         try:
@@ -624,9 +626,7 @@ class S3Reader:
             return None
 
     def read_nowait(self, offset: int, length: int) -> bytes | memoryview | None:
-        if self._idle:
-            self._resume()
-        inner = self._inner
+        inner = self._current()
         if inner is None:
             return None
         try:
