@@ -7,6 +7,7 @@ Must not decide filesystem behaviour (that is cafs.vfs).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -128,6 +129,7 @@ class PyfuseKernel:
 
     def __init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[int](10_000)
+        self._queued: collections.Counter[int] = collections.Counter()
 
     def entry_gone(self, parent: int, name: str) -> None:
         try:
@@ -140,18 +142,27 @@ class PyfuseKernel:
             self._send.send_nowait(ino)
         except trio.WouldBlock:  # only ever after a huge admin change; attributes time out
             log.warning("too many kernel invalidations queued; inode %d left to time out", ino)
+        else:
+            self._queued[ino] += 1
+
+    def dropping(self, ino: int) -> bool:
+        return ino in self._queued
 
     async def run(self) -> None:
         async for ino in self._receive:
             # Whatever else is queued goes in the same trip to a worker thread: another host's
             # busy writer (the change feed) queues a few inodes per file it makes.
-            batch = {ino}
+            batch = [ino]
             while len(batch) < 1000:
                 try:
-                    batch.add(self._receive.receive_nowait())
+                    batch.append(self._receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            await trio.to_thread.run_sync(_invalidate_inodes, batch)
+            await trio.to_thread.run_sync(_invalidate_inodes, set(batch))
+            self._queued.subtract(batch)
+            for done in batch:
+                if self._queued[done] <= 0:
+                    del self._queued[done]
 
 
 def _invalidate_inodes(inodes: set[int]) -> None:

@@ -371,7 +371,8 @@ class Namespace:
             # read-ahead boundary).
             # Opens of the newer version read past the page cache and that size (direct_io,
             # OpenFiles._page_cache) until the older version's last handle is gone.
-            self.opened.tell(node.ino, node.version_id)
+            if self.opened.tell(node.ino, node.version_id):
+                self.kernel.inode_changed(node.ino)
             older = self.opened.older_open_size(node)
             if older is not None:
                 current = self.opened.inode(node.ino)
@@ -758,5 +759,5 @@ class Namespace:
         self.cache.clear()
         self.pages.clear()
         self.virtual.forget()
-        self.opened.told.clear()
+        self.opened.forget_told()
         self.opened.idle.clear()

@@ -68,9 +68,11 @@ DEFAULT_MAX_OPEN_FILES = 10_000
 # Readers of closed files kept open for the next open of the same content (at most this many,
 # fewer under a small max_open_files: they count against it and go first when it is reached).
 IDLE_READERS = 32
-# Inodes whose version the kernel was last told of (OpenTable.told), at most; then forgotten
-# whole, and an open of a forgotten one bypasses the page cache once (direct_io).
+# Inodes whose version the kernel was last told of (OpenTable.told), at most; then the one
+# told least recently is forgotten, and an open of it bypasses the page cache once (direct_io).
 TOLD_KEPT = 65_536
+# OpenTable.told's value for an inode whose attributes in the kernel may be of any version.
+UNKNOWN_VERSION = -1
 
 
 @dataclass(eq=False)
@@ -170,10 +172,31 @@ class OpenTable:
     def inode(self, ino: int) -> OpenInode | None:
         return self.inodes.get(ino)
 
-    def tell(self, ino: int, version: int | None) -> None:
-        if len(self.told) >= TOLD_KEPT:
-            self.told.clear()
+    def tell(self, ino: int, version: int | None) -> bool:
+        """The kernel is answered `version`'s attributes of `ino`. True if it may keep
+        another version's instead, and must be told to drop them (OpenFiles._page_cache).
+
+        The kernel applies an answer only if no other answer about the inode came in while
+        its request was out: of two GETATTR or LOOKUP answered one after the other, the first
+        (an older version) may stay and the second be dropped. Seen with two readers on one
+        host while another host rewrote the file: a read through the page cache of a short
+        version, with a longer one's size, went on in zeros."""
+        before = self.told.pop(ino, version)  # reinserted last: the least recent goes first
         self.told[ino] = version
+        if len(self.told) > TOLD_KEPT:
+            # Its answer was applied long ago (65,536 answers since): none is in flight.
+            del self.told[next(iter(self.told))]
+        return before != version
+
+    def told_by_writes(self, ino: int, version: int | None) -> None:
+        """The kernel saw every byte of `version` written through it (a publish here)."""
+        self.told.pop(ino, None)
+        self.told[ino] = version
+
+    def forget_told(self) -> None:
+        """What the kernel holds of any inode is unknown (the change feed may have missed
+        rows): the next answer about each has it drop what it has."""
+        self.told = dict.fromkeys(self.told, UNKNOWN_VERSION)
 
     def supersede(self, inode: OpenInode) -> None:
         """A newer version of the inode is opened: `inode` keeps its handles, and the next
@@ -423,7 +446,7 @@ class Publisher:
         if not inode.unlinked:
             self.tree.cache.put(new_node)
         if self.tree.shared:  # the kernel saw every write: its pages are this version's
-            self.tree.opened.tell(new_node.ino, new_node.version_id)
+            self.tree.opened.told_by_writes(new_node.ino, new_node.version_id)
         # No kernel cache invalidation here: the content changed through this kernel (its page
         # cache saw every write, atomic O_TRUNC truncated it, writes invalidated attributes).
         # Measured: invalidating each published inode cost ~1.1 ms per small file.
@@ -661,11 +684,13 @@ class OpenFiles:
         the size the kernel holds (direct_io), and have the kernel drop both after this
         request."""
         node = handle.inode.node
-        if (self.table.told.get(node.ino, -1) == node.version_id
-                and node.ino not in self.table.superseded):
+        kernel = self.publisher.kernel
+        if (self.table.told.get(node.ino, UNKNOWN_VERSION) == node.version_id
+                and node.ino not in self.table.superseded
+                and not kernel.dropping(node.ino)):
             return
         handle.keep_cache, handle.direct_io = False, True
-        self.publisher.kernel.inode_changed(node.ino)
+        kernel.inode_changed(node.ino)
 
     def _forget_older_pages(self, inode: OpenInode) -> None:
         """The last handle of a version other than the one the kernel was last told of is
@@ -679,7 +704,7 @@ class OpenFiles:
                 older.remove(inode)
             if not older:
                 self.table.superseded.pop(ino, None)
-        elif self.table.told.get(ino, -1) == inode.node.version_id:
+        elif self.table.told.get(ino, UNKNOWN_VERSION) == inode.node.version_id:
             return
         self.table.told.pop(ino, None)
         self.publisher.kernel.inode_changed(ino)

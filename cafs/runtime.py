@@ -36,6 +36,10 @@ class KernelNotifier(Protocol):
 
     def inode_changed(self, ino: int) -> None: ...
 
+    def dropping(self, ino: int) -> bool:
+        """An inode_changed(ino) is queued that the kernel has not done yet."""
+        ...
+
     def entry_gone(self, parent: int, name: str) -> None: ...
 
 
@@ -44,6 +48,9 @@ class NoKernel:
 
     def inode_changed(self, ino: int) -> None:
         return None
+
+    def dropping(self, ino: int) -> bool:
+        return False
 
     def entry_gone(self, parent: int, name: str) -> None:
         return None

@@ -215,3 +215,28 @@ def test_only_user_xattrs_and_one_errno_for_the_others(vfs: Vfs) -> None:
     vfs.removexattr(ino, b"user.stage")
     expect_errno(errno.ENODATA, lambda: vfs.getxattr(ino, b"user.stage"))
     expect_errno(errno.ENODATA, lambda: vfs.removexattr(ino, b"user.stage"))
+
+
+def test_the_kernel_drops_attributes_two_racing_answers_may_have_left(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Of two answers about one file in flight, the kernel keeps the first it applies: once
+    an answer gives another version than the last one did, the kernel must drop what it
+    holds (OpenTable.tell is True), or a page-cache read of one version runs with another's
+    size (test_hosts_feed's rereading test)."""
+    from cafs import openfiles
+    table = openfiles.OpenTable(max_open_files=100)
+    assert not table.tell(5, 1)  # never told: the kernel holds nothing of it
+    assert not table.tell(5, 1)
+    assert table.tell(5, 2)
+    assert not table.tell(5, 2)
+    table.told_by_writes(5, 3)  # the kernel saw the bytes written: nothing to drop
+    assert not table.tell(5, 3)
+    table.forget_told()  # the change feed may have missed rows
+    assert table.tell(5, 3)
+    assert table.told[5] == 3
+    # Bounded: the inode told least recently goes first.
+    monkeypatch.setattr(openfiles, "TOLD_KEPT", 2)
+    table.tell(6, 1)
+    table.tell(5, 3)  # told again: now the most recent
+    table.tell(7, 1)
+    assert sorted(table.told) == [5, 7]
