@@ -13,6 +13,10 @@ manifest and blobs are applied later. With --journal --apply, a thread also appl
 journaled closes as a store must, in groups: each content to a blob file named by its digest
 (no fsync) and three rows (blob, node, version) to SQLite, one commit per group: the best case of
 a write path that answers close() from the journal and applies it off the event loop.
+With --hash, the least a content-addressed store must do with the bytes: each write's bytes are
+hashed (SHA-256, the blob's name) in order in one worker thread as they arrive, and nothing is
+kept or stored; close() (FLUSH) waits for its file's digest. What it reaches bounds any
+content-addressed daemon in Python on this machine, whatever it stores and however.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import stat
 import tempfile
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyfuse3
 import trio
@@ -36,8 +41,13 @@ import trio
 class NullFs(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(self, scratch: str, keep_bytes: bool, journal: bool = False) -> None:
+    def __init__(self, scratch: str, keep_bytes: bool, journal: bool = False,
+                 hash_only: bool = False) -> None:
         super().__init__()
+        # --hash: handle -> the file's SHA-256, fed by one worker thread (hashlib releases the
+        # GIL while it hashes, so the event loop answers the next WRITE meanwhile).
+        self.hashes: dict[int, hashlib._Hash] = {}
+        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="null-sha256") if hash_only else None
         self.keep_bytes = keep_bytes
         self.numbers = itertools.count(pyfuse3.ROOT_INODE + 1)
         self.handles = itertools.count(1)
@@ -160,6 +170,8 @@ class NullFs(pyfuse3.Operations):
         self.children[parent_inode][name] = ino
         self.sizes[ino] = 0
         fh = next(self.handles)
+        if self.hasher is not None:
+            self.hashes[fh] = hashlib.sha256()
         if self.journal is not None:
             self.names[ino] = (parent_inode, name)
             self.buffers[fh] = (bytearray(), hashlib.sha256())
@@ -177,6 +189,9 @@ class NullFs(pyfuse3.Operations):
         fd = self.fds.get(fh & 0xFFFFFFFF)
         if fd is not None:
             os.pwrite(fd, buf, off)
+        digest = self.hashes.get(fh & 0xFFFFFFFF)
+        if digest is not None and self.hasher is not None:  # sequential writes, as kept below
+            self.hasher.submit(digest.update, buf)  # one thread: in order
         kept = self.buffers.get(fh & 0xFFFFFFFF)
         if kept is not None:  # sequential writes only: what the create and cp figures do
             kept[0][off:off + len(buf)] = buf
@@ -191,9 +206,13 @@ class NullFs(pyfuse3.Operations):
         self.children[parent_inode].pop(name, None)
 
     async def flush(self, fh: int) -> None:
-        return None
+        digest = self.hashes.get(fh & 0xFFFFFFFF)
+        if digest is not None and self.hasher is not None:  # close() waits for the digest
+            done: Future[str] = self.hasher.submit(digest.hexdigest)
+            await trio.to_thread.run_sync(done.result)
 
     async def release(self, fh: int) -> None:
+        self.hashes.pop(fh & 0xFFFFFFFF, None)
         kept = self.buffers.pop(fh & 0xFFFFFFFF, None)
         if kept is not None and self.journal is not None:
             parent, name = self.names[fh >> 32]
@@ -218,12 +237,15 @@ def main() -> None:
                         help="keep bytes in memory, hash them, append a record per last close")
     parser.add_argument("--apply", action="store_true",
                         help="with --journal: apply closes to blob files and SQLite in a thread")
+    parser.add_argument("--hash", action="store_true",
+                        help="hash each file's bytes (SHA-256) in a worker thread as they "
+                        "arrive, store nothing")
     parser.add_argument("--writeback", action="store_true",
                         help="ask for the kernel's writeback cache (FUSE_CAP_WRITEBACK_CACHE)")
     args = parser.parse_args()
     scratch = args.scratch or tempfile.mkdtemp(prefix="nullfs-")
     os.makedirs(scratch, exist_ok=True)
-    operations = NullFs(scratch, args.keep_bytes, args.journal)
+    operations = NullFs(scratch, args.keep_bytes, args.journal, args.hash)
     if args.journal and args.apply:
         operations.start_applying()
     operations.enable_writeback_cache = args.writeback
