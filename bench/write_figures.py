@@ -168,9 +168,10 @@ class NullMount:
 
     def __init__(self, mountpoint: Path, keep_bytes: bool = False,
                  writeback: bool = False, journal: bool = False, apply: bool = False,
-                 hash_only: bool = False) -> None:
+                 hash_only: bool = False, hash_thread: bool = False) -> None:
         self.mountpoint = mountpoint
         self.hash_only = hash_only
+        self.hash_thread = hash_thread
         self.apply = apply
         self.keep_bytes = keep_bytes
         self.journal = journal
@@ -185,6 +186,7 @@ class NullMount:
         extra += ["--journal"] if self.journal else []
         extra += ["--apply"] if self.apply else []
         extra += ["--hash"] if self.hash_only else []
+        extra += ["--hash-thread"] if self.hash_thread else []
         self._proc = subprocess.Popen([sys.executable, str(script), str(self.mountpoint),
                                        *extra])
         deadline = time.monotonic() + 30

@@ -93,12 +93,13 @@ def test_the_write_figures_run_with_their_floors_and_compression_levels(tmp_path
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     figures = [row["figure"] for row in report["rows"]]
-    hashed = "floor: only SHA-256 of the bytes, in a thread"
+    hashed = "floor: only SHA-256 of the bytes"
     assert figures.count(hashed) == 4  # cp -r, creates with one writer and four, dd
+    assert figures.count("floor: the same, hashed in a thread") == 4
     assert "write: the same cp -r, cafs -o compression=0 (raw)" in figures
     assert "write: the same cp -r, cafs -o compression=-3" in figures
     for row in report["rows"]:
         assert row["cafs"] > 0, row
-    for name in ("cafs", "hash", "cafs-0", "cafs--3"):
+    for name in ("cafs", "hash", "hash-thread", "cafs-0", "cafs--3"):
         assert any(note.startswith(f"ingest: {name} daemon CPU") for note in report["notes"])
     assert not list((tmp_path / "work").iterdir())  # cleaned up, nothing left mounted
