@@ -3,6 +3,7 @@
 Usage: scripts/bench [--scale X] [--workdir DIR] [--json FILE] [--scale-artifacts N]
                      [--fair-run-artifacts N] [--fair-truncate-gib N] [--fair-tag-layers N]
                      [--write-files N] [--creates N] [--dd-mib N] [--repeat N] [--only-writes]
+                     [--floor] [--ingest-levels L,L,...]
 
 --scale 0 skips the corpus figures (e.g. to run only the fairness figures).
 
@@ -193,13 +194,14 @@ def random_reads(path: Path, count: int, seed: int = 1) -> None:
 
 
 class Mounted:
-    def __init__(self, store: Path, mountpoint: Path) -> None:
+    def __init__(self, store: Path, mountpoint: Path, *options: str) -> None:
         self.store, self.mountpoint = store, mountpoint
+        self.options = options  # more `cafs mount` options, e.g. -o compression=N
 
     def __enter__(self) -> Mounted:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        subprocess.run([*CAFS, "mount", "--store", str(self.store), str(self.mountpoint)],
-                       check=True)
+        subprocess.run([*CAFS, "mount", "--store", str(self.store), *self.options,
+                        str(self.mountpoint)], check=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -498,11 +500,15 @@ def fairness_rows(report: Report, work: Path, run_artifacts: int, truncate_gib: 
 
 
 def write_rows(report: Report, work: Path, files: int, creates: int, dd_mib: int,
-               repeat: int, floor: bool = False) -> None:
+               repeat: int, floor: bool = False, levels: tuple[int, ...] = ()) -> None:
     """The write path's figures (see write_figures), against the targets of the issue that
     rebuilt it: ingest <= 2.0x, creates >= 2,500/s (one writer) and >= 5,000/s (four), dd >= 70%
     of the plain directory. With `floor`, the same figures on bench/null_fs.py too: a pyfuse3
-    filesystem that does nothing per request, so no pyfuse3 filesystem can beat its ratios."""
+    filesystem that does nothing per request, so no pyfuse3 filesystem can beat its ratios, and
+    on bench/null_fs.py --hash, which only hashes the bytes (SHA-256) as they arrive: no
+    content-addressed pyfuse3 filesystem can beat that one. `levels`: the ingest also on cafs
+    mounted with each of these levels (-o compression=N; 0: every blob raw), in the same
+    rounds."""
     plain = work / "wplain" / "runs"
     plain.mkdir(parents=True)
     report.notes.append(f"load average before the write figures: {write_figures.load_average()}")
@@ -516,6 +522,7 @@ def write_rows(report: Report, work: Path, files: int, creates: int, dd_mib: int
     with contextlib.ExitStack() as stack:
         mount = stack.enter_context(Mounted(work / "wstore", work / "wmnt"))
         targets = {"plain": plain, "cafs": mount.mountpoint / "runs"}
+        daemons = {"cafs": daemon_pid(mount.store)}
         if floor:  # the kernel's writeback cache off (as cafs) and on: the better one counts
             targets["floor"] = stack.enter_context(write_figures.NullMount(work / "nullmnt"))
             targets["floor-wb"] = stack.enter_context(
@@ -526,8 +533,26 @@ def write_rows(report: Report, work: Path, files: int, creates: int, dd_mib: int
             # ... and that applies the journal to blob files and SQLite in a thread, in groups.
             targets["applied"] = stack.enter_context(
                 write_figures.NullMount(work / "nullamnt", journal=True, apply=True))
+            # Only SHA-256 of every byte, as it arrives: the least a content-addressed store does.
+            hashing = write_figures.NullMount(work / "nullhmnt", hash_only=True)
+            targets["hash"] = stack.enter_context(hashing)
+            daemons["hash"] = hashing.pid
+            hashing = write_figures.NullMount(work / "nullhtmnt", hash_only=True, hash_thread=True)
+            targets["hash-thread"] = stack.enter_context(hashing)
+            daemons["hash-thread"] = hashing.pid
+        ingest_targets = dict(targets)
+        for level in levels:
+            mounted = stack.enter_context(Mounted(work / f"wstore{level}", work / f"w{level}mnt",
+                                                  "-o", f"compression={level}"))
+            ingest_targets[f"cafs-{level}"] = mounted.mountpoint / "runs"
+            daemons[f"cafs-{level}"] = daemon_pid(mounted.store)
         if files:
-            seconds = write_figures.ingest_seconds(corpus, targets, repeat)
+            cpu = {name: write_figures.cpu_seconds(pid) for name, pid in daemons.items()}
+            seconds = write_figures.ingest_seconds(corpus, ingest_targets, repeat)
+            for name, pid in daemons.items():  # what each daemon's process spent per round
+                spent = (write_figures.cpu_seconds(pid) - cpu[name]) / repeat
+                report.notes.append(f"ingest: {name} daemon CPU {spent:.2f} s per cp -r "
+                                    f"(best wall {seconds[name]:.2f} s)")
             ratio = seconds["cafs"] / seconds["plain"]
             report.add(Row(f"write: cp -r {count} files, {total / MB:.0f} MB", "s",
                            seconds["plain"], seconds["cafs"], "<= 2.0x", ratio <= 2.0))
@@ -540,6 +565,14 @@ def write_rows(report: Report, work: Path, files: int, creates: int, dd_mib: int
                                seconds["plain"], seconds["journal"]))
                 report.add(Row("floor: journaled, then applied in a thread", "s",
                                seconds["plain"], seconds["applied"]))
+                report.add(Row("floor: only SHA-256 of the bytes", "s",
+                               seconds["plain"], seconds["hash"]))
+                report.add(Row("floor: the same, hashed in a thread", "s",
+                               seconds["plain"], seconds["hash-thread"]))
+            for level in levels:
+                report.add(Row(f"write: the same cp -r, cafs -o compression={level}"
+                               + (" (raw)" if level == 0 else ""), "s", seconds["plain"],
+                               seconds[f"cafs-{level}"]))
         if creates:
             for writers, target in ((1, 2500), (4, 5000)):
                 rate = write_figures.create_rate(targets, creates, writers, repeat)
@@ -555,6 +588,10 @@ def write_rows(report: Report, work: Path, files: int, creates: int, dd_mib: int
                                    "files/s", rate["plain"], rate["journal"]))
                     report.add(Row("floor: journaled, then applied in a thread", "files/s",
                                    rate["plain"], rate["applied"]))
+                    report.add(Row("floor: only SHA-256 of the bytes", "files/s",
+                                   rate["plain"], rate["hash"]))
+                    report.add(Row("floor: the same, hashed in a thread", "files/s",
+                                   rate["plain"], rate["hash-thread"]))
         if dd_mib:
             rate = write_figures.dd_rate(source, targets, repeat)
             report.add(Row(f"write: dd bs=1M of {dd_mib} MiB incompressible", "MB/s",
@@ -565,6 +602,10 @@ def write_rows(report: Report, work: Path, files: int, creates: int, dd_mib: int
                                rate["floor"]))
                 report.add(Row("floor: the same, writeback cache on", "MB/s", rate["plain"],
                                rate["floor-wb"]))
+                report.add(Row("floor: only SHA-256 of the bytes", "MB/s",
+                               rate["plain"], rate["hash"]))
+                report.add(Row("floor: the same, hashed in a thread", "MB/s",
+                               rate["plain"], rate["hash-thread"]))
     report.notes.append(f"load average after the write figures: {write_figures.load_average()}")
 
 
@@ -598,6 +639,9 @@ def main() -> None:
                         help="rounds of each write figure; the best counts")
     parser.add_argument("--floor", action="store_true",
                         help="also run the write figures on a null pyfuse3 filesystem")
+    parser.add_argument("--ingest-levels", default="",
+                        help="comma-separated levels (-o compression=N; 0: raw) of more cafs "
+                        "mounts the ingest also runs on, e.g. 1,-1,-5,0")
     parser.add_argument("--only-writes", action="store_true",
                         help="only the write figures (the other sections are skipped)")
     args = parser.parse_args()
@@ -625,7 +669,8 @@ def main() -> None:
             throughput_rows(report, work, corpus, args.scale)
         if args.write_files or args.creates or args.dd_mib:
             write_rows(report, work, args.write_files, args.creates, args.dd_mib, args.repeat,
-                       args.floor)
+                       args.floor, tuple(int(level) for level in args.ingest_levels.split(",")
+                                         if level.strip()))
         if args.scale_artifacts:
             scale_rows(report, work, args.scale_artifacts)
         if args.fair_run_artifacts or args.fair_truncate_gib or args.fair_tag_layers:

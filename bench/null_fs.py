@@ -13,6 +13,16 @@ manifest and blobs are applied later. With --journal --apply, a thread also appl
 journaled closes as a store must, in groups: each content to a blob file named by its digest
 (no fsync) and three rows (blob, node, version) to SQLite, one commit per group: the best case of
 a write path that answers close() from the journal and applies it off the event loop.
+With --hash, the least a content-addressed store must do with the bytes: each write's bytes are
+hashed (SHA-256, the blob's name) as they arrive, and nothing is kept or stored; close() (FLUSH)
+gets its file's digest. On the event loop: with the CPU's SHA extensions (~1,500 MB/s) a 128 KiB
+WRITE hashes in ~85 us, less than handing it to a worker thread costs (measured, 5 rounds of the
+ingest at load 5.7-7: the daemon's CPU 0.45-0.52 s per cp -r inline, 0.70-0.94 s in a thread).
+With --hash --hash-thread, in one worker thread instead, in order, which the loop does not wait
+for until FLUSH: more CPU, but the hashing overlaps with the writer's next write. The better of
+the two is the bound.
+What it reaches bounds any content-addressed daemon in Python on this machine, whatever it
+stores and however.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import stat
 import tempfile
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyfuse3
 import trio
@@ -36,8 +47,13 @@ import trio
 class NullFs(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(self, scratch: str, keep_bytes: bool, journal: bool = False) -> None:
+    def __init__(self, scratch: str, keep_bytes: bool, journal: bool = False,
+                 hash_only: bool = False, hash_thread: bool = False) -> None:
         super().__init__()
+        self.hash_only = hash_only
+        self.hashes: dict[int, hashlib._Hash] = {}  # --hash: handle -> the file's SHA-256
+        self.hasher = (ThreadPoolExecutor(1, thread_name_prefix="null-sha256")
+                       if hash_only and hash_thread else None)
         self.keep_bytes = keep_bytes
         self.numbers = itertools.count(pyfuse3.ROOT_INODE + 1)
         self.handles = itertools.count(1)
@@ -160,6 +176,8 @@ class NullFs(pyfuse3.Operations):
         self.children[parent_inode][name] = ino
         self.sizes[ino] = 0
         fh = next(self.handles)
+        if self.hash_only:
+            self.hashes[fh] = hashlib.sha256()
         if self.journal is not None:
             self.names[ino] = (parent_inode, name)
             self.buffers[fh] = (bytearray(), hashlib.sha256())
@@ -177,6 +195,11 @@ class NullFs(pyfuse3.Operations):
         fd = self.fds.get(fh & 0xFFFFFFFF)
         if fd is not None:
             os.pwrite(fd, buf, off)
+        digest = self.hashes.get(fh & 0xFFFFFFFF)
+        if digest is not None and self.hasher is not None:  # one thread: in order
+            self.hasher.submit(digest.update, buf)
+        elif digest is not None:  # sequential writes, as kept below
+            digest.update(buf)
         kept = self.buffers.get(fh & 0xFFFFFFFF)
         if kept is not None:  # sequential writes only: what the create and cp figures do
             kept[0][off:off + len(buf)] = buf
@@ -191,9 +214,15 @@ class NullFs(pyfuse3.Operations):
         self.children[parent_inode].pop(name, None)
 
     async def flush(self, fh: int) -> None:
-        return None
+        digest = self.hashes.get(fh & 0xFFFFFFFF)
+        if digest is not None and self.hasher is not None:  # close() waits for the digest
+            done: Future[str] = self.hasher.submit(digest.hexdigest)
+            await trio.to_thread.run_sync(done.result)
+        elif digest is not None:  # what a store names the blob by, when close() publishes
+            digest.hexdigest()
 
     async def release(self, fh: int) -> None:
+        self.hashes.pop(fh & 0xFFFFFFFF, None)
         kept = self.buffers.pop(fh & 0xFFFFFFFF, None)
         if kept is not None and self.journal is not None:
             parent, name = self.names[fh >> 32]
@@ -218,12 +247,16 @@ def main() -> None:
                         help="keep bytes in memory, hash them, append a record per last close")
     parser.add_argument("--apply", action="store_true",
                         help="with --journal: apply closes to blob files and SQLite in a thread")
+    parser.add_argument("--hash", action="store_true",
+                        help="hash each file's bytes (SHA-256) as they arrive, store nothing")
+    parser.add_argument("--hash-thread", action="store_true",
+                        help="with --hash: in a worker thread, not on the event loop")
     parser.add_argument("--writeback", action="store_true",
                         help="ask for the kernel's writeback cache (FUSE_CAP_WRITEBACK_CACHE)")
     args = parser.parse_args()
     scratch = args.scratch or tempfile.mkdtemp(prefix="nullfs-")
     os.makedirs(scratch, exist_ok=True)
-    operations = NullFs(scratch, args.keep_bytes, args.journal)
+    operations = NullFs(scratch, args.keep_bytes, args.journal, args.hash, args.hash_thread)
     if args.journal and args.apply:
         operations.start_applying()
     operations.enable_writeback_cache = args.writeback

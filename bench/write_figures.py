@@ -42,6 +42,12 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process (all its threads) has spent so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def make_pipeline_corpus(root: Path, files: int = 600, seed: int = 13) -> tuple[int, int]:
     """~`files` files of 10 KB-1 MB (uniform: ~300 MB for 600), a third each CSV, JSON and
     random binary, under executions/layers/sub-directories; the same bytes on every run."""
@@ -161,8 +167,11 @@ class NullMount:
     """bench/null_fs.py mounted at `mountpoint` while inside the `with`: the floor."""
 
     def __init__(self, mountpoint: Path, keep_bytes: bool = False,
-                 writeback: bool = False, journal: bool = False, apply: bool = False) -> None:
+                 writeback: bool = False, journal: bool = False, apply: bool = False,
+                 hash_only: bool = False, hash_thread: bool = False) -> None:
         self.mountpoint = mountpoint
+        self.hash_only = hash_only
+        self.hash_thread = hash_thread
         self.apply = apply
         self.keep_bytes = keep_bytes
         self.journal = journal
@@ -176,6 +185,8 @@ class NullMount:
         extra += ["--writeback"] if self.writeback else []
         extra += ["--journal"] if self.journal else []
         extra += ["--apply"] if self.apply else []
+        extra += ["--hash"] if self.hash_only else []
+        extra += ["--hash-thread"] if self.hash_thread else []
         self._proc = subprocess.Popen([sys.executable, str(script), str(self.mountpoint),
                                        *extra])
         deadline = time.monotonic() + 30
@@ -185,6 +196,11 @@ class NullMount:
             time.sleep(0.05)
         (self.mountpoint / "runs").mkdir()
         return self.mountpoint / "runs"
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "not mounted"
+        return self._proc.pid
 
     def __exit__(self, *exc: object) -> None:
         subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False)

@@ -68,7 +68,8 @@ class Settings:
     allow_other: bool = option(
         False, "let other users use the mount; file permissions still apply", mount=True)
     compression: int = option(
-        3, "zstd level for compressible content, default 3", unit="N", mount=True)
+        3, "zstd level for compressible content, default 3 (negative: faster, less "
+        "compressed; 0: every blob stored raw)", unit="N", mount=True)
     max_artifact_size: int = option(
         DEFAULT_MAX_ARTIFACT_SIZE, "larger writes get EFBIG, default 256 GiB", unit="BYTES",
         mount=True)
@@ -181,6 +182,10 @@ def mount_options_help() -> str:
     return f"Mount options, comma-separated: {listed}; generic fstab options are ignored."
 
 
+# Mount options whose number may be negative: zstd's fast levels.
+SIGNED_OPTIONS = frozenset({"compression"})
+
+
 def parse_mount_options(option_lists: list[str], settings: Settings) -> Settings:
     """`settings` with `-o a,b,c` lists applied; unknown options are an error."""
     changes: dict[str, Any] = {}
@@ -195,7 +200,7 @@ def parse_mount_options(option_lists: list[str], settings: Settings) -> Settings
             raise InvalidArgument(f"unknown mount option: {option}")
         if row.kind is bool:
             changes[name] = True
-        elif not value.isdigit():
+        elif not (value.removeprefix("-") if name in SIGNED_OPTIONS else value).isdigit():
             raise InvalidArgument(f"mount option {name} needs a whole number: {option}")
         else:
             changes[name] = int(value)

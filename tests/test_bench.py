@@ -78,3 +78,28 @@ def test_the_journaled_floor_keeps_and_applies_every_close(tmp_path: Path) -> No
         name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
     for name, digest in rows:
         assert (scratch / "blobs" / digest[:2] / digest).read_bytes() == contents[bytes(name)]
+
+
+def test_the_write_figures_run_with_their_floors_and_compression_levels(tmp_path: Path) -> None:
+    """scripts/bench --only-writes --floor --ingest-levels: every floor (the hash-only one
+    too) and a cafs mount per compression level give a figure, and each daemon's CPU is noted."""
+    require_fuse()
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cafs_bench.py"), "--only-writes", "--floor",
+         "--write-files", "6", "--creates", "5", "--dd-mib", "2", "--repeat", "1",
+         "--ingest-levels", "0,-3", "--workdir", str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    figures = [row["figure"] for row in report["rows"]]
+    hashed = "floor: only SHA-256 of the bytes"
+    assert figures.count(hashed) == 4  # cp -r, creates with one writer and four, dd
+    assert figures.count("floor: the same, hashed in a thread") == 4
+    assert "write: the same cp -r, cafs -o compression=0 (raw)" in figures
+    assert "write: the same cp -r, cafs -o compression=-3" in figures
+    for row in report["rows"]:
+        assert row["cafs"] > 0, row
+    for name in ("cafs", "hash", "hash-thread", "cafs-0", "cafs--3"):
+        assert any(note.startswith(f"ingest: {name} daemon CPU") for note in report["notes"])
+    assert not list((tmp_path / "work").iterdir())  # cleaned up, nothing left mounted

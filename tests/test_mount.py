@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from backends import StoredBlobs
-from conftest import Mount, cafs, manifest_sql, sh, xattr
+from conftest import Mount, cafs, manifest_sql, sh, started, xattr
 
 
 def sha256_of(path: Path) -> str:
@@ -396,3 +396,25 @@ def test_writing_lost_content_again_restores_its_blob(mount: Mount) -> None:
     assert (layer / "original").read_bytes() == data
     assert "restored from a new write" in mount.log()
     assert mount.fsck("--full").returncode == 0
+
+
+def test_compression_level_zero_stores_raw_and_fast_levels_store_zstd(
+        unstarted_mount: Mount) -> None:
+    """-o compression=0 stores every blob raw (with its block sums), a negative level zstd's
+    fast frames; both read back byte for byte, at that mount and the next at the default
+    level, and fsck --full finds them whole."""
+    text = b"".join(b"%d,%d,cat\n" % (i, i * 7) for i in range(200_000))  # ~2.6 MB, compressible
+    contents: dict[str, bytes] = {}
+    for level, encoding in (("0", "raw+xxh64"), ("-5", "zstd"), ("1", "zstd")):
+        with started(unstarted_mount, f"compression={level}") as mount:
+            layer = mount.layer("e1", f"level{level.replace('-', 'm')}")
+            data = text + level.encode()  # a content of its own: no dedup hit
+            sh(f"cat > {layer}/table.csv", input=data)
+            assert (layer / "table.csv").read_bytes() == data
+            assert xattr(layer / "table.csv", "user.cafs.encoding") == encoding
+            stored = int(xattr(layer / "table.csv", "user.cafs.stored_size"))
+            assert stored > len(data) if encoding == "raw+xxh64" else stored < len(data)
+            contents[f"e1/{layer.name}/table.csv"] = data
+    with started(unstarted_mount) as mount:
+        for path, data in contents.items():
+            assert (mount.runs / path).read_bytes() == data

@@ -11,6 +11,7 @@ import pytest
 
 from cafs.cli import cli
 from cafs.config import load_settings
+from cafs.errors import InvalidArgument
 from cafs.options import (
     FILE_KEYS,
     MOUNT_OPTIONS,
@@ -51,8 +52,17 @@ def test_the_flags_the_table_names_exist() -> None:
     Settings(),
     Settings(allow_other=True, compression=19, max_artifact_size=1 << 40, max_open_files=7,
              backup_interval=0),
+    Settings(compression=-5),  # zstd's fast levels: a configuration file's reaches the child
+    Settings(compression=0),  # every blob raw
 ])
 def test_a_child_mount_gets_every_mount_option(settings: Settings) -> None:
     args = mount_option_args(settings)
     assert args[::2] == ["-o"] * (len(args) // 2)
     assert parse_mount_options(args[1::2], Settings()) == settings
+
+
+def test_only_the_compression_level_may_be_negative() -> None:
+    assert parse_mount_options(["compression=-7"], Settings()).compression == -7
+    for option in ("max_open_files=-5", "sync_interval=-1", "compression=-", "compression=1.5"):
+        with pytest.raises(InvalidArgument, match="needs a whole number"):
+            parse_mount_options([option], Settings())

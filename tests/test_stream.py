@@ -167,3 +167,31 @@ def test_a_feed_faster_than_its_worker_waits_instead_of_queueing_without_bound()
         assert feed._pending_bytes <= stream.MAX_PENDING_BYTES
     feed.wait()
     assert sum(consumed) == 40 << 20 and peak <= stream.MAX_PENDING_BYTES
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_level_zero_stores_compressible_bytes_raw_without_compressing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streaming: bool) -> None:
+    """compression = 0: no frames built while written, none at publish; the blob is raw with
+    its block sums, and checks whole."""
+    blobs = BlobStore(tmp_path, level=0, frame_size=FRAME)
+    blobs.create_layout()
+    data = text(3 * FRAME + 7)
+    temp = blobs.new_temp(streaming=streaming)
+    assert temp.frame_sink is None
+    write_in_pieces(temp, data)
+    no_compression_at_publish(monkeypatch)
+    assert publish_and_read(blobs, temp) == (RAW_CHECKED, data)
+    digest = hashlib.sha256(data).hexdigest()
+    assert blobs.compute_digest(digest, RAW_CHECKED) == (digest, len(data))  # type: ignore[arg-type]
+
+
+def test_a_fast_negative_level_streams_zstd_frames(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    blobs = BlobStore(tmp_path, level=-5, frame_size=FRAME)
+    blobs.create_layout()
+    data = text(4 * FRAME + 99)
+    temp = blobs.new_temp(streaming=True)
+    write_in_pieces(temp, data)
+    no_compression_at_publish(monkeypatch)
+    assert publish_and_read(blobs, temp) == (ZSTD, data)

@@ -65,6 +65,9 @@ READ_AHEAD_BYTES = 2 << 20
 # ~0.1 ms, less than the hop to a worker thread.
 INLINE_FRAME_BYTES = 128 << 10
 DEFAULT_LEVEL = 3
+# The level that compresses nothing: every blob is stored raw (with its block sums), and a write
+# costs only its hashing (zstd's own level 0 means its default level, which is not useful here).
+NO_COMPRESSION = 0
 # Compress only when it saves at least this share of the bytes; otherwise store raw so that
 # incompressible data (weights, archives) costs neither CPU at read time nor a seek table.
 WORTHWHILE_RATIO = 0.90
@@ -209,6 +212,8 @@ class SeekableWriter:
 
     def new_stream(self) -> FrameStream | None:
         """A FrameStream for a new temp, or None if MAX_STREAMS are alive already."""
+        if self.level == NO_COMPRESSION:
+            return None
         with self._lock:
             if self.streams >= MAX_STREAMS:
                 return None
@@ -236,7 +241,7 @@ class SeekableWriter:
                                new_temp: Callable[[], TempBlob]) -> TempBlob | None:
         """A temp (from `new_temp`) holding the compressed blob, or None if compressing saves
         too little: then the caller stores the content raw."""
-        if temp.size < MIN_COMPRESS_SIZE:
+        if temp.size < MIN_COMPRESS_SIZE or self.level == NO_COMPRESSION:
             return None
         stream = temp.frame_sink
         if isinstance(stream, FrameStream) and temp.fed_whole():
