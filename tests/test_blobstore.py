@@ -376,6 +376,59 @@ def test_a_damaged_block_of_a_streamed_blob_is_an_error_not_wrong_bytes(
     assert len(got) <= at and data.startswith(got)
 
 
+def test_reads_out_of_order_go_on_streaming(blobs: BlobStore,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # The order of READs the kernel's read-ahead sent on a mount (1 MiB each): it asks for
+    # pages it skipped while congested after those past them.
+    data = random.Random(9).randbytes(48 << 20)
+    digest, encoding = put(blobs, data)
+    evict(blobs.path_of(digest))
+    opened = []
+    real_open = direct_reads.open
+    monkeypatch.setattr(direct_reads, "open", lambda fd: opened.append(fd) or real_open(fd))
+    order = [*range(11), 14, 15, 16, 17, 11, 12, 13, *range(18, 36), 39, 40, 41, 42, 43,
+             36, 37, 38]
+    order += [mib for mib in range(48) if mib not in order]
+    reader = blobs.open(digest, encoding)
+    try:
+        for mib in order:
+            part = reader.read_nowait(mib << 20, 1 << 20)
+            got = reader.read(mib << 20, 1 << 20) if part is None else part
+            assert bytes(got) == data[mib << 20:(mib + 1) << 20], mib
+        assert len(opened) == 1  # one stream all along: none ended and started again
+    finally:
+        reader.close()
+    assert direct_reads.streams == 0
+
+
+def test_a_read_the_stream_left_behind_is_checked(blobs: BlobStore) -> None:
+    data = random.Random(10).randbytes(24 << 20)
+    digest, encoding = put(blobs, data)
+    path = blobs.path_of(digest)
+    at = 5 * (1 << 20) + 99
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(bytes([data[at] ^ 0x01]))
+    evict(path)
+    reader = blobs.open(digest, encoding)
+    try:
+        for mib in (0, 1, 2, 3, 16, 17, 18, 19):  # the stream keeps chunks 2.. (MiB 8..)
+            part = reader.read_nowait(mib << 20, 1 << 20)
+            got = reader.read(mib << 20, 1 << 20) if part is None else part
+            assert bytes(got) == data[mib << 20:(mib + 1) << 20]
+        # MiB 4 and 5, late: read through the page cache, each block checked
+        assert reader.read_nowait(4 << 20, 1 << 20) is None
+        assert reader.read(4 << 20, 1 << 20) == data[4 << 20:5 << 20]
+        with pytest.raises(Corrupt, match="fails its checksum"):
+            reader.read(5 << 20, 1 << 20)
+        assert direct_reads.streams == 1  # and the stream went on
+        got = reader.read_nowait(20 << 20, 1 << 20) or reader.read(20 << 20, 1 << 20)
+        assert bytes(got) == data[20 << 20:21 << 20]
+    finally:
+        reader.close()
+    assert direct_reads.streams == 0
+
+
 def _streamed(check: StreamCheck, raw: bytes, piece: int) -> None:
     for offset in range(0, len(raw), piece):
         check(offset, memoryview(raw[offset:offset + piece]))
