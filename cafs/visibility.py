@@ -64,8 +64,8 @@ class Visibility:
         and totals, as `ls` and `du` cannot see into them either. () for whoever sees sharing
         (root and the user who mounted read every content anyway) and where none is closed.
         Two readers with the same answer read the same record."""
-        if caller is None or self.sees_sharing(caller) or directory.nlink <= 2:
-            return ()  # nlink 2: no sub-directory at all
+        if caller is None or self.sees_sharing(caller):
+            return ()
         restricted = self._restricted_below(directory.ino)
         by_ino = {entry.ino: entry for entry in restricted}
         closed = {entry.ino: not may_list(entry.mode, entry.uid, entry.gid, caller)

@@ -35,7 +35,8 @@ from cafs.sqlite_manifest.columns import (
 )
 from cafs.sqlite_manifest.rows import Rows
 
-# The directories below an execution (records leave out those a reader may not list).
+# The directories below an execution (records leave out those a reader may not list); spelled
+# as the index nodes_subdirs is, so both databases use it.
 DIR_KINDS = "('layer', 'dir')"
 # Read and search for owner, group and others: a directory everyone may list.
 EVERYONE_LISTS = 0o555
@@ -109,21 +110,21 @@ class SqliteMaintenance(Rows):
         return DIR_STATS.decode(row) if row else DirStats(0, 0, None, None)
 
     def restricted_dirs(self, top: int) -> list[RestrictedDir]:
-        """Directories below `top` whose mode lacks read or search (0o555) for someone. Only
-        directories with sub-directories (nlink > 2) have their children read: the files of
-        leaf directories, most rows, are never visited. Each carries the nearest such directory
-        above it (`fence`), so a caller can tell which ones another hides."""
+        """Directories below `top` whose mode lacks read or search (0o555) for someone: a walk
+        of the directories alone, through the index nodes_subdirs (schema m010), never of the
+        files beside them. Each carries the nearest such directory above it (`fence`), so a
+        caller can tell which ones another hides."""
         rows = self._db.execute(
             f"""
-            WITH RECURSIVE d(id, mode, uid, gid, nlink, fence) AS (
-                SELECT id, mode, uid, gid, nlink, CAST(NULL AS BIGINT) FROM nodes
+            WITH RECURSIVE d(id, mode, uid, gid, fence) AS (
+                SELECT id, mode, uid, gid, CAST(NULL AS BIGINT) FROM nodes
                 WHERE parent_id = :top AND kind IN {DIR_KINDS}
                 UNION ALL
-                SELECT n.id, n.mode, n.uid, n.gid, n.nlink,
+                SELECT n.id, n.mode, n.uid, n.gid,
                        CASE WHEN (d.mode & {EVERYONE_LISTS}) = {EVERYONE_LISTS}
                             THEN d.fence ELSE d.id END
                 FROM d JOIN nodes n ON n.parent_id = d.id
-                WHERE d.nlink > 2 AND n.kind IN {DIR_KINDS}
+                WHERE n.kind IN {DIR_KINDS}
             )
             SELECT id, mode, uid, gid, fence FROM d
             WHERE (mode & {EVERYONE_LISTS}) != {EVERYONE_LISTS} ORDER BY id
