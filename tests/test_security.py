@@ -22,6 +22,7 @@ from conftest import (
     NOBODY,
     Mount,
     as_nobody,
+    as_reader,
     cafs,
     is_mounted,
     mounted_for_everyone,
@@ -323,19 +324,6 @@ def test_records_tell_another_user_nothing_about_sharing(shared: Mount) -> None:
     # Another user cannot ask: the store is its owner's alone.
     denied = as_nobody(f"{cafs_for_nobody()} stats --store {shared.store} runs/n1/l", here)
     assert denied.returncode == 3 and denied.stderr.startswith("cafs: "), denied.stderr
-
-
-# A third user, neither root nor nobody: nobody owns the run, this one only reads it.
-READER = 65533
-
-
-def as_reader(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run a shell command as READER (no groups), as as_nobody does for nobody."""
-    return subprocess.run(
-        ["setpriv", f"--reuid={READER}", f"--regid={READER}", "--clear-groups",
-         "bash", "-c", command],
-        cwd=cwd, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "HOME": "/nonexistent"})
 
 
 def read_record(run: Callable[[str, Path], subprocess.CompletedProcess[str]], record: str,
