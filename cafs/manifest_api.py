@@ -67,7 +67,7 @@ class DirStats:
     last_write_ns: int | None  # the newest
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RestrictedDir:
     """A directory some user may not list (its mode lacks read or search for someone): what
     records leave out for readers who may not (cafs.visibility)."""

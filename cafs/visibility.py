@@ -19,8 +19,10 @@ from cafs.model import Caller, Node
 # Whether a user may read every file of a sealed run (so may see its root hash), per run.
 ROOT_READERS_CACHED = 1024
 # Directories some user may not list, below the records' directories: at most this many rows
-# in all (a directory holding more is walked again at each record it is asked for).
-RESTRICTED_CACHED = 65536
+# in all, ~1.5 MB (a directory holding more is walked again for each reader's first record).
+RESTRICTED_CACHED = 16384
+# Readers' answers (which directories below a record's they may not list), per directory.
+UNLISTED_CACHED = 4096
 
 # A directory's restricted sub-directories, as of the manifest's count of changes then.
 CachedRestricted = tuple[int, tuple[RestrictedDir, ...]]
@@ -52,11 +54,17 @@ class Visibility:
         # directory -> its restricted sub-directories: the same for every reader, so one walk
         # serves them all until the manifest changes.
         self._restricted: Lru[int, CachedRestricted] = Lru(RESTRICTED_CACHED, size=_rows)
+        # (directory, uid, gid) -> (manifest.changes, what that reader may not list below it):
+        # a stat and a read of a record ask twice, and the answer costs a pass over the
+        # restricted directories.
+        self._unlisted: Lru[tuple[int, int, int], tuple[int, tuple[int, ...]]] = Lru(
+            UNLISTED_CACHED)
 
     def forget(self) -> None:
         """Modes or owners may have changed elsewhere (another host's mount)."""
         self._root_readers.clear()
         self._restricted.clear()
+        self._unlisted.clear()
 
     def unlisted_below(self, directory: Node, caller: Caller | None) -> tuple[int, ...]:
         """The directories below `directory` that `caller` may not list, outermost only (none
@@ -66,7 +74,20 @@ class Visibility:
         Two readers with the same answer read the same record."""
         if caller is None or self.sees_sharing(caller):
             return ()
-        restricted = self._restricted_below(directory.ino)
+        key = (directory.ino, caller.uid, caller.gid)
+        changes = self.manifest.changes
+        known = self._unlisted.get(key)
+        if known is not None and known[0] == changes:
+            return known[1]
+        unlisted = self._outermost_closed(self._restricted_below(directory.ino), caller)
+        self._unlisted.put(key, (changes, unlisted))
+        return unlisted
+
+    @staticmethod
+    def _outermost_closed(restricted: tuple[RestrictedDir, ...],
+                          caller: Caller) -> tuple[int, ...]:
+        """Those of `restricted` that `caller` may not list and that are not inside another
+        such, in id order."""
         by_ino = {entry.ino: entry for entry in restricted}
         closed = {entry.ino: not may_list(entry.mode, entry.uid, entry.gid, caller)
                   for entry in restricted}
