@@ -235,6 +235,28 @@ def test_records_are_cached_per_view_not_per_reader(opened: Store) -> None:
     assert json.loads(views[3])["artifacts"] == 1 and b"shut" not in views[3]
 
 
+def test_records_follow_the_modes_as_the_kernel_would(opened: Store) -> None:
+    """Group bits for the directory's group, other bits for the rest (both, for a group the
+    reader may hold as a secondary one: not known here); a closed directory inside an open one
+    inside a closed one counts once; a directory open only to search is closed."""
+    vfs = Vfs(opened.manifest, opened.blobs, Runtime())
+    d = mkdirs(vfs, "e1")
+    team = vfs.mkdir(d["e1"], b"team", 0o750, ALICE).ino
+    search_only = vfs.mkdir(d["e1"], b"search-only", 0o711, ALICE).ino
+    inner = vfs.mkdir(team, b"inner", 0o700, ALICE).ino
+    for directory in (team, search_only, inner):
+        write_file(vfs, directory, b"f", b"12345")
+    record = vfs.node(vfs.lookup(d["e1"], b".record.json").ino)
+
+    def seen(reader: Caller) -> tuple[int, int]:
+        data = json.loads(vfs.record_bytes(record, reader))
+        return data["artifacts"], data["unlisted_directories"]
+
+    assert seen(ALICE) == (3, 0)
+    assert seen(Caller(uid=2001, gid=ALICE.gid)) == (1, 2)  # team, not inner nor search-only
+    assert seen(Caller(uid=2002, gid=2002)) == (0, 2)  # team (inner inside it), search-only
+
+
 # -- the event loop stays responsive (real mounts) ------------------------------------------
 
 
