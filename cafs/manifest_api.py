@@ -15,7 +15,7 @@ disk is full, EIO otherwise), never as the driver's own exception.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -65,6 +65,18 @@ class DirStats:
     logical_bytes: int  # sum of their sizes
     first_write_ns: int | None  # the oldest version of anything below it
     last_write_ns: int | None  # the newest
+
+
+@dataclass(frozen=True, slots=True)
+class RestrictedDir:
+    """A directory some user may not list (its mode lacks read or search for someone): what
+    records leave out for readers who may not (cafs.visibility)."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    fence: int | None  # the nearest such directory above it, below the walk's top; None: none
 
 
 @dataclass(frozen=True)
@@ -334,6 +346,18 @@ class Maintenance(Protocol):
 
     def dir_stats(self, top: int) -> DirStats:
         """The aggregates over the artifacts below a directory: a few reads, not a walk."""
+        ...
+
+    def restricted_dirs(self, top: int) -> list[RestrictedDir]:
+        """Every directory below `top` whose mode does not let everyone list it, at any depth:
+        the same whoever asks. Reads the children only of directories that hold directories."""
+        ...
+
+    def visible_stats(self, top: int, hidden: Collection[int]) -> dict[int, DirStats]:
+        """The aggregates over the artifacts below `top` that are not below any of `hidden`
+        (directories below top, none inside another), for top and for every directory between
+        it and a hidden one (elsewhere dir_stats is already right): a few reads per hidden
+        directory, not a walk."""
         ...
 
     def sharing_stats(self, top: int) -> SharingStats: ...

@@ -428,5 +428,19 @@ def m009_ui_indexes(db: Database) -> None:
         db.execute(statement)
 
 
+# Records leave out, for each reader, the directories they may not list (cafs.visibility):
+# finding them walks the directories below a record's directory through this index, never the
+# files beside them (a layer of 200,000 artifacts in 10 directories: 10 index entries).
+_M010 = [
+    "CREATE INDEX nodes_subdirs ON nodes(parent_id) WHERE kind IN ('layer', 'dir')",
+]
+
+
+@migrations()
+def m010_subdirs(db: Database) -> None:
+    for statement in _M010:
+        db.execute(statement)
+
+
 def migrate(db: Database) -> None:
     migrations.apply(db)

@@ -43,7 +43,7 @@ from cafs.openfiles import (
 from cafs.rules import DEFAULT_MAX_ARTIFACT_SIZE
 from cafs.runtime import KernelNotifier, NoKernel, Runtime
 from cafs.symlinks import Symlinks
-from cafs.virtual import CachedRecord, VirtualNodes, is_computed
+from cafs.virtual import CachedRecord, RecordView, VirtualNodes, is_computed
 from cafs.visibility import Visibility
 from cafs.writers import Processes
 from cafs.xattrs import Xattrs
@@ -252,7 +252,7 @@ class Vfs:
         return self.table.handles
 
     @property
-    def _records(self) -> dict[tuple[int, bool], CachedRecord]:
+    def _records(self) -> dict[RecordView, CachedRecord]:
         return dict(self.virtual.records.items())
 
     @property

@@ -41,6 +41,8 @@ BLOBS_PAGE = 512
 
 # A cached record: (manifest.changes when it was built, its bytes).
 CachedRecord = tuple[int, bytes]
+# Which record: (directory, shows the root hash, the directories below it left out).
+RecordView = tuple[int, bool, tuple[int, ...]]
 
 
 def is_made_up(ino: int) -> bool:
@@ -94,9 +96,9 @@ class VirtualNodes:
         # holding it: only the user who mounted the store may enter it.
         self.blobs = replace(_fixed(BLOBS_INODE, "blobs", Kind.BLOBS, 0o500, 2, now),
                              uid=visibility.owner_uid, gid=os.getegid())
-        # Records by (directory, shows the root hash): each view is built apart.
-        self.records: Lru[tuple[int, bool], CachedRecord] = Lru(RECORD_CACHE_BYTES,
-                                                                 size=_record_size)
+        # Records by (directory, shows the root hash, the directories below it left out): each
+        # view is built apart, and shared by every reader who gets it.
+        self.records: Lru[RecordView, CachedRecord] = Lru(RECORD_CACHE_BYTES, size=_record_size)
 
     # -- the fixed layout -----------------------------------------------------------------
 
@@ -182,12 +184,14 @@ class VirtualNodes:
 
     def record_bytes(self, directory: Node, execution: Node, caller: Caller | None) -> bytes:
         """The record of `directory` (in `execution`) as `caller` may see it, rebuilt only when
-        the manifest changed since."""
-        key = (directory.ino, self.visibility.shows_root(execution, caller))
+        the manifest changed since. Cached per view, not per reader: every reader who may list
+        the same directories below it, and may or may not see the root hash alike, shares one."""
+        key = (directory.ino, self.visibility.shows_root(execution, caller),
+               self.visibility.unlisted_below(directory, caller))
         cached = self.records.get(key)
         if cached is not None and cached[0] == self.manifest.changes:
             return cached[1]
-        data = build_record(self.manifest, directory, execution, root=key[1])
+        data = build_record(self.manifest, directory, execution, root=key[1], unlisted=key[2])
         if len(data) <= RECORD_CACHE_MAX:
             self.records.put(key, (self.manifest.changes, data))
         else:

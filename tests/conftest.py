@@ -30,6 +30,7 @@ os.environ["CAFS_CONFIG"] = ""
 
 
 NOBODY = 65534  # uid and gid of the tests' other user
+READER = 65533  # a third user, where nobody owns what another only reads
 
 
 def fuse_missing_reason() -> str | None:
@@ -108,8 +109,18 @@ def sh(command: str, *, cwd: Path | None = None, check: bool = True,
 
 def as_nobody(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run a shell command as nobody (no groups, nobody's home) in cwd."""
+    return as_user(NOBODY, command, cwd)
+
+
+def as_reader(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a shell command as READER, a third user (neither root nor nobody), in cwd."""
+    return as_user(READER, command, cwd)
+
+
+def as_user(uid: int, command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a shell command as uid (its own group, no others, no home) in cwd."""
     return subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
          "bash", "-c", command],
         cwd=cwd, capture_output=True, text=True, timeout=60,
         env={**os.environ, "HOME": "/nonexistent"})

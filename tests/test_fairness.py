@@ -26,7 +26,7 @@ from cafs.admin import Admin
 from cafs.blobstore import BlobStore
 from cafs.daemon import TrioRuntime
 from cafs.manifest import Manifest
-from cafs.model import RUNS_INODE, AttrChanges
+from cafs.model import RUNS_INODE, AttrChanges, Caller
 from cafs.records import RECORD_TAG_BYTES
 from cafs.store import Store
 from cafs.vfs import Vfs
@@ -215,6 +215,46 @@ def test_records_bound_tags_and_the_cache_by_bytes(opened: Store) -> None:
     assert max(sizes) < RECORD_TAG_BYTES + 4096
     assert vfs._records_bytes <= RECORD_CACHE_BYTES
     assert sum(len(entry[1]) for entry in vfs._records.values()) == vfs._records_bytes
+
+
+def test_records_are_cached_per_view_not_per_reader(opened: Store) -> None:
+    """Readers who may list the same directories share one record (and one walk for the
+    directories some may not list): five readers, two views, two records built."""
+    vfs = Vfs(opened.manifest, opened.blobs, Runtime())
+    d = mkdirs(vfs, "e1", "e1/open")
+    shut = vfs.mkdir(d["e1"], b"shut", 0o700, ALICE).ino
+    write_file(vfs, d["e1/open"], b"a", b"seen")
+    write_file(vfs, shut, b"b", b"not by bob")
+    record = vfs.node(vfs.lookup(d["e1"], b".record.json").ino)
+    readers = [ALICE, Caller(uid=0, gid=0), None, Caller(uid=2001, gid=2001),
+               Caller(uid=2002, gid=2002)]
+    views = [vfs.record_bytes(record, reader) for reader in readers]
+    assert len(vfs._records) == 2
+    assert views[0] == views[1] == views[2] and views[3] is views[4]
+    assert json.loads(views[0])["artifacts"] == 2 and b"shut" in views[0]
+    assert json.loads(views[3])["artifacts"] == 1 and b"shut" not in views[3]
+
+
+def test_records_follow_the_modes_as_the_kernel_would(opened: Store) -> None:
+    """Group bits for the directory's group, other bits for the rest (both, for a group the
+    reader may hold as a secondary one: not known here); a closed directory inside an open one
+    inside a closed one counts once; a directory open only to search is closed."""
+    vfs = Vfs(opened.manifest, opened.blobs, Runtime())
+    d = mkdirs(vfs, "e1")
+    team = vfs.mkdir(d["e1"], b"team", 0o750, ALICE).ino
+    search_only = vfs.mkdir(d["e1"], b"search-only", 0o711, ALICE).ino
+    inner = vfs.mkdir(team, b"inner", 0o700, ALICE).ino
+    for directory in (team, search_only, inner):
+        write_file(vfs, directory, b"f", b"12345")
+    record = vfs.node(vfs.lookup(d["e1"], b".record.json").ino)
+
+    def seen(reader: Caller) -> tuple[int, int]:
+        data = json.loads(vfs.record_bytes(record, reader))
+        return data["artifacts"], data["unlisted_directories"]
+
+    assert seen(ALICE) == (3, 0)
+    assert seen(Caller(uid=2001, gid=ALICE.gid)) == (1, 2)  # team, not inner nor search-only
+    assert seen(Caller(uid=2002, gid=2002)) == (0, 2)  # team (inner inside it), search-only
 
 
 # -- the event loop stays responsive (real mounts) ------------------------------------------

@@ -20,12 +20,20 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import psycopg
 import pytest
 from backends import PgCluster, WeedServer, running_pg_cluster, wait_for_pg
-from conftest import cafs, require_fuse, unmount_whatever_state
-from hosts import Host
+from conftest import (
+    as_nobody,
+    as_reader,
+    cafs,
+    reachable_dir,
+    require_fuse,
+    unmount_whatever_state,
+)
+from hosts import Host, running_hosts, shared_config
 from hosts import hosts as hosts  # the fixture
 from tcp_proxy import TcpProxy
 
@@ -379,6 +387,33 @@ def test_tags_and_records_changed_on_a_show_on_b(hosts: list[Host]) -> None:
     file_b = b.runs / "e1" / "train" / "one"
     within(SOON, lambda: os.getxattr(file_b, "user.stage") == b"eval")
     within(SOON, lambda: json.loads(record_b.read_bytes())["logical_bytes"] == 3)
+
+
+def test_a_layer_closed_on_a_leaves_the_records_b_serves_other_users(
+        pg_cluster: PgCluster, weed: WeedServer) -> None:
+    """Records are cached per view (the directories a reader may not list): a chmod 700 on a
+    must drop that on b too, or another user reading b's record of the run would go on seeing
+    the closed layer's name and totals."""
+    with (reachable_dir("cafs-hosts-") as parent,
+          running_hosts(parent, [*shared_config(pg_cluster, weed), "allow_other = true"])
+          as (a, b)):
+        made = as_nobody("mkdir -p runs/e1/open runs/e1/shut && echo 1 > runs/e1/open/x && "
+                         "head -c 5000 /dev/urandom > runs/e1/shut/weights.bin", a.mountpoint)
+        assert made.returncode == 0, made.stderr
+
+        def reader_sees() -> dict[str, Any]:
+            seen = as_reader("cat runs/e1/.record.json", b.mountpoint)
+            assert seen.returncode == 0, seen.stderr
+            return cast(dict[str, Any], json.loads(seen.stdout))
+
+        within(SOON, lambda: reader_sees()["logical_bytes"] == 5002)
+        assert as_nobody("chmod 700 runs/e1/shut", a.mountpoint).returncode == 0
+        within(SOON, lambda: reader_sees()["logical_bytes"] == 2)
+        seen = reader_sees()
+        assert [layer["name"] for layer in seen["layers"]] == ["open"]
+        assert seen["unlisted_directories"] == 1 and "shut" not in json.dumps(seen)
+        owner = json.loads(as_nobody("cat runs/e1/.record.json", b.mountpoint).stdout)
+        assert owner["logical_bytes"] == 5002 and len(owner["layers"]) == 2
 
 
 def test_a_run_sealed_on_a_refuses_changes_on_b(hosts: list[Host]) -> None:

@@ -130,6 +130,52 @@ def test_directories_list_in_pages_and_walk_parents_first(manifest: Manifest) ->
     assert node is not None and (node.mode, node.atime_ns) == (0o600, 5)
 
 
+def test_records_can_leave_out_the_directories_a_reader_may_not_list(
+        manifest: Manifest) -> None:
+    """restricted_dirs finds every directory someone may not list, at any depth and whatever
+    their ids' order; visible_stats sums what is left, first and last writes included."""
+    execution = manifest.add_node(RUNS_INODE, "e1", Kind.EXECUTION, 0o755, 0, 0, 1)
+
+    def directory(parent: int, name: str, mode: int = 0o755) -> int:
+        kind = Kind.LAYER if parent == execution.ino else Kind.DIR
+        return manifest.add_node(parent, name, kind, mode, 0, 0, 1).ino
+
+    def publish(parent: int, name: str, data: bytes, now: int) -> None:
+        node = manifest.add_node(parent, name, Kind.FILE, 0o644, 0, 0, now).ino
+        manifest.publish(stored(data), version(node, now))
+
+    late = directory(execution.ino, "late", 0o700)  # made before its future parent
+    shut = directory(execution.ino, "shut", 0o700)
+    train = directory(execution.ino, "train")
+    deep = directory(directory(train, "a"), "b", 0o750)
+    inner = directory(deep, "c", 0o700)
+    publish(inner, "oldest", b"1" * 7, 10)
+    publish(train, "x", b"2" * 3, 20)
+    publish(shut, "newest", b"3" * 50, 40)
+    publish(late, "y", b"4" * 5, 30)
+    moving = manifest.node(late)
+    assert moving is not None
+    manifest.rename(moving, deep, "late", None, 35)
+
+    restricted = {entry.ino: entry for entry in manifest.restricted_dirs(execution.ino)}
+    assert set(restricted) == {shut, deep, inner, late}
+    assert restricted[shut].fence is None and restricted[deep].fence is None
+    assert restricted[inner].fence == deep and restricted[late].fence == deep
+    assert {entry.ino for entry in manifest.restricted_dirs(train)} == {deep, inner, late}
+
+    everything = manifest.dir_stats(execution.ino)
+    assert everything == DirStats(4, 65, 10, 40)
+    seen = manifest.visible_stats(execution.ino, [shut, inner])
+    assert seen[execution.ino] == DirStats(2, 8, 20, 30)
+    assert seen[train] == DirStats(2, 8, 20, 30)
+    assert seen[deep] == DirStats(1, 5, 30, 30)
+    assert shut not in seen and inner not in seen
+    assert manifest.visible_stats(execution.ino, [shut, deep])[execution.ino] == DirStats(
+        1, 3, 20, 20)
+    assert manifest.visible_stats(train, [deep])[train] == DirStats(1, 3, 20, 20)
+    assert manifest.visible_stats(execution.ino, [])[execution.ino] == everything
+
+
 def test_tags_are_bytes_kept_per_node(manifest: Manifest) -> None:
     node = make_file(manifest)
     manifest.set_tag(node, "user.stage", b"\x00raw\xff", 2)

@@ -12,14 +12,17 @@ import stat
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import (
     NOBODY,
     Mount,
     as_nobody,
+    as_reader,
     cafs,
     is_mounted,
     mounted_for_everyone,
@@ -323,6 +326,76 @@ def test_records_tell_another_user_nothing_about_sharing(shared: Mount) -> None:
     assert denied.returncode == 3 and denied.stderr.startswith("cafs: "), denied.stderr
 
 
+def read_record(run: Callable[[str, Path], subprocess.CompletedProcess[str]], record: str,
+                here: Path) -> tuple[dict[str, Any], str]:
+    """The record as that user reads it, checked against the size their stat shows."""
+    seen = run(f"cat {record} && stat -c %s {record}", here)
+    assert seen.returncode == 0, seen.stderr
+    text, _, size = seen.stdout.rpartition("}\n")
+    assert int(size) == len((text + "}\n").encode())
+    return json.loads(text + "}"), text
+
+
+def test_records_sum_only_what_the_reader_may_list(shared: Mount) -> None:
+    """nobody's run holds a 0700 layer and a 0700 sub-directory in an open layer: another
+    user reading the run's and the layers' records learns neither their names nor anything
+    of their totals (artifacts, bytes, first and last write); nobody and root see it all."""
+    here = shared.mountpoint
+    steps = [
+        "mkdir -p runs/e/mixed/vault runs/e/open runs/e/private-weights",
+        "chmod 700 runs/e/mixed/vault runs/e/private-weights",
+        "head -c 7000 /dev/urandom > runs/e/mixed/vault/oldest-secret.bin",  # written first
+        "head -c 300 /dev/urandom > runs/e/open/a.txt",
+        "head -c 20 /dev/urandom > runs/e/mixed/b.txt",
+        "head -c 50000 /dev/urandom > runs/e/private-weights/newest-secret.bin",  # last
+    ]
+    for step in steps:  # apart by more than the records' millisecond times
+        made = as_nobody(step, here)
+        assert made.returncode == 0, (step, made.stderr)
+        time.sleep(0.05)
+
+    everything, _ = read_record(as_nobody, "runs/e/.record.json", here)
+    assert everything["artifacts"] == 4 and everything["logical_bytes"] == 57320
+    assert everything["unlisted_directories"] == 0
+    layers = {layer["name"]: layer for layer in everything["layers"]}
+    assert sorted(layers) == ["mixed", "open", "private-weights"]
+    assert layers["private-weights"]["logical_bytes"] == 50000
+    assert layers["mixed"]["artifacts"] == 2
+    assert json.loads((shared.runs / "e" / ".record.json").read_bytes()) == everything  # root
+
+    seen, text = read_record(as_reader, "runs/e/.record.json", here)
+    assert "private-weights" not in text and "secret" not in text and "vault" not in text
+    assert [layer["name"] for layer in seen["layers"]] == ["mixed", "open"]
+    assert seen["artifacts"] == 2 and seen["logical_bytes"] == 320
+    assert seen["unlisted_directories"] == 2
+    mixed = {layer["name"]: layer for layer in seen["layers"]}["mixed"]
+    assert (mixed["artifacts"], mixed["logical_bytes"]) == (1, 20)
+    # The oldest write is in the hidden sub-directory, the newest in the hidden layer: the
+    # reader's times are those of what they can see.
+    assert seen["first_write"] == layers["open"]["first_write"] > everything["first_write"]
+    assert seen["last_write"] == mixed["last_write"] < everything["last_write"]
+    assert mixed["first_write"] == mixed["last_write"] > layers["mixed"]["first_write"]
+
+    layer, _ = read_record(as_reader, "runs/e/mixed/.record.json", here)
+    assert (layer["artifacts"], layer["logical_bytes"]) == (1, 20)
+    assert layer["unlisted_directories"] == 1
+    assert layer["first_write"] == layer["last_write"] == mixed["last_write"]
+    whole, _ = read_record(as_nobody, "runs/e/mixed/.record.json", here)
+    assert (whole["artifacts"], whole["logical_bytes"]) == (2, 7020)
+    denied = as_reader("cat runs/e/private-weights/.record.json", here)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    # Nothing else the reader may ask sums the hidden parts: no totals in any attribute.
+    attributes = as_reader("getfattr -d -m - runs/e runs/e/mixed runs/e/open", here)
+    assert "50000" not in attributes.stdout and "7020" not in attributes.stdout
+
+    # Opened to everyone, the layer is in the reader's record at once.
+    assert as_nobody("chmod 755 runs/e/private-weights", here).returncode == 0
+    now, text = read_record(as_reader, "runs/e/.record.json", here)
+    assert "private-weights" in text and now["artifacts"] == 3
+    assert now["last_write"] == everything["last_write"]
+    assert now["unlisted_directories"] == 1
+
+
 def test_a_root_hash_is_shown_only_to_who_can_read_every_file(shared: Mount) -> None:
     here = shared.mountpoint
     layer = shared.layer("e1", "train")
@@ -372,6 +445,8 @@ def test_admin_commands_answer_only_the_store_owner(shared: Mount) -> None:
                     f"stats --store {store}",
                     f"log --store {store} runs/e1/train/pin",
                     f"log {here}/runs/e1/train/pin",
+                    f"stats {here}/runs/e1",
+                    f"find {here}/runs/e1",
                     f"cat --store {store} runs/e1/train/pin@1",
                     f"gc --dry-run --store {store}"):
         result = as_nobody(f"{command_line} {command}", here)

@@ -491,6 +491,12 @@ def m004_changes(execute: Callable[[str], Any]) -> None:
     _comment_on(execute, CHANGES_COMMENTS)
 
 
+def m006_subdirs(execute: Callable[[str], Any]) -> None:
+    """The SQLite manifest's m010: the directories below a directory, without its files (what
+    records leave out for a reader is found through it)."""
+    execute("CREATE INDEX nodes_subdirs ON nodes(parent_id) WHERE kind IN ('layer', 'dir')")
+
+
 # Numbered, applied in order, each once, each in the transaction that records it. Never edit
 # an applied one: add the next.
 MIGRATIONS: list[tuple[str, Callable[[Callable[[str], Any]], None]]] = [
@@ -499,6 +505,7 @@ MIGRATIONS: list[tuple[str, Callable[[Callable[[str], Any]], None]]] = [
     ("m003_sessions", m003_sessions),
     ("m004_changes", m004_changes),
     ("m005_writers", m005_writers),
+    ("m006_subdirs", m006_subdirs),
 ]
 
 NAMES = [name for name, _ in MIGRATIONS]

@@ -8,10 +8,18 @@ blob files (callers delete the files of the blob rows gc returns) or decide what
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from cafs import schema
-from cafs.manifest_api import DirStats, GcPlan, RepairPlan, SharingStats, Space, Totals
+from cafs.manifest_api import (
+    DirStats,
+    GcPlan,
+    RepairPlan,
+    RestrictedDir,
+    SharingStats,
+    Space,
+    Totals,
+)
 from cafs.model import RUNS_INODE, BlobRef
 from cafs.sqlite_manifest.columns import (
     AGGREGATES,
@@ -26,6 +34,12 @@ from cafs.sqlite_manifest.columns import (
     marks,
 )
 from cafs.sqlite_manifest.rows import Rows
+
+# The directories below an execution (records leave out those a reader may not list); spelled
+# as the index nodes_subdirs is, so both databases use it.
+DIR_KINDS = "('layer', 'dir')"
+# Read and search for owner, group and others: a directory everyone may list.
+EVERYONE_LISTS = 0o555
 
 
 class SqliteMaintenance(Rows):
@@ -94,6 +108,85 @@ class SqliteMaintenance(Rows):
         row = self._db.execute(
             f"SELECT {DIR_STATS.select} FROM nodes WHERE id = ?", (top,)).fetchone()
         return DIR_STATS.decode(row) if row else DirStats(0, 0, None, None)
+
+    def restricted_dirs(self, top: int) -> list[RestrictedDir]:
+        """Directories below `top` whose mode lacks read or search (0o555) for someone: a walk
+        of the directories alone, through the index nodes_subdirs (schema m010), never of the
+        files beside them. Each carries the nearest such directory above it (`fence`), so a
+        caller can tell which ones another hides."""
+        rows = self._db.execute(
+            f"""
+            WITH RECURSIVE d(id, mode, uid, gid, fence) AS (
+                SELECT id, mode, uid, gid, CAST(NULL AS BIGINT) FROM nodes
+                WHERE parent_id = :top AND kind IN {DIR_KINDS}
+                UNION ALL
+                SELECT n.id, n.mode, n.uid, n.gid,
+                       CASE WHEN (d.mode & {EVERYONE_LISTS}) = {EVERYONE_LISTS}
+                            THEN d.fence ELSE d.id END
+                FROM d JOIN nodes n ON n.parent_id = d.id
+                WHERE n.kind IN {DIR_KINDS}
+            )
+            SELECT id, mode, uid, gid, fence FROM d
+            WHERE (mode & {EVERYONE_LISTS}) != {EVERYONE_LISTS} ORDER BY id
+            """,
+            {"top": top},
+        ).fetchall()
+        return [RestrictedDir(*row) for row in rows]
+
+    def visible_stats(self, top: int, hidden: Collection[int]) -> dict[int, DirStats]:
+        """Sums are the directory's less its hidden parts (aggregates add up exactly); the
+        oldest and newest writes are read again, one index seek each, from the children of
+        each directory on the way down to a hidden one, skipping the children on that way."""
+        db = self._db
+        parent_of: dict[int, int] = {}
+        for ino in hidden:
+            while ino != top and ino not in parent_of:
+                row = db.execute("SELECT parent_id FROM nodes WHERE id = ?", (ino,)).fetchone()
+                if row is None:
+                    break
+                parent_of[ino] = ino = row[0]
+        between = {top} | {parent for child, parent in parent_of.items()}
+        set_aside: dict[int, list[int]] = {}
+        for child, parent in parent_of.items():
+            set_aside.setdefault(parent, []).append(child)
+        stats: dict[int, DirStats] = {}
+        for chunk in chunks(sorted(between | set(parent_of))):
+            for row in db.execute(f"SELECT id, {DIR_STATS.select} FROM nodes "
+                                  f"WHERE id IN ({marks(chunk)})", chunk):
+                stats[row[0]] = DIR_STATS.decode(row[1:])
+        visible: dict[int, DirStats] = {}
+
+        def seen(directory: int) -> DirStats:
+            own = stats.get(directory, DirStats(0, 0, None, None))
+            artifacts, size = own.artifacts, own.logical_bytes
+            firsts: list[int] = []
+            lasts: list[int] = []
+            aside = set(set_aside.get(directory, ()))
+            for child in aside:
+                left_out = stats.get(child, DirStats(0, 0, None, None))
+                artifacts -= left_out.artifacts
+                size -= left_out.logical_bytes
+                if child in between:  # a part of it is seen
+                    part = seen(child)
+                    artifacts += part.artifacts
+                    size += part.logical_bytes
+                    firsts += [part.first_write_ns] if part.first_write_ns is not None else []
+                    lasts += [part.last_write_ns] if part.last_write_ns is not None else []
+            # The first child in the index's order that is not set aside: among the first
+            # len(aside) + 1, whatever the directory holds.
+            for column, found, order in (("first_write_ns", firsts, "ASC"),
+                                         ("last_write_ns", lasts, "DESC")):
+                rows = db.execute(
+                    f"SELECT id, {column} FROM nodes WHERE parent_id = ? AND {column} IS NOT "
+                    f"NULL ORDER BY {column} {order} LIMIT ?", (directory, len(aside) + 1))
+                found += [value for ino, value in rows if ino not in aside][:1]
+            result = DirStats(artifacts, size, min(firsts, default=None),
+                              max(lasts, default=None))
+            visible[directory] = result
+            return result
+
+        seen(top)
+        return visible
 
     def sharing_stats(self, top: int) -> SharingStats:
         """Artifacts below a directory and the contents only they hold: one query over the
