@@ -97,7 +97,9 @@ class S3BlobStore:
         self.objects = objects or S3Objects(location)
         self.cache = BlobCache(cache_dir or root / "cache", cache_size)
         self.cache.load()
-        self._fetching: dict[str, threading.Lock] = {}
+        # One lock per digest being fetched (or waited for), with how many hold or wait for
+        # it: removed with the last, so this holds only fetches in progress.
+        self._fetching: dict[str, tuple[threading.Lock, list[int]]] = {}
         self._fetching_lock = threading.Lock()
         # Digests gc chose to delete whose objects are not gone yet (see deleting).
         self._deleting: set[str] = set()
@@ -278,9 +280,20 @@ class S3BlobStore:
             return False
         return True
 
-    def _lock_of(self, digest: str) -> threading.Lock:
+    @contextlib.contextmanager
+    def _fetch_turn(self, digest: str) -> Iterator[None]:
+        """Held by one fetch of the digest at a time (the others wait, then find it cached)."""
         with self._fetching_lock:
-            return self._fetching.setdefault(digest, threading.Lock())
+            lock, users = self._fetching.setdefault(digest, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._fetching_lock:
+                users[0] -= 1
+                if not users[0]:
+                    del self._fetching[digest]
 
     def cached_reader(self, digest: Digest, encoding: Encoding,
                       size: int | None = None) -> BlobReader | None:
@@ -310,7 +323,7 @@ class S3BlobStore:
         manifest knows it (lets a raw blob be checked while it downloads). Corrupt if the
         object is missing or its bytes are wrong; Unavailable if the service fails."""
         asked = time.monotonic()
-        with self._lock_of(digest):
+        with self._fetch_turn(digest):
             if again:
                 self.cache.drop(digest)
             elif self.cache.holds(digest):
