@@ -64,7 +64,8 @@ HEAD_PAUSE = 5.0  # seconds has() answers False without asking after a HEAD fail
 READ_AHEAD_FILES = 4
 READ_AHEAD_THREADS = 2  # ...by this many threads (GETs in parallel besides the readers' own)...
 READ_AHEAD_SHARE = 4  # ...at most capacity // this of stored bytes queued or downloading...
-READ_AHEAD_MAX = 256 << 20  # ...and never more than this.
+READ_AHEAD_MAX = 256 << 20  # ...and never more than this...
+READ_AHEAD_QUEUED = 16  # ...nor more blobs than this (opens faster than the downloads).
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,10 @@ class S3BlobStore:
         self._head_failed_at = -1e9  # when has()'s quick HEAD last failed (monotonic)
         # Digests whose last fetch failed for want of the service: when, and how.
         self._failed: dict[str, tuple[float, Unavailable]] = {}
-        # Read-ahead: the digests queued or downloading (their stored bytes), and the queue its
-        # threads (daemon threads, started at the first use) take them from.
+        # Read-ahead: the digests queued or downloading (their stored bytes, in all), and the
+        # queue its threads (daemon threads, started at the first use) take them from.
         self._ahead: dict[str, int] = {}
+        self._ahead_bytes = 0
         self._ahead_lock = threading.Lock()
         self._ahead_queue: queue.SimpleQueue[tuple[Digest, Encoding, int]] = queue.SimpleQueue()
         self._ahead_threads: list[threading.Thread] = []
@@ -236,10 +238,11 @@ class S3BlobStore:
             except ValueError:
                 continue  # its reader reports it
             with self._ahead_lock:
-                if blob.digest in self._ahead \
-                        or sum(self._ahead.values()) + blob.stored_size > budget:
+                if blob.digest in self._ahead or len(self._ahead) >= READ_AHEAD_QUEUED \
+                        or self._ahead_bytes + blob.stored_size > budget:
                     continue
                 self._ahead[blob.digest] = blob.stored_size
+                self._ahead_bytes += blob.stored_size
                 if len(self._ahead_threads) < READ_AHEAD_THREADS:
                     thread = threading.Thread(target=self._read_ahead_worker, daemon=True,
                                               name="cafs-read-ahead")
@@ -258,7 +261,7 @@ class S3BlobStore:
                 log.debug("read-ahead of blob %s: %s", digest, exc)
             finally:
                 with self._ahead_lock:
-                    self._ahead.pop(digest, None)
+                    self._ahead_bytes -= self._ahead.pop(digest, 0)
 
     def has(self, digest: Digest) -> bool:
         """From the cache if it holds the blob, else one quick HEAD; False if the service
