@@ -371,6 +371,26 @@ def read_figures(work: Path, remounts: dict[str, tuple[Path, tuple[str, ...], Pa
                           for name, values in cpu[kind].items()), flush=True)
 
 
+def point_queries_alone(port: int, count: int, repeats: int) -> float:
+    """What close-to-open costs a pass of reads at the least: `count` point reads of a
+    node by id (as an open on a shared manifest asks for the file's current version), one
+    after another on one connection, a prepared statement. Seconds, best of `repeats`."""
+    import psycopg
+
+    url = f"postgresql://postgres@127.0.0.1:{port}/cafs"
+    with psycopg.connect(url, autocommit=True, prepare_threshold=0) as conn:
+        ids = [row[0] for row in conn.execute("SELECT id FROM nodes ORDER BY id LIMIT %s",
+                                              (count,))]
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for index in range(count):
+                conn.execute("SELECT * FROM nodes WHERE id = %s",
+                             (ids[index % len(ids)],)).fetchone()
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def downloads_alone(server: WeedServer, prefix: str, repeats: int) -> float:
     """The downloads a cold read cannot do without: every blob of the remote store under
     `prefix`, one GET after another on a kept-alive connection (the lean client cafs uses),
@@ -558,6 +578,10 @@ def main() -> None:
             print(f"load average at the end: {write_figures.load_average()}")
             return
         read_figures(work, remounts, files * args.repeat, args.read_repeat, args.against)
+        if port is not None:
+            queries = point_queries_alone(port, files * args.repeat, args.read_repeat)
+            print(f"    the close-to-open checks alone (one point SELECT per file of a pass, "
+                  f"one after another on one connection, no cafs): {queries:.3f} s", flush=True)
         downloads = downloads_alone(server, "bench", args.read_repeat)
         print(f"    the downloads alone (every blob of the remote store, GET one after another "
               f"on a kept-alive connection, page cache dropped, no cafs): {downloads:.2f} s",
