@@ -46,21 +46,26 @@ CAFS = [sys.executable, "-m", "cafs"]
 
 @contextlib.contextmanager
 def mounted(store: Path, mountpoint: Path, *flags: str,
-            cafs: list[str] | None = None) -> Iterator[Path]:
-    """`cafs`: the command to mount with (default: this checkout's)."""
-    command = cafs or CAFS
+            checkout: Path | None = None) -> Iterator[Path]:
+    """`checkout`: mount with that checkout's cafs (default: this one's)."""
+    command, cwd = checkout_cafs(checkout)
     mountpoint.mkdir(parents=True, exist_ok=True)
     subprocess.run([*command, "mount", "--store", str(store), *flags, str(mountpoint)],
-                   check=True)
+                   check=True, cwd=cwd)
     try:
         yield mountpoint
     finally:
-        subprocess.run([*command, "umount", str(mountpoint)], check=True)
+        subprocess.run([*command, "umount", str(mountpoint)], check=True, cwd=cwd)
 
 
-def checkout_cafs(checkout: Path) -> list[str]:
-    """The cafs of another checkout (its own .venv, its own code)."""
-    return [str(checkout / ".venv" / "bin" / "python"), "-m", "cafs"]
+def checkout_cafs(checkout: Path | None) -> tuple[list[str], Path | None]:
+    """The command and working directory that run the cafs of a checkout (its .venv, its
+    code; None: this one's). Run from that checkout: `python -m` imports the package of
+    the working directory first, whichever venv runs it, so a command run from this
+    checkout would mount this checkout's code."""
+    if checkout is None:
+        return CAFS, None
+    return [str(checkout / ".venv" / "bin" / "python"), "-m", "cafs"], checkout
 
 
 def cpu_seconds(pid: int) -> float:
@@ -324,6 +329,92 @@ def cpu_line(what: str, before: dict[str, float], after: dict[str, float], per: 
           + ", ".join(f"{name} {ms:.2f}" for name, ms in spent.items()), flush=True)
 
 
+def read_figures(work: Path, remounts: dict[str, tuple[Path, tuple[str, ...], Path | None]],
+                 files: int, repeats: int, against: list[Path]) -> None:
+    """Each round, each mount in turn made anew (a remote one with an empty cache: every
+    blob is fetched), then a cold pass and a warm pass over everything ingest wrote, the page
+    cache dropped before each. The rows: the best pass of each; the median daemon CPU per
+    file read."""
+    names = list(remounts)
+    cold: dict[str, list[float]] = {name: [] for name in names}
+    warm: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, dict[str, list[float]]] = {"cold": {name: [] for name in names},
+                                              "warm": {name: [] for name in names}}
+    for round_no in range(repeats):
+        shift = round_no % len(names)  # each round starts one mount further on
+        for name in names[shift:] + names[:shift]:
+            store, flags, checkout = remounts[name]
+            if (store / "cache").exists():
+                shutil.rmtree(store / "cache")  # an empty cache: every blob is fetched
+            with mounted(store, work / f"m{name}", *flags, checkout=checkout) as mountpoint:
+                pid = daemon_pid(store)
+                for kind, figures in (("cold", cold), ("warm", warm)):
+                    drop_caches()  # the second read: the cache holds it all
+                    cpu_at = cpu_seconds(pid)
+                    start = time.perf_counter()
+                    read_tree(mountpoint / "runs" / "bench")
+                    figures[name].append(time.perf_counter() - start)
+                    cpu[kind][name].append((cpu_seconds(pid) - cpu_at) / files * 1000)
+    row("cold read (empty cache, page cache dropped)", best(cold["local"]),
+        best(cold["s3"]), "s", "<= 2.0x", best(cold["s3"]) <= 2 * best(cold["local"]))
+    row("warm read (cached, page cache dropped)", best(warm["local"]), best(warm["s3"]),
+        "s", "same as local", best(warm["s3"]) <= 1.15 * best(warm["local"]))
+    for name in names[2:]:
+        what = ("the manifest alone (PostgreSQL, blobs on the local store)" if name == "pg-local"
+                else f"{name} ({against[int(name.removeprefix('against'))]})")
+        print(f"    {what}: cold {best(cold[name]):.2f} s "
+              f"({best(cold[name]) / best(cold['local']):.2f}x), warm {best(warm[name]):.2f} s "
+              f"({best(warm[name]) / best(warm['local']):.2f}x)")
+    for kind in ("cold", "warm"):
+        print(f"    daemon CPU ms per file read ({kind}, median of rounds): "
+              + ", ".join(f"{name} {statistics.median(values):.2f}"
+                          for name, values in cpu[kind].items()), flush=True)
+
+
+def point_queries_alone(port: int, count: int, repeats: int) -> float:
+    """What close-to-open costs a pass of reads at the least: `count` point reads of a
+    node by id (as an open on a shared manifest asks for the file's current version), one
+    after another on one connection, a prepared statement. Seconds, best of `repeats`."""
+    import psycopg
+
+    url = f"postgresql://postgres@127.0.0.1:{port}/cafs"
+    with psycopg.connect(url, autocommit=True, prepare_threshold=0) as conn:
+        ids = [row[0] for row in conn.execute("SELECT id FROM nodes ORDER BY id LIMIT %s",
+                                              (count,))]
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for index in range(count):
+                conn.execute("SELECT * FROM nodes WHERE id = %s",
+                             (ids[index % len(ids)],)).fetchone()
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def downloads_alone(server: WeedServer, prefix: str, corpus: Path, repeats: int) -> float:
+    """The downloads a cold read cannot do without: the blob of each content of `corpus`
+    (what the read pass reads: copies of it), one GET after another on a kept-alive
+    connection (the lean client cafs uses), each hashed as it arrives, after the page cache
+    is dropped (the server reads its disk as in the cold read); nothing of cafs around it.
+    Seconds, best of `repeats`."""
+    from cafs.blobstore.s3 import BLOBS, S3Location, S3Objects
+
+    objects = S3Objects(S3Location.parse(server.url(prefix)))
+    names = sorted({BLOBS + hashlib.sha256(path.read_bytes()).hexdigest()
+                    for path in corpus.rglob("*") if path.is_file()})
+    times = []
+    with tempfile.TemporaryFile(dir="/var/tmp") as file:
+        for _ in range(repeats):
+            drop_caches()
+            start = time.perf_counter()
+            for name in names:
+                hasher = hashlib.sha256()
+                objects.get_into(name, file.fileno(),
+                                 lambda offset, data, hasher=hasher: hasher.update(data))
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scale", type=float, default=0.25)
@@ -339,9 +430,12 @@ def main() -> None:
     parser.add_argument("--no-ceiling", action="store_true",
                         help="skip the servers-alone ceiling of each create figure")
     parser.add_argument("--against", type=Path, action="append", default=[],
-                        help="creates only: also mount the remote store with the cafs of this "
-                             "checkout (its .venv), interleaved with this one's (before/after; "
-                             "repeatable)")
+                        help="also mount the remote store with the cafs of this checkout (its "
+                             ".venv), interleaved with this one's (before/after: creates and "
+                             "reads; repeatable)")
+    parser.add_argument("--read-repeat", type=int, default=5,
+                        help="rounds of the read figures (each: a fresh mount, a cold pass "
+                             "through an empty cache, a warm pass)")
     args = parser.parse_args()
     only = set(args.only or FIGURES)
     work = Path(tempfile.mkdtemp(prefix="cafs-s3-bench-", dir="/var/tmp"))
@@ -377,6 +471,9 @@ def main() -> None:
         stores = {"local": work / "local", "s3": work / "s3"}
         against = contextlib.ExitStack()
         others: dict[str, Path] = {}  # name: its mountpoint
+        # How each mount is made again for the read figures: store, flags, checkout.
+        remounts: dict[str, tuple[Path, tuple[str, ...], Path | None]] = {
+            "local": (work / "local", (), None), "s3": (work / "s3", s3_flags, None)}
         for index, checkout in enumerate(args.against):  # each its own database and bucket
             name = f"against{index}"
             other_flags: tuple[str, ...] = ("--blobs", server.url(f"bench-{name}"))
@@ -386,10 +483,21 @@ def main() -> None:
                 other_flags += ("--manifest",
                                 f"postgresql://postgres@127.0.0.1:{port}/cafs_{name}")
             others[name] = against.enter_context(mounted(
-                work / f"s3{name}", work / f"ms3{name}", *other_flags,
-                cafs=checkout_cafs(checkout)))
+                work / f"s3{name}", work / f"ms3{name}", *other_flags, checkout=checkout))
             stores[name] = work / f"s3{name}"
+            remounts[name] = (stores[name], other_flags, checkout)
             print(f"  '{name}': the remote mount with the cafs of {checkout}")
+        if port is not None and "reads" in only:
+            # The manifest alone: PostgreSQL with the blobs on the local store, so the read
+            # figures tell the manifest's cost (close-to-open) from the blob store's.
+            subprocess.run([str(pg_bench.pg_bindir() / "createdb"), "-h", "127.0.0.1", "-p",
+                            str(port), "-U", "postgres", "cafs_pglocal"], check=True)
+            pg_local_flags = ("--manifest", f"postgresql://postgres@127.0.0.1:{port}/"
+                                            "cafs_pglocal")
+            others["pg-local"] = against.enter_context(mounted(
+                work / "pglocal", work / "mpglocal", *pg_local_flags))
+            stores["pg-local"] = work / "pglocal"
+            remounts["pg-local"] = (stores["pg-local"], pg_local_flags, None)
         with against, mounted(work / "local", work / "mlocal") as local, \
                 mounted(work / "s3", work / "ms3", *s3_flags) as s3:
             targets = {"local": local / "runs", "s3": s3 / "runs"}
@@ -442,7 +550,8 @@ def main() -> None:
                 row(f"4 KiB creates, {writers} writer(s)", rate["local"], rate["s3"],
                     "files/s", f">= {goal}/s", rate["s3"] >= goal)
                 files_each = args.creates * writers * args.repeat
-                for name, checkout in zip(others, args.against, strict=True):
+                for name, checkout in zip([name for name in others if name != "pg-local"],
+                                          args.against, strict=True):
                     other_ms = (cpu_seconds(daemon_pid(stores[name])) - before.pop(name)) \
                         / files_each * 1000
                     print(f"    {name} ({checkout}): {rate[name]:.2f} files/s, daemon CPU "
@@ -467,36 +576,18 @@ def main() -> None:
                       f"no cafs): {ceiling:.0f} files/s; cafs reaches "
                       f"{rate['s3'] / ceiling:.0%} of it; the target is "
                       f"{'beyond' if ceiling < goal else 'within'} the servers' reach")
-        cold: dict[str, list[float]] = {"local": [], "s3": []}
-        warm: dict[str, list[float]] = {"local": [], "s3": []}
-        cpu: dict[str, dict[str, float]] = {"cold": {"local": 0.0, "s3": 0.0},
-                                            "warm": {"local": 0.0, "s3": 0.0}}
-        for _ in range(args.repeat if "reads" in only else 0):
-            for name, store, flags in (("local", work / "local", ()),
-                                       ("s3", work / "s3", s3_flags)):
-                if name == "s3":
-                    shutil.rmtree(store / "cache")  # an empty cache: every blob is fetched
-                with mounted(store, work / f"m{name}", *flags) as mountpoint:
-                    pid = daemon_pid(store)
-                    for kind, figures in (("cold", cold), ("warm", warm)):
-                        drop_caches()  # the second read: the cache holds it all
-                        cpu_at = cpu_seconds(pid)
-                        start = time.perf_counter()
-                        read_tree(mountpoint / "runs" / "bench")
-                        figures[name].append(time.perf_counter() - start)
-                        cpu[kind][name] += cpu_seconds(pid) - cpu_at
         if "reads" not in only:
             print(f"load average at the end: {write_figures.load_average()}")
             return
-        row("cold read (empty cache, page cache dropped)", best(cold["local"]),
-            best(cold["s3"]), "s", "<= 2.0x", best(cold["s3"]) <= 2 * best(cold["local"]))
-        row("warm read (cached, page cache dropped)", best(warm["local"]), best(warm["s3"]),
-            "s", "same as local", best(warm["s3"]) <= 1.15 * best(warm["local"]))
-        read_files = files * args.repeat * args.repeat  # every ingest round, each pass
-        for kind in ("cold", "warm"):
-            print(f"    daemon CPU ms per file read ({kind}): "
-                  + ", ".join(f"{name} {seconds / read_files * 1000:.2f}"
-                              for name, seconds in cpu[kind].items()), flush=True)
+        read_figures(work, remounts, files * args.repeat, args.read_repeat, args.against)
+        if port is not None:
+            queries = point_queries_alone(port, files * args.repeat, args.read_repeat)
+            print(f"    the close-to-open checks alone (one point SELECT per file of a pass, "
+                  f"one after another on one connection, no cafs): {queries:.3f} s", flush=True)
+        downloads = downloads_alone(server, "bench", corpus, args.read_repeat)
+        print(f"    the downloads alone (every blob the pass reads, GET one after another on a "
+              f"kept-alive connection, page cache dropped, no cafs): {downloads:.2f} s",
+              flush=True)
         print(f"load average at the end: {write_figures.load_average()}")
     finally:
         stack.close()

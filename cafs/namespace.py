@@ -167,6 +167,17 @@ class Pages:
     def clear(self) -> None:
         self._dirs.clear()
 
+    def after(self, ino: int, position: int) -> Iterator[Node]:
+        """The directory's children after `position` (an ino: listings are in ino order), as
+        far as the pages kept hold them; asks the manifest nothing."""
+        pages = self._dirs.get(ino)
+        if pages is None:
+            return
+        for start in sorted(pages):
+            page = pages[start]
+            if page and page[-1].ino > position:
+                yield from (node for node in page if node.ino > position)
+
 
 def lookup_name(raw: bytes) -> str:
     """A name to look up: one that cannot exist is simply not found."""
@@ -459,6 +470,16 @@ class Namespace:
             if len(listing.page) < READDIR_PAGE:
                 return  # that was the last page
             after = listing.inos[-1]
+
+    def files_after(self, node: Node) -> Iterator[BlobRef]:
+        """The contents of the files listed after `node` in its directory (what a reader of
+        the directory's files one after another opens next), from the listings this daemon
+        keeps: none if it keeps none. Lazy, and asks the manifest nothing."""
+        cached = self.cache.node
+        for sibling in self.pages.after(node.parent, node.ino):
+            current = cached(sibling.ino) or sibling
+            if current.kind is Kind.FILE and current.blob is not None:
+                yield current.blob
 
     def _current(self, node: Node) -> Node | None:
         """The node as it is now (a page may be older than a chmod or a publish), or None if

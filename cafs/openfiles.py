@@ -602,6 +602,11 @@ class OpenFiles:
         handle = self.table.new_handle(inode, writable, caller)
         if self.shared and node.kind is Kind.FILE:
             self._page_cache(handle)
+        if self.blobs.remote and not writable and inode.reader is None \
+                and node.kind is Kind.FILE and inode.node.blob is not None and not inode.damaged:
+            # A blob the cache lacks starts downloading now, and the next files of the
+            # directory with it (the store decides, bounded): never waited for here.
+            self.blobs.read_ahead(inode.node.blob, self.tree.files_after(inode.node))
         if writable:
             self._note_opener(handle, flags)
         # libfuse negotiates atomic O_TRUNC: truncation arrives here, not as setattr(size=0).

@@ -8,7 +8,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +16,16 @@ from backends import S3_BUCKET, WeedServer
 from tcp_proxy import TcpProxy
 
 from cafs.blobstore import Blobs, Encoding, LocalBlobStore, read_chunks
-from cafs.blobstore.s3 import RETRY_AFTER, S3BlobStore, S3Location, Unavailable
+from cafs.blobstore.s3 import (
+    READ_AHEAD_FILES,
+    RETRY_AFTER,
+    S3BlobStore,
+    S3Location,
+    Unavailable,
+)
 from cafs.digest import Digest
 from cafs.errors import Corrupt, InvalidArgument
+from cafs.model import BlobRef
 
 
 def text(size: int, seed: int = 0) -> bytes:
@@ -334,6 +341,91 @@ def test_concurrent_readers_of_one_blob_fetch_it_once(tmp_path: Path, weed: Weed
     for thread in threads:
         thread.join()
     assert got == [data] * 4
+
+
+def blob_ref(stored: tuple[Digest, str, int], size: int) -> BlobRef:
+    digest, encoding, stored_size = stored
+    return BlobRef(0, digest, size, stored_size, encoding)
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_read_ahead_brings_the_opened_blob_and_the_next_ones_in_without_waiting(
+        tmp_path: Path, weed: WeedServer) -> None:
+    """A file opened whose blob the cache lacks: it and the blobs of the next
+    READ_AHEAD_FILES files are downloaded in the background, checked as any fetch; the call
+    itself waits for no download."""
+    prefix = weed.new_prefix()
+    writer = s3_store(tmp_path / "a", weed, prefix=prefix)
+    contents = [text(300_000 + i, seed=30 + i) if i % 2 else os.urandom(200_000 + i)
+                for i in range(READ_AHEAD_FILES + 2)]
+    refs = [blob_ref(put(writer, data), len(data)) for data in contents]
+    store = s3_store(tmp_path / "b", weed, prefix=prefix)
+    fetched: list[str] = []
+    fetch = store.fetch
+
+    def slow_fetch(digest: Digest, encoding: Encoding, **kwargs: object) -> None:
+        time.sleep(0.2)  # a slow service: read_ahead must not wait for it
+        fetch(digest, encoding, **kwargs)  # type: ignore[arg-type]
+        fetched.append(digest)
+
+    store.fetch = slow_fetch  # type: ignore[method-assign]
+    started = time.monotonic()
+    store.read_ahead(refs[0], iter(refs[1:]))
+    assert time.monotonic() - started < 0.1
+    wanted = {ref.digest for ref in refs[:READ_AHEAD_FILES + 1]}
+    assert wait_until(lambda: wanted <= set(fetched))
+    time.sleep(0.3)
+    assert refs[-1].digest not in fetched  # only the next READ_AHEAD_FILES
+    assert not store.cache.holds(refs[-1].digest)
+    store.fetch = fetch  # type: ignore[method-assign]
+    for ref, data in zip(refs, contents, strict=True):
+        assert read_all(store, ref.digest, ref.encoding, ref.size) == data
+
+
+def test_read_ahead_of_a_cached_blob_looks_at_nothing_else(tmp_path: Path,
+                                                           weed: WeedServer) -> None:
+    """The warm path: a file whose blob is cached costs one look at the cache, not a walk of
+    its directory."""
+    store = s3_store(tmp_path, weed)
+    ref = blob_ref(put(store, b"cached"), 6)
+
+    def following() -> Iterator[BlobRef]:
+        raise AssertionError("the directory was walked for a cached blob")
+        yield ref
+
+    store.read_ahead(ref, following())
+
+
+def test_read_ahead_stays_within_its_share_of_the_cache_and_never_admits_damage(
+        tmp_path: Path, weed: WeedServer) -> None:
+    prefix = weed.new_prefix()
+    writer = s3_store(tmp_path / "a", weed, prefix=prefix)
+    small = os.urandom(100_000)
+    large = os.urandom(400_000)  # more than a quarter of the cache below
+    damaged = os.urandom(100_000)
+    refs = [blob_ref(put(writer, data), len(data)) for data in (small, large, damaged)]
+    key = writer.location.key("blobs/" + refs[2].digest)
+    body = bytearray(weed.client().get_object(Bucket=S3_BUCKET, Key=key)["Body"].read())
+    body[1000] ^= 0xFF
+    weed.client().put_object(Bucket=S3_BUCKET, Key=key, Body=bytes(body))
+    store = s3_store(tmp_path / "b", weed, prefix=prefix, cache_size=1_000_000)
+    store.read_ahead(refs[0], iter(refs[1:]))
+    assert wait_until(lambda: store.cache.holds(refs[0].digest))
+    time.sleep(0.5)
+    assert not store.cache.holds(refs[1].digest)  # beyond the share: left to its reader
+    assert not store.cache.holds(refs[2].digest)  # damaged: never admitted
+    assert read_all(store, refs[1].digest, refs[1].encoding, len(large)) == large
+    with pytest.raises(Corrupt):
+        read_all(store, refs[2].digest, refs[2].encoding, len(damaged))
+    assert store.cache.bytes <= 1_000_000
 
 
 def test_a_cut_short_object_under_the_key_is_replaced_not_trusted(

@@ -9,13 +9,13 @@ sits behind the same protocol.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 from cafs.blobstore.fileio import CHUNK
 from cafs.digest import Digest, digest_of_chunks
-from cafs.model import StoredBlob
+from cafs.model import BlobRef, StoredBlob
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -124,6 +124,15 @@ class Blobs(Protocol):
         """A reader of the blob; Corrupt if it is missing or unreadable. `size` (the
         uncompressed size the manifest records) lets a remote store open without fetching:
         it never downloads then, its reader's read() does."""
+        ...
+
+    def read_ahead(self, opened: BlobRef, following: Iterable[BlobRef]) -> None:
+        """A file of content `opened` was just opened for reading; `following` are the
+        contents of the files after it in its directory (a lazy iterable). A remote store whose
+        cache lacks `opened` starts bringing it and the first few of `following` into its cache
+        in the background (bounded), so the reads to come wait less for downloads; else (and on
+        a local store) it does nothing and never looks at `following`. Never waits for the
+        network, never fails."""
         ...
 
     def has(self, digest: Digest) -> bool: ...

@@ -17,7 +17,7 @@ import ctypes
 import errno
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -38,7 +38,7 @@ from cafs.blobstore.zstd_seekable import (
 )
 from cafs.digest import Digest, is_digest
 from cafs.errors import Corrupt
-from cafs.model import StoredBlob
+from cafs.model import BlobRef, StoredBlob
 
 
 def _find_syncfs() -> Callable[[int], int] | None:
@@ -145,6 +145,9 @@ class LocalBlobStore:
 
     def has(self, digest: Digest) -> bool:
         return os.path.lexists(self.path_of(digest))
+
+    def read_ahead(self, opened: BlobRef, following: Iterable[BlobRef]) -> None:
+        """Nothing to bring in: the kernel reads ahead in the blob files themselves."""
 
     def publish(self, temp: TempBlob, digest: Digest) -> StoredBlob:
         """Turn a finished temp into the blob `digest`, durably.

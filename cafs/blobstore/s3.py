@@ -12,7 +12,8 @@ Owns: publishing (encode as the local store does, then one PUT with `If-None-Mat
 to a temp in the cache directory, re-hash it against the digest with the encoding's own
 checks, rename into place), readers that never download in `open` or `read_nowait`, only in
 `read` (worker threads), and that fetch a damaged cache file again once before they give
-Corrupt. Must not know the manifest, paths in the namespace or FUSE.
+Corrupt; read-ahead (a file opened: its blob and the next files' fetched in background threads,
+bounded). Must not know the manifest, paths in the namespace or FUSE.
 
 Every call that talks to the service may block for seconds (see s3_objects for the bounds):
 `remote = True` tells the daemon to make them in worker threads. `has()` answers from the
@@ -23,10 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,7 +50,7 @@ from cafs.blobstore.zstd_seekable import (
 )
 from cafs.digest import Digest, digest_of_chunks, is_digest
 from cafs.errors import Corrupt, StoreError
-from cafs.model import StoredBlob
+from cafs.model import BlobRef, StoredBlob
 
 BLOBS = "blobs/"
 QUARANTINE = "quarantine/"
@@ -56,6 +59,15 @@ ENCODING_KEY = "cafs-encoding"  # user metadata: the object's encoding
 DEFAULT_CACHE_SIZE = 10 << 30
 RETRY_AFTER = 0.5  # seconds after a failed fetch in which a read of it fails at once
 HEAD_PAUSE = 5.0  # seconds has() answers False without asking after a HEAD failed
+# Read-ahead (read_ahead): a file opened whose blob the cache lacks is downloaded at once in the
+# background, with the blobs of up to this many files after it in its directory...
+READ_AHEAD_FILES = 4
+READ_AHEAD_THREADS = 2  # ...by this many threads (GETs in parallel besides the readers' own)...
+READ_AHEAD_SHARE = 4  # ...at most capacity // this of stored bytes queued or downloading...
+READ_AHEAD_MAX = 256 << 20  # ...and never more than this...
+READ_AHEAD_QUEUED = 16  # ...nor more blobs than this (opens faster than the downloads).
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CACHE_SIZE", "S3BlobStore", "S3Location", "Unavailable"]
 
@@ -86,7 +98,9 @@ class S3BlobStore:
         self.objects = objects or S3Objects(location)
         self.cache = BlobCache(cache_dir or root / "cache", cache_size)
         self.cache.load()
-        self._fetching: dict[str, threading.Lock] = {}
+        # One lock per digest being fetched (or waited for), with how many hold or wait for
+        # it: removed with the last, so this holds only fetches in progress.
+        self._fetching: dict[str, tuple[threading.Lock, list[int]]] = {}
         self._fetching_lock = threading.Lock()
         # Digests gc chose to delete whose objects are not gone yet (see deleting).
         self._deleting: set[str] = set()
@@ -94,6 +108,13 @@ class S3BlobStore:
         self._head_failed_at = -1e9  # when has()'s quick HEAD last failed (monotonic)
         # Digests whose last fetch failed for want of the service: when, and how.
         self._failed: dict[str, tuple[float, Unavailable]] = {}
+        # Read-ahead: the digests queued or downloading (their stored bytes, in all), and the
+        # queue its threads (daemon threads, started at the first use) take them from.
+        self._ahead: dict[str, int] = {}
+        self._ahead_bytes = 0
+        self._ahead_lock = threading.Lock()
+        self._ahead_queue: queue.SimpleQueue[tuple[Digest, Encoding, int]] = queue.SimpleQueue()
+        self._ahead_threads: list[threading.Thread] = []
 
     # A PUT that returned is stored by the service: nothing to make durable later.
     @property
@@ -193,6 +214,55 @@ class S3BlobStore:
                 raise
         return reader
 
+    def read_ahead(self, opened: BlobRef, following: Iterable[BlobRef]) -> None:
+        """Bring `opened` and the first READ_AHEAD_FILES of `following` into the cache in
+        background threads if the cache lacks `opened` (a read of files one after another, as
+        a loader or `cp -r` makes, then finds the next ones fetched or on their way: their GETs
+        overlap the reads instead of following them). Bounded: at most a share of the cache's
+        capacity queued or downloading; a blob larger than that is left to its reader. Each is
+        fetched as a read fetches it (checked whole before it enters the cache); a read of one
+        still on its way waits for that download instead of starting its own."""
+        if self.cache.holds(opened.digest):
+            return  # the warm path: nothing else is looked at
+        wanted = [opened]
+        for blob in following:
+            if len(wanted) > READ_AHEAD_FILES:
+                break
+            wanted.append(blob)
+        budget = min(self.cache.capacity // READ_AHEAD_SHARE, READ_AHEAD_MAX)
+        for blob in wanted:
+            if blob.damaged or blob.size < 0 or self.cache.holds(blob.digest):
+                continue
+            try:
+                encoding = Encoding(blob.encoding)
+            except ValueError:
+                continue  # its reader reports it
+            with self._ahead_lock:
+                if blob.digest in self._ahead or len(self._ahead) >= READ_AHEAD_QUEUED \
+                        or self._ahead_bytes + blob.stored_size > budget:
+                    continue
+                self._ahead[blob.digest] = blob.stored_size
+                self._ahead_bytes += blob.stored_size
+                if len(self._ahead_threads) < READ_AHEAD_THREADS:
+                    thread = threading.Thread(target=self._read_ahead_worker, daemon=True,
+                                              name="cafs-read-ahead")
+                    self._ahead_threads.append(thread)
+                    thread.start()
+            self._ahead_queue.put((blob.digest, encoding, blob.size))
+
+    def _read_ahead_worker(self) -> None:
+        """A daemon thread (a download in flight never holds up the daemon's exit; the
+        temp it leaves is removed by the next start, BlobCache.load)."""
+        while True:
+            digest, encoding, size = self._ahead_queue.get()
+            try:
+                self.fetch(digest, encoding, size=size)
+            except (Corrupt, Unavailable, OSError) as exc:  # its reader meets it again
+                log.debug("read-ahead of blob %s: %s", digest, exc)
+            finally:
+                with self._ahead_lock:
+                    self._ahead_bytes -= self._ahead.pop(digest, 0)
+
     def has(self, digest: Digest) -> bool:
         """From the cache if it holds the blob, else one quick HEAD; False if the service
         does not answer at once (the publish that follows uploads, in a worker thread, and a
@@ -213,9 +283,20 @@ class S3BlobStore:
             return False
         return True
 
-    def _lock_of(self, digest: str) -> threading.Lock:
+    @contextlib.contextmanager
+    def _fetch_turn(self, digest: str) -> Iterator[None]:
+        """Held by one fetch of the digest at a time (the others wait, then find it cached)."""
         with self._fetching_lock:
-            return self._fetching.setdefault(digest, threading.Lock())
+            lock, users = self._fetching.setdefault(digest, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._fetching_lock:
+                users[0] -= 1
+                if not users[0]:
+                    del self._fetching[digest]
 
     def cached_reader(self, digest: Digest, encoding: Encoding,
                       size: int | None = None) -> BlobReader | None:
@@ -245,7 +326,7 @@ class S3BlobStore:
         manifest knows it (lets a raw blob be checked while it downloads). Corrupt if the
         object is missing or its bytes are wrong; Unavailable if the service fails."""
         asked = time.monotonic()
-        with self._lock_of(digest):
+        with self._fetch_turn(digest):
             if again:
                 self.cache.drop(digest)
             elif self.cache.holds(digest):
