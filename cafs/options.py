@@ -67,8 +67,8 @@ class Settings:
         None, "where `cafs mount` mounts without an argument", flag="MOUNTPOINT")
     allow_other: bool = option(
         False, "let other users use the mount; file permissions still apply", mount=True)
-    compression: int = option(
-        3, "zstd level for compressible content, default 3 (negative: faster, less "
+    compression: int = option(  # cafs.blobstore.DEFAULT_LEVEL (options load without zstd)
+        1, "zstd level for compressible content, default 1 (negative: faster, less "
         "compressed; 0: every blob stored raw)", unit="N", mount=True)
     max_artifact_size: int = option(
         DEFAULT_MAX_ARTIFACT_SIZE, "larger writes get EFBIG, default 256 GiB", unit="BYTES",

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from cafs.blobstore import Blobs, BlobsSpec, open_blob_store
+from cafs.blobstore import DEFAULT_LEVEL, Blobs, BlobsSpec, open_blob_store
 from cafs.errors import CafsError, NeedsRepair, StoreBusy, StoreError
 from cafs.manifest import Manifest, copy_manifest
 from cafs.model import BlobRef
@@ -463,7 +463,7 @@ class Store:
 
     @classmethod
     def open(cls, root: Path, *, create: bool = True, lock: bool = False,
-             compression_level: int = 3, owner: str = "",
+             compression_level: int = DEFAULT_LEVEL, owner: str = "",
              blobs: BlobsSpec | None = None, serving: bool = False) -> Store:
         root = real_store_path(root)
         prepare_store_dir(root, create=create)
