@@ -303,6 +303,32 @@ def mountpoint(tmp_path: Path) -> Path:
     return path
 
 
+def mount_with_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str) -> Mount:
+    """A started mount of a new store under tmp_path, its configuration file holding `config`
+    (how the S3 tests put blobs on S3 whatever CAFS_TEST_BACKEND says)."""
+    require_fuse()
+    path = tmp_path / "cafs.toml"
+    path.write_text(config)
+    monkeypatch.setenv("CAFS_CONFIG", str(path))
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir(exist_ok=True)
+    mounted = Mount(tmp_path / "store", mountpoint)
+    mounted.start()
+    return mounted
+
+
+@contextlib.contextmanager
+def checked_after(mounted: Mount) -> Iterator[Mount]:
+    """Yields the mount; then unmounts it and requires a clean log and a clean fsck --full."""
+    try:
+        yield mounted
+    finally:
+        unmount_whatever_state(mounted.mountpoint)
+    assert mounted.log_problems() == []
+    report = mounted.fsck("--full")
+    assert report.returncode == 0, report.stdout + report.stderr
+
+
 def unmount_whatever_state(mountpoint: Path) -> None:
     """Test clean-up: unmount cleanly if possible, else detach a dead or busy mount."""
     if is_mounted(mountpoint):

@@ -16,21 +16,14 @@ from pathlib import Path
 
 import pytest
 from backends import WeedServer
-from conftest import Mount, require_fuse, unmount_whatever_state
+from conftest import Mount, checked_after, mount_with_config, unmount_whatever_state
 
 
 def _mount(tmp_path: Path, weed: WeedServer, monkeypatch: pytest.MonkeyPatch,
            cache_size: int) -> Mount:
-    require_fuse()
-    config = tmp_path / "cafs.toml"
-    config.write_text(f'blobs = "{weed.url(weed.new_prefix())}"\n'
-                      f'cache_dir = "{tmp_path / "cache"}"\ncache_size = {cache_size}\n')
-    monkeypatch.setenv("CAFS_CONFIG", str(config))
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir(exist_ok=True)
-    mounted = Mount(tmp_path / "store", mountpoint)
-    mounted.start()
-    return mounted
+    return mount_with_config(tmp_path, monkeypatch,
+                             f'blobs = "{weed.url(weed.new_prefix())}"\n'
+                             f'cache_dir = "{tmp_path / "cache"}"\ncache_size = {cache_size}\n')
 
 
 def _cached_bytes(tmp_path: Path) -> int:
@@ -45,14 +38,8 @@ def _cached_bytes(tmp_path: Path) -> int:
 @pytest.fixture
 def tiny_cache(tmp_path: Path, weed: WeedServer,
                monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Mount]:
-    mounted = _mount(tmp_path, weed, monkeypatch, request.param)
-    try:
+    with checked_after(_mount(tmp_path, weed, monkeypatch, request.param)) as mounted:
         yield mounted
-    finally:
-        unmount_whatever_state(mounted.mountpoint)
-    assert mounted.log_problems() == []
-    report = mounted.fsck("--full")
-    assert report.returncode == 0, report.stdout + report.stderr
 
 
 @pytest.mark.parametrize("tiny_cache", [0, 1, 5000], indirect=True)

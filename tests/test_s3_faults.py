@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from backends import WeedServer
-from conftest import Mount, cafs, require_fuse, unmount_whatever_state
+from conftest import Mount, cafs, mount_with_config, require_fuse, unmount_whatever_state
 from tcp_proxy import TcpProxy
 
 
@@ -32,19 +32,14 @@ def proxy(weed: WeedServer) -> Iterator[TcpProxy]:
 def s3_mount(tmp_path: Path, weed: WeedServer, proxy: TcpProxy,
              monkeypatch: pytest.MonkeyPatch) -> Iterator[Mount]:
     """A mount whose blobs go through the proxy, whatever CAFS_TEST_BACKEND says."""
-    require_fuse()
-    config = tmp_path / "cafs.toml"
-    config.write_text(f'blobs = "{weed.url(weed.new_prefix(), f"http://{proxy.url_host}")}"\n')
-    monkeypatch.setenv("CAFS_CONFIG", str(config))
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    mounted = Mount(tmp_path / "store", mountpoint)
-    mounted.start()
+    mounted = mount_with_config(
+        tmp_path, monkeypatch,
+        f'blobs = "{weed.url(weed.new_prefix(), f"http://{proxy.url_host}")}"\n')
     try:
         yield mounted
     finally:
         proxy.heal()
-        unmount_whatever_state(mountpoint)
+        unmount_whatever_state(mounted.mountpoint)
     mounted.log_problems(accept=True)  # the faults were logged: expected here
     report = mounted.fsck("--full")
     assert report.returncode == 0, report.stdout + report.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from backends import WeedServer
-from conftest import Mount, require_fuse, unmount_whatever_state
+from conftest import Mount, checked_after, mount_with_config
 
 from cafs.blobstore.s3 import READ_AHEAD_FILES
 
@@ -24,22 +24,10 @@ from cafs.blobstore.s3 import READ_AHEAD_FILES
 def s3_mount(tmp_path: Path, weed: WeedServer,
              monkeypatch: pytest.MonkeyPatch) -> Iterator[Mount]:
     """A mount whose blobs are on S3, whatever CAFS_TEST_BACKEND says."""
-    require_fuse()
-    config = tmp_path / "cafs.toml"
-    config.write_text(f'blobs = "{weed.url(weed.new_prefix())}"\n'
-                      f'cache_size = {8 << 20}\n')
-    monkeypatch.setenv("CAFS_CONFIG", str(config))
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    mounted = Mount(tmp_path / "store", mountpoint)
-    mounted.start()
-    try:
+    with checked_after(mount_with_config(tmp_path, monkeypatch,
+                                         f'blobs = "{weed.url(weed.new_prefix())}"\n'
+                                         f'cache_size = {8 << 20}\n')) as mounted:
         yield mounted
-    finally:
-        unmount_whatever_state(mountpoint)
-    assert mounted.log_problems() == []
-    report = mounted.fsck("--full")
-    assert report.returncode == 0, report.stdout + report.stderr
 
 
 def cached(mount: Mount, data: bytes) -> bool:
