@@ -181,17 +181,20 @@ class OpenTable:
         (an older version) may stay and the second be dropped. Seen with two readers on one
         host while another host rewrote the file: a read through the page cache of a short
         version, with a longer one's size, went on in zeros."""
+        return self._record_told(ino, version) != version
+
+    def told_by_writes(self, ino: int, version: int | None) -> None:
+        """The kernel saw every byte of `version` written through it (a publish here)."""
+        self._record_told(ino, version)
+
+    def _record_told(self, ino: int, version: int | None) -> int | None:
+        """Record `version` as told for `ino`; the version told before (`version` if none)."""
         before = self.told.pop(ino, version)  # reinserted last: the least recent goes first
         self.told[ino] = version
         if len(self.told) > TOLD_KEPT:
             # Its answer was applied long ago (65,536 answers since): none is in flight.
             del self.told[next(iter(self.told))]
-        return before != version
-
-    def told_by_writes(self, ino: int, version: int | None) -> None:
-        """The kernel saw every byte of `version` written through it (a publish here)."""
-        self.told.pop(ino, None)
-        self.told[ino] = version
+        return before
 
     def forget_told(self) -> None:
         """What the kernel holds of any inode is unknown (the change feed may have missed

@@ -240,3 +240,5 @@ def test_the_kernel_drops_attributes_two_racing_answers_may_have_left(
     table.tell(5, 3)  # told again: now the most recent
     table.tell(7, 1)
     assert sorted(table.told) == [5, 7]
+    table.told_by_writes(8, 1)  # publishes count against the same bound
+    assert sorted(table.told) == [7, 8]
