@@ -391,6 +391,16 @@ def point_queries_alone(port: int, count: int, repeats: int) -> float:
     return min(times)
 
 
+def _hashing_pieces() -> Callable[[int, memoryview], None]:
+    """A get_into callback that hashes each piece with SHA-256 as it arrives."""
+    hasher = hashlib.sha256()
+
+    def piece(offset: int, data: memoryview) -> None:
+        hasher.update(data)
+
+    return piece
+
+
 def downloads_alone(server: WeedServer, prefix: str, corpus: Path, repeats: int) -> float:
     """The downloads a cold read cannot do without: the blob of each content of `corpus`
     (what the read pass reads: copies of it), one GET after another on a kept-alive
@@ -413,16 +423,6 @@ def downloads_alone(server: WeedServer, prefix: str, corpus: Path, repeats: int)
             times.append(time.perf_counter() - start)
     return min(times)
 
-
-
-def _hashing_pieces() -> Callable[[int, memoryview], None]:
-    """A get_into callback that hashes each piece with SHA-256 as it arrives."""
-    hasher = hashlib.sha256()
-
-    def piece(offset: int, data: memoryview) -> None:
-        hasher.update(data)
-
-    return piece
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import queue
@@ -224,11 +225,7 @@ class S3BlobStore:
         still on its way waits for that download instead of starting its own."""
         if self.cache.holds(opened.digest):
             return  # the warm path: nothing else is looked at
-        wanted = [opened]
-        for blob in following:
-            if len(wanted) > READ_AHEAD_FILES:
-                break
-            wanted.append(blob)
+        wanted = [opened, *itertools.islice(following, READ_AHEAD_FILES)]
         budget = min(self.cache.capacity // READ_AHEAD_SHARE, READ_AHEAD_MAX)
         for blob in wanted:
             if blob.damaged or blob.size < 0 or self.cache.holds(blob.digest):
