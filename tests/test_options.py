@@ -66,3 +66,10 @@ def test_only_the_compression_level_may_be_negative() -> None:
     for option in ("max_open_files=-5", "sync_interval=-1", "compression=-", "compression=1.5"):
         with pytest.raises(InvalidArgument, match="needs a whole number"):
             parse_mount_options([option], Settings())
+
+
+def test_the_default_compression_is_the_blob_stores_default_level() -> None:
+    """Written twice (options load without zstd): the two must agree."""
+    from cafs.blobstore import DEFAULT_LEVEL
+
+    assert Settings().compression == DEFAULT_LEVEL
