@@ -29,6 +29,7 @@ POINTS = (
     "gc-before-delete",        # gc locked a batch against pins (S3), deletes not yet sent
     "after-dedup-check",       # a publish found its content stored; its version not recorded
     "raise-in-main-loop",      # the daemon's main loop fails, once it serves (raises, no kill)
+    "before-page-fill",        # a page cache fill is about to be sent (its sending thread)
 )
 ENVIRONMENT = "CAFS_CRASH_AT"
 # `CAFS_PAUSE_AT=<point>:<seconds>`: the first time the point is passed, the thread stops there

@@ -15,8 +15,10 @@ import resource
 import select
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
@@ -120,16 +122,32 @@ def fuse_device_fd() -> int | None:
     return found[0] if len(found) == 1 else None
 
 
+# Page cache fills queued or in progress at most; beyond, a random read fills nothing (the
+# pages only save later READs: the read itself is answered either way).
+MAX_FILLS = 64
+# How often a write waiting for the fills of its inode looks again (they take ~50 us each).
+FILL_POLL_SECONDS = 0.001
+# How long the unmount waits for a fill in progress before closing the session under it.
+FILL_DRAIN_SECONDS = 2.0
+
+
 class PyfuseKernel:
-    """The Vfs's way to tell the kernel to forget cached entries and inodes.
+    """The Vfs's way to tell the kernel to forget cached entries and inodes, and to fill its
+    page cache.
 
     Notifications are queued, never sent from inside a request handler: the kernel may wait
     for the daemon while it processes one, and the daemon would be waiting for the kernel.
+    One thread sends them all, in the order they were queued, so the invalidation that
+    follows a change always comes after any fill of the content before it.
     """
 
     def __init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[int](10_000)
         self._queued: collections.Counter[int] = collections.Counter()
+        self._in_order = ThreadPoolExecutor(1, thread_name_prefix="cafs-kernel")
+        self._fills_lock = threading.Lock()  # the loop queues fills, the sending thread ends them
+        self._fills: collections.Counter[int] = collections.Counter()
+        self._fills_queued = 0
 
     def entry_gone(self, parent: int, name: str) -> None:
         try:
@@ -148,6 +166,49 @@ class PyfuseKernel:
     def dropping(self, ino: int) -> bool:
         return ino in self._queued
 
+    def fill(self, ino: int, offset: int, data: memoryview) -> bool:
+        with self._fills_lock:
+            if self._fills_queued >= MAX_FILLS:
+                return False
+            self._fills[ino] += 1
+            self._fills_queued += 1
+        try:
+            self._in_order.submit(self._store, ino, offset, data)
+        except RuntimeError:  # shut down: unmounting
+            self._filled(ino)
+            return False
+        return True
+
+    def _store(self, ino: int, offset: int, data: memoryview) -> None:
+        try:
+            crashpoints.reached("before-page-fill")
+            # Any buffer will do (pyfuse3 takes its buffer), though its stub says bytes.
+            pyfuse3.notify_store(ino, offset, data)  # type: ignore[arg-type]
+        except OSError as exc:  # ENOENT: the kernel forgot the inode; the pages are a saving
+            log.debug("page cache fill of inode %d at %d failed: %s", ino, offset, exc)
+        finally:
+            self._filled(ino)
+
+    def _filled(self, ino: int) -> None:
+        with self._fills_lock:
+            self._fills_queued -= 1
+            self._fills[ino] -= 1
+            if self._fills[ino] <= 0:
+                del self._fills[ino]
+
+    async def fills_done(self, ino: int) -> None:
+        while ino in self._fills:
+            await trio.sleep(FILL_POLL_SECONDS)
+
+    def close(self) -> None:
+        """Before the session closes: drop what is not sent yet, and wait (bounded: it may
+        wait on a page whose READ will never be answered now) for what is being sent, which
+        writes to the session's descriptor."""
+        stopping = threading.Thread(target=self._in_order.shutdown,
+                                    kwargs={"cancel_futures": True}, daemon=True)
+        stopping.start()
+        stopping.join(FILL_DRAIN_SECONDS)
+
     async def run(self) -> None:
         async for ino in self._receive:
             # Whatever else is queued goes in the same trip to a worker thread: another host's
@@ -158,7 +219,9 @@ class PyfuseKernel:
                     batch.append(self._receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            await trio.to_thread.run_sync(_invalidate_inodes, set(batch))
+            # Through the sending thread, after every fill queued before.
+            sent = self._in_order.submit(_invalidate_inodes, set(batch))
+            await trio.to_thread.run_sync(sent.result)
             self._queued.subtract(batch)
             for done in batch:
                 if self._queued[done] <= 0:
@@ -282,8 +345,10 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             # Unmount only after a clean stop. After a failure the mount must stay a dead mount
             # (ENOTCONN) until an operator or the unit's ExecStopPost clears it: unmounted,
             # writers would silently write into the directory underneath.
+            kernel.close()
             pyfuse3.close(unmount=False)
             raise
+        kernel.close()
         pyfuse3.close(unmount=True)
         if feed is not None:
             feed.close()

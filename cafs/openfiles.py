@@ -64,6 +64,8 @@ OFFLOAD_BYTES = 1 << 20
 # A READ up to this size that must wait for the disk is read on the event loop when nothing
 # else waits for it (Runtime.run_short): a random 4 KiB read is one frame or block.
 INLINE_READ_BYTES = 128 << 10
+# The kernel's page cache holds whole pages of this size.
+PAGE_SIZE = os.sysconf("SC_PAGESIZE")
 DEFAULT_MAX_OPEN_FILES = 10_000
 # Readers of closed files kept open for the next open of the same content (at most this many,
 # fewer under a small max_open_files: they count against it and go first when it is reached).
@@ -100,6 +102,9 @@ class OpenInode:
     # A newer version was opened since on a shared manifest: this one serves only the handles
     # that opened it, and is no longer the table's entry for its inode.
     superseded: bool = False
+    # Content changes in progress with no writable handle (a truncate(2) on a path): no page
+    # cache fill may start meanwhile (OpenFiles._fill_page_cache).
+    changing: int = 0
     # The mount's session when this inode was opened (hosts sharing the manifest): a file that
     # vanished from the manifest while the session changed was removed by the clean-up of a
     # mount declared dead, not by anyone's rm (see Publisher.publish).
@@ -584,10 +589,13 @@ class OpenFiles:
         return handle.fh, self.tree.attr(node)
 
     async def open(self, ino: int, flags: int, caller: Caller) -> int:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable:  # the kernel's pages change with the first write: no fill may follow it
+            await self.publisher.kernel.fills_done(ino)
+        # Nothing below waits until the handle exists (writable: no fill starts after this).
         node = self.tree.node(ino)
         if node.kind.is_dir:
             raise IsADirectory()
-        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         registering = False
         if self.shared and node.kind is Kind.FILE:
             node = self._current(node)
@@ -839,7 +847,8 @@ class OpenFiles:
     # -- reading and writing --------------------------------------------------------------
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
-        inode = self.table.handle(fh).inode
+        handle = self.table.handle(fh)
+        inode = handle.inode
         # Reads see the bytes written so far. A temp being published keeps its descriptor open
         # until the new blob replaces it, so this never reads a closed file.
         if inode.temp is not None:
@@ -849,6 +858,12 @@ class OpenFiles:
         reader = self.reader_of(inode)
         if reader is None:
             return b""
+        data = await self._read_blob(inode, reader, offset, size)
+        self._fill_page_cache(handle, reader, offset, len(data))
+        return data
+
+    async def _read_blob(self, inode: OpenInode, reader: BlobReader, offset: int,
+                         size: int) -> bytes | memoryview:
         if size <= INLINE_READ_BYTES and not self.runtime.requests_waiting():
             # Read on the loop whatever it waits for (Runtime.run_short): nothing else waits,
             # and asking first whether the bytes are at hand costs a cold random read a probe
@@ -877,6 +892,42 @@ class OpenFiles:
             inode.readers_in_threads -= 1
             if not inode.handles and not inode.readers_in_threads:
                 self.close_inode(inode)  # released while this read ran
+
+    def _fill_page_cache(self, handle: Handle, reader: BlobReader, offset: int,
+                         length: int) -> None:
+        """After a random READ that decompressed a frame: give the kernel the frame's other
+        pages for its page cache, as a compressed filesystem reads a whole cluster (squashfs
+        does the same). A later READ of any of them is then answered by the kernel alone, with
+        no request and no decompression; a random 4 KiB read has nothing else to amortize its
+        frame over. The pages of the READ itself come with its reply.
+
+        A fill is what a READ through this handle would put in the page cache now, sent a
+        little later (a worker thread: the kernel may wait on a page another READ holds). So
+        it is sent only where nothing can change the content meanwhile unseen: the handle
+        uses the page cache, no write or truncate is in progress or can start (opens for
+        writing and truncates wait for queued fills: KernelNotifier.fills_done), no
+        invalidation is pending, and the inode is the table's current one. A change from
+        elsewhere queues its invalidation after the fill, so the kernel drops it in order."""
+        take = getattr(reader, "take_random_frame", None)
+        found = None if take is None else take()
+        if found is None:
+            return
+        inode = handle.inode
+        ino = inode.node.ino
+        kernel = self.publisher.kernel
+        if (handle.direct_io or inode.temp is not None or inode.changing or inode.superseded
+                or any(other.writable for other in inode.handles)
+                or self.table.inode(ino) is not inode or kernel.dropping(ino)):
+            return
+        frame_start, frame = found
+        frame_end = frame_start + len(frame)
+        # Whole pages only (a partial page is not marked up to date), but for the file's last.
+        # The READ's own pages too, in the same call: the fill waits for its reply to unlock
+        # them, then writes the same bytes.
+        first = -(-frame_start // PAGE_SIZE) * PAGE_SIZE
+        last = frame_end if frame_end == reader.size else frame_end - frame_end % PAGE_SIZE
+        if first < last:
+            kernel.fill(ino, first, memoryview(frame)[first - frame_start:last - frame_start])
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.table.handle(fh)
@@ -924,7 +975,10 @@ class OpenFiles:
                 self._end_writer_of(node.ino)
             raise
         inode.registered = inode.registered or registering
+        inode.changing += 1
         try:
+            # The kernel cuts its pages at the new size once this returns: no fill after it.
+            await self.publisher.kernel.fills_done(node.ino)
             async with inode.lock:
                 had_temp = inode.temp is not None
                 with self.publisher.fails(inode, handle):
@@ -938,6 +992,7 @@ class OpenFiles:
             if handle is None and not had_temp:
                 await self.publisher.publish(inode, caller)
         finally:
+            inode.changing -= 1
             if transient:
                 self.close_inode(inode)
             else:

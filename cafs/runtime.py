@@ -32,7 +32,8 @@ class Runtime(Protocol):
 
 
 class KernelNotifier(Protocol):
-    """Tells the kernel to drop what it cached about a node or a name (changed behind it)."""
+    """Tells the kernel to drop what it cached about a node or a name (changed behind it), and
+    hands it decompressed bytes to cache."""
 
     def inode_changed(self, ino: int) -> None: ...
 
@@ -41,6 +42,18 @@ class KernelNotifier(Protocol):
         ...
 
     def entry_gone(self, parent: int, name: str) -> None: ...
+
+    def fill(self, ino: int, offset: int, data: memoryview) -> bool:
+        """Queue `data` (whole pages of the content the kernel holds for `ino` now) for the
+        kernel's page cache at `offset`, after every inode_changed queued before it. False if
+        not queued (too many are). Only for content no write can change until
+        fills_done(ino)."""
+        ...
+
+    async def fills_done(self, ino: int) -> None:
+        """Return once no fill of `ino` is queued or in progress (before its content changes
+        here: a fill done after a write would put the old bytes back in the page cache)."""
+        ...
 
 
 class NoKernel:
@@ -53,4 +66,10 @@ class NoKernel:
         return False
 
     def entry_gone(self, parent: int, name: str) -> None:
+        return None
+
+    def fill(self, ino: int, offset: int, data: memoryview) -> bool:
+        return False
+
+    async def fills_done(self, ino: int) -> None:
         return None

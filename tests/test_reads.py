@@ -11,6 +11,8 @@ import hashlib
 import os
 import random
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -275,3 +277,167 @@ def test_a_short_read_waits_in_a_thread_only_while_a_request_is_queued() -> None
     finally:
         os.close(readable)
         os.close(writable)
+
+
+# -- the page cache filled with the rest of a frame a random read decompressed ---------------
+
+FRAME = 64 << 10  # cafs.blobstore.zstd_seekable.DEFAULT_FRAME_SIZE
+
+
+def csv_rows(seed: int, rows: int) -> bytes:
+    rng = random.Random(seed)
+    return b"".join(f"{seed},{i},{rng.random():.6f},label{i % 7}\n".encode()
+                    for i in range(rows))
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of the file in the kernel's page cache (fincore: mincore over a mapping)."""
+    return int(sh(f"fincore --bytes --raw --noheadings --output RES '{path}'").stdout)
+
+
+def wait_resident(path: Path, wanted: int) -> int:
+    """The file's resident bytes once they reach `wanted` (fills are sent by a thread, just
+    after the READ's reply), or what they are after 5 s."""
+    deadline = time.monotonic() + 5
+    while (resident := resident_bytes(path)) < wanted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return resident
+
+
+def test_a_random_read_leaves_its_whole_frame_in_the_page_cache(mount: Mount) -> None:
+    """One random 4 KiB read of a compressed artifact decompresses a 64 KiB frame; the kernel
+    gets all of it, so reads of the frame's other pages need no request. Exactly that frame:
+    its neighbours stay out, and every byte the kernel now serves is right."""
+    text = csv_rows(1, 200_000)  # ~6 MB of text: zstd, ~90 frames
+    path = mount.layer() / "rows.csv"
+    path.write_bytes(text)
+    assert xattr(path, "user.cafs.encoding") == "zstd"
+    drop_caches()
+    assert resident_bytes(path) == 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        at = 17 * FRAME + 5 * 4096
+        assert os.pread(fd, 4096, at) == text[at:at + 4096]
+        assert wait_resident(path, FRAME) == FRAME  # without the fill: 4096
+        time.sleep(0.2)
+        assert resident_bytes(path) == FRAME  # the frame, not its neighbours
+        # Served by the kernel from the filled pages: the frame's bytes, page by page.
+        for page in range(0, FRAME, 4096):
+            assert os.pread(fd, 4096, 17 * FRAME + page) == text[17 * FRAME + page:
+                                                                 17 * FRAME + page + 4096]
+        assert resident_bytes(path) == FRAME
+        # The last frame is partial: it fills up to the end of the file.
+        assert len(text) % FRAME
+        tail_pages = -(-(len(text) % FRAME) // 4096) * 4096
+        assert os.pread(fd, 100, len(text) - 100) == text[-100:]
+        assert wait_resident(path, FRAME + tail_pages) == FRAME + tail_pages
+        assert os.fstat(fd).st_size == len(text)
+    finally:
+        os.close(fd)
+
+
+def random_reader(path: Path, size: int, stop: threading.Event) -> None:
+    """Random 4 KiB reads through fresh opens until told to stop: each decompresses a frame
+    and queues a fill, racing whatever changes the file."""
+    rng = random.Random(7)
+    while not stop.is_set():
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            for _ in range(20):
+                os.pread(fd, 4096, rng.randrange(0, size) & ~4095)
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("rewrite", ["in place", "truncate and write", "truncate(2)"])
+def test_fills_never_outlive_a_change_of_the_file(mount: Mount, rewrite: str) -> None:
+    """A fill is the old content's bytes sent a little after the READ that found them. A
+    write or truncate that came between must win: opens for writing and truncates wait for the
+    fills queued before them. Readers hammer the file with random reads (each queues a fill)
+    while it is rewritten; after each change, a new open reads exactly the new content (a
+    stale fill shows as old bytes in the page cache, or as a size grown back)."""
+    path = mount.layer() / "hot.csv"
+    versions = [csv_rows(seed, 60_000) for seed in range(6)]  # ~1.8 MB each: zstd
+    size = min(len(v) for v in versions)
+    versions = [v[:size] for v in versions]
+    path.write_bytes(versions[0])
+    assert xattr(path, "user.cafs.encoding") == "zstd"
+    stop = threading.Event()
+    readers = [threading.Thread(target=random_reader, args=(path, size, stop))
+               for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        for round_no in range(1, 13):
+            time.sleep(0.05)  # reads (and their fills) pile up
+            new = versions[round_no % len(versions)]
+            if rewrite == "in place":  # no truncate: the old pages stay until overwritten
+                with open(path, "r+b") as f:
+                    f.write(new)
+                expected = new
+            elif rewrite == "truncate and write":
+                path.write_bytes(new)
+                expected = new
+            else:  # truncate(2) on the path: no open for writing at all
+                cut = size // 2 - round_no * 5000
+                os.truncate(path, cut)
+                expected = versions[(round_no - 1) % len(versions)][:cut]
+                time.sleep(0.05)
+                assert path.stat().st_size == cut
+                assert hashlib.sha256(path.read_bytes()).hexdigest() == \
+                    hashlib.sha256(expected).hexdigest(), f"round {round_no}"
+                path.write_bytes(versions[round_no % len(versions)])
+                continue
+            time.sleep(0.05)  # fills queued before the change had every chance to land
+            got = path.read_bytes()
+            assert len(got) == len(expected), f"round {round_no}"
+            assert got == expected, f"round {round_no}: stale bytes at " \
+                f"{next(i for i in range(len(got)) if got[i] != expected[i])}"
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+
+
+@pytest.mark.parametrize("change", ["write in place", "truncate(2)"])
+def test_a_change_waits_for_the_fill_queued_before_it(mount: Mount, change: str) -> None:
+    """The sending thread is held just before a fill (CAFS_PAUSE_AT) while the file changes:
+    the open for writing (or the truncate) must wait for that fill, or the fill would put the
+    old bytes back in the page cache after the new ones (or grow the file back to the end of
+    the frame it fills)."""
+    path = mount.layer() / "held.csv"
+    old, new = csv_rows(1, 100_000), csv_rows(2, 100_000)
+    size = min(len(old), len(new))
+    old, new = old[:size], new[:size]
+    path.write_bytes(old)
+    assert xattr(path, "user.cafs.encoding") == "zstd"
+    mount.stop()
+    mount.start(env={"CAFS_PAUSE_AT": "before-page-fill:1.5"})
+    drop_caches()
+    with open(path, "rb", buffering=0) as reader:
+        at = 3 * FRAME + 5 * 4096
+        assert os.pread(reader.fileno(), 4096, at) == old[at:at + 4096]
+        deadline = time.monotonic() + 5
+        while "pause point before-page-fill" not in (mount.store / "daemon.log").read_text():
+            assert time.monotonic() < deadline, "the fill was never queued"
+            time.sleep(0.01)
+        if change == "write in place":
+            with open(path, "r+b") as writer:
+                writer.write(new)
+            expected = new
+        else:
+            cut = 2 * FRAME + 100  # before the frame being filled
+            os.truncate(path, cut)
+            expected = old[:cut]
+        # The kernel takes the new attributes now, and drops pages cached before them (its
+        # auto_inval_data): a fill that came after this would stay.
+        assert path.stat().st_size == len(expected)
+        time.sleep(2)  # the held fill has long been sent
+        assert path.stat().st_size == len(expected)
+        assert os.fstat(reader.fileno()).st_size == len(expected)
+        got = path.read_bytes()
+        assert got == expected, \
+            f"stale bytes at {next(i for i in range(len(got)) if got[i] != expected[i])}"

@@ -535,6 +535,8 @@ class ZstdReader:
         self.size = self.table.plain_size
         self._next = -1  # where the last read ended: a read starting there is sequential
         self._ahead: list[Future[bytes]] = []  # its frames being decompressed ahead
+        # The frame of the last random read inside one frame, and where it starts, until taken.
+        self._random_frame: tuple[int, bytes] | None = None
 
     def frame(self, index: int) -> bytes:
         key = (self._digest, index)
@@ -578,12 +580,14 @@ class ZstdReader:
         sequential = offset in (self._next, 0)  # from the start: most files are read whole
         plain_offsets = self.table.plain_offsets
         index = bisect.bisect_right(plain_offsets, offset) - 1
-        end = offset + length
+        end = min(offset + length, self.size)  # a READ of the last page asks past the end
         if not sequential and index < len(plain_offsets) - 1 and end <= plain_offsets[index + 1]:
             # One frame, read at random (a small READ of a large file): the fewest steps.
             frame_start = plain_offsets[index]
             self._next = end
-            return self.frame(index)[offset - frame_start : end - frame_start]
+            frame = self.frame(index)
+            self._random_frame = (frame_start, frame)
+            return frame[offset - frame_start : end - frame_start]
         data = self._read(offset, length, self.frame)
         assert data is not None
         self._next = offset + len(data)
@@ -600,7 +604,19 @@ class ZstdReader:
             self._next = offset + len(data)
             if sequential:
                 self._read_ahead(self._next)
+            elif data:
+                index = self.table.frame_at(offset)
+                frame = self._cache.get((self._digest, index))
+                if frame is not None and offset + len(data) <= self.table.plain_offsets[index + 1]:
+                    self._random_frame = (self.table.plain_offsets[index], frame)
         return data
+
+    def take_random_frame(self) -> tuple[int, bytes] | None:
+        """(where it starts, its bytes) of the frame the last random read inside one frame
+        decompressed or found, once: the rest of it is worth the kernel's page cache
+        (OpenFiles._fill_page_cache)."""
+        found, self._random_frame = self._random_frame, None
+        return found
 
     def _cached_frame(self, index: int) -> bytes | None:
         """The frame if it is decompressed already, or if it is small and its compressed
