@@ -102,8 +102,8 @@ class OpenInode:
     # A newer version was opened since on a shared manifest: this one serves only the handles
     # that opened it, and is no longer the table's entry for its inode.
     superseded: bool = False
-    # Content changes in progress with no writable handle (a truncate(2) on a path): no page
-    # cache fill may start meanwhile (OpenFiles._fill_page_cache).
+    # Content changes in progress with no handle (a truncate(2) on a path): they keep the
+    # inode open, and no page cache fill may start meanwhile (OpenFiles._fill_page_cache).
     changing: int = 0
     # The mount's session when this inode was opened (hosts sharing the manifest): a file that
     # vanished from the manifest while the session changed was removed by the clean-up of a
@@ -807,7 +807,7 @@ class OpenFiles:
             self.end_writer(inode)
 
     def close_inode(self, inode: OpenInode) -> None:
-        if inode.handles:
+        if inode.handles or inode.changing:  # a truncate(2) on its path closes it when done
             return
         if self.shared:
             self._forget_older_pages(inode)
@@ -993,7 +993,7 @@ class OpenFiles:
                 await self.publisher.publish(inode, caller)
         finally:
             inode.changing -= 1
-            if transient:
+            if transient or not inode.handles:  # its handles may have closed meanwhile
                 self.close_inode(inode)
             else:
                 self.end_writer(inode)

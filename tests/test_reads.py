@@ -358,7 +358,9 @@ def test_fills_never_outlive_a_change_of_the_file(mount: Mount, rewrite: str) ->
     write or truncate that came between must win: opens for writing and truncates wait for the
     fills queued before them. Readers hammer the file with random reads (each queues a fill)
     while it is rewritten; after each change, a new open reads exactly the new content (a
-    stale fill shows as old bytes in the page cache, or as a size grown back)."""
+    stale fill shows as old bytes in the page cache, or as a size grown back). A truncate(2)
+    on the path keeps the file open itself: the readers' last close during it once discarded
+    the temp it was publishing (EBADF, seen on PostgreSQL + S3)."""
     path = mount.layer() / "hot.csv"
     versions = [csv_rows(seed, 60_000) for seed in range(6)]  # ~1.8 MB each: zstd
     size = min(len(v) for v in versions)

@@ -712,6 +712,11 @@ class S3Reader:
         except Corrupt:
             return None  # read() in a worker thread fetches the blob again
 
+    def take_random_frame(self) -> tuple[int, bytes] | None:
+        """The cached file's reader's (ZstdReader.take_random_frame), if it has one."""
+        take = getattr(self._inner, "take_random_frame", None)
+        return None if take is None else take()
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
