@@ -25,8 +25,9 @@ from conftest import Mount, cafs, is_mounted, process_alive, sha, wait_dead, wri
 from cafs.crashpoints import POINTS
 
 GC_POINTS = ("inside-gc", "gc-before-delete")
-WRITE_POINTS = [point for point in POINTS
-                if point not in GC_POINTS and not point.startswith("raise-")]
+READ_POINTS = ("before-page-fill",)
+WRITE_POINTS = [point for point in POINTS if point not in GC_POINTS + READ_POINTS
+                and not point.startswith("raise-")]
 # What a writer sees when the daemon dies under it.
 DAEMON_GONE = (errno.ENOTCONN, errno.ECONNABORTED)
 
@@ -273,6 +274,40 @@ def test_kill9_soak_under_concurrent_writers(unstarted_mount: Mount) -> None:
     print(f"soak: {cycles} kills, {len(acked)} writes acknowledged, "
           f"{sum(len(digests) for digests in allowed.values())} attempted")
     assert len(acked) > cycles, f"only {len(acked)} writes acknowledged"
+    assert not mount.log_problems()
+    report = mount.fsck("--full")
+    assert report.returncode == 0, report.stdout + report.stderr
+
+
+def test_a_crash_while_a_page_cache_fill_is_queued(unstarted_mount: Mount) -> None:
+    """The daemon killed in its sending thread, just before a fill of the page cache that a
+    random read of a compressed artifact queued: the reader gets an error, never wrong bytes;
+    the remount serves the artifact whole and fsck finds nothing."""
+    mount = unstarted_mount
+    data = content("large-read")
+    mount.start()
+    path = mount.layer("e1", "l") / "large-read"
+    write_artifact(path, data)
+    mount.stop()
+    mount.start(env={"CAFS_CRASH_AT": "before-page-fill"})
+    pid = mount.daemon_pid()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for at in range(3 * 65536 + 4096, len(data), 5 * 65536):  # random reads, one per frame
+            try:
+                got = os.pread(fd, 4096, at)
+            except OSError as exc:
+                assert exc.errno in DAEMON_GONE, exc
+                break
+            assert got == data[at:at + 4096]
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    restart_after_crash(mount, pid)
+    mount.start()
+    assert sha(path.read_bytes()) == sha(data)
+    mount.stop()
+    assert "crash point before-page-fill" in mount.log()
     assert not mount.log_problems()
     report = mount.fsck("--full")
     assert report.returncode == 0, report.stdout + report.stderr
