@@ -329,15 +329,54 @@ def cpu_line(what: str, before: dict[str, float], after: dict[str, float], per: 
           + ", ".join(f"{name} {ms:.2f}" for name, ms in spent.items()), flush=True)
 
 
+def read_tree_checked(root: Path, check: Callable[[], None]) -> None:
+    """read_tree, with `check` run before each open of a file."""
+    for directory, _, names in os.walk(root):
+        for name in names:
+            check()
+            with open(os.path.join(directory, name), "rb", buffering=0) as f:
+                while f.read(1 << 20):
+                    pass
+
+
+def close_to_open_check(url: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """What an open on a shared manifest asks PostgreSQL (the statement cafs runs: the node
+    with its version and blob, by id, prepared), as a callable that asks it for the next
+    node of the database in turn, through libpq alone (the leanest client: a floor); and a
+    callable that closes its connection."""
+    import psycopg
+
+    from cafs.sqlite_manifest.columns import NODE_FROM, NODE_SELECT
+
+    conn = psycopg.connect(url, autocommit=True)
+    ids = [str(row[0]).encode() for row in conn.execute("SELECT id FROM nodes ORDER BY id")]
+    pgconn = conn.pgconn
+    pgconn.prepare(b"check", f"SELECT {NODE_SELECT} {NODE_FROM} WHERE n.id = $1".encode(), None)
+    position = 0
+
+    def check() -> None:
+        nonlocal position
+        position += 1
+        result = pgconn.exec_prepared(b"check", [ids[position % len(ids)]])
+        assert result.status == psycopg.pq.ExecStatus.TUPLES_OK, result.error_message
+
+    return check, conn.close
+
+
 def read_figures(work: Path, remounts: dict[str, tuple[Path, tuple[str, ...], Path | None]],
-                 files: int, repeats: int, against: list[Path]) -> None:
+                 files: int, repeats: int, against: list[Path],
+                 checks_url: str | None = None) -> None:
     """Each round, each mount in turn made anew (a remote one with an empty cache: every
     blob is fetched), then a cold pass and a warm pass over everything ingest wrote, the page
     cache dropped before each. The rows: the best pass of each; the median daemon CPU per
-    file read."""
+    file read. `checks_url` (the manifest on PostgreSQL of the pg-local mount): the local
+    store's mount also makes a warm pass with the close-to-open check's query sent from this
+    process before each open (no cafs in it): what the local store's warm read would take
+    with that round trip per open, to set against the mount that makes it."""
     names = list(remounts)
     cold: dict[str, list[float]] = {name: [] for name in names}
     warm: dict[str, list[float]] = {name: [] for name in names}
+    checked: list[float] = []
     cpu: dict[str, dict[str, list[float]]] = {"cold": {name: [] for name in names},
                                               "warm": {name: [] for name in names}}
     for round_no in range(repeats):
@@ -355,6 +394,15 @@ def read_figures(work: Path, remounts: dict[str, tuple[Path, tuple[str, ...], Pa
                     read_tree(mountpoint / "runs" / "bench")
                     figures[name].append(time.perf_counter() - start)
                     cpu[kind][name].append((cpu_seconds(pid) - cpu_at) / files * 1000)
+                if name == "local" and checks_url is not None:
+                    check, close = close_to_open_check(checks_url)
+                    try:
+                        drop_caches()
+                        start = time.perf_counter()
+                        read_tree_checked(mountpoint / "runs" / "bench", check)
+                        checked.append(time.perf_counter() - start)
+                    finally:
+                        close()
     row("cold read (empty cache, page cache dropped)", best(cold["local"]),
         best(cold["s3"]), "s", "<= 2.0x", best(cold["s3"]) <= 2 * best(cold["local"]))
     row("warm read (cached, page cache dropped)", best(warm["local"]), best(warm["s3"]),
@@ -365,6 +413,10 @@ def read_figures(work: Path, remounts: dict[str, tuple[Path, tuple[str, ...], Pa
         print(f"    {what}: cold {best(cold[name]):.2f} s "
               f"({best(cold[name]) / best(cold['local']):.2f}x), warm {best(warm[name]):.2f} s "
               f"({best(warm[name]) / best(warm['local']):.2f}x)")
+    if checked:
+        print(f"    the local store's warm pass with the close-to-open check's query before "
+              f"each open (sent by the bench, no cafs in it): {best(checked):.2f} s "
+              f"({best(checked) / best(warm['local']):.2f}x)")
     for kind in ("cold", "warm"):
         print(f"    daemon CPU ms per file read ({kind}, median of rounds): "
               + ", ".join(f"{name} {statistics.median(values):.2f}"
@@ -588,7 +640,9 @@ def main() -> None:
         if "reads" not in only:
             print(f"load average at the end: {write_figures.load_average()}")
             return
-        read_figures(work, remounts, files * args.repeat, args.read_repeat, args.against)
+        read_figures(work, remounts, files * args.repeat, args.read_repeat, args.against,
+                     None if port is None else
+                     f"postgresql://postgres@127.0.0.1:{port}/cafs_pglocal")
         if port is not None:
             queries = point_queries_alone(port, files * args.repeat, args.read_repeat)
             print(f"    the close-to-open checks alone (one point SELECT per file of a pass, "

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 import psycopg
@@ -33,7 +34,7 @@ from psycopg import pq
 from psycopg.adapt import Loader, Transformer
 from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 
-from cafs.pg_manifest.dialect import explicit_id_table, insert_table, translate
+from cafs.pg_manifest.dialect import Statement, explicit_id_table, insert_table, translate
 
 
 @dataclass(frozen=True)
@@ -404,19 +405,15 @@ class PgConnection:
         a transaction: the statement goes out now and its rows are fetched at the first look
         at them, so statements that do not need each other's answers share one round trip
         (no lastrowid: a RETURNING clause of its own gives ids)."""
+        plan = _plan(sql)
+        statement = plan.statement
         if not wait and self._pipeline is not None:
-            statement = translate(sql)
             return self._run(statement.sql, _values(statement.order, params), lazy=True)
-        statement = translate(sql)
-        text, values = statement.sql, _values(statement.order, params)
-        table = insert_table(sql)
-        lazy = (statement.quiet or not answer) and table not in _ID_TABLES
-        if table in _ID_TABLES:
-            text += " RETURNING id"
-        explicit = explicit_id_table(sql)
-        if explicit is not None:
-            self._explicit_ids.add(explicit)
-        if not self.in_transaction and text.lstrip()[:6].upper() in ("SELECT", "WITH R"):
+        text, values, table = plan.text, _values(statement.order, params), plan.insert_into
+        lazy = (statement.quiet or not answer) and not plan.returns_id
+        if plan.explicit_ids is not None:
+            self._explicit_ids.add(plan.explicit_ids)
+        if plan.reads and not self.in_transaction:
             cursor = self._read(text, values)
         else:
             cursor = self._run(text, values, lazy=lazy)
@@ -466,7 +463,10 @@ class PgConnection:
         remaining = self._remaining()
         if remaining <= 0:
             raise psycopg.OperationalError("manifest: out of time for this call")
-        with self._watched(conn, remaining):
+        # The watchdog as _watched arms it, spelled out: this runs at every open of a file.
+        watchdog = self._watchdog
+        watchdog.arm(pgconn.socket, time.monotonic() + remaining)
+        try:
             for _ in range(2):
                 if not name:
                     numbered = _numbered(text)
@@ -494,6 +494,12 @@ class PgConnection:
             loader.set_pgresult(result)
             rows = loader.load_rows(0, result.ntuples, tuple)
             return Cursor(rows, len(rows), None)
+        except psycopg.Error:
+            if watchdog.fired:
+                conn.close()
+            raise
+        finally:
+            watchdog.disarm()
 
     def execute_raw(self, sql: str) -> None:
         """A statement (or several) as PostgreSQL spells it, without parameters: migrations."""
@@ -599,6 +605,29 @@ class PgConnection:
 
 
 _ID_TABLES = ("nodes", "versions", "histories", "blobs")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How `execute` runs a statement text: worked out once per text, not per call (a point
+    read of a node runs at every open of a file on a shared manifest)."""
+
+    statement: Statement
+    text: str  # for psycopg: the translation, with RETURNING id where lastrowid needs it
+    insert_into: str | None  # the table of a plain INSERT (lastrowid)
+    returns_id: bool  # an INSERT into a table whose new id the caller reads (lastrowid)
+    explicit_ids: str | None  # the table an INSERT gives ids of its own (see commit)
+    reads: bool  # a SELECT (or WITH RECURSIVE): outside a transaction, retried as a read
+
+
+@lru_cache(maxsize=1024)
+def _plan(sql: str) -> _Plan:
+    statement = translate(sql)
+    table = insert_table(sql)
+    returns_id = table in _ID_TABLES
+    text = statement.sql + " RETURNING id" if returns_id else statement.sql
+    return _Plan(statement, text, table, returns_id, explicit_id_table(sql),
+                 text.lstrip()[:6].upper() in ("SELECT", "WITH R"))
 _NO_SUCH_STATEMENT = b"26000"  # invalid_sql_statement_name: a prepared statement is gone
 
 

@@ -23,20 +23,21 @@ from cafs.sqlite_manifest.columns import (
     node_values,
 )
 
+# Built once: node() runs at every open of a file on a shared manifest (close-to-open), and
+# PostgreSQL's connection looks each text up in its caches (a new string is hashed anew).
+_NODE_BY_ID = f"SELECT {NODE_SELECT} {NODE_FROM} WHERE n.id = ?"
+_NODE_BY_NAME = f"SELECT {NODE_SELECT} {NODE_FROM} WHERE n.parent_id = ? AND n.name = ?"
+
 
 class Rows(Aggregates):
     """Shared node reads and the statements every change is built from."""
 
     def node(self, node_id: int) -> Node | None:
-        row = self._db.execute(
-            f"SELECT {NODE_SELECT} {NODE_FROM} WHERE n.id = ?", (node_id,)).fetchone()
+        row = self._db.execute(_NODE_BY_ID, (node_id,)).fetchone()
         return decode_node(row) if row else None
 
     def child(self, parent_id: int, name: str) -> Node | None:
-        row = self._db.execute(
-            f"SELECT {NODE_SELECT} {NODE_FROM} WHERE n.parent_id = ? AND n.name = ?",
-            (parent_id, name),
-        ).fetchone()
+        row = self._db.execute(_NODE_BY_NAME, (parent_id, name)).fetchone()
         return decode_node(row) if row else None
 
     def path_of(self, node_id: int) -> str:
