@@ -148,6 +148,7 @@ class PyfuseKernel:
         self._fills_lock = threading.Lock()  # the loop queues fills, the sending thread ends them
         self._fills: collections.Counter[int] = collections.Counter()
         self._fills_queued = 0
+        self._fills_stopped = False  # stopping: no fill is queued any more (drain_fills)
 
     def entry_gone(self, parent: int, name: str) -> None:
         try:
@@ -168,7 +169,7 @@ class PyfuseKernel:
 
     def fill(self, ino: int, offset: int, data: memoryview) -> bool:
         with self._fills_lock:
-            if self._fills_queued >= MAX_FILLS:
+            if self._fills_stopped or self._fills_queued >= MAX_FILLS:
                 return False
             self._fills[ino] += 1
             self._fills_queued += 1
@@ -199,6 +200,17 @@ class PyfuseKernel:
     async def fills_done(self, ino: int) -> None:
         while ino in self._fills:
             await trio.sleep(FILL_POLL_SECONDS)
+
+    async def drain_fills(self) -> None:
+        """Before the loop stops serving: queue no more fills, and wait (bounded) for those
+        queued. A fill waits for the pages a READ in flight holds locked; once the loop stops,
+        that READ is never answered, and the sending thread would wait in the kernel for good
+        (uninterruptibly, on a page lock: the daemon could never exit, even on SIGKILL)."""
+        with self._fills_lock:
+            self._fills_stopped = True
+        with trio.move_on_after(FILL_DRAIN_SECONDS):
+            while self._fills_queued:
+                await trio.sleep(FILL_POLL_SECONDS)
 
     def close(self) -> None:
         """Before the session closes: drop what is not sent yet, and wait (bounded: it may
@@ -410,7 +422,7 @@ async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Stor
         return await admin.run(command, args, files)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(_stop_on_signal, kernel)
         nursery.start_soon(kernel.run)
         nursery.start_soon(serve_control, store.root, run_admin)
         nursery.start_soon(_announce_ready, cfg.mountpoint, on_ready, processes)
@@ -580,11 +592,12 @@ async def _ping_watchdog(interval: float) -> None:
         await trio.sleep(interval)
 
 
-async def _stop_on_signal() -> None:
+async def _stop_on_signal(kernel: PyfuseKernel) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
             sd_notify("STOPPING=1")
+            await kernel.drain_fills()  # while READs are still answered
             pyfuse3.terminate()
             return
 

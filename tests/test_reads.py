@@ -6,18 +6,21 @@ checked reads (EIO, never wrong bytes), no stale names or attributes, the descri
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import random
+import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from backends import StoredBlobs
-from conftest import Mount, cafs, sh, started, xattr
+from conftest import Mount, cafs, sh, started, unmount_whatever_state, wait_dead, xattr
 
 
 def drop_caches() -> None:
@@ -443,3 +446,50 @@ def test_a_change_waits_for_the_fill_queued_before_it(mount: Mount, change: str)
         got = path.read_bytes()
         assert got == expected, \
             f"stale bytes at {next(i for i in range(len(got)) if got[i] != expected[i])}"
+
+
+RANDOM_READER = """
+import os, random, sys
+rng = random.Random(os.getpid())
+while True:
+    try:
+        fd = os.open(rng.choice(sys.argv[1:]), os.O_RDONLY)
+        try:
+            for _ in range(10):
+                os.pread(fd, 4096, rng.randrange(0, os.fstat(fd).st_size) & ~4095)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the next reads go to cafs
+        finally:
+            os.close(fd)
+    except OSError:  # the mount is going: done
+        sys.exit(0)
+"""
+
+
+def test_sigterm_under_random_readers_exits(mount: Mount, tmp_path: Path) -> None:
+    """A fill waits for the pages a READ in flight holds locked. SIGTERM while processes read
+    at random (fills queued, READs in flight): the daemon must stop sending fills while it
+    still answers READs, or its sending thread waits in the kernel for a READ never answered
+    (uninterruptibly: the daemon could not exit, not even on SIGKILL)."""
+    paths = [mount.layer() / f"f{i}.csv" for i in range(12)]
+    for i, path in enumerate(paths):
+        path.write_bytes(csv_rows(i, 20_000 + i))
+    script = tmp_path / "reader.py"
+    script.write_text(RANDOM_READER)
+    drop_caches()
+    readers = [subprocess.Popen([sys.executable, str(script), *map(str, paths)])
+               for _ in range(6)]
+    try:
+        time.sleep(1.5)
+        pid = mount.daemon_pid()
+        os.kill(pid, signal.SIGTERM)
+        assert wait_dead(pid, timeout=15), "the daemon did not exit after SIGTERM"
+    finally:
+        for reader in readers:
+            reader.kill()
+        for reader in readers:  # (one waiting on a READ never answered cannot die: no hang)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                reader.wait(timeout=5)
+    unmount_whatever_state(mount.mountpoint)
+    assert mount.log_problems() == []
+    mount.start()
+    assert all(path.read_bytes() == csv_rows(i, 20_000 + i) for i, path in enumerate(paths))
