@@ -149,6 +149,7 @@ class PyfuseKernel:
         self._fills: collections.Counter[int] = collections.Counter()
         self._fills_queued = 0
         self._fills_stopped = False  # stopping: no fill is queued any more (drain_fills)
+        self.device: int | None = None  # the mount's st_dev, once it serves (_announce_ready)
 
     def entry_gone(self, parent: int, name: str) -> None:
         try:
@@ -220,6 +221,25 @@ class PyfuseKernel:
                                     kwargs={"cancel_futures": True}, daemon=True)
         stopping.start()
         stopping.join(FILL_DRAIN_SECONDS)
+        if stopping.is_alive():  # stuck behind a READ nobody will answer: abort the mount
+            self._abort_connection()
+
+    def _abort_connection(self) -> None:
+        """Abort this mount's FUSE connection (fusectl): its unanswered READs fail, their
+        pages unlock, and the stuck sender returns, so the daemon can exit (a thread waiting
+        on a page lock cannot be killed). The mount is left dead (ENOTCONN), as after any
+        failure. Needs root and fusectl mounted; otherwise it says how to do it by hand."""
+        abort = Path(f"/sys/fs/fuse/connections/{os.minor(self.device or 0)}/abort")
+        try:
+            if self.device is None:
+                raise FileNotFoundError("the mount's device was never learnt")
+            abort.write_text("1\n")
+            log.warning("a kernel notification was stuck at exit: the mount's FUSE connection "
+                        "was aborted")
+        except OSError as exc:
+            log.error("a kernel notification is stuck at exit and the FUSE connection could not "
+                      "be aborted (%s): the daemon cannot exit until it is (as root: echo 1 > "
+                      "%s)", exc, abort)
 
     async def run(self) -> None:
         async for ino in self._receive:
@@ -425,7 +445,7 @@ async def _main_loop(cfg: MountConfig, on_ready: Callable[[], None], store: Stor
         nursery.start_soon(_stop_on_signal, kernel)
         nursery.start_soon(kernel.run)
         nursery.start_soon(serve_control, store.root, run_admin)
-        nursery.start_soon(_announce_ready, cfg.mountpoint, on_ready, processes)
+        nursery.start_soon(_announce_ready, cfg.mountpoint, on_ready, processes, kernel)
         if feed is not None:
             nursery.start_soon(follow_changes, feed, vfs)
         interval = watchdog_interval()
@@ -552,10 +572,11 @@ async def _sync_periodically(store: Store, interval: float,
 
 
 async def _announce_ready(mountpoint: Path, on_ready: Callable[[], None],
-                          processes: Processes) -> None:
+                          processes: Processes, kernel: PyfuseKernel) -> None:
     # A stat through the mount is answered by our own loop: once it returns, we serve.
     info = await trio.to_thread.run_sync(os.stat, mountpoint)
     processes.device = info.st_dev  # now the writers' descriptors can be told apart
+    kernel.device = info.st_dev
     raise_read_ahead(info.st_dev)
     log.info("serving %s", mountpoint)
     on_ready()
