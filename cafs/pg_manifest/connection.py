@@ -463,10 +463,7 @@ class PgConnection:
         remaining = self._remaining()
         if remaining <= 0:
             raise psycopg.OperationalError("manifest: out of time for this call")
-        # The watchdog as _watched arms it, spelled out: this runs at every open of a file.
-        watchdog = self._watchdog
-        watchdog.arm(pgconn.socket, time.monotonic() + remaining)
-        try:
+        with self._watched(conn, remaining):
             for _ in range(2):
                 if not name:
                     numbered = _numbered(text)
@@ -494,12 +491,6 @@ class PgConnection:
             loader.set_pgresult(result)
             rows = loader.load_rows(0, result.ntuples, tuple)
             return Cursor(rows, len(rows), None)
-        except psycopg.Error:
-            if watchdog.fired:
-                conn.close()
-            raise
-        finally:
-            watchdog.disarm()
 
     def execute_raw(self, sql: str) -> None:
         """A statement (or several) as PostgreSQL spells it, without parameters: migrations."""
