@@ -598,17 +598,24 @@ class ZstdReader:
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         """The bytes if every frame they need is decompressed already; None otherwise (the
         caller then reads in a worker thread)."""
+        sequential = offset in (self._next, 0)
+        plain_offsets = self.table.plain_offsets
+        index = bisect.bisect_right(plain_offsets, offset) - 1
+        end = min(offset + length, self.size)
+        if not sequential and offset < end <= plain_offsets[index + 1]:
+            # One frame, read at random: as in read(), the frame is found once.
+            frame = self._cached_frame(index)
+            if frame is None:
+                return None
+            frame_start = plain_offsets[index]
+            self._next = end
+            self._random_frame = (frame_start, frame)
+            return frame[offset - frame_start : end - frame_start]
         data = self._read(offset, length, self._cached_frame)
         if data is not None:
-            sequential = offset in (self._next, 0)
             self._next = offset + len(data)
             if sequential:
                 self._read_ahead(self._next)
-            elif data:
-                index = self.table.frame_at(offset)
-                frame = self._cache.get((self._digest, index))
-                if frame is not None and offset + len(data) <= self.table.plain_offsets[index + 1]:
-                    self._random_frame = (self.table.plain_offsets[index], frame)
         return data
 
     def take_random_frame(self) -> tuple[int, bytes] | None:
