@@ -229,10 +229,12 @@ class PyfuseKernel:
         pages unlock, and the stuck sender returns, so the daemon can exit (a thread waiting
         on a page lock cannot be killed). The mount is left dead (ENOTCONN), as after any
         failure. Needs root and fusectl mounted; otherwise it says how to do it by hand."""
-        abort = Path(f"/sys/fs/fuse/connections/{os.minor(self.device or 0)}/abort")
+        if self.device is None:  # failed before it served: no request was ever answered
+            log.error("a kernel notification is stuck at exit, before the mount served: the "
+                      "daemon cannot exit until its FUSE connection is aborted")
+            return
+        abort = Path(f"/sys/fs/fuse/connections/{os.minor(self.device)}/abort")
         try:
-            if self.device is None:
-                raise FileNotFoundError("the mount's device was never learnt")
             abort.write_text("1\n")
             log.warning("a kernel notification was stuck at exit: the mount's FUSE connection "
                         "was aborted")
