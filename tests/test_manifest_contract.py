@@ -86,6 +86,20 @@ def test_publish_counts_references_and_keeps_history(manifest: Manifest) -> None
     assert manifest.aggregate_drift() == (0, [])
 
 
+def test_a_version_is_never_older_than_the_one_it_replaces(manifest: Manifest) -> None:
+    """A publish's time is taken before it waits for the node's lock: one that waited behind
+    another host's (or came from a host whose clock is behind) still ends newest in history."""
+    a = make_file(manifest)
+    manifest.publish(stored(b"first"), version(a, now=1_000))
+    manifest.publish(stored(b"waited"), version(a, now=400))
+    manifest.publish(stored(b"tied"), version(a, now=1_001))
+    history = manifest.history(a, "runs/e1/train/a.csv")
+    assert [(v.number, v.created_ns, v.replaced_ns) for v in history] == [
+        (1, 1_000, 1_001), (2, 1_001, 1_002), (3, 1_002, None)]
+    newest = max(history, key=lambda v: v.created_ns)
+    assert newest.number == 3 and manifest.node(a).version_id == newest.version_id
+
+
 def test_removing_a_file_drops_its_reference(manifest: Manifest) -> None:
     a = make_file(manifest)
     node = manifest.publish(stored(b"data"), version(a))

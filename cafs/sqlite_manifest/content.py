@@ -32,6 +32,9 @@ from cafs.sqlite_manifest.rows import Rows
 _AGGREGATES_OF_N = ", ".join(f"n.{column}" for column in AGGREGATES)
 # A node's aggregates read after its NODE columns and its history id.
 DIR_STATS_AFTER_NODE = DIR_STATS.at(NODE.width + 1)
+# ...and after them, when the node's current version was published.
+_CURRENT_CREATED_NS = "(SELECT v.created_ns FROM versions v WHERE v.id = n.version_id)"
+_CURRENT_CREATED_AT = NODE.width + 1 + len(AGGREGATES)
 
 
 class SqliteContent(Rows):
@@ -94,11 +97,19 @@ class SqliteContent(Rows):
         published: Node | None = None
         with self._transaction() as db:
             self._lock_rows([new.node_id], stored.digest)
-            row = db.execute(f"SELECT {NODE.select}, n.history_id, {_AGGREGATES_OF_N} "
-                             "FROM nodes n WHERE n.id = ?", (new.node_id,)).fetchone()
+            row = db.execute(f"SELECT {NODE.select}, n.history_id, {_AGGREGATES_OF_N}, "
+                             f"{_CURRENT_CREATED_NS} FROM nodes n WHERE n.id = ?",
+                             (new.node_id,)).fetchone()
             if row is None:  # removed on another host while this one wrote it
                 raise NotFound(f"node {new.node_id} was removed while being published")
             node = NODE.decode(row, None)
+            current_created_ns = row[_CURRENT_CREATED_AT]
+            if current_created_ns is not None and new.now_ns <= current_created_ns:
+                # The time was taken before this publish waited for the node's lock, and
+                # another publish (on another host, or with a clock ahead) committed in
+                # between: a version is never older than the one it replaces, so the
+                # newest version in history is the current one.
+                new = replace(new, now_ns=current_created_ns + 1)
             if new.collapses is not None and node.version_id != new.collapses:
                 # Another writer (on another host) published after this open's earlier
                 # version: that one stays in history, in its place, and this one follows.
