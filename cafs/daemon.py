@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import logging
 import os
 import resource
@@ -314,6 +315,22 @@ def sd_notify(message: str) -> None:
     _systemd.notify(message)
 
 
+def _tune_garbage_collector() -> None:
+    """Before serving: what start-up made (modules, the store, the caches' structures) lives
+    as long as the daemon, so the cycle collector stops walking it (freeze); and it runs
+    after 10,000 new objects instead of 700.
+
+    Why: a listing or a walk makes a few objects per entry that the daemon keeps (a node, its
+    blob, its attributes). Measured in the daemon (gc.callbacks) over a cold `ls -l` of
+    10,000 entries: ~45 ms of collection with the defaults, one full collection of the whole
+    start-up heap (~95,000 objects) 24-34 ms of it; ~10 ms with the freeze; ~5 ms with both.
+    Cycles (an exception and its traceback) are still collected, a little later; start-up's
+    are collected before the freeze, which would keep them for good."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled. Raises CafsError if it cannot start."""
     # Never the given path again: a link in it could be swapped while we serve.
@@ -373,6 +390,7 @@ def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         except RuntimeError as exc:
             raise MountError(f"cannot mount {cfg.mountpoint}: {exc}") from None
         runtime.watch_requests(fuse_device_fd())
+        _tune_garbage_collector()
         try:
             trio.run(_main_loop, cfg, on_ready, store, vfs, kernel, processes, feed)
         except BaseException:

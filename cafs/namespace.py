@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 # the manifest may use (SpaceGuard.take_metadata), so a user filling the disk with empty files,
 # tags or versions stops while deletes and gc still commit.
 ROW_COST = 16 << 10
-READDIR_PAGE = 512
+READDIR_PAGE = 2048
 # Attributes kept with their nodes (NodeCache.attr): a 10,000-entry `ls -l` fits; ~150 bytes each.
 ATTRS_KEPT = 32_768
 RENAME_NOREPLACE = 1

@@ -15,6 +15,7 @@ import trio
 
 from cafs.errors import CafsError
 from cafs.model import BLOBS_INODE, ROOT_INODE, RUNS_INODE, AttrChanges, Caller
+from cafs.namespace import READDIR_PAGE
 from cafs.store import Store
 from cafs.vfs import Vfs
 
@@ -177,7 +178,7 @@ def test_rename_rules(vfs: Vfs) -> None:
 
 def test_readdir_pages_through_large_directories(vfs: Vfs) -> None:
     parent = layer(vfs)
-    names = {f"f{i:04d}".encode() for i in range(1200)}
+    names = {f"f{i:04d}".encode() for i in range(2 * READDIR_PAGE + 176)}  # three pages
     for name in names:
         vfs.mkdir(parent, name, 0o755, ALICE)
     seen = []
