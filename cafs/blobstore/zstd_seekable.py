@@ -577,17 +577,11 @@ class ZstdReader:
         return data
 
     def read(self, offset: int, length: int) -> bytes:
+        one = self._inside_one_frame(offset, length)
+        if one is not None:
+            index, end = one
+            return self._random_read(index, self.frame(index), offset, end)
         sequential = offset in (self._next, 0)  # from the start: most files are read whole
-        plain_offsets = self.table.plain_offsets
-        index = bisect.bisect_right(plain_offsets, offset) - 1
-        end = min(offset + length, self.size)  # a READ of the last page asks past the end
-        if not sequential and index < len(plain_offsets) - 1 and end <= plain_offsets[index + 1]:
-            # One frame, read at random (a small READ of a large file): the fewest steps.
-            frame_start = plain_offsets[index]
-            self._next = end
-            frame = self.frame(index)
-            self._random_frame = (frame_start, frame)
-            return frame[offset - frame_start : end - frame_start]
         data = self._read(offset, length, self.frame)
         assert data is not None
         self._next = offset + len(data)
@@ -598,25 +592,37 @@ class ZstdReader:
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         """The bytes if every frame they need is decompressed already; None otherwise (the
         caller then reads in a worker thread)."""
-        sequential = offset in (self._next, 0)
-        plain_offsets = self.table.plain_offsets
-        index = bisect.bisect_right(plain_offsets, offset) - 1
-        end = min(offset + length, self.size)
-        if not sequential and offset < end <= plain_offsets[index + 1]:
-            # One frame, read at random: as in read(), the frame is found once.
+        one = self._inside_one_frame(offset, length)
+        if one is not None:
+            index, end = one
             frame = self._cached_frame(index)
-            if frame is None:
-                return None
-            frame_start = plain_offsets[index]
-            self._next = end
-            self._random_frame = (frame_start, frame)
-            return frame[offset - frame_start : end - frame_start]
+            return None if frame is None else self._random_read(index, frame, offset, end)
+        sequential = offset in (self._next, 0)
         data = self._read(offset, length, self._cached_frame)
         if data is not None:
             self._next = offset + len(data)
             if sequential:
                 self._read_ahead(self._next)
         return data
+
+    def _inside_one_frame(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(frame index, end) of a read at random inside one frame (a small READ of a large
+        file), which read() and read_nowait() serve in the fewest steps: the frame is found
+        once, and nothing is read ahead. None for any other read."""
+        if offset in (self._next, 0):  # sequential: from the start, most files are read whole
+            return None
+        plain_offsets = self.table.plain_offsets
+        index = bisect.bisect_right(plain_offsets, offset) - 1
+        end = min(offset + length, self.size)  # a READ of the last page asks past the end
+        return (index, end) if offset < end <= plain_offsets[index + 1] else None
+
+    def _random_read(self, index: int, frame: bytes, offset: int, end: int) -> bytes:
+        """The bytes of a read inside frame `index`; the frame is kept for the page cache
+        (take_random_frame)."""
+        frame_start = self.table.plain_offsets[index]
+        self._next = end
+        self._random_frame = (frame_start, frame)
+        return frame[offset - frame_start : end - frame_start]
 
     def take_random_frame(self) -> tuple[int, bytes] | None:
         """(where it starts, its bytes) of the frame the last random read inside one frame
