@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import Mount, cafs, is_mounted, process_alive, sha, wait_dead, write_artifact
 
+from cafs.blobstore.zstd_seekable import DEFAULT_FRAME_SIZE as FRAME
 from cafs.crashpoints import POINTS
 
 GC_POINTS = ("inside-gc", "gc-before-delete")
@@ -293,7 +294,7 @@ def test_a_crash_while_a_page_cache_fill_is_queued(unstarted_mount: Mount) -> No
     pid = mount.daemon_pid()
     fd = os.open(path, os.O_RDONLY)
     try:
-        for at in range(3 * 65536 + 4096, len(data), 5 * 65536):  # random reads, one per frame
+        for at in range(3 * FRAME + 4096, len(data), 5 * FRAME):  # random reads, one per frame
             try:
                 got = os.pread(fd, 4096, at)
             except OSError as exc:

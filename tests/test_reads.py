@@ -22,6 +22,7 @@ import pytest
 from backends import StoredBlobs
 from conftest import Mount, cafs, sh, started, unmount_whatever_state, wait_dead, xattr
 
+from cafs.blobstore.zstd_seekable import DEFAULT_FRAME_SIZE
 from cafs.namespace import READDIR_PAGE
 
 
@@ -286,13 +287,20 @@ def test_a_short_read_waits_in_a_thread_only_while_a_request_is_queued() -> None
 
 # -- the page cache filled with the rest of a frame a random read decompressed ---------------
 
-FRAME = 64 << 10  # cafs.blobstore.zstd_seekable.DEFAULT_FRAME_SIZE
+FRAME = DEFAULT_FRAME_SIZE
 
 
 def csv_rows(seed: int, rows: int) -> bytes:
     rng = random.Random(seed)
     return b"".join(f"{seed},{i},{rng.random():.6f},label{i % 7}\n".encode()
                     for i in range(rows))
+
+
+def first_difference(got: bytes, expected: bytes) -> int:
+    """Where `got` first differs from `expected` (the shorter one's length if one is a prefix
+    of the other): for a failure's message."""
+    same = min(len(got), len(expected))
+    return next((i for i in range(same) if got[i] != expected[i]), same)
 
 
 def resident_bytes(path: Path) -> int:
@@ -401,8 +409,8 @@ def test_fills_never_outlive_a_change_of_the_file(mount: Mount, rewrite: str) ->
             time.sleep(0.05)  # fills queued before the change had every chance to land
             got = path.read_bytes()
             assert len(got) == len(expected), f"round {round_no}"
-            assert got == expected, f"round {round_no}: stale bytes at " \
-                f"{next(i for i in range(len(got)) if got[i] != expected[i])}"
+            assert got == expected, \
+                f"round {round_no}: stale bytes at {first_difference(got, expected)}"
     finally:
         stop.set()
         for reader in readers:
@@ -446,8 +454,7 @@ def test_a_change_waits_for_the_fill_queued_before_it(mount: Mount, change: str)
         assert path.stat().st_size == len(expected)
         assert os.fstat(reader.fileno()).st_size == len(expected)
         got = path.read_bytes()
-        assert got == expected, \
-            f"stale bytes at {next(i for i in range(len(got)) if got[i] != expected[i])}"
+        assert got == expected, f"stale bytes at {first_difference(got, expected)}"
 
 
 RANDOM_READER = """
